@@ -1,0 +1,94 @@
+//! Validates every WGSL shader in `shaders/` with naga, for every specialization of
+//! its `override` constants, so a broken shader fails the build with its file and line.
+
+use std::path::Path;
+
+use naga::back::pipeline_constants::process_overrides;
+use naga::back::PipelineConstants;
+use naga::valid::{Capabilities, ValidationFlags, Validator};
+
+/// Boolean overrides and the values of `CLIP_KIND` that the host specializes.
+const BOOL_OVERRIDES: [&str; 5] = [
+    "CENTERED",
+    "USE_MOMENTUM",
+    "USE_EMA",
+    "ACCUMULATE",
+    "WEIGHT_DECAY",
+];
+const CLIP_KINDS: [f64; 4] = [0.0, 1.0, 2.0, 3.0];
+
+fn fail(msg: String) -> ! {
+    eprintln!("{msg}");
+    panic!("shader validation failed (see the message above)");
+}
+
+fn validate(path: &Path) {
+    let name = path.display().to_string();
+    let source = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| fail(format!("cannot read {name}: {e}")));
+    let module = naga::front::wgsl::parse_str(&source)
+        .unwrap_or_else(|e| fail(e.emit_to_string_with_path(&source, &name)));
+    let mut validator = Validator::new(ValidationFlags::all(), Capabilities::all());
+    let info = validator
+        .validate(&module)
+        .unwrap_or_else(|e| fail(e.emit_to_string_with_path(&source, &name)));
+    let declared: Vec<String> = module
+        .overrides
+        .iter()
+        .filter_map(|(_, o)| o.name.clone())
+        .collect();
+    let entry_points: Vec<String> = module.entry_points.iter().map(|e| e.name.clone()).collect();
+    // Every combination of the boolean overrides and clip kinds this shader declares.
+    let bools: Vec<&str> = BOOL_OVERRIDES
+        .iter()
+        .copied()
+        .filter(|b| declared.iter().any(|d| d == b))
+        .collect();
+    let clip_kinds: &[f64] = if declared.iter().any(|d| d == "CLIP_KIND") {
+        &CLIP_KINDS
+    } else {
+        &[0.0]
+    };
+    for mask in 0..(1u32 << bools.len()) {
+        for &clip in clip_kinds {
+            let mut constants = PipelineConstants::default();
+            for (bit, b) in bools.iter().enumerate() {
+                constants.insert(b.to_string(), f64::from((mask >> bit) & 1));
+            }
+            if clip_kinds.len() > 1 {
+                constants.insert("CLIP_KIND".into(), clip);
+            }
+            for ep in &entry_points {
+                if let Err(e) = process_overrides(
+                    &module,
+                    &info,
+                    Some((naga::ShaderStage::Compute, ep)),
+                    &constants,
+                ) {
+                    fail(format!(
+                        "{name}: entry point `{ep}` fails to specialize with {constants:?}: {e:?}"
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn main() {
+    println!("cargo:rerun-if-changed=shaders");
+    println!("cargo:rerun-if-changed=build.rs");
+    let dir = Path::new("shaders");
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| fail(format!("cannot list shaders/: {e}")))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wgsl"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        fail("no .wgsl files in shaders/".into());
+    }
+    for p in &paths {
+        println!("cargo:rerun-if-changed={}", p.display());
+        validate(p);
+    }
+}

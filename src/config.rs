@@ -1,0 +1,490 @@
+//! Keras' RMSprop arguments, their validation, and Keras' `get_config()` JSON both ways.
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::json::{float, opt_float, parse, Fields};
+use crate::schedule::{KerasSchedule, LearningRate};
+
+/// Every argument of `keras.optimizers.RMSprop`, with Keras 3's defaults.
+///
+/// `ema_overwrite_frequency` defaults to `None` as in Keras 3 (the TensorFlow doc page
+/// shows 100, which is Keras 2's default). `jit_compile` is not part of Keras 3's
+/// `get_config()`; here it selects the GPU path (`true`, the default, uses a GPU when
+/// one exists) and is written to JSON only when `false`.
+///
+/// ```
+/// use fused_rmsprop::RmsPropConfig;
+/// let config = RmsPropConfig::default()
+///     .with_learning_rate(0.01)
+///     .with_momentum(0.9)
+///     .with_centered(true)
+///     .with_global_clipnorm(1.0);
+/// config.validate().unwrap();
+/// let json = config.to_keras_json().unwrap();
+/// assert_eq!(RmsPropConfig::from_keras_json(&json).unwrap().to_keras_json().unwrap(), json);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct RmsPropConfig {
+    /// `learning_rate`: a float or a schedule. Default 0.001.
+    pub learning_rate: LearningRate,
+    /// `rho`: discount of the squared-gradient average. Default 0.9.
+    pub rho: f64,
+    /// `momentum`. Default 0 (no momentum slot).
+    pub momentum: f64,
+    /// `epsilon`, added inside the square root. Default 1e-7.
+    pub epsilon: f64,
+    /// `centered`: normalize by the gradient's estimated variance. Default false.
+    pub centered: bool,
+    /// `weight_decay` (decoupled, applied before the update). Default `None`.
+    pub weight_decay: Option<f64>,
+    /// `clipnorm`: clip each gradient to this L2 norm. Default `None`.
+    pub clipnorm: Option<f64>,
+    /// `clipvalue`: clip each gradient element to `[-v, v]`. Default `None`.
+    pub clipvalue: Option<f64>,
+    /// `global_clipnorm`: clip all gradients together to this L2 norm. Default `None`.
+    pub global_clipnorm: Option<f64>,
+    /// `use_ema`: keep an exponential moving average of the variables. Default false.
+    pub use_ema: bool,
+    /// `ema_momentum`. Default 0.99.
+    pub ema_momentum: f64,
+    /// `ema_overwrite_frequency`: every this many iterations, copy the EMA into the
+    /// variables. Default `None` (Keras 3).
+    pub ema_overwrite_frequency: Option<u64>,
+    /// `loss_scale_factor`: gradients are divided by it first. Default `None`.
+    pub loss_scale_factor: Option<f64>,
+    /// `gradient_accumulation_steps`: update every this many steps with the mean
+    /// gradient. Default `None`.
+    pub gradient_accumulation_steps: Option<u64>,
+    /// `name`. Default `"rmsprop"`.
+    pub name: String,
+    /// `jit_compile`: use the GPU path when an adapter exists. Default true.
+    pub jit_compile: bool,
+}
+
+impl Default for RmsPropConfig {
+    fn default() -> Self {
+        RmsPropConfig {
+            learning_rate: LearningRate::Constant(0.001),
+            rho: 0.9,
+            momentum: 0.0,
+            epsilon: 1e-7,
+            centered: false,
+            weight_decay: None,
+            clipnorm: None,
+            clipvalue: None,
+            global_clipnorm: None,
+            use_ema: false,
+            ema_momentum: 0.99,
+            ema_overwrite_frequency: None,
+            loss_scale_factor: None,
+            gradient_accumulation_steps: None,
+            name: "rmsprop".to_string(),
+            jit_compile: true,
+        }
+    }
+}
+
+/// Keys of Keras 3's `RMSprop.get_config()`, in its order (plus `jit_compile`).
+const KEYS: [&str; 16] = [
+    "name",
+    "learning_rate",
+    "weight_decay",
+    "clipnorm",
+    "global_clipnorm",
+    "clipvalue",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "loss_scale_factor",
+    "gradient_accumulation_steps",
+    "rho",
+    "momentum",
+    "epsilon",
+    "centered",
+    "jit_compile",
+];
+
+/// Which gradient clipping a config asks for (Keras applies the first set one).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Clipping {
+    /// No clipping.
+    None,
+    /// Per-tensor L2 norm.
+    Norm(f32),
+    /// Global L2 norm across all gradients.
+    GlobalNorm(f32),
+    /// Element-wise value clipping.
+    Value(f32),
+}
+
+macro_rules! builder {
+    ($(#[$doc:meta] $fn:ident($field:ident: $ty:ty) => $val:expr;)*) => {
+        impl RmsPropConfig {
+            $(#[$doc] pub fn $fn(mut self, $field: $ty) -> Self { self.$field = $val; self })*
+        }
+    };
+}
+
+builder! {
+    /// Sets `learning_rate` (a float or a [`KerasSchedule`]).
+    with_learning_rate(learning_rate: impl Into<LearningRate>) => learning_rate.into();
+    /// Sets `rho`.
+    with_rho(rho: f64) => rho;
+    /// Sets `momentum`.
+    with_momentum(momentum: f64) => momentum;
+    /// Sets `epsilon`.
+    with_epsilon(epsilon: f64) => epsilon;
+    /// Sets `centered`.
+    with_centered(centered: bool) => centered;
+    /// Sets `weight_decay`.
+    with_weight_decay(weight_decay: f64) => Some(weight_decay);
+    /// Sets `clipnorm`.
+    with_clipnorm(clipnorm: f64) => Some(clipnorm);
+    /// Sets `clipvalue`.
+    with_clipvalue(clipvalue: f64) => Some(clipvalue);
+    /// Sets `global_clipnorm`.
+    with_global_clipnorm(global_clipnorm: f64) => Some(global_clipnorm);
+    /// Sets `use_ema`.
+    with_use_ema(use_ema: bool) => use_ema;
+    /// Sets `ema_momentum`.
+    with_ema_momentum(ema_momentum: f64) => ema_momentum;
+    /// Sets `ema_overwrite_frequency`.
+    with_ema_overwrite_frequency(ema_overwrite_frequency: u64) => Some(ema_overwrite_frequency);
+    /// Sets `loss_scale_factor`.
+    with_loss_scale_factor(loss_scale_factor: f64) => Some(loss_scale_factor);
+    /// Sets `gradient_accumulation_steps`.
+    with_gradient_accumulation_steps(gradient_accumulation_steps: u64) => Some(gradient_accumulation_steps);
+    /// Sets `name`.
+    with_name(name: impl Into<String>) => name.into();
+    /// Sets `jit_compile` (`false` selects the CPU path).
+    with_jit_compile(jit_compile: bool) => jit_compile;
+}
+
+fn finite(field: &str, v: f64) -> Result<()> {
+    if v.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid(field, format!("must be finite, got {v}")))
+    }
+}
+
+impl RmsPropConfig {
+    /// Checks every rule Keras enforces, plus finiteness of every number.
+    pub fn validate(&self) -> Result<()> {
+        match &self.learning_rate {
+            LearningRate::Constant(lr) => finite("learning_rate", *lr)?,
+            LearningRate::Keras(s) => s.validate()?,
+            LearningRate::Custom(_) => {}
+        }
+        finite("rho", self.rho)?;
+        finite("momentum", self.momentum)?;
+        finite("epsilon", self.epsilon)?;
+        finite("ema_momentum", self.ema_momentum)?;
+        let optional = [
+            ("weight_decay", self.weight_decay),
+            ("clipnorm", self.clipnorm),
+            ("clipvalue", self.clipvalue),
+            ("global_clipnorm", self.global_clipnorm),
+            ("loss_scale_factor", self.loss_scale_factor),
+        ];
+        for (field, v) in optional {
+            if let Some(v) = v {
+                finite(field, v)?;
+            }
+        }
+        let clips: Vec<&str> = [
+            ("clipnorm", self.clipnorm),
+            ("clipvalue", self.clipvalue),
+            ("global_clipnorm", self.global_clipnorm),
+        ]
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(k, _)| *k)
+        .collect();
+        if clips.len() > 1 {
+            return Err(Error::ConflictingClipping(clips.join(", ")));
+        }
+        if !(0.0..=1.0).contains(&self.ema_momentum) {
+            return Err(Error::invalid(
+                "ema_momentum",
+                format!("must be in [0, 1], got {}", self.ema_momentum),
+            ));
+        }
+        if self.ema_overwrite_frequency == Some(0) {
+            return Err(Error::invalid("ema_overwrite_frequency", "must be >= 1, got 0"));
+        }
+        if let Some(n) = self.gradient_accumulation_steps {
+            if n < 2 {
+                return Err(Error::invalid(
+                    "gradient_accumulation_steps",
+                    format!("must be >= 2, got {n}"),
+                ));
+            }
+        }
+        if self.loss_scale_factor == Some(0.0) {
+            return Err(Error::invalid("loss_scale_factor", "must not be 0"));
+        }
+        Ok(())
+    }
+
+    /// The clipping Keras applies: `clipnorm` if > 0, else `global_clipnorm` if > 0,
+    /// else `clipvalue` if > 0 (Keras ignores zero and negative values).
+    pub fn clipping(&self) -> Clipping {
+        match (self.clipnorm, self.global_clipnorm, self.clipvalue) {
+            (Some(c), _, _) if c > 0.0 => Clipping::Norm(c as f32),
+            (_, Some(c), _) if c > 0.0 => Clipping::GlobalNorm(c as f32),
+            (_, _, Some(c)) if c > 0.0 => Clipping::Value(c as f32),
+            _ => Clipping::None,
+        }
+    }
+
+    /// Keras keeps a momentum slot only when `momentum > 0`.
+    pub fn uses_momentum(&self) -> bool {
+        self.momentum > 0.0
+    }
+
+    /// Reads Keras' `get_config()` JSON (a `serde_json::Value`); absent keys take
+    /// Keras' defaults, unknown keys and wrong types are errors, and the result is validated.
+    pub fn from_keras_json(v: &Value) -> Result<Self> {
+        let f = Fields::new(v, "", &KEYS)?;
+        let d = RmsPropConfig::default();
+        let learning_rate = match f.value("learning_rate") {
+            None => d.learning_rate,
+            Some(Value::Number(n)) => LearningRate::Constant(n.as_f64().unwrap_or(f64::NAN)),
+            Some(s @ Value::Object(_)) => LearningRate::Keras(KerasSchedule::from_keras_json(s)?),
+            Some(other) => {
+                return Err(Error::WrongType {
+                    field: "learning_rate".into(),
+                    expected: "a number or a serialized schedule",
+                    found: crate::json::describe(other),
+                })
+            }
+        };
+        let count = |key: &str| -> Result<Option<u64>> {
+            match f.opt_i64(key)? {
+                None => Ok(None),
+                Some(i) if i >= 0 => Ok(Some(i as u64)),
+                Some(i) => Err(Error::invalid(key, format!("must be >= 0, got {i}"))),
+            }
+        };
+        let config = RmsPropConfig {
+            learning_rate,
+            rho: f.f64_or("rho", d.rho)?,
+            momentum: f.f64_or("momentum", d.momentum)?,
+            epsilon: f.f64_or("epsilon", d.epsilon)?,
+            centered: f.bool_or("centered", d.centered)?,
+            weight_decay: f.opt_f64("weight_decay")?,
+            clipnorm: f.opt_f64("clipnorm")?,
+            clipvalue: f.opt_f64("clipvalue")?,
+            global_clipnorm: f.opt_f64("global_clipnorm")?,
+            use_ema: f.bool_or("use_ema", d.use_ema)?,
+            ema_momentum: f.f64_or("ema_momentum", d.ema_momentum)?,
+            ema_overwrite_frequency: count("ema_overwrite_frequency")?,
+            loss_scale_factor: f.opt_f64("loss_scale_factor")?,
+            gradient_accumulation_steps: count("gradient_accumulation_steps")?,
+            name: f.string_or("name", &d.name)?,
+            jit_compile: f.bool_or("jit_compile", d.jit_compile)?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses JSON text, then [`RmsPropConfig::from_keras_json`].
+    pub fn from_keras_json_str(text: &str) -> Result<Self> {
+        Self::from_keras_json(&parse(text)?)
+    }
+
+    /// Writes exactly what Keras' `get_config()` writes, in its key order. A constant
+    /// learning rate is written as its float32 value (Keras keeps it in a float32
+    /// variable: 0.05 becomes 0.05000000074505806). A custom schedule without a Keras
+    /// serialization is refused.
+    pub fn to_keras_json(&self) -> Result<Value> {
+        let lr = match &self.learning_rate {
+            LearningRate::Constant(x) => float(*x as f32 as f64),
+            LearningRate::Keras(s) => s.to_keras_json(),
+            LearningRate::Custom(s) => s.keras_config().ok_or_else(|| {
+                Error::invalid(
+                    "learning_rate",
+                    "this custom schedule has no Keras serialization",
+                )
+            })?,
+        };
+        let count = |x: Option<u64>| x.map_or(Value::Null, Value::from);
+        let mut m = Map::new();
+        m.insert("name".into(), Value::from(self.name.clone()));
+        m.insert("learning_rate".into(), lr);
+        m.insert("weight_decay".into(), opt_float(self.weight_decay));
+        m.insert("clipnorm".into(), opt_float(self.clipnorm));
+        m.insert("global_clipnorm".into(), opt_float(self.global_clipnorm));
+        m.insert("clipvalue".into(), opt_float(self.clipvalue));
+        m.insert("use_ema".into(), Value::from(self.use_ema));
+        m.insert("ema_momentum".into(), float(self.ema_momentum));
+        m.insert(
+            "ema_overwrite_frequency".into(),
+            count(self.ema_overwrite_frequency),
+        );
+        m.insert("loss_scale_factor".into(), opt_float(self.loss_scale_factor));
+        m.insert(
+            "gradient_accumulation_steps".into(),
+            count(self.gradient_accumulation_steps),
+        );
+        m.insert("rho".into(), float(self.rho));
+        m.insert("momentum".into(), float(self.momentum));
+        m.insert("epsilon".into(), float(self.epsilon));
+        m.insert("centered".into(), Value::from(self.centered));
+        if !self.jit_compile {
+            m.insert("jit_compile".into(), Value::from(false));
+        }
+        Ok(Value::Object(m))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn field_of(e: Error) -> String {
+        match e {
+            Error::InvalidConfig { field, .. } => field,
+            Error::WrongType { field, .. } => field,
+            Error::UnknownConfigKey(k) => k,
+            other => panic!("unexpected error {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_keras_3() {
+        let c = RmsPropConfig::default();
+        assert_eq!(c.learning_rate, LearningRate::Constant(0.001));
+        assert_eq!((c.rho, c.momentum, c.epsilon), (0.9, 0.0, 1e-7));
+        assert_eq!(c.ema_momentum, 0.99);
+        assert_eq!(c.ema_overwrite_frequency, None);
+        assert_eq!(c.name, "rmsprop");
+        assert!(c.jit_compile && !c.centered && !c.use_ema);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn two_clip_options_conflict() {
+        let c = RmsPropConfig::default()
+            .with_clipnorm(1.0)
+            .with_clipvalue(0.5);
+        assert_eq!(
+            c.validate(),
+            Err(Error::ConflictingClipping("clipnorm, clipvalue".into()))
+        );
+        let c = RmsPropConfig::default()
+            .with_global_clipnorm(1.0)
+            .with_clipvalue(0.5);
+        assert!(matches!(c.validate(), Err(Error::ConflictingClipping(_))));
+    }
+
+    #[test]
+    fn ema_momentum_out_of_range() {
+        for m in [-0.1, 1.5] {
+            let c = RmsPropConfig::default().with_use_ema(true).with_ema_momentum(m);
+            assert_eq!(field_of(c.validate().unwrap_err()), "ema_momentum");
+        }
+    }
+
+    #[test]
+    fn ema_overwrite_frequency_below_one() {
+        let c = RmsPropConfig::default()
+            .with_use_ema(true)
+            .with_ema_overwrite_frequency(0);
+        assert_eq!(field_of(c.validate().unwrap_err()), "ema_overwrite_frequency");
+        let e = RmsPropConfig::from_keras_json(&json!({"ema_overwrite_frequency": -3})).unwrap_err();
+        assert_eq!(field_of(e), "ema_overwrite_frequency");
+    }
+
+    #[test]
+    fn accumulation_steps_below_two() {
+        let c = RmsPropConfig::default().with_gradient_accumulation_steps(1);
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "gradient_accumulation_steps"
+        );
+    }
+
+    #[test]
+    fn non_finite_numbers_refused() {
+        let c = RmsPropConfig::default().with_rho(f64::NAN);
+        assert_eq!(field_of(c.validate().unwrap_err()), "rho");
+    }
+
+    #[test]
+    fn unknown_key_refused() {
+        let e = RmsPropConfig::from_keras_json(&json!({"rho": 0.9, "beta_1": 0.5})).unwrap_err();
+        assert_eq!(e, Error::UnknownConfigKey("beta_1".into()));
+        let e = RmsPropConfig::from_keras_json(&json!({"learning_rate": {"class_name": "ExponentialDecay",
+            "config": {"initial_learning_rate": 0.1, "decay_steps": 2, "decay_rate": 0.5, "extra": 1}}}))
+        .unwrap_err();
+        assert_eq!(e, Error::UnknownConfigKey("learning_rate.config.extra".into()));
+    }
+
+    #[test]
+    fn wrong_types_refused() {
+        for (key, bad) in [
+            ("rho", json!("0.9")),
+            ("centered", json!(1)),
+            ("name", json!(3)),
+            ("learning_rate", json!([0.1])),
+            ("ema_overwrite_frequency", json!(2.5)),
+        ] {
+            let e = RmsPropConfig::from_keras_json(&json!({ key: bad })).unwrap_err();
+            assert!(matches!(e, Error::WrongType { ref field, .. } if field == key), "{e:?}");
+        }
+        let e = RmsPropConfig::from_keras_json(&json!([1, 2])).unwrap_err();
+        assert!(matches!(e, Error::WrongType { .. }));
+    }
+
+    #[test]
+    fn unknown_schedule_refused() {
+        let e = RmsPropConfig::from_keras_json(&json!({"learning_rate":
+            {"module": "keras.optimizers.schedules", "class_name": "CyclicLR", "config": {}, "registered_name": null}}))
+        .unwrap_err();
+        assert_eq!(e, Error::UnknownSchedule("CyclicLR".into()));
+    }
+
+    #[test]
+    fn not_json_refused() {
+        assert!(matches!(
+            RmsPropConfig::from_keras_json_str("{rho: "),
+            Err(Error::Json(_))
+        ));
+    }
+
+    #[test]
+    fn constant_learning_rate_written_as_float32() {
+        let v = RmsPropConfig::default()
+            .with_learning_rate(0.05)
+            .to_keras_json()
+            .unwrap();
+        assert_eq!(v["learning_rate"], json!(0.05000000074505806));
+        assert!(v.get("jit_compile").is_none());
+        let v = RmsPropConfig::default()
+            .with_jit_compile(false)
+            .to_keras_json()
+            .unwrap();
+        assert_eq!(v["jit_compile"], json!(false));
+        assert!(!RmsPropConfig::from_keras_json(&v).unwrap().jit_compile);
+    }
+
+    #[test]
+    fn clipping_follows_keras_priority_and_ignores_non_positive() {
+        assert_eq!(
+            RmsPropConfig::default().with_clipnorm(0.0).clipping(),
+            Clipping::None
+        );
+        assert_eq!(
+            RmsPropConfig::default().with_clipvalue(-1.0).clipping(),
+            Clipping::None
+        );
+        assert_eq!(
+            RmsPropConfig::default().with_global_clipnorm(2.0).clipping(),
+            Clipping::GlobalNorm(2.0)
+        );
+    }
+}

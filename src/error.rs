@@ -1,0 +1,119 @@
+//! Typed errors: every refusal names the field, variable or device at fault.
+
+use thiserror::Error;
+
+/// Everything that can go wrong in this crate. No public function panics on bad
+/// input; it returns one of these instead, and a refused step leaves parameters
+/// and slots exactly as they were.
+#[derive(Debug, Error, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// A config field holds a value Keras would refuse (or that makes no sense).
+    #[error("invalid `{field}`: {reason}")]
+    InvalidConfig {
+        /// The Keras argument name.
+        field: String,
+        /// Why the value was refused.
+        reason: String,
+    },
+    /// More than one of `clipnorm`, `clipvalue` and `global_clipnorm` is set.
+    #[error("only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set, got {0}")]
+    ConflictingClipping(String),
+    /// A config JSON object has a key Keras' `get_config()` never writes.
+    #[error("unknown config key `{0}`")]
+    UnknownConfigKey(String),
+    /// A JSON value has the wrong type.
+    #[error("`{field}` must be {expected}, got {found}")]
+    WrongType {
+        /// The key whose value is wrong.
+        field: String,
+        /// What was expected.
+        expected: &'static str,
+        /// A short rendering of what was found.
+        found: String,
+    },
+    /// A required JSON key is absent.
+    #[error("missing key `{0}`")]
+    MissingKey(String),
+    /// The learning-rate schedule's `class_name` is not one this crate knows.
+    #[error("unknown learning-rate schedule class `{0}`")]
+    UnknownSchedule(String),
+    /// Text that should be JSON is not.
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    /// A variable's values do not fill its shape.
+    #[error("variable `{name}` has shape {shape:?} ({expected} values) but {found} values were given")]
+    ValueLength {
+        /// The variable's name.
+        name: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// Number of values the shape needs.
+        expected: usize,
+        /// Number of values given.
+        found: usize,
+    },
+    /// A gradient's length differs from its variable's.
+    #[error("gradient for variable `{name}` has {found} values, the variable has {expected}")]
+    GradientLength {
+        /// The variable's name.
+        name: String,
+        /// The variable's length.
+        expected: usize,
+        /// The gradient's length.
+        found: usize,
+    },
+    /// More or fewer gradients (or values) than variables.
+    #[error("expected {expected} {what}, one per variable, got {found}")]
+    CountMismatch {
+        /// What was counted ("gradients", "values").
+        what: &'static str,
+        /// Number of variables.
+        expected: usize,
+        /// Number given.
+        found: usize,
+    },
+    /// Every gradient of a step is missing (Keras: "No gradients provided for any variable").
+    #[error("no gradients provided for any variable")]
+    NoGradients,
+    /// An index names no variable.
+    #[error("no variable with index {0}")]
+    NoSuchVariable(usize),
+    /// A trace file is malformed.
+    #[error("invalid trace: {0}")]
+    InvalidTrace(String),
+    /// The GPU path was requested but no usable adapter exists.
+    #[error("no GPU adapter available: {0}")]
+    NoAdapter(String),
+    /// The GPU failed: device creation, out of memory, a lost device, a failed map.
+    #[error("GPU error: {0}")]
+    Gpu(String),
+    /// A user-supplied buffer does not meet the documented requirements.
+    #[error("buffer `{name}` is unusable: {reason}")]
+    InvalidBuffer {
+        /// Which buffer.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("I/O error on `{path}`: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS message.
+        message: String,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        Error::InvalidConfig {
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! The GPU arena: parameters, gradients and slots in flat buffers, split into
+//! segments that respect `max_storage_buffer_binding_size`, plus the chunk and
+//! tensor tables the kernels read, and explicit upload and readback.
+//!
+//! Per segment of `len` elements: a `params` buffer (`len` f32), a `grads` buffer
+//! (`len` f32) and a `slots` buffer holding each slot as a run of `len` f32, in the
+//! order of [`Variant::slot_names`]. Element `e` of the model lives at local index
+//! `e - segment.start` of the segment holding it.
+
+use std::num::NonZeroU64;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::GpuContext;
+use crate::gpu::pipelines::{binding, slot_index, Pipelines, GPU_CHUNK_LEN};
+use crate::layout::{Layout, VariableSpec};
+use crate::plan::Variant;
+
+/// Usages the crate needs on parameter and gradient buffers, also ones you supply.
+pub const ARENA_USAGES: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+/// Bytes in one f32.
+const F32: u64 = 4;
+
+/// One segment's buffers and bind group.
+#[derive(Debug)]
+pub struct Segment {
+    /// First arena element in this segment.
+    pub start: usize,
+    /// Number of elements.
+    pub len: usize,
+    /// Parameters.
+    pub params: wgpu::Buffer,
+    /// Gradients.
+    pub grads: wgpu::Buffer,
+    /// Slots, one run of `len` per slot.
+    pub slots: wgpu::Buffer,
+    pub(crate) chunk_count: usize,
+    pub(crate) bind_group: wgpu::BindGroup,
+}
+
+/// Parameters, gradients and slots of a model on the GPU.
+#[derive(Debug)]
+pub struct GpuArena {
+    pub(crate) layout: Layout,
+    pub(crate) variant: Variant,
+    pub(crate) segments: Vec<Segment>,
+    pub(crate) tensors: wgpu::Buffer,
+    pub(crate) uniform: wgpu::Buffer,
+    pub(crate) tensor_flags: Vec<u32>,
+}
+
+/// A piece of an arena range inside one segment.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Piece {
+    pub segment: usize,
+    pub local: usize,
+    pub len: usize,
+    /// Offset of this piece inside the requested range.
+    pub at: usize,
+}
+
+fn bytes(n: usize) -> u64 {
+    (n as u64 * F32).max(16)
+}
+
+fn make_buffer(ctx: &GpuContext, label: &str, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+    ctx.scoped(&format!("allocating `{label}` ({size} bytes)"), || {
+        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    })
+}
+
+fn entire(buffer: &wgpu::Buffer, size: u64) -> wgpu::BindingResource<'_> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer,
+        offset: 0,
+        size: NonZeroU64::new(size),
+    })
+}
+
+/// Largest segment length the device allows for this variant: every binding
+/// (the slots buffer holds all slots) must fit `max_storage_buffer_binding_size`.
+pub fn max_segment_len(ctx: &GpuContext, variant: &Variant) -> usize {
+    let limits = ctx.device.limits();
+    let max_bytes = limits
+        .max_storage_buffer_binding_size
+        .min(limits.max_buffer_size);
+    let per_element = F32 * variant.slot_names().len() as u64;
+    let len = (max_bytes / per_element) as usize;
+    let len = len.min(u32::MAX as usize / 2);
+    if len >= GPU_CHUNK_LEN {
+        len / GPU_CHUNK_LEN * GPU_CHUNK_LEN
+    } else {
+        len.max(1)
+    }
+}
+
+/// Caller-supplied parameter and gradient buffers (see [`GpuArena::new`]).
+#[derive(Debug, Clone)]
+pub struct UserBuffers {
+    /// Parameters, laid out as the arena: every variable row-major, back to back.
+    pub params: wgpu::Buffer,
+    /// Gradients, same layout.
+    pub grads: wgpu::Buffer,
+}
+
+impl GpuArena {
+    /// Allocates the arena for `specs` (zeroed), or uses `user` buffers for parameters
+    /// and gradients. User buffers need [`ARENA_USAGES`] and at least
+    /// `4 * total_elements` bytes, and the model must fit one segment.
+    pub fn new(
+        ctx: &GpuContext,
+        pipelines: &Pipelines,
+        specs: &[VariableSpec],
+        variant: Variant,
+        segment_len: Option<usize>,
+        user: Option<UserBuffers>,
+    ) -> Result<Self> {
+        let max_len = max_segment_len(ctx, &variant);
+        let segment_len = segment_len.map_or(max_len, |s| s.clamp(1, max_len));
+        let layout = Layout::new(specs, GPU_CHUNK_LEN, segment_len)?;
+        let total = layout.total();
+        let segment_count = layout.segment_count();
+        if let Some(u) = &user {
+            if segment_count > 1 {
+                return Err(Error::InvalidBuffer {
+                    name: "params".into(),
+                    reason: format!(
+                        "the model has {total} elements, more than one binding holds on this device ({segment_len}); let the crate allocate the arena"
+                    ),
+                });
+            }
+            for (name, b) in [("params", &u.params), ("grads", &u.grads)] {
+                if !b.usage().contains(ARENA_USAGES) {
+                    return Err(Error::InvalidBuffer {
+                        name: name.into(),
+                        reason: format!("needs usages {ARENA_USAGES:?}, has {:?}", b.usage()),
+                    });
+                }
+                if b.size() < total as u64 * F32 {
+                    return Err(Error::InvalidBuffer {
+                        name: name.into(),
+                        reason: format!("{} bytes, the model needs {}", b.size(), total as u64 * F32),
+                    });
+                }
+            }
+        }
+        let slot_count = variant.slot_names().len();
+        let n_tensors = layout.tensors().len();
+        let n_chunks = layout.chunks().len();
+        let storage_ro = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+        let tensors = make_buffer(ctx, "tensors", bytes(4 * n_tensors), storage_ro)?;
+        let partials = make_buffer(ctx, "partials", bytes(n_chunks), wgpu::BufferUsages::STORAGE)?;
+        let clips = make_buffer(ctx, "clips", bytes(2 * n_tensors), wgpu::BufferUsages::STORAGE)?;
+        let uniform = make_buffer(
+            ctx,
+            "step uniform",
+            64,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let mut segments = Vec::with_capacity(segment_count);
+        for s in 0..segment_count {
+            let start = s * segment_len;
+            let len = total.saturating_sub(start).min(segment_len);
+            let (params, grads) = match &user {
+                Some(u) => (u.params.clone(), u.grads.clone()),
+                None => (
+                    make_buffer(ctx, "params", bytes(len), ARENA_USAGES)?,
+                    make_buffer(ctx, "grads", bytes(len), ARENA_USAGES)?,
+                ),
+            };
+            let slots = make_buffer(ctx, "slots", bytes(len * slot_count), ARENA_USAGES)?;
+            let table: Vec<[u32; 4]> = layout
+                .chunks()
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.segment == s)
+                .map(|(g, c)| [c.tensor as u32, (c.offset - start) as u32, c.len as u32, g as u32])
+                .collect();
+            let chunks = make_buffer(ctx, "chunks", bytes(4 * table.len()), storage_ro)?;
+            ctx.queue.write_buffer(&chunks, 0, bytemuck::cast_slice(&table));
+            let bind_group = ctx.scoped("creating bind group", || {
+                ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("rmsprop segment"),
+                    layout: &pipelines.layout,
+                    entries: &[
+                        wgpu::BindGroupEntry {
+                            binding: binding::UNIFORM,
+                            resource: uniform.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: binding::CHUNKS,
+                            resource: entire(&chunks, bytes(4 * table.len())),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: binding::TENSORS,
+                            resource: tensors.as_entire_binding(),
+                        },
+                        // exact sizes: the shader derives the segment length from params
+                        wgpu::BindGroupEntry {
+                            binding: binding::PARAMS,
+                            resource: entire(&params, (len.max(1) as u64) * F32),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: binding::GRADS,
+                            resource: entire(&grads, (len.max(1) as u64) * F32),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: binding::SLOTS,
+                            resource: entire(&slots, bytes(len.max(1) * slot_count)),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: binding::PARTIALS,
+                            resource: partials.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: binding::CLIPS,
+                            resource: clips.as_entire_binding(),
+                        },
+                    ],
+                })
+            })?;
+            segments.push(Segment {
+                start,
+                len,
+                params,
+                grads,
+                slots,
+                chunk_count: table.len(),
+                bind_group,
+            });
+        }
+        let tensor_flags = vec![u32::MAX; n_tensors];
+        ctx.take_error()?;
+        Ok(GpuArena {
+            layout,
+            variant,
+            segments,
+            tensors,
+            uniform,
+            tensor_flags,
+        })
+    }
+
+    /// The offset and chunk tables.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The segments.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// Writes the tensor table with new per-step flags, only when they changed.
+    pub(crate) fn set_flags(&mut self, ctx: &GpuContext, flags: Vec<u32>) {
+        if flags == self.tensor_flags {
+            return;
+        }
+        let rows: Vec<[u32; 4]> = self
+            .layout
+            .tensors()
+            .iter()
+            .zip(&flags)
+            .map(|(t, &f)| [t.first_chunk as u32, t.chunk_count as u32, f, 0])
+            .collect();
+        if !rows.is_empty() {
+            ctx.queue.write_buffer(&self.tensors, 0, bytemuck::cast_slice(&rows));
+        }
+        self.tensor_flags = flags;
+    }
+
+    /// Splits the arena range `start .. start + len` by segment.
+    pub(crate) fn pieces(&self, start: usize, len: usize) -> Vec<Piece> {
+        let mut out = Vec::new();
+        let end = start + len;
+        for (i, s) in self.segments.iter().enumerate() {
+            let lo = start.max(s.start);
+            let hi = end.min(s.start + s.len);
+            if lo < hi {
+                out.push(Piece {
+                    segment: i,
+                    local: lo - s.start,
+                    len: hi - lo,
+                    at: lo - start,
+                });
+            }
+        }
+        out
+    }
+
+    /// The buffer and byte offset of `role` (`params`, `grads` or a slot name) in a segment.
+    fn target(&self, role: &str, segment: usize) -> Result<(&wgpu::Buffer, u64)> {
+        let s = &self.segments[segment];
+        match role {
+            "params" => Ok((&s.params, 0)),
+            "grads" => Ok((&s.grads, 0)),
+            slot => {
+                let k = slot_index(&self.variant, slot).ok_or_else(|| Error::InvalidBuffer {
+                    name: slot.to_string(),
+                    reason: "this config keeps no such slot".into(),
+                })?;
+                Ok((&s.slots, (k * s.len) as u64 * F32))
+            }
+        }
+    }
+
+    /// Uploads `values` to `role` at arena element `start`.
+    pub(crate) fn write(&self, ctx: &GpuContext, role: &str, start: usize, values: &[f32]) -> Result<()> {
+        for p in self.pieces(start, values.len()) {
+            let (buffer, base) = self.target(role, p.segment)?;
+            let data = &values[p.at..p.at + p.len];
+            ctx.queue
+                .write_buffer(buffer, base + p.local as u64 * F32, bytemuck::cast_slice(data));
+        }
+        Ok(())
+    }
+
+    /// Uploads one step's host gradients straight into the queue's staging memory
+    /// (one staged write per segment; missing gradients are not written).
+    pub(crate) fn write_gradients(&self, ctx: &GpuContext, grads: &[Option<&[f32]>]) -> Result<()> {
+        for (i, seg) in self.segments.iter().enumerate() {
+            let Some(size) = NonZeroU64::new(seg.len as u64 * F32) else {
+                continue;
+            };
+            let mut view = ctx
+                .queue
+                .write_buffer_with(&seg.grads, 0, size)
+                .ok_or_else(|| Error::Gpu("cannot stage the gradient upload".into()))?;
+            for (t, g) in self.layout.tensors().iter().zip(grads) {
+                let Some(g) = g else { continue };
+                for p in self.pieces(t.offset, t.len) {
+                    if p.segment != i {
+                        continue;
+                    }
+                    let dst = p.local * 4..(p.local + p.len) * 4;
+                    view.slice(dst)
+                        .copy_from_slice(bytemuck::cast_slice(&g[p.at..p.at + p.len]));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `role` back for the arena range `start .. start + len` (waits for the GPU).
+    pub(crate) fn read(&self, ctx: &GpuContext, role: &str, start: usize, len: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; len];
+        if len == 0 {
+            return Ok(out);
+        }
+        let staging = make_buffer(
+            ctx,
+            "readback",
+            bytes(len),
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let mut encoder = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+        for p in self.pieces(start, len) {
+            let (buffer, base) = self.target(role, p.segment)?;
+            encoder.copy_buffer_to_buffer(
+                buffer,
+                base + p.local as u64 * F32,
+                &staging,
+                p.at as u64 * F32,
+                p.len as u64 * F32,
+            );
+        }
+        ctx.queue.submit([encoder.finish()]);
+        let slice = staging.slice(..len as u64 * F32);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        ctx.wait()?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("readback never completed".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping the readback buffer: {e}")))?;
+        {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::Gpu(format!("reading the readback buffer: {e}")))?;
+            out.copy_from_slice(bytemuck::cast_slice(&view));
+        }
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Copies the EMA slot over the parameters in every segment (one submit).
+    pub(crate) fn copy_ema_to_params(&self, ctx: &GpuContext) -> Result<()> {
+        let mut encoder = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("finalize") });
+        for i in 0..self.segments.len() {
+            let s = &self.segments[i];
+            if s.len == 0 {
+                continue;
+            }
+            let (slots, base) = self.target("average", i)?;
+            encoder.copy_buffer_to_buffer(slots, base, &s.params, 0, s.len as u64 * F32);
+        }
+        ctx.queue.submit([encoder.finish()]);
+        ctx.take_error()
+    }
+}

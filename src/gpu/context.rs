@@ -1,0 +1,170 @@
+//! The GPU context: adapter choice, device, queue, and error capture so that wgpu
+//! problems come back as [`Error::Gpu`] instead of panics.
+
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::gpu::pipelines::PipelineCache;
+
+/// Environment variable that lets [`crate::Backend::Auto`] pick a software adapter
+/// (lavapipe, llvmpipe, WARP): `1` or `true`. CI sets it so the GPU path runs there.
+pub const ALLOW_SOFTWARE_ENV: &str = "FUSED_RMSPROP_ALLOW_SOFTWARE_ADAPTER";
+
+/// A wgpu device and queue, with the pipeline cache built on them. Cheap to clone.
+///
+/// Build one with [`GpuContext::new`], or wrap your own device with
+/// [`GpuContext::from_device`] to share buffers with your training code.
+#[derive(Clone)]
+pub struct GpuContext {
+    /// The device.
+    pub device: wgpu::Device,
+    /// Its queue.
+    pub queue: wgpu::Queue,
+    info: Option<wgpu::AdapterInfo>,
+    pub(crate) pipelines: Arc<Mutex<PipelineCache>>,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("adapter", &self.adapter_name())
+            .finish()
+    }
+}
+
+/// Whether the environment allows software adapters for `Auto`.
+pub fn software_allowed_by_env() -> bool {
+    std::env::var(ALLOW_SOFTWARE_ENV)
+        .map(|v| matches!(v.trim(), "1" | "true" | "yes"))
+        .unwrap_or(false)
+}
+
+fn is_software(info: &wgpu::AdapterInfo) -> bool {
+    info.device_type == wgpu::DeviceType::Cpu
+}
+
+impl GpuContext {
+    /// Finds an adapter and creates a device with the adapter's own limits.
+    /// Hardware adapters come first (Vulkan, Metal and DX12 before GL); a software
+    /// adapter is taken only when `allow_software` is true.
+    pub fn new(allow_software: bool) -> Result<Self> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let rank = |a: &wgpu::Adapter| {
+            let info = a.get_info();
+            let kind = match info.device_type {
+                wgpu::DeviceType::DiscreteGpu => 0,
+                wgpu::DeviceType::IntegratedGpu => 1,
+                wgpu::DeviceType::VirtualGpu | wgpu::DeviceType::Other => 2,
+                wgpu::DeviceType::Cpu => 3,
+            };
+            let backend = if info.backend == wgpu::Backend::Gl { 1 } else { 0 };
+            (kind, backend)
+        };
+        let found: Vec<String> = adapters
+            .iter()
+            .map(|a| {
+                let i = a.get_info();
+                format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
+            })
+            .collect();
+        let mut usable: Vec<wgpu::Adapter> = adapters
+            .into_iter()
+            .filter(|a| allow_software || !is_software(&a.get_info()))
+            .collect();
+        usable.sort_by_key(|a| rank(a));
+        let Some(adapter) = usable.into_iter().next() else {
+            let why = if found.is_empty() {
+                "wgpu found no adapter (on Linux, install a Vulkan driver, e.g. mesa-vulkan-drivers)".to_string()
+            } else {
+                format!(
+                    "only software adapters found ({}); allow them with {ALLOW_SOFTWARE_ENV}=1 or GpuOptions::allow_software",
+                    found.join(", ")
+                )
+            };
+            return Err(Error::NoAdapter(why));
+        };
+        let info = adapter.get_info();
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("fused-rmsprop"),
+            required_features: wgpu::Features::empty(),
+            required_limits: adapter.limits(),
+            ..Default::default()
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+            .map_err(|e| Error::Gpu(format!("cannot create a device on {}: {e}", info.name)))?;
+        Ok(Self::wrap(device, queue, Some(info)))
+    }
+
+    /// Wraps your own device and queue. Installs an uncaptured-error handler on the
+    /// device that records errors (they are returned by the next optimizer call)
+    /// instead of wgpu's default, which panics.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        Self::wrap(device, queue, None)
+    }
+
+    fn wrap(device: wgpu::Device, queue: wgpu::Queue, info: Option<wgpu::AdapterInfo>) -> Self {
+        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        GpuContext {
+            device,
+            queue,
+            info,
+            pipelines: Arc::default(),
+            errors,
+        }
+    }
+
+    /// The adapter's name, or `"user device"` for a wrapped device.
+    pub fn adapter_name(&self) -> String {
+        self.info
+            .as_ref()
+            .map_or_else(|| "user device".to_string(), |i| format!("{} ({:?})", i.name, i.backend))
+    }
+
+    /// True when the adapter runs on the CPU (lavapipe, llvmpipe, WARP).
+    pub fn is_software(&self) -> bool {
+        self.info.as_ref().is_some_and(is_software)
+    }
+
+    /// Returns (and clears) the first error wgpu reported since the last check.
+    pub(crate) fn take_error(&self) -> Result<()> {
+        let mut errors = self.errors.lock().map_err(|_| Error::Gpu("error log poisoned".into()))?;
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            let first = errors.remove(0);
+            errors.clear();
+            Err(Error::Gpu(first))
+        }
+    }
+
+    /// Runs `make` inside out-of-memory and validation error scopes, so that a buffer
+    /// the device cannot hold comes back as an error.
+    pub(crate) fn scoped<T>(&self, what: &str, make: impl FnOnce() -> T) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = make();
+        let v = pollster::block_on(validation.pop());
+        let o = pollster::block_on(oom.pop());
+        if let Some(e) = o.or(v) {
+            return Err(Error::Gpu(format!("{what}: {e}")));
+        }
+        Ok(value)
+    }
+
+    /// Waits for submitted work; a lost device or timeout becomes an error.
+    pub(crate) fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))?;
+        self.take_error()
+    }
+}

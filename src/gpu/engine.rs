@@ -1,0 +1,215 @@
+//! The GPU driver: one step is a uniform write (plus the tensor flags when they change)
+//! and one submission of at most `2 * segments + 1` dispatches; nothing is read back.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gpu::arena::{GpuArena, Segment, UserBuffers};
+use crate::gpu::context::{software_allowed_by_env, GpuContext};
+use crate::gpu::pipelines::{pipelines_for, Pipelines};
+use crate::layout::{Layout, VariableSpec};
+use crate::plan::{StepPlan, Variant};
+
+/// How to find and use a GPU.
+#[derive(Debug, Clone, Default)]
+pub struct GpuOptions {
+    /// Use this context (your own device, see [`GpuContext::from_device`]) instead of
+    /// creating one.
+    pub context: Option<GpuContext>,
+    /// Let [`crate::Backend::Auto`] use a software adapter. `None`: the
+    /// `FUSED_RMSPROP_ALLOW_SOFTWARE_ADAPTER` environment variable decides.
+    pub allow_software: Option<bool>,
+    /// Cap on elements per arena segment (normally the device's binding limit decides);
+    /// lets tests exercise the split arena on small models.
+    pub max_segment_len: Option<usize>,
+    /// Your own parameter and gradient buffers (used with [`GpuOptions::context`]).
+    pub buffers: Option<UserBuffers>,
+}
+
+/// Parameters and slots of a model on a GPU, and the pipelines that step them.
+#[derive(Debug)]
+pub struct GpuEngine {
+    ctx: GpuContext,
+    pipelines: Arc<Pipelines>,
+    arena: GpuArena,
+    max_groups: u32,
+}
+
+/// A 2D grid covering `n` workgroups within the per-dimension limit.
+fn grid(n: usize, max: u32) -> (u32, u32) {
+    let max = max.max(1) as usize;
+    let x = n.clamp(1, max);
+    (x as u32, n.div_ceil(x) as u32)
+}
+
+impl GpuEngine {
+    /// Builds the arena and pipelines. `required` is true for [`crate::Backend::Gpu`]
+    /// (any adapter, software included) and false for `Auto`.
+    pub fn new(options: &GpuOptions, specs: &[VariableSpec], variant: Variant, required: bool) -> Result<Self> {
+        let ctx = match &options.context {
+            Some(c) => c.clone(),
+            None => {
+                let allow = required || options.allow_software.unwrap_or_else(software_allowed_by_env);
+                GpuContext::new(allow)?
+            }
+        };
+        if !required && ctx.is_software() && !options.allow_software.unwrap_or_else(software_allowed_by_env) {
+            return Err(Error::NoAdapter(format!(
+                "{} is a software adapter, not allowed for Auto",
+                ctx.adapter_name()
+            )));
+        }
+        let pipelines = pipelines_for(&ctx, &variant)?;
+        let arena = GpuArena::new(
+            &ctx,
+            &pipelines,
+            specs,
+            variant,
+            options.max_segment_len,
+            options.buffers.clone(),
+        )?;
+        let max_groups = ctx.device.limits().max_compute_workgroups_per_dimension;
+        Ok(GpuEngine {
+            ctx,
+            pipelines,
+            arena,
+            max_groups,
+        })
+    }
+
+    /// The context (device and queue).
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    /// The adapter's name.
+    pub fn adapter_name(&self) -> String {
+        self.ctx.adapter_name()
+    }
+
+    /// The arena layout (offsets of each variable in the parameter and gradient buffers).
+    pub fn layout(&self) -> &Layout {
+        self.arena.layout()
+    }
+
+    /// The arena's segments with their buffers: write gradients into `grads` with your
+    /// own kernels or copies, then call [`crate::RmsProp::apply_device_gradients`].
+    pub fn segments(&self) -> &[Segment] {
+        self.arena.segments()
+    }
+
+    /// Gradient buffers, one per segment.
+    pub fn gradient_buffers(&self) -> Vec<&wgpu::Buffer> {
+        self.arena.segments().iter().map(|s| &s.grads).collect()
+    }
+
+    /// Parameter buffers, one per segment.
+    pub fn param_buffers(&self) -> Vec<&wgpu::Buffer> {
+        self.arena.segments().iter().map(|s| &s.params).collect()
+    }
+
+    /// A step whose gradients come from host memory: staged into the gradient buffers,
+    /// then [`GpuEngine::step_device`].
+    pub fn step_host(&mut self, plan: &StepPlan, grads: &[Option<&[f32]>], decay: &[bool]) -> Result<()> {
+        self.ctx.take_error()?;
+        self.arena.write_gradients(&self.ctx, grads)?;
+        let present: Vec<bool> = grads.iter().map(Option::is_some).collect();
+        self.step_device(plan, &present, decay)
+    }
+
+    /// A step on the gradients already in the gradient buffers: writes the uniform (and
+    /// the tensor flags if they changed), records the dispatches, submits once.
+    pub fn step_device(&mut self, plan: &StepPlan, present: &[bool], decay: &[bool]) -> Result<()> {
+        self.ctx.take_error()?;
+        let variant = self.arena.variant;
+        let flags: Vec<u32> = present
+            .iter()
+            .zip(decay)
+            .map(|(&p, &d)| p as u32 | ((d && variant.weight_decay) as u32) << 1)
+            .collect();
+        self.arena.set_flags(&self.ctx, flags);
+        let mut words: [u32; 16] = bytemuck::cast(plan.uniform_words());
+        words[15] = self.arena.layout.tensors().len() as u32;
+        self.ctx
+            .queue
+            .write_buffer(&self.arena.uniform, 0, bytemuck::cast_slice(&words));
+
+        let mut encoder = self
+            .ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("rmsprop step") });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("rmsprop step"),
+                timestamp_writes: None,
+            });
+            let segments = &self.arena.segments;
+            if variant.clip.needs_norm() && plan.is_update_step {
+                pass.set_pipeline(&self.pipelines.norm_partials);
+                for s in segments.iter().filter(|s| s.chunk_count > 0) {
+                    pass.set_bind_group(0, &s.bind_group, &[]);
+                    let (x, y) = grid(s.chunk_count, self.max_groups);
+                    pass.dispatch_workgroups(x, y, 1);
+                }
+                pass.set_pipeline(&self.pipelines.norm_finalize);
+                pass.set_bind_group(0, &segments[0].bind_group, &[]);
+                pass.dispatch_workgroups(1, 1, 1);
+            }
+            pass.set_pipeline(&self.pipelines.update);
+            for s in segments.iter().filter(|s| s.chunk_count > 0) {
+                pass.set_bind_group(0, &s.bind_group, &[]);
+                let (x, y) = grid(s.chunk_count, self.max_groups);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        }
+        self.ctx.queue.submit([encoder.finish()]);
+        Ok(())
+    }
+
+    /// Waits for every submitted step; reports a lost device or a captured error.
+    pub fn synchronize(&self) -> Result<()> {
+        self.ctx.wait()
+    }
+
+    /// `finalize_variable_values`: copies the EMA into the parameters (no-op without EMA).
+    pub fn finalize(&mut self) -> Result<()> {
+        if self.arena.variant.ema {
+            self.arena.copy_ema_to_params(&self.ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Reads back a whole arena by role: `params`, `grads`, or a slot name.
+    pub fn read_arena(&self, role: &str) -> Result<Vec<f32>> {
+        self.arena.read(&self.ctx, role, 0, self.arena.layout.total())
+    }
+
+    /// Reads back one tensor of `role`.
+    pub fn read_tensor(&self, role: &str, tensor: usize) -> Result<Vec<f32>> {
+        let t = self
+            .arena
+            .layout
+            .tensors()
+            .get(tensor)
+            .ok_or(Error::NoSuchVariable(tensor))?;
+        self.arena.read(&self.ctx, role, t.offset, t.len)
+    }
+
+    /// Uploads one tensor of `role` (`params` or a slot name).
+    pub fn write_tensor(&self, role: &str, tensor: usize, values: &[f32]) -> Result<()> {
+        let t = self
+            .arena
+            .layout
+            .tensors()
+            .get(tensor)
+            .ok_or(Error::NoSuchVariable(tensor))?;
+        if values.len() != t.len {
+            return Err(Error::CountMismatch {
+                what: "values",
+                expected: t.len,
+                found: values.len(),
+            });
+        }
+        self.arena.write(&self.ctx, role, t.offset, values)
+    }
+}

@@ -1,0 +1,60 @@
+//! # fused-rmsprop
+//!
+//! Keras 3's `RMSprop`, exact to its float32 semantics, as fused WGSL compute kernels
+//! (wgpu) with a multi-threaded CPU path that takes over when no GPU adapter exists.
+//!
+//! The update, per element (epsilon sits *inside* the square root, as in Keras and
+//! unlike PyTorch, which adds it to the root; the learning rate multiplies the
+//! gradient before the division):
+//!
+//! ```text
+//! velocity = rho * velocity + (1 - rho) * g^2
+//! denom    = velocity + eps                 (centered: velocity - avg_grad^2 + eps)
+//! p       -= lr * g / sqrt(denom)           (momentum: m = momentum * m + that; p -= m)
+//! ```
+//!
+//! Around it, in Keras' order: loss-scale unscaling, gradient accumulation, clipping
+//! (`clipnorm`, `global_clipnorm`, `clipvalue`), decoupled weight decay, and the EMA
+//! of the variables with optional overwrite. See [`math`] for the exact expressions.
+//!
+//! ```
+//! use fused_rmsprop::{Backend, RmsProp, RmsPropConfig, Variable};
+//! let config = RmsPropConfig::default().with_learning_rate(0.01).with_momentum(0.9);
+//! let w = Variable::new("dense/kernel", &[2, 3], vec![0.5; 6]).unwrap();
+//! let b = Variable::new("dense/bias", &[3], vec![0.0; 3]).unwrap();
+//! let mut opt = RmsProp::with_backend(config, vec![w, b], Backend::Cpu).unwrap();
+//! opt.exclude_from_weight_decay(&["bias"]);
+//! for _ in 0..3 {
+//!     let gw = vec![0.1f32; 6];
+//!     opt.apply_gradients(&[Some(&gw), None]).unwrap(); // no gradient for the bias
+//! }
+//! assert_eq!(opt.iterations(), 3);
+//! assert!(opt.variable(0).unwrap()[0] < 0.5);
+//! assert_eq!(opt.variable(1).unwrap(), vec![0.0; 3]);
+//! ```
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod gpu;
+mod json;
+pub mod layout;
+pub mod math;
+pub mod optimizer;
+pub mod plan;
+pub mod schedule;
+pub mod trace;
+
+pub use config::{Clipping, RmsPropConfig};
+pub use error::{Error, Result};
+pub use gpu::{GpuContext, GpuOptions};
+pub use json::{decode_float, encode_float};
+pub use layout::{Variable, VariableSpec};
+pub use optimizer::{Backend, BackendKind, RmsProp};
+pub use schedule::{
+    CosineDecay, CosineDecayRestarts, ExponentialDecay, InverseTimeDecay, KerasSchedule,
+    LearningRate, LearningRateSchedule, PiecewiseConstantDecay, PolynomialDecay,
+};
+pub use trace::{Outcome, Trace};

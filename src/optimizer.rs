@@ -1,0 +1,391 @@
+//! `RmsProp`: the public optimizer. Owns the variables (in a host or GPU arena), the
+//! slots and the step counter, and runs each step on the chosen backend.
+
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+
+use crate::config::RmsPropConfig;
+use crate::cpu::CpuEngine;
+use crate::error::{Error, Result};
+use crate::gpu::{GpuEngine, GpuOptions};
+use crate::layout::{check_len, Variable, VariableSpec};
+use crate::plan::{iterations, plan_step, takes_weight_decay, Variant};
+
+/// Which backend to run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// Keras' `jit_compile=True`: a hardware GPU adapter if wgpu finds one (a software
+    /// one only when allowed), otherwise the CPU path. Logged at `info` level.
+    #[default]
+    Auto,
+    /// The CPU path; never touches wgpu.
+    Cpu,
+    /// The GPU path on any adapter, software (lavapipe) included; an error when none.
+    Gpu,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "cpu" => Ok(Backend::Cpu),
+            "gpu" => Ok(Backend::Gpu),
+            other => Err(format!("unknown backend `{other}` (auto, cpu or gpu)")),
+        }
+    }
+}
+
+/// The backend a built optimizer actually runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// The CPU path.
+    Cpu,
+    /// The GPU path.
+    Gpu,
+}
+
+impl BackendKind {
+    /// `"cpu"` or `"gpu"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Gpu => "gpu",
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Engine {
+    Cpu(CpuEngine),
+    Gpu(Box<GpuEngine>),
+}
+
+/// Keras 3's `RMSprop`, exact to its float32 semantics, on the CPU or a GPU.
+///
+/// The optimizer owns the variables: build it with their starting values, call
+/// [`apply_gradients`](RmsProp::apply_gradients) each step (a `None` gradient skips
+/// that variable, as in Keras), and read the values back.
+///
+/// ```
+/// use fused_rmsprop::{Backend, RmsProp, RmsPropConfig, Variable};
+/// let config = RmsPropConfig::default().with_learning_rate(0.1);
+/// let var = Variable::new("x", &[], vec![10.0]).unwrap();
+/// let mut opt = RmsProp::with_backend(config, vec![var], Backend::Cpu).unwrap();
+/// opt.apply_gradients(&[Some(&[10.0][..])]).unwrap(); // d(x^2/2)/dx = x
+/// let x = opt.variable(0).unwrap()[0];
+/// assert!((x - 9.683772).abs() < 1e-5); // Keras' documented result
+/// assert_eq!(opt.iterations(), 1);
+/// ```
+#[derive(Debug)]
+pub struct RmsProp {
+    config: RmsPropConfig,
+    variant: Variant,
+    specs: Vec<VariableSpec>,
+    excluded: Vec<String>,
+    decay: Vec<bool>,
+    raw_iterations: u64,
+    engine: Engine,
+}
+
+impl RmsProp {
+    /// Builds the optimizer on the backend `config.jit_compile` asks for
+    /// (`true`: [`Backend::Auto`], `false`: [`Backend::Cpu`]).
+    pub fn new(config: RmsPropConfig, variables: Vec<Variable>) -> Result<Self> {
+        let backend = if config.jit_compile {
+            Backend::Auto
+        } else {
+            Backend::Cpu
+        };
+        Self::with_backend(config, variables, backend)
+    }
+
+    /// Builds the optimizer on `backend` with default [`GpuOptions`].
+    pub fn with_backend(
+        config: RmsPropConfig,
+        variables: Vec<Variable>,
+        backend: Backend,
+    ) -> Result<Self> {
+        Self::with_options(config, variables, backend, &GpuOptions::default())
+    }
+
+    /// Builds the optimizer on `backend`; `gpu` says how to find or use a GPU.
+    pub fn with_options(
+        config: RmsPropConfig,
+        variables: Vec<Variable>,
+        backend: Backend,
+        gpu: &GpuOptions,
+    ) -> Result<Self> {
+        for v in &variables {
+            check_len(&v.spec, v.values.len())?;
+        }
+        let specs = variables.iter().map(|v| v.spec.clone()).collect();
+        let mut opt = Self::with_specs(config, specs, backend, gpu)?;
+        for (i, v) in variables.iter().enumerate() {
+            opt.set_variable(i, &v.values)?;
+        }
+        Ok(opt)
+    }
+
+    /// Builds the optimizer for variables given by name and shape only: their values
+    /// start at zero, or, with [`GpuOptions::buffers`], are whatever your parameter
+    /// buffer holds (nothing is uploaded).
+    pub fn with_specs(
+        config: RmsPropConfig,
+        specs: Vec<VariableSpec>,
+        backend: Backend,
+        gpu: &GpuOptions,
+    ) -> Result<Self> {
+        config.validate()?;
+        let variant = Variant::of(&config);
+        let backend = if backend == Backend::Auto && !config.jit_compile {
+            Backend::Cpu
+        } else {
+            backend
+        };
+        let engine = match backend {
+            Backend::Cpu => Engine::Cpu(CpuEngine::new(&specs, variant)?),
+            Backend::Gpu => Engine::Gpu(Box::new(GpuEngine::new(gpu, &specs, variant, true)?)),
+            Backend::Auto => match GpuEngine::new(gpu, &specs, variant, false) {
+                Ok(e) => {
+                    log::info!("fused-rmsprop: backend auto -> gpu ({})", e.adapter_name());
+                    Engine::Gpu(Box::new(e))
+                }
+                Err(err) => {
+                    log::info!("fused-rmsprop: backend auto -> cpu ({err})");
+                    Engine::Cpu(CpuEngine::new(&specs, variant)?)
+                }
+            },
+        };
+        let decay = vec![true; specs.len()];
+        Ok(RmsProp {
+            config,
+            variant,
+            specs,
+            excluded: Vec::new(),
+            decay,
+            raw_iterations: 0,
+            engine,
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &RmsPropConfig {
+        &self.config
+    }
+
+    /// The variables' names and shapes.
+    pub fn specs(&self) -> &[VariableSpec] {
+        &self.specs
+    }
+
+    /// The backend this optimizer runs on.
+    pub fn backend(&self) -> BackendKind {
+        match self.engine {
+            Engine::Cpu(_) => BackendKind::Cpu,
+            Engine::Gpu(_) => BackendKind::Gpu,
+        }
+    }
+
+    /// The GPU engine, for device-resident use (buffers, gradients written by your own
+    /// kernels); `None` on the CPU path.
+    pub fn gpu(&self) -> Option<&GpuEngine> {
+        match &self.engine {
+            Engine::Gpu(g) => Some(g),
+            Engine::Cpu(_) => None,
+        }
+    }
+
+    /// Keras' `exclude_from_weight_decay(var_names=...)`: variables whose name contains
+    /// any of these substrings get no weight decay.
+    pub fn exclude_from_weight_decay<S: AsRef<str>>(&mut self, var_names: &[S]) {
+        self.excluded
+            .extend(var_names.iter().map(|s| s.as_ref().to_string()));
+        self.decay = self
+            .specs
+            .iter()
+            .map(|s| takes_weight_decay(&s.name, &self.excluded))
+            .collect();
+    }
+
+    /// Keras' `optimizer.iterations`: applied updates (raw steps divided by
+    /// `gradient_accumulation_steps`, floored).
+    pub fn iterations(&self) -> u64 {
+        iterations(&self.config, self.raw_iterations)
+    }
+
+    /// Steps taken, accumulation-only steps included (Keras' `_iterations`); the
+    /// learning-rate schedule is evaluated at this counter.
+    pub fn raw_iterations(&self) -> u64 {
+        self.raw_iterations
+    }
+
+    /// The learning rate the next step will use.
+    pub fn current_learning_rate(&self) -> f32 {
+        self.config.learning_rate.at(self.raw_iterations)
+    }
+
+    /// Checks a step's gradients: one per variable, right lengths, at least one present.
+    fn check_gradients(&self, grads: &[Option<&[f32]>]) -> Result<()> {
+        if grads.len() != self.specs.len() {
+            return Err(Error::CountMismatch {
+                what: "gradients",
+                expected: self.specs.len(),
+                found: grads.len(),
+            });
+        }
+        for (g, spec) in grads.iter().zip(&self.specs) {
+            if let Some(g) = g {
+                if g.len() != spec.len() {
+                    return Err(Error::GradientLength {
+                        name: spec.name.clone(),
+                        expected: spec.len(),
+                        found: g.len(),
+                    });
+                }
+            }
+        }
+        if grads.iter().all(Option::is_none) {
+            return Err(Error::NoGradients);
+        }
+        Ok(())
+    }
+
+    /// One step of Keras' `apply_gradients`: `grads[i]` is variable `i`'s gradient, or
+    /// `None` to leave that variable and its slots alone this step (its EMA still moves,
+    /// as in Keras). Bad input is refused before anything changes.
+    pub fn apply_gradients(&mut self, grads: &[Option<&[f32]>]) -> Result<()> {
+        self.check_gradients(grads)?;
+        let plan = plan_step(&self.config, self.raw_iterations);
+        match &mut self.engine {
+            Engine::Cpu(e) => e.step(&plan, grads, &self.decay),
+            Engine::Gpu(e) => e.step_host(&plan, grads, &self.decay)?,
+        }
+        self.raw_iterations += 1;
+        Ok(())
+    }
+
+    /// [`apply_gradients`](RmsProp::apply_gradients) with `ndarray` gradients, taken in
+    /// row-major order; each must have its variable's number of elements.
+    pub fn apply_gradients_arrays(&mut self, grads: &[Option<ArrayViewD<'_, f32>>]) -> Result<()> {
+        use std::borrow::Cow;
+        let owned: Vec<Option<Cow<'_, [f32]>>> = grads
+            .iter()
+            .map(|g| {
+                g.as_ref().map(|a| match a.as_slice() {
+                    Some(s) => Cow::Borrowed(s),
+                    None => Cow::Owned(a.iter().copied().collect()),
+                })
+            })
+            .collect();
+        let slices: Vec<Option<&[f32]>> = owned.iter().map(|g| g.as_deref()).collect();
+        self.apply_gradients(&slices)
+    }
+
+    /// Runs [`apply_gradients`](RmsProp::apply_gradients) on a GPU whose gradients are
+    /// already in [`GpuEngine::gradient_buffers`] (written by your own kernels or
+    /// copies); `present[i]` says whether variable `i` has a gradient this step.
+    pub fn apply_device_gradients(&mut self, present: &[bool]) -> Result<()> {
+        let Engine::Gpu(e) = &mut self.engine else {
+            return Err(Error::Gpu("apply_device_gradients needs the GPU backend".into()));
+        };
+        if present.len() != self.specs.len() {
+            return Err(Error::CountMismatch {
+                what: "gradient flags",
+                expected: self.specs.len(),
+                found: present.len(),
+            });
+        }
+        if !present.iter().any(|&p| p) {
+            return Err(Error::NoGradients);
+        }
+        let plan = plan_step(&self.config, self.raw_iterations);
+        e.step_device(&plan, present, &self.decay)?;
+        self.raw_iterations += 1;
+        Ok(())
+    }
+
+    /// Keras' `finalize_variable_values`: with `use_ema`, copies the moving averages
+    /// into the variables; otherwise does nothing.
+    pub fn finalize_variable_values(&mut self) -> Result<()> {
+        match &mut self.engine {
+            Engine::Cpu(e) => e.finalize(),
+            Engine::Gpu(e) => e.finalize()?,
+        }
+        Ok(())
+    }
+
+    fn index(&self, i: usize) -> Result<&VariableSpec> {
+        self.specs.get(i).ok_or(Error::NoSuchVariable(i))
+    }
+
+    /// Variable `i`'s values, flat (a GPU path reads them back).
+    pub fn variable(&self, i: usize) -> Result<Vec<f32>> {
+        self.index(i)?;
+        match &self.engine {
+            Engine::Cpu(e) => {
+                let t = e.layout().tensors()[i];
+                Ok(e.params()[t.offset..t.offset + t.len].to_vec())
+            }
+            Engine::Gpu(e) => e.read_tensor("params", i),
+        }
+    }
+
+    /// Variable `i` as an `ndarray` array of its shape.
+    pub fn variable_array(&self, i: usize) -> Result<ArrayD<f32>> {
+        let shape = self.index(i)?.shape.clone();
+        let values = self.variable(i)?;
+        ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| Error::Gpu(e.to_string()))
+    }
+
+    /// Every variable's values, flat, in order (one readback on the GPU path).
+    pub fn variables(&self) -> Result<Vec<Vec<f32>>> {
+        let flat = match &self.engine {
+            Engine::Cpu(e) => e.params().to_vec(),
+            Engine::Gpu(e) => e.read_arena("params")?,
+        };
+        Ok(self.split(&flat))
+    }
+
+    /// A slot of every variable by Keras name (`velocity`, `momentum`,
+    /// `average_gradient`, `average` for the EMA, `accumulated_gradient`); `None` when
+    /// this config keeps no such slot.
+    pub fn slot(&self, name: &str) -> Result<Option<Vec<Vec<f32>>>> {
+        let flat = match &self.engine {
+            Engine::Cpu(e) => e.slot(name).map(<[f32]>::to_vec),
+            Engine::Gpu(e) => {
+                if self.variant.slot_names().contains(&name) {
+                    Some(e.read_arena(name)?)
+                } else {
+                    None
+                }
+            }
+        };
+        Ok(flat.map(|f| self.split(&f)))
+    }
+
+    fn split(&self, flat: &[f32]) -> Vec<Vec<f32>> {
+        let mut at = 0;
+        self.specs
+            .iter()
+            .map(|s| {
+                let v = flat[at..at + s.len()].to_vec();
+                at += s.len();
+                v
+            })
+            .collect()
+    }
+
+    /// Replaces variable `i`'s values (slots are left as they are).
+    pub fn set_variable(&mut self, i: usize, values: &[f32]) -> Result<()> {
+        let spec = self.index(i)?;
+        check_len(spec, values.len())?;
+        match &mut self.engine {
+            Engine::Cpu(e) => {
+                let t = e.layout().tensors()[i];
+                e.params_mut()[t.offset..t.offset + t.len].copy_from_slice(values);
+            }
+            Engine::Gpu(e) => e.write_tensor("params", i, values)?,
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,267 @@
+//! Conformance traces (`rmsprop-trace/1`, see `shared/conformance/FORMAT.md`): parse,
+//! replay on any backend, and compare with FORMAT.md's tolerance.
+
+use serde_json::Value;
+
+use crate::config::RmsPropConfig;
+use crate::error::{Error, Result};
+use crate::gpu::GpuOptions;
+use crate::json::{decode_float, encode_float, parse};
+use crate::layout::{check_len, Variable};
+use crate::optimizer::{Backend, BackendKind, RmsProp};
+
+/// The only format this crate reads.
+pub const TRACE_FORMAT: &str = "rmsprop-trace/1";
+
+/// A recorded Keras run.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    /// The trace's name.
+    pub name: String,
+    /// The optimizer config.
+    pub config: RmsPropConfig,
+    /// Starting variables.
+    pub variables: Vec<Variable>,
+    /// Per step, per variable: a gradient or `None`.
+    pub steps: Vec<Vec<Option<Vec<f32>>>>,
+    /// `exclude_from_weight_decay(var_names=...)`.
+    pub exclude_from_weight_decay: Vec<String>,
+    /// Whether `finalize_variable_values` ran after the last step.
+    pub finalize: bool,
+    /// Keras' results, if recorded.
+    pub expected: Option<Outcome>,
+}
+
+/// Variables and iteration count after a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// The variables, flat, in order.
+    pub variables: Vec<Vec<f32>>,
+    /// `optimizer.iterations`.
+    pub iterations: u64,
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::InvalidTrace(msg.into())
+}
+
+fn floats(v: &Value, what: &str) -> Result<Vec<f32>> {
+    let items = v
+        .as_array()
+        .ok_or_else(|| bad(format!("{what} must be a list of numbers")))?;
+    items
+        .iter()
+        .map(|x| decode_float(x).ok_or_else(|| bad(format!("{what} holds a non-number: {x}"))))
+        .collect()
+}
+
+fn shape(v: &Value, what: &str) -> Result<Vec<usize>> {
+    let items = v
+        .as_array()
+        .ok_or_else(|| bad(format!("{what} must be a list of sizes")))?;
+    items
+        .iter()
+        .map(|x| {
+            x.as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|&n| n <= 1 << 40)
+                .ok_or_else(|| bad(format!("{what} holds a bad size: {x}")))
+        })
+        .collect()
+}
+
+impl Trace {
+    /// Parses a trace from JSON text; every malformation is an error.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        Self::from_json(&parse(text)?)
+    }
+
+    /// Parses a trace from a JSON value.
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let obj = v.as_object().ok_or_else(|| bad("a trace must be a JSON object"))?;
+        match obj.get("format").and_then(Value::as_str) {
+            Some(TRACE_FORMAT) => {}
+            other => return Err(bad(format!("format must be \"{TRACE_FORMAT}\", got {other:?}"))),
+        }
+        let name = obj.get("name").and_then(Value::as_str).unwrap_or("").to_string();
+        let config = RmsPropConfig::from_keras_json(
+            obj.get("config").ok_or_else(|| Error::MissingKey("config".into()))?,
+        )?;
+        let vars = obj
+            .get("variables")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("`variables` must be a list"))?;
+        let mut variables = Vec::with_capacity(vars.len());
+        for (i, var) in vars.iter().enumerate() {
+            let what = format!("variables[{i}]");
+            let vname = var
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(format!("{what}.name must be a string")))?;
+            let s = shape(var.get("shape").unwrap_or(&Value::Null), &format!("{what}.shape"))?;
+            let values = floats(var.get("value").unwrap_or(&Value::Null), &format!("{what}.value"))?;
+            variables.push(Variable::new(vname, &s, values)?);
+        }
+        let raw_steps = obj
+            .get("steps")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("`steps` must be a list"))?;
+        let mut steps = Vec::with_capacity(raw_steps.len());
+        for (k, step) in raw_steps.iter().enumerate() {
+            let grads = step
+                .as_array()
+                .ok_or_else(|| bad(format!("steps[{k}] must be a list")))?;
+            if grads.len() != variables.len() {
+                return Err(Error::CountMismatch {
+                    what: "gradients",
+                    expected: variables.len(),
+                    found: grads.len(),
+                });
+            }
+            let mut row = Vec::with_capacity(grads.len());
+            for (g, var) in grads.iter().zip(&variables) {
+                if g.is_null() {
+                    row.push(None);
+                    continue;
+                }
+                let g = floats(g, &format!("steps[{k}] gradient"))?;
+                if g.len() != var.values.len() {
+                    return Err(Error::GradientLength {
+                        name: var.spec.name.clone(),
+                        expected: var.values.len(),
+                        found: g.len(),
+                    });
+                }
+                row.push(Some(g));
+            }
+            steps.push(row);
+        }
+        let exclude_from_weight_decay = match obj.get("exclude_from_weight_decay") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(e) => e
+                .get("var_names")
+                .and_then(Value::as_array)
+                .ok_or_else(|| bad("exclude_from_weight_decay.var_names must be a list"))?
+                .iter()
+                .map(|s| {
+                    s.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad("exclude_from_weight_decay.var_names must hold strings"))
+                })
+                .collect::<Result<_>>()?,
+        };
+        let finalize = match obj.get("finalize") {
+            None | Some(Value::Null) => false,
+            Some(f) => f.as_bool().ok_or_else(|| bad("`finalize` must be a boolean"))?,
+        };
+        let expected = match obj.get("expected") {
+            None | Some(Value::Null) => None,
+            Some(e) => {
+                let vars = e
+                    .get("variables")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| bad("expected.variables must be a list"))?;
+                if vars.len() != variables.len() {
+                    return Err(bad("expected.variables must have one entry per variable"));
+                }
+                let values = vars
+                    .iter()
+                    .zip(&variables)
+                    .map(|(v, var)| {
+                        let f = floats(v, "expected.variables")?;
+                        check_len(&var.spec, f.len())?;
+                        Ok(f)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let iterations = e
+                    .get("iterations")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| bad("expected.iterations must be a non-negative integer"))?;
+                Some(Outcome {
+                    variables: values,
+                    iterations,
+                })
+            }
+        };
+        Ok(Trace {
+            name,
+            config,
+            variables,
+            steps,
+            exclude_from_weight_decay,
+            finalize,
+            expected,
+        })
+    }
+
+    /// Replays the trace on `backend`; returns what ran and the outcome.
+    pub fn replay(&self, backend: Backend, gpu: &GpuOptions) -> Result<(BackendKind, Outcome)> {
+        let mut opt = RmsProp::with_options(self.config.clone(), self.variables.clone(), backend, gpu)?;
+        opt.exclude_from_weight_decay(&self.exclude_from_weight_decay);
+        for step in &self.steps {
+            let grads: Vec<Option<&[f32]>> = step.iter().map(|g| g.as_deref()).collect();
+            opt.apply_gradients(&grads)?;
+        }
+        if self.finalize {
+            opt.finalize_variable_values()?;
+        }
+        Ok((
+            opt.backend(),
+            Outcome {
+                variables: opt.variables()?,
+                iterations: opt.iterations(),
+            },
+        ))
+    }
+}
+
+/// FORMAT.md's rule: `|a - e| <= 1e-5 + 1e-4 * |e|`, or both NaN, or the same infinity.
+pub fn values_match(actual: f32, expected: f32) -> bool {
+    if expected.is_nan() || actual.is_nan() {
+        return expected.is_nan() && actual.is_nan();
+    }
+    if expected.is_infinite() || actual.is_infinite() {
+        return actual == expected;
+    }
+    let (a, e) = (actual as f64, expected as f64);
+    (a - e).abs() <= 1e-5 + 1e-4 * e.abs()
+}
+
+/// The first mismatch between two outcomes, described, or `None` when they match.
+pub fn first_mismatch(actual: &Outcome, expected: &Outcome) -> Option<String> {
+    if actual.iterations != expected.iterations {
+        return Some(format!(
+            "iterations: got {}, expected {}",
+            actual.iterations, expected.iterations
+        ));
+    }
+    if actual.variables.len() != expected.variables.len() {
+        return Some("different number of variables".into());
+    }
+    for (i, (a, e)) in actual.variables.iter().zip(&expected.variables).enumerate() {
+        if a.len() != e.len() {
+            return Some(format!("variable {i}: {} values, expected {}", a.len(), e.len()));
+        }
+        for (j, (&x, &y)) in a.iter().zip(e).enumerate() {
+            if !values_match(x, y) {
+                return Some(format!("variable {i}[{j}]: got {x}, expected {y}"));
+            }
+        }
+    }
+    None
+}
+
+/// The replay example's output object: `{"backend", "variables", "iterations"}`, with
+/// non-finite values as `"NaN"`, `"Infinity"`, `"-Infinity"`.
+pub fn outcome_json(backend: BackendKind, outcome: &Outcome) -> Value {
+    let vars: Vec<Value> = outcome
+        .variables
+        .iter()
+        .map(|v| Value::Array(v.iter().map(|&x| encode_float(x)).collect()))
+        .collect();
+    let mut m = serde_json::Map::new();
+    m.insert("backend".into(), Value::from(backend.as_str()));
+    m.insert("variables".into(), Value::Array(vars));
+    m.insert("iterations".into(), Value::from(outcome.iterations));
+    Value::Object(m)
+}

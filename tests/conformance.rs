@@ -1,0 +1,53 @@
+//! Replays every Keras trace in `../shared/conformance/traces` and compares with
+//! FORMAT.md's tolerance, on the CPU path and on the GPU path.
+
+mod common;
+
+use fused_rmsprop::trace::first_mismatch;
+use fused_rmsprop::{Backend, BackendKind, GpuOptions, RmsPropConfig};
+
+#[test]
+fn every_trace_matches_keras_on_cpu() {
+    let traces = common::traces();
+    assert!(traces.len() >= 21, "expected the 21 public traces, found {}", traces.len());
+    let mut failures = Vec::new();
+    for (file, trace) in &traces {
+        let expected = trace.expected.as_ref().expect("trace has expected results");
+        let (backend, got) = trace.replay(Backend::Cpu, &GpuOptions::default()).unwrap();
+        assert_eq!(backend, BackendKind::Cpu);
+        if let Some(m) = first_mismatch(&got, expected) {
+            failures.push(format!("{file}: {m}"));
+        }
+    }
+    assert!(failures.is_empty(), "CPU mismatches:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn every_trace_matches_keras_on_gpu() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut failures = Vec::new();
+    for (file, trace) in &common::traces() {
+        let expected = trace.expected.as_ref().unwrap();
+        let (backend, got) = trace.replay(Backend::Gpu, &common::on(&ctx)).unwrap();
+        assert_eq!(backend, BackendKind::Gpu);
+        if let Some(m) = first_mismatch(&got, expected) {
+            failures.push(format!("{file}: {m}"));
+        }
+    }
+    assert!(failures.is_empty(), "GPU mismatches:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn every_trace_config_round_trips_through_keras_json() {
+    for path in common::trace_paths() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let config = RmsPropConfig::from_keras_json(&v["config"]).unwrap();
+        let written = config.to_keras_json().unwrap();
+        assert_eq!(written, v["config"], "{}", path.display());
+        // key order is Keras' too
+        let keys: Vec<&String> = written.as_object().unwrap().keys().collect();
+        let orig: Vec<&String> = v["config"].as_object().unwrap().keys().collect();
+        assert_eq!(keys, orig, "{}", path.display());
+    }
+}
