@@ -1,0 +1,70 @@
+//! Replays an `rmsprop-trace/1` file and prints one JSON object on stdout:
+//! `{"backend": "cpu"|"gpu", "variables": [[...], ...], "iterations": N}`.
+//!
+//! ```text
+//! cargo run --release --example replay -- [--backend auto|cpu|gpu] TRACE.json
+//! ```
+//!
+//! Exit codes: 0 success; 2 bad input (usage, unreadable file, not JSON, invalid
+//! config or trace), with one `error: ...` line on stderr and nothing on stdout;
+//! 3 when `--backend gpu` finds no GPU adapter.
+
+use std::process::ExitCode;
+
+use fused_rmsprop::trace::outcome_json;
+use fused_rmsprop::{Backend, Error, GpuOptions, Trace};
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    let one_line = msg.to_string().replace('\n', " ");
+    eprintln!("error: {one_line}");
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    let mut backend = Backend::Auto;
+    let mut path = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--backend" => match args.next().map(|b| b.parse::<Backend>()) {
+                Some(Ok(b)) => backend = b,
+                Some(Err(e)) => return fail(2, e),
+                None => return fail(2, "--backend needs a value (auto, cpu or gpu)"),
+            },
+            "-h" | "--help" => {
+                println!("usage: replay [--backend auto|cpu|gpu] TRACE.json");
+                return ExitCode::SUCCESS;
+            }
+            s if s.starts_with("--backend=") => match s["--backend=".len()..].parse::<Backend>() {
+                Ok(b) => backend = b,
+                Err(e) => return fail(2, e),
+            },
+            s if s.starts_with('-') && s.len() > 1 => return fail(2, format!("unknown option `{s}`")),
+            s => {
+                if path.replace(s.to_string()).is_some() {
+                    return fail(2, "give exactly one trace file");
+                }
+            }
+        }
+    }
+    let Some(path) = path else {
+        return fail(2, "usage: replay [--backend auto|cpu|gpu] TRACE.json");
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => return fail(2, format!("cannot read {path}: {e}")),
+    };
+    let trace = match Trace::from_json_str(&text) {
+        Ok(t) => t,
+        Err(e) => return fail(2, format!("{path}: {e}")),
+    };
+    match trace.replay(backend, &GpuOptions::default()) {
+        Ok((kind, outcome)) => {
+            println!("{}", outcome_json(kind, &outcome));
+            ExitCode::SUCCESS
+        }
+        Err(e @ Error::NoAdapter(_)) => fail(3, e),
+        Err(e @ Error::Gpu(_)) if backend == Backend::Gpu => fail(3, e),
+        Err(e) => fail(2, format!("{path}: {e}")),
+    }
+}
