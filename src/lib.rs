@@ -58,3 +58,8 @@ pub use schedule::{
     LearningRate, LearningRateSchedule, PiecewiseConstantDecay, PolynomialDecay,
 };
 pub use trace::{Outcome, Trace};
+
+/// The README's Rust examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
