@@ -24,8 +24,8 @@ fn fail(msg: String) -> ! {
 
 fn validate(path: &Path) {
     let name = path.display().to_string();
-    let source = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| fail(format!("cannot read {name}: {e}")));
+    let source =
+        std::fs::read_to_string(path).unwrap_or_else(|e| fail(format!("cannot read {name}: {e}")));
     let module = naga::front::wgsl::parse_str(&source)
         .unwrap_or_else(|e| fail(e.emit_to_string_with_path(&source, &name)));
     let mut validator = Validator::new(ValidationFlags::all(), Capabilities::all());

@@ -39,7 +39,9 @@ fn main() -> ExitCode {
                 Ok(b) => backend = b,
                 Err(e) => return fail(2, e),
             },
-            s if s.starts_with('-') && s.len() > 1 => return fail(2, format!("unknown option `{s}`")),
+            s if s.starts_with('-') && s.len() > 1 => {
+                return fail(2, format!("unknown option `{s}`"))
+            }
             s => {
                 if path.replace(s.to_string()).is_some() {
                     return fail(2, "give exactly one trace file");

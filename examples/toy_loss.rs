@@ -118,7 +118,11 @@ fn plot(path: &std::path::Path, losses: &[f64]) -> Result<(), Box<dyn std::error
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE)?;
-    let lo = losses.iter().cloned().fold(f64::INFINITY, f64::min).max(1e-12);
+    let lo = losses
+        .iter()
+        .cloned()
+        .fold(f64::INFINITY, f64::min)
+        .max(1e-12);
     let hi = losses.iter().cloned().fold(0.0, f64::max).max(lo * 10.0);
     let mut chart = ChartBuilder::on(&root)
         .caption("RMSprop on a sum of Rosenbrock terms", ("sans-serif", 22))
@@ -174,9 +178,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let bar = ProgressBar::with_draw_target(Some(args.steps as u64), ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} steps, loss {msg} ({per_sec})")?,
-    );
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} steps, loss {msg} ({per_sec})",
+    )?);
     let mut grad = vec![0.0f32; n];
     let mut losses = Vec::with_capacity(args.steps + 1);
     let started = Instant::now();
@@ -207,7 +211,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         println!("plot: {}", path.display());
     }
     if final_loss.is_finite() && final_loss * REQUIRED_FACTOR <= first {
-        println!("ok: the loss fell {:.1}x (at least {REQUIRED_FACTOR}x required)", first / final_loss);
+        println!(
+            "ok: the loss fell {:.1}x (at least {REQUIRED_FACTOR}x required)",
+            first / final_loss
+        );
         Ok(())
     } else {
         Err(format!(

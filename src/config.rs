@@ -212,7 +212,10 @@ impl RmsPropConfig {
             ));
         }
         if self.ema_overwrite_frequency == Some(0) {
-            return Err(Error::invalid("ema_overwrite_frequency", "must be >= 1, got 0"));
+            return Err(Error::invalid(
+                "ema_overwrite_frequency",
+                "must be >= 1, got 0",
+            ));
         }
         if let Some(n) = self.gradient_accumulation_steps {
             if n < 2 {
@@ -324,7 +327,10 @@ impl RmsPropConfig {
             "ema_overwrite_frequency".into(),
             count(self.ema_overwrite_frequency),
         );
-        m.insert("loss_scale_factor".into(), opt_float(self.loss_scale_factor));
+        m.insert(
+            "loss_scale_factor".into(),
+            opt_float(self.loss_scale_factor),
+        );
         m.insert(
             "gradient_accumulation_steps".into(),
             count(self.gradient_accumulation_steps),
@@ -384,7 +390,9 @@ mod tests {
     #[test]
     fn ema_momentum_out_of_range() {
         for m in [-0.1, 1.5] {
-            let c = RmsPropConfig::default().with_use_ema(true).with_ema_momentum(m);
+            let c = RmsPropConfig::default()
+                .with_use_ema(true)
+                .with_ema_momentum(m);
             assert_eq!(field_of(c.validate().unwrap_err()), "ema_momentum");
         }
     }
@@ -394,8 +402,12 @@ mod tests {
         let c = RmsPropConfig::default()
             .with_use_ema(true)
             .with_ema_overwrite_frequency(0);
-        assert_eq!(field_of(c.validate().unwrap_err()), "ema_overwrite_frequency");
-        let e = RmsPropConfig::from_keras_json(&json!({"ema_overwrite_frequency": -3})).unwrap_err();
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "ema_overwrite_frequency"
+        );
+        let e =
+            RmsPropConfig::from_keras_json(&json!({"ema_overwrite_frequency": -3})).unwrap_err();
         assert_eq!(field_of(e), "ema_overwrite_frequency");
     }
 
@@ -421,7 +433,10 @@ mod tests {
         let e = RmsPropConfig::from_keras_json(&json!({"learning_rate": {"class_name": "ExponentialDecay",
             "config": {"initial_learning_rate": 0.1, "decay_steps": 2, "decay_rate": 0.5, "extra": 1}}}))
         .unwrap_err();
-        assert_eq!(e, Error::UnknownConfigKey("learning_rate.config.extra".into()));
+        assert_eq!(
+            e,
+            Error::UnknownConfigKey("learning_rate.config.extra".into())
+        );
     }
 
     #[test]
@@ -434,7 +449,10 @@ mod tests {
             ("ema_overwrite_frequency", json!(2.5)),
         ] {
             let e = RmsPropConfig::from_keras_json(&json!({ key: bad })).unwrap_err();
-            assert!(matches!(e, Error::WrongType { ref field, .. } if field == key), "{e:?}");
+            assert!(
+                matches!(e, Error::WrongType { ref field, .. } if field == key),
+                "{e:?}"
+            );
         }
         let e = RmsPropConfig::from_keras_json(&json!([1, 2])).unwrap_err();
         assert!(matches!(e, Error::WrongType { .. }));
@@ -483,7 +501,9 @@ mod tests {
             Clipping::None
         );
         assert_eq!(
-            RmsPropConfig::default().with_global_clipnorm(2.0).clipping(),
+            RmsPropConfig::default()
+                .with_global_clipnorm(2.0)
+                .clipping(),
             Clipping::GlobalNorm(2.0)
         );
     }

@@ -174,7 +174,11 @@ impl CpuEngine {
             .collect();
         let sums: Vec<f64> = tensors
             .iter()
-            .map(|t| partials[t.first_chunk..t.first_chunk + t.chunk_count].iter().sum())
+            .map(|t| {
+                partials[t.first_chunk..t.first_chunk + t.chunk_count]
+                    .iter()
+                    .sum()
+            })
             .collect();
         match kind {
             ClipKind::Norm => sums
@@ -205,8 +209,21 @@ impl CpuEngine {
         let mut jobs = Vec::with_capacity(chunks.len());
         for c in chunks {
             let t = &tensors[c.tensor];
-            let (Some(param), Some(velocity), Some(momentum), Some(average_gradient), Some(e), Some(a)) =
-                (params.next(), vel.next(), mom.next(), avg.next(), ema.next(), acc.next())
+            let (
+                Some(param),
+                Some(velocity),
+                Some(momentum),
+                Some(average_gradient),
+                Some(e),
+                Some(a),
+            ) = (
+                params.next(),
+                vel.next(),
+                mom.next(),
+                avg.next(),
+                ema.next(),
+                acc.next(),
+            )
             else {
                 break;
             };
@@ -265,15 +282,27 @@ fn run_chunk<const C: bool, const M: bool, const E: bool, const A: bool>(
     let mut ema_done = false;
     if let Some(grad) = job.grad {
         let grad = &grad[..n];
-        let acc: &mut [f32] = if A { &mut job.accumulator[..n] } else { job.accumulator };
+        let acc: &mut [f32] = if A {
+            &mut job.accumulator[..n]
+        } else {
+            job.accumulator
+        };
         if A && !update {
             for i in 0..n {
                 acc[i] = accumulate_gradient(unscale_gradient(grad[i], s), acc[i]);
             }
         } else {
             let vel = &mut job.velocity[..n];
-            let mom: &mut [f32] = if M { &mut job.momentum[..n] } else { job.momentum };
-            let avg: &mut [f32] = if C { &mut job.average_gradient[..n] } else { job.average_gradient };
+            let mom: &mut [f32] = if M {
+                &mut job.momentum[..n]
+            } else {
+                job.momentum
+            };
+            let avg: &mut [f32] = if C {
+                &mut job.average_gradient[..n]
+            } else {
+                job.average_gradient
+            };
             let ema: &mut [f32] = if E { &mut job.ema[..n] } else { job.ema };
             for i in 0..n {
                 let mut g = unscale_gradient(grad[i], s);

@@ -42,7 +42,9 @@ pub enum Error {
     #[error("not valid JSON: {0}")]
     Json(String),
     /// A variable's values do not fill its shape.
-    #[error("variable `{name}` has shape {shape:?} ({expected} values) but {found} values were given")]
+    #[error(
+        "variable `{name}` has shape {shape:?} ({expected} values) but {found} values were given"
+    )]
     ValueLength {
         /// The variable's name.
         name: String,

@@ -9,7 +9,10 @@ use crate::error::{Error, Result};
 pub(crate) fn describe(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 40 {
-        format!("{}...", &s[..s.char_indices().take(40).last().map_or(0, |(i, _)| i)])
+        format!(
+            "{}...",
+            &s[..s.char_indices().take(40).last().map_or(0, |(i, _)| i)]
+        )
     } else {
         s
     }
@@ -33,7 +36,11 @@ impl<'a> Fields<'a> {
     /// Reads `v` as an object with only `allowed` keys; `ctx` prefixes field names in errors.
     pub(crate) fn new(v: &'a Value, ctx: &str, allowed: &[&str]) -> Result<Self> {
         let map = v.as_object().ok_or_else(|| Error::WrongType {
-            field: if ctx.is_empty() { "config".into() } else { ctx.into() },
+            field: if ctx.is_empty() {
+                "config".into()
+            } else {
+                ctx.into()
+            },
             expected: "a JSON object",
             found: describe(v),
         })?;

@@ -214,7 +214,11 @@ mod tests {
         for c in l.chunks() {
             assert!(c.len <= 4 && c.len > 0);
             assert_eq!(c.offset, covered);
-            assert_eq!(c.offset / 8, (c.offset + c.len - 1) / 8, "crosses a segment");
+            assert_eq!(
+                c.offset / 8,
+                (c.offset + c.len - 1) / 8,
+                "crosses a segment"
+            );
             covered += c.len;
         }
         assert_eq!(covered, 15);

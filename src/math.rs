@@ -127,6 +127,7 @@ pub fn clipnorm_factors(sum_sq: f32, clipnorm: f32) -> ClipFactors {
 /// Keras `clip_by_global_norm`: `scale = clip * min(1 / norm, 1 / clip) + (norm - norm)`,
 /// NaN for a non-finite norm. `inv_clip` is `1 / clip` computed in f64 (a Python float)
 /// and rounded to f32.
+#[allow(clippy::eq_op)] // `norm - norm` is Keras' way to turn a non-finite norm into NaN
 pub fn global_clipnorm_factors(total_sum_sq: f32, clip: f32, inv_clip: f32) -> ClipFactors {
     let use_norm = total_sum_sq.sqrt();
     let scale_for_finite = clip * nan_min(1.0 / use_norm, inv_clip);
@@ -317,7 +318,9 @@ mod tests {
         assert_eq!(g.numerator, 1.0);
         let g = global_clipnorm_factors(16.0, 1.0, 1.0);
         assert_eq!(g.numerator, 0.25);
-        assert!(global_clipnorm_factors(f32::INFINITY, 1.0, 1.0).numerator.is_nan());
+        assert!(global_clipnorm_factors(f32::INFINITY, 1.0, 1.0)
+            .numerator
+            .is_nan());
     }
 
     #[test]

@@ -56,7 +56,7 @@ impl BackendKind {
 
 #[derive(Debug)]
 enum Engine {
-    Cpu(CpuEngine),
+    Cpu(Box<CpuEngine>),
     Gpu(Box<GpuEngine>),
 }
 
@@ -143,7 +143,7 @@ impl RmsProp {
             backend
         };
         let engine = match backend {
-            Backend::Cpu => Engine::Cpu(CpuEngine::new(&specs, variant)?),
+            Backend::Cpu => Engine::Cpu(Box::new(CpuEngine::new(&specs, variant)?)),
             Backend::Gpu => Engine::Gpu(Box::new(GpuEngine::new(gpu, &specs, variant, true)?)),
             Backend::Auto => match GpuEngine::new(gpu, &specs, variant, false) {
                 Ok(e) => {
@@ -152,7 +152,7 @@ impl RmsProp {
                 }
                 Err(err) => {
                     log::info!("fused-rmsprop: backend auto -> cpu ({err})");
-                    Engine::Cpu(CpuEngine::new(&specs, variant)?)
+                    Engine::Cpu(Box::new(CpuEngine::new(&specs, variant)?))
                 }
             },
         };
@@ -286,7 +286,9 @@ impl RmsProp {
     /// copies); `present[i]` says whether variable `i` has a gradient this step.
     pub fn apply_device_gradients(&mut self, present: &[bool]) -> Result<()> {
         let Engine::Gpu(e) = &mut self.engine else {
-            return Err(Error::Gpu("apply_device_gradients needs the GPU backend".into()));
+            return Err(Error::Gpu(
+                "apply_device_gradients needs the GPU backend".into(),
+            ));
         };
         if present.len() != self.specs.len() {
             return Err(Error::CountMismatch {

@@ -196,7 +196,9 @@ mod tests {
             .with_ema_overwrite_frequency(3);
         assert_eq!(plan_step(&c, 0).scalars.ema_momentum, 0.0);
         assert_eq!(plan_step(&c, 1).scalars.ema_momentum, 0.9f32);
-        let ow: Vec<f32> = (0..6).map(|r| plan_step(&c, r).scalars.ema_overwrite).collect();
+        let ow: Vec<f32> = (0..6)
+            .map(|r| plan_step(&c, r).scalars.ema_overwrite)
+            .collect();
         assert_eq!(ow, [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]);
     }
 

@@ -336,7 +336,13 @@ impl KerasSchedule {
                 let f = Fields::new(
                     cfg,
                     ctx,
-                    &["initial_learning_rate", "decay_steps", "decay_rate", "staircase", "name"],
+                    &[
+                        "initial_learning_rate",
+                        "decay_steps",
+                        "decay_rate",
+                        "staircase",
+                        "name",
+                    ],
                 )?;
                 KerasSchedule::Exponential(ExponentialDecay {
                     initial_learning_rate: f.req_f64("initial_learning_rate")?,
@@ -380,7 +386,13 @@ impl KerasSchedule {
                 let f = Fields::new(
                     cfg,
                     ctx,
-                    &["initial_learning_rate", "decay_steps", "decay_rate", "staircase", "name"],
+                    &[
+                        "initial_learning_rate",
+                        "decay_steps",
+                        "decay_rate",
+                        "staircase",
+                        "name",
+                    ],
                 )?;
                 KerasSchedule::InverseTime(InverseTimeDecay {
                     initial_learning_rate: f.req_f64("initial_learning_rate")?,
@@ -661,7 +673,10 @@ mod tests {
         close(s.at(4.0), 0.1 * (0.9 * cos + 0.1));
         let flat = CosineDecayRestarts { t_mul: 1.0, ..s };
         // t_mul = 1: step 3 is half-way through the second period of length 2
-        close(flat.at(3.0), 0.1 * (0.9 * (0.25 * (1.0 + (PI * 0.5).cos())) + 0.1));
+        close(
+            flat.at(3.0),
+            0.1 * (0.9 * (0.25 * (1.0 + (PI * 0.5).cos())) + 0.1),
+        );
     }
 
     #[test]

@@ -78,14 +78,25 @@ impl Trace {
 
     /// Parses a trace from a JSON value.
     pub fn from_json(v: &Value) -> Result<Self> {
-        let obj = v.as_object().ok_or_else(|| bad("a trace must be a JSON object"))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| bad("a trace must be a JSON object"))?;
         match obj.get("format").and_then(Value::as_str) {
             Some(TRACE_FORMAT) => {}
-            other => return Err(bad(format!("format must be \"{TRACE_FORMAT}\", got {other:?}"))),
+            other => {
+                return Err(bad(format!(
+                    "format must be \"{TRACE_FORMAT}\", got {other:?}"
+                )))
+            }
         }
-        let name = obj.get("name").and_then(Value::as_str).unwrap_or("").to_string();
+        let name = obj
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let config = RmsPropConfig::from_keras_json(
-            obj.get("config").ok_or_else(|| Error::MissingKey("config".into()))?,
+            obj.get("config")
+                .ok_or_else(|| Error::MissingKey("config".into()))?,
         )?;
         let vars = obj
             .get("variables")
@@ -98,8 +109,14 @@ impl Trace {
                 .get("name")
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad(format!("{what}.name must be a string")))?;
-            let s = shape(var.get("shape").unwrap_or(&Value::Null), &format!("{what}.shape"))?;
-            let values = floats(var.get("value").unwrap_or(&Value::Null), &format!("{what}.value"))?;
+            let s = shape(
+                var.get("shape").unwrap_or(&Value::Null),
+                &format!("{what}.shape"),
+            )?;
+            let values = floats(
+                var.get("value").unwrap_or(&Value::Null),
+                &format!("{what}.value"),
+            )?;
             variables.push(Variable::new(vname, &s, values)?);
         }
         let raw_steps = obj
@@ -152,7 +169,9 @@ impl Trace {
         };
         let finalize = match obj.get("finalize") {
             None | Some(Value::Null) => false,
-            Some(f) => f.as_bool().ok_or_else(|| bad("`finalize` must be a boolean"))?,
+            Some(f) => f
+                .as_bool()
+                .ok_or_else(|| bad("`finalize` must be a boolean"))?,
         };
         let expected = match obj.get("expected") {
             None | Some(Value::Null) => None,
@@ -196,7 +215,8 @@ impl Trace {
 
     /// Replays the trace on `backend`; returns what ran and the outcome.
     pub fn replay(&self, backend: Backend, gpu: &GpuOptions) -> Result<(BackendKind, Outcome)> {
-        let mut opt = RmsProp::with_options(self.config.clone(), self.variables.clone(), backend, gpu)?;
+        let mut opt =
+            RmsProp::with_options(self.config.clone(), self.variables.clone(), backend, gpu)?;
         opt.exclude_from_weight_decay(&self.exclude_from_weight_decay);
         for step in &self.steps {
             let grads: Vec<Option<&[f32]>> = step.iter().map(|g| g.as_deref()).collect();
@@ -240,7 +260,11 @@ pub fn first_mismatch(actual: &Outcome, expected: &Outcome) -> Option<String> {
     }
     for (i, (a, e)) in actual.variables.iter().zip(&expected.variables).enumerate() {
         if a.len() != e.len() {
-            return Some(format!("variable {i}: {} values, expected {}", a.len(), e.len()));
+            return Some(format!(
+                "variable {i}: {} values, expected {}",
+                a.len(),
+                e.len()
+            ));
         }
         for (j, (&x, &y)) in a.iter().zip(e).enumerate() {
             if !values_match(x, y) {

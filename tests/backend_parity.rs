@@ -26,7 +26,10 @@ fn combo(k: usize) -> RmsPropConfig {
         _ => c,
     };
     if k & 16 != 0 {
-        c = c.with_use_ema(true).with_ema_momentum(0.9).with_ema_overwrite_frequency(2);
+        c = c
+            .with_use_ema(true)
+            .with_ema_momentum(0.9)
+            .with_ema_overwrite_frequency(2);
     }
     if k & 32 != 0 {
         c = c.with_gradient_accumulation_steps(2);
@@ -45,7 +48,11 @@ fn random_model(rng: &mut Rng, tensors: usize, max_len: u64) -> Vec<Variable> {
                 1 => 1,
                 _ => rng.below(max_len) as usize,
             };
-            let name = if i % 3 == 0 { format!("t{i}/bias") } else { format!("t{i}/kernel") };
+            let name = if i % 3 == 0 {
+                format!("t{i}/bias")
+            } else {
+                format!("t{i}/kernel")
+            };
             Variable::new(name, &[n], rng.vec(n)).unwrap()
         })
         .collect()
@@ -85,10 +92,19 @@ fn compare(
     }
     assert_eq!(cpu.iterations(), gpu.iterations());
     let mut roles = vec!["params"];
-    roles.extend(["velocity", "momentum", "average_gradient", "average", "accumulated_gradient"]);
+    roles.extend([
+        "velocity",
+        "momentum",
+        "average_gradient",
+        "average",
+        "accumulated_gradient",
+    ]);
     for role in roles {
         let (a, b) = if role == "params" {
-            (Some(cpu.variables().unwrap()), Some(gpu.variables().unwrap()))
+            (
+                Some(cpu.variables().unwrap()),
+                Some(gpu.variables().unwrap()),
+            )
         } else {
             (cpu.slot(role).unwrap(), gpu.slot(role).unwrap())
         };
@@ -120,7 +136,10 @@ fn every_option_combination_matches_cpu() {
     for k in 0..128 {
         let vars = random_model(&mut rng, 5, 3000);
         if let Err(e) = compare(combo(k), vars, &options(&ctx), 5, 4, 100 + k as u64) {
-            failures.push(format!("combo {k} ({:?}): {e}", combo(k).to_keras_json().unwrap()));
+            failures.push(format!(
+                "combo {k} ({:?}): {e}",
+                combo(k).to_keras_json().unwrap()
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -150,7 +169,10 @@ fn split_arena_matches_cpu() {
     };
     let opt = RmsProp::with_options(combo(0), vars.clone(), Backend::Gpu, &gpu).unwrap();
     let segments = opt.gpu().unwrap().segments().len();
-    assert!(segments > 10, "expected a split arena, got {segments} segment(s)");
+    assert!(
+        segments > 10,
+        "expected a split arena, got {segments} segment(s)"
+    );
     for k in [0, 1 + 2 + 4 + 16, 8 + 32 + 64, 3 + 8 + 16 + 32 + 64] {
         compare(combo(k), vars.clone(), &gpu, 4, 6, 5).unwrap();
     }
@@ -184,11 +206,15 @@ fn arena_over_the_storage_binding_limit() {
         Variable::new("small/bias", &[3], vec![1.0, 2.0, 3.0]).unwrap(),
     ];
     let config = combo(2 + 8); // momentum + global clipnorm
-    let opt = RmsProp::with_options(config.clone(), vars.clone(), Backend::Gpu, &options(&ctx)).unwrap();
+    let opt =
+        RmsProp::with_options(config.clone(), vars.clone(), Backend::Gpu, &options(&ctx)).unwrap();
     let segments = opt.gpu().unwrap().segments().len();
     drop(opt);
     if (n as u64) * 8 > limit {
-        assert!(segments >= 2, "{n} elements with 2 slots should not fit one binding of {limit} B");
+        assert!(
+            segments >= 2,
+            "{n} elements with 2 slots should not fit one binding of {limit} B"
+        );
     }
     compare(config, vars, &options(&ctx), 2, 0, 21).unwrap();
 }

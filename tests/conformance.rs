@@ -9,7 +9,11 @@ use fused_rmsprop::{Backend, BackendKind, GpuOptions, RmsPropConfig};
 #[test]
 fn every_trace_matches_keras_on_cpu() {
     let traces = common::traces();
-    assert!(traces.len() >= 21, "expected the 21 public traces, found {}", traces.len());
+    assert!(
+        traces.len() >= 21,
+        "expected the 21 public traces, found {}",
+        traces.len()
+    );
     let mut failures = Vec::new();
     for (file, trace) in &traces {
         let expected = trace.expected.as_ref().expect("trace has expected results");
@@ -19,7 +23,11 @@ fn every_trace_matches_keras_on_cpu() {
             failures.push(format!("{file}: {m}"));
         }
     }
-    assert!(failures.is_empty(), "CPU mismatches:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "CPU mismatches:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -34,7 +42,11 @@ fn every_trace_matches_keras_on_gpu() {
             failures.push(format!("{file}: {m}"));
         }
     }
-    assert!(failures.is_empty(), "GPU mismatches:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "GPU mismatches:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]

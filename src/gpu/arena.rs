@@ -65,7 +65,12 @@ fn bytes(n: usize) -> u64 {
     (n as u64 * F32).max(16)
 }
 
-fn make_buffer(ctx: &GpuContext, label: &str, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+fn make_buffer(
+    ctx: &GpuContext,
+    label: &str,
+    size: u64,
+    usage: wgpu::BufferUsages,
+) -> Result<wgpu::Buffer> {
     ctx.scoped(&format!("allocating `{label}` ({size} bytes)"), || {
         ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
@@ -146,7 +151,11 @@ impl GpuArena {
                 if b.size() < total as u64 * F32 {
                     return Err(Error::InvalidBuffer {
                         name: name.into(),
-                        reason: format!("{} bytes, the model needs {}", b.size(), total as u64 * F32),
+                        reason: format!(
+                            "{} bytes, the model needs {}",
+                            b.size(),
+                            total as u64 * F32
+                        ),
                     });
                 }
             }
@@ -156,8 +165,18 @@ impl GpuArena {
         let n_chunks = layout.chunks().len();
         let storage_ro = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
         let tensors = make_buffer(ctx, "tensors", bytes(4 * n_tensors), storage_ro)?;
-        let partials = make_buffer(ctx, "partials", bytes(n_chunks), wgpu::BufferUsages::STORAGE)?;
-        let clips = make_buffer(ctx, "clips", bytes(2 * n_tensors), wgpu::BufferUsages::STORAGE)?;
+        let partials = make_buffer(
+            ctx,
+            "partials",
+            bytes(n_chunks),
+            wgpu::BufferUsages::STORAGE,
+        )?;
+        let clips = make_buffer(
+            ctx,
+            "clips",
+            bytes(2 * n_tensors),
+            wgpu::BufferUsages::STORAGE,
+        )?;
         let uniform = make_buffer(
             ctx,
             "step uniform",
@@ -181,10 +200,18 @@ impl GpuArena {
                 .iter()
                 .enumerate()
                 .filter(|(_, c)| c.segment == s)
-                .map(|(g, c)| [c.tensor as u32, (c.offset - start) as u32, c.len as u32, g as u32])
+                .map(|(g, c)| {
+                    [
+                        c.tensor as u32,
+                        (c.offset - start) as u32,
+                        c.len as u32,
+                        g as u32,
+                    ]
+                })
                 .collect();
             let chunks = make_buffer(ctx, "chunks", bytes(4 * table.len()), storage_ro)?;
-            ctx.queue.write_buffer(&chunks, 0, bytemuck::cast_slice(&table));
+            ctx.queue
+                .write_buffer(&chunks, 0, bytemuck::cast_slice(&table));
             let bind_group = ctx.scoped("creating bind group", || {
                 ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: Some("rmsprop segment"),
@@ -271,7 +298,8 @@ impl GpuArena {
             .map(|(t, &f)| [t.first_chunk as u32, t.chunk_count as u32, f, 0])
             .collect();
         if !rows.is_empty() {
-            ctx.queue.write_buffer(&self.tensors, 0, bytemuck::cast_slice(&rows));
+            ctx.queue
+                .write_buffer(&self.tensors, 0, bytemuck::cast_slice(&rows));
         }
         self.tensor_flags = flags;
     }
@@ -312,12 +340,21 @@ impl GpuArena {
     }
 
     /// Uploads `values` to `role` at arena element `start`.
-    pub(crate) fn write(&self, ctx: &GpuContext, role: &str, start: usize, values: &[f32]) -> Result<()> {
+    pub(crate) fn write(
+        &self,
+        ctx: &GpuContext,
+        role: &str,
+        start: usize,
+        values: &[f32],
+    ) -> Result<()> {
         for p in self.pieces(start, values.len()) {
             let (buffer, base) = self.target(role, p.segment)?;
             let data = &values[p.at..p.at + p.len];
-            ctx.queue
-                .write_buffer(buffer, base + p.local as u64 * F32, bytemuck::cast_slice(data));
+            ctx.queue.write_buffer(
+                buffer,
+                base + p.local as u64 * F32,
+                bytemuck::cast_slice(data),
+            );
         }
         Ok(())
     }
@@ -349,7 +386,13 @@ impl GpuArena {
     }
 
     /// Reads `role` back for the arena range `start .. start + len` (waits for the GPU).
-    pub(crate) fn read(&self, ctx: &GpuContext, role: &str, start: usize, len: usize) -> Result<Vec<f32>> {
+    pub(crate) fn read(
+        &self,
+        ctx: &GpuContext,
+        role: &str,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<f32>> {
         let mut out = vec![0.0f32; len];
         if len == 0 {
             return Ok(out);
@@ -362,7 +405,9 @@ impl GpuArena {
         )?;
         let mut encoder = ctx
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
         for p in self.pieces(start, len) {
             let (buffer, base) = self.target(role, p.segment)?;
             encoder.copy_buffer_to_buffer(
@@ -397,7 +442,9 @@ impl GpuArena {
     pub(crate) fn copy_ema_to_params(&self, ctx: &GpuContext) -> Result<()> {
         let mut encoder = ctx
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("finalize") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("finalize"),
+            });
         for i in 0..self.segments.len() {
             let s = &self.segments[i];
             if s.len == 0 {

@@ -60,7 +60,11 @@ impl GpuContext {
                 wgpu::DeviceType::VirtualGpu | wgpu::DeviceType::Other => 2,
                 wgpu::DeviceType::Cpu => 3,
             };
-            let backend = if info.backend == wgpu::Backend::Gl { 1 } else { 0 };
+            let backend = if info.backend == wgpu::Backend::Gl {
+                1
+            } else {
+                0
+            };
             (kind, backend)
         };
         let found: Vec<String> = adapters
@@ -124,9 +128,10 @@ impl GpuContext {
 
     /// The adapter's name, or `"user device"` for a wrapped device.
     pub fn adapter_name(&self) -> String {
-        self.info
-            .as_ref()
-            .map_or_else(|| "user device".to_string(), |i| format!("{} ({:?})", i.name, i.backend))
+        self.info.as_ref().map_or_else(
+            || "user device".to_string(),
+            |i| format!("{} ({:?})", i.name, i.backend),
+        )
     }
 
     /// True when the adapter runs on the CPU (lavapipe, llvmpipe, WARP).
@@ -136,7 +141,10 @@ impl GpuContext {
 
     /// Returns (and clears) the first error wgpu reported since the last check.
     pub(crate) fn take_error(&self) -> Result<()> {
-        let mut errors = self.errors.lock().map_err(|_| Error::Gpu("error log poisoned".into()))?;
+        let mut errors = self
+            .errors
+            .lock()
+            .map_err(|_| Error::Gpu("error log poisoned".into()))?;
         if errors.is_empty() {
             Ok(())
         } else {

@@ -45,15 +45,28 @@ fn grid(n: usize, max: u32) -> (u32, u32) {
 impl GpuEngine {
     /// Builds the arena and pipelines. `required` is true for [`crate::Backend::Gpu`]
     /// (any adapter, software included) and false for `Auto`.
-    pub fn new(options: &GpuOptions, specs: &[VariableSpec], variant: Variant, required: bool) -> Result<Self> {
+    pub fn new(
+        options: &GpuOptions,
+        specs: &[VariableSpec],
+        variant: Variant,
+        required: bool,
+    ) -> Result<Self> {
         let ctx = match &options.context {
             Some(c) => c.clone(),
             None => {
-                let allow = required || options.allow_software.unwrap_or_else(software_allowed_by_env);
+                let allow = required
+                    || options
+                        .allow_software
+                        .unwrap_or_else(software_allowed_by_env);
                 GpuContext::new(allow)?
             }
         };
-        if !required && ctx.is_software() && !options.allow_software.unwrap_or_else(software_allowed_by_env) {
+        if !required
+            && ctx.is_software()
+            && !options
+                .allow_software
+                .unwrap_or_else(software_allowed_by_env)
+        {
             return Err(Error::NoAdapter(format!(
                 "{} is a software adapter, not allowed for Auto",
                 ctx.adapter_name()
@@ -110,7 +123,12 @@ impl GpuEngine {
 
     /// A step whose gradients come from host memory: staged into the gradient buffers,
     /// then [`GpuEngine::step_device`].
-    pub fn step_host(&mut self, plan: &StepPlan, grads: &[Option<&[f32]>], decay: &[bool]) -> Result<()> {
+    pub fn step_host(
+        &mut self,
+        plan: &StepPlan,
+        grads: &[Option<&[f32]>],
+        decay: &[bool],
+    ) -> Result<()> {
         self.ctx.take_error()?;
         self.arena.write_gradients(&self.ctx, grads)?;
         let present: Vec<bool> = grads.iter().map(Option::is_some).collect();
@@ -137,7 +155,9 @@ impl GpuEngine {
         let mut encoder = self
             .ctx
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("rmsprop step") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("rmsprop step"),
+            });
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("rmsprop step"),
@@ -181,7 +201,8 @@ impl GpuEngine {
 
     /// Reads back a whole arena by role: `params`, `grads`, or a slot name.
     pub fn read_arena(&self, role: &str) -> Result<Vec<f32>> {
-        self.arena.read(&self.ctx, role, 0, self.arena.layout.total())
+        self.arena
+            .read(&self.ctx, role, 0, self.arena.layout.total())
     }
 
     /// Reads back one tensor of `role`.

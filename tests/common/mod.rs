@@ -26,8 +26,7 @@ pub fn traces() -> Vec<(String, Trace)> {
         .into_iter()
         .map(|p| {
             let text = std::fs::read_to_string(&p).unwrap();
-            let t = Trace::from_json_str(&text)
-                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let t = Trace::from_json_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             (p.file_name().unwrap().to_string_lossy().into_owned(), t)
         })
         .collect()

@@ -1,0 +1,285 @@
+//! Public API behaviour on every backend: bad input is refused with a typed error and
+//! leaves variables, slots and counters as they were; device-resident gradients and
+//! user buffers work; ndarray helpers; backend selection.
+
+mod common;
+
+use fused_rmsprop::gpu::{UserBuffers, ARENA_USAGES};
+use fused_rmsprop::{
+    Backend, BackendKind, Error, GpuOptions, RmsProp, RmsPropConfig, Variable, VariableSpec,
+};
+
+fn model() -> Vec<Variable> {
+    vec![
+        Variable::new("w", &[2, 3], vec![1.0, -2.0, 3.0, -4.0, 5.0, -6.0]).unwrap(),
+        Variable::new("b", &[3], vec![0.5, 0.25, -0.5]).unwrap(),
+    ]
+}
+
+fn config() -> RmsPropConfig {
+    RmsPropConfig::default()
+        .with_learning_rate(0.1)
+        .with_momentum(0.5)
+        .with_centered(true)
+        .with_use_ema(true)
+}
+
+/// Variables, each slot (if kept), and the raw step counter.
+type Snapshot = (Vec<Vec<f32>>, Vec<Option<Vec<Vec<f32>>>>, u64);
+
+/// Everything observable about an optimizer's state.
+fn snapshot(opt: &RmsProp) -> Snapshot {
+    let slots = ["velocity", "momentum", "average_gradient", "average"]
+        .iter()
+        .map(|s| opt.slot(s).unwrap())
+        .collect();
+    (opt.variables().unwrap(), slots, opt.raw_iterations())
+}
+
+fn refused_steps_leave_state_alone(mut opt: RmsProp) {
+    let g = vec![0.3f32; 6];
+    opt.apply_gradients(&[Some(&g), Some(&[1.0, 2.0, 3.0])])
+        .unwrap();
+    let before = snapshot(&opt);
+    let e = opt
+        .apply_gradients(&[Some(&g[..5]), Some(&[1.0, 2.0, 3.0])])
+        .unwrap_err();
+    assert_eq!(
+        e,
+        Error::GradientLength {
+            name: "w".into(),
+            expected: 6,
+            found: 5
+        }
+    );
+    let e = opt.apply_gradients(&[Some(&g)]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::CountMismatch {
+                expected: 2,
+                found: 1,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = opt.apply_gradients(&[Some(&g), None, None]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::CountMismatch {
+                expected: 2,
+                found: 3,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(
+        opt.apply_gradients(&[None, None]).unwrap_err(),
+        Error::NoGradients
+    );
+    assert!(matches!(
+        opt.set_variable(1, &[1.0]),
+        Err(Error::ValueLength { .. })
+    ));
+    assert_eq!(
+        opt.set_variable(7, &[1.0]).unwrap_err(),
+        Error::NoSuchVariable(7)
+    );
+    assert_eq!(snapshot(&opt), before, "a refused step changed the state");
+    // and the optimizer still works afterwards
+    opt.apply_gradients(&[None, Some(&[1.0, 2.0, 3.0])])
+        .unwrap();
+    assert_eq!(opt.raw_iterations(), 2);
+    assert_eq!(
+        opt.variables().unwrap()[0],
+        before.0[0],
+        "w had no gradient"
+    );
+    assert_ne!(opt.variables().unwrap()[1], before.0[1]);
+}
+
+#[test]
+fn refused_steps_leave_state_alone_on_cpu() {
+    refused_steps_leave_state_alone(
+        RmsProp::with_backend(config(), model(), Backend::Cpu).unwrap(),
+    );
+}
+
+#[test]
+fn refused_steps_leave_state_alone_on_gpu() {
+    let Some(ctx) = common::gpu() else { return };
+    let opt = RmsProp::with_options(config(), model(), Backend::Gpu, &common::on(&ctx)).unwrap();
+    assert_eq!(opt.backend(), BackendKind::Gpu);
+    refused_steps_leave_state_alone(opt);
+}
+
+#[test]
+fn invalid_config_and_values_are_refused_at_build() {
+    let bad = RmsPropConfig::default()
+        .with_clipnorm(1.0)
+        .with_global_clipnorm(1.0);
+    assert!(matches!(
+        RmsProp::with_backend(bad, model(), Backend::Cpu),
+        Err(Error::ConflictingClipping(_))
+    ));
+    let short = Variable {
+        spec: VariableSpec::new("x", &[4]),
+        values: vec![1.0],
+    };
+    assert!(matches!(
+        RmsProp::with_backend(RmsPropConfig::default(), vec![short], Backend::Cpu),
+        Err(Error::ValueLength {
+            expected: 4,
+            found: 1,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn jit_compile_false_selects_cpu() {
+    let c = RmsPropConfig::default().with_jit_compile(false);
+    let opt = RmsProp::new(c, model()).unwrap();
+    assert_eq!(opt.backend(), BackendKind::Cpu);
+}
+
+#[test]
+fn auto_refuses_software_adapters_unless_allowed() {
+    let Some(ctx) = common::gpu() else { return };
+    if !ctx.is_software() {
+        eprintln!("hardware adapter: Auto uses it, nothing to refuse");
+        return;
+    }
+    let no = GpuOptions {
+        allow_software: Some(false),
+        ..GpuOptions::default()
+    };
+    let opt = RmsProp::with_options(config(), model(), Backend::Auto, &no).unwrap();
+    assert_eq!(opt.backend(), BackendKind::Cpu);
+    let yes = GpuOptions {
+        allow_software: Some(true),
+        ..GpuOptions::default()
+    };
+    let opt = RmsProp::with_options(config(), model(), Backend::Auto, &yes).unwrap();
+    assert_eq!(opt.backend(), BackendKind::Gpu);
+}
+
+#[test]
+fn ndarray_gradients_and_variables() {
+    let mut opt = RmsProp::with_backend(config(), model(), Backend::Cpu).unwrap();
+    let g = ndarray::ArrayD::<f32>::from_elem(vec![2, 3], 0.5);
+    // a non-contiguous view works too
+    let gt = ndarray::Array2::<f32>::from_elem((3, 2), 0.5);
+    opt.apply_gradients_arrays(&[Some(g.view()), None]).unwrap();
+    opt.apply_gradients_arrays(&[Some(gt.t().into_dyn()), None])
+        .unwrap();
+    let w = opt.variable_array(0).unwrap();
+    assert_eq!(w.shape(), &[2, 3]);
+    assert!(w[[0, 0]] < 1.0);
+}
+
+#[test]
+fn device_gradients_in_user_buffers_match_host_steps() {
+    let Some(ctx) = common::gpu() else { return };
+    let specs: Vec<VariableSpec> = model().iter().map(|v| v.spec.clone()).collect();
+    let start: Vec<f32> = model().iter().flat_map(|v| v.values.clone()).collect();
+    let make = |label| {
+        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: 4 * start.len() as u64,
+            usage: ARENA_USAGES,
+            mapped_at_creation: false,
+        })
+    };
+    let buffers = UserBuffers {
+        params: make("user params"),
+        grads: make("user grads"),
+    };
+    ctx.queue
+        .write_buffer(&buffers.params, 0, bytemuck::cast_slice(&start));
+    let gpu = GpuOptions {
+        buffers: Some(buffers.clone()),
+        ..common::on(&ctx)
+    };
+    let mut dev = RmsProp::with_specs(config(), specs, Backend::Gpu, &gpu).unwrap();
+    let mut host = RmsProp::with_backend(config(), model(), Backend::Cpu).unwrap();
+    let mut rng = common::Rng(5);
+    for step in 0..4 {
+        let g = rng.vec(start.len());
+        // "your kernel" writes the gradient into your buffer
+        ctx.queue
+            .write_buffer(&buffers.grads, 0, bytemuck::cast_slice(&g));
+        let present = [true, step != 2];
+        dev.apply_device_gradients(&present).unwrap();
+        let (gw, gb) = g.split_at(6);
+        host.apply_gradients(&[Some(gw), present[1].then_some(gb)])
+            .unwrap();
+    }
+    let a = dev.variables().unwrap();
+    let b = host.variables().unwrap();
+    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+        assert!(fused_rmsprop::trace::values_match(*x, *y), "{x} vs {y}");
+    }
+    // the parameters live in the user's buffer
+    assert_eq!(dev.gpu().unwrap().param_buffers()[0], &buffers.params);
+    assert_eq!(
+        dev.apply_device_gradients(&[false, false]).unwrap_err(),
+        Error::NoGradients
+    );
+}
+
+#[test]
+fn user_buffers_too_small_or_wrong_usage_are_refused() {
+    let Some(ctx) = common::gpu() else { return };
+    let specs = vec![VariableSpec::new("w", &[100])];
+    let buf = |size, usage| {
+        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    for (size, usage) in [(40, ARENA_USAGES), (400, wgpu::BufferUsages::STORAGE)] {
+        let gpu = GpuOptions {
+            buffers: Some(UserBuffers {
+                params: buf(size, usage),
+                grads: buf(400, ARENA_USAGES),
+            }),
+            ..common::on(&ctx)
+        };
+        let e = RmsProp::with_specs(RmsPropConfig::default(), specs.clone(), Backend::Gpu, &gpu)
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidBuffer { ref name, .. } if name == "params"),
+            "{e:?}"
+        );
+    }
+}
+
+#[test]
+fn missing_gradient_keeps_slots_but_ema_moves() {
+    let c = RmsPropConfig::default()
+        .with_learning_rate(0.1)
+        .with_use_ema(true)
+        .with_ema_momentum(0.5);
+    let mut opt = RmsProp::with_backend(c, model(), Backend::Cpu).unwrap();
+    opt.apply_gradients(&[Some(&[1.0; 6]), Some(&[1.0; 3])])
+        .unwrap();
+    let vel = opt.slot("velocity").unwrap().unwrap();
+    let ema = opt.slot("average").unwrap().unwrap();
+    opt.apply_gradients(&[Some(&[1.0; 6]), None]).unwrap();
+    let vel2 = opt.slot("velocity").unwrap().unwrap();
+    let ema2 = opt.slot("average").unwrap().unwrap();
+    assert_eq!(vel[1], vel2[1], "no gradient: velocity unchanged");
+    assert_ne!(vel[0], vel2[0]);
+    // Keras updates the EMA of every variable each step: b's EMA moves toward b
+    let b = opt.variable(1).unwrap();
+    for j in 0..3 {
+        let expected = 0.5 * ema[1][j] + 0.5 * b[j];
+        assert_eq!(ema2[1][j], expected);
+    }
+}
