@@ -46,6 +46,7 @@ pub mod optimizer;
 pub mod plan;
 pub mod schedule;
 pub mod trace;
+pub mod workload;
 
 pub use config::{Clipping, RmsPropConfig};
 pub use error::{Error, Result};

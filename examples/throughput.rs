@@ -1,0 +1,175 @@
+//! Step throughput of one variant on one backend, against a plain copy of the same
+//! number of bytes measured in the same run.
+//!
+//! ```text
+//! cargo run --release --example throughput -- --backend cpu|gpu --variant NAME
+//!     --params N [--tensors K] [--samples S] [--json]
+//! ```
+//!
+//! Prints `backend, variant, params, tensors, bytes_per_step, step_seconds` (median
+//! over samples of several steps after warm-up), `gbps`, `copy_gbps` and
+//! `ratio = gbps / copy_gbps`. On the GPU, gradients stay on the device (written once),
+//! so a step is what training code pays: one uniform write and one submit.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use fused_rmsprop::workload::{
+    median_time, parallel_copy, synthetic_gradients, synthetic_model, BenchVariant,
+};
+use fused_rmsprop::{Backend, RmsProp};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(about = "Measure RMSprop step throughput against memory bandwidth")]
+struct Args {
+    /// cpu or gpu (gpu accepts software adapters).
+    #[arg(long, default_value = "cpu")]
+    backend: Backend,
+    /// plain, momentum, centered, centered-momentum, optionally +clip and/or +ema.
+    #[arg(long, default_value = "plain")]
+    variant: String,
+    /// Total parameters.
+    #[arg(long, default_value_t = 16 << 20)]
+    params: usize,
+    /// Number of tensors the parameters are split into.
+    #[arg(long, default_value_t = 1)]
+    tensors: usize,
+    /// Timed samples (the median is reported); each sample runs several steps.
+    #[arg(long, default_value_t = 11)]
+    samples: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Steps per timed sample: enough to amortize timer and submit overhead.
+fn reps_for(bytes: u64) -> usize {
+    ((1u64 << 30) / bytes.max(1)).clamp(1, 50) as usize
+}
+
+fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let variant = BenchVariant::parse(&args.variant)?;
+    if args.backend == Backend::Auto {
+        return Err("choose --backend cpu or gpu".into());
+    }
+    let model = synthetic_model(args.params, args.tensors);
+    let tensors = model.len();
+    let grads = synthetic_gradients(&model);
+    let grad_refs: Vec<Option<&[f32]>> = grads.iter().map(|g| Some(g.as_slice())).collect();
+    let bytes = variant.bytes_per_param() * args.params as u64;
+    let reps = reps_for(bytes);
+    let mut opt = RmsProp::with_backend(variant.config(), model, args.backend)?;
+    let backend = opt.backend();
+
+    let (step, copy) = match opt.gpu() {
+        None => {
+            for _ in 0..3 {
+                opt.apply_gradients(&grad_refs)?;
+            }
+            let step = median_time(args.samples, reps, |r| {
+                for _ in 0..r {
+                    let _ = opt.apply_gradients(&grad_refs);
+                }
+            });
+            // same bytes: copy half of them (each byte read once, written once)
+            let half = (bytes / 2 / 4) as usize;
+            let src = vec![1.0f32; half];
+            let mut dst = vec![0.0f32; half];
+            parallel_copy(&mut dst, &src);
+            let copy = median_time(args.samples, reps, |r| {
+                for _ in 0..r {
+                    parallel_copy(&mut dst, &src);
+                }
+            });
+            (step, copy)
+        }
+        Some(_) => {
+            opt.apply_gradients(&grad_refs)?; // uploads the gradients once
+            let present = vec![true; tensors];
+            for _ in 0..3 {
+                opt.apply_device_gradients(&present)?;
+            }
+            let gpu = opt.gpu().ok_or("no gpu")?;
+            gpu.synchronize()?;
+            let mut failed = None;
+            let step = median_time(args.samples, reps, |r| {
+                for _ in 0..r {
+                    if let Err(e) = opt.apply_device_gradients(&present) {
+                        failed = Some(e);
+                    }
+                }
+                if let Some(g) = opt.gpu() {
+                    if let Err(e) = g.synchronize() {
+                        failed = Some(e);
+                    }
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            let gpu = opt.gpu().ok_or("no gpu")?;
+            let ctx = gpu.context();
+            let half = (bytes / 2).div_ceil(4) * 4;
+            let make = |label| {
+                ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size: half,
+                    usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            };
+            let (a, b) = (make("copy src"), make("copy dst"));
+            let copy = median_time(args.samples, reps, |r| {
+                for _ in 0..r {
+                    let mut enc = ctx.device.create_command_encoder(&Default::default());
+                    enc.copy_buffer_to_buffer(&a, 0, &b, 0, half);
+                    ctx.queue.submit([enc.finish()]);
+                }
+                let _ = gpu.synchronize();
+            });
+            (step, copy)
+        }
+    };
+    let step_s = step.as_secs_f64();
+    let gbps = bytes as f64 / step_s / 1e9;
+    let copy_gbps = bytes as f64 / copy.as_secs_f64() / 1e9;
+    let out = json!({
+        "backend": backend.as_str(),
+        "variant": variant.name(),
+        "params": args.params,
+        "tensors": tensors,
+        "bytes_per_step": bytes,
+        "step_seconds": step_s,
+        "gbps": gbps,
+        "copy_gbps": copy_gbps,
+        "ratio": gbps / copy_gbps,
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!(
+            "{:>4} {:<28} params={:<10} tensors={:<6} step={:.3} ms  {:.1} GB/s  copy {:.1} GB/s  ratio {:.2}",
+            backend.as_str(),
+            variant.name(),
+            args.params,
+            tensors,
+            step_s * 1e3,
+            gbps,
+            copy_gbps,
+            gbps / copy_gbps
+        );
+    }
+    Ok(())
+}
