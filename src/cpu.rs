@@ -154,7 +154,11 @@ impl CpuEngine {
                 let t = &tensors[c.tensor];
                 let Some(g) = grads[c.tensor] else { return 0.0 };
                 let g = &g[c.offset - t.offset..][..c.len];
-                let a = if accumulate { &acc[c.offset..][..c.len] } else { &[][..] };
+                let a = if accumulate {
+                    &acc[c.offset..][..c.len]
+                } else {
+                    &[][..]
+                };
                 sum_of_squares(g, a, s)
             })
             .collect();

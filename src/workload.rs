@@ -39,7 +39,9 @@ impl BenchVariant {
             other => {
                 return Err(Error::invalid(
                     "variant",
-                    format!("unknown base `{other}` (plain, momentum, centered, centered-momentum)"),
+                    format!(
+                        "unknown base `{other}` (plain, momentum, centered, centered-momentum)"
+                    ),
                 ))
             }
         };
@@ -128,7 +130,11 @@ pub fn synthetic_model(params: usize, tensors: usize) -> Vec<Variable> {
 pub fn synthetic_gradients(model: &[Variable]) -> Vec<Vec<f32>> {
     model
         .iter()
-        .map(|v| (0..v.values.len()).map(|j| ((j % 31) as f32 - 15.0) * 0.003).collect())
+        .map(|v| {
+            (0..v.values.len())
+                .map(|j| ((j % 31) as f32 - 15.0) * 0.003)
+                .collect()
+        })
         .collect()
 }
 
@@ -181,6 +187,9 @@ mod tests {
     #[test]
     fn synthetic_model_sizes() {
         let m = synthetic_model(10, 3);
-        assert_eq!(m.iter().map(|v| v.values.len()).collect::<Vec<_>>(), [4, 3, 3]);
+        assert_eq!(
+            m.iter().map(|v| v.values.len()).collect::<Vec<_>>(),
+            [4, 3, 3]
+        );
     }
 }
