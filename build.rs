@@ -19,7 +19,8 @@ const CLIP_KINDS: [f64; 4] = [0.0, 1.0, 2.0, 3.0];
 
 fn fail(msg: String) -> ! {
     eprintln!("{msg}");
-    panic!("shader validation failed (see the message above)");
+    println!("cargo:warning=shader validation failed: see the error above");
+    std::process::exit(1);
 }
 
 fn validate(path: &Path) {
