@@ -377,6 +377,30 @@ impl RmsProp {
             .collect()
     }
 
+    /// Replaces slot `name` (`velocity`, `momentum`, `average_gradient`, `average`,
+    /// `accumulated_gradient`) of variable `i`, e.g. to restore a checkpoint. Fails when
+    /// this config keeps no such slot or the length is wrong.
+    pub fn set_slot(&mut self, name: &str, i: usize, values: &[f32]) -> Result<()> {
+        let spec = self.index(i)?;
+        check_len(spec, values.len())?;
+        if !self.variant.slot_names().contains(&name) {
+            return Err(Error::invalid(
+                "slot",
+                format!("this config keeps no `{name}` slot"),
+            ));
+        }
+        match &mut self.engine {
+            Engine::Cpu(e) => {
+                let t = e.layout().tensors()[i];
+                if let Some(slot) = e.slot_mut(name) {
+                    slot[t.offset..t.offset + t.len].copy_from_slice(values);
+                }
+            }
+            Engine::Gpu(e) => e.write_tensor(name, i, values)?,
+        }
+        Ok(())
+    }
+
     /// Replaces variable `i`'s values (slots are left as they are).
     pub fn set_variable(&mut self, i: usize, values: &[f32]) -> Result<()> {
         let spec = self.index(i)?;

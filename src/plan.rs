@@ -127,7 +127,7 @@ pub fn iterations(config: &RmsPropConfig, raw: u64) -> u64 {
 pub fn plan_step(config: &RmsPropConfig, raw: u64) -> StepPlan {
     let learning_rate = config.learning_rate.at(raw);
     let is_update_step = match config.gradient_accumulation_steps {
-        Some(n) if n > 0 => (raw + 1) % n == 0,
+        Some(n) if n > 0 => (raw + 1).is_multiple_of(n),
         _ => true,
     };
     let iters = iterations(config, raw);
@@ -137,7 +137,7 @@ pub fn plan_step(config: &RmsPropConfig, raw: u64) -> StepPlan {
         0.0
     };
     let (ema_overwrite, ema_overwrite_enabled) = match config.ema_overwrite_frequency {
-        Some(f) if config.use_ema && f > 0 => (((iters + 1) % f == 0) as u8 as f32, 1.0),
+        Some(f) if config.use_ema && f > 0 => ((iters + 1).is_multiple_of(f) as u8 as f32, 1.0),
         _ => (0.0, 0.0),
     };
     let (clip_norm, clip_value) = match config.clipping() {

@@ -283,3 +283,34 @@ fn missing_gradient_keeps_slots_but_ema_moves() {
         assert_eq!(ema2[1][j], expected);
     }
 }
+
+fn slots_round_trip(mut opt: RmsProp) {
+    opt.set_slot("velocity", 1, &[1.0, 2.0, 3.0]).unwrap();
+    opt.set_slot("momentum", 0, &[0.5; 6]).unwrap();
+    assert_eq!(
+        opt.slot("velocity").unwrap().unwrap()[1],
+        vec![1.0, 2.0, 3.0]
+    );
+    assert_eq!(opt.slot("momentum").unwrap().unwrap()[0], vec![0.5; 6]);
+    assert!(matches!(
+        opt.set_slot("accumulated_gradient", 0, &[0.0; 6]),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        opt.set_slot("velocity", 0, &[0.0; 2]),
+        Err(Error::ValueLength { .. })
+    ));
+}
+
+#[test]
+fn slots_can_be_written_and_read_on_cpu() {
+    slots_round_trip(RmsProp::with_backend(config(), model(), Backend::Cpu).unwrap());
+}
+
+#[test]
+fn slots_can_be_written_and_read_on_gpu() {
+    let Some(ctx) = common::gpu() else { return };
+    slots_round_trip(
+        RmsProp::with_options(config(), model(), Backend::Gpu, &common::on(&ctx)).unwrap(),
+    );
+}
