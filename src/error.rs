@@ -98,6 +98,14 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A checkpoint is unreadable, truncated, corrupt, or does not fit this optimizer.
+    #[error("checkpoint `{path}`: {reason}")]
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Reading or writing a file failed.
     #[error("I/O error on `{path}`: {message}")]
     Io {

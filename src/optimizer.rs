@@ -198,13 +198,27 @@ impl RmsProp {
     /// Keras' `exclude_from_weight_decay(var_names=...)`: variables whose name contains
     /// any of these substrings get no weight decay.
     pub fn exclude_from_weight_decay<S: AsRef<str>>(&mut self, var_names: &[S]) {
-        self.excluded
-            .extend(var_names.iter().map(|s| s.as_ref().to_string()));
+        let mut all = std::mem::take(&mut self.excluded);
+        all.extend(var_names.iter().map(|s| s.as_ref().to_string()));
+        self.set_exclusions(all);
+    }
+
+    /// The weight-decay exclusion substrings.
+    pub fn excluded(&self) -> &[String] {
+        &self.excluded
+    }
+
+    pub(crate) fn set_exclusions(&mut self, excluded: Vec<String>) {
+        self.excluded = excluded;
         self.decay = self
             .specs
             .iter()
             .map(|s| takes_weight_decay(&s.name, &self.excluded))
             .collect();
+    }
+
+    pub(crate) fn set_raw_iterations(&mut self, raw: u64) {
+        self.raw_iterations = raw;
     }
 
     /// Keras' `optimizer.iterations`: applied updates (raw steps divided by

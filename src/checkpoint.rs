@@ -1,0 +1,278 @@
+//! Optimizer checkpoints: the whole state (config, step counter, variables, every
+//! slot, EMA and accumulators) in one safetensors file whose metadata carries the
+//! Keras config JSON. Writes are atomic (a temporary file in the same folder, synced,
+//! then renamed over the target), so a crash mid-save never destroys the previous
+//! checkpoint. A restore validates everything before it changes anything.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde_json::{json, Value};
+
+use crate::config::RmsPropConfig;
+use crate::error::{Error, Result};
+use crate::gpu::GpuOptions;
+use crate::layout::VariableSpec;
+use crate::optimizer::{Backend, RmsProp};
+use crate::plan::Variant;
+
+/// The `format` metadata value of checkpoints this crate writes.
+pub const CHECKPOINT_FORMAT: &str = "fused-rmsprop-checkpoint/1";
+
+fn corrupt(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn io(path: &Path, e: std::io::Error) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn tensor_key(role: &str, i: usize) -> String {
+    format!("{role}/{i}")
+}
+
+/// Everything a checkpoint holds, parsed and checked for internal consistency.
+struct Parsed {
+    config: RmsPropConfig,
+    specs: Vec<VariableSpec>,
+    excluded: Vec<String>,
+    raw_iterations: u64,
+    /// `(role, variable index) -> values`, role `variables` or a slot name.
+    tensors: HashMap<(String, usize), Vec<f32>>,
+}
+
+fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(path, e.to_string()))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| corrupt(path, e.to_string()))?;
+    let meta = meta
+        .metadata()
+        .clone()
+        .ok_or_else(|| corrupt(path, "no metadata"))?;
+    let get = |k: &str| {
+        meta.get(k)
+            .ok_or_else(|| corrupt(path, format!("metadata `{k}` missing")))
+    };
+    if get("format")? != CHECKPOINT_FORMAT {
+        return Err(corrupt(path, format!("format is not {CHECKPOINT_FORMAT}")));
+    }
+    let config = RmsPropConfig::from_keras_json_str(get("keras_config")?)?;
+    let raw_iterations: u64 = get("raw_iterations")?
+        .parse()
+        .map_err(|_| corrupt(path, "raw_iterations is not a number"))?;
+    let vars: Value =
+        serde_json::from_str(get("variables")?).map_err(|e| corrupt(path, e.to_string()))?;
+    let specs = vars
+        .as_array()
+        .ok_or_else(|| corrupt(path, "variables is not a list"))?
+        .iter()
+        .map(|v| {
+            let name = v["name"]
+                .as_str()
+                .ok_or_else(|| corrupt(path, "variable name"))?;
+            let shape = v["shape"]
+                .as_array()
+                .ok_or_else(|| corrupt(path, "variable shape"))?
+                .iter()
+                .map(|d| {
+                    d.as_u64()
+                        .map(|d| d as usize)
+                        .ok_or_else(|| corrupt(path, "variable shape"))
+                })
+                .collect::<Result<Vec<usize>>>()?;
+            Ok(VariableSpec::new(name, &shape))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let excluded: Vec<String> = serde_json::from_str(get("exclude_from_weight_decay")?)
+        .map_err(|e| corrupt(path, e.to_string()))?;
+    let mut roles = vec!["variables"];
+    roles.extend(Variant::of(&config).slot_names());
+    let mut tensors = HashMap::new();
+    for role in &roles {
+        for (i, spec) in specs.iter().enumerate() {
+            let key = tensor_key(role, i);
+            let view: TensorView<'_> = st
+                .tensor(&key)
+                .map_err(|_| corrupt(path, format!("tensor `{key}` missing")))?;
+            if view.dtype() != Dtype::F32 || view.shape() != spec.shape.as_slice() {
+                return Err(corrupt(
+                    path,
+                    format!(
+                        "tensor `{key}` is {:?} {:?}, expected F32 {:?}",
+                        view.dtype(),
+                        view.shape(),
+                        spec.shape
+                    ),
+                ));
+            }
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            if values.len() != spec.len() {
+                return Err(corrupt(path, format!("tensor `{key}` has the wrong size")));
+            }
+            tensors.insert((role.to_string(), i), values);
+        }
+    }
+    if st.names().len() != tensors.len() {
+        return Err(corrupt(
+            path,
+            format!(
+                "{} tensors, expected {} for this config",
+                st.names().len(),
+                tensors.len()
+            ),
+        ));
+    }
+    Ok(Parsed {
+        config,
+        specs,
+        excluded,
+        raw_iterations,
+        tensors,
+    })
+}
+
+fn read(path: &Path) -> Result<Parsed> {
+    let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
+    parse(path, &bytes)
+}
+
+impl RmsProp {
+    /// Saves the whole optimizer state to `path` (safetensors; the Keras config JSON,
+    /// step counter, variable names and shapes and the weight-decay exclusions in its
+    /// metadata). Atomic: the previous file at `path` survives a crash mid-save.
+    pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let config = self.config().to_keras_json()?;
+        let specs: Vec<Value> = self
+            .specs()
+            .iter()
+            .map(|s| json!({"name": s.name, "shape": s.shape}))
+            .collect();
+        let mut roles: Vec<(String, Vec<Vec<f32>>)> = vec![("variables".into(), self.variables()?)];
+        for name in Variant::of(self.config()).slot_names() {
+            if let Some(values) = self.slot(name)? {
+                roles.push((name.to_string(), values));
+            }
+        }
+        let data: Vec<(String, Vec<u8>, Vec<usize>)> = roles
+            .iter()
+            .flat_map(|(role, per_var)| {
+                per_var
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, v)| (role.clone(), i, v))
+            })
+            .map(|(role, i, v)| {
+                (
+                    tensor_key(&role, i),
+                    le_bytes(v),
+                    self.specs()[i].shape.clone(),
+                )
+            })
+            .collect();
+        let views = data
+            .iter()
+            .map(|(k, b, shape)| {
+                TensorView::new(Dtype::F32, shape.clone(), b)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| corrupt(path, e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
+        meta.insert("keras_config".to_string(), config.to_string());
+        meta.insert(
+            "raw_iterations".to_string(),
+            self.raw_iterations().to_string(),
+        );
+        meta.insert("variables".to_string(), Value::Array(specs).to_string());
+        meta.insert(
+            "exclude_from_weight_decay".to_string(),
+            Value::from(self.excluded().to_vec()).to_string(),
+        );
+        let bytes =
+            safetensors::serialize(views, Some(meta)).map_err(|e| corrupt(path, e.to_string()))?;
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| corrupt(path, "not a file path"))?
+            .to_string_lossy();
+        let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(path, e)
+        })
+    }
+
+    /// Restores a checkpoint saved from an optimizer with the same variables (names and
+    /// shapes) and the same config. On any error (unreadable, truncated or corrupt
+    /// file, other variables, other options) the in-memory state is left as it was.
+    pub fn restore_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let p = read(path)?;
+        if p.specs != self.specs() {
+            return Err(corrupt(
+                path,
+                format!(
+                    "variables differ: checkpoint has {} ({:?}...), optimizer has {}",
+                    p.specs.len(),
+                    p.specs.first().map(|s| (&s.name, &s.shape)),
+                    self.specs().len()
+                ),
+            ));
+        }
+        if p.config.to_keras_json()? != self.config().to_keras_json()? {
+            return Err(corrupt(
+                path,
+                "the checkpoint was saved with other optimizer options",
+            ));
+        }
+        self.apply_parsed(p)
+    }
+
+    /// Builds an optimizer from a checkpoint alone, on `backend`.
+    pub fn load_checkpoint(
+        path: impl AsRef<Path>,
+        backend: Backend,
+        gpu: &GpuOptions,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let p = read(path)?;
+        let mut opt = RmsProp::with_specs(p.config.clone(), p.specs.clone(), backend, gpu)?;
+        opt.apply_parsed(p)?;
+        Ok(opt)
+    }
+
+    fn apply_parsed(&mut self, p: Parsed) -> Result<()> {
+        for ((role, i), values) in &p.tensors {
+            if role == "variables" {
+                self.set_variable(*i, values)?;
+            } else {
+                self.set_slot(role, *i, values)?;
+            }
+        }
+        self.set_exclusions(p.excluded);
+        self.set_raw_iterations(p.raw_iterations);
+        Ok(())
+    }
+}
