@@ -34,7 +34,7 @@ fn grads(step: usize) -> Vec<Option<Vec<f32>>> {
     model()
         .iter()
         .enumerate()
-        .map(|(i, v)| (i != 1 || step % 3 != 0).then(|| rng.vec(v.values.len())))
+        .map(|(i, v)| (i != 1 || !step.is_multiple_of(3)).then(|| rng.vec(v.values.len())))
         .collect()
 }
 
