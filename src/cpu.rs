@@ -130,7 +130,7 @@ impl CpuEngine {
     }
 
     /// `finalize_variable_values`: copies the EMA into the parameters (no-op without EMA).
-    pub fn finalize(&mut self) {
+    pub(crate) fn finalize(&mut self) {
         if self.variant.ema {
             self.params.copy_from_slice(&self.ema);
         }
@@ -186,7 +186,7 @@ impl CpuEngine {
     /// One optimizer step. `grads` has one entry per tensor (checked by the caller:
     /// lengths match, at least one is present); `decay[t]` says whether tensor `t`
     /// takes weight decay.
-    pub fn step(&mut self, plan: &StepPlan, grads: &[Option<&[f32]>], decay: &[bool]) {
+    pub(crate) fn step(&mut self, plan: &StepPlan, grads: &[Option<&[f32]>], decay: &[bool]) {
         let clips = self.clip_factors(plan, grads);
         let tensors = self.layout.tensors();
         let chunks = self.layout.chunks();

@@ -86,6 +86,9 @@ pub(crate) fn check_len(spec: &VariableSpec, found: usize) -> Result<()> {
     Ok(())
 }
 
+/// Largest model (in elements) this crate accepts: 2^34, i.e. 64 GiB per f32 array.
+pub const MAX_ELEMENTS: usize = 1 << 34;
+
 /// One tensor's place in the arena and its run of chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TensorEntry {
@@ -132,12 +135,18 @@ impl Layout {
         let mut offset = 0usize;
         for (t, spec) in specs.iter().enumerate() {
             let len = spec.len();
-            let end = offset.checked_add(len).ok_or_else(|| Error::ValueLength {
-                name: spec.name.clone(),
-                shape: spec.shape.clone(),
-                expected: usize::MAX,
-                found: 0,
-            })?;
+            let end = offset
+                .checked_add(len)
+                .filter(|&e| e <= MAX_ELEMENTS)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "variables",
+                        format!(
+                            "variable `{}` of shape {:?} takes the model past {MAX_ELEMENTS} elements",
+                            spec.name, spec.shape
+                        ),
+                    )
+                })?;
             let first_chunk = chunks.len();
             let mut at = offset;
             while at < end {
@@ -197,6 +206,15 @@ impl Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_shapes_are_refused() {
+        let specs = vec![VariableSpec::new("huge", &[1 << 20, 1 << 20, 1 << 20])];
+        assert!(matches!(
+            Layout::new(&specs, 4, 8),
+            Err(Error::InvalidConfig { .. })
+        ));
+    }
 
     #[test]
     fn chunks_cover_every_tensor_and_respect_boundaries() {

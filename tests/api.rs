@@ -314,3 +314,48 @@ fn slots_can_be_written_and_read_on_gpu() {
         RmsProp::with_options(config(), model(), Backend::Gpu, &common::on(&ctx)).unwrap(),
     );
 }
+
+#[test]
+fn a_lost_device_gives_errors_not_panics() {
+    // Our own device, so destroying it cannot disturb other tests.
+    let Some(ctx) = common::gpu() else { return };
+    drop(ctx);
+    let Some(own) = fused_rmsprop::GpuContext::new(true).ok() else {
+        return;
+    };
+    let gpu = GpuOptions {
+        context: Some(own.clone()),
+        ..GpuOptions::default()
+    };
+    let mut opt = RmsProp::with_options(config(), model(), Backend::Gpu, &gpu).unwrap();
+    opt.apply_gradients(&[Some(&[0.1; 6]), None]).unwrap();
+    own.device.destroy();
+    // every later call returns an error (a step may be accepted before the loss is seen)
+    let _ = opt.apply_gradients(&[Some(&[0.1; 6]), None]);
+    assert!(matches!(opt.variables(), Err(Error::Gpu(_))));
+    assert!(matches!(
+        opt.apply_gradients(&[Some(&[0.1; 6]), None]),
+        Err(Error::Gpu(_))
+    ));
+}
+
+#[test]
+fn a_model_of_only_empty_tensors_steps_on_both_backends() {
+    let vars = || {
+        vec![
+            Variable::new("e", &[0, 4], vec![]).unwrap(),
+            Variable::new("f", &[0], vec![]).unwrap(),
+        ]
+    };
+    let c = config()
+        .with_global_clipnorm(1.0)
+        .with_gradient_accumulation_steps(2);
+    let mut cpu = RmsProp::with_backend(c.clone(), vars(), Backend::Cpu).unwrap();
+    cpu.apply_gradients(&[Some(&[]), None]).unwrap();
+    assert_eq!(cpu.variables().unwrap(), vec![Vec::<f32>::new(), vec![]]);
+    let Some(ctx) = common::gpu() else { return };
+    let mut gpu = RmsProp::with_options(c, vars(), Backend::Gpu, &common::on(&ctx)).unwrap();
+    gpu.apply_gradients(&[Some(&[]), None]).unwrap();
+    assert_eq!(gpu.variables().unwrap(), vec![Vec::<f32>::new(), vec![]]);
+    assert_eq!(gpu.raw_iterations(), 1);
+}

@@ -148,7 +148,7 @@ impl GpuArena {
                         reason: format!("needs usages {ARENA_USAGES:?}, has {:?}", b.usage()),
                     });
                 }
-                if b.size() < total as u64 * F32 {
+                if b.size() < total.max(1) as u64 * F32 {
                     return Err(Error::InvalidBuffer {
                         name: name.into(),
                         reason: format!(
@@ -187,14 +187,16 @@ impl GpuArena {
         for s in 0..segment_count {
             let start = s * segment_len;
             let len = total.saturating_sub(start).min(segment_len);
+            // an empty model still binds one element per buffer
+            let cap = len.max(1);
             let (params, grads) = match &user {
                 Some(u) => (u.params.clone(), u.grads.clone()),
                 None => (
-                    make_buffer(ctx, "params", bytes(len), ARENA_USAGES)?,
-                    make_buffer(ctx, "grads", bytes(len), ARENA_USAGES)?,
+                    make_buffer(ctx, "params", bytes(cap), ARENA_USAGES)?,
+                    make_buffer(ctx, "grads", bytes(cap), ARENA_USAGES)?,
                 ),
             };
-            let slots = make_buffer(ctx, "slots", bytes(len * slot_count), ARENA_USAGES)?;
+            let slots = make_buffer(ctx, "slots", bytes(cap * slot_count), ARENA_USAGES)?;
             let table: Vec<[u32; 4]> = layout
                 .chunks()
                 .iter()
@@ -232,15 +234,15 @@ impl GpuArena {
                         // exact sizes: the shader derives the segment length from params
                         wgpu::BindGroupEntry {
                             binding: binding::PARAMS,
-                            resource: entire(&params, (len.max(1) as u64) * F32),
+                            resource: entire(&params, cap as u64 * F32),
                         },
                         wgpu::BindGroupEntry {
                             binding: binding::GRADS,
-                            resource: entire(&grads, (len.max(1) as u64) * F32),
+                            resource: entire(&grads, cap as u64 * F32),
                         },
                         wgpu::BindGroupEntry {
                             binding: binding::SLOTS,
-                            resource: entire(&slots, bytes(len.max(1) * slot_count)),
+                            resource: entire(&slots, cap as u64 * F32 * slot_count as u64),
                         },
                         wgpu::BindGroupEntry {
                             binding: binding::PARTIALS,
@@ -385,7 +387,8 @@ impl GpuArena {
         Ok(())
     }
 
-    /// Reads `role` back for the arena range `start .. start + len` (waits for the GPU).
+    /// Reads `role` back for the arena range `start .. start + len` (waits for the GPU),
+    /// one staging buffer per segment piece so no buffer exceeds the device's limits.
     pub(crate) fn read(
         &self,
         ctx: &GpuContext,
@@ -394,47 +397,41 @@ impl GpuArena {
         len: usize,
     ) -> Result<Vec<f32>> {
         let mut out = vec![0.0f32; len];
-        if len == 0 {
-            return Ok(out);
-        }
-        let staging = make_buffer(
-            ctx,
-            "readback",
-            bytes(len),
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        )?;
-        let mut encoder = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("readback"),
-            });
         for p in self.pieces(start, len) {
             let (buffer, base) = self.target(role, p.segment)?;
-            encoder.copy_buffer_to_buffer(
-                buffer,
-                base + p.local as u64 * F32,
-                &staging,
-                p.at as u64 * F32,
-                p.len as u64 * F32,
-            );
+            let size = p.len as u64 * F32;
+            let staging = make_buffer(
+                ctx,
+                "readback",
+                size,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            )?;
+            let mut encoder = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("readback"),
+                });
+            encoder.copy_buffer_to_buffer(buffer, base + p.local as u64 * F32, &staging, 0, size);
+            ctx.queue.submit([encoder.finish()]);
+            let slice = staging.slice(..);
+            let (tx, rx) = std::sync::mpsc::channel();
+            slice.map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            ctx.wait()?;
+            // Another thread polling the same device may be the one that fires our
+            // callback, so wait for it (a lost device drops it: disconnected, not a hang).
+            rx.recv_timeout(std::time::Duration::from_secs(120))
+                .map_err(|e| Error::Gpu(format!("readback did not complete: {e}")))?
+                .map_err(|e| Error::Gpu(format!("mapping the readback buffer: {e}")))?;
+            {
+                let view = slice
+                    .get_mapped_range()
+                    .map_err(|e| Error::Gpu(format!("reading the readback buffer: {e}")))?;
+                out[p.at..p.at + p.len].copy_from_slice(bytemuck::cast_slice(&view));
+            }
+            staging.unmap();
         }
-        ctx.queue.submit([encoder.finish()]);
-        let slice = staging.slice(..len as u64 * F32);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        ctx.wait()?;
-        rx.recv()
-            .map_err(|_| Error::Gpu("readback never completed".into()))?
-            .map_err(|e| Error::Gpu(format!("mapping the readback buffer: {e}")))?;
-        {
-            let view = slice
-                .get_mapped_range()
-                .map_err(|e| Error::Gpu(format!("reading the readback buffer: {e}")))?;
-            out.copy_from_slice(bytemuck::cast_slice(&view));
-        }
-        staging.unmap();
         Ok(out)
     }
 

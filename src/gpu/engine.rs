@@ -123,7 +123,7 @@ impl GpuEngine {
 
     /// A step whose gradients come from host memory: staged into the gradient buffers,
     /// then [`GpuEngine::step_device`].
-    pub fn step_host(
+    pub(crate) fn step_host(
         &mut self,
         plan: &StepPlan,
         grads: &[Option<&[f32]>],
@@ -137,7 +137,12 @@ impl GpuEngine {
 
     /// A step on the gradients already in the gradient buffers: writes the uniform (and
     /// the tensor flags if they changed), records the dispatches, submits once.
-    pub fn step_device(&mut self, plan: &StepPlan, present: &[bool], decay: &[bool]) -> Result<()> {
+    pub(crate) fn step_device(
+        &mut self,
+        plan: &StepPlan,
+        present: &[bool],
+        decay: &[bool],
+    ) -> Result<()> {
         self.ctx.take_error()?;
         let variant = self.arena.variant;
         let flags: Vec<u32> = present
@@ -192,7 +197,7 @@ impl GpuEngine {
     }
 
     /// `finalize_variable_values`: copies the EMA into the parameters (no-op without EMA).
-    pub fn finalize(&mut self) -> Result<()> {
+    pub(crate) fn finalize(&mut self) -> Result<()> {
         if self.arena.variant.ema {
             self.arena.copy_ema_to_params(&self.ctx)?;
         }
