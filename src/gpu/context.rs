@@ -21,6 +21,7 @@ pub struct GpuContext {
     /// Its queue.
     pub queue: wgpu::Queue,
     info: Option<wgpu::AdapterInfo>,
+    instance: Option<wgpu::Instance>,
     pub(crate) pipelines: Arc<Mutex<PipelineCache>>,
     errors: Arc<Mutex<Vec<String>>>,
 }
@@ -99,7 +100,9 @@ impl GpuContext {
         };
         let (device, queue) = pollster::block_on(adapter.request_device(&desc))
             .map_err(|e| Error::Gpu(format!("cannot create a device on {}: {e}", info.name)))?;
-        Ok(Self::wrap(device, queue, Some(info)))
+        let mut ctx = Self::wrap(device, queue, Some(info));
+        ctx.instance = Some(instance);
+        Ok(ctx)
     }
 
     /// Wraps your own device and queue. Installs an uncaptured-error handler on the
@@ -121,6 +124,7 @@ impl GpuContext {
             device,
             queue,
             info,
+            instance: None,
             pipelines: Arc::default(),
             errors,
         }
@@ -132,6 +136,13 @@ impl GpuContext {
             || "user device".to_string(),
             |i| format!("{} ({:?})", i.name, i.backend),
         )
+    }
+
+    /// Number of live wgpu buffers on this context's instance (for leak checks), when the
+    /// context created its own instance; `None` for a wrapped device.
+    pub fn live_buffers(&self) -> Option<usize> {
+        let report = self.instance.as_ref()?.generate_report()?;
+        Some(report.hub.buffers.num_allocated)
     }
 
     /// True when the adapter runs on the CPU (lavapipe, llvmpipe, WARP).
