@@ -7,7 +7,9 @@
 //! `FUSED_RMSPROP_BENCH_QUICK=1` keeps only the 16M and many-tensor cases.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fused_rmsprop::workload::{parallel_copy, synthetic_gradients, synthetic_model, BenchVariant};
+use fused_rmsprop::workload::{
+    parallel_copy, synthetic_gradients, synthetic_model, BenchVariant, GpuCopy,
+};
 use fused_rmsprop::{Backend, GpuContext, GpuOptions, RmsProp};
 use std::time::Duration;
 
@@ -36,13 +38,18 @@ fn sizes() -> Vec<(&'static str, usize, usize)> {
     s
 }
 
+/// Few samples, short windows: a 64M step takes tens of milliseconds.
+fn configure(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+}
+
 fn bench_cpu(c: &mut Criterion) {
     for (label, params, tensors) in sizes() {
         let mut group = c.benchmark_group(format!("cpu/{label}"));
-        group
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(500))
-            .measurement_time(Duration::from_secs(2));
+        configure(&mut group);
         let model = synthetic_model(params, tensors);
         let grads = synthetic_gradients(&model);
         let refs: Vec<Option<&[f32]>> = grads.iter().map(|g| Some(g.as_slice())).collect();
@@ -85,10 +92,7 @@ fn bench_gpu(c: &mut Criterion) {
     };
     for (label, params, tensors) in sizes() {
         let mut group = c.benchmark_group(format!("gpu/{label}"));
-        group
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(500))
-            .measurement_time(Duration::from_secs(2));
+        configure(&mut group);
         let model = synthetic_model(params, tensors);
         let grads = synthetic_gradients(&model);
         let refs: Vec<Option<&[f32]>> = grads.iter().map(|g| Some(g.as_slice())).collect();
@@ -112,23 +116,12 @@ fn bench_gpu(c: &mut Criterion) {
                 })
             });
             drop(opt);
-            let half = (bytes / 2).div_ceil(4) * 4;
-            let make = |label| {
-                ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(label),
-                    size: half,
-                    usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                })
-            };
-            let (a, bb) = (make("src"), make("dst"));
+            let baseline = GpuCopy::new(&ctx, bytes);
             group.bench_function(
                 BenchmarkId::new(format!("copy-same-bytes/{}", v.name()), params),
                 |b| {
                     b.iter(|| {
-                        let mut enc = ctx.device.create_command_encoder(&Default::default());
-                        enc.copy_buffer_to_buffer(&a, 0, &bb, 0, half);
-                        ctx.queue.submit([enc.finish()]);
+                        baseline.submit(&ctx);
                         ctx.device.poll(wgpu::PollType::wait_indefinitely())
                     })
                 },

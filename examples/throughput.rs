@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use fused_rmsprop::workload::{
-    median_time, parallel_copy, synthetic_gradients, synthetic_model, BenchVariant,
+    median_time, parallel_copy, synthetic_gradients, synthetic_model, BenchVariant, GpuCopy,
 };
 use fused_rmsprop::{Backend, RmsProp};
 use serde_json::json;
@@ -121,21 +121,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             }
             let gpu = opt.gpu().ok_or("no gpu")?;
             let ctx = gpu.context();
-            let half = (bytes / 2).div_ceil(4) * 4;
-            let make = |label| {
-                ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(label),
-                    size: half,
-                    usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                })
-            };
-            let (a, b) = (make("copy src"), make("copy dst"));
+            let baseline = GpuCopy::new(ctx, bytes);
             let copy = median_time(args.samples, reps, |r| {
                 for _ in 0..r {
-                    let mut enc = ctx.device.create_command_encoder(&Default::default());
-                    enc.copy_buffer_to_buffer(&a, 0, &b, 0, half);
-                    ctx.queue.submit([enc.finish()]);
+                    baseline.submit(ctx);
                 }
                 let _ = gpu.synchronize();
             });

@@ -196,6 +196,22 @@ fn workgroup_linear(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
 }
 
+// Sum of `value` over the workgroup in a fixed tree order (deterministic); every
+// invocation gets the total. Call from uniform control flow only.
+fn workgroup_sum(lid: u32, value: f32) -> f32 {
+    scratch[lid] = value;
+    workgroupBarrier();
+    for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride = stride / 2u) {
+        if lid < stride {
+            scratch[lid] += scratch[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let total = scratch[0];
+    workgroupBarrier();
+    return total;
+}
+
 // ---- entry points ----------------------------------------------------------------
 
 @compute @workgroup_size(WORKGROUP_SIZE)
@@ -214,16 +230,9 @@ fn norm_partials(
             sum += g * g;
         }
     }
-    scratch[lid] = sum;
-    workgroupBarrier();
-    for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride = stride / 2u) {
-        if lid < stride {
-            scratch[lid] += scratch[lid + stride];
-        }
-        workgroupBarrier();
-    }
+    let total = workgroup_sum(lid, sum);
     if valid && lid == 0u {
-        partials[chunk.global_index] = scratch[0];
+        partials[chunk.global_index] = total;
     }
 }
 
@@ -244,15 +253,8 @@ fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
         }
     }
     if CLIP_KIND == 2u {
-        scratch[lid] = present_sum;
-        workgroupBarrier();
-        for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride = stride / 2u) {
-            if lid < stride {
-                scratch[lid] += scratch[lid + stride];
-            }
-            workgroupBarrier();
-        }
-        let factors = global_clipnorm_factors(scratch[0], s.clip_norm, s.inv_clip_norm);
+        let total = workgroup_sum(lid, present_sum);
+        let factors = global_clipnorm_factors(total, s.clip_norm, s.inv_clip_norm);
         for (var t = lid; t < s.tensor_count; t += WORKGROUP_SIZE) {
             clips[t] = factors;
         }

@@ -247,6 +247,46 @@ pub enum KerasSchedule {
 
 const SCHEDULE_MODULE: &str = "keras.optimizers.schedules";
 
+/// The fields `ExponentialDecay` and `InverseTimeDecay` share, in Keras' order.
+struct RateDecay {
+    initial_learning_rate: f64,
+    decay_steps: f64,
+    decay_rate: f64,
+    staircase: bool,
+    name: String,
+}
+
+impl RateDecay {
+    const KEYS: [&'static str; 5] = [
+        "initial_learning_rate",
+        "decay_steps",
+        "decay_rate",
+        "staircase",
+        "name",
+    ];
+
+    fn read(cfg: &Value, default_name: &str) -> Result<Self> {
+        let f = Fields::new(cfg, "learning_rate.config", &Self::KEYS)?;
+        Ok(RateDecay {
+            initial_learning_rate: f.req_f64("initial_learning_rate")?,
+            decay_steps: f.req_f64("decay_steps")?,
+            decay_rate: f.req_f64("decay_rate")?,
+            staircase: f.bool_or("staircase", false)?,
+            name: f.string_or("name", default_name)?,
+        })
+    }
+
+    fn write(&self) -> Value {
+        json!({
+            "initial_learning_rate": float(self.initial_learning_rate),
+            "decay_steps": int_or_float(self.decay_steps),
+            "decay_rate": float(self.decay_rate),
+            "staircase": self.staircase,
+            "name": self.name,
+        })
+    }
+}
+
 impl KerasSchedule {
     /// The learning rate at raw step `step`.
     pub fn at(&self, step: u64) -> f64 {
@@ -333,23 +373,13 @@ impl KerasSchedule {
         let ctx = "learning_rate.config";
         let schedule = match class.as_str() {
             "ExponentialDecay" => {
-                let f = Fields::new(
-                    cfg,
-                    ctx,
-                    &[
-                        "initial_learning_rate",
-                        "decay_steps",
-                        "decay_rate",
-                        "staircase",
-                        "name",
-                    ],
-                )?;
+                let d = RateDecay::read(cfg, "ExponentialDecay")?;
                 KerasSchedule::Exponential(ExponentialDecay {
-                    initial_learning_rate: f.req_f64("initial_learning_rate")?,
-                    decay_steps: f.req_f64("decay_steps")?,
-                    decay_rate: f.req_f64("decay_rate")?,
-                    staircase: f.bool_or("staircase", false)?,
-                    name: f.string_or("name", "ExponentialDecay")?,
+                    initial_learning_rate: d.initial_learning_rate,
+                    decay_steps: d.decay_steps,
+                    decay_rate: d.decay_rate,
+                    staircase: d.staircase,
+                    name: d.name,
                 })
             }
             "PiecewiseConstantDecay" => {
@@ -383,23 +413,13 @@ impl KerasSchedule {
                 })
             }
             "InverseTimeDecay" => {
-                let f = Fields::new(
-                    cfg,
-                    ctx,
-                    &[
-                        "initial_learning_rate",
-                        "decay_steps",
-                        "decay_rate",
-                        "staircase",
-                        "name",
-                    ],
-                )?;
+                let d = RateDecay::read(cfg, "InverseTimeDecay")?;
                 KerasSchedule::InverseTime(InverseTimeDecay {
-                    initial_learning_rate: f.req_f64("initial_learning_rate")?,
-                    decay_steps: f.req_f64("decay_steps")?,
-                    decay_rate: f.req_f64("decay_rate")?,
-                    staircase: f.bool_or("staircase", false)?,
-                    name: f.string_or("name", "InverseTimeDecay")?,
+                    initial_learning_rate: d.initial_learning_rate,
+                    decay_steps: d.decay_steps,
+                    decay_rate: d.decay_rate,
+                    staircase: d.staircase,
+                    name: d.name,
                 })
             }
             "CosineDecay" => {
@@ -455,13 +475,14 @@ impl KerasSchedule {
     /// Writes Keras' serialization, keys in Keras' order.
     pub fn to_keras_json(&self) -> Value {
         let config = match self {
-            KerasSchedule::Exponential(x) => json!({
-                "initial_learning_rate": float(x.initial_learning_rate),
-                "decay_steps": int_or_float(x.decay_steps),
-                "decay_rate": float(x.decay_rate),
-                "staircase": x.staircase,
-                "name": x.name,
-            }),
+            KerasSchedule::Exponential(x) => RateDecay {
+                initial_learning_rate: x.initial_learning_rate,
+                decay_steps: x.decay_steps,
+                decay_rate: x.decay_rate,
+                staircase: x.staircase,
+                name: x.name.clone(),
+            }
+            .write(),
             KerasSchedule::PiecewiseConstant(x) => json!({
                 "boundaries": x.boundaries.iter().map(|b| int_or_float(*b)).collect::<Vec<_>>(),
                 "values": x.values.iter().map(|v| float(*v)).collect::<Vec<_>>(),
@@ -475,13 +496,14 @@ impl KerasSchedule {
                 "cycle": x.cycle,
                 "name": x.name,
             }),
-            KerasSchedule::InverseTime(x) => json!({
-                "initial_learning_rate": float(x.initial_learning_rate),
-                "decay_steps": int_or_float(x.decay_steps),
-                "decay_rate": float(x.decay_rate),
-                "staircase": x.staircase,
-                "name": x.name,
-            }),
+            KerasSchedule::InverseTime(x) => RateDecay {
+                initial_learning_rate: x.initial_learning_rate,
+                decay_steps: x.decay_steps,
+                decay_rate: x.decay_rate,
+                staircase: x.staircase,
+                name: x.name.clone(),
+            }
+            .write(),
             KerasSchedule::Cosine(x) => json!({
                 "initial_learning_rate": float(x.initial_learning_rate),
                 "decay_steps": int_or_float(x.decay_steps),

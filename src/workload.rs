@@ -158,6 +158,42 @@ pub fn parallel_copy(dst: &mut [f32], src: &[f32]) {
         .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
+/// The GPU's same-run reference: a `copy_buffer_to_buffer` of half of `bytes`
+/// between two device buffers (each byte read once and written once).
+#[derive(Debug)]
+pub struct GpuCopy {
+    src: wgpu::Buffer,
+    dst: wgpu::Buffer,
+    size: u64,
+}
+
+impl GpuCopy {
+    /// Allocates the two buffers on `ctx`.
+    pub fn new(ctx: &crate::GpuContext, bytes: u64) -> Self {
+        let size = (bytes / 2).div_ceil(4).max(1) * 4;
+        let make = |label| {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        };
+        GpuCopy {
+            src: make("copy src"),
+            dst: make("copy dst"),
+            size,
+        }
+    }
+
+    /// Records and submits one copy (does not wait).
+    pub fn submit(&self, ctx: &crate::GpuContext) {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&self.src, 0, &self.dst, 0, self.size);
+        ctx.queue.submit([enc.finish()]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -210,25 +210,24 @@ impl GpuEngine {
             .read(&self.ctx, role, 0, self.arena.layout.total())
     }
 
-    /// Reads back one tensor of `role`.
-    pub fn read_tensor(&self, role: &str, tensor: usize) -> Result<Vec<f32>> {
-        let t = self
-            .arena
+    fn tensor(&self, i: usize) -> Result<crate::layout::TensorEntry> {
+        self.arena
             .layout
             .tensors()
-            .get(tensor)
-            .ok_or(Error::NoSuchVariable(tensor))?;
+            .get(i)
+            .copied()
+            .ok_or(Error::NoSuchVariable(i))
+    }
+
+    /// Reads back one tensor of `role`.
+    pub fn read_tensor(&self, role: &str, tensor: usize) -> Result<Vec<f32>> {
+        let t = self.tensor(tensor)?;
         self.arena.read(&self.ctx, role, t.offset, t.len)
     }
 
     /// Uploads one tensor of `role` (`params` or a slot name).
     pub fn write_tensor(&self, role: &str, tensor: usize, values: &[f32]) -> Result<()> {
-        let t = self
-            .arena
-            .layout
-            .tensors()
-            .get(tensor)
-            .ok_or(Error::NoSuchVariable(tensor))?;
+        let t = self.tensor(tensor)?;
         if values.len() != t.len {
             return Err(Error::CountMismatch {
                 what: "values",
