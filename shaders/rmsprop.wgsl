@@ -82,12 +82,25 @@ var<workgroup> scratch: array<f32, WORKGROUP_SIZE>;
 
 // ---- update math: mirrors src/math.rs ----------------------------------------
 
+// Shader compilers may assume IEEE special values never occur and fold `x != x` or
+// `x - x`; Keras' NaN propagation is kept with tests on the bits instead.
+const F32_EXPONENT_BITS: u32 = 0x7f800000u;
+const F32_QUIET_NAN_BITS: u32 = 0x7fc00000u;
+
+fn is_nan(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7fffffffu) > F32_EXPONENT_BITS;
+}
+
+fn is_non_finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & F32_EXPONENT_BITS) == F32_EXPONENT_BITS;
+}
+
 fn nan_max(a: f32, b: f32) -> f32 {
-    return select(max(a, b), a + b, a != a || b != b);
+    return select(max(a, b), bitcast<f32>(F32_QUIET_NAN_BITS), is_nan(a) || is_nan(b));
 }
 
 fn nan_min(a: f32, b: f32) -> f32 {
-    return select(min(a, b), a + b, a != a || b != b);
+    return select(min(a, b), bitcast<f32>(F32_QUIET_NAN_BITS), is_nan(a) || is_nan(b));
 }
 
 fn clipnorm_factors(sum_sq: f32, clipnorm: f32) -> ClipFactors {
@@ -95,10 +108,13 @@ fn clipnorm_factors(sum_sq: f32, clipnorm: f32) -> ClipFactors {
     return ClipFactors(clipnorm, nan_max(l2norm, clipnorm));
 }
 
+// Keras: clip * min(1 / norm, 1 / clip) + (norm - norm); the last term is 0 for a
+// finite norm and NaN otherwise, written here as a bit test.
 fn global_clipnorm_factors(total_sum_sq: f32, clip: f32, inv_clip: f32) -> ClipFactors {
     let use_norm = sqrt(total_sum_sq);
     let scale_for_finite = clip * nan_min(1.0 / use_norm, inv_clip);
-    return ClipFactors(scale_for_finite + (use_norm - use_norm), 1.0);
+    let scale = select(scale_for_finite, bitcast<f32>(F32_QUIET_NAN_BITS), is_non_finite(use_norm));
+    return ClipFactors(scale, 1.0);
 }
 
 fn unscale_gradient(raw: f32) -> f32 {
@@ -116,7 +132,7 @@ fn average_accumulated(gradient: f32, accumulator: f32) -> f32 {
 fn clip_gradient(gradient: f32, clip: ClipFactors) -> f32 {
     let g = (gradient * clip.numerator) / clip.denominator;
     if CLIP_KIND == 3u {
-        return select(clamp(g, -s.clip_value, s.clip_value), g, g != g);
+        return select(clamp(g, -s.clip_value, s.clip_value), g, is_nan(g));
     }
     return g;
 }
