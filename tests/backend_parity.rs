@@ -218,3 +218,19 @@ fn arena_over_the_storage_binding_limit() {
     }
     compare(config, vars, &options(&ctx), 2, 0, 21).unwrap();
 }
+
+#[test]
+fn large_tensors_reduced_cooperatively_match_cpu() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(23);
+    // 300,000 elements = 147 chunks: summed by the whole finalize workgroup
+    let mut vars = random_model(&mut rng, 6, 500);
+    vars.insert(
+        2,
+        Variable::new("big/kernel", &[600, 500], rng.vec(300_000)).unwrap(),
+    );
+    vars.push(Variable::new("big2/kernel", &[140_000], rng.vec(140_000)).unwrap());
+    for k in [4, 8, 4 + 2 + 32, 8 + 1 + 16 + 64] {
+        compare(combo(k), vars.clone(), &options(&ctx), 3, 5, 29).unwrap();
+    }
+}
