@@ -355,28 +355,23 @@ impl RmsProp {
 
     /// Every variable's values, flat, in order (one readback on the GPU path).
     pub fn variables(&self) -> Result<Vec<Vec<f32>>> {
-        let flat = match &self.engine {
-            Engine::Cpu(e) => e.params().to_vec(),
-            Engine::Gpu(e) => e.read_arena("params")?,
-        };
-        Ok(self.split(&flat))
+        match &self.engine {
+            Engine::Cpu(e) => Ok(self.split(e.params())),
+            Engine::Gpu(e) => Ok(self.split(&e.read_arena("params")?)),
+        }
     }
 
     /// A slot of every variable by Keras name (`velocity`, `momentum`,
     /// `average_gradient`, `average` for the EMA, `accumulated_gradient`); `None` when
     /// this config keeps no such slot.
     pub fn slot(&self, name: &str) -> Result<Option<Vec<Vec<f32>>>> {
-        let flat = match &self.engine {
-            Engine::Cpu(e) => e.slot(name).map(<[f32]>::to_vec),
-            Engine::Gpu(e) => {
-                if self.variant.slot_names().contains(&name) {
-                    Some(e.read_arena(name)?)
-                } else {
-                    None
-                }
+        match &self.engine {
+            Engine::Cpu(e) => Ok(e.slot(name).map(|f| self.split(f))),
+            Engine::Gpu(e) if self.variant.slot_names().contains(&name) => {
+                Ok(Some(self.split(&e.read_arena(name)?)))
             }
-        };
-        Ok(flat.map(|f| self.split(&f)))
+            Engine::Gpu(_) => Ok(None),
+        }
     }
 
     fn split(&self, flat: &[f32]) -> Vec<Vec<f32>> {

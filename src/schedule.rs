@@ -276,13 +276,19 @@ impl RateDecay {
         })
     }
 
-    fn write(&self) -> Value {
+    fn write(
+        initial: f64,
+        decay_steps: f64,
+        decay_rate: f64,
+        staircase: bool,
+        name: &str,
+    ) -> Value {
         json!({
-            "initial_learning_rate": float(self.initial_learning_rate),
-            "decay_steps": int_or_float(self.decay_steps),
-            "decay_rate": float(self.decay_rate),
-            "staircase": self.staircase,
-            "name": self.name,
+            "initial_learning_rate": float(initial),
+            "decay_steps": int_or_float(decay_steps),
+            "decay_rate": float(decay_rate),
+            "staircase": staircase,
+            "name": name,
         })
     }
 }
@@ -475,14 +481,13 @@ impl KerasSchedule {
     /// Writes Keras' serialization, keys in Keras' order.
     pub fn to_keras_json(&self) -> Value {
         let config = match self {
-            KerasSchedule::Exponential(x) => RateDecay {
-                initial_learning_rate: x.initial_learning_rate,
-                decay_steps: x.decay_steps,
-                decay_rate: x.decay_rate,
-                staircase: x.staircase,
-                name: x.name.clone(),
-            }
-            .write(),
+            KerasSchedule::Exponential(x) => RateDecay::write(
+                x.initial_learning_rate,
+                x.decay_steps,
+                x.decay_rate,
+                x.staircase,
+                &x.name,
+            ),
             KerasSchedule::PiecewiseConstant(x) => json!({
                 "boundaries": x.boundaries.iter().map(|b| int_or_float(*b)).collect::<Vec<_>>(),
                 "values": x.values.iter().map(|v| float(*v)).collect::<Vec<_>>(),
@@ -496,14 +501,13 @@ impl KerasSchedule {
                 "cycle": x.cycle,
                 "name": x.name,
             }),
-            KerasSchedule::InverseTime(x) => RateDecay {
-                initial_learning_rate: x.initial_learning_rate,
-                decay_steps: x.decay_steps,
-                decay_rate: x.decay_rate,
-                staircase: x.staircase,
-                name: x.name.clone(),
-            }
-            .write(),
+            KerasSchedule::InverseTime(x) => RateDecay::write(
+                x.initial_learning_rate,
+                x.decay_steps,
+                x.decay_rate,
+                x.staircase,
+                &x.name,
+            ),
             KerasSchedule::Cosine(x) => json!({
                 "initial_learning_rate": float(x.initial_learning_rate),
                 "decay_steps": int_or_float(x.decay_steps),
