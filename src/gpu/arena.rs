@@ -148,14 +148,11 @@ impl GpuArena {
                         reason: format!("needs usages {ARENA_USAGES:?}, has {:?}", b.usage()),
                     });
                 }
-                if b.size() < total.max(1) as u64 * F32 {
+                let needed = total.max(1) as u64 * F32;
+                if b.size() < needed {
                     return Err(Error::InvalidBuffer {
                         name: name.into(),
-                        reason: format!(
-                            "{} bytes, the model needs {}",
-                            b.size(),
-                            total as u64 * F32
-                        ),
+                        reason: format!("{} bytes, the model needs {needed}", b.size()),
                     });
                 }
             }
