@@ -8,12 +8,13 @@ use naga::back::PipelineConstants;
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 
 /// Boolean overrides and the values of `CLIP_KIND` that the host specializes.
-const BOOL_OVERRIDES: [&str; 5] = [
+const BOOL_OVERRIDES: [&str; 6] = [
     "CENTERED",
     "USE_MOMENTUM",
     "USE_EMA",
     "ACCUMULATE",
     "WEIGHT_DECAY",
+    "GUARD",
 ];
 const CLIP_KINDS: [f64; 4] = [0.0, 1.0, 2.0, 3.0];
 

@@ -5,16 +5,26 @@
 // Options that change the code path are `override` constants (one pipeline per
 // combination, cached by the host); numbers that change per step are in `s`.
 //
-// Entry points, at most three dispatches kinds per step:
-//   norm_partials  - one workgroup per chunk: sum of squared effective gradients
-//   norm_finalize  - one workgroup: per-tensor sums in chunk order, clip factors
+// Entry points, at most three dispatch kinds per step:
+//   norm_partials  - one workgroup per chunk: sum of squared effective gradients (and,
+//                    with GUARD, whether any gradient is NaN or infinite)
+//   norm_finalize  - one workgroup: per-tensor sums in chunk order, clip factors (and,
+//                    with GUARD, the decision to apply or skip the step)
 //   update         - one workgroup per chunk: the fused update of every element
+//
+// The non-finite guard (GUARD, opt-in): the step counter lives on the device, in
+// `guard`. The host cannot know it without a readback, so it writes the plans for every
+// counter value the device may have reached (a window starting at the last counter it
+// read back); norm_finalize picks the plan for the device's counter, or skips the step
+// (parameters, slots and counter untouched) and counts it.
 
 override CENTERED: bool = false;
 override USE_MOMENTUM: bool = false;
 override USE_EMA: bool = false;
 override ACCUMULATE: bool = false;
 override WEIGHT_DECAY: bool = false;
+// Skip steps whose gradients hold NaN or an infinity (see the header).
+override GUARD: bool = false;
 // 0: none, 1: clipnorm (per tensor), 2: global_clipnorm, 3: clipvalue
 override CLIP_KIND: u32 = 0u;
 // Slot k of local element i lives at slots[k * segment_len + i]; velocity is slot 0.
@@ -24,11 +34,13 @@ override EMA_SLOT: u32 = 3u;
 override ACCUMULATOR_SLOT: u32 = 4u;
 
 const WORKGROUP_SIZE: u32 = 256u;
+// Plans in the uniform's window: gpu::pipelines::PLAN_WINDOW.
+const PLAN_WINDOW: u32 = 64u;
 const FLAG_HAS_GRADIENT: u32 = 1u;
 const FLAG_DECAY: u32 = 2u;
 
 // Mirrors math::StepScalars (first 12 fields) and plan::StepPlan::uniform_words.
-struct StepUniform {
+struct StepScalars {
     learning_rate: f32,
     rho: f32,
     one_minus_rho: f32,
@@ -44,7 +56,32 @@ struct StepUniform {
     clip_norm: f32,
     inv_clip_norm: f32,
     is_update_step: f32,
+    pad: f32,
+}
+
+// plans[k] is the plan for step counter `base + k` (low 32 bits: `base_lo`); without
+// GUARD only plans[0] is written and used.
+struct StepUniform {
+    base_lo: u32,
+    len: u32,
     tensor_count: u32,
+    pad: u32,
+    plans: array<StepScalars, PLAN_WINDOW>,
+}
+
+// The device-side counters of the guard; mirrored by gpu::guard::GuardWords.
+struct GuardState {
+    counter_lo: u32,
+    counter_hi: u32,
+    skipped_lo: u32,
+    skipped_hi: u32,
+    // set by norm_partials when a gradient is not finite, cleared by norm_finalize
+    non_finite: atomic<u32>,
+    // the plan the update uses this step, and whether it skips
+    active_plan: u32,
+    skip: u32,
+    // set when the device counter fell outside the host's window (a host bug)
+    fault: u32,
 }
 
 // One row of the chunk table: a piece of one tensor inside this segment.
@@ -69,7 +106,7 @@ struct ClipFactors {
     denominator: f32,
 }
 
-@group(0) @binding(0) var<uniform> s: StepUniform;
+@group(0) @binding(0) var<uniform> step: StepUniform;
 @group(0) @binding(1) var<storage, read> chunks: array<Chunk>;
 @group(0) @binding(2) var<storage, read> tensors: array<TensorInfo>;
 @group(0) @binding(3) var<storage, read_write> params: array<f32>;
@@ -77,8 +114,13 @@ struct ClipFactors {
 @group(0) @binding(5) var<storage, read_write> slots: array<f32>;
 @group(0) @binding(6) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(7) var<storage, read_write> clips: array<ClipFactors>;
+@group(0) @binding(8) var<storage, read_write> guard: GuardState;
+
+// This invocation's plan, loaded from `step` at the start of each entry point.
+var<private> s: StepScalars;
 
 var<workgroup> scratch: array<f32, WORKGROUP_SIZE>;
+var<workgroup> chunk_non_finite: atomic<u32>;
 
 // ---- update math: mirrors src/math.rs ----------------------------------------
 
@@ -230,50 +272,100 @@ fn workgroup_sum(lid: u32, value: f32) -> f32 {
 
 // ---- entry points ----------------------------------------------------------------
 
+// (lo, hi) + 1 for a 64-bit counter held in two words.
+fn increment(lo_hi: vec2<u32>) -> vec2<u32> {
+    let lo = lo_hi.x + 1u;
+    return vec2(lo, lo_hi.y + select(0u, 1u, lo == 0u));
+}
+
+// The guard's decision, made once per step by one invocation: apply the plan for the
+// device's counter and advance it, or skip the step and count the skip.
+fn settle_guard() {
+    let non_finite = atomicExchange(&guard.non_finite, 0u) != 0u;
+    let index = guard.counter_lo - step.base_lo;
+    if index >= step.len {
+        guard.fault = 1u;
+        guard.skip = 1u;
+    } else if non_finite {
+        guard.skip = 1u;
+        let skipped = increment(vec2(guard.skipped_lo, guard.skipped_hi));
+        guard.skipped_lo = skipped.x;
+        guard.skipped_hi = skipped.y;
+    } else {
+        guard.skip = 0u;
+        guard.active_plan = index;
+        let counter = increment(vec2(guard.counter_lo, guard.counter_hi));
+        guard.counter_lo = counter.x;
+        guard.counter_hi = counter.y;
+    }
+}
+
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn norm_partials(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    // only step-invariant fields are read here (loss scale, accumulation steps)
+    s = step.plans[0];
     let c = workgroup_linear(wid, nwg);
     let valid = c < arrayLength(&chunks);
     let chunk = chunks[min(c, arrayLength(&chunks) - 1u)];
     var sum = 0.0;
+    var non_finite = false;
     if valid && (tensors[chunk.tensor].flags & FLAG_HAS_GRADIENT) != 0u {
         for (var k = lid; k < chunk.len; k += WORKGROUP_SIZE) {
-            let g = effective_gradient(chunk.start + k);
-            sum += g * g;
+            let i = chunk.start + k;
+            if GUARD {
+                non_finite = non_finite | is_non_finite(unscale_gradient(grads[i]));
+            }
+            if CLIP_KIND == 1u || CLIP_KIND == 2u {
+                let g = effective_gradient(i);
+                sum += g * g;
+            }
         }
+    }
+    if non_finite {
+        atomicOr(&chunk_non_finite, 1u);
     }
     let total = workgroup_sum(lid, sum);
     if valid && lid == 0u {
         partials[chunk.global_index] = total;
+        if GUARD && atomicLoad(&chunk_non_finite) != 0u {
+            atomicOr(&guard.non_finite, 1u);
+        }
     }
 }
 
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
-    var present_sum = 0.0;
-    for (var t = lid; t < s.tensor_count; t += WORKGROUP_SIZE) {
-        let info = tensors[t];
-        var sum = 0.0;
-        for (var k = 0u; k < info.chunk_count; k++) {
-            sum += partials[info.first_chunk + k];
+    // only step-invariant fields are read here (clip thresholds)
+    s = step.plans[0];
+    if CLIP_KIND == 1u || CLIP_KIND == 2u {
+        var present_sum = 0.0;
+        for (var t = lid; t < step.tensor_count; t += WORKGROUP_SIZE) {
+            let info = tensors[t];
+            var sum = 0.0;
+            for (var k = 0u; k < info.chunk_count; k++) {
+                sum += partials[info.first_chunk + k];
+            }
+            if CLIP_KIND == 1u {
+                clips[t] = clipnorm_factors(sum, s.clip_norm);
+            }
+            if (info.flags & FLAG_HAS_GRADIENT) != 0u {
+                present_sum += sum;
+            }
         }
-        if CLIP_KIND == 1u {
-            clips[t] = clipnorm_factors(sum, s.clip_norm);
-        }
-        if (info.flags & FLAG_HAS_GRADIENT) != 0u {
-            present_sum += sum;
+        if CLIP_KIND == 2u {
+            let total = workgroup_sum(lid, present_sum);
+            let factors = global_clipnorm_factors(total, s.clip_norm, s.inv_clip_norm);
+            for (var t = lid; t < step.tensor_count; t += WORKGROUP_SIZE) {
+                clips[t] = factors;
+            }
         }
     }
-    if CLIP_KIND == 2u {
-        let total = workgroup_sum(lid, present_sum);
-        let factors = global_clipnorm_factors(total, s.clip_norm, s.inv_clip_norm);
-        for (var t = lid; t < s.tensor_count; t += WORKGROUP_SIZE) {
-            clips[t] = factors;
-        }
+    if GUARD && lid == 0u {
+        settle_guard();
     }
 }
 
@@ -286,6 +378,14 @@ fn update(
     let c = workgroup_linear(wid, nwg);
     if c >= arrayLength(&chunks) {
         return;
+    }
+    if GUARD {
+        if guard.skip != 0u {
+            return;
+        }
+        s = step.plans[guard.active_plan];
+    } else {
+        s = step.plans[0];
     }
     let chunk = chunks[c];
     let flags = tensors[chunk.tensor].flags;

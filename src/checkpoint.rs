@@ -49,6 +49,8 @@ struct Parsed {
     specs: Vec<VariableSpec>,
     excluded: Vec<String>,
     raw_iterations: u64,
+    /// Steps the non-finite guard skipped (absent in older files: 0).
+    skipped_steps: u64,
     /// `(role, variable index) -> values`, role `variables` or a slot name.
     tensors: HashMap<(String, usize), Vec<f32>>,
 }
@@ -71,6 +73,12 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let raw_iterations: u64 = get("raw_iterations")?
         .parse()
         .map_err(|_| corrupt(path, "raw_iterations is not a number"))?;
+    let skipped_steps: u64 = match meta.get("skipped_steps") {
+        Some(v) => v
+            .parse()
+            .map_err(|_| corrupt(path, "skipped_steps is not a number"))?,
+        None => 0,
+    };
     let vars: Value =
         serde_json::from_str(get("variables")?).map_err(|e| corrupt(path, e.to_string()))?;
     let specs = vars
@@ -142,6 +150,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         specs,
         excluded,
         raw_iterations,
+        skipped_steps,
         tensors,
     })
 }
@@ -199,6 +208,10 @@ impl RmsProp {
         meta.insert(
             "raw_iterations".to_string(),
             self.raw_iterations().to_string(),
+        );
+        meta.insert(
+            "skipped_steps".to_string(),
+            self.skipped_steps().skipped.to_string(),
         );
         meta.insert("variables".to_string(), Value::Array(specs).to_string());
         meta.insert(
@@ -264,6 +277,7 @@ impl RmsProp {
     }
 
     fn apply_parsed(&mut self, p: Parsed) -> Result<()> {
+        self.set_counters(p.raw_iterations, p.skipped_steps)?;
         for ((role, i), values) in &p.tensors {
             if role == "variables" {
                 self.set_variable(*i, values)?;
@@ -272,7 +286,6 @@ impl RmsProp {
             }
         }
         self.set_exclusions(p.excluded);
-        self.set_raw_iterations(p.raw_iterations);
         Ok(())
     }
 }

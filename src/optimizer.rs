@@ -7,6 +7,7 @@ use crate::config::RmsPropConfig;
 use crate::cpu::CpuEngine;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuEngine, GpuOptions};
+use crate::guard::{has_non_finite, SkippedSteps};
 use crate::layout::{check_len, Variable, VariableSpec};
 use crate::plan::{iterations, plan_step, takes_weight_decay, Variant};
 
@@ -83,7 +84,11 @@ pub struct RmsProp {
     specs: Vec<VariableSpec>,
     excluded: Vec<String>,
     decay: Vec<bool>,
+    /// The step counter, except while the GPU guard is on (then the device keeps it).
     raw_iterations: u64,
+    /// Steps skipped by the guard, except while the GPU guard is on.
+    skipped: u64,
+    guard: bool,
     engine: Engine,
 }
 
@@ -164,6 +169,8 @@ impl RmsProp {
             excluded: Vec::new(),
             decay,
             raw_iterations: 0,
+            skipped: 0,
+            guard: false,
             engine,
         })
     }
@@ -217,25 +224,117 @@ impl RmsProp {
             .collect();
     }
 
-    pub(crate) fn set_raw_iterations(&mut self, raw: u64) {
+    /// The GPU engine while its guard keeps the counters on the device.
+    fn device_counters(&self) -> Option<&GpuEngine> {
+        match &self.engine {
+            Engine::Gpu(e) if self.guard => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Sets the step counter and the guard's skip count (restoring a checkpoint).
+    pub(crate) fn set_counters(&mut self, raw: u64, skipped: u64) -> Result<()> {
+        if let (Engine::Gpu(e), true) = (&mut self.engine, self.guard) {
+            e.reset_guard(raw, skipped)?;
+        }
         self.raw_iterations = raw;
+        self.skipped = skipped;
+        Ok(())
     }
 
     /// Keras' `optimizer.iterations`: applied updates (raw steps divided by
     /// `gradient_accumulation_steps`, floored).
+    ///
+    /// With the non-finite guard on a GPU, the device keeps the counter: this waits for
+    /// the steps in flight (use [`skipped_steps`](RmsProp::skipped_steps) in a hot loop).
     pub fn iterations(&self) -> u64 {
-        iterations(&self.config, self.raw_iterations)
+        iterations(&self.config, self.raw_iterations())
     }
 
     /// Steps taken, accumulation-only steps included (Keras' `_iterations`); the
-    /// learning-rate schedule is evaluated at this counter.
+    /// learning-rate schedule is evaluated at this counter. Steps skipped by the
+    /// non-finite guard do not count. Waits for the GPU as
+    /// [`iterations`](RmsProp::iterations) does; should the device be lost, returns the
+    /// last counter read back (and the next step returns the error).
     pub fn raw_iterations(&self) -> u64 {
-        self.raw_iterations
+        match self.device_counters() {
+            Some(e) => match e.guard_counters(true) {
+                Ok(Some((raw, _))) => raw,
+                _ => e
+                    .guard_counters(false)
+                    .ok()
+                    .flatten()
+                    .map_or(self.raw_iterations, |(raw, _)| raw),
+            },
+            None => self.raw_iterations,
+        }
     }
 
     /// The learning rate the next step will use.
     pub fn current_learning_rate(&self) -> f32 {
-        self.config.learning_rate.at(self.raw_iterations)
+        self.config.learning_rate.at(self.raw_iterations())
+    }
+
+    /// Turns the opt-in non-finite guard on or off (off by default, which is Keras'
+    /// behaviour: NaN and infinity flow into the variables).
+    ///
+    /// With the guard on, a step in which any present gradient (divided by
+    /// `loss_scale_factor`) is NaN or infinite is skipped whole: variables, slots, the
+    /// EMA, the accumulators and the step counter stay as they were, and
+    /// [`skipped_steps`](RmsProp::skipped_steps) counts it. On a GPU the check runs on
+    /// the device inside the step, with no readback that stalls it.
+    ///
+    /// ```
+    /// use fused_rmsprop::{Backend, RmsProp, RmsPropConfig, Variable};
+    /// let var = Variable::new("w", &[2], vec![1.0, 2.0]).unwrap();
+    /// let mut opt = RmsProp::with_backend(RmsPropConfig::default(), vec![var], Backend::Cpu).unwrap();
+    /// opt.set_non_finite_guard(true).unwrap();
+    /// opt.apply_gradients(&[Some(&[0.5, f32::NAN][..])]).unwrap(); // skipped
+    /// assert_eq!(opt.variable(0).unwrap(), vec![1.0, 2.0]);
+    /// assert_eq!((opt.iterations(), opt.skipped_steps().skipped), (0, 1));
+    /// ```
+    pub fn set_non_finite_guard(&mut self, enabled: bool) -> Result<()> {
+        if enabled == self.guard {
+            return Ok(());
+        }
+        if let Engine::Gpu(e) = &mut self.engine {
+            if enabled {
+                e.enable_guard(self.raw_iterations, self.skipped)?;
+            } else if let Some((raw, skipped)) = e.disable_guard()? {
+                self.raw_iterations = raw;
+                self.skipped = skipped;
+            }
+        }
+        self.guard = enabled;
+        Ok(())
+    }
+
+    /// True while the non-finite guard is on.
+    pub fn non_finite_guard(&self) -> bool {
+        self.guard
+    }
+
+    /// Steps the non-finite guard has skipped. Never waits for the GPU: it reads the
+    /// counter readbacks that have arrived, and says how many steps are still in
+    /// flight; call [`synchronize`](RmsProp::synchronize) first for an exact count.
+    pub fn skipped_steps(&self) -> SkippedSteps {
+        let device = match &self.engine {
+            Engine::Gpu(e) if self.guard => e.guard_report(),
+            _ => None,
+        };
+        device.unwrap_or(SkippedSteps {
+            skipped: self.skipped,
+            in_flight: 0,
+        })
+    }
+
+    /// Waits for every step submitted to the GPU (a no-op on the CPU path); reports a
+    /// lost device or a GPU error.
+    pub fn synchronize(&self) -> Result<()> {
+        match &self.engine {
+            Engine::Gpu(e) => e.synchronize(),
+            Engine::Cpu(_) => Ok(()),
+        }
     }
 
     /// Checks a step's gradients: one per variable, right lengths, at least one present.
@@ -269,12 +368,23 @@ impl RmsProp {
     /// as in Keras). Bad input is refused before anything changes.
     pub fn apply_gradients(&mut self, grads: &[Option<&[f32]>]) -> Result<()> {
         self.check_gradients(grads)?;
-        let plan = plan_step(&self.config, self.raw_iterations);
+        let config = &self.config;
+        let plan_at = |raw: u64| plan_step(config, raw);
         match &mut self.engine {
-            Engine::Cpu(e) => e.step(&plan, grads, &self.decay),
-            Engine::Gpu(e) => e.step_host(&plan, grads, &self.decay)?,
+            Engine::Cpu(e) => {
+                let plan = plan_at(self.raw_iterations);
+                if self.guard && has_non_finite(grads, &plan.scalars) {
+                    self.skipped += 1;
+                    return Ok(());
+                }
+                e.step(&plan, grads, &self.decay);
+            }
+            Engine::Gpu(e) => e.step_host(&plan_at, self.raw_iterations, grads, &self.decay)?,
         }
-        self.raw_iterations += 1;
+        // with the GPU guard the device advances (or not) its own counter
+        if !self.guard || self.backend() == BackendKind::Cpu {
+            self.raw_iterations += 1;
+        }
         Ok(())
     }
 
@@ -314,9 +424,12 @@ impl RmsProp {
         if !present.iter().any(|&p| p) {
             return Err(Error::NoGradients);
         }
-        let plan = plan_step(&self.config, self.raw_iterations);
-        e.step_device(&plan, present, &self.decay)?;
-        self.raw_iterations += 1;
+        let config = &self.config;
+        let plan_at = |raw: u64| plan_step(config, raw);
+        e.step_device(&plan_at, self.raw_iterations, present, &self.decay)?;
+        if !self.guard {
+            self.raw_iterations += 1;
+        }
         Ok(())
     }
 

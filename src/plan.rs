@@ -49,6 +49,9 @@ pub struct Variant {
     pub weight_decay: bool,
     /// Which clipping.
     pub clip: ClipKind,
+    /// The opt-in non-finite guard (not a Keras option: set by
+    /// [`crate::RmsProp::set_non_finite_guard`], never by a config).
+    pub guard: bool,
 }
 
 impl Variant {
@@ -66,6 +69,7 @@ impl Variant {
                 Clipping::GlobalNorm(_) => ClipKind::GlobalNorm,
                 Clipping::Value(_) => ClipKind::Value,
             },
+            guard: false,
         }
     }
 
@@ -103,8 +107,8 @@ pub struct StepPlan {
 }
 
 impl StepPlan {
-    /// The per-step uniform as the kernels read it: the scalars, then `clip_norm`,
-    /// `inv_clip_norm`, `is_update_step` (as 0/1) and a pad.
+    /// The plan as the kernels read it (`StepScalars` in the WGSL): the scalars, then
+    /// `clip_norm`, `inv_clip_norm`, `is_update_step` (as 0/1) and a pad.
     pub fn uniform_words(&self) -> [f32; STEP_SCALAR_COUNT + 4] {
         let mut out = [0.0f32; STEP_SCALAR_COUNT + 4];
         out[..STEP_SCALAR_COUNT].copy_from_slice(&self.scalars.to_array());

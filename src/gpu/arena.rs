@@ -11,7 +11,8 @@ use std::num::NonZeroU64;
 
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
-use crate::gpu::pipelines::{binding, slot_index, Pipelines, GPU_CHUNK_LEN};
+use crate::gpu::guard::GUARD_BYTES;
+use crate::gpu::pipelines::{binding, slot_index, Pipelines, GPU_CHUNK_LEN, UNIFORM_BYTES};
 use crate::layout::{Layout, VariableSpec};
 use crate::plan::Variant;
 
@@ -48,6 +49,8 @@ pub struct GpuArena {
     pub(crate) segments: Vec<Segment>,
     pub(crate) tensors: wgpu::Buffer,
     pub(crate) uniform: wgpu::Buffer,
+    /// The non-finite guard's device-side counters (`GuardState` in the shader).
+    pub(crate) guard_state: wgpu::Buffer,
     pub(crate) tensor_flags: Vec<u32>,
 }
 
@@ -177,8 +180,16 @@ impl GpuArena {
         let uniform = make_buffer(
             ctx,
             "step uniform",
-            64,
+            UNIFORM_BYTES,
             wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let guard_state = make_buffer(
+            ctx,
+            "guard state",
+            GUARD_BYTES,
+            wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
         )?;
         let mut segments = Vec::with_capacity(segment_count);
         for s in 0..segment_count {
@@ -249,6 +260,10 @@ impl GpuArena {
                             binding: binding::CLIPS,
                             resource: clips.as_entire_binding(),
                         },
+                        wgpu::BindGroupEntry {
+                            binding: binding::GUARD,
+                            resource: guard_state.as_entire_binding(),
+                        },
                     ],
                 })
             })?;
@@ -270,6 +285,7 @@ impl GpuArena {
             segments,
             tensors,
             uniform,
+            guard_state,
             tensor_flags,
         })
     }

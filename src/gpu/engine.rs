@@ -1,12 +1,16 @@
 //! The GPU driver: one step is a uniform write (plus the tensor flags when they change)
-//! and one submission of at most `2 * segments + 1` dispatches; nothing is read back.
+//! and one submission of at most `2 * segments + 1` dispatches; nothing is read back
+//! inside a step. With the non-finite guard, the step also copies 32 bytes of counters
+//! into a staging buffer that is mapped in the background.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::gpu::arena::{GpuArena, Segment, UserBuffers};
 use crate::gpu::context::{software_allowed_by_env, GpuContext};
-use crate::gpu::pipelines::{pipelines_for, Pipelines};
+use crate::gpu::guard::DeviceGuard;
+use crate::gpu::pipelines::{pipelines_for, Pipelines, PLAN_WORDS, UNIFORM_HEADER_WORDS};
+use crate::guard::SkippedSteps;
 use crate::layout::{Layout, VariableSpec};
 use crate::plan::{StepPlan, Variant};
 
@@ -33,6 +37,9 @@ pub struct GpuEngine {
     pipelines: Arc<Pipelines>,
     arena: GpuArena,
     max_groups: u32,
+    /// The non-finite guard's host-side view, when the guard is on (behind a mutex so
+    /// that `&self` readers can take the readbacks that arrived).
+    guard: Mutex<Option<DeviceGuard>>,
 }
 
 /// A 2D grid covering `n` workgroups within the per-dimension limit.
@@ -87,6 +94,7 @@ impl GpuEngine {
             pipelines,
             arena,
             max_groups,
+            guard: Mutex::new(None),
         })
     }
 
@@ -125,21 +133,27 @@ impl GpuEngine {
     /// then [`GpuEngine::step_device`].
     pub(crate) fn step_host(
         &mut self,
-        plan: &StepPlan,
+        plan_at: &dyn Fn(u64) -> StepPlan,
+        raw: u64,
         grads: &[Option<&[f32]>],
         decay: &[bool],
     ) -> Result<()> {
         self.ctx.take_error()?;
         self.arena.write_gradients(&self.ctx, grads)?;
         let present: Vec<bool> = grads.iter().map(Option::is_some).collect();
-        self.step_device(plan, &present, decay)
+        self.step_device(plan_at, raw, &present, decay)
     }
 
     /// A step on the gradients already in the gradient buffers: writes the uniform (and
     /// the tensor flags if they changed), records the dispatches, submits once.
+    ///
+    /// `plan_at(counter)` is the plan for a step counter. Without the guard the step
+    /// runs `plan_at(raw)`; with it, the counter lives on the device and the uniform
+    /// holds the plans of every counter the device may have reached.
     pub(crate) fn step_device(
         &mut self,
-        plan: &StepPlan,
+        plan_at: &dyn Fn(u64) -> StepPlan,
+        raw: u64,
         present: &[bool],
         decay: &[bool],
     ) -> Result<()> {
@@ -151,12 +165,29 @@ impl GpuEngine {
             .map(|(&p, &d)| p as u32 | ((d && variant.weight_decay) as u32) << 1)
             .collect();
         self.arena.set_flags(&self.ctx, flags);
-        let mut words: [u32; 16] = bytemuck::cast(plan.uniform_words());
-        words[15] = self.arena.layout.tensors().len() as u32;
+
+        let mut guard_lock = lock(&self.guard)?;
+        let (base, len) = match guard_lock.as_mut() {
+            Some(g) => g.window(&self.ctx)?,
+            None => (raw, 1),
+        };
+        let plans: Vec<StepPlan> = (0..len as u64).map(|k| plan_at(base + k)).collect();
+        let tensor_count = self.arena.layout.tensors().len() as u32;
+        let mut words: Vec<u32> = vec![base as u32, len as u32, tensor_count, 0];
+        for plan in &plans {
+            let plan_words: [u32; PLAN_WORDS] = bytemuck::cast(plan.uniform_words());
+            words.extend_from_slice(&plan_words);
+        }
+        debug_assert_eq!(words.len(), UNIFORM_HEADER_WORDS + len * PLAN_WORDS);
         self.ctx
             .queue
             .write_buffer(&self.arena.uniform, 0, bytemuck::cast_slice(&words));
 
+        // Without the guard the host knows whether this is an update step; with it,
+        // the device decides, so the reduction always runs (it also finds non-finite
+        // gradients).
+        let guarded = guard_lock.is_some();
+        let reduce = guarded || (variant.clip.needs_norm() && plans[0].is_update_step);
         let mut encoder = self
             .ctx
             .device
@@ -169,7 +200,7 @@ impl GpuEngine {
                 timestamp_writes: None,
             });
             let segments = &self.arena.segments;
-            if variant.clip.needs_norm() && plan.is_update_step {
+            if reduce {
                 pass.set_pipeline(&self.pipelines.norm_partials);
                 for s in segments.iter().filter(|s| s.chunk_count > 0) {
                     pass.set_bind_group(0, &s.bind_group, &[]);
@@ -187,13 +218,92 @@ impl GpuEngine {
                 pass.dispatch_workgroups(x, y, 1);
             }
         }
+        let readback = match guard_lock.as_mut() {
+            Some(g) => Some(g.record_readback(&self.ctx, &mut encoder, &self.arena.guard_state)?),
+            None => None,
+        };
         self.ctx.queue.submit([encoder.finish()]);
+        if let (Some(g), Some(buffer)) = (guard_lock.as_mut(), readback) {
+            g.submitted(buffer);
+        }
         Ok(())
     }
 
-    /// Waits for every submitted step; reports a lost device or a captured error.
+    /// True while the non-finite guard is on.
+    pub fn guard_enabled(&self) -> bool {
+        lock(&self.guard).is_ok_and(|g| g.is_some())
+    }
+
+    /// Turns the non-finite guard on, with the device counters starting at `raw` and
+    /// `skipped`.
+    pub(crate) fn enable_guard(&mut self, raw: u64, skipped: u64) -> Result<()> {
+        let guarded = Variant {
+            guard: true,
+            ..self.arena.variant
+        };
+        let pipelines = pipelines_for(&self.ctx, &guarded)?;
+        let mut slot = lock(&self.guard)?;
+        if slot.is_none() {
+            *slot = Some(DeviceGuard::start(
+                &self.ctx,
+                &self.arena.guard_state,
+                raw,
+                skipped,
+            ));
+            self.pipelines = pipelines;
+        }
+        Ok(())
+    }
+
+    /// Turns the guard off after the steps in flight; returns the final `(raw, skipped)`
+    /// counters, or `None` when it was off.
+    pub(crate) fn disable_guard(&mut self) -> Result<Option<(u64, u64)>> {
+        let counters = self.guard_counters(true)?;
+        if counters.is_some() {
+            self.pipelines = pipelines_for(&self.ctx, &self.arena.variant)?;
+            *lock(&self.guard)? = None;
+        }
+        Ok(counters)
+    }
+
+    /// The guard's `(raw, skipped)` counters, `None` when the guard is off. With `wait`,
+    /// waits for the steps in flight so that they are exact.
+    pub(crate) fn guard_counters(&self, wait: bool) -> Result<Option<(u64, u64)>> {
+        let mut slot = lock(&self.guard)?;
+        let Some(g) = slot.as_mut() else {
+            return Ok(None);
+        };
+        if wait {
+            g.settle_all(&self.ctx).map(Some)
+        } else {
+            g.harvest(&self.ctx, false)?;
+            Ok(Some(g.last_known()))
+        }
+    }
+
+    /// The guard's report without waiting; `None` when the guard is off.
+    pub(crate) fn guard_report(&self) -> Option<SkippedSteps> {
+        let mut slot = lock(&self.guard).ok()?;
+        slot.as_mut().map(|g| g.report(&self.ctx))
+    }
+
+    /// Sets the guard's device counters (e.g. on restoring a checkpoint), after the
+    /// steps in flight. Does nothing when the guard is off.
+    pub(crate) fn reset_guard(&mut self, raw: u64, skipped: u64) -> Result<()> {
+        let mut slot = lock(&self.guard)?;
+        if let Some(g) = slot.as_mut() {
+            g.settle_all(&self.ctx)?;
+            *g = DeviceGuard::start(&self.ctx, &self.arena.guard_state, raw, skipped);
+        }
+        Ok(())
+    }
+
+    /// Waits for every submitted step; reports a lost device or a captured error. With
+    /// the guard on, also reads every counter readback, so that
+    /// [`crate::RmsProp::skipped_steps`] is exact afterwards.
     pub fn synchronize(&self) -> Result<()> {
-        self.ctx.wait()
+        self.ctx.wait()?;
+        self.guard_counters(true).map(|_| ())
     }
 
     /// `finalize_variable_values`: copies the EMA into the parameters (no-op without EMA).
@@ -237,4 +347,10 @@ impl GpuEngine {
         }
         self.arena.write(&self.ctx, role, t.offset, values)
     }
+}
+
+fn lock(guard: &Mutex<Option<DeviceGuard>>) -> Result<MutexGuard<'_, Option<DeviceGuard>>> {
+    guard
+        .lock()
+        .map_err(|_| Error::Gpu("non-finite guard state poisoned".into()))
 }

@@ -17,6 +17,19 @@ pub const WORKGROUP_SIZE: usize = 256;
 /// Elements per chunk on the GPU: eight per thread of one workgroup.
 pub const GPU_CHUNK_LEN: usize = WORKGROUP_SIZE * 8;
 
+/// Plans in the step uniform (`PLAN_WINDOW` in the shader): with the non-finite guard,
+/// the most steps that may be in flight before the host waits for a readback.
+pub const PLAN_WINDOW: usize = 64;
+
+/// Words in one plan (`StepScalars` in the shader).
+pub const PLAN_WORDS: usize = 16;
+
+/// Words before the plans in the step uniform (`base_lo`, `len`, `tensor_count`, pad).
+pub const UNIFORM_HEADER_WORDS: usize = 4;
+
+/// Bytes of the step uniform.
+pub const UNIFORM_BYTES: u64 = ((UNIFORM_HEADER_WORDS + PLAN_WINDOW * PLAN_WORDS) * 4) as u64;
+
 /// Binding numbers, as declared in the shader.
 pub(crate) mod binding {
     pub const UNIFORM: u32 = 0;
@@ -27,9 +40,11 @@ pub(crate) mod binding {
     pub const SLOTS: u32 = 5;
     pub const PARTIALS: u32 = 6;
     pub const CLIPS: u32 = 7;
+    pub const GUARD: u32 = 8;
 }
 
-/// The three pipelines of one variant and their shared bind group layout.
+/// The three pipelines of one variant, and the bind group layout that every variant on
+/// the device shares (so one bind group serves all of them).
 #[derive(Debug)]
 pub struct Pipelines {
     /// Layout of group 0.
@@ -57,6 +72,7 @@ fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
         ("USE_EMA", b(variant.ema)),
         ("ACCUMULATE", b(variant.accumulate)),
         ("WEIGHT_DECAY", b(variant.weight_decay)),
+        ("GUARD", b(variant.guard)),
         (
             "CLIP_KIND",
             match variant.clip {
@@ -73,10 +89,11 @@ fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
     ]
 }
 
-/// Shader module and pipelines of one device.
+/// Shader module, layouts and pipelines of one device.
 #[derive(Default)]
 pub struct PipelineCache {
     module: Option<wgpu::ShaderModule>,
+    layouts: Option<(wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     by_variant: HashMap<Variant, Arc<Pipelines>>,
 }
 
@@ -127,34 +144,44 @@ pub fn pipelines_for(ctx: &GpuContext, variant: &Variant) -> Result<Arc<Pipeline
     let Some(module) = cache.module.clone() else {
         return Err(crate::Error::Gpu("shader module missing".into()));
     };
-    let p = ctx.scoped("building pipelines", || {
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("rmsprop group 0"),
-            entries: &[
-                wgpu::BindGroupLayoutEntry {
-                    binding: binding::UNIFORM,
-                    visibility: wgpu::ShaderStages::COMPUTE,
-                    ty: wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Uniform,
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
+    if cache.layouts.is_none() {
+        let layouts = ctx.scoped("building the bind group layout", || {
+            let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("rmsprop group 0"),
+                entries: &[
+                    wgpu::BindGroupLayoutEntry {
+                        binding: binding::UNIFORM,
+                        visibility: wgpu::ShaderStages::COMPUTE,
+                        ty: wgpu::BindingType::Buffer {
+                            ty: wgpu::BufferBindingType::Uniform,
+                            has_dynamic_offset: false,
+                            min_binding_size: None,
+                        },
+                        count: None,
                     },
-                    count: None,
-                },
-                storage(binding::CHUNKS, true),
-                storage(binding::TENSORS, true),
-                storage(binding::PARAMS, false),
-                storage(binding::GRADS, true),
-                storage(binding::SLOTS, false),
-                storage(binding::PARTIALS, false),
-                storage(binding::CLIPS, false),
-            ],
-        });
-        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some("rmsprop"),
-            bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
-        });
+                    storage(binding::CHUNKS, true),
+                    storage(binding::TENSORS, true),
+                    storage(binding::PARAMS, false),
+                    storage(binding::GRADS, true),
+                    storage(binding::SLOTS, false),
+                    storage(binding::PARTIALS, false),
+                    storage(binding::CLIPS, false),
+                    storage(binding::GUARD, false),
+                ],
+            });
+            let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some("rmsprop"),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+            (layout, pipeline_layout)
+        })?;
+        cache.layouts = Some(layouts);
+    }
+    let Some((layout, pipeline_layout)) = cache.layouts.clone() else {
+        return Err(crate::Error::Gpu("pipeline layout missing".into()));
+    };
+    let p = ctx.scoped("building pipelines", || {
         let constants = constants(variant);
         let make = |entry: &str| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -173,10 +200,32 @@ pub fn pipelines_for(ctx: &GpuContext, variant: &Variant) -> Result<Arc<Pipeline
             norm_partials: make("norm_partials"),
             norm_finalize: make("norm_finalize"),
             update: make("update"),
-            layout,
+            layout: layout.clone(),
         }
     })?;
     let p = Arc::new(p);
     cache.by_variant.insert(*variant, p.clone());
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shader's constants agree with the host's.
+    #[test]
+    fn shader_constants_match_the_host() {
+        for line in [
+            format!("const WORKGROUP_SIZE: u32 = {WORKGROUP_SIZE}u;"),
+            format!("const PLAN_WINDOW: u32 = {PLAN_WINDOW}u;"),
+        ] {
+            assert!(SHADER_SOURCE.contains(&line), "shader lacks `{line}`");
+        }
+        let scalars = SHADER_SOURCE
+            .split("struct StepScalars {")
+            .nth(1)
+            .and_then(|rest| rest.split('}').next())
+            .expect("struct StepScalars");
+        assert_eq!(scalars.matches(": f32").count(), PLAN_WORDS);
+    }
 }
