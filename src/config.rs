@@ -372,6 +372,29 @@ mod tests {
         c.validate().unwrap();
     }
 
+    /// Floats that need all 17 significant digits survive JSON both ways (serde_json's
+    /// default parser can be off by one ulp; `float_roundtrip` makes it exact).
+    #[test]
+    fn seventeen_digit_floats_round_trip_exactly() {
+        for x in [
+            0.013000000000000001f64,
+            0.1 + 0.2,
+            1.0 / 3.0,
+            2.2250738585072014e-308,
+        ] {
+            let c = RmsPropConfig::default()
+                .with_rho(x)
+                .with_weight_decay(x * 7.0);
+            let back = RmsPropConfig::from_keras_json_str(&c.to_keras_json().unwrap().to_string())
+                .unwrap();
+            assert_eq!(back.rho.to_bits(), x.to_bits(), "{x:e}");
+            assert_eq!(
+                back.weight_decay.map(f64::to_bits),
+                Some((x * 7.0).to_bits())
+            );
+        }
+    }
+
     #[test]
     fn two_clip_options_conflict() {
         let c = RmsPropConfig::default()

@@ -287,6 +287,25 @@ impl GpuEngine {
         slot.as_mut().map(|g| g.report(&self.ctx))
     }
 
+    /// See [`DeviceGuard::defer_readbacks`].
+    #[cfg(test)]
+    pub(crate) fn defer_guard_readbacks(&self) {
+        if let Ok(mut slot) = lock(&self.guard) {
+            if let Some(g) = slot.as_mut() {
+                g.defer_readbacks();
+            }
+        }
+    }
+
+    /// Steps in flight as the guard's ledger counts them (no polling).
+    #[cfg(test)]
+    pub(crate) fn guard_in_flight(&self) -> u64 {
+        lock(&self.guard)
+            .ok()
+            .and_then(|slot| slot.as_ref().map(|g| g.in_flight()))
+            .unwrap_or(0)
+    }
+
     /// Sets the guard's device counters (e.g. on restoring a checkpoint), after the
     /// steps in flight. Does nothing when the guard is off.
     pub(crate) fn reset_guard(&mut self, raw: u64, skipped: u64) -> Result<()> {
@@ -353,4 +372,87 @@ fn lock(guard: &Mutex<Option<DeviceGuard>>) -> Result<MutexGuard<'_, Option<Devi
     guard
         .lock()
         .map_err(|_| Error::Gpu("non-finite guard state poisoned".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::gpu::pipelines::PLAN_WINDOW;
+    use crate::trace::values_match;
+    use crate::{
+        Backend, GpuContext, GpuOptions, LearningRate, LearningRateSchedule, RmsProp,
+        RmsPropConfig, Variable,
+    };
+
+    /// A GPU on any adapter; under CI a missing adapter fails the test, elsewhere the
+    /// test says loudly that it is skipped.
+    fn context() -> Option<GpuContext> {
+        match GpuContext::new(true) {
+            Ok(c) => Some(c),
+            Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but no GPU: {e}"),
+            Err(e) => {
+                eprintln!("\n!!!!!! GPU TEST SKIPPED: no GPU adapter ({e}) !!!!!!\n");
+                None
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct Sawtooth;
+
+    impl LearningRateSchedule for Sawtooth {
+        fn learning_rate(&self, step: u64) -> f64 {
+            0.001 * (1 + step % 7) as f64
+        }
+    }
+
+    /// With readbacks deferred, steps pile up until the plan window is full; the next
+    /// step waits for them, and every step still runs with the plan of the device's
+    /// counter: the result equals the CPU path over the finite steps.
+    #[test]
+    fn a_full_plan_window_waits_and_stays_exact() {
+        let Some(ctx) = context() else { return };
+        let config = RmsPropConfig::default()
+            .with_learning_rate(LearningRate::Custom(Arc::new(Sawtooth)))
+            .with_gradient_accumulation_steps(2)
+            .with_use_ema(true)
+            .with_ema_overwrite_frequency(3);
+        let start: Vec<f32> = (0..5000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let var = || vec![Variable::new("w", &[50, 100], start.clone()).unwrap()];
+        let options = GpuOptions {
+            context: Some(ctx),
+            ..GpuOptions::default()
+        };
+        let mut gpu = RmsProp::with_options(config.clone(), var(), Backend::Gpu, &options).unwrap();
+        gpu.set_non_finite_guard(true).unwrap();
+        gpu.gpu().unwrap().defer_guard_readbacks();
+        let mut cpu = RmsProp::with_backend(config, var(), Backend::Cpu).unwrap();
+        let mut most_in_flight = 0;
+        let mut bad = 0;
+        for step in 0..3 * PLAN_WINDOW {
+            let mut g: Vec<f32> = (0..5000)
+                .map(|i| ((i + step) as f32 * 0.11).cos())
+                .collect();
+            if step % 3 == 2 {
+                g[step * 13 % 5000] = f32::NAN;
+                bad += 1;
+            } else {
+                cpu.apply_gradients(&[Some(&g)]).unwrap();
+            }
+            gpu.apply_gradients(&[Some(&g)]).unwrap();
+            most_in_flight = most_in_flight.max(gpu.gpu().unwrap().guard_in_flight());
+        }
+        assert_eq!(
+            most_in_flight, PLAN_WINDOW as u64,
+            "the window never filled"
+        );
+        gpu.synchronize().unwrap();
+        assert_eq!(gpu.skipped_steps().skipped, bad);
+        assert_eq!(gpu.raw_iterations(), cpu.raw_iterations());
+        let (a, b) = (gpu.variable(0).unwrap(), cpu.variable(0).unwrap());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(values_match(*x, *y), "element {i}: gpu {x} vs cpu {y}");
+        }
+    }
 }

@@ -67,6 +67,9 @@ pub(crate) struct DeviceGuard {
     /// A sticky error (lost device, a counter outside the plan window): every later
     /// step returns it.
     failed: Option<String>,
+    /// Read arrived readbacks at every step (always, except in tests that fill the
+    /// plan window on purpose).
+    eager: bool,
 }
 
 impl DeviceGuard {
@@ -85,7 +88,15 @@ impl DeviceGuard {
             idle: Vec::new(),
             in_flight: VecDeque::new(),
             failed: None,
+            eager: true,
         }
+    }
+
+    /// Stops reading readbacks at each step, so that steps pile up in flight until the
+    /// plan window is full (tests of that path).
+    #[cfg(test)]
+    pub fn defer_readbacks(&mut self) {
+        self.eager = false;
     }
 
     fn check(&self) -> Result<()> {
@@ -96,11 +107,13 @@ impl DeviceGuard {
     }
 
     /// The counter values the next step may see, `(first, count)`: reads the readbacks
-    /// that arrived, and waits only when `PLAN_WINDOW` steps are in flight.
+    /// that arrived, and waits for the device only when `PLAN_WINDOW` steps are in flight.
     pub fn window(&mut self, ctx: &GpuContext) -> Result<(u64, usize)> {
-        self.harvest(ctx, false)?;
+        if self.eager {
+            self.harvest(ctx, false)?;
+        }
         if self.ledger.window().1 > PLAN_WINDOW {
-            self.harvest_oldest(ctx)?;
+            self.harvest(ctx, true)?;
         }
         self.check()?;
         Ok(self.ledger.window())
@@ -187,30 +200,6 @@ impl DeviceGuard {
         self.check()
     }
 
-    /// Waits for the oldest readback only (frees one place in the plan window).
-    fn harvest_oldest(&mut self, ctx: &GpuContext) -> Result<()> {
-        let Some(front) = self.in_flight.front() else {
-            return Ok(());
-        };
-        if ctx
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .is_err()
-        {
-            return self.fail("non-finite guard: the device was lost".into());
-        }
-        match front.mapped.recv_timeout(Duration::from_secs(120)) {
-            Ok(Ok(())) => {
-                if let Some(r) = self.in_flight.pop_front() {
-                    self.read(r)?;
-                }
-                Ok(())
-            }
-            Ok(Err(e)) => self.fail(format!("non-finite guard: mapping a readback: {e}")),
-            Err(e) => self.fail(format!("non-finite guard: readback lost: {e}")),
-        }
-    }
-
     fn read(&mut self, readback: Readback) -> Result<()> {
         let words = {
             let view =
@@ -244,6 +233,12 @@ impl DeviceGuard {
     pub fn settle_all(&mut self, ctx: &GpuContext) -> Result<(u64, u64)> {
         self.harvest(ctx, true)?;
         Ok((self.ledger.raw(), self.ledger.skipped()))
+    }
+
+    /// Steps in flight by the ledger (no polling).
+    #[cfg(test)]
+    pub fn in_flight(&self) -> u64 {
+        self.ledger.in_flight()
     }
 
     /// The counters as last read back (may lag the device).
