@@ -3,8 +3,11 @@
 //!
 //! ```text
 //! cargo run --release --example throughput -- --backend cpu|gpu --variant NAME
-//!     --params N [--tensors K] [--samples S] [--json]
+//!     --params N [--tensors K] [--samples S] [--guard] [--json]
 //! ```
+//!
+//! `--guard` turns the non-finite guard on; `bytes_per_step` stays the unguarded
+//! step's minimum traffic, so the ratio shows what the guard costs.
 //!
 //! Prints `backend, variant, params, tensors, bytes_per_step, step_seconds` (median
 //! over samples of several steps after warm-up), `gbps`, `copy_gbps` and
@@ -38,6 +41,9 @@ struct Args {
     /// Timed samples (the median is reported); each sample runs several steps.
     #[arg(long, default_value_t = 11)]
     samples: usize,
+    /// Turn the non-finite guard on (the gradients are finite: every step applies).
+    #[arg(long)]
+    guard: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -71,7 +77,13 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let bytes = variant.bytes_per_param() * args.params as u64;
     let reps = reps_for(bytes);
     let mut opt = RmsProp::with_backend(variant.config(), model, args.backend)?;
+    opt.set_non_finite_guard(args.guard)?;
     let backend = opt.backend();
+    let name = if args.guard {
+        format!("{}+guard", variant.name())
+    } else {
+        variant.name()
+    };
 
     let (step, copy) = match opt.gpu() {
         None => {
@@ -136,7 +148,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let copy_gbps = bytes as f64 / copy.as_secs_f64() / 1e9;
     let out = json!({
         "backend": backend.as_str(),
-        "variant": variant.name(),
+        "variant": name,
+        "guard": args.guard,
         "params": args.params,
         "tensors": tensors,
         "bytes_per_step": bytes,
@@ -151,7 +164,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "{:>4} {:<28} params={:<10} tensors={:<6} step={:.3} ms  {:.1} GB/s  copy {:.1} GB/s  ratio {:.2}",
             backend.as_str(),
-            variant.name(),
+            name,
             args.params,
             tensors,
             step_s * 1e3,
@@ -159,6 +172,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             copy_gbps,
             gbps / copy_gbps
         );
+    }
+    if args.guard && opt.skipped_steps().skipped != 0 {
+        return Err("the guard skipped finite steps".into());
     }
     Ok(())
 }

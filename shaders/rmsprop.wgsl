@@ -120,7 +120,6 @@ struct ClipFactors {
 var<private> s: StepScalars;
 
 var<workgroup> scratch: array<f32, WORKGROUP_SIZE>;
-var<workgroup> chunk_non_finite: atomic<u32>;
 
 // ---- update math: mirrors src/math.rs ----------------------------------------
 
@@ -325,14 +324,15 @@ fn norm_partials(
             }
         }
     }
+    // rare (a bad step), so one atomic per invocation that saw one is cheap enough
     if non_finite {
-        atomicOr(&chunk_non_finite, 1u);
+        atomicOr(&guard.non_finite, 1u);
     }
-    let total = workgroup_sum(lid, sum);
-    if valid && lid == 0u {
-        partials[chunk.global_index] = total;
-        if GUARD && atomicLoad(&chunk_non_finite) != 0u {
-            atomicOr(&guard.non_finite, 1u);
+    // without norm clipping (the guard alone) there is nothing to sum: no barriers
+    if CLIP_KIND == 1u || CLIP_KIND == 2u {
+        let total = workgroup_sum(lid, sum);
+        if valid && lid == 0u {
+            partials[chunk.global_index] = total;
         }
     }
 }

@@ -246,7 +246,7 @@ fn guard_toggle_and_checkpoint_on_gpu() {
 /// among them: the result matches the CPU path run on the finite steps. (A full plan
 /// window is tested in `gpu::engine`'s unit tests.)
 #[test]
-fn guard_with_device_gradients_and_many_steps_in_flight() {
+fn guard_with_device_gradients_written_by_the_user() {
     let Some(ctx) = common::gpu() else { return };
     const N: usize = 1 << 20;
     const STEPS: usize = 150;
@@ -302,4 +302,13 @@ fn guard_with_device_gradients_and_many_steps_in_flight() {
     for (i, (a, b)) in g.iter().zip(&c).enumerate() {
         assert!(values_match(*a, *b), "element {i}: gpu {a} vs cpu {b}");
     }
+    // a gradient that is NaN everywhere: every invocation flags it; still one skip
+    let velocity = gpu.slot("velocity").unwrap();
+    ctx.queue
+        .write_buffer(&buffer, 0, bytemuck::cast_slice(&vec![f32::NAN; N]));
+    gpu.apply_device_gradients(&[true]).unwrap();
+    gpu.synchronize().unwrap();
+    assert_eq!(gpu.skipped_steps().skipped, bad + 1);
+    assert_eq!(gpu.variable(0).unwrap(), g);
+    assert_eq!(gpu.slot("velocity").unwrap(), velocity);
 }
