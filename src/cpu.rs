@@ -8,6 +8,7 @@
 
 use rayon::prelude::*;
 
+use crate::guard::has_non_finite;
 use crate::layout::{Chunk, Layout, VariableSpec};
 use crate::math::{
     accumulate_gradient, average_accumulated, clip_gradient, clipnorm_factors, decay_weight,
@@ -136,13 +137,12 @@ impl CpuEngine {
         }
     }
 
-    /// Per-tensor clip factors for this step (norm reduction when clipping needs one).
-    fn clip_factors(&self, plan: &StepPlan, grads: &[Option<&[f32]>]) -> Vec<ClipFactors> {
-        let tensors = self.layout.tensors();
-        let kind = self.variant.clip;
-        if !kind.needs_norm() || !plan.is_update_step {
-            return vec![ClipFactors::NONE; tensors.len()];
+    /// Per-tensor sums of squared effective gradients, when this step clips by a norm.
+    fn norm_sums(&self, plan: &StepPlan, grads: &[Option<&[f32]>]) -> Option<Vec<f64>> {
+        if !self.variant.clip.needs_norm() || !plan.is_update_step {
+            return None;
         }
+        let tensors = self.layout.tensors();
         let s = &plan.scalars;
         let acc = &self.accumulator;
         let accumulate = self.variant.accumulate;
@@ -162,15 +162,25 @@ impl CpuEngine {
                 sum_of_squares(g, a, s)
             })
             .collect();
-        let sums: Vec<f64> = tensors
-            .iter()
-            .map(|t| {
-                partials[t.first_chunk..t.first_chunk + t.chunk_count]
-                    .iter()
-                    .sum()
-            })
-            .collect();
-        match kind {
+        Some(
+            tensors
+                .iter()
+                .map(|t| {
+                    partials[t.first_chunk..t.first_chunk + t.chunk_count]
+                        .iter()
+                        .sum()
+                })
+                .collect(),
+        )
+    }
+
+    /// Per-tensor clip factors from the norm sums (no clipping by norm: none).
+    fn clip_factors(&self, plan: &StepPlan, sums: Option<&[f64]>) -> Vec<ClipFactors> {
+        let n = self.layout.tensors().len();
+        let Some(sums) = sums else {
+            return vec![ClipFactors::NONE; n];
+        };
+        match self.variant.clip {
             ClipKind::Norm => sums
                 .iter()
                 .map(|&ss| clipnorm_factors(ss as f32, plan.clip_norm))
@@ -178,16 +188,35 @@ impl CpuEngine {
             _ => {
                 let total: f64 = sums.iter().sum();
                 let f = global_clipnorm_factors(total as f32, plan.clip_norm, plan.inv_clip_norm);
-                vec![f; tensors.len()]
+                vec![f; n]
             }
         }
     }
 
     /// One optimizer step. `grads` has one entry per tensor (checked by the caller:
     /// lengths match, at least one is present); `decay[t]` says whether tensor `t`
-    /// takes weight decay.
-    pub(crate) fn step(&mut self, plan: &StepPlan, grads: &[Option<&[f32]>], decay: &[bool]) {
-        let clips = self.clip_factors(plan, grads);
+    /// takes weight decay. With `guard`, a step whose gradients are not all finite
+    /// changes nothing and returns false.
+    pub(crate) fn step(
+        &mut self,
+        plan: &StepPlan,
+        grads: &[Option<&[f32]>],
+        decay: &[bool],
+        guard: bool,
+    ) -> bool {
+        let sums = self.norm_sums(plan, grads);
+        if guard {
+            // NaN or infinity in a gradient makes its sum of squares non-finite, so a
+            // finite sum proves the step clean; a non-finite one may be a finite
+            // overflow, which the exact scan tells apart.
+            let proven_finite = sums
+                .as_ref()
+                .is_some_and(|s| s.iter().all(|x| x.is_finite()));
+            if !proven_finite && has_non_finite(grads, &plan.scalars) {
+                return false;
+            }
+        }
+        let clips = self.clip_factors(plan, sums.as_deref());
         let tensors = self.layout.tensors();
         let chunks = self.layout.chunks();
         let mut params = split_chunks(&mut self.params, chunks).into_iter();
@@ -256,6 +285,7 @@ impl CpuEngine {
             (true, true, true, false) => go!(true, true, true, false),
             (true, true, true, true) => go!(true, true, true, true),
         }
+        true
     }
 }
 

@@ -7,7 +7,7 @@ use crate::config::RmsPropConfig;
 use crate::cpu::CpuEngine;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuEngine, GpuOptions};
-use crate::guard::{has_non_finite, SkippedSteps};
+use crate::guard::SkippedSteps;
 use crate::layout::{check_len, Variable, VariableSpec};
 use crate::plan::{iterations, plan_step, takes_weight_decay, Variant};
 
@@ -373,11 +373,10 @@ impl RmsProp {
         match &mut self.engine {
             Engine::Cpu(e) => {
                 let plan = plan_at(self.raw_iterations);
-                if self.guard && has_non_finite(grads, &plan.scalars) {
+                if !e.step(&plan, grads, &self.decay, self.guard) {
                     self.skipped += 1;
                     return Ok(());
                 }
-                e.step(&plan, grads, &self.decay);
             }
             Engine::Gpu(e) => e.step_host(&plan_at, self.raw_iterations, grads, &self.decay)?,
         }

@@ -312,3 +312,40 @@ fn guard_with_device_gradients_written_by_the_user() {
     assert_eq!(gpu.variable(0).unwrap(), g);
     assert_eq!(gpu.slot("velocity").unwrap(), velocity);
 }
+
+/// A finite gradient whose square overflows f32 is not a non-finite gradient: the guard
+/// applies the step, exactly as an unguarded run does (with clipnorm its norm is
+/// infinite, so Keras scales it to zero; the step still counts).
+fn huge_finite_gradient_is_applied(backend: Backend, gpu: &GpuOptions) {
+    let config = RmsPropConfig::default()
+        .with_learning_rate(0.1)
+        .with_clipnorm(1.0);
+    let run = |guard: bool| {
+        let var = Variable::new("w", &[3], vec![1.0, 2.0, 3.0]).unwrap();
+        let mut opt = RmsProp::with_options(config.clone(), vec![var], backend, gpu).unwrap();
+        opt.set_non_finite_guard(guard).unwrap();
+        opt.apply_gradients(&[Some(&[1e20, 1.0, -3e38][..])])
+            .unwrap();
+        opt.apply_gradients(&[Some(&[0.5, 1.0, -1.0][..])]).unwrap();
+        opt.synchronize().unwrap();
+        (
+            opt.raw_iterations(),
+            opt.skipped_steps().skipped,
+            state(&opt),
+        )
+    };
+    let (guarded, plain) = (run(true), run(false));
+    assert_eq!((guarded.0, guarded.1), (2, 0), "{backend:?}");
+    assert_eq!(guarded.2, plain.2, "{backend:?}");
+}
+
+#[test]
+fn huge_finite_gradient_is_applied_on_cpu() {
+    huge_finite_gradient_is_applied(Backend::Cpu, &GpuOptions::default());
+}
+
+#[test]
+fn huge_finite_gradient_is_applied_on_gpu() {
+    let Some(ctx) = common::gpu() else { return };
+    huge_finite_gradient_is_applied(Backend::Gpu, &common::on(&ctx));
+}
