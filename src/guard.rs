@@ -8,7 +8,8 @@
 //! skip count) from small asynchronous readbacks, bookkept by [`Ledger`].
 //!
 //! "Non-finite" is judged on the gradient as the optimizer first sees it: the raw
-//! gradient divided by `loss_scale_factor`.
+//! gradient divided by `loss_scale_factor`. Finite gradients whose norm overflows f32
+//! are not caught: they are applied with Keras' result.
 
 use rayon::prelude::*;
 
