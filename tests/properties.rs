@@ -1,5 +1,7 @@
 //! Property tests (proptest): random valid configs x random shapes (empty and scalar
-//! included) x random gradients. GPU equals CPU within tolerance; a zero learning rate
+//! included) x random gradients, with the non-finite guard on or off (on: random steps
+//! carry a NaN or an infinity). GPU equals CPU within tolerance, skip counts included;
+//! a zero learning rate
 //! without weight decay leaves parameters unchanged; clipped gradients never exceed
 //! their clip; the config and trace parsers return a `Result` on any input.
 
@@ -26,6 +28,17 @@ struct Case {
     shapes: Vec<Vec<usize>>,
     seed: u64,
     steps: usize,
+    /// The non-finite guard on, and which steps get a non-finite value (bit `step`).
+    guard: bool,
+    poison: u8,
+}
+
+/// What a run ends with.
+#[derive(Debug, PartialEq)]
+struct Ended {
+    variables: Vec<Vec<f32>>,
+    raw_iterations: u64,
+    skipped: u64,
 }
 
 fn config_strategy() -> impl Strategy<Value = RmsPropConfig> {
@@ -86,12 +99,16 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         prop::collection::vec(shape_strategy(), 1..6),
         any::<u64>(),
         1usize..6,
+        any::<bool>(),
+        any::<u8>(),
     )
-        .prop_map(|(config, shapes, seed, steps)| Case {
+        .prop_map(|(config, shapes, seed, steps, guard, poison)| Case {
             config,
             shapes,
             seed,
             steps,
+            guard,
+            poison,
         })
 }
 
@@ -106,13 +123,14 @@ fn variables(case: &Case, rng: &mut common::Rng) -> Vec<Variable> {
         .collect()
 }
 
-/// Runs the case on `backend`; returns the variables.
-fn run(case: &Case, backend: Backend, gpu: &GpuOptions) -> Vec<Vec<f32>> {
+/// Runs the case on `backend`.
+fn run(case: &Case, backend: Backend, gpu: &GpuOptions) -> Ended {
     let mut rng = common::Rng(case.seed | 1);
     let vars = variables(case, &mut rng);
     let mut opt = RmsProp::with_options(case.config.clone(), vars.clone(), backend, gpu).unwrap();
+    opt.set_non_finite_guard(case.guard).unwrap();
     for step in 0..case.steps {
-        let grads: Vec<Option<Vec<f32>>> = vars
+        let mut grads: Vec<Option<Vec<f32>>> = vars
             .iter()
             .enumerate()
             .map(|(i, v)| {
@@ -120,10 +138,22 @@ fn run(case: &Case, backend: Backend, gpu: &GpuOptions) -> Vec<Vec<f32>> {
                 (!missing).then(|| rng.vec(v.values.len()).iter().map(|x| 2.0 * x).collect())
             })
             .collect();
+        if case.guard && (case.poison >> step) & 1 == 1 {
+            let bad = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][step % 3];
+            if let Some(g) = grads.iter_mut().flatten().find(|g| !g.is_empty()) {
+                let at = rng.below(g.len() as u64) as usize;
+                g[at] = bad;
+            }
+        }
         let refs: Vec<Option<&[f32]>> = grads.iter().map(|g| g.as_deref()).collect();
         opt.apply_gradients(&refs).unwrap();
     }
-    opt.variables().unwrap()
+    opt.synchronize().unwrap();
+    Ended {
+        variables: opt.variables().unwrap(),
+        raw_iterations: opt.raw_iterations(),
+        skipped: opt.skipped_steps().skipped,
+    }
 }
 
 proptest! {
@@ -134,7 +164,8 @@ proptest! {
         let Some(ctx) = shared_gpu() else { return Ok(()) };
         let cpu = run(&case, Backend::Cpu, &GpuOptions::default());
         let gpu = run(&case, Backend::Gpu, &common::on(ctx));
-        for (a, b) in gpu.iter().flatten().zip(cpu.iter().flatten()) {
+        prop_assert_eq!((gpu.raw_iterations, gpu.skipped), (cpu.raw_iterations, cpu.skipped));
+        for (a, b) in gpu.variables.iter().flatten().zip(cpu.variables.iter().flatten()) {
             prop_assert!(values_match(*a, *b), "gpu {} vs cpu {} for {:?}", a, b, case.config);
         }
     }
@@ -146,9 +177,9 @@ proptest! {
         case.config.weight_decay = None;
         let mut rng = common::Rng(case.seed | 1);
         let start: Vec<Vec<f32>> = variables(&case, &mut rng).into_iter().map(|v| v.values).collect();
-        prop_assert_eq!(run(&case, Backend::Cpu, &GpuOptions::default()), start.clone());
+        prop_assert_eq!(run(&case, Backend::Cpu, &GpuOptions::default()).variables, start.clone());
         if let Some(ctx) = shared_gpu() {
-            prop_assert_eq!(run(&case, Backend::Gpu, &common::on(ctx)), start);
+            prop_assert_eq!(run(&case, Backend::Gpu, &common::on(ctx)).variables, start);
         }
     }
 
