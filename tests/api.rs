@@ -320,23 +320,38 @@ fn a_lost_device_gives_errors_not_panics() {
     // Our own device, so destroying it cannot disturb other tests.
     let Some(ctx) = common::gpu() else { return };
     drop(ctx);
-    let Some(own) = fused_rmsprop::GpuContext::new(true).ok() else {
-        return;
-    };
-    let gpu = GpuOptions {
-        context: Some(own.clone()),
-        ..GpuOptions::default()
-    };
-    let mut opt = RmsProp::with_options(config(), model(), Backend::Gpu, &gpu).unwrap();
-    opt.apply_gradients(&[Some(&[0.1; 6]), None]).unwrap();
-    own.device.destroy();
-    // every later call returns an error (a step may be accepted before the loss is seen)
-    let _ = opt.apply_gradients(&[Some(&[0.1; 6]), None]);
-    assert!(matches!(opt.variables(), Err(Error::Gpu(_))));
-    assert!(matches!(
-        opt.apply_gradients(&[Some(&[0.1; 6]), None]),
-        Err(Error::Gpu(_))
-    ));
+    for guard in [false, true] {
+        let Some(own) = fused_rmsprop::GpuContext::new(true).ok() else {
+            return;
+        };
+        let gpu = GpuOptions {
+            context: Some(own.clone()),
+            ..GpuOptions::default()
+        };
+        let mut opt = RmsProp::with_options(config(), model(), Backend::Gpu, &gpu).unwrap();
+        opt.set_non_finite_guard(guard).unwrap();
+        opt.apply_gradients(&[Some(&[0.1; 6]), None]).unwrap();
+        // with the guard, a counter readback is in flight when the device goes
+        opt.apply_gradients(&[Some(&[0.1; 6]), None]).unwrap();
+        own.device.destroy();
+        // every later call returns an error (a step may be accepted before the loss is seen)
+        let _ = opt.apply_gradients(&[Some(&[0.1; 6]), None]);
+        assert!(
+            matches!(opt.variables(), Err(Error::Gpu(_))),
+            "guard {guard}"
+        );
+        assert!(
+            matches!(
+                opt.apply_gradients(&[Some(&[0.1; 6]), None]),
+                Err(Error::Gpu(_))
+            ),
+            "guard {guard}"
+        );
+        assert!(opt.synchronize().is_err(), "guard {guard}");
+        // counters stay readable (the last ones known), without a panic
+        assert!(opt.raw_iterations() <= 3);
+        assert!(opt.skipped_steps().skipped == 0);
+    }
 }
 
 #[test]

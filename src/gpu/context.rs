@@ -24,6 +24,8 @@ pub struct GpuContext {
     instance: Option<wgpu::Instance>,
     pub(crate) pipelines: Arc<Mutex<PipelineCache>>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// Set once the device is lost; every later call then fails.
+    lost: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -107,7 +109,8 @@ impl GpuContext {
 
     /// Wraps your own device and queue. Installs an uncaptured-error handler on the
     /// device that records errors (they are returned by the next optimizer call)
-    /// instead of wgpu's default, which panics.
+    /// instead of wgpu's default, which panics, and a device-lost callback that makes
+    /// every later optimizer call fail (both replace handlers you set before).
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
         Self::wrap(device, queue, None)
     }
@@ -120,6 +123,13 @@ impl GpuContext {
                 v.push(e.to_string());
             }
         }));
+        let lost: Arc<Mutex<Option<String>>> = Arc::default();
+        let lost_sink = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut l) = lost_sink.lock() {
+                l.get_or_insert(format!("the device was lost ({reason:?}): {message}"));
+            }
+        });
         GpuContext {
             device,
             queue,
@@ -127,6 +137,7 @@ impl GpuContext {
             instance: None,
             pipelines: Arc::default(),
             errors,
+            lost,
         }
     }
 
@@ -150,8 +161,12 @@ impl GpuContext {
         self.info.as_ref().is_some_and(is_software)
     }
 
-    /// Returns (and clears) the first error wgpu reported since the last check.
+    /// Returns (and clears) the first error wgpu reported since the last check; a lost
+    /// device is reported every time.
     pub(crate) fn take_error(&self) -> Result<()> {
+        if let Some(why) = self.lost.lock().ok().and_then(|l| l.clone()) {
+            return Err(Error::Gpu(why));
+        }
         let mut errors = self
             .errors
             .lock()
