@@ -257,17 +257,13 @@ impl RmsProp {
     /// [`iterations`](RmsProp::iterations) does; should the device be lost, returns the
     /// last counter read back (and the next step returns the error).
     pub fn raw_iterations(&self) -> u64 {
-        match self.device_counters() {
-            Some(e) => match e.guard_counters(true) {
-                Ok(Some((raw, _))) => raw,
-                _ => e
-                    .guard_counters(false)
-                    .ok()
-                    .flatten()
-                    .map_or(self.raw_iterations, |(raw, _)| raw),
-            },
-            None => self.raw_iterations,
-        }
+        let Some(e) = self.device_counters() else {
+            return self.raw_iterations;
+        };
+        let counters = e.guard_counters().ok().flatten();
+        counters
+            .or_else(|| e.guard_last_known())
+            .map_or(self.raw_iterations, |(raw, _)| raw)
     }
 
     /// The learning rate the next step will use.

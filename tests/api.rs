@@ -331,6 +331,8 @@ fn a_lost_device_gives_errors_not_panics() {
         let mut opt = RmsProp::with_options(config(), model(), Backend::Gpu, &gpu).unwrap();
         opt.set_non_finite_guard(guard).unwrap();
         opt.apply_gradients(&[Some(&[0.1; 6]), None]).unwrap();
+        opt.apply_gradients(&[Some(&[0.1; 6]), None]).unwrap();
+        opt.synchronize().unwrap();
         // with the guard, a counter readback is in flight when the device goes
         opt.apply_gradients(&[Some(&[0.1; 6]), None]).unwrap();
         own.device.destroy();
@@ -348,10 +350,24 @@ fn a_lost_device_gives_errors_not_panics() {
             "guard {guard}"
         );
         assert!(opt.synchronize().is_err(), "guard {guard}");
-        // counters stay readable (the last ones known), without a panic
-        assert!(opt.raw_iterations() <= 3);
-        assert!(opt.skipped_steps().skipped == 0);
+        // counters stay readable without a panic: with the guard, the last ones read
+        // back (2 after the synchronize); without, the host's count of accepted steps
+        let raw = opt.raw_iterations();
+        if guard {
+            assert!((2..=3).contains(&raw), "guard: {raw}");
+        } else {
+            assert!((3..=4).contains(&raw), "{raw}");
+        }
+        assert_eq!(opt.skipped_steps().skipped, 0);
     }
+}
+
+/// Training code may move the optimizer to another thread or share it behind a lock.
+#[test]
+fn the_optimizer_is_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<RmsProp>();
+    send_sync::<fused_rmsprop::Error>();
 }
 
 #[test]

@@ -258,7 +258,7 @@ impl GpuEngine {
     /// Turns the guard off after the steps in flight; returns the final `(raw, skipped)`
     /// counters, or `None` when it was off.
     pub(crate) fn disable_guard(&mut self) -> Result<Option<(u64, u64)>> {
-        let counters = self.guard_counters(true)?;
+        let counters = self.guard_counters()?;
         if counters.is_some() {
             self.pipelines = pipelines_for(&self.ctx, &self.arena.variant)?;
             *lock(&self.guard)? = None;
@@ -266,19 +266,18 @@ impl GpuEngine {
         Ok(counters)
     }
 
-    /// The guard's `(raw, skipped)` counters, `None` when the guard is off. With `wait`,
-    /// waits for the steps in flight so that they are exact.
-    pub(crate) fn guard_counters(&self, wait: bool) -> Result<Option<(u64, u64)>> {
+    /// The guard's exact `(raw, skipped)` counters after waiting for the steps in
+    /// flight; `None` when the guard is off.
+    pub(crate) fn guard_counters(&self) -> Result<Option<(u64, u64)>> {
         let mut slot = lock(&self.guard)?;
-        let Some(g) = slot.as_mut() else {
-            return Ok(None);
-        };
-        if wait {
-            g.settle_all(&self.ctx).map(Some)
-        } else {
-            g.harvest(&self.ctx, false)?;
-            Ok(Some(g.last_known()))
-        }
+        slot.as_mut().map(|g| g.settle_all(&self.ctx)).transpose()
+    }
+
+    /// The guard's counters as last read back, without waiting or failing (for when
+    /// the device is gone); `None` when the guard is off.
+    pub(crate) fn guard_last_known(&self) -> Option<(u64, u64)> {
+        let slot = lock(&self.guard).ok()?;
+        slot.as_ref().map(DeviceGuard::last_known)
     }
 
     /// The guard's report without waiting; `None` when the guard is off.
@@ -322,7 +321,7 @@ impl GpuEngine {
     /// [`crate::RmsProp::skipped_steps`] is exact afterwards.
     pub fn synchronize(&self) -> Result<()> {
         self.ctx.wait()?;
-        self.guard_counters(true).map(|_| ())
+        self.guard_counters().map(|_| ())
     }
 
     /// `finalize_variable_values`: copies the EMA into the parameters (no-op without EMA).
