@@ -3,7 +3,8 @@
 // Every function in the "update math" section mirrors, name for name, a function of
 // src/math.rs (the one source of truth); tests/backend_parity.rs holds them together.
 // Options that change the code path are `override` constants (one pipeline per
-// combination, cached by the host); numbers that change per step are in `s`.
+// combination, cached by the host); numbers that change per step are the plans in the
+// uniform `step`, copied into the private `s` at the start of each entry point.
 //
 // Entry points, at most three dispatch kinds per step:
 //   norm_partials  - one workgroup per chunk: sum of squared effective gradients (and,
