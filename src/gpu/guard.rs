@@ -166,8 +166,11 @@ impl DeviceGuard {
         } else {
             ctx.device.poll(wgpu::PollType::Poll)
         };
+        // a device that cannot be polled will not fire the callbacks: do not wait on them
+        let wait = wait && polled.is_ok();
         if let Err(e) = polled {
-            self.failed = Some(format!("non-finite guard: waiting for the device: {e}"));
+            self.failed
+                .get_or_insert(format!("non-finite guard: waiting for the device: {e}"));
         }
         while let Some(front) = self.in_flight.front() {
             let arrived = if wait {
