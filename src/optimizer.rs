@@ -314,10 +314,7 @@ impl RmsProp {
     /// counter readbacks that have arrived, and says how many steps are still in
     /// flight; call [`synchronize`](RmsProp::synchronize) first for an exact count.
     pub fn skipped_steps(&self) -> SkippedSteps {
-        let device = match &self.engine {
-            Engine::Gpu(e) if self.guard => e.guard_report(),
-            _ => None,
-        };
+        let device = self.device_counters().and_then(GpuEngine::guard_report);
         device.unwrap_or(SkippedSteps {
             skipped: self.skipped,
             in_flight: 0,
@@ -377,7 +374,7 @@ impl RmsProp {
             Engine::Gpu(e) => e.step_host(&plan_at, self.raw_iterations, grads, &self.decay)?,
         }
         // with the GPU guard the device advances (or not) its own counter
-        if !self.guard || self.backend() == BackendKind::Cpu {
+        if self.device_counters().is_none() {
             self.raw_iterations += 1;
         }
         Ok(())
@@ -422,7 +419,7 @@ impl RmsProp {
         let config = &self.config;
         let plan_at = |raw: u64| plan_step(config, raw);
         e.step_device(&plan_at, self.raw_iterations, present, &self.decay)?;
-        if !self.guard {
+        if self.device_counters().is_none() {
             self.raw_iterations += 1;
         }
         Ok(())

@@ -229,11 +229,6 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// True while the non-finite guard is on.
-    pub fn guard_enabled(&self) -> bool {
-        lock(&self.guard).is_ok_and(|g| g.is_some())
-    }
-
     /// Turns the non-finite guard on, with the device counters starting at `raw` and
     /// `skipped`.
     pub(crate) fn enable_guard(&mut self, raw: u64, skipped: u64) -> Result<()> {
