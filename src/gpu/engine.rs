@@ -200,23 +200,22 @@ impl GpuEngine {
                 timestamp_writes: None,
             });
             let segments = &self.arena.segments;
-            if reduce {
-                pass.set_pipeline(&self.pipelines.norm_partials);
+            // one workgroup per chunk, segment by segment
+            let per_chunk = |pass: &mut wgpu::ComputePass<'_>, pipeline| {
+                pass.set_pipeline(pipeline);
                 for s in segments.iter().filter(|s| s.chunk_count > 0) {
                     pass.set_bind_group(0, &s.bind_group, &[]);
                     let (x, y) = grid(s.chunk_count, self.max_groups);
                     pass.dispatch_workgroups(x, y, 1);
                 }
+            };
+            if reduce {
+                per_chunk(&mut pass, &self.pipelines.norm_partials);
                 pass.set_pipeline(&self.pipelines.norm_finalize);
                 pass.set_bind_group(0, &segments[0].bind_group, &[]);
                 pass.dispatch_workgroups(1, 1, 1);
             }
-            pass.set_pipeline(&self.pipelines.update);
-            for s in segments.iter().filter(|s| s.chunk_count > 0) {
-                pass.set_bind_group(0, &s.bind_group, &[]);
-                let (x, y) = grid(s.chunk_count, self.max_groups);
-                pass.dispatch_workgroups(x, y, 1);
-            }
+            per_chunk(&mut pass, &self.pipelines.update);
         }
         let readback = match guard_lock.as_mut() {
             Some(g) => Some(g.record_readback(&self.ctx, &mut encoder, &self.arena.guard_state)?),
