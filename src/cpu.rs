@@ -8,7 +8,6 @@
 
 use rayon::prelude::*;
 
-use crate::guard::has_non_finite;
 use crate::layout::{Chunk, Layout, VariableSpec};
 use crate::math::{
     accumulate_gradient, average_accumulated, clip_gradient, clipnorm_factors, decay_weight,
@@ -289,6 +288,18 @@ impl CpuEngine {
     }
 }
 
+/// True when any present gradient, divided by the loss scale, is NaN or infinite.
+pub fn has_non_finite(grads: &[Option<&[f32]>], scalars: &StepScalars) -> bool {
+    grads.par_iter().flatten().any(|g| {
+        g.par_chunks(CPU_CHUNK_LEN).any(|chunk| {
+            // a fold rather than a short-circuit, so the loop vectorizes
+            chunk.iter().fold(false, |bad, &x| {
+                bad | !unscale_gradient(x, scalars).is_finite()
+            })
+        })
+    })
+}
+
 /// Sum of squared effective gradients (unscaled, and averaged with the accumulator
 /// when `acc` is non-empty): f32 squares summed in eight f32 lanes over blocks of 256
 /// elements (so the loop vectorizes), blocks summed in f64.
@@ -413,5 +424,29 @@ fn run_chunk<const C: bool, const M: bool, const E: bool, const A: bool>(
                 param[i] = ema_overwrite(param[i], e, s);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::plan_step;
+    use crate::RmsPropConfig;
+
+    #[test]
+    fn detects_nan_and_infinity_after_unscaling() {
+        let s = plan_step(&RmsPropConfig::default(), 0).scalars;
+        let fine = vec![1.0f32; 100_000];
+        let mut bad = fine.clone();
+        bad[77_777] = f32::NAN;
+        assert!(!has_non_finite(&[Some(&fine), None], &s));
+        assert!(has_non_finite(&[Some(&fine), Some(&bad)], &s));
+        bad[77_777] = f32::NEG_INFINITY;
+        assert!(has_non_finite(&[Some(&bad)], &s));
+        // a finite gradient that overflows when unscaled counts as non-finite
+        let tiny = RmsPropConfig::default().with_loss_scale_factor(1e-30);
+        let s = plan_step(&tiny, 0).scalars;
+        assert!(has_non_finite(&[Some(&[1e10f32][..])], &s));
+        assert!(!has_non_finite(&[None, Some(&[][..])], &s));
     }
 }

@@ -2,7 +2,8 @@
 //! skipped whole (parameters, slots, the step counter untouched) and counted.
 //!
 //! Off by default, since Keras lets non-finite values flow through (see
-//! `tests/non_finite.rs`). The CPU path checks the gradients before the step. The GPU
+//! `tests/non_finite.rs`). The CPU path checks the gradients before the step
+//! ([`crate::cpu`]). The GPU
 //! path checks them on the device, inside the step's own dispatches, so no readback
 //! stalls a step: the device keeps the step counter, and the host learns it (and the
 //! skip count) from small asynchronous readbacks, bookkept by [`Ledger`].
@@ -10,11 +11,6 @@
 //! "Non-finite" is judged on the gradient as the optimizer first sees it: the raw
 //! gradient divided by `loss_scale_factor`. Finite gradients whose norm overflows f32
 //! are not caught: they are applied with Keras' result.
-
-use rayon::prelude::*;
-
-use crate::cpu::CPU_CHUNK_LEN;
-use crate::math::{unscale_gradient, StepScalars};
 
 /// What the non-finite guard has counted, as read by
 /// [`RmsProp::skipped_steps`](crate::RmsProp::skipped_steps) without waiting for the GPU.
@@ -27,18 +23,6 @@ pub struct SkippedSteps {
     /// path). After [`RmsProp::synchronize`](crate::RmsProp::synchronize) it is 0 and
     /// `skipped` is exact.
     pub in_flight: u64,
-}
-
-/// True when any present gradient, divided by the loss scale, is NaN or infinite.
-pub fn has_non_finite(grads: &[Option<&[f32]>], scalars: &StepScalars) -> bool {
-    grads.par_iter().flatten().any(|g| {
-        g.par_chunks(CPU_CHUNK_LEN).any(|chunk| {
-            // a fold rather than a short-circuit, so the loop vectorizes
-            chunk.iter().fold(false, |bad, &x| {
-                bad | !unscale_gradient(x, scalars).is_finite()
-            })
-        })
-    })
 }
 
 /// The host's knowledge of the device-side counters under the guard.
@@ -117,8 +101,6 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::plan_step;
-    use crate::RmsPropConfig;
 
     #[test]
     fn window_grows_with_steps_in_flight_and_shrinks_on_settle() {
@@ -145,22 +127,5 @@ mod tests {
         assert!(l.settle(3, 12, 3));
         assert_eq!(l.window(), (12, 1));
         assert_eq!(l.in_flight(), 0);
-    }
-
-    #[test]
-    fn detects_nan_and_infinity_after_unscaling() {
-        let s = plan_step(&RmsPropConfig::default(), 0).scalars;
-        let fine = vec![1.0f32; 100_000];
-        let mut bad = fine.clone();
-        bad[77_777] = f32::NAN;
-        assert!(!has_non_finite(&[Some(&fine), None], &s));
-        assert!(has_non_finite(&[Some(&fine), Some(&bad)], &s));
-        bad[77_777] = f32::NEG_INFINITY;
-        assert!(has_non_finite(&[Some(&bad)], &s));
-        // a finite gradient that overflows when unscaled counts as non-finite
-        let tiny = RmsPropConfig::default().with_loss_scale_factor(1e-30);
-        let s = plan_step(&tiny, 0).scalars;
-        assert!(has_non_finite(&[Some(&[1e10f32][..])], &s));
-        assert!(!has_non_finite(&[None, Some(&[][..])], &s));
     }
 }
