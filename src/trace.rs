@@ -1,4 +1,4 @@
-//! Conformance traces (`rmsprop-trace/1`, see `shared/conformance/FORMAT.md`): parse,
+//! Conformance traces (`rmsprop-trace/1`, see `tests/keras/FORMAT.md`): parse,
 //! replay on any backend, and compare with FORMAT.md's tolerance.
 
 use serde_json::Value;

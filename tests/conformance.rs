@@ -1,5 +1,5 @@
-//! Replays every Keras trace in `../shared/conformance/traces` and compares with
-//! FORMAT.md's tolerance, on the CPU path and on the GPU path.
+//! Replays every Keras trace in `tests/keras/traces` and compares with
+//! `tests/keras/FORMAT.md`'s tolerance, on the CPU path and on the GPU path.
 
 mod common;
 

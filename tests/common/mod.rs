@@ -5,10 +5,11 @@ use std::path::PathBuf;
 
 use fused_rmsprop::{GpuContext, GpuOptions, Trace};
 
-/// `../shared/conformance/traces`, relative to the crate root. Panics (fails the test)
-/// when the folder is missing or empty: conformance is never skipped.
+/// `tests/keras/traces`: the Keras traces recorded by `tests/keras/record_traces.py`.
+/// Panics (fails the test) when the folder is missing or empty: conformance is never
+/// skipped.
 pub fn trace_paths() -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance/traces");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/keras/traces");
     let entries = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("conformance traces missing at {}: {e}", dir.display()));
     let mut paths: Vec<PathBuf> = entries
