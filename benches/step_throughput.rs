@@ -6,12 +6,13 @@
 //! `cargo bench` runs without a GPU (GPU cases print that they were skipped).
 //! `FUSED_RMSPROP_BENCH_QUICK=1` keeps only the 16M and many-tensor cases.
 
+#[path = "support/workload.rs"]
+mod workload;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fused_rmsprop::workload::{
-    parallel_copy, synthetic_gradients, synthetic_model, BenchVariant, GpuCopy,
-};
 use fused_rmsprop::{Backend, GpuContext, GpuOptions, RmsProp};
 use std::time::Duration;
+use workload::{parallel_copy, synthetic_gradients, synthetic_model, BenchVariant, GpuCopy};
 
 fn variants() -> Vec<BenchVariant> {
     let mut out = Vec::new();
@@ -112,7 +113,7 @@ fn bench_gpu(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new(v.name(), params), |b| {
                 b.iter(|| {
                     let _ = opt.apply_device_gradients(&present);
-                    opt.gpu().map(|g| g.synchronize())
+                    opt.synchronize()
                 })
             });
             drop(opt);

@@ -11,8 +11,11 @@
 
 use std::process::ExitCode;
 
-use fused_rmsprop::trace::outcome_json;
-use fused_rmsprop::{Backend, Error, GpuOptions, Trace};
+#[path = "../tests/common/trace.rs"]
+mod trace;
+
+use fused_rmsprop::{Backend, Error, GpuOptions};
+use trace::{outcome_json, Trace};
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     let one_line = msg.to_string().replace('\n', " ");

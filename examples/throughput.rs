@@ -17,11 +17,14 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fused_rmsprop::workload::{
-    median_time, parallel_copy, synthetic_gradients, synthetic_model, BenchVariant, GpuCopy,
-};
+#[path = "../benches/support/workload.rs"]
+mod workload;
+
 use fused_rmsprop::{Backend, RmsProp};
 use serde_json::json;
+use workload::{
+    median_time, parallel_copy, synthetic_gradients, synthetic_model, BenchVariant, GpuCopy,
+};
 
 #[derive(Parser, Debug)]
 #[command(about = "Measure RMSprop step throughput against memory bandwidth")]
@@ -113,8 +116,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             for _ in 0..3 {
                 opt.apply_device_gradients(&present)?;
             }
-            let gpu = opt.gpu().ok_or("no gpu")?;
-            gpu.synchronize()?;
+            opt.synchronize()?;
             let mut failed = None;
             let step = median_time(args.samples, reps, |r| {
                 for _ in 0..r {
@@ -122,10 +124,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                         failed = Some(e);
                     }
                 }
-                if let Some(g) = opt.gpu() {
-                    if let Err(e) = g.synchronize() {
-                        failed = Some(e);
-                    }
+                if let Err(e) = opt.synchronize() {
+                    failed = Some(e);
                 }
             });
             if let Some(e) = failed {
@@ -138,7 +138,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 for _ in 0..r {
                     baseline.submit(ctx);
                 }
-                let _ = gpu.synchronize();
+                let _ = opt.synchronize();
             });
             (step, copy)
         }

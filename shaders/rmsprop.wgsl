@@ -1,7 +1,12 @@
 // Keras-exact RMSprop as fused compute kernels over a flat arena.
 //
-// Every function in the "update math" section mirrors, name for name, a function of
-// src/math.rs (the one source of truth); tests/backend_parity.rs holds them together.
+// The "update math" section mirrors src/math.rs (the one source of truth) name for
+// name and stage for stage: `update_element` is the whole step of one element, in
+// Keras' order. The parity tests (tests/backend_parity.rs, the Keras traces on both
+// backends) hold the two together. Every struct the host writes or reads is defined
+// once on the host (src/gpu/shader.rs, and math::StepScalars), and a test compares
+// the layouts through naga's reflection.
+//
 // Options that change the code path are `override` constants (one pipeline per
 // combination, cached by the host); numbers that change per step are the plans in the
 // uniform `step`, copied into the private `s` at the start of each entry point.
@@ -11,13 +16,13 @@
 //                    with GUARD, whether any gradient is NaN or infinite)
 //   norm_finalize  - one workgroup: per-tensor sums in chunk order, clip factors (and,
 //                    with GUARD, the decision to apply or skip the step)
-//   update         - one workgroup per chunk: the fused update of every element
+//   update         - one workgroup per chunk: `update_element` on every element
 //
 // The non-finite guard (GUARD, opt-in): the step counter lives on the device, in
-// `guard`. The host cannot know it without a readback, so it writes the plans for every
-// counter value the device may have reached (a window starting at the last counter it
-// read back); norm_finalize picks the plan for the device's counter, or skips the step
-// (parameters, slots and counter untouched) and counts it.
+// `step_state`. The host cannot know it without a readback, so it writes the plans for
+// every counter value the device may have reached (a window starting at the last
+// counter it read back); norm_finalize picks the plan for the device's counter, or
+// skips the step (parameters, slots and counter untouched) and counts it.
 
 override CENTERED: bool = false;
 override USE_MOMENTUM: bool = false;
@@ -35,12 +40,16 @@ override EMA_SLOT: u32 = 3u;
 override ACCUMULATOR_SLOT: u32 = 4u;
 
 const WORKGROUP_SIZE: u32 = 256u;
-// Plans in the uniform's window: gpu::pipelines::PLAN_WINDOW.
 const PLAN_WINDOW: u32 = 64u;
+// TensorRow::flags bits
 const FLAG_HAS_GRADIENT: u32 = 1u;
 const FLAG_DECAY: u32 = 2u;
+// math::Phase
+const PHASE_NO_GRADIENT: u32 = 0u;
+const PHASE_ACCUMULATE: u32 = 1u;
+const PHASE_UPDATE: u32 = 2u;
 
-// Mirrors math::StepScalars (first 12 fields) and plan::StepPlan::uniform_words.
+// math::StepScalars
 struct StepScalars {
     learning_rate: f32,
     rho: f32,
@@ -51,27 +60,27 @@ struct StepScalars {
     loss_scale: f32,
     accumulation_steps: f32,
     clip_value: f32,
-    ema_momentum: f32,
-    ema_overwrite: f32,
-    ema_overwrite_enabled: f32,
     clip_norm: f32,
     inv_clip_norm: f32,
-    is_update_step: f32,
-    pad: f32,
+    ema_momentum: f32,
+    ema_overwrite: f32,
+    ema_overwrite_enabled: u32,
+    is_update_step: u32,
+    _pad: u32,
 }
 
-// plans[k] is the plan for step counter `base + k` (low 32 bits: `base_lo`); without
-// GUARD only plans[0] is written and used.
+// gpu::shader::StepUniform: plans[k] is the plan for step counter `base + k` (low 32
+// bits: `base_lo`); without GUARD only plans[0] is written and used.
 struct StepUniform {
     base_lo: u32,
     len: u32,
     tensor_count: u32,
-    pad: u32,
+    _pad: u32,
     plans: array<StepScalars, PLAN_WINDOW>,
 }
 
-// The device-side counters of the guard; mirrored by gpu::guard::GuardWords.
-struct GuardState {
+// gpu::shader::StepState: the device-side counters of the guard and this step's decision.
+struct StepState {
     counter_lo: u32,
     counter_hi: u32,
     skipped_lo: u32,
@@ -85,37 +94,54 @@ struct GuardState {
     fault: u32,
 }
 
-// One row of the chunk table: a piece of one tensor inside this segment.
-struct Chunk {
+// gpu::shader::ChunkRow: a piece of one tensor inside this segment.
+struct ChunkRow {
     tensor: u32,
     start: u32,        // first element, local to the segment
     len: u32,
     global_index: u32, // index in the model-wide chunk table (for partials)
 }
 
-// One row of the offset table, as the kernels need it.
-struct TensorInfo {
+// gpu::shader::TensorRow: one row of the offset table.
+struct TensorRow {
     first_chunk: u32,
     chunk_count: u32,
     flags: u32,
-    pad: u32,
+    _pad: u32,
 }
 
-// Mirrors math::ClipFactors.
+// math::ClipFactors
 struct ClipFactors {
     numerator: f32,
     denominator: f32,
 }
 
+// math::TensorStep
+struct TensorStep {
+    phase: u32,
+    decay: bool,
+    clip: ClipFactors,
+}
+
+// math::ElementState
+struct ElementState {
+    param: f32,
+    velocity: f32,
+    momentum: f32,
+    average_gradient: f32,
+    ema: f32,
+    accumulator: f32,
+}
+
 @group(0) @binding(0) var<uniform> step: StepUniform;
-@group(0) @binding(1) var<storage, read> chunks: array<Chunk>;
-@group(0) @binding(2) var<storage, read> tensors: array<TensorInfo>;
+@group(0) @binding(1) var<storage, read> chunks: array<ChunkRow>;
+@group(0) @binding(2) var<storage, read> tensors: array<TensorRow>;
 @group(0) @binding(3) var<storage, read_write> params: array<f32>;
 @group(0) @binding(4) var<storage, read> grads: array<f32>;
 @group(0) @binding(5) var<storage, read_write> slots: array<f32>;
 @group(0) @binding(6) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(7) var<storage, read_write> clips: array<ClipFactors>;
-@group(0) @binding(8) var<storage, read_write> guard: GuardState;
+@group(0) @binding(8) var<storage, read_write> step_state: StepState;
 
 // This invocation's plan, loaded from `step` at the start of each entry point.
 var<private> s: StepScalars;
@@ -159,6 +185,13 @@ fn global_clipnorm_factors(total_sum_sq: f32, clip: f32, inv_clip: f32) -> ClipF
     return ClipFactors(scale, 1.0);
 }
 
+fn phase_of(has_gradient: bool) -> u32 {
+    if !has_gradient {
+        return PHASE_NO_GRADIENT;
+    }
+    return select(PHASE_UPDATE, PHASE_ACCUMULATE, s.is_update_step == 0u);
+}
+
 fn unscale_gradient(raw: f32) -> f32 {
     return raw / s.loss_scale;
 }
@@ -169,6 +202,14 @@ fn accumulate_gradient(gradient: f32, accumulator: f32) -> f32 {
 
 fn average_accumulated(gradient: f32, accumulator: f32) -> f32 {
     return (gradient + accumulator) / s.accumulation_steps;
+}
+
+fn effective_gradient(raw: f32, accumulator: f32) -> f32 {
+    let g = unscale_gradient(raw);
+    if ACCUMULATE {
+        return average_accumulated(g, accumulator);
+    }
+    return g;
 }
 
 fn clip_gradient(gradient: f32, clip: ClipFactors) -> f32 {
@@ -214,40 +255,114 @@ fn ema_overwrite(param: f32, ema: f32) -> f32 {
     return ema * s.ema_overwrite + param * (1.0 - s.ema_overwrite);
 }
 
+fn rmsprop_element(before: ElementState, gradient: f32) -> ElementState {
+    var e = before;
+    e.velocity = rmsprop_velocity(e.velocity, gradient);
+    if CENTERED {
+        e.average_gradient = rmsprop_average_gradient(e.average_gradient, gradient);
+    }
+    let denominator = rmsprop_denominator(e.velocity, e.average_gradient);
+    let increment = rmsprop_increment(gradient, denominator);
+    if USE_MOMENTUM {
+        e.momentum = rmsprop_momentum(e.momentum, increment);
+        e.param -= e.momentum;
+    } else {
+        e.param -= increment;
+    }
+    return e;
+}
+
+fn update_element(raw_gradient: f32, before: ElementState, t: TensorStep) -> ElementState {
+    var e = before;
+    if t.phase == PHASE_ACCUMULATE {
+        e.accumulator = accumulate_gradient(unscale_gradient(raw_gradient), e.accumulator);
+    } else if t.phase == PHASE_UPDATE {
+        let g = effective_gradient(raw_gradient, e.accumulator);
+        if ACCUMULATE {
+            e.accumulator = 0.0;
+        }
+        let clipped = clip_gradient(g, t.clip);
+        if t.decay {
+            e.param = decay_weight(e.param);
+        }
+        e = rmsprop_element(e, clipped);
+    }
+    if USE_EMA {
+        e.ema = ema_update(e.ema, e.param);
+        if s.ema_overwrite_enabled != 0u {
+            e.param = ema_overwrite(e.param, e.ema);
+        }
+    }
+    return e;
+}
+
 // ---- arena access --------------------------------------------------------------
 
 fn slot_index(slot: u32, i: u32) -> u32 {
     return slot * arrayLength(&params) + i;
 }
 
-// The gradient after unscaling and (on an update step) accumulation.
-fn effective_gradient(i: u32) -> f32 {
-    var g = unscale_gradient(grads[i]);
-    if ACCUMULATE {
-        g = average_accumulated(g, slots[slot_index(ACCUMULATOR_SLOT, i)]);
+// What a tensor does this step (math::TensorStep), from its row and the plan.
+fn tensor_step(tensor: u32) -> TensorStep {
+    let flags = tensors[tensor].flags;
+    var clip = ClipFactors(1.0, 1.0);
+    if CLIP_KIND == 1u || CLIP_KIND == 2u {
+        clip = clips[tensor];
     }
-    return g;
+    let decay = WEIGHT_DECAY && (flags & FLAG_DECAY) != 0u;
+    return TensorStep(phase_of((flags & FLAG_HAS_GRADIENT) != 0u), decay, clip);
 }
 
-// Mirrors math::rmsprop_element, with the slots in the arena.
-fn rmsprop_element(param: f32, gradient: f32, i: u32) -> f32 {
-    let v = slot_index(0u, i);
-    let velocity = rmsprop_velocity(slots[v], gradient);
-    slots[v] = velocity;
-    var average = 0.0;
-    if CENTERED {
-        let a = slot_index(AVERAGE_GRADIENT_SLOT, i);
-        average = rmsprop_average_gradient(slots[a], gradient);
-        slots[a] = average;
+// Element i as `phase` reads it (what it does not read stays 0).
+fn load_element(i: u32, phase: u32) -> ElementState {
+    var e = ElementState(params[i], 0.0, 0.0, 0.0, 0.0, 0.0);
+    if phase == PHASE_UPDATE {
+        e.velocity = slots[slot_index(0u, i)];
+        if USE_MOMENTUM {
+            e.momentum = slots[slot_index(MOMENTUM_SLOT, i)];
+        }
+        if CENTERED {
+            e.average_gradient = slots[slot_index(AVERAGE_GRADIENT_SLOT, i)];
+        }
     }
-    let increment = rmsprop_increment(gradient, rmsprop_denominator(velocity, average));
-    if USE_MOMENTUM {
-        let m = slot_index(MOMENTUM_SLOT, i);
-        let momentum = rmsprop_momentum(slots[m], increment);
-        slots[m] = momentum;
-        return param - momentum;
+    if ACCUMULATE && phase != PHASE_NO_GRADIENT {
+        e.accumulator = slots[slot_index(ACCUMULATOR_SLOT, i)];
     }
-    return param - increment;
+    if USE_EMA {
+        e.ema = slots[slot_index(EMA_SLOT, i)];
+    }
+    return e;
+}
+
+// Stores what `phase` wrote.
+fn store_element(i: u32, phase: u32, e: ElementState) {
+    if phase == PHASE_UPDATE {
+        slots[slot_index(0u, i)] = e.velocity;
+        if USE_MOMENTUM {
+            slots[slot_index(MOMENTUM_SLOT, i)] = e.momentum;
+        }
+        if CENTERED {
+            slots[slot_index(AVERAGE_GRADIENT_SLOT, i)] = e.average_gradient;
+        }
+    }
+    if ACCUMULATE && phase != PHASE_NO_GRADIENT {
+        slots[slot_index(ACCUMULATOR_SLOT, i)] = e.accumulator;
+    }
+    if USE_EMA {
+        slots[slot_index(EMA_SLOT, i)] = e.ema;
+    }
+    if phase == PHASE_UPDATE || USE_EMA {
+        params[i] = e.param;
+    }
+}
+
+// The gradient the norm passes square: math::effective_gradient of element i.
+fn effective_gradient_at(i: u32) -> f32 {
+    var accumulator = 0.0;
+    if ACCUMULATE {
+        accumulator = slots[slot_index(ACCUMULATOR_SLOT, i)];
+    }
+    return effective_gradient(grads[i], accumulator);
 }
 
 fn workgroup_linear(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
@@ -281,22 +396,22 @@ fn increment(lo_hi: vec2<u32>) -> vec2<u32> {
 // The guard's decision, made once per step by one invocation: apply the plan for the
 // device's counter and advance it, or skip the step and count the skip.
 fn settle_guard() {
-    let non_finite = atomicExchange(&guard.non_finite, 0u) != 0u;
-    let index = guard.counter_lo - step.base_lo;
+    let non_finite = atomicExchange(&step_state.non_finite, 0u) != 0u;
+    let index = step_state.counter_lo - step.base_lo;
     if index >= step.len {
-        guard.fault = 1u;
-        guard.skip = 1u;
+        step_state.fault = 1u;
+        step_state.skip = 1u;
     } else if non_finite {
-        guard.skip = 1u;
-        let skipped = increment(vec2(guard.skipped_lo, guard.skipped_hi));
-        guard.skipped_lo = skipped.x;
-        guard.skipped_hi = skipped.y;
+        step_state.skip = 1u;
+        let skipped = increment(vec2(step_state.skipped_lo, step_state.skipped_hi));
+        step_state.skipped_lo = skipped.x;
+        step_state.skipped_hi = skipped.y;
     } else {
-        guard.skip = 0u;
-        guard.active_plan = index;
-        let counter = increment(vec2(guard.counter_lo, guard.counter_hi));
-        guard.counter_lo = counter.x;
-        guard.counter_hi = counter.y;
+        step_state.skip = 0u;
+        step_state.active_plan = index;
+        let counter = increment(vec2(step_state.counter_lo, step_state.counter_hi));
+        step_state.counter_lo = counter.x;
+        step_state.counter_hi = counter.y;
     }
 }
 
@@ -320,14 +435,14 @@ fn norm_partials(
                 non_finite = non_finite | is_non_finite(unscale_gradient(grads[i]));
             }
             if CLIP_KIND == 1u || CLIP_KIND == 2u {
-                let g = effective_gradient(i);
+                let g = effective_gradient_at(i);
                 sum += g * g;
             }
         }
     }
     // rare (a bad step), so one atomic per invocation that saw one is cheap enough
     if non_finite {
-        atomicOr(&guard.non_finite, 1u);
+        atomicOr(&step_state.non_finite, 1u);
     }
     // without norm clipping (the guard alone) there is nothing to sum: no barriers
     if CLIP_KIND == 1u || CLIP_KIND == 2u {
@@ -345,15 +460,15 @@ fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
     if CLIP_KIND == 1u || CLIP_KIND == 2u {
         var present_sum = 0.0;
         for (var t = lid; t < step.tensor_count; t += WORKGROUP_SIZE) {
-            let info = tensors[t];
+            let row = tensors[t];
             var sum = 0.0;
-            for (var k = 0u; k < info.chunk_count; k++) {
-                sum += partials[info.first_chunk + k];
+            for (var k = 0u; k < row.chunk_count; k++) {
+                sum += partials[row.first_chunk + k];
             }
             if CLIP_KIND == 1u {
                 clips[t] = clipnorm_factors(sum, s.clip_norm);
             }
-            if (info.flags & FLAG_HAS_GRADIENT) != 0u {
+            if (row.flags & FLAG_HAS_GRADIENT) != 0u {
                 present_sum += sum;
             }
         }
@@ -381,55 +496,24 @@ fn update(
         return;
     }
     if GUARD {
-        if guard.skip != 0u {
+        if step_state.skip != 0u {
             return;
         }
-        s = step.plans[guard.active_plan];
+        s = step.plans[step_state.active_plan];
     } else {
         s = step.plans[0];
     }
     let chunk = chunks[c];
-    let flags = tensors[chunk.tensor].flags;
-    let has_gradient = (flags & FLAG_HAS_GRADIENT) != 0u;
-    let decay = WEIGHT_DECAY && (flags & FLAG_DECAY) != 0u;
-    let update_step = s.is_update_step != 0.0;
-    let overwrite = s.ema_overwrite_enabled != 0.0;
-    if !has_gradient && !USE_EMA {
+    let t = tensor_step(chunk.tensor);
+    if t.phase == PHASE_NO_GRADIENT && !USE_EMA {
         return;
-    }
-    var clip = ClipFactors(1.0, 1.0);
-    if CLIP_KIND == 1u || CLIP_KIND == 2u {
-        clip = clips[chunk.tensor];
     }
     for (var k = lid; k < chunk.len; k += WORKGROUP_SIZE) {
         let i = chunk.start + k;
-        var p = params[i];
-        if has_gradient {
-            if ACCUMULATE && !update_step {
-                let a = slot_index(ACCUMULATOR_SLOT, i);
-                slots[a] = accumulate_gradient(unscale_gradient(grads[i]), slots[a]);
-            } else {
-                var g = unscale_gradient(grads[i]);
-                if ACCUMULATE {
-                    let a = slot_index(ACCUMULATOR_SLOT, i);
-                    g = average_accumulated(g, slots[a]);
-                    slots[a] = 0.0;
-                }
-                g = clip_gradient(g, clip);
-                if decay {
-                    p = decay_weight(p);
-                }
-                p = rmsprop_element(p, g, i);
-            }
+        var raw = 0.0;
+        if t.phase != PHASE_NO_GRADIENT {
+            raw = grads[i];
         }
-        if USE_EMA {
-            let e = slot_index(EMA_SLOT, i);
-            let ema = ema_update(slots[e], p);
-            slots[e] = ema;
-            if overwrite {
-                p = ema_overwrite(p, ema);
-            }
-        }
-        params[i] = p;
+        store_element(i, t.phase, update_element(raw, load_element(i, t.phase), t));
     }
 }

@@ -7,19 +7,21 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::{json, Value};
 
+use crate::backend::Backend;
 use crate::config::RmsPropConfig;
 use crate::error::{Error, Result};
 use crate::gpu::GpuOptions;
-use crate::layout::VariableSpec;
-use crate::optimizer::{Backend, RmsProp};
-use crate::plan::Variant;
+use crate::optimizer::RmsProp;
+use crate::variable::VariableSpec;
+use crate::variant::{Slot, Variant};
 
 /// The `format` metadata value of checkpoints this crate writes.
-pub const CHECKPOINT_FORMAT: &str = "fused-rmsprop-checkpoint/1";
+pub(crate) const CHECKPOINT_FORMAT: &str = "fused-rmsprop-checkpoint/1";
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> Error {
     Error::Checkpoint {
@@ -31,7 +33,23 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> Error {
 fn io(path: &Path, e: std::io::Error) -> Error {
     Error::Io {
         path: path.display().to_string(),
-        message: e.to_string(),
+        source: Arc::new(e),
+    }
+}
+
+/// What a tensor of the file holds: the variables, or one slot (by its Keras name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Stored {
+    Variables,
+    Slot(Slot),
+}
+
+impl Stored {
+    fn name(self) -> &'static str {
+        match self {
+            Stored::Variables => "variables",
+            Stored::Slot(s) => s.keras_name(),
+        }
     }
 }
 
@@ -39,8 +57,8 @@ fn le_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn tensor_key(role: &str, i: usize) -> String {
-    format!("{role}/{i}")
+fn tensor_key(stored: Stored, i: usize) -> String {
+    format!("{}/{i}", stored.name())
 }
 
 /// Everything a checkpoint holds, parsed and checked for internal consistency.
@@ -51,8 +69,8 @@ struct Parsed {
     raw_iterations: u64,
     /// Steps the non-finite guard skipped (absent in older files: 0).
     skipped_steps: u64,
-    /// `(role, variable index) -> values`, role `variables` or a slot name.
-    tensors: HashMap<(String, usize), Vec<f32>>,
+    /// `(what, variable index) -> values`.
+    tensors: HashMap<(Stored, usize), Vec<f32>>,
 }
 
 fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
@@ -104,12 +122,12 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         .collect::<Result<Vec<_>>>()?;
     let excluded: Vec<String> = serde_json::from_str(get("exclude_from_weight_decay")?)
         .map_err(|e| corrupt(path, e.to_string()))?;
-    let mut roles = vec!["variables"];
-    roles.extend(Variant::of(&config).slot_names());
+    let mut stored = vec![Stored::Variables];
+    stored.extend(Variant::of(&config).slots().into_iter().map(Stored::Slot));
     let mut tensors = HashMap::new();
-    for role in &roles {
+    for &what in &stored {
         for (i, spec) in specs.iter().enumerate() {
-            let key = tensor_key(role, i);
+            let key = tensor_key(what, i);
             let view: TensorView<'_> = st
                 .tensor(&key)
                 .map_err(|_| corrupt(path, format!("tensor `{key}` missing")))?;
@@ -132,7 +150,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
             if values.len() != spec.len() {
                 return Err(corrupt(path, format!("tensor `{key}` has the wrong size")));
             }
-            tensors.insert((role.to_string(), i), values);
+            tensors.insert((what, i), values);
         }
     }
     if st.names().len() != tensors.len() {
@@ -172,27 +190,21 @@ impl RmsProp {
             .iter()
             .map(|s| json!({"name": s.name, "shape": s.shape}))
             .collect();
-        let mut roles: Vec<(String, Vec<Vec<f32>>)> = vec![("variables".into(), self.variables()?)];
-        for name in Variant::of(self.config()).slot_names() {
-            if let Some(values) = self.slot(name)? {
-                roles.push((name.to_string(), values));
+        let mut arrays: Vec<(Stored, Vec<Vec<f32>>)> = vec![(Stored::Variables, self.variables()?)];
+        for slot in Variant::of(self.config()).slots() {
+            if let Some(values) = self.slot(slot)? {
+                arrays.push((Stored::Slot(slot), values));
             }
         }
-        let data: Vec<(String, Vec<u8>, Vec<usize>)> = roles
+        let data: Vec<(String, Vec<u8>, Vec<usize>)> = arrays
             .iter()
-            .flat_map(|(role, per_var)| {
+            .flat_map(|(what, per_var)| {
                 per_var
                     .iter()
                     .enumerate()
-                    .map(move |(i, v)| (role.clone(), i, v))
+                    .map(move |(i, v)| (tensor_key(*what, i), le_bytes(v), i))
             })
-            .map(|(role, i, v)| {
-                (
-                    tensor_key(&role, i),
-                    le_bytes(v),
-                    self.specs()[i].shape.clone(),
-                )
-            })
+            .map(|(key, bytes, i)| (key, bytes, self.specs()[i].shape.clone()))
             .collect();
         let views = data
             .iter()
@@ -278,11 +290,10 @@ impl RmsProp {
 
     fn apply_parsed(&mut self, p: Parsed) -> Result<()> {
         self.set_counters(p.raw_iterations, p.skipped_steps)?;
-        for ((role, i), values) in &p.tensors {
-            if role == "variables" {
-                self.set_variable(*i, values)?;
-            } else {
-                self.set_slot(role, *i, values)?;
+        for (&(what, i), values) in &p.tensors {
+            match what {
+                Stored::Variables => self.set_variable(i, values)?,
+                Stored::Slot(slot) => self.set_slot(slot, i, values)?,
             }
         }
         self.set_exclusions(p.excluded);

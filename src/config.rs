@@ -400,9 +400,8 @@ mod tests {
         let c = RmsPropConfig::default()
             .with_clipnorm(1.0)
             .with_clipvalue(0.5);
-        assert_eq!(
-            c.validate(),
-            Err(Error::ConflictingClipping("clipnorm, clipvalue".into()))
+        assert!(
+            matches!(c.validate(), Err(Error::ConflictingClipping(ref s)) if s == "clipnorm, clipvalue")
         );
         let c = RmsPropConfig::default()
             .with_global_clipnorm(1.0)
@@ -452,13 +451,16 @@ mod tests {
     #[test]
     fn unknown_key_refused() {
         let e = RmsPropConfig::from_keras_json(&json!({"rho": 0.9, "beta_1": 0.5})).unwrap_err();
-        assert_eq!(e, Error::UnknownConfigKey("beta_1".into()));
+        assert!(
+            matches!(e, Error::UnknownConfigKey(ref k) if k == "beta_1"),
+            "{e:?}"
+        );
         let e = RmsPropConfig::from_keras_json(&json!({"learning_rate": {"class_name": "ExponentialDecay",
             "config": {"initial_learning_rate": 0.1, "decay_steps": 2, "decay_rate": 0.5, "extra": 1}}}))
         .unwrap_err();
-        assert_eq!(
-            e,
-            Error::UnknownConfigKey("learning_rate.config.extra".into())
+        assert!(
+            matches!(e, Error::UnknownConfigKey(ref k) if k == "learning_rate.config.extra"),
+            "{e:?}"
         );
     }
 
@@ -486,7 +488,10 @@ mod tests {
         let e = RmsPropConfig::from_keras_json(&json!({"learning_rate":
             {"module": "keras.optimizers.schedules", "class_name": "CyclicLR", "config": {}, "registered_name": null}}))
         .unwrap_err();
-        assert_eq!(e, Error::UnknownSchedule("CyclicLR".into()));
+        assert!(
+            matches!(e, Error::UnknownSchedule(ref c) if c == "CyclicLR"),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -1,49 +1,52 @@
-//! The CPU driver: parameters and slots in flat host arenas, one step as (at most) a
-//! parallel norm reduction and one fused parallel pass over the chunk table.
+//! The CPU driver: parameters and slots in flat host arrays, one step as (at most) a
+//! parallel norm reduction and one fused parallel pass over the chunk table, every
+//! element through [`math::update_element`](crate::math::update_element).
 //!
-//! The inner loops call the functions of [`crate::math`] (mirrored by
-//! `shaders/rmsprop.wgsl`); the structural options are const generics, so every
-//! variant compiles to its own branch-free, vectorizable loop. This module never
-//! touches wgpu.
+//! The structural options are const generics, and each chunk's [`Phase`] is matched
+//! once outside its loop, so every variant compiles to its own branch-free,
+//! vectorizable loop. This module never touches wgpu.
 
 use rayon::prelude::*;
 
-use crate::layout::{Chunk, Layout, VariableSpec};
+use crate::backend::{BackendKind, Engine, Gradients, Role};
+use crate::config::RmsPropConfig;
+use crate::counters::{SkippedSteps, StepCounters};
+use crate::error::{Error, Result};
+use crate::layout::{Chunk, Layout};
 use crate::math::{
-    accumulate_gradient, average_accumulated, clip_gradient, clipnorm_factors, decay_weight,
-    ema_overwrite, ema_update, global_clipnorm_factors, rmsprop_element, unscale_gradient,
-    ClipFactors, ElementSlots, StepScalars,
+    clipnorm_factors, effective_gradient, global_clipnorm_factors, unscale_gradient,
+    update_element, ClipFactors, ElementState, Phase, StepScalars, TensorStep,
 };
-use crate::plan::{ClipKind, StepPlan, Variant};
+use crate::plan::plan_step;
+use crate::variable::VariableSpec;
+use crate::variant::{ClipKind, Slot, Variant};
 
 /// Elements per chunk on the CPU: 128 KiB of each array, large enough to amortize
 /// scheduling, small enough to balance across threads.
-pub const CPU_CHUNK_LEN: usize = 1 << 15;
+pub(crate) const CPU_CHUNK_LEN: usize = 1 << 15;
 
-/// Parameters and slots of a model in host memory.
+/// Parameters, slots and counters of a model in host memory.
 #[derive(Debug, Clone)]
-pub struct CpuEngine {
+pub(crate) struct CpuEngine {
     layout: Layout,
     variant: Variant,
     params: Vec<f32>,
-    velocity: Vec<f32>,
-    momentum: Vec<f32>,
-    average_gradient: Vec<f32>,
-    ema: Vec<f32>,
-    accumulator: Vec<f32>,
+    /// Indexed by [`Slot`] (`slot as usize`); a slot the variant does not keep is empty.
+    slots: [Vec<f32>; 5],
+    counters: StepCounters,
 }
 
-/// The slices one chunk works on.
+/// The slices one chunk works on; unused slots are empty.
 struct ChunkJob<'a> {
     param: &'a mut [f32],
-    grad: Option<&'a [f32]>,
+    /// Empty when the tensor has no gradient this step.
+    grad: &'a [f32],
     velocity: &'a mut [f32],
     momentum: &'a mut [f32],
     average_gradient: &'a mut [f32],
     ema: &'a mut [f32],
     accumulator: &'a mut [f32],
-    decay: bool,
-    clip: ClipFactors,
+    step: TensorStep,
 }
 
 /// Cuts `buf` into the chunks' pieces; an unused (empty) slot gives empty pieces.
@@ -61,89 +64,50 @@ fn split_chunks<'a>(buf: &'a mut [f32], chunks: &[Chunk]) -> Vec<&'a mut [f32]> 
     out
 }
 
-fn zeros(used: bool, n: usize) -> Vec<f32> {
-    if used {
-        vec![0.0; n]
-    } else {
-        Vec::new()
-    }
-}
-
 impl CpuEngine {
-    /// Zeroed parameters and slots for `specs`.
-    pub fn new(specs: &[VariableSpec], variant: Variant) -> crate::Result<Self> {
+    /// Zeroed parameters and slots for `specs`, counters at zero.
+    pub(crate) fn new(specs: &[VariableSpec], variant: Variant) -> Result<Self> {
         let layout = Layout::new(specs, CPU_CHUNK_LEN, usize::MAX)?;
         let n = layout.total();
+        let slots = Slot::ALL.map(|s| {
+            if variant.keeps(s) {
+                vec![0.0; n]
+            } else {
+                Vec::new()
+            }
+        });
         Ok(CpuEngine {
             params: vec![0.0; n],
-            velocity: vec![0.0; n],
-            momentum: zeros(variant.momentum, n),
-            average_gradient: zeros(variant.centered, n),
-            ema: zeros(variant.ema, n),
-            accumulator: zeros(variant.accumulate, n),
+            slots,
             layout,
             variant,
+            counters: StepCounters::default(),
         })
     }
 
-    /// The arena layout.
-    pub fn layout(&self) -> &Layout {
-        &self.layout
+    fn array(&self, role: Role) -> Result<&[f32]> {
+        match role {
+            Role::Params => Ok(&self.params),
+            Role::Slot(s) if self.variant.keeps(s) => Ok(&self.slots[s as usize]),
+            Role::Slot(s) => Err(Error::SlotNotKept(s)),
+        }
     }
 
-    /// The whole parameter arena.
-    pub fn params(&self) -> &[f32] {
-        &self.params
-    }
-
-    /// The whole parameter arena, writable.
-    pub fn params_mut(&mut self) -> &mut [f32] {
-        &mut self.params
-    }
-
-    /// A slot arena by Keras name (`velocity`, `momentum`, `average_gradient`,
-    /// `average` for the EMA, `accumulated_gradient`); `None` when the variant keeps none.
-    pub fn slot(&self, name: &str) -> Option<&[f32]> {
-        let s = match name {
-            "velocity" => &self.velocity,
-            "momentum" if self.variant.momentum => &self.momentum,
-            "average_gradient" if self.variant.centered => &self.average_gradient,
-            "average" if self.variant.ema => &self.ema,
-            "accumulated_gradient" if self.variant.accumulate => &self.accumulator,
-            _ => return None,
-        };
-        Some(s)
-    }
-
-    /// A slot arena by Keras name, writable.
-    pub fn slot_mut(&mut self, name: &str) -> Option<&mut [f32]> {
-        let v = self.variant;
-        let s = match name {
-            "velocity" => &mut self.velocity,
-            "momentum" if v.momentum => &mut self.momentum,
-            "average_gradient" if v.centered => &mut self.average_gradient,
-            "average" if v.ema => &mut self.ema,
-            "accumulated_gradient" if v.accumulate => &mut self.accumulator,
-            _ => return None,
-        };
-        Some(s)
-    }
-
-    /// `finalize_variable_values`: copies the EMA into the parameters (no-op without EMA).
-    pub(crate) fn finalize(&mut self) {
-        if self.variant.ema {
-            self.params.copy_from_slice(&self.ema);
+    fn array_mut(&mut self, role: Role) -> Result<&mut [f32]> {
+        match role {
+            Role::Params => Ok(&mut self.params),
+            Role::Slot(s) if self.variant.keeps(s) => Ok(&mut self.slots[s as usize]),
+            Role::Slot(s) => Err(Error::SlotNotKept(s)),
         }
     }
 
     /// Per-tensor sums of squared effective gradients, when this step clips by a norm.
-    fn norm_sums(&self, plan: &StepPlan, grads: &[Option<&[f32]>]) -> Option<Vec<f64>> {
-        if !self.variant.clip.needs_norm() || !plan.is_update_step {
+    fn norm_sums(&self, s: &StepScalars, grads: &[Option<&[f32]>]) -> Option<Vec<f64>> {
+        if !self.variant.clip.needs_norm() || s.is_update_step == 0 {
             return None;
         }
         let tensors = self.layout.tensors();
-        let s = &plan.scalars;
-        let acc = &self.accumulator;
+        let acc = &self.slots[Slot::Accumulator as usize];
         let accumulate = self.variant.accumulate;
         let partials: Vec<f64> = self
             .layout
@@ -153,12 +117,11 @@ impl CpuEngine {
                 let t = &tensors[c.tensor];
                 let Some(g) = grads[c.tensor] else { return 0.0 };
                 let g = &g[c.offset - t.offset..][..c.len];
-                let a = if accumulate {
-                    &acc[c.offset..][..c.len]
+                if accumulate {
+                    sum_of_squares::<true>(g, &acc[c.offset..][..c.len], s)
                 } else {
-                    &[][..]
-                };
-                sum_of_squares(g, a, s)
+                    sum_of_squares::<false>(g, &[], s)
+                }
             })
             .collect();
         Some(
@@ -174,7 +137,7 @@ impl CpuEngine {
     }
 
     /// Per-tensor clip factors from the norm sums (no clipping by norm: none).
-    fn clip_factors(&self, plan: &StepPlan, sums: Option<&[f64]>) -> Vec<ClipFactors> {
+    fn clip_factors(&self, s: &StepScalars, sums: Option<&[f64]>) -> Vec<ClipFactors> {
         let n = self.layout.tensors().len();
         let Some(sums) = sums else {
             return vec![ClipFactors::NONE; n];
@@ -182,48 +145,41 @@ impl CpuEngine {
         match self.variant.clip {
             ClipKind::Norm => sums
                 .iter()
-                .map(|&ss| clipnorm_factors(ss as f32, plan.clip_norm))
+                .map(|&ss| clipnorm_factors(ss as f32, s.clip_norm))
                 .collect(),
             _ => {
                 let total: f64 = sums.iter().sum();
-                let f = global_clipnorm_factors(total as f32, plan.clip_norm, plan.inv_clip_norm);
+                let f = global_clipnorm_factors(total as f32, s.clip_norm, s.inv_clip_norm);
                 vec![f; n]
             }
         }
     }
 
-    /// One optimizer step. `grads` has one entry per tensor (checked by the caller:
-    /// lengths match, at least one is present); `decay[t]` says whether tensor `t`
-    /// takes weight decay. With `guard`, a step whose gradients are not all finite
-    /// changes nothing and returns false.
-    pub(crate) fn step(
-        &mut self,
-        plan: &StepPlan,
-        grads: &[Option<&[f32]>],
-        decay: &[bool],
-        guard: bool,
-    ) -> bool {
-        let sums = self.norm_sums(plan, grads);
-        if guard {
+    /// One step with the numbers `s`; `false` when the non-finite guard skips it
+    /// (nothing changes then).
+    fn run_step(&mut self, s: &StepScalars, grads: &[Option<&[f32]>], decay: &[bool]) -> bool {
+        let sums = self.norm_sums(s, grads);
+        if self.variant.guard {
             // NaN or infinity in a gradient makes its sum of squares non-finite, so a
             // finite sum proves the step clean; a non-finite one may be a finite
             // overflow, which the exact scan tells apart.
             let proven_finite = sums
                 .as_ref()
-                .is_some_and(|s| s.iter().all(|x| x.is_finite()));
-            if !proven_finite && has_non_finite(grads, &plan.scalars) {
+                .is_some_and(|sums| sums.iter().all(|x| x.is_finite()));
+            if !proven_finite && has_non_finite(grads, s) {
                 return false;
             }
         }
-        let clips = self.clip_factors(plan, sums.as_deref());
+        let clips = self.clip_factors(s, sums.as_deref());
         let tensors = self.layout.tensors();
         let chunks = self.layout.chunks();
+        let [velocity, momentum, average_gradient, ema, accumulator] = &mut self.slots;
         let mut params = split_chunks(&mut self.params, chunks).into_iter();
-        let mut vel = split_chunks(&mut self.velocity, chunks).into_iter();
-        let mut mom = split_chunks(&mut self.momentum, chunks).into_iter();
-        let mut avg = split_chunks(&mut self.average_gradient, chunks).into_iter();
-        let mut ema = split_chunks(&mut self.ema, chunks).into_iter();
-        let mut acc = split_chunks(&mut self.accumulator, chunks).into_iter();
+        let mut vel = split_chunks(velocity, chunks).into_iter();
+        let mut mom = split_chunks(momentum, chunks).into_iter();
+        let mut avg = split_chunks(average_gradient, chunks).into_iter();
+        let mut emas = split_chunks(ema, chunks).into_iter();
+        let mut acc = split_chunks(accumulator, chunks).into_iter();
         let mut jobs = Vec::with_capacity(chunks.len());
         for c in chunks {
             let t = &tensors[c.tensor];
@@ -232,38 +188,40 @@ impl CpuEngine {
                 Some(velocity),
                 Some(momentum),
                 Some(average_gradient),
-                Some(e),
-                Some(a),
+                Some(ema),
+                Some(accumulator),
             ) = (
                 params.next(),
                 vel.next(),
                 mom.next(),
                 avg.next(),
-                ema.next(),
+                emas.next(),
                 acc.next(),
             )
             else {
                 break;
             };
+            let grad = grads[c.tensor].map(|g| &g[c.offset - t.offset..][..c.len]);
             jobs.push(ChunkJob {
                 param,
-                grad: grads[c.tensor].map(|g| &g[c.offset - t.offset..][..c.len]),
+                grad: grad.unwrap_or_default(),
                 velocity,
                 momentum,
                 average_gradient,
-                ema: e,
-                accumulator: a,
-                decay: self.variant.weight_decay && decay[c.tensor],
-                clip: clips[c.tensor],
+                ema,
+                accumulator,
+                step: TensorStep {
+                    phase: Phase::of(grad.is_some(), s),
+                    decay: self.variant.weight_decay && decay[c.tensor],
+                    clip: clips[c.tensor],
+                },
             });
         }
-        let s = plan.scalars;
-        let update = plan.is_update_step;
         let v = self.variant;
         macro_rules! go {
             ($c:literal, $m:literal, $e:literal, $a:literal) => {
                 jobs.into_par_iter()
-                    .for_each(|job| run_chunk::<$c, $m, $e, $a>(job, &s, update))
+                    .for_each(|job| run_chunk::<$c, $m, $e, $a>(job, s))
             };
         }
         match (v.centered, v.momentum, v.ema, v.accumulate) {
@@ -288,141 +246,205 @@ impl CpuEngine {
     }
 }
 
+impl Engine for CpuEngine {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cpu
+    }
+
+    fn variant(&self) -> Variant {
+        self.variant
+    }
+
+    fn step(&mut self, config: &RmsPropConfig, grads: Gradients<'_>, decay: &[bool]) -> Result<()> {
+        let Gradients::Host(grads) = grads else {
+            return Err(Error::NeedsGpuBackend("apply_device_gradients"));
+        };
+        let s = plan_step(config, self.counters.raw());
+        let applied = self.run_step(&s, grads, decay);
+        self.counters.record(applied);
+        Ok(())
+    }
+
+    fn finalize(&mut self) -> Result<()> {
+        if self.variant.ema {
+            self.params.copy_from_slice(&self.slots[Slot::Ema as usize]);
+        }
+        Ok(())
+    }
+
+    fn read(&self, role: Role) -> Result<Vec<f32>> {
+        Ok(self.array(role)?.to_vec())
+    }
+
+    fn read_tensor(&self, role: Role, tensor: usize) -> Result<Vec<f32>> {
+        let t = self.layout.tensor(tensor)?;
+        Ok(self.array(role)?[t.range()].to_vec())
+    }
+
+    fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()> {
+        let t = self.layout.tensor(tensor)?;
+        self.array_mut(role)?[t.range()].copy_from_slice(values);
+        Ok(())
+    }
+
+    fn raw_iterations(&self) -> u64 {
+        self.counters.raw()
+    }
+
+    fn skipped_steps(&self) -> SkippedSteps {
+        self.counters.report()
+    }
+
+    fn set_counters(&mut self, raw: u64, skipped: u64) -> Result<()> {
+        self.counters = StepCounters::new(raw, skipped);
+        Ok(())
+    }
+
+    fn set_non_finite_guard(&mut self, enabled: bool) -> Result<()> {
+        self.variant.guard = enabled;
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// True when any present gradient, divided by the loss scale, is NaN or infinite.
-pub fn has_non_finite(grads: &[Option<&[f32]>], scalars: &StepScalars) -> bool {
+fn has_non_finite(grads: &[Option<&[f32]>], s: &StepScalars) -> bool {
     grads.par_iter().flatten().any(|g| {
         g.par_chunks(CPU_CHUNK_LEN).any(|chunk| {
             // a fold rather than a short-circuit, so the loop vectorizes
-            chunk.iter().fold(false, |bad, &x| {
-                bad | !unscale_gradient(x, scalars).is_finite()
-            })
+            chunk
+                .iter()
+                .fold(false, |bad, &x| bad | !unscale_gradient(x, s).is_finite())
         })
     })
 }
 
-/// Sum of squared effective gradients (unscaled, and averaged with the accumulator
-/// when `acc` is non-empty): f32 squares summed in eight f32 lanes over blocks of 256
-/// elements (so the loop vectorizes), blocks summed in f64.
-fn sum_of_squares(g: &[f32], acc: &[f32], s: &StepScalars) -> f64 {
+/// Sum of squared [`effective_gradient`]s (`A`: averaged with the accumulator `acc`):
+/// f32 squares summed in eight f32 lanes over blocks of 256 elements (so the loop
+/// vectorizes), blocks summed in f64.
+fn sum_of_squares<const A: bool>(g: &[f32], acc: &[f32], s: &StepScalars) -> f64 {
     const BLOCK: usize = 256;
-    let lanes_sum = |lanes: [f32; 8]| lanes.iter().map(|&l| l as f64).sum::<f64>();
     let mut total = 0.0f64;
-    if acc.is_empty() {
-        for block in g.chunks(BLOCK) {
-            let mut lanes = [0.0f32; 8];
-            let mut it = block.chunks_exact(8);
-            for c in &mut it {
-                for k in 0..8 {
-                    let e = unscale_gradient(c[k], s);
-                    lanes[k] += e * e;
-                }
-            }
-            for (k, &x) in it.remainder().iter().enumerate() {
-                let e = unscale_gradient(x, s);
+    for (b, block) in g.chunks(BLOCK).enumerate() {
+        let acc = if A {
+            &acc[b * BLOCK..][..block.len()]
+        } else {
+            &[][..]
+        };
+        let at = |k: usize| if A { acc[k] } else { 0.0 };
+        let mut lanes = [0.0f32; 8];
+        let mut eights = block.chunks_exact(8);
+        for (j, c) in (&mut eights).enumerate() {
+            for k in 0..8 {
+                let e = effective_gradient::<A>(c[k], at(8 * j + k), s);
                 lanes[k] += e * e;
             }
-            total += lanes_sum(lanes);
         }
-    } else {
-        for (block, ablock) in g.chunks(BLOCK).zip(acc.chunks(BLOCK)) {
-            let mut lanes = [0.0f32; 8];
-            let mut it = block.chunks_exact(8).zip(ablock.chunks_exact(8));
-            for (c, a) in &mut it {
-                for k in 0..8 {
-                    let e = average_accumulated(unscale_gradient(c[k], s), a[k], s);
-                    lanes[k] += e * e;
-                }
-            }
-            let done = block.len() / 8 * 8;
-            for k in done..block.len() {
-                let e = average_accumulated(unscale_gradient(block[k], s), ablock[k], s);
-                lanes[k - done] += e * e;
-            }
-            total += lanes_sum(lanes);
+        let done = block.len() / 8 * 8;
+        for (k, &x) in eights.remainder().iter().enumerate() {
+            let e = effective_gradient::<A>(x, at(done + k), s);
+            lanes[k] += e * e;
         }
+        total += lanes.iter().map(|&l| l as f64).sum::<f64>();
     }
     total
 }
 
-/// The fused per-chunk loop: unscale, accumulate, clip, decay, RMSprop, EMA.
+/// The fused pass over one chunk: its [`Phase`] picked once, then the loop.
 /// `C` centered, `M` momentum, `E` EMA, `A` accumulation.
 fn run_chunk<const C: bool, const M: bool, const E: bool, const A: bool>(
     job: ChunkJob<'_>,
     s: &StepScalars,
-    update: bool,
 ) {
+    match job.step.phase {
+        Phase::NoGradient => sweep::<C, M, E, A, NO_GRADIENT>(job, s),
+        Phase::Accumulate => sweep::<C, M, E, A, ACCUMULATE>(job, s),
+        Phase::Update => sweep::<C, M, E, A, UPDATE>(job, s),
+    }
+}
+
+/// [`Phase`]s as numbers, so that a chunk's phase is a constant inside [`sweep`].
+const NO_GRADIENT: u8 = 0;
+const ACCUMULATE: u8 = 1;
+const UPDATE: u8 = 2;
+
+/// Every element of a chunk through [`update_element`] in phase `P`: loads what the
+/// phase reads, stores what it writes.
+#[inline(always)]
+fn sweep<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8>(
+    job: ChunkJob<'_>,
+    s: &StepScalars,
+) {
+    let t = TensorStep {
+        phase: match P {
+            NO_GRADIENT => Phase::NoGradient,
+            ACCUMULATE => Phase::Accumulate,
+            _ => Phase::Update,
+        },
+        ..job.step
+    };
+    let update = P == UPDATE;
+    let has_gradient = P != NO_GRADIENT;
     let n = job.param.len();
     let param = job.param;
-    let overwrite = s.ema_overwrite_enabled != 0.0;
-    let mut ema_done = false;
-    if let Some(grad) = job.grad {
-        let grad = &grad[..n];
-        let acc: &mut [f32] = if A {
-            &mut job.accumulator[..n]
-        } else {
-            job.accumulator
+    // the slices this phase touches, cut to the chunk's length so indexing is checked once
+    let grad = if has_gradient {
+        &job.grad[..n]
+    } else {
+        &[][..]
+    };
+    let vel: &mut [f32] = if update {
+        &mut job.velocity[..n]
+    } else {
+        &mut []
+    };
+    let mom: &mut [f32] = if update && M {
+        &mut job.momentum[..n]
+    } else {
+        &mut []
+    };
+    let avg: &mut [f32] = if update && C {
+        &mut job.average_gradient[..n]
+    } else {
+        &mut []
+    };
+    let ema: &mut [f32] = if E { &mut job.ema[..n] } else { &mut [] };
+    let acc: &mut [f32] = if A && has_gradient {
+        &mut job.accumulator[..n]
+    } else {
+        &mut []
+    };
+    for i in 0..n {
+        let before = ElementState {
+            param: param[i],
+            velocity: if update { vel[i] } else { 0.0 },
+            momentum: if update && M { mom[i] } else { 0.0 },
+            average_gradient: if update && C { avg[i] } else { 0.0 },
+            ema: if E { ema[i] } else { 0.0 },
+            accumulator: if A && has_gradient { acc[i] } else { 0.0 },
         };
-        if A && !update {
-            for i in 0..n {
-                acc[i] = accumulate_gradient(unscale_gradient(grad[i], s), acc[i]);
-            }
-        } else {
-            let vel = &mut job.velocity[..n];
-            let mom: &mut [f32] = if M {
-                &mut job.momentum[..n]
-            } else {
-                job.momentum
-            };
-            let avg: &mut [f32] = if C {
-                &mut job.average_gradient[..n]
-            } else {
-                job.average_gradient
-            };
-            let ema: &mut [f32] = if E { &mut job.ema[..n] } else { job.ema };
-            for i in 0..n {
-                let mut g = unscale_gradient(grad[i], s);
-                if A {
-                    g = average_accumulated(g, acc[i], s);
-                    acc[i] = 0.0;
-                }
-                g = clip_gradient(g, job.clip, s);
-                let mut p = param[i];
-                if job.decay {
-                    p = decay_weight(p, s);
-                }
-                let mut slots = ElementSlots {
-                    velocity: vel[i],
-                    momentum: if M { mom[i] } else { 0.0 },
-                    average_gradient: if C { avg[i] } else { 0.0 },
-                };
-                p = rmsprop_element(p, g, &mut slots, C, M, s);
-                vel[i] = slots.velocity;
-                if M {
-                    mom[i] = slots.momentum;
-                }
-                if C {
-                    avg[i] = slots.average_gradient;
-                }
-                if E {
-                    let e = ema_update(ema[i], p, s);
-                    ema[i] = e;
-                    if overwrite {
-                        p = ema_overwrite(p, e, s);
-                    }
-                }
-                param[i] = p;
-            }
-            ema_done = true;
+        let raw = if has_gradient { grad[i] } else { 0.0 };
+        let after = update_element::<C, M, E, A>(raw, before, &t, s);
+        if update || E {
+            param[i] = after.param;
         }
-    }
-    if E && !ema_done {
-        let ema = &mut job.ema[..n];
-        for i in 0..n {
-            let e = ema_update(ema[i], param[i], s);
-            ema[i] = e;
-            if overwrite {
-                param[i] = ema_overwrite(param[i], e, s);
-            }
+        if update {
+            vel[i] = after.velocity;
+        }
+        if update && M {
+            mom[i] = after.momentum;
+        }
+        if update && C {
+            avg[i] = after.average_gradient;
+        }
+        if E {
+            ema[i] = after.ema;
+        }
+        if A && has_gradient {
+            acc[i] = after.accumulator;
         }
     }
 }
@@ -430,12 +452,10 @@ fn run_chunk<const C: bool, const M: bool, const E: bool, const A: bool>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::plan_step;
-    use crate::RmsPropConfig;
 
     #[test]
     fn detects_nan_and_infinity_after_unscaling() {
-        let s = plan_step(&RmsPropConfig::default(), 0).scalars;
+        let s = plan_step(&RmsPropConfig::default(), 0);
         let fine = vec![1.0f32; 100_000];
         let mut bad = fine.clone();
         bad[77_777] = f32::NAN;
@@ -445,8 +465,30 @@ mod tests {
         assert!(has_non_finite(&[Some(&bad)], &s));
         // a finite gradient that overflows when unscaled counts as non-finite
         let tiny = RmsPropConfig::default().with_loss_scale_factor(1e-30);
-        let s = plan_step(&tiny, 0).scalars;
+        let s = plan_step(&tiny, 0);
         assert!(has_non_finite(&[Some(&[1e10f32][..])], &s));
         assert!(!has_non_finite(&[None, Some(&[][..])], &s));
+    }
+
+    /// The accumulator-aware norm equals the sum written out element by element.
+    #[test]
+    fn sum_of_squares_matches_the_effective_gradients() {
+        let c = RmsPropConfig::default()
+            .with_loss_scale_factor(2.0)
+            .with_gradient_accumulation_steps(3);
+        let s = plan_step(&c, 2);
+        let g: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let a: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.11).cos()).collect();
+        let exact: f64 = g
+            .iter()
+            .zip(&a)
+            .map(|(&g, &a)| ((g / 2.0 + a) / 3.0) as f64)
+            .map(|e| e * e)
+            .sum();
+        let fast = sum_of_squares::<true>(&g, &a, &s);
+        assert!((fast - exact).abs() <= 1e-5 * exact, "{fast} vs {exact}");
+        let plain = sum_of_squares::<false>(&g, &[], &s);
+        let exact: f64 = g.iter().map(|&g| ((g / 2.0) as f64).powi(2)).sum();
+        assert!((plain - exact).abs() <= 1e-5 * exact, "{plain} vs {exact}");
     }
 }

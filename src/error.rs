@@ -1,11 +1,15 @@
 //! Typed errors: every refusal names the field, variable or device at fault.
 
+use std::sync::Arc;
+
 use thiserror::Error;
+
+use crate::variant::Slot;
 
 /// Everything that can go wrong in this crate. No public function panics on bad
 /// input; it returns one of these instead, and a refused step leaves parameters
 /// and slots exactly as they were.
-#[derive(Debug, Error, Clone, PartialEq)]
+#[derive(Debug, Error, Clone)]
 #[non_exhaustive]
 pub enum Error {
     /// A config field holds a value Keras would refuse (or that makes no sense).
@@ -81,13 +85,29 @@ pub enum Error {
     /// An index names no variable.
     #[error("no variable with index {0}")]
     NoSuchVariable(usize),
-    /// A trace file is malformed.
-    #[error("invalid trace: {0}")]
-    InvalidTrace(String),
+    /// The variables hold more elements than this crate accepts (2^34, 64 GiB per f32
+    /// array).
+    #[error("variable `{name}` of shape {shape:?} takes the model past {limit} elements")]
+    ModelTooLarge {
+        /// The variable that crossed the limit.
+        name: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// The limit.
+        limit: usize,
+    },
+    /// The config keeps no such slot (e.g. `momentum` when momentum is 0).
+    #[error("this config keeps no `{0}` slot")]
+    SlotNotKept(Slot),
+    /// A GPU-only operation (device-resident gradients) was called on an optimizer that
+    /// runs on the CPU.
+    #[error("`{0}` needs the GPU backend; this optimizer runs on the CPU")]
+    NeedsGpuBackend(&'static str),
     /// The GPU path was requested but no usable adapter exists.
     #[error("no GPU adapter available: {0}")]
     NoAdapter(String),
-    /// The GPU failed: device creation, out of memory, a lost device, a failed map.
+    /// The GPU failed: device creation, out of memory, a lost device, a failed map or
+    /// readback, a validation error reported by wgpu.
     #[error("GPU error: {0}")]
     Gpu(String),
     /// A user-supplied buffer does not meet the documented requirements.
@@ -107,12 +127,13 @@ pub enum Error {
         reason: String,
     },
     /// Reading or writing a file failed.
-    #[error("I/O error on `{path}`: {message}")]
+    #[error("I/O error on `{path}`: {source}")]
     Io {
         /// The file.
         path: String,
-        /// The OS message.
-        message: String,
+        /// What the operating system reported.
+        #[source]
+        source: Arc<std::io::Error>,
     },
 }
 

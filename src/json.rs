@@ -169,30 +169,3 @@ pub(crate) fn opt_float(x: Option<f64>) -> Value {
 pub(crate) fn parse(text: &str) -> Result<Value> {
     serde_json::from_str(text).map_err(|e| Error::Json(e.to_string()))
 }
-
-/// Decodes a trace float: a number, or `"NaN"`, `"Infinity"`, `"-Infinity"`.
-pub fn decode_float(v: &Value) -> Option<f32> {
-    match v {
-        Value::Number(n) => n.as_f64().map(|x| x as f32),
-        Value::String(s) => match s.as_str() {
-            "NaN" => Some(f32::NAN),
-            "Infinity" => Some(f32::INFINITY),
-            "-Infinity" => Some(f32::NEG_INFINITY),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// Encodes a float as a trace value: a number, or `"NaN"`, `"Infinity"`, `"-Infinity"`.
-pub fn encode_float(x: f32) -> Value {
-    if x.is_nan() {
-        Value::from("NaN")
-    } else if x == f32::INFINITY {
-        Value::from("Infinity")
-    } else if x == f32::NEG_INFINITY {
-        Value::from("-Infinity")
-    } else {
-        float(x as f64)
-    }
-}

@@ -1,6 +1,6 @@
-//! Variables and the flat arena layout both backends share: an offset table (one
-//! entry per tensor) and a chunk table (contiguous pieces of at most `chunk_len`
-//! elements that never cross a tensor or segment boundary).
+//! The flat arena layout both backends share: an offset table (one entry per tensor)
+//! and a chunk table (contiguous pieces of at most `chunk_len` elements that never
+//! cross a tensor or segment boundary).
 //!
 //! The arena holds every tensor back to back, row-major, in variable order, with no
 //! padding: tensor `i` occupies `offset(i) .. offset(i) + len(i)`. The GPU path may
@@ -8,90 +8,14 @@
 //! chunk then belongs to exactly one segment.
 
 use crate::error::{Error, Result};
-
-/// A variable's name and shape (`[]` is a scalar).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VariableSpec {
-    /// The name, matched by `exclude_from_weight_decay` substrings.
-    pub name: String,
-    /// The shape; the element count is its product (1 for `[]`).
-    pub shape: Vec<usize>,
-}
-
-impl VariableSpec {
-    /// A spec from a name and shape.
-    pub fn new(name: impl Into<String>, shape: &[usize]) -> Self {
-        VariableSpec {
-            name: name.into(),
-            shape: shape.to_vec(),
-        }
-    }
-
-    /// Number of elements (saturating; an absurd shape is refused by [`Layout::new`]).
-    pub fn len(&self) -> usize {
-        self.shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .unwrap_or(usize::MAX)
-    }
-
-    /// True when the shape has a zero dimension.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// A variable with its starting values (flat, row-major).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Variable {
-    /// Name and shape.
-    pub spec: VariableSpec,
-    /// The values; `values.len() == spec.len()`.
-    pub values: Vec<f32>,
-}
-
-impl Variable {
-    /// A variable; fails when `values` does not fill `shape`.
-    ///
-    /// ```
-    /// use fused_rmsprop::Variable;
-    /// assert!(Variable::new("w", &[2, 2], vec![1.0; 4]).is_ok());
-    /// assert!(Variable::new("w", &[2, 2], vec![1.0; 3]).is_err());
-    /// ```
-    pub fn new(name: impl Into<String>, shape: &[usize], values: Vec<f32>) -> Result<Self> {
-        let spec = VariableSpec::new(name, shape);
-        check_len(&spec, values.len())?;
-        Ok(Variable { spec, values })
-    }
-
-    /// A variable from an `ndarray` array (any dimensionality).
-    pub fn from_array(name: impl Into<String>, array: ndarray::ArrayViewD<'_, f32>) -> Self {
-        Variable {
-            spec: VariableSpec::new(name, array.shape()),
-            values: array.iter().copied().collect(),
-        }
-    }
-}
-
-/// Fails with [`Error::ValueLength`] when `found` does not match the spec.
-pub(crate) fn check_len(spec: &VariableSpec, found: usize) -> Result<()> {
-    if spec.len() != found {
-        return Err(Error::ValueLength {
-            name: spec.name.clone(),
-            shape: spec.shape.clone(),
-            expected: spec.len(),
-            found,
-        });
-    }
-    Ok(())
-}
+use crate::variable::VariableSpec;
 
 /// Largest model (in elements) this crate accepts: 2^34, i.e. 64 GiB per f32 array.
-pub const MAX_ELEMENTS: usize = 1 << 34;
+pub(crate) const MAX_ELEMENTS: usize = 1 << 34;
 
 /// One tensor's place in the arena and its run of chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TensorEntry {
+pub(crate) struct TensorEntry {
     /// First element in the arena.
     pub offset: usize,
     /// Number of elements.
@@ -102,9 +26,16 @@ pub struct TensorEntry {
     pub chunk_count: usize,
 }
 
+impl TensorEntry {
+    /// Its elements in the arena.
+    pub(crate) fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len
+    }
+}
+
 /// A contiguous piece of one tensor, the unit of parallel work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Chunk {
+pub(crate) struct Chunk {
     /// The tensor it belongs to.
     pub tensor: usize,
     /// First element in the arena.
@@ -117,7 +48,7 @@ pub struct Chunk {
 
 /// The offset table and chunk table of an arena.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Layout {
+pub(crate) struct Layout {
     tensors: Vec<TensorEntry>,
     chunks: Vec<Chunk>,
     total: usize,
@@ -127,7 +58,11 @@ pub struct Layout {
 impl Layout {
     /// Lays out `specs` back to back, cut into chunks of at most `chunk_len` elements
     /// that never cross a multiple of `segment_len`.
-    pub fn new(specs: &[VariableSpec], chunk_len: usize, segment_len: usize) -> Result<Self> {
+    pub(crate) fn new(
+        specs: &[VariableSpec],
+        chunk_len: usize,
+        segment_len: usize,
+    ) -> Result<Self> {
         let chunk_len = chunk_len.max(1);
         let segment_len = segment_len.max(1);
         let mut tensors = Vec::with_capacity(specs.len());
@@ -138,14 +73,10 @@ impl Layout {
             let end = offset
                 .checked_add(len)
                 .filter(|&e| e <= MAX_ELEMENTS)
-                .ok_or_else(|| {
-                    Error::invalid(
-                        "variables",
-                        format!(
-                            "variable `{}` of shape {:?} takes the model past {MAX_ELEMENTS} elements",
-                            spec.name, spec.shape
-                        ),
-                    )
+                .ok_or_else(|| Error::ModelTooLarge {
+                    name: spec.name.clone(),
+                    shape: spec.shape.clone(),
+                    limit: MAX_ELEMENTS,
                 })?;
             let first_chunk = chunks.len();
             let mut at = offset;
@@ -178,27 +109,27 @@ impl Layout {
     }
 
     /// The offset table.
-    pub fn tensors(&self) -> &[TensorEntry] {
+    pub(crate) fn tensors(&self) -> &[TensorEntry] {
         &self.tensors
     }
 
+    /// Tensor `i`'s entry; [`Error::NoSuchVariable`] when there is none.
+    pub(crate) fn tensor(&self, i: usize) -> Result<TensorEntry> {
+        self.tensors.get(i).copied().ok_or(Error::NoSuchVariable(i))
+    }
+
     /// The chunk table, in arena order.
-    pub fn chunks(&self) -> &[Chunk] {
+    pub(crate) fn chunks(&self) -> &[Chunk] {
         &self.chunks
     }
 
     /// Total number of elements.
-    pub fn total(&self) -> usize {
+    pub(crate) fn total(&self) -> usize {
         self.total
     }
 
-    /// Elements per segment (the last may be shorter).
-    pub fn segment_len(&self) -> usize {
-        self.segment_len
-    }
-
     /// Number of segments holding at least one element (at least 1).
-    pub fn segment_count(&self) -> usize {
+    pub(crate) fn segment_count(&self) -> usize {
         self.total.div_ceil(self.segment_len).max(1)
     }
 }
@@ -212,7 +143,7 @@ mod tests {
         let specs = vec![VariableSpec::new("huge", &[1 << 20, 1 << 20, 1 << 20])];
         assert!(matches!(
             Layout::new(&specs, 4, 8),
-            Err(Error::InvalidConfig { .. })
+            Err(Error::ModelTooLarge { .. })
         ));
     }
 

@@ -35,33 +35,34 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
-pub mod checkpoint;
-pub mod config;
-pub mod cpu;
-pub mod error;
+mod backend;
+mod checkpoint;
+mod config;
+mod counters;
+mod cpu;
+mod error;
 pub mod gpu;
-pub mod guard;
 mod json;
-pub mod layout;
+mod layout;
 pub mod math;
-pub mod optimizer;
-pub mod plan;
-pub mod schedule;
-pub mod trace;
-pub mod workload;
+mod optimizer;
+mod plan;
+mod schedule;
+mod variable;
+mod variant;
 
+pub use backend::{Backend, BackendKind};
 pub use config::{Clipping, RmsPropConfig};
+pub use counters::SkippedSteps;
 pub use error::{Error, Result};
 pub use gpu::{GpuContext, GpuOptions};
-pub use guard::SkippedSteps;
-pub use json::{decode_float, encode_float};
-pub use layout::{Variable, VariableSpec};
-pub use optimizer::{Backend, BackendKind, RmsProp};
+pub use optimizer::RmsProp;
 pub use schedule::{
     CosineDecay, CosineDecayRestarts, ExponentialDecay, InverseTimeDecay, KerasSchedule,
     LearningRate, LearningRateSchedule, PiecewiseConstantDecay, PolynomialDecay,
 };
-pub use trace::{Outcome, Trace};
+pub use variable::{Variable, VariableSpec};
+pub use variant::Slot;
 
 /// The README's Rust examples, compiled as doc tests.
 #[cfg(doctest)]

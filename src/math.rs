@@ -1,34 +1,44 @@
-//! The per-element update math: the one source of truth.
+//! The per-element update math: the one source of truth, and the documented reference.
 //!
-//! Every function here is mirrored, name for name, by `shaders/rmsprop.wgsl`;
-//! the CPU driver calls these functions in its inner loop and the tests use them as
-//! the oracle. Each follows Keras 3's expression order in `float32`
+//! [`update_element`] is the whole step of one element, from the raw gradient to the
+//! stored parameter and slots, in Keras 3's order and float32 expression order
 //! (`keras/src/optimizers/rmsprop.py`, `base_optimizer.py`), so rounding matches:
 //!
 //! ```text
-//! g         = raw / loss_scale_factor                     (unscale)
-//! g         = (g + accumulator) / accumulation_steps      (on an update step)
-//! g         = clamp(g * clip_numerator / clip_denominator, -clipvalue, clipvalue)
-//! p         = p - p * weight_decay * lr                   (decoupled decay, before the update)
-//! velocity  = rho * velocity + (1 - rho) * g^2
-//! avg_grad  = rho * avg_grad + (1 - rho) * g              (centered)
-//! denom     = velocity - avg_grad^2 + epsilon             (centered; else velocity + epsilon)
-//! increment = lr * g / sqrt(denom)                        (epsilon inside the root, unlike PyTorch)
-//! momentum  = momentum_coef * momentum + increment;  p -= momentum   (momentum > 0)
+//! g         = raw / loss_scale_factor                     unscale_gradient
+//! acc       = g + acc                                     accumulate_gradient (accumulation-only step)
+//! g         = (g + acc) / accumulation_steps; acc = 0     average_accumulated (update step)
+//! g         = clamp(g * numerator / denominator, -clipvalue, clipvalue)    clip_gradient
+//! p         = p - p * weight_decay * lr                   decay_weight (before the update)
+//! velocity  = rho * velocity + (1 - rho) * g^2            rmsprop_velocity
+//! avg_grad  = rho * avg_grad + (1 - rho) * g              rmsprop_average_gradient (centered)
+//! denom     = velocity - avg_grad^2 + epsilon             rmsprop_denominator (else velocity + epsilon)
+//! increment = lr * g / sqrt(denom)                        rmsprop_increment (epsilon inside the root)
+//! momentum  = momentum_coef * momentum + increment; p -= momentum    rmsprop_momentum (momentum > 0)
 //! p        -= increment                                              (otherwise)
-//! ema       = m * ema + (1 - m) * p                       (m = 0 on the first iteration)
-//! p         = ema * s + p * (1 - s)                       (EMA overwrite, s in {0, 1})
+//! ema       = m * ema + (1 - m) * p                       ema_update (m = 0 on the first iteration)
+//! p         = ema * s + p * (1 - s)                       ema_overwrite (s in {0, 1})
 //! ```
 //!
-//! This module imports nothing: it is plain `f32` arithmetic.
+//! Unlike PyTorch, epsilon sits inside the square root and the learning rate multiplies
+//! the gradient before the division.
+//!
+//! `shaders/rmsprop.wgsl` mirrors every function here name for name and stage for
+//! stage (`update_element`, `effective_gradient`, `rmsprop_element`, ...); the CPU
+//! driver calls these functions in its inner loop, and the parity tests
+//! (`tests/backend_parity.rs`, the Keras traces on both backends) hold the two
+//! together. Options that change the code path are const generics here and `override`
+//! constants there, so no element branches on them. Apart from `bytemuck`'s derives
+//! (the GPU reads [`StepScalars`] as it is), this module depends on nothing.
 
-/// Number of `f32` fields in [`StepScalars`]; the WGSL uniform `StepUniform` has the same.
-pub const STEP_SCALAR_COUNT: usize = 12;
+use bytemuck::{Pod, Zeroable};
 
-/// Per-step values shared by every element of every tensor.
+/// The numbers of one step, shared by every element of every tensor.
 ///
-/// Mirrored field for field by `StepUniform` in `shaders/rmsprop.wgsl`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The plan the shader reads (`StepScalars` in `shaders/rmsprop.wgsl`, field for field:
+/// a test compares the two layouts through naga's reflection).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Pod, Zeroable)]
 pub struct StepScalars {
     /// The learning rate for this step (schedule evaluated at the raw counter), as f32.
     pub learning_rate: f32,
@@ -48,37 +58,26 @@ pub struct StepScalars {
     pub accumulation_steps: f32,
     /// `clipvalue`, or +infinity when value clipping is off.
     pub clip_value: f32,
+    /// The norm threshold (`clipnorm` or `global_clipnorm`) as f32, 0 when unused.
+    pub clip_norm: f32,
+    /// `1 / global_clipnorm` computed in f64 and rounded, as Keras' Python float.
+    pub inv_clip_norm: f32,
     /// EMA momentum for this step: 0 on the first (floored) iteration, else `ema_momentum`.
     pub ema_momentum: f32,
     /// 1 when this step overwrites the variables with their EMA, else 0.
     pub ema_overwrite: f32,
     /// 1 when `ema_overwrite_frequency` is set (the overwrite expression runs every step).
-    pub ema_overwrite_enabled: f32,
-}
-
-impl StepScalars {
-    /// The fields in WGSL uniform order.
-    pub fn to_array(&self) -> [f32; STEP_SCALAR_COUNT] {
-        [
-            self.learning_rate,
-            self.rho,
-            self.one_minus_rho,
-            self.epsilon,
-            self.momentum,
-            self.weight_decay,
-            self.loss_scale,
-            self.accumulation_steps,
-            self.clip_value,
-            self.ema_momentum,
-            self.ema_overwrite,
-            self.ema_overwrite_enabled,
-        ]
-    }
+    pub ema_overwrite_enabled: u32,
+    /// 0 on an accumulation-only step, else 1.
+    pub is_update_step: u32,
+    /// Zero: pads the struct to 64 bytes, as arrays in a WGSL uniform need.
+    pub _pad: u32,
 }
 
 /// The clip applied to one tensor's gradient in one step: `g * numerator / denominator`,
 /// computed from the norm reduction (see [`clipnorm_factors`], [`global_clipnorm_factors`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
 pub struct ClipFactors {
     /// Multiplies the gradient first.
     pub numerator: f32,
@@ -92,6 +91,60 @@ impl ClipFactors {
         numerator: 1.0,
         denominator: 1.0,
     };
+}
+
+/// What one element's step does, the same for every element of a tensor in a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The tensor has no gradient this step: only its EMA moves (as in Keras).
+    NoGradient,
+    /// An accumulation-only step: the unscaled gradient is added to the accumulator.
+    Accumulate,
+    /// An update step.
+    Update,
+}
+
+impl Phase {
+    /// The phase of a tensor with or without a gradient in the step `s`.
+    #[inline(always)]
+    pub fn of(has_gradient: bool, s: &StepScalars) -> Phase {
+        if !has_gradient {
+            Phase::NoGradient
+        } else if s.is_update_step == 0 {
+            Phase::Accumulate
+        } else {
+            Phase::Update
+        }
+    }
+}
+
+/// The per-tensor inputs of one step: its [`Phase`], whether it takes weight decay
+/// (`exclude_from_weight_decay`), and its clip.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TensorStep {
+    /// What the step does to this tensor.
+    pub phase: Phase,
+    /// True when weight decay applies to this tensor.
+    pub decay: bool,
+    /// This tensor's clip ([`ClipFactors::NONE`] without norm clipping).
+    pub clip: ClipFactors,
+}
+
+/// One element: its parameter and every slot (unused slots are ignored and stay 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ElementState {
+    /// The parameter.
+    pub param: f32,
+    /// `velocity` (mean square), always used.
+    pub velocity: f32,
+    /// `momentum`, when momentum > 0.
+    pub momentum: f32,
+    /// `average_gradient`, when centered.
+    pub average_gradient: f32,
+    /// The EMA of the parameter, with `use_ema`.
+    pub ema: f32,
+    /// The gradient accumulator, with `gradient_accumulation_steps`.
+    pub accumulator: f32,
 }
 
 /// `jnp.maximum` / `jnp.minimum` propagate NaN; Rust's `f32::max` does not.
@@ -143,16 +196,33 @@ pub fn unscale_gradient(raw: f32, s: &StepScalars) -> f32 {
     raw / s.loss_scale
 }
 
-/// Gradient accumulation on a non-update step: `g + accumulator` (Keras' order).
+/// Gradient accumulation on an accumulation-only step: `g + accumulator` (Keras' order).
 #[inline(always)]
 pub fn accumulate_gradient(gradient: f32, accumulator: f32) -> f32 {
     gradient + accumulator
 }
 
-/// On an update step: `(g + accumulator) / steps`.
+/// On an update step with accumulation: `(g + accumulator) / steps`.
 #[inline(always)]
 pub fn average_accumulated(gradient: f32, accumulator: f32, s: &StepScalars) -> f32 {
     (gradient + accumulator) / s.accumulation_steps
+}
+
+/// The gradient an update step works with, before clipping: unscaled and, with
+/// accumulation (`ACCUMULATE`), averaged with the accumulator. The norm passes square
+/// exactly this.
+#[inline(always)]
+pub fn effective_gradient<const ACCUMULATE: bool>(
+    raw: f32,
+    accumulator: f32,
+    s: &StepScalars,
+) -> f32 {
+    let g = unscale_gradient(raw, s);
+    if ACCUMULATE {
+        average_accumulated(g, accumulator, s)
+    } else {
+        g
+    }
 }
 
 /// Clipping: `clamp(g * numerator / denominator, -clipvalue, clipvalue)`; NaN stays NaN.
@@ -181,10 +251,14 @@ pub fn rmsprop_average_gradient(average: f32, gradient: f32, s: &StepScalars) ->
     s.rho * average + s.one_minus_rho * gradient
 }
 
-/// The denominator under the root: `v - a^2 + eps` (centered) or `v + eps`.
+/// The denominator under the root: `v - a^2 + eps` (`CENTERED`) or `v + eps`.
 #[inline(always)]
-pub fn rmsprop_denominator(velocity: f32, average: f32, centered: bool, s: &StepScalars) -> f32 {
-    if centered {
+pub fn rmsprop_denominator<const CENTERED: bool>(
+    velocity: f32,
+    average: f32,
+    s: &StepScalars,
+) -> f32 {
+    if CENTERED {
         velocity - average * average + s.epsilon
     } else {
         velocity + s.epsilon
@@ -216,40 +290,85 @@ pub fn ema_overwrite(param: f32, ema: f32, s: &StepScalars) -> f32 {
     ema * s.ema_overwrite + param * (1.0 - s.ema_overwrite)
 }
 
-/// The slots of one element, by Keras name; unused ones are ignored.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ElementSlots {
-    /// `velocity` (mean square), always used.
-    pub velocity: f32,
-    /// `momentum`, when momentum > 0.
-    pub momentum: f32,
-    /// `average_gradient`, when centered.
-    pub average_gradient: f32,
+/// The RMSprop stages of one element whose gradient is already clipped and whose
+/// parameter is already decayed: velocity, average gradient (`CENTERED`), increment,
+/// momentum (`MOMENTUM`), and the new parameter.
+#[inline(always)]
+pub fn rmsprop_element<const CENTERED: bool, const MOMENTUM: bool>(
+    mut e: ElementState,
+    gradient: f32,
+    s: &StepScalars,
+) -> ElementState {
+    e.velocity = rmsprop_velocity(e.velocity, gradient, s);
+    if CENTERED {
+        e.average_gradient = rmsprop_average_gradient(e.average_gradient, gradient, s);
+    }
+    let denominator = rmsprop_denominator::<CENTERED>(e.velocity, e.average_gradient, s);
+    let increment = rmsprop_increment(gradient, denominator, s);
+    if MOMENTUM {
+        e.momentum = rmsprop_momentum(e.momentum, increment, s);
+        e.param -= e.momentum;
+    } else {
+        e.param -= increment;
+    }
+    e
 }
 
-/// One RMSprop update of one element with an already clipped gradient, after weight
-/// decay: returns the new parameter and updates the slots.
+/// The whole step of one element, from its raw gradient to its new parameter and
+/// slots, in Keras' order: unscale, accumulate (or average the accumulation), clip,
+/// decay, RMSprop, EMA and overwrite. `raw_gradient` is ignored in
+/// [`Phase::NoGradient`].
+///
+/// The const parameters are the structural options: `centered`, `momentum > 0`,
+/// `use_ema`, `gradient_accumulation_steps` set.
+///
+/// ```
+/// use fused_rmsprop::math::{update_element, ClipFactors, ElementState, Phase, StepScalars, TensorStep};
+/// // Keras' docstring example: var = 10, grad = var, lr = 0.1 gives 9.683772.
+/// let s = StepScalars { learning_rate: 0.1, rho: 0.9, one_minus_rho: 0.1, epsilon: 1e-7,
+///     loss_scale: 1.0, accumulation_steps: 1.0, clip_value: f32::INFINITY,
+///     is_update_step: 1, ..StepScalars::default() };
+/// let t = TensorStep { phase: Phase::Update, decay: false, clip: ClipFactors::NONE };
+/// let e = ElementState { param: 10.0, ..ElementState::default() };
+/// let e = update_element::<false, false, false, false>(10.0, e, &t, &s);
+/// assert!((e.param - 9.683772).abs() < 1e-5);
+/// ```
 #[inline(always)]
-pub fn rmsprop_element(
-    param: f32,
-    gradient: f32,
-    slots: &mut ElementSlots,
-    centered: bool,
-    use_momentum: bool,
+pub fn update_element<
+    const CENTERED: bool,
+    const MOMENTUM: bool,
+    const EMA: bool,
+    const ACCUMULATE: bool,
+>(
+    raw_gradient: f32,
+    mut e: ElementState,
+    t: &TensorStep,
     s: &StepScalars,
-) -> f32 {
-    slots.velocity = rmsprop_velocity(slots.velocity, gradient, s);
-    if centered {
-        slots.average_gradient = rmsprop_average_gradient(slots.average_gradient, gradient, s);
+) -> ElementState {
+    match t.phase {
+        Phase::NoGradient => {}
+        Phase::Accumulate => {
+            e.accumulator = accumulate_gradient(unscale_gradient(raw_gradient, s), e.accumulator);
+        }
+        Phase::Update => {
+            let g = effective_gradient::<ACCUMULATE>(raw_gradient, e.accumulator, s);
+            if ACCUMULATE {
+                e.accumulator = 0.0;
+            }
+            let g = clip_gradient(g, t.clip, s);
+            if t.decay {
+                e.param = decay_weight(e.param, s);
+            }
+            e = rmsprop_element::<CENTERED, MOMENTUM>(e, g, s);
+        }
     }
-    let denominator = rmsprop_denominator(slots.velocity, slots.average_gradient, centered, s);
-    let increment = rmsprop_increment(gradient, denominator, s);
-    if use_momentum {
-        slots.momentum = rmsprop_momentum(slots.momentum, increment, s);
-        param - slots.momentum
-    } else {
-        param - increment
+    if EMA {
+        e.ema = ema_update(e.ema, e.param, s);
+        if s.ema_overwrite_enabled != 0 {
+            e.param = ema_overwrite(e.param, e.ema, s);
+        }
     }
+    e
 }
 
 #[cfg(test)]
@@ -262,14 +381,18 @@ mod tests {
             rho: 0.9,
             one_minus_rho: (1.0f64 - 0.9) as f32,
             epsilon: 1e-7,
-            momentum: 0.0,
-            weight_decay: 0.0,
             loss_scale: 1.0,
             accumulation_steps: 1.0,
             clip_value: f32::INFINITY,
-            ema_momentum: 0.0,
-            ema_overwrite: 0.0,
-            ema_overwrite_enabled: 0.0,
+            is_update_step: 1,
+            ..StepScalars::default()
+        }
+    }
+
+    fn param(p: f32) -> ElementState {
+        ElementState {
+            param: p,
+            ..ElementState::default()
         }
     }
 
@@ -277,8 +400,7 @@ mod tests {
     fn keras_doc_example_one_step() {
         // Keras' docstring: var = 10, loss = var^2 / 2, lr = 0.1: one step gives 9.683772.
         let s = scalars();
-        let mut slots = ElementSlots::default();
-        let p = rmsprop_element(10.0, 10.0, &mut slots, false, false, &s);
+        let p = rmsprop_element::<false, false>(param(10.0), 10.0, &s).param;
         // closed form: 10 - 0.1 * 10 / sqrt(0.1 * 100 + 1e-7)
         let expected = 10.0 - 0.1 * 10.0 / (0.1f64 * 100.0 + 1e-7).sqrt();
         assert!((p as f64 - expected).abs() < 1e-5, "{p} vs {expected}");
@@ -288,11 +410,9 @@ mod tests {
     #[test]
     fn centered_with_zero_mean_equals_plain() {
         let s = scalars();
-        let mut a = ElementSlots::default();
-        let mut b = ElementSlots::default();
         // with a zero gradient mean kept at zero, centered == plain
-        let p1 = rmsprop_element(1.0, 0.0, &mut a, true, false, &s);
-        let p2 = rmsprop_element(1.0, 0.0, &mut b, false, false, &s);
+        let p1 = rmsprop_element::<true, false>(param(1.0), 0.0, &s).param;
+        let p2 = rmsprop_element::<false, false>(param(1.0), 0.0, &s).param;
         assert_eq!(p1, p2);
     }
 
@@ -330,5 +450,65 @@ mod tests {
         assert!(ema_overwrite(1.0, f32::NAN, &s).is_nan());
         s.ema_overwrite = 1.0;
         assert_eq!(ema_overwrite(1.0, 2.0, &s), 2.0);
+    }
+
+    /// The stage order, written out by hand for one element with every option on.
+    #[test]
+    fn update_element_runs_the_stages_in_keras_order() {
+        let s = StepScalars {
+            momentum: 0.5,
+            weight_decay: 0.1,
+            loss_scale: 4.0,
+            accumulation_steps: 2.0,
+            clip_value: 0.3,
+            ema_momentum: 0.9,
+            ema_overwrite: 1.0,
+            ema_overwrite_enabled: 1,
+            ..scalars()
+        };
+        let t = TensorStep {
+            phase: Phase::Update,
+            decay: true,
+            clip: ClipFactors {
+                numerator: 0.5,
+                denominator: 2.0,
+            },
+        };
+        let start = ElementState {
+            param: 2.0,
+            velocity: 0.25,
+            momentum: 0.125,
+            average_gradient: 0.0625,
+            ema: 1.5,
+            accumulator: 0.75,
+        };
+        let e = update_element::<true, true, true, true>(6.0, start, &t, &s);
+        let g = ((6.0f32 / 4.0 + 0.75) / 2.0 * 0.5 / 2.0).clamp(-0.3, 0.3);
+        let p = 2.0 - 2.0 * 0.1 * 0.1;
+        let v = 0.9 * 0.25 + s.one_minus_rho * (g * g);
+        let a = 0.9 * 0.0625 + s.one_minus_rho * g;
+        let m = 0.5 * 0.125 + (0.1 * g) / (v - a * a + 1e-7).sqrt();
+        let ema = 0.9 * 1.5 + (1.0 - 0.9) * (p - m);
+        assert_eq!(e.accumulator, 0.0);
+        assert_eq!((e.velocity, e.average_gradient, e.momentum), (v, a, m));
+        assert_eq!(e.ema, ema);
+        assert_eq!(e.param, ema * 1.0 + (p - m) * 0.0);
+        // an accumulation-only step only adds to the accumulator (and moves the EMA)
+        let acc = TensorStep {
+            phase: Phase::Accumulate,
+            ..t
+        };
+        let e = update_element::<true, true, true, true>(6.0, start, &acc, &s);
+        assert_eq!(e.accumulator, 6.0 / 4.0 + 0.75);
+        assert_eq!((e.velocity, e.momentum), (start.velocity, start.momentum));
+        assert_eq!(e.ema, 0.9 * 1.5 + (1.0 - 0.9) * 2.0);
+        // no gradient: only the EMA
+        let none = TensorStep {
+            phase: Phase::NoGradient,
+            ..t
+        };
+        let e = update_element::<true, true, true, true>(f32::NAN, start, &none, &s);
+        assert_eq!(e.accumulator, start.accumulator);
+        assert_eq!(e.ema, 0.9 * 1.5 + (1.0 - 0.9) * 2.0);
     }
 }

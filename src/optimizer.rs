@@ -1,65 +1,17 @@
-//! `RmsProp`: the public optimizer. Owns the variables (in a host or GPU arena), the
-//! slots and the step counter, and runs each step on the chosen backend.
+//! `RmsProp`: the public optimizer. Validates input, keeps the config and the
+//! weight-decay exclusions, and hands each step to its backend's [`Engine`], which owns
+//! the variables, the slots and the counters.
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
+use crate::backend::{self, Backend, BackendKind, Engine, Gradients, Role};
 use crate::config::RmsPropConfig;
-use crate::cpu::CpuEngine;
+use crate::counters::SkippedSteps;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuEngine, GpuOptions};
-use crate::guard::SkippedSteps;
-use crate::layout::{check_len, Variable, VariableSpec};
-use crate::plan::{iterations, plan_step, takes_weight_decay, Variant};
-
-/// Which backend to run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Backend {
-    /// Keras' `jit_compile=True`: a hardware GPU adapter if wgpu finds one (a software
-    /// one only when allowed), otherwise the CPU path. Logged at `info` level.
-    #[default]
-    Auto,
-    /// The CPU path; never touches wgpu.
-    Cpu,
-    /// The GPU path on any adapter, software (lavapipe) included; an error when none.
-    Gpu,
-}
-
-impl std::str::FromStr for Backend {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(Backend::Auto),
-            "cpu" => Ok(Backend::Cpu),
-            "gpu" => Ok(Backend::Gpu),
-            other => Err(format!("unknown backend `{other}` (auto, cpu or gpu)")),
-        }
-    }
-}
-
-/// The backend a built optimizer actually runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendKind {
-    /// The CPU path.
-    Cpu,
-    /// The GPU path.
-    Gpu,
-}
-
-impl BackendKind {
-    /// `"cpu"` or `"gpu"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendKind::Cpu => "cpu",
-            BackendKind::Gpu => "gpu",
-        }
-    }
-}
-
-#[derive(Debug)]
-enum Engine {
-    Cpu(Box<CpuEngine>),
-    Gpu(Box<GpuEngine>),
-}
+use crate::plan::{iterations, takes_weight_decay};
+use crate::variable::{check_len, Variable, VariableSpec};
+use crate::variant::{Slot, Variant};
 
 /// Keras 3's `RMSprop`, exact to its float32 semantics, on the CPU or a GPU.
 ///
@@ -80,16 +32,11 @@ enum Engine {
 #[derive(Debug)]
 pub struct RmsProp {
     config: RmsPropConfig,
-    variant: Variant,
     specs: Vec<VariableSpec>,
     excluded: Vec<String>,
+    /// Per variable: whether weight decay applies (from `excluded`).
     decay: Vec<bool>,
-    /// The step counter, except while the GPU guard is on (then the device keeps it).
-    raw_iterations: u64,
-    /// Steps skipped by the guard, except while the GPU guard is on.
-    skipped: u64,
-    guard: bool,
-    engine: Engine,
+    engine: Box<dyn Engine>,
 }
 
 impl RmsProp {
@@ -147,30 +94,13 @@ impl RmsProp {
         } else {
             backend
         };
-        let engine = match backend {
-            Backend::Cpu => Engine::Cpu(Box::new(CpuEngine::new(&specs, variant)?)),
-            Backend::Gpu => Engine::Gpu(Box::new(GpuEngine::new(gpu, &specs, variant, true)?)),
-            Backend::Auto => match GpuEngine::new(gpu, &specs, variant, false) {
-                Ok(e) => {
-                    log::info!("fused-rmsprop: backend auto -> gpu ({})", e.adapter_name());
-                    Engine::Gpu(Box::new(e))
-                }
-                Err(err) => {
-                    log::info!("fused-rmsprop: backend auto -> cpu ({err})");
-                    Engine::Cpu(Box::new(CpuEngine::new(&specs, variant)?))
-                }
-            },
-        };
+        let engine = backend::open(backend, &specs, variant, gpu)?;
         let decay = vec![true; specs.len()];
         Ok(RmsProp {
             config,
-            variant,
             specs,
             excluded: Vec::new(),
             decay,
-            raw_iterations: 0,
-            skipped: 0,
-            guard: false,
             engine,
         })
     }
@@ -187,19 +117,13 @@ impl RmsProp {
 
     /// The backend this optimizer runs on.
     pub fn backend(&self) -> BackendKind {
-        match self.engine {
-            Engine::Cpu(_) => BackendKind::Cpu,
-            Engine::Gpu(_) => BackendKind::Gpu,
-        }
+        self.engine.kind()
     }
 
     /// The GPU engine, for device-resident use (buffers, gradients written by your own
     /// kernels); `None` on the CPU path.
     pub fn gpu(&self) -> Option<&GpuEngine> {
-        match &self.engine {
-            Engine::Gpu(g) => Some(g),
-            Engine::Cpu(_) => None,
-        }
+        self.engine.as_gpu()
     }
 
     /// Keras' `exclude_from_weight_decay(var_names=...)`: variables whose name contains
@@ -224,22 +148,9 @@ impl RmsProp {
             .collect();
     }
 
-    /// The GPU engine while its guard keeps the counters on the device.
-    fn device_counters(&self) -> Option<&GpuEngine> {
-        match &self.engine {
-            Engine::Gpu(e) if self.guard => Some(e),
-            _ => None,
-        }
-    }
-
     /// Sets the step counter and the guard's skip count (restoring a checkpoint).
     pub(crate) fn set_counters(&mut self, raw: u64, skipped: u64) -> Result<()> {
-        if let (Engine::Gpu(e), true) = (&mut self.engine, self.guard) {
-            e.reset_guard(raw, skipped)?;
-        }
-        self.raw_iterations = raw;
-        self.skipped = skipped;
-        Ok(())
+        self.engine.set_counters(raw, skipped)
     }
 
     /// Keras' `optimizer.iterations`: applied updates (raw steps divided by
@@ -257,13 +168,7 @@ impl RmsProp {
     /// [`iterations`](RmsProp::iterations) does; should the device be lost, returns the
     /// last counter read back (and the next step returns the error).
     pub fn raw_iterations(&self) -> u64 {
-        let Some(e) = self.device_counters() else {
-            return self.raw_iterations;
-        };
-        let counters = e.guard_counters().ok().flatten();
-        counters
-            .or_else(|| e.guard_last_known())
-            .map_or(self.raw_iterations, |(raw, _)| raw)
+        self.engine.raw_iterations()
     }
 
     /// The learning rate the next step will use.
@@ -290,44 +195,26 @@ impl RmsProp {
     /// assert_eq!((opt.iterations(), opt.skipped_steps().skipped), (0, 1));
     /// ```
     pub fn set_non_finite_guard(&mut self, enabled: bool) -> Result<()> {
-        if enabled == self.guard {
-            return Ok(());
-        }
-        if let Engine::Gpu(e) = &mut self.engine {
-            if enabled {
-                e.enable_guard(self.raw_iterations, self.skipped)?;
-            } else if let Some((raw, skipped)) = e.disable_guard()? {
-                self.raw_iterations = raw;
-                self.skipped = skipped;
-            }
-        }
-        self.guard = enabled;
-        Ok(())
+        self.engine.set_non_finite_guard(enabled)
     }
 
     /// True while the non-finite guard is on.
     pub fn non_finite_guard(&self) -> bool {
-        self.guard
+        self.engine.variant().guard
     }
 
     /// Steps the non-finite guard has skipped. Never waits for the GPU: it reads the
     /// counter readbacks that have arrived, and says how many steps are still in
     /// flight; call [`synchronize`](RmsProp::synchronize) first for an exact count.
     pub fn skipped_steps(&self) -> SkippedSteps {
-        let device = self.device_counters().and_then(GpuEngine::guard_report);
-        device.unwrap_or(SkippedSteps {
-            skipped: self.skipped,
-            in_flight: 0,
-        })
+        self.engine.skipped_steps()
     }
 
     /// Waits for every step submitted to the GPU (a no-op on the CPU path); reports a
-    /// lost device or a GPU error.
+    /// lost device or a GPU error. With the non-finite guard on, the skip count is exact
+    /// afterwards.
     pub fn synchronize(&self) -> Result<()> {
-        match &self.engine {
-            Engine::Gpu(e) => e.synchronize(),
-            Engine::Cpu(_) => Ok(()),
-        }
+        self.engine.synchronize()
     }
 
     /// Checks a step's gradients: one per variable, right lengths, at least one present.
@@ -361,23 +248,8 @@ impl RmsProp {
     /// as in Keras). Bad input is refused before anything changes.
     pub fn apply_gradients(&mut self, grads: &[Option<&[f32]>]) -> Result<()> {
         self.check_gradients(grads)?;
-        let config = &self.config;
-        let plan_at = |raw: u64| plan_step(config, raw);
-        match &mut self.engine {
-            Engine::Cpu(e) => {
-                let plan = plan_at(self.raw_iterations);
-                if !e.step(&plan, grads, &self.decay, self.guard) {
-                    self.skipped += 1;
-                    return Ok(());
-                }
-            }
-            Engine::Gpu(e) => e.step_host(&plan_at, self.raw_iterations, grads, &self.decay)?,
-        }
-        // with the GPU guard the device advances (or not) its own counter
-        if self.device_counters().is_none() {
-            self.raw_iterations += 1;
-        }
-        Ok(())
+        self.engine
+            .step(&self.config, Gradients::Host(grads), &self.decay)
     }
 
     /// [`apply_gradients`](RmsProp::apply_gradients) with `ndarray` gradients, taken in
@@ -400,12 +272,11 @@ impl RmsProp {
     /// Runs [`apply_gradients`](RmsProp::apply_gradients) on a GPU whose gradients are
     /// already in [`GpuEngine::gradient_buffers`] (written by your own kernels or
     /// copies); `present[i]` says whether variable `i` has a gradient this step.
+    /// [`Error::NeedsGpuBackend`] on the CPU path.
     pub fn apply_device_gradients(&mut self, present: &[bool]) -> Result<()> {
-        let Engine::Gpu(e) = &mut self.engine else {
-            return Err(Error::Gpu(
-                "apply_device_gradients needs the GPU backend".into(),
-            ));
-        };
+        if self.engine.kind() != BackendKind::Gpu {
+            return Err(Error::NeedsGpuBackend("apply_device_gradients"));
+        }
         if present.len() != self.specs.len() {
             return Err(Error::CountMismatch {
                 what: "gradient flags",
@@ -416,23 +287,14 @@ impl RmsProp {
         if !present.iter().any(|&p| p) {
             return Err(Error::NoGradients);
         }
-        let config = &self.config;
-        let plan_at = |raw: u64| plan_step(config, raw);
-        e.step_device(&plan_at, self.raw_iterations, present, &self.decay)?;
-        if self.device_counters().is_none() {
-            self.raw_iterations += 1;
-        }
-        Ok(())
+        self.engine
+            .step(&self.config, Gradients::Device(present), &self.decay)
     }
 
     /// Keras' `finalize_variable_values`: with `use_ema`, copies the moving averages
     /// into the variables; otherwise does nothing.
     pub fn finalize_variable_values(&mut self) -> Result<()> {
-        match &mut self.engine {
-            Engine::Cpu(e) => e.finalize(),
-            Engine::Gpu(e) => e.finalize()?,
-        }
-        Ok(())
+        self.engine.finalize()
     }
 
     fn index(&self, i: usize) -> Result<&VariableSpec> {
@@ -442,41 +304,34 @@ impl RmsProp {
     /// Variable `i`'s values, flat (a GPU path reads them back).
     pub fn variable(&self, i: usize) -> Result<Vec<f32>> {
         self.index(i)?;
-        match &self.engine {
-            Engine::Cpu(e) => {
-                let t = e.layout().tensors()[i];
-                Ok(e.params()[t.offset..t.offset + t.len].to_vec())
-            }
-            Engine::Gpu(e) => e.read_tensor("params", i),
-        }
+        self.engine.read_tensor(Role::Params, i)
     }
 
     /// Variable `i` as an `ndarray` array of its shape.
     pub fn variable_array(&self, i: usize) -> Result<ArrayD<f32>> {
-        let shape = self.index(i)?.shape.clone();
+        let spec = self.index(i)?;
         let values = self.variable(i)?;
-        ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| Error::Gpu(e.to_string()))
+        let found = values.len();
+        ArrayD::from_shape_vec(IxDyn(&spec.shape), values).map_err(|_| Error::ValueLength {
+            name: spec.name.clone(),
+            shape: spec.shape.clone(),
+            expected: spec.len(),
+            found,
+        })
     }
 
     /// Every variable's values, flat, in order (one readback on the GPU path).
     pub fn variables(&self) -> Result<Vec<Vec<f32>>> {
-        match &self.engine {
-            Engine::Cpu(e) => Ok(self.split(e.params())),
-            Engine::Gpu(e) => Ok(self.split(&e.read_arena("params")?)),
-        }
+        Ok(self.split(&self.engine.read(Role::Params)?))
     }
 
-    /// A slot of every variable by Keras name (`velocity`, `momentum`,
-    /// `average_gradient`, `average` for the EMA, `accumulated_gradient`); `None` when
-    /// this config keeps no such slot.
-    pub fn slot(&self, name: &str) -> Result<Option<Vec<Vec<f32>>>> {
-        match &self.engine {
-            Engine::Cpu(e) => Ok(e.slot(name).map(|f| self.split(f))),
-            Engine::Gpu(e) if self.variant.slot_names().contains(&name) => {
-                Ok(Some(self.split(&e.read_arena(name)?)))
-            }
-            Engine::Gpu(_) => Ok(None),
+    /// A slot of every variable (one `Vec` per variable, in order); `None` when this
+    /// config keeps no such slot.
+    pub fn slot(&self, slot: Slot) -> Result<Option<Vec<Vec<f32>>>> {
+        if !self.engine.variant().keeps(slot) {
+            return Ok(None);
         }
+        Ok(Some(self.split(&self.engine.read(Role::Slot(slot))?)))
     }
 
     fn split(&self, flat: &[f32]) -> Vec<Vec<f32>> {
@@ -491,41 +346,19 @@ impl RmsProp {
             .collect()
     }
 
-    /// Replaces slot `name` (`velocity`, `momentum`, `average_gradient`, `average`,
-    /// `accumulated_gradient`) of variable `i`, e.g. to restore a checkpoint. Fails when
-    /// this config keeps no such slot or the length is wrong.
-    pub fn set_slot(&mut self, name: &str, i: usize, values: &[f32]) -> Result<()> {
-        let spec = self.index(i)?;
-        check_len(spec, values.len())?;
-        if !self.variant.slot_names().contains(&name) {
-            return Err(Error::invalid(
-                "slot",
-                format!("this config keeps no `{name}` slot"),
-            ));
+    /// Replaces `slot` of variable `i` (e.g. to restore a checkpoint).
+    /// [`Error::SlotNotKept`] when this config keeps no such slot.
+    pub fn set_slot(&mut self, slot: Slot, i: usize, values: &[f32]) -> Result<()> {
+        check_len(self.index(i)?, values.len())?;
+        if !self.engine.variant().keeps(slot) {
+            return Err(Error::SlotNotKept(slot));
         }
-        match &mut self.engine {
-            Engine::Cpu(e) => {
-                let t = e.layout().tensors()[i];
-                if let Some(slot) = e.slot_mut(name) {
-                    slot[t.offset..t.offset + t.len].copy_from_slice(values);
-                }
-            }
-            Engine::Gpu(e) => e.write_tensor(name, i, values)?,
-        }
-        Ok(())
+        self.engine.write_tensor(Role::Slot(slot), i, values)
     }
 
     /// Replaces variable `i`'s values (slots are left as they are).
     pub fn set_variable(&mut self, i: usize, values: &[f32]) -> Result<()> {
-        let spec = self.index(i)?;
-        check_len(spec, values.len())?;
-        match &mut self.engine {
-            Engine::Cpu(e) => {
-                let t = e.layout().tensors()[i];
-                e.params_mut()[t.offset..t.offset + t.len].copy_from_slice(values);
-            }
-            Engine::Gpu(e) => e.write_tensor("params", i, values)?,
-        }
-        Ok(())
+        check_len(self.index(i)?, values.len())?;
+        self.engine.write_tensor(Role::Params, i, values)
     }
 }

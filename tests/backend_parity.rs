@@ -5,10 +5,10 @@
 
 mod common;
 
+use common::trace::values_match;
 use common::Rng;
 use fused_rmsprop::gpu::GpuOptions;
-use fused_rmsprop::trace::values_match;
-use fused_rmsprop::{Backend, GpuContext, RmsProp, RmsPropConfig, Variable};
+use fused_rmsprop::{Backend, GpuContext, RmsProp, RmsPropConfig, Slot, Variable};
 
 /// Config number `k` of the 128 structural combinations, with step-varying numbers.
 fn combo(k: usize) -> RmsPropConfig {
@@ -91,23 +91,17 @@ fn compare(
         gpu.apply_gradients(&refs).unwrap();
     }
     assert_eq!(cpu.iterations(), gpu.iterations());
-    let mut roles = vec!["params"];
-    roles.extend([
-        "velocity",
-        "momentum",
-        "average_gradient",
-        "average",
-        "accumulated_gradient",
-    ]);
+    let mut roles = vec![None];
+    roles.extend(Slot::ALL.map(Some));
     for role in roles {
-        let (a, b) = if role == "params" {
-            (
+        let (a, b) = match role {
+            None => (
                 Some(cpu.variables().unwrap()),
                 Some(gpu.variables().unwrap()),
-            )
-        } else {
-            (cpu.slot(role).unwrap(), gpu.slot(role).unwrap())
+            ),
+            Some(slot) => (cpu.slot(slot).unwrap(), gpu.slot(slot).unwrap()),
         };
+        let role = role.map_or("params", Slot::keras_name);
         assert_eq!(a.is_some(), b.is_some(), "{role} kept on one backend only");
         let (Some(a), Some(b)) = (a, b) else { continue };
         for (t, (x, y)) in a.iter().zip(&b).enumerate() {
@@ -186,7 +180,7 @@ fn more_than_65535_workgroups() {
         .map(|i| Variable::new(format!("v{i}"), &[1 + i % 3], vec![0.5; 1 + i % 3]).unwrap())
         .collect();
     let opt = RmsProp::with_options(combo(0), vars.clone(), Backend::Gpu, &options(&ctx)).unwrap();
-    assert!(opt.gpu().unwrap().layout().chunks().len() > 65_535);
+    assert!(opt.gpu().unwrap().workgroups_per_pass() > 65_535);
     drop(opt);
     compare(combo(8 + 2), vars, &options(&ctx), 2, 0, 9).unwrap();
 }

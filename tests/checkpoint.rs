@@ -3,9 +3,9 @@
 
 mod common;
 
+use common::trace::values_match;
 use common::Rng;
-use fused_rmsprop::trace::values_match;
-use fused_rmsprop::{Backend, Error, GpuOptions, RmsProp, RmsPropConfig, Variable};
+use fused_rmsprop::{Backend, Error, GpuOptions, RmsProp, RmsPropConfig, Slot, Variable};
 
 fn config() -> RmsPropConfig {
     RmsPropConfig::default()
@@ -54,13 +54,7 @@ fn build(backend: Backend, gpu: &GpuOptions) -> RmsProp {
 
 fn state(opt: &RmsProp) -> Vec<Vec<f32>> {
     let mut all = opt.variables().unwrap();
-    for s in [
-        "velocity",
-        "momentum",
-        "average_gradient",
-        "average",
-        "accumulated_gradient",
-    ] {
+    for s in Slot::ALL {
         all.extend(opt.slot(s).unwrap().unwrap());
     }
     all

@@ -3,7 +3,7 @@
 
 mod common;
 
-use fused_rmsprop::trace::first_mismatch;
+use common::trace::first_mismatch;
 use fused_rmsprop::{Backend, BackendKind, GpuOptions, RmsPropConfig};
 
 #[test]

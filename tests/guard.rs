@@ -7,10 +7,10 @@ mod common;
 
 use std::sync::Arc;
 
-use fused_rmsprop::trace::values_match;
+use common::trace::values_match;
 use fused_rmsprop::{
     Backend, BackendKind, GpuOptions, KerasSchedule, LearningRate, LearningRateSchedule,
-    PiecewiseConstantDecay, RmsProp, RmsPropConfig, SkippedSteps, Variable,
+    PiecewiseConstantDecay, RmsProp, RmsPropConfig, SkippedSteps, Slot, Variable,
 };
 
 /// A schedule that changes every step, so a plan for the wrong counter shows.
@@ -98,15 +98,9 @@ fn apply(opt: &mut RmsProp, grads: &[Option<Vec<f32>>]) {
 /// Variables, then every slot, flat.
 fn state(opt: &RmsProp) -> Vec<(String, Vec<f32>)> {
     let mut out = vec![("variables".to_string(), opt.variables().unwrap().concat())];
-    for name in [
-        "velocity",
-        "momentum",
-        "average_gradient",
-        "average",
-        "accumulated_gradient",
-    ] {
+    for name in Slot::ALL {
         if let Some(slot) = opt.slot(name).unwrap() {
-            out.push((name.to_string(), slot.concat()));
+            out.push((name.keras_name().to_string(), slot.concat()));
         }
     }
     out
@@ -223,7 +217,7 @@ fn toggle_and_checkpoint(backend: Backend, gpu: &GpuOptions) {
     apply(&mut opt, &grads);
     assert_eq!(opt.raw_iterations(), 41 - total_bad);
     // the first step of an accumulation cycle only accumulates: the NaN sits there
-    let acc = opt.slot("accumulated_gradient").unwrap().unwrap();
+    let acc = opt.slot(Slot::Accumulator).unwrap().unwrap();
     assert!(
         acc[2][0].is_nan() || opt.variable(2).unwrap()[0].is_nan(),
         "{backend:?}: NaN did not flow in without the guard"
@@ -303,14 +297,14 @@ fn guard_with_device_gradients_written_by_the_user() {
         assert!(values_match(*a, *b), "element {i}: gpu {a} vs cpu {b}");
     }
     // a gradient that is NaN everywhere: every invocation flags it; still one skip
-    let velocity = gpu.slot("velocity").unwrap();
+    let velocity = gpu.slot(Slot::Velocity).unwrap();
     ctx.queue
         .write_buffer(&buffer, 0, bytemuck::cast_slice(&vec![f32::NAN; N]));
     gpu.apply_device_gradients(&[true]).unwrap();
     gpu.synchronize().unwrap();
     assert_eq!(gpu.skipped_steps().skipped, bad + 1);
     assert_eq!(gpu.variable(0).unwrap(), g);
-    assert_eq!(gpu.slot("velocity").unwrap(), velocity);
+    assert_eq!(gpu.slot(Slot::Velocity).unwrap(), velocity);
 }
 
 /// A finite gradient whose square overflows f32 is not a non-finite gradient: the guard

@@ -9,11 +9,12 @@ mod common;
 
 use std::sync::OnceLock;
 
+use common::trace::values_match;
+use common::trace::Trace;
 use fused_rmsprop::math::{
     clip_gradient, clipnorm_factors, global_clipnorm_factors, ClipFactors, StepScalars,
 };
-use fused_rmsprop::trace::values_match;
-use fused_rmsprop::{Backend, GpuContext, GpuOptions, RmsProp, RmsPropConfig, Trace, Variable};
+use fused_rmsprop::{Backend, GpuContext, GpuOptions, RmsProp, RmsPropConfig, Variable};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -191,7 +192,8 @@ proptest! {
         let s = StepScalars {
             learning_rate: 0.1, rho: 0.9, one_minus_rho: 0.1, epsilon: 1e-7, momentum: 0.0,
             weight_decay: 0.0, loss_scale: 1.0, accumulation_steps: 1.0, clip_value: clip,
-            ema_momentum: 0.0, ema_overwrite: 0.0, ema_overwrite_enabled: 0.0,
+            ema_momentum: 0.0, ema_overwrite: 0.0, ema_overwrite_enabled: 0, is_update_step: 1,
+            ..StepScalars::default()
         };
         let tol = 1.0 + 1e-5;
         // clipvalue

@@ -5,7 +5,7 @@
 
 mod common;
 
-use fused_rmsprop::trace::values_match;
+use common::trace::values_match;
 use fused_rmsprop::{Backend, GpuContext, GpuOptions, RmsProp, RmsPropConfig, Variable};
 
 const STEPS: usize = 10_000;

@@ -4,17 +4,20 @@
 //!
 //! Per segment of `len` elements: a `params` buffer (`len` f32), a `grads` buffer
 //! (`len` f32) and a `slots` buffer holding each slot as a run of `len` f32, in the
-//! order of [`Variant::slot_names`]. Element `e` of the model lives at local index
+//! order of [`Variant::slots`]. Element `e` of the model lives at local index
 //! `e - segment.start` of the segment holding it.
 
 use std::num::NonZeroU64;
 
+use crate::backend::Role;
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
-use crate::gpu::guard::GUARD_BYTES;
-use crate::gpu::pipelines::{binding, slot_index, Pipelines, GPU_CHUNK_LEN, UNIFORM_BYTES};
-use crate::layout::{Layout, VariableSpec};
-use crate::plan::Variant;
+use crate::gpu::nonfinite::STEP_STATE_BYTES;
+use crate::gpu::pipelines::Pipelines;
+use crate::gpu::shader::{binding, ChunkRow, StepUniform, TensorRow, GPU_CHUNK_LEN};
+use crate::layout::Layout;
+use crate::variable::VariableSpec;
+use crate::variant::{Slot, Variant};
 
 /// Usages the crate needs on parameter and gradient buffers, also ones you supply.
 pub const ARENA_USAGES: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -24,7 +27,8 @@ pub const ARENA_USAGES: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 /// Bytes in one f32.
 const F32: u64 = 4;
 
-/// One segment's buffers and bind group.
+/// One segment of the GPU arena: a run of elements (whole tensors or pieces of them)
+/// small enough for one storage binding, with its buffers.
 #[derive(Debug)]
 pub struct Segment {
     /// First arena element in this segment.
@@ -43,14 +47,14 @@ pub struct Segment {
 
 /// Parameters, gradients and slots of a model on the GPU.
 #[derive(Debug)]
-pub struct GpuArena {
+pub(crate) struct GpuArena {
     pub(crate) layout: Layout,
     pub(crate) variant: Variant,
     pub(crate) segments: Vec<Segment>,
     pub(crate) tensors: wgpu::Buffer,
     pub(crate) uniform: wgpu::Buffer,
-    /// The non-finite guard's device-side counters (`GuardState` in the shader).
-    pub(crate) guard_state: wgpu::Buffer,
+    /// The device's [`crate::gpu::shader::StepState`] (the non-finite guard's counters).
+    pub(crate) step_state: wgpu::Buffer,
     pub(crate) tensor_flags: Vec<u32>,
 }
 
@@ -94,12 +98,12 @@ fn entire(buffer: &wgpu::Buffer, size: u64) -> wgpu::BindingResource<'_> {
 
 /// Largest segment length the device allows for this variant: every binding
 /// (the slots buffer holds all slots) must fit `max_storage_buffer_binding_size`.
-pub fn max_segment_len(ctx: &GpuContext, variant: &Variant) -> usize {
+fn max_segment_len(ctx: &GpuContext, variant: &Variant) -> usize {
     let limits = ctx.device.limits();
     let max_bytes = limits
         .max_storage_buffer_binding_size
         .min(limits.max_buffer_size);
-    let per_element = F32 * variant.slot_names().len() as u64;
+    let per_element = F32 * variant.slots().len() as u64;
     let len = (max_bytes / per_element) as usize;
     let len = len.min(u32::MAX as usize / 2);
     if len >= GPU_CHUNK_LEN {
@@ -109,7 +113,13 @@ pub fn max_segment_len(ctx: &GpuContext, variant: &Variant) -> usize {
     }
 }
 
-/// Caller-supplied parameter and gradient buffers (see [`GpuArena::new`]).
+/// Your own parameter and gradient buffers, for the optimizer to step in place (pass
+/// them in [`GpuOptions::buffers`](crate::GpuOptions::buffers)).
+///
+/// Both hold every variable row-major, back to back, in variable order, as f32 (see
+/// [`GpuEngine::tensor_range`](crate::gpu::GpuEngine::tensor_range)); they need the
+/// usages [`ARENA_USAGES`] and at least `4 * total_elements` bytes, and the model must
+/// fit one storage binding (`max_storage_buffer_binding_size`).
 #[derive(Debug, Clone)]
 pub struct UserBuffers {
     /// Parameters, laid out as the arena: every variable row-major, back to back.
@@ -120,9 +130,8 @@ pub struct UserBuffers {
 
 impl GpuArena {
     /// Allocates the arena for `specs` (zeroed), or uses `user` buffers for parameters
-    /// and gradients. User buffers need [`ARENA_USAGES`] and at least
-    /// `4 * total_elements` bytes, and the model must fit one segment.
-    pub fn new(
+    /// and gradients (checked as [`UserBuffers`] documents).
+    pub(crate) fn new(
         ctx: &GpuContext,
         pipelines: &Pipelines,
         specs: &[VariableSpec],
@@ -160,11 +169,12 @@ impl GpuArena {
                 }
             }
         }
-        let slot_count = variant.slot_names().len();
+        let slot_count = variant.slots().len();
         let n_tensors = layout.tensors().len();
         let n_chunks = layout.chunks().len();
         let storage_ro = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
-        let tensors = make_buffer(ctx, "tensors", bytes(4 * n_tensors), storage_ro)?;
+        let row = std::mem::size_of::<TensorRow>() / 4;
+        let tensors = make_buffer(ctx, "tensors", bytes(row * n_tensors), storage_ro)?;
         let partials = make_buffer(
             ctx,
             "partials",
@@ -180,13 +190,13 @@ impl GpuArena {
         let uniform = make_buffer(
             ctx,
             "step uniform",
-            UNIFORM_BYTES,
+            std::mem::size_of::<StepUniform>() as u64,
             wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         )?;
-        let guard_state = make_buffer(
+        let step_state = make_buffer(
             ctx,
-            "guard state",
-            GUARD_BYTES,
+            "step state",
+            STEP_STATE_BYTES,
             wgpu::BufferUsages::STORAGE
                 | wgpu::BufferUsages::COPY_SRC
                 | wgpu::BufferUsages::COPY_DST,
@@ -205,21 +215,20 @@ impl GpuArena {
                 ),
             };
             let slots = make_buffer(ctx, "slots", bytes(cap * slot_count), ARENA_USAGES)?;
-            let table: Vec<[u32; 4]> = layout
+            let table: Vec<ChunkRow> = layout
                 .chunks()
                 .iter()
                 .enumerate()
                 .filter(|(_, c)| c.segment == s)
-                .map(|(g, c)| {
-                    [
-                        c.tensor as u32,
-                        (c.offset - start) as u32,
-                        c.len as u32,
-                        g as u32,
-                    ]
+                .map(|(g, c)| ChunkRow {
+                    tensor: c.tensor as u32,
+                    start: (c.offset - start) as u32,
+                    len: c.len as u32,
+                    global_index: g as u32,
                 })
                 .collect();
-            let chunks = make_buffer(ctx, "chunks", bytes(4 * table.len()), storage_ro)?;
+            let table_bytes = bytes(std::mem::size_of_val(table.as_slice()) / 4);
+            let chunks = make_buffer(ctx, "chunks", table_bytes, storage_ro)?;
             ctx.queue
                 .write_buffer(&chunks, 0, bytemuck::cast_slice(&table));
             let bind_group = ctx.scoped("creating bind group", || {
@@ -233,7 +242,7 @@ impl GpuArena {
                         },
                         wgpu::BindGroupEntry {
                             binding: binding::CHUNKS,
-                            resource: entire(&chunks, bytes(4 * table.len())),
+                            resource: entire(&chunks, table_bytes),
                         },
                         wgpu::BindGroupEntry {
                             binding: binding::TENSORS,
@@ -261,8 +270,8 @@ impl GpuArena {
                             resource: clips.as_entire_binding(),
                         },
                         wgpu::BindGroupEntry {
-                            binding: binding::GUARD,
-                            resource: guard_state.as_entire_binding(),
+                            binding: binding::STEP_STATE,
+                            resource: step_state.as_entire_binding(),
                         },
                     ],
                 })
@@ -285,19 +294,9 @@ impl GpuArena {
             segments,
             tensors,
             uniform,
-            guard_state,
+            step_state,
             tensor_flags,
         })
-    }
-
-    /// The offset and chunk tables.
-    pub fn layout(&self) -> &Layout {
-        &self.layout
-    }
-
-    /// The segments.
-    pub fn segments(&self) -> &[Segment] {
-        &self.segments
     }
 
     /// Writes the tensor table with new per-step flags, only when they changed.
@@ -305,12 +304,17 @@ impl GpuArena {
         if flags == self.tensor_flags {
             return;
         }
-        let rows: Vec<[u32; 4]> = self
+        let rows: Vec<TensorRow> = self
             .layout
             .tensors()
             .iter()
             .zip(&flags)
-            .map(|(t, &f)| [t.first_chunk as u32, t.chunk_count as u32, f, 0])
+            .map(|(t, &flags)| TensorRow {
+                first_chunk: t.first_chunk as u32,
+                chunk_count: t.chunk_count as u32,
+                flags,
+                _pad: 0,
+            })
             .collect();
         if !rows.is_empty() {
             ctx.queue
@@ -338,17 +342,16 @@ impl GpuArena {
         out
     }
 
-    /// The buffer and byte offset of `role` (`params`, `grads` or a slot name) in a segment.
-    fn target(&self, role: &str, segment: usize) -> Result<(&wgpu::Buffer, u64)> {
+    /// The buffer and byte offset of `role` in a segment.
+    fn target(&self, role: Role, segment: usize) -> Result<(&wgpu::Buffer, u64)> {
         let s = &self.segments[segment];
         match role {
-            "params" => Ok((&s.params, 0)),
-            "grads" => Ok((&s.grads, 0)),
-            slot => {
-                let k = slot_index(&self.variant, slot).ok_or_else(|| Error::InvalidBuffer {
-                    name: slot.to_string(),
-                    reason: "this config keeps no such slot".into(),
-                })?;
+            Role::Params => Ok((&s.params, 0)),
+            Role::Slot(slot) => {
+                let k = self
+                    .variant
+                    .slot_index(slot)
+                    .ok_or(Error::SlotNotKept(slot))?;
                 Ok((&s.slots, (k * s.len) as u64 * F32))
             }
         }
@@ -358,7 +361,7 @@ impl GpuArena {
     pub(crate) fn write(
         &self,
         ctx: &GpuContext,
-        role: &str,
+        role: Role,
         start: usize,
         values: &[f32],
     ) -> Result<()> {
@@ -405,7 +408,7 @@ impl GpuArena {
     pub(crate) fn read(
         &self,
         ctx: &GpuContext,
-        role: &str,
+        role: Role,
         start: usize,
         len: usize,
     ) -> Result<Vec<f32>> {
@@ -460,7 +463,7 @@ impl GpuArena {
             if s.len == 0 {
                 continue;
             }
-            let (slots, base) = self.target("average", i)?;
+            let (slots, base) = self.target(Role::Slot(Slot::Ema), i)?;
             encoder.copy_buffer_to_buffer(slots, base, &s.params, 0, s.len as u64 * F32);
         }
         ctx.queue.submit([encoder.finish()]);

@@ -7,7 +7,8 @@ use crate::error::{Error, Result};
 use crate::gpu::pipelines::PipelineCache;
 
 /// Environment variable that lets [`crate::Backend::Auto`] pick a software adapter
-/// (lavapipe, llvmpipe, WARP): `1` or `true`. CI sets it so the GPU path runs there.
+/// (lavapipe, llvmpipe, WARP): `1`, `true` or `yes`. CI sets it so the GPU path runs
+/// there.
 pub const ALLOW_SOFTWARE_ENV: &str = "FUSED_RMSPROP_ALLOW_SOFTWARE_ADAPTER";
 
 /// A wgpu device and queue, with the pipeline cache built on them. Cheap to clone.
@@ -37,7 +38,7 @@ impl std::fmt::Debug for GpuContext {
 }
 
 /// Whether the environment allows software adapters for `Auto`.
-pub fn software_allowed_by_env() -> bool {
+pub(crate) fn software_allowed_by_env() -> bool {
     std::env::var(ALLOW_SOFTWARE_ENV)
         .map(|v| matches!(v.trim(), "1" | "true" | "yes"))
         .unwrap_or(false)

@@ -3,16 +3,22 @@
 //! inside a step. With the non-finite guard, the step also copies 32 bytes of counters
 //! into a staging buffer that is mapped in the background.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::backend::{BackendKind, Engine, Gradients, Role};
+use crate::config::RmsPropConfig;
+use crate::counters::SkippedSteps;
 use crate::error::{Error, Result};
 use crate::gpu::arena::{GpuArena, Segment, UserBuffers};
 use crate::gpu::context::{software_allowed_by_env, GpuContext};
-use crate::gpu::guard::DeviceGuard;
-use crate::gpu::pipelines::{pipelines_for, Pipelines, PLAN_WORDS, UNIFORM_HEADER_WORDS};
-use crate::guard::SkippedSteps;
-use crate::layout::{Layout, VariableSpec};
-use crate::plan::{StepPlan, Variant};
+use crate::gpu::nonfinite::GpuCounters;
+use crate::gpu::pipelines::{pipelines_for, Pipelines};
+use crate::gpu::shader::{StepUniform, FLAG_DECAY, FLAG_HAS_GRADIENT};
+use crate::math::StepScalars;
+use crate::plan::plan_step;
+use crate::variable::VariableSpec;
+use crate::variant::Variant;
 
 /// How to find and use a GPU.
 #[derive(Debug, Clone, Default)]
@@ -30,16 +36,25 @@ pub struct GpuOptions {
     pub buffers: Option<UserBuffers>,
 }
 
-/// Parameters and slots of a model on a GPU, and the pipelines that step them.
+/// A model's parameters, gradients and slots on a GPU, as
+/// [`RmsProp::gpu`](crate::RmsProp::gpu) shows them to training code that keeps its
+/// gradients on the device: write them into [`GpuEngine::gradient_buffers`] with your
+/// own kernels or copies, then call
+/// [`RmsProp::apply_device_gradients`](crate::RmsProp::apply_device_gradients).
 #[derive(Debug)]
 pub struct GpuEngine {
     ctx: GpuContext,
+    variant: Variant,
     pipelines: Arc<Pipelines>,
     arena: GpuArena,
     max_groups: u32,
-    /// The non-finite guard's host-side view, when the guard is on (behind a mutex so
-    /// that `&self` readers can take the readbacks that arrived).
-    guard: Mutex<Option<DeviceGuard>>,
+    /// The step and skip counters (behind a mutex so that `&self` readers can take the
+    /// guard's readbacks that arrived).
+    counters: Mutex<GpuCounters>,
+}
+
+fn poisoned() -> Error {
+    Error::Gpu("step counters poisoned by a panic on another thread".into())
 }
 
 /// A 2D grid covering `n` workgroups within the per-dimension limit.
@@ -52,28 +67,22 @@ fn grid(n: usize, max: u32) -> (u32, u32) {
 impl GpuEngine {
     /// Builds the arena and pipelines. `required` is true for [`crate::Backend::Gpu`]
     /// (any adapter, software included) and false for `Auto`.
-    pub fn new(
+    pub(crate) fn new(
         options: &GpuOptions,
         specs: &[VariableSpec],
         variant: Variant,
         required: bool,
     ) -> Result<Self> {
-        let ctx = match &options.context {
-            Some(c) => c.clone(),
-            None => {
-                let allow = required
-                    || options
-                        .allow_software
-                        .unwrap_or_else(software_allowed_by_env);
-                GpuContext::new(allow)?
-            }
-        };
-        if !required
-            && ctx.is_software()
-            && !options
+        let allow_software = || {
+            options
                 .allow_software
                 .unwrap_or_else(software_allowed_by_env)
-        {
+        };
+        let ctx = match &options.context {
+            Some(c) => c.clone(),
+            None => GpuContext::new(required || allow_software())?,
+        };
+        if !required && ctx.is_software() && !allow_software() {
             return Err(Error::NoAdapter(format!(
                 "{} is a software adapter, not allowed for Auto",
                 ctx.adapter_name()
@@ -91,10 +100,11 @@ impl GpuEngine {
         let max_groups = ctx.device.limits().max_compute_workgroups_per_dimension;
         Ok(GpuEngine {
             ctx,
+            variant,
             pipelines,
             arena,
             max_groups,
-            guard: Mutex::new(None),
+            counters: Mutex::default(),
         })
     }
 
@@ -108,86 +118,86 @@ impl GpuEngine {
         self.ctx.adapter_name()
     }
 
-    /// The arena layout (offsets of each variable in the parameter and gradient buffers).
-    pub fn layout(&self) -> &Layout {
-        self.arena.layout()
-    }
-
-    /// The arena's segments with their buffers: write gradients into `grads` with your
-    /// own kernels or copies, then call [`crate::RmsProp::apply_device_gradients`].
+    /// The arena's segments with their buffers (one segment unless the model exceeds
+    /// one storage binding).
     pub fn segments(&self) -> &[Segment] {
-        self.arena.segments()
+        &self.arena.segments
     }
 
     /// Gradient buffers, one per segment.
     pub fn gradient_buffers(&self) -> Vec<&wgpu::Buffer> {
-        self.arena.segments().iter().map(|s| &s.grads).collect()
+        self.arena.segments.iter().map(|s| &s.grads).collect()
     }
 
     /// Parameter buffers, one per segment.
     pub fn param_buffers(&self) -> Vec<&wgpu::Buffer> {
-        self.arena.segments().iter().map(|s| &s.params).collect()
+        self.arena.segments.iter().map(|s| &s.params).collect()
     }
 
-    /// A step whose gradients come from host memory: staged into the gradient buffers,
-    /// then [`GpuEngine::step_device`].
-    pub(crate) fn step_host(
-        &mut self,
-        plan_at: &dyn Fn(u64) -> StepPlan,
-        raw: u64,
-        grads: &[Option<&[f32]>],
-        decay: &[bool],
-    ) -> Result<()> {
-        self.ctx.take_error()?;
-        self.arena.write_gradients(&self.ctx, grads)?;
-        let present: Vec<bool> = grads.iter().map(Option::is_some).collect();
-        self.step_device(plan_at, raw, &present, decay)
+    /// The elements of variable `i` in the arena (f32 index `e` lives in the segment with
+    /// `start <= e < start + len`, at local index `e - start`); `None` when there is no
+    /// such variable.
+    pub fn tensor_range(&self, i: usize) -> Option<Range<usize>> {
+        self.arena.layout.tensor(i).ok().map(|t| t.range())
     }
 
-    /// A step on the gradients already in the gradient buffers: writes the uniform (and
-    /// the tensor flags if they changed), records the dispatches, submits once.
-    ///
-    /// `plan_at(counter)` is the plan for a step counter. Without the guard the step
-    /// runs `plan_at(raw)`; with it, the counter lives on the device and the uniform
-    /// holds the plans of every counter the device may have reached.
-    pub(crate) fn step_device(
+    /// Workgroups one pass over the arena dispatches: one per chunk of at most 2048
+    /// elements of one tensor (spread over a 2D grid beyond the per-dimension limit).
+    pub fn workgroups_per_pass(&self) -> usize {
+        self.arena.layout.chunks().len()
+    }
+
+    fn counters(&self) -> Result<MutexGuard<'_, GpuCounters>> {
+        self.counters.lock().map_err(|_| poisoned())
+    }
+
+    /// Writes the uniform with the plans of every counter value the next step may see,
+    /// records the dispatches, submits once.
+    fn submit_step(
         &mut self,
-        plan_at: &dyn Fn(u64) -> StepPlan,
-        raw: u64,
-        present: &[bool],
+        config: &RmsPropConfig,
+        present: Vec<bool>,
         decay: &[bool],
     ) -> Result<()> {
-        self.ctx.take_error()?;
-        let variant = self.arena.variant;
+        let variant = self.variant;
         let flags: Vec<u32> = present
             .iter()
             .zip(decay)
-            .map(|(&p, &d)| p as u32 | ((d && variant.weight_decay) as u32) << 1)
+            .map(|(&p, &d)| {
+                let has_gradient = if p { FLAG_HAS_GRADIENT } else { 0 };
+                let decay = if d && variant.weight_decay {
+                    FLAG_DECAY
+                } else {
+                    0
+                };
+                has_gradient | decay
+            })
             .collect();
         self.arena.set_flags(&self.ctx, flags);
 
-        let mut guard_lock = lock(&self.guard)?;
-        let (base, len) = match guard_lock.as_mut() {
-            Some(g) => g.window(&self.ctx)?,
-            None => (raw, 1),
+        let mut counters = self.counters.lock().map_err(|_| poisoned())?;
+        // Without the guard the window is the host's counter alone; with it, every
+        // counter the device may have reached.
+        let (base, len) = counters.window(&self.ctx)?;
+        let mut uniform = StepUniform {
+            base_lo: base as u32,
+            len: len as u32,
+            tensor_count: self.arena.layout.tensors().len() as u32,
+            _pad: 0,
+            plans: [StepScalars::default(); crate::gpu::shader::PLAN_WINDOW],
         };
-        let plans: Vec<StepPlan> = (0..len as u64).map(|k| plan_at(base + k)).collect();
-        let tensor_count = self.arena.layout.tensors().len() as u32;
-        let mut words: Vec<u32> = vec![base as u32, len as u32, tensor_count, 0];
-        for plan in &plans {
-            let plan_words: [u32; PLAN_WORDS] = bytemuck::cast(plan.uniform_words());
-            words.extend_from_slice(&plan_words);
+        for (k, plan) in uniform.plans[..len].iter_mut().enumerate() {
+            *plan = plan_step(config, base + k as u64);
         }
-        debug_assert_eq!(words.len(), UNIFORM_HEADER_WORDS + len * PLAN_WORDS);
         self.ctx
             .queue
-            .write_buffer(&self.arena.uniform, 0, bytemuck::cast_slice(&words));
+            .write_buffer(&self.arena.uniform, 0, uniform.used_bytes());
 
-        // Without the guard the host knows whether this is an update step; with it,
-        // the device decides, so the reduction always runs (it also finds non-finite
+        // Without the guard the host knows whether this is an update step; with it, the
+        // device decides, so the reduction always runs (it also finds non-finite
         // gradients).
-        let guarded = guard_lock.is_some();
-        let reduce = guarded || (variant.clip.needs_norm() && plans[0].is_update_step);
+        let reduce =
+            variant.guard || (variant.clip.needs_norm() && uniform.plans[0].is_update_step != 0);
         let mut encoder = self
             .ctx
             .device
@@ -217,162 +227,120 @@ impl GpuEngine {
             }
             per_chunk(&mut pass, &self.pipelines.update);
         }
-        let readback = match guard_lock.as_mut() {
-            Some(g) => Some(g.record_readback(&self.ctx, &mut encoder, &self.arena.guard_state)?),
-            None => None,
-        };
+        let readback = counters.record_readback(&self.ctx, &mut encoder, &self.arena.step_state)?;
         self.ctx.queue.submit([encoder.finish()]);
-        if let (Some(g), Some(buffer)) = (guard_lock.as_mut(), readback) {
-            g.submitted(buffer);
-        }
+        counters.submitted(readback);
         Ok(())
     }
 
-    /// Turns the non-finite guard on, with the device counters starting at `raw` and
-    /// `skipped`.
-    pub(crate) fn enable_guard(&mut self, raw: u64, skipped: u64) -> Result<()> {
-        let guarded = Variant {
-            guard: true,
-            ..self.arena.variant
-        };
-        let pipelines = pipelines_for(&self.ctx, &guarded)?;
-        let mut slot = lock(&self.guard)?;
-        if slot.is_none() {
-            *slot = Some(DeviceGuard::start(
-                &self.ctx,
-                &self.arena.guard_state,
-                raw,
-                skipped,
-            ));
-            self.pipelines = pipelines;
-        }
-        Ok(())
-    }
-
-    /// Turns the guard off after the steps in flight; returns the final `(raw, skipped)`
-    /// counters, or `None` when it was off.
-    pub(crate) fn disable_guard(&mut self) -> Result<Option<(u64, u64)>> {
-        let counters = self.guard_counters()?;
-        if counters.is_some() {
-            self.pipelines = pipelines_for(&self.ctx, &self.arena.variant)?;
-            *lock(&self.guard)? = None;
-        }
-        Ok(counters)
-    }
-
-    /// The guard's exact `(raw, skipped)` counters after waiting for the steps in
-    /// flight; `None` when the guard is off.
-    pub(crate) fn guard_counters(&self) -> Result<Option<(u64, u64)>> {
-        let mut slot = lock(&self.guard)?;
-        slot.as_mut().map(|g| g.settle_all(&self.ctx)).transpose()
-    }
-
-    /// The guard's counters as last read back, without waiting or failing (for when
-    /// the device is gone); `None` when the guard is off.
-    pub(crate) fn guard_last_known(&self) -> Option<(u64, u64)> {
-        let slot = lock(&self.guard).ok()?;
-        slot.as_ref().map(DeviceGuard::last_known)
-    }
-
-    /// The guard's report without waiting; `None` when the guard is off.
-    pub(crate) fn guard_report(&self) -> Option<SkippedSteps> {
-        let mut slot = lock(&self.guard).ok()?;
-        slot.as_mut().map(|g| g.report(&self.ctx))
-    }
-
-    /// See [`DeviceGuard::defer_readbacks`].
+    /// Lets steps pile up in flight until the plan window is full (tests of that path).
     #[cfg(test)]
     pub(crate) fn defer_guard_readbacks(&self) {
-        if let Ok(mut slot) = lock(&self.guard) {
-            if let Some(g) = slot.as_mut() {
-                g.defer_readbacks();
-            }
+        if let Ok(mut c) = self.counters() {
+            c.defer_readbacks();
         }
     }
 
-    /// Steps in flight as the guard's ledger counts them (no polling).
+    /// Steps in flight as the counters know them (no polling).
     #[cfg(test)]
     pub(crate) fn guard_in_flight(&self) -> u64 {
-        lock(&self.guard)
-            .ok()
-            .and_then(|slot| slot.as_ref().map(|g| g.in_flight()))
-            .unwrap_or(0)
+        self.counters().map_or(0, |c| c.in_flight())
+    }
+}
+
+impl Engine for GpuEngine {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Gpu
     }
 
-    /// Sets the guard's device counters (e.g. on restoring a checkpoint), after the
-    /// steps in flight. Does nothing when the guard is off.
-    pub(crate) fn reset_guard(&mut self, raw: u64, skipped: u64) -> Result<()> {
-        let mut slot = lock(&self.guard)?;
-        if let Some(g) = slot.as_mut() {
-            g.settle_all(&self.ctx)?;
-            *g = DeviceGuard::start(&self.ctx, &self.arena.guard_state, raw, skipped);
+    fn variant(&self) -> Variant {
+        self.variant
+    }
+
+    fn step(&mut self, config: &RmsPropConfig, grads: Gradients<'_>, decay: &[bool]) -> Result<()> {
+        self.ctx.take_error()?;
+        if let Gradients::Host(host) = grads {
+            self.arena.write_gradients(&self.ctx, host)?;
         }
-        Ok(())
+        let present = (0..decay.len()).map(|i| grads.present(i)).collect();
+        self.submit_step(config, present, decay)
     }
 
-    /// Waits for every submitted step; reports a lost device or a captured error. With
-    /// the guard on, also reads every counter readback, so that
-    /// [`crate::RmsProp::skipped_steps`] is exact afterwards.
-    pub fn synchronize(&self) -> Result<()> {
-        self.ctx.wait()?;
-        self.guard_counters().map(|_| ())
-    }
-
-    /// `finalize_variable_values`: copies the EMA into the parameters (no-op without EMA).
-    pub(crate) fn finalize(&mut self) -> Result<()> {
-        if self.arena.variant.ema {
+    fn finalize(&mut self) -> Result<()> {
+        if self.variant.ema {
             self.arena.copy_ema_to_params(&self.ctx)?;
         }
         Ok(())
     }
 
-    /// Reads back a whole arena by role: `params`, `grads`, or a slot name.
-    pub fn read_arena(&self, role: &str) -> Result<Vec<f32>> {
+    fn read(&self, role: Role) -> Result<Vec<f32>> {
         self.arena
             .read(&self.ctx, role, 0, self.arena.layout.total())
     }
 
-    fn tensor(&self, i: usize) -> Result<crate::layout::TensorEntry> {
-        self.arena
-            .layout
-            .tensors()
-            .get(i)
-            .copied()
-            .ok_or(Error::NoSuchVariable(i))
-    }
-
-    /// Reads back one tensor of `role`.
-    pub fn read_tensor(&self, role: &str, tensor: usize) -> Result<Vec<f32>> {
-        let t = self.tensor(tensor)?;
+    fn read_tensor(&self, role: Role, tensor: usize) -> Result<Vec<f32>> {
+        let t = self.arena.layout.tensor(tensor)?;
         self.arena.read(&self.ctx, role, t.offset, t.len)
     }
 
-    /// Uploads one tensor of `role` (`params` or a slot name).
-    pub fn write_tensor(&self, role: &str, tensor: usize, values: &[f32]) -> Result<()> {
-        let t = self.tensor(tensor)?;
-        if values.len() != t.len {
-            return Err(Error::CountMismatch {
-                what: "values",
-                expected: t.len,
-                found: values.len(),
-            });
-        }
+    fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()> {
+        let t = self.arena.layout.tensor(tensor)?;
         self.arena.write(&self.ctx, role, t.offset, values)
     }
-}
 
-fn lock(guard: &Mutex<Option<DeviceGuard>>) -> Result<MutexGuard<'_, Option<DeviceGuard>>> {
-    guard
-        .lock()
-        .map_err(|_| Error::Gpu("non-finite guard state poisoned".into()))
+    fn raw_iterations(&self) -> u64 {
+        let Ok(mut c) = self.counters() else { return 0 };
+        // a lost device keeps the last counter read back (the next step reports it)
+        let _ = c.settle_all(&self.ctx);
+        c.raw()
+    }
+
+    fn skipped_steps(&self) -> SkippedSteps {
+        self.counters()
+            .map(|mut c| c.report(&self.ctx))
+            .unwrap_or_default()
+    }
+
+    fn set_counters(&mut self, raw: u64, skipped: u64) -> Result<()> {
+        let counters = self.counters.get_mut().map_err(|_| poisoned())?;
+        counters.reset(&self.ctx, &self.arena.step_state, raw, skipped)
+    }
+
+    fn set_non_finite_guard(&mut self, enabled: bool) -> Result<()> {
+        if enabled == self.variant.guard {
+            return Ok(());
+        }
+        let variant = Variant {
+            guard: enabled,
+            ..self.variant
+        };
+        let pipelines = pipelines_for(&self.ctx, &variant)?;
+        let counters = self.counters.get_mut().map_err(|_| poisoned())?;
+        if enabled {
+            counters.enable_guard(&self.ctx, &self.arena.step_state);
+        } else {
+            counters.disable_guard(&self.ctx)?;
+        }
+        self.variant = variant;
+        self.pipelines = pipelines;
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.ctx.wait()?;
+        self.counters()?.settle_all(&self.ctx)
+    }
+
+    fn as_gpu(&self) -> Option<&GpuEngine> {
+        Some(self)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
-    use crate::gpu::pipelines::PLAN_WINDOW;
-    use crate::trace::values_match;
+    use crate::gpu::shader::PLAN_WINDOW;
     use crate::{
         Backend, GpuContext, GpuOptions, LearningRate, LearningRateSchedule, RmsProp,
         RmsPropConfig, Variable,
@@ -402,7 +370,8 @@ mod tests {
 
     /// With readbacks deferred, steps pile up until the plan window is full; the next
     /// step waits for them, and every step still runs with the plan of the device's
-    /// counter: the result equals the CPU path over the finite steps.
+    /// counter: the result equals the CPU path over the finite steps (within the
+    /// conformance tolerance, `tests/keras/FORMAT.md`).
     #[test]
     fn a_full_plan_window_waits_and_stays_exact() {
         let Some(ctx) = context() else { return };
@@ -445,7 +414,8 @@ mod tests {
         assert_eq!(gpu.raw_iterations(), cpu.raw_iterations());
         let (a, b) = (gpu.variable(0).unwrap(), cpu.variable(0).unwrap());
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!(values_match(*x, *y), "element {i}: gpu {x} vs cpu {y}");
+            let close = (x - y).abs() as f64 <= 1e-5 + 1e-4 * f64::from(y.abs());
+            assert!(close, "element {i}: gpu {x} vs cpu {y}");
         }
     }
 }

@@ -1,17 +1,20 @@
 //! The GPU path: fused WGSL kernels over a flat, segmented buffer arena.
 //!
-//! - [`context`]: adapter choice, device and queue, errors as values;
-//! - [`pipelines`]: one pipeline set per [`crate::plan::Variant`], cached per device;
-//! - [`arena`]: parameters, gradients and slots in GPU buffers with offset and chunk tables;
-//! - [`engine`]: one step = one uniform write + one submit;
-//! - `guard`: the device-side counters of the opt-in non-finite guard.
+//! - `context`: adapter choice, device and queue, wgpu errors as values;
+//! - `shader`: the host side of `shaders/rmsprop.wgsl` (constants, bindings, the
+//!   structs it reads and writes);
+//! - `pipelines`: one pipeline set per structural variant, cached per device;
+//! - `arena`: parameters, gradients and slots in GPU buffers with offset and chunk tables;
+//! - `nonfinite`: the step counters, decided on the device under the non-finite guard;
+//! - `engine`: one step = one uniform write + one submit.
 
-pub mod arena;
-pub mod context;
-pub mod engine;
-mod guard;
-pub mod pipelines;
+mod arena;
+mod context;
+mod engine;
+mod nonfinite;
+mod pipelines;
+mod shader;
 
-pub use arena::{GpuArena, Segment, UserBuffers, ARENA_USAGES};
+pub use arena::{Segment, UserBuffers, ARENA_USAGES};
 pub use context::{GpuContext, ALLOW_SOFTWARE_ENV};
 pub use engine::{GpuEngine, GpuOptions};

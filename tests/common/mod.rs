@@ -1,9 +1,12 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod trace;
+
 use std::path::PathBuf;
 
-use fused_rmsprop::{GpuContext, GpuOptions, Trace};
+use fused_rmsprop::{GpuContext, GpuOptions};
+use trace::Trace;
 
 /// `tests/keras/traces`: the Keras traces recorded by `tests/keras/record_traces.py`.
 /// Panics (fails the test) when the folder is missing or empty: conformance is never

@@ -1,16 +1,12 @@
-//! The opt-in non-finite guard: a step whose gradients hold NaN or an infinity is
-//! skipped whole (parameters, slots, the step counter untouched) and counted.
+//! The step counter and the non-finite guard's skip count: one owner, [`StepCounters`],
+//! held by the engine that steps (CPU or GPU).
 //!
-//! Off by default, since Keras lets non-finite values flow through (see
-//! `tests/non_finite.rs`). The CPU path checks the gradients before the step
-//! ([`crate::cpu`]). The GPU
-//! path checks them on the device, inside the step's own dispatches, so no readback
-//! stalls a step: the device keeps the step counter, and the host learns it (and the
-//! skip count) from small asynchronous readbacks, bookkept by [`Ledger`].
-//!
-//! "Non-finite" is judged on the gradient as the optimizer first sees it: the raw
-//! gradient divided by `loss_scale_factor`. Finite gradients whose norm overflows f32
-//! are not caught: they are applied with Keras' result.
+//! A step is decided either on the host (the CPU path, and the GPU path without the
+//! guard: the host knows the step applies) or on the device (the GPU path with the
+//! non-finite guard: the device applies or skips the step and keeps its own copy of the
+//! counters, which come back in small asynchronous readbacks). Device-decided steps are
+//! submissions whose outcome is unknown until their readback settles them, so the
+//! counter the next step sees is one of a window of values.
 
 /// What the non-finite guard has counted, as read by
 /// [`RmsProp::skipped_steps`](crate::RmsProp::skipped_steps) without waiting for the GPU.
@@ -25,25 +21,25 @@ pub struct SkippedSteps {
     pub in_flight: u64,
 }
 
-/// The host's knowledge of the device-side counters under the guard.
+/// The raw step counter (Keras' `_iterations`) and the skip count.
 ///
-/// Each GPU step is submission number `n` (1, 2, ...) and ends with a readback of the
-/// counters. The last readback that arrived tells the step counter `raw` as of
-/// submission `settled_at`; each later submission may have applied or skipped its step,
-/// so the next step's counter is one of `raw ..= raw + (submitted - settled_at)`: the
-/// plan window the host writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ledger {
+/// Each device-decided step is submission number `n` (1, 2, ...) and ends with a
+/// readback of the device's counters. The last readback that arrived tells the counter
+/// `raw` as of submission `settled_at`; each later submission may have applied or
+/// skipped its step, so the next step's counter is one of
+/// `raw ..= raw + (submitted - settled_at)`: the window of plans the host writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct StepCounters {
     raw: u64,
     skipped: u64,
     settled_at: u64,
     submitted: u64,
 }
 
-impl Ledger {
+impl StepCounters {
     /// Counters known exactly: nothing is in flight.
-    pub fn new(raw: u64, skipped: u64) -> Self {
-        Ledger {
+    pub(crate) fn new(raw: u64, skipped: u64) -> Self {
+        StepCounters {
             raw,
             skipped,
             settled_at: 0,
@@ -51,20 +47,34 @@ impl Ledger {
         }
     }
 
+    /// Records a host-decided step (nothing may be in flight): applied or skipped.
+    pub(crate) fn record(&mut self, applied: bool) {
+        debug_assert_eq!(
+            self.in_flight(),
+            0,
+            "a host-decided step with steps in flight"
+        );
+        if applied {
+            self.raw += 1;
+        } else {
+            self.skipped += 1;
+        }
+    }
+
     /// The counter values the next step may see: `(first, count)`.
-    pub fn window(&self) -> (u64, usize) {
+    pub(crate) fn window(&self) -> (u64, usize) {
         (self.raw, (self.in_flight() + 1) as usize)
     }
 
-    /// Records one more submission and returns its number.
-    pub fn submit(&mut self) -> u64 {
+    /// Records one more device-decided submission and returns its number.
+    pub(crate) fn submit(&mut self) -> u64 {
         self.submitted += 1;
         self.submitted
     }
 
     /// Records the counters read back after submission `at`; stale or impossible
     /// readbacks (not after the last settled one, or from the future) are ignored.
-    pub fn settle(&mut self, at: u64, raw: u64, skipped: u64) -> bool {
+    pub(crate) fn settle(&mut self, at: u64, raw: u64, skipped: u64) -> bool {
         if at <= self.settled_at || at > self.submitted {
             return false;
         }
@@ -75,22 +85,22 @@ impl Ledger {
     }
 
     /// Submissions whose outcome is not known yet.
-    pub fn in_flight(&self) -> u64 {
+    pub(crate) fn in_flight(&self) -> u64 {
         self.submitted - self.settled_at
     }
 
-    /// The step counter as of the last settled submission.
-    pub fn raw(&self) -> u64 {
+    /// The step counter as of the last settled step.
+    pub(crate) fn raw(&self) -> u64 {
         self.raw
     }
 
-    /// Skipped steps as of the last settled submission.
-    pub fn skipped(&self) -> u64 {
+    /// Skipped steps as of the last settled step.
+    pub(crate) fn skipped(&self) -> u64 {
         self.skipped
     }
 
     /// The counts as a report.
-    pub fn report(&self) -> SkippedSteps {
+    pub(crate) fn report(&self) -> SkippedSteps {
         SkippedSteps {
             skipped: self.skipped,
             in_flight: self.in_flight(),
@@ -104,7 +114,7 @@ mod tests {
 
     #[test]
     fn window_grows_with_steps_in_flight_and_shrinks_on_settle() {
-        let mut l = Ledger::new(10, 2);
+        let mut l = StepCounters::new(10, 2);
         assert_eq!(l.window(), (10, 1));
         assert_eq!(l.submit(), 1);
         assert_eq!(l.submit(), 2);
@@ -127,5 +137,14 @@ mod tests {
         assert!(l.settle(3, 12, 3));
         assert_eq!(l.window(), (12, 1));
         assert_eq!(l.in_flight(), 0);
+    }
+
+    #[test]
+    fn host_decided_steps_count_directly() {
+        let mut l = StepCounters::new(0, 0);
+        l.record(true);
+        l.record(false);
+        l.record(true);
+        assert_eq!((l.raw(), l.skipped(), l.window()), (2, 1, (2, 1)));
     }
 }

@@ -1,17 +1,40 @@
-//! Conformance traces (`rmsprop-trace/1`, see `tests/keras/FORMAT.md`): parse,
-//! replay on any backend, and compare with FORMAT.md's tolerance.
+//! Keras traces (`rmsprop-trace/1`, see `tests/keras/FORMAT.md`): parse, replay on any
+//! backend, and compare with FORMAT.md's tolerance. Test and example support, not part
+//! of the library: `tests/` use it as `common::trace`, `examples/replay.rs` through a
+//! `#[path]` module.
+#![allow(dead_code)]
 
+use fused_rmsprop::{Backend, BackendKind, GpuOptions, RmsProp, RmsPropConfig, Variable};
 use serde_json::Value;
 
-use crate::config::RmsPropConfig;
-use crate::error::{Error, Result};
-use crate::gpu::GpuOptions;
-use crate::json::{decode_float, encode_float, parse};
-use crate::layout::{check_len, Variable};
-use crate::optimizer::{Backend, BackendKind, RmsProp};
-
-/// The only format this crate reads.
+/// The only format this harness reads.
 pub const TRACE_FORMAT: &str = "rmsprop-trace/1";
+
+/// Why a trace could not be read or replayed.
+#[derive(Debug)]
+pub enum TraceError {
+    /// The file is not a well-formed trace.
+    Invalid(String),
+    /// The optimizer refused the trace's config, variables or gradients, or failed.
+    Optimizer(fused_rmsprop::Error),
+}
+
+impl std::fmt::Display for TraceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TraceError::Invalid(why) => write!(f, "invalid trace: {why}"),
+            TraceError::Optimizer(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for TraceError {}
+
+impl From<fused_rmsprop::Error> for TraceError {
+    fn from(e: fused_rmsprop::Error) -> Self {
+        TraceError::Optimizer(e)
+    }
+}
 
 /// A recorded Keras run.
 #[derive(Debug, Clone)]
@@ -41,11 +64,38 @@ pub struct Outcome {
     pub iterations: u64,
 }
 
-fn bad(msg: impl Into<String>) -> Error {
-    Error::InvalidTrace(msg.into())
+fn bad(msg: impl Into<String>) -> TraceError {
+    TraceError::Invalid(msg.into())
 }
 
-fn floats(v: &Value, what: &str) -> Result<Vec<f32>> {
+/// Decodes a trace float: a number, or `"NaN"`, `"Infinity"`, `"-Infinity"`.
+pub fn decode_float(v: &Value) -> Option<f32> {
+    match v {
+        Value::Number(n) => n.as_f64().map(|x| x as f32),
+        Value::String(s) => match s.as_str() {
+            "NaN" => Some(f32::NAN),
+            "Infinity" => Some(f32::INFINITY),
+            "-Infinity" => Some(f32::NEG_INFINITY),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Encodes a float as a trace value: a number, or `"NaN"`, `"Infinity"`, `"-Infinity"`.
+pub fn encode_float(x: f32) -> Value {
+    if x.is_nan() {
+        Value::from("NaN")
+    } else if x == f32::INFINITY {
+        Value::from("Infinity")
+    } else if x == f32::NEG_INFINITY {
+        Value::from("-Infinity")
+    } else {
+        serde_json::Number::from_f64(f64::from(x)).map_or(Value::Null, Value::Number)
+    }
+}
+
+fn floats(v: &Value, what: &str) -> Result<Vec<f32>, TraceError> {
     let items = v
         .as_array()
         .ok_or_else(|| bad(format!("{what} must be a list of numbers")))?;
@@ -55,7 +105,7 @@ fn floats(v: &Value, what: &str) -> Result<Vec<f32>> {
         .collect()
 }
 
-fn shape(v: &Value, what: &str) -> Result<Vec<usize>> {
+fn shape(v: &Value, what: &str) -> Result<Vec<usize>, TraceError> {
     let items = v
         .as_array()
         .ok_or_else(|| bad(format!("{what} must be a list of sizes")))?;
@@ -72,12 +122,13 @@ fn shape(v: &Value, what: &str) -> Result<Vec<usize>> {
 
 impl Trace {
     /// Parses a trace from JSON text; every malformation is an error.
-    pub fn from_json_str(text: &str) -> Result<Self> {
-        Self::from_json(&parse(text)?)
+    pub fn from_json_str(text: &str) -> Result<Self, TraceError> {
+        let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        Self::from_json(&v)
     }
 
     /// Parses a trace from a JSON value.
-    pub fn from_json(v: &Value) -> Result<Self> {
+    pub fn from_json(v: &Value) -> Result<Self, TraceError> {
         let obj = v
             .as_object()
             .ok_or_else(|| bad("a trace must be a JSON object"))?;
@@ -94,10 +145,8 @@ impl Trace {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        let config = RmsPropConfig::from_keras_json(
-            obj.get("config")
-                .ok_or_else(|| Error::MissingKey("config".into()))?,
-        )?;
+        let config =
+            RmsPropConfig::from_keras_json(obj.get("config").ok_or_else(|| bad("no `config`"))?)?;
         let vars = obj
             .get("variables")
             .and_then(Value::as_array)
@@ -129,11 +178,11 @@ impl Trace {
                 .as_array()
                 .ok_or_else(|| bad(format!("steps[{k}] must be a list")))?;
             if grads.len() != variables.len() {
-                return Err(Error::CountMismatch {
-                    what: "gradients",
-                    expected: variables.len(),
-                    found: grads.len(),
-                });
+                return Err(bad(format!(
+                    "steps[{k}] has {} gradients for {} variables",
+                    grads.len(),
+                    variables.len()
+                )));
             }
             let mut row = Vec::with_capacity(grads.len());
             for (g, var) in grads.iter().zip(&variables) {
@@ -143,11 +192,12 @@ impl Trace {
                 }
                 let g = floats(g, &format!("steps[{k}] gradient"))?;
                 if g.len() != var.values.len() {
-                    return Err(Error::GradientLength {
-                        name: var.spec.name.clone(),
-                        expected: var.values.len(),
-                        found: g.len(),
-                    });
+                    return Err(bad(format!(
+                        "steps[{k}]: gradient for `{}` has {} values, the variable has {}",
+                        var.spec.name,
+                        g.len(),
+                        var.values.len()
+                    )));
                 }
                 row.push(Some(g));
             }
@@ -165,7 +215,7 @@ impl Trace {
                         .map(str::to_string)
                         .ok_or_else(|| bad("exclude_from_weight_decay.var_names must hold strings"))
                 })
-                .collect::<Result<_>>()?,
+                .collect::<Result<_, _>>()?,
         };
         let finalize = match obj.get("finalize") {
             None | Some(Value::Null) => false,
@@ -188,10 +238,17 @@ impl Trace {
                     .zip(&variables)
                     .map(|(v, var)| {
                         let f = floats(v, "expected.variables")?;
-                        check_len(&var.spec, f.len())?;
+                        if f.len() != var.values.len() {
+                            return Err(bad(format!(
+                                "expected.variables: `{}` has {} values, the variable has {}",
+                                var.spec.name,
+                                f.len(),
+                                var.values.len()
+                            )));
+                        }
                         Ok(f)
                     })
-                    .collect::<Result<Vec<_>>>()?;
+                    .collect::<Result<Vec<_>, _>>()?;
                 let iterations = e
                     .get("iterations")
                     .and_then(Value::as_u64)
@@ -214,7 +271,11 @@ impl Trace {
     }
 
     /// Replays the trace on `backend`; returns what ran and the outcome.
-    pub fn replay(&self, backend: Backend, gpu: &GpuOptions) -> Result<(BackendKind, Outcome)> {
+    pub fn replay(
+        &self,
+        backend: Backend,
+        gpu: &GpuOptions,
+    ) -> fused_rmsprop::Result<(BackendKind, Outcome)> {
         let mut opt =
             RmsProp::with_options(self.config.clone(), self.variables.clone(), backend, gpu)?;
         opt.exclude_from_weight_decay(&self.exclude_from_weight_decay);

@@ -1,13 +1,16 @@
-//! Benchmark workloads shared by `benches/` and `examples/throughput.rs`: named
-//! variants, synthetic models, the memory-traffic floor, and same-run copy baselines.
+//! Benchmark workloads shared by `benches/step_throughput.rs` and
+//! `examples/throughput.rs` (both include this file as a `#[path]` module; it is not
+//! part of the library): named variants, synthetic models, the memory-traffic floor,
+//! and same-run copy baselines.
+#![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
+use fused_rmsprop::{GpuContext, RmsPropConfig, Variable, VariableSpec};
 use rayon::prelude::*;
 
-use crate::config::RmsPropConfig;
-use crate::error::{Error, Result};
-use crate::layout::Variable;
+/// Elements per piece of the parallel copy: the CPU path's chunk size (128 KiB).
+const COPY_CHUNK_LEN: usize = 1 << 15;
 
 /// A benchmark variant: `plain`, `momentum`, `centered` or `centered-momentum`,
 /// optionally with `+clip` (global_clipnorm) and/or `+ema`.
@@ -28,7 +31,7 @@ impl BenchVariant {
     pub const BASES: [&'static str; 4] = ["plain", "momentum", "centered", "centered-momentum"];
 
     /// Parses `plain`, `momentum+clip`, `centered-momentum+ema+clip`, ...
-    pub fn parse(name: &str) -> Result<Self> {
+    pub fn parse(name: &str) -> Result<Self, String> {
         let mut parts = name.split('+');
         let base = parts.next().unwrap_or("");
         let (centered, momentum) = match base {
@@ -37,11 +40,8 @@ impl BenchVariant {
             "centered" => (true, false),
             "centered-momentum" => (true, true),
             other => {
-                return Err(Error::invalid(
-                    "variant",
-                    format!(
-                        "unknown base `{other}` (plain, momentum, centered, centered-momentum)"
-                    ),
+                return Err(format!(
+                    "unknown variant base `{other}` (plain, momentum, centered, centered-momentum)"
                 ))
             }
         };
@@ -55,12 +55,7 @@ impl BenchVariant {
             match p {
                 "clip" => v.clip = true,
                 "ema" => v.ema = true,
-                other => {
-                    return Err(Error::invalid(
-                        "variant",
-                        format!("unknown modifier `+{other}` (+clip, +ema)"),
-                    ))
-                }
+                other => return Err(format!("unknown variant modifier `+{other}` (+clip, +ema)")),
             }
         }
         Ok(v)
@@ -119,7 +114,7 @@ pub fn synthetic_model(params: usize, tensors: usize) -> Vec<Variable> {
             let n = base + usize::from(i < extra);
             let values = (0..n).map(|j| ((j % 97) as f32 - 48.0) * 0.01).collect();
             Variable {
-                spec: crate::layout::VariableSpec::new(format!("layer{i}/kernel"), &[n]),
+                spec: VariableSpec::new(format!("layer{i}/kernel"), &[n]),
                 values,
             }
         })
@@ -153,8 +148,8 @@ pub fn median_time(samples: usize, reps: usize, mut run: impl FnMut(usize)) -> D
 
 /// Parallel memcpy of `src` into `dst` over rayon's threads, in the CPU path's chunk size.
 pub fn parallel_copy(dst: &mut [f32], src: &[f32]) {
-    dst.par_chunks_mut(crate::cpu::CPU_CHUNK_LEN)
-        .zip(src.par_chunks(crate::cpu::CPU_CHUNK_LEN))
+    dst.par_chunks_mut(COPY_CHUNK_LEN)
+        .zip(src.par_chunks(COPY_CHUNK_LEN))
         .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
@@ -169,7 +164,7 @@ pub struct GpuCopy {
 
 impl GpuCopy {
     /// Allocates the two buffers on `ctx`.
-    pub fn new(ctx: &crate::GpuContext, bytes: u64) -> Self {
+    pub fn new(ctx: &GpuContext, bytes: u64) -> Self {
         let size = (bytes / 2).div_ceil(4).max(1) * 4;
         let make = |label| {
             ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -187,45 +182,9 @@ impl GpuCopy {
     }
 
     /// Records and submits one copy (does not wait).
-    pub fn submit(&self, ctx: &crate::GpuContext) {
+    pub fn submit(&self, ctx: &GpuContext) {
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(&self.src, 0, &self.dst, 0, self.size);
         ctx.queue.submit([enc.finish()]);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_parse_and_round_trip() {
-        for base in BenchVariant::BASES {
-            for suffix in ["", "+clip", "+ema", "+clip+ema"] {
-                let name = format!("{base}{suffix}");
-                assert_eq!(BenchVariant::parse(&name).unwrap().name(), name);
-            }
-        }
-        assert!(BenchVariant::parse("adam").is_err());
-        assert!(BenchVariant::parse("plain+fast").is_err());
-    }
-
-    #[test]
-    fn floor_bytes_follow_the_issue() {
-        let b = |n| BenchVariant::parse(n).unwrap().bytes_per_param();
-        assert_eq!(b("plain"), 20);
-        assert_eq!(b("momentum"), 28);
-        assert_eq!(b("centered"), 28);
-        assert_eq!(b("centered-momentum"), 36);
-        assert_eq!(b("plain+clip+ema"), 32);
-    }
-
-    #[test]
-    fn synthetic_model_sizes() {
-        let m = synthetic_model(10, 3);
-        assert_eq!(
-            m.iter().map(|v| v.values.len()).collect::<Vec<_>>(),
-            [4, 3, 3]
-        );
     }
 }

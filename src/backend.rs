@@ -1,0 +1,155 @@
+//! Backends: which one a user asks for ([`Backend`]), which one runs
+//! ([`BackendKind`]), and the one interface both drivers implement ([`Engine`]), so that
+//! [`crate::RmsProp`] only validates input and dispatches.
+
+use crate::config::RmsPropConfig;
+use crate::counters::SkippedSteps;
+use crate::cpu::CpuEngine;
+use crate::error::Result;
+use crate::gpu::{GpuEngine, GpuOptions};
+use crate::variable::VariableSpec;
+use crate::variant::{Slot, Variant};
+
+/// Which backend to run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// Keras' `jit_compile=True`: a hardware GPU adapter if wgpu finds one (a software
+    /// one only when allowed), otherwise the CPU path. Logged at `info` level.
+    #[default]
+    Auto,
+    /// The CPU path; never touches wgpu.
+    Cpu,
+    /// The GPU path on any adapter, software (lavapipe) included; an error when none.
+    Gpu,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "cpu" => Ok(Backend::Cpu),
+            "gpu" => Ok(Backend::Gpu),
+            other => Err(format!("unknown backend `{other}` (auto, cpu or gpu)")),
+        }
+    }
+}
+
+/// The backend a built optimizer actually runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// The CPU path.
+    Cpu,
+    /// The GPU path.
+    Gpu,
+}
+
+impl BackendKind {
+    /// `"cpu"` or `"gpu"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Gpu => "gpu",
+        }
+    }
+}
+
+/// Where a step's gradients are.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Gradients<'a> {
+    /// In host memory: one entry per variable, `None` for a missing gradient (checked by
+    /// the caller: lengths match, at least one is present).
+    Host(&'a [Option<&'a [f32]>]),
+    /// Already in the GPU's gradient buffers; `true` where a variable has one.
+    Device(&'a [bool]),
+}
+
+impl Gradients<'_> {
+    /// Whether variable `i` has a gradient this step.
+    pub(crate) fn present(&self, i: usize) -> bool {
+        match self {
+            Gradients::Host(g) => g[i].is_some(),
+            Gradients::Device(p) => p[i],
+        }
+    }
+}
+
+/// One of the arrays a backend keeps per element, all laid out alike (variable order,
+/// row-major).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The variables.
+    Params,
+    /// A slot the variant keeps.
+    Slot(Slot),
+}
+
+/// What a backend does: owns the parameters, slots and counters of a model and steps
+/// them. `RmsProp` talks to its engine only through this.
+pub(crate) trait Engine: Send + Sync + std::fmt::Debug {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+
+    /// The structural variant the engine runs (the guard included).
+    fn variant(&self) -> Variant;
+
+    /// One step with the config's plans, `decay[t]` saying whether tensor `t` takes
+    /// weight decay. Advances the step counter, or (non-finite guard) the skip count.
+    fn step(&mut self, config: &RmsPropConfig, grads: Gradients<'_>, decay: &[bool]) -> Result<()>;
+
+    /// `finalize_variable_values`: copies the EMA into the parameters (no-op without EMA).
+    fn finalize(&mut self) -> Result<()>;
+
+    /// The whole array of `role`, flat in variable order (a GPU reads it back).
+    fn read(&self, role: Role) -> Result<Vec<f32>>;
+
+    /// One variable's part of `role`.
+    fn read_tensor(&self, role: Role, tensor: usize) -> Result<Vec<f32>>;
+
+    /// Replaces one variable's part of `role` (length checked by the caller).
+    fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()>;
+
+    /// The raw step counter; waits for steps whose outcome the device decides. Should
+    /// the device be lost, the last counter known.
+    fn raw_iterations(&self) -> u64;
+
+    /// The skip count known now, never waiting.
+    fn skipped_steps(&self) -> SkippedSteps;
+
+    /// Sets the step and skip counters (restoring a checkpoint), after the steps in flight.
+    fn set_counters(&mut self, raw: u64, skipped: u64) -> Result<()>;
+
+    /// Turns the non-finite guard on or off.
+    fn set_non_finite_guard(&mut self, enabled: bool) -> Result<()>;
+
+    /// Waits for everything submitted; reports a lost device or a GPU error.
+    fn synchronize(&self) -> Result<()>;
+
+    /// The GPU engine, for device-resident use.
+    fn as_gpu(&self) -> Option<&GpuEngine> {
+        None
+    }
+}
+
+/// Builds the engine `backend` asks for (`Auto` falls back to the CPU, and says so).
+pub(crate) fn open(
+    backend: Backend,
+    specs: &[VariableSpec],
+    variant: Variant,
+    gpu: &GpuOptions,
+) -> Result<Box<dyn Engine>> {
+    Ok(match backend {
+        Backend::Cpu => Box::new(CpuEngine::new(specs, variant)?),
+        Backend::Gpu => Box::new(GpuEngine::new(gpu, specs, variant, true)?),
+        Backend::Auto => match GpuEngine::new(gpu, specs, variant, false) {
+            Ok(e) => {
+                log::info!("fused-rmsprop: backend auto -> gpu ({})", e.adapter_name());
+                Box::new(e)
+            }
+            Err(err) => {
+                log::info!("fused-rmsprop: backend auto -> cpu ({err})");
+                Box::new(CpuEngine::new(specs, variant)?)
+            }
+        },
+    })
+}

@@ -1,0 +1,268 @@
+//! The GPU engine's step counters, and the GPU side of the opt-in non-finite guard.
+//!
+//! Without the guard the host decides every step (it applies), so the counters count
+//! directly. With it, the device decides: it keeps the step counter and the skip count
+//! in [`StepState`], and each step ends with a copy of that state into a small staging
+//! buffer, mapped asynchronously; the host reads whichever copies have arrived, without
+//! waiting, to settle its [`StepCounters`].
+//!
+//! "Non-finite" is judged on the gradient as the optimizer first sees it: the raw
+//! gradient divided by `loss_scale_factor`. Finite gradients whose norm overflows f32
+//! are not caught: they are applied with Keras' result.
+
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::counters::{SkippedSteps, StepCounters};
+use crate::error::{Error, Result};
+use crate::gpu::context::GpuContext;
+use crate::gpu::shader::{StepState, PLAN_WINDOW};
+
+/// Bytes of [`StepState`].
+pub(crate) const STEP_STATE_BYTES: u64 = std::mem::size_of::<StepState>() as u64;
+
+/// A readback of the step state after one submission, mapping in the background.
+#[derive(Debug)]
+struct Readback {
+    buffer: wgpu::Buffer,
+    submission: u64,
+    mapped: mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+}
+
+/// The readbacks of device-decided steps (the guard is on).
+#[derive(Debug)]
+struct Readbacks {
+    idle: Vec<wgpu::Buffer>,
+    in_flight: VecDeque<Readback>,
+    /// A sticky error (lost device, a counter outside the plan window): every later
+    /// step returns it.
+    failed: Option<String>,
+    /// Read arrived readbacks at every step (always, except in tests that fill the
+    /// plan window on purpose).
+    eager: bool,
+}
+
+/// The step and skip counters of a GPU engine.
+#[derive(Debug, Default)]
+pub(crate) struct GpuCounters {
+    counters: StepCounters,
+    /// `Some` while the non-finite guard is on (the device decides the steps).
+    guard: Option<Readbacks>,
+}
+
+impl GpuCounters {
+    /// The device starts deciding: its counters are set to the host's (queued before
+    /// any later step).
+    pub(crate) fn enable_guard(&mut self, ctx: &GpuContext, state: &wgpu::Buffer) {
+        if self.guard.is_some() {
+            return;
+        }
+        write_state(ctx, state, &self.counters);
+        self.guard = Some(Readbacks {
+            idle: Vec::new(),
+            in_flight: VecDeque::new(),
+            failed: None,
+            eager: true,
+        });
+    }
+
+    /// The host decides again, once the steps in flight have settled.
+    pub(crate) fn disable_guard(&mut self, ctx: &GpuContext) -> Result<()> {
+        self.settle_all(ctx)?;
+        self.guard = None;
+        Ok(())
+    }
+
+    /// Sets the counters (restoring a checkpoint), after the steps in flight.
+    pub(crate) fn reset(
+        &mut self,
+        ctx: &GpuContext,
+        state: &wgpu::Buffer,
+        raw: u64,
+        skipped: u64,
+    ) -> Result<()> {
+        self.settle_all(ctx)?;
+        self.counters = StepCounters::new(raw, skipped);
+        if self.guard.is_some() {
+            write_state(ctx, state, &self.counters);
+        }
+        Ok(())
+    }
+
+    /// Stops reading readbacks at each step, so that steps pile up in flight until the
+    /// plan window is full (tests of that path).
+    #[cfg(test)]
+    pub(crate) fn defer_readbacks(&mut self) {
+        if let Some(g) = self.guard.as_mut() {
+            g.eager = false;
+        }
+    }
+
+    /// The counter values the next step may see, `(first, count)`: reads the readbacks
+    /// that arrived, and waits for the device only when `PLAN_WINDOW` steps are in flight.
+    pub(crate) fn window(&mut self, ctx: &GpuContext) -> Result<(u64, usize)> {
+        if self.guard.as_ref().is_some_and(|g| g.eager) {
+            self.harvest(ctx, false)?;
+        }
+        if self.counters.window().1 > PLAN_WINDOW {
+            self.harvest(ctx, true)?;
+        }
+        self.check()?;
+        Ok(self.counters.window())
+    }
+
+    /// With the guard, records the copy of the step state at the end of a step and
+    /// returns the staging buffer to pass to [`GpuCounters::submitted`].
+    pub(crate) fn record_readback(
+        &mut self,
+        ctx: &GpuContext,
+        encoder: &mut wgpu::CommandEncoder,
+        state: &wgpu::Buffer,
+    ) -> Result<Option<wgpu::Buffer>> {
+        let Some(g) = self.guard.as_mut() else {
+            return Ok(None);
+        };
+        let buffer = match g.idle.pop() {
+            Some(b) => b,
+            None => ctx.scoped("allocating a step-state readback buffer", || {
+                ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("step state readback"),
+                    size: STEP_STATE_BYTES,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            })?,
+        };
+        encoder.copy_buffer_to_buffer(state, 0, &buffer, 0, STEP_STATE_BYTES);
+        Ok(Some(buffer))
+    }
+
+    /// Counts a submitted step: the host-decided one applied; a device-decided one is in
+    /// flight until its readback (starting to map now) settles it.
+    pub(crate) fn submitted(&mut self, readback: Option<wgpu::Buffer>) {
+        let (Some(g), Some(buffer)) = (self.guard.as_mut(), readback) else {
+            self.counters.record(true);
+            return;
+        };
+        let submission = self.counters.submit();
+        let (tx, mapped) = mpsc::channel();
+        buffer.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        g.in_flight.push_back(Readback {
+            buffer,
+            submission,
+            mapped,
+        });
+    }
+
+    fn check(&self) -> Result<()> {
+        match self.guard.as_ref().and_then(|g| g.failed.as_ref()) {
+            Some(e) => Err(Error::Gpu(e.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&mut self, why: String) -> Result<()> {
+        if let Some(g) = self.guard.as_mut() {
+            g.failed.get_or_insert(why);
+        }
+        self.check()
+    }
+
+    /// Reads the readbacks that have arrived, in order; with `wait`, waits for all.
+    fn harvest(&mut self, ctx: &GpuContext, wait: bool) -> Result<()> {
+        if self.guard.as_ref().is_none_or(|g| g.in_flight.is_empty()) {
+            return self.check();
+        }
+        let polled = if wait {
+            ctx.device.poll(wgpu::PollType::wait_indefinitely())
+        } else {
+            ctx.device.poll(wgpu::PollType::Poll)
+        };
+        // a device that cannot be polled will not fire the callbacks: do not wait on them
+        let wait = wait && polled.is_ok();
+        if let Err(e) = polled {
+            self.fail(format!("non-finite guard: waiting for the device: {e}"))
+                .ok();
+        }
+        while let Some(g) = self.guard.as_mut() {
+            let Some(front) = g.in_flight.front() else {
+                break;
+            };
+            let arrived = if wait {
+                // another thread polling the device may be the one firing the callback
+                front
+                    .mapped
+                    .recv_timeout(Duration::from_secs(120))
+                    .map_err(|e| e.to_string())
+            } else {
+                match front.mapped.try_recv() {
+                    Ok(r) => Ok(r),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            let Some(readback) = g.in_flight.pop_front() else {
+                break;
+            };
+            match arrived {
+                Ok(Ok(())) => self.read(readback)?,
+                Ok(Err(e)) => self.fail(format!("non-finite guard: mapping a readback: {e}"))?,
+                Err(e) => self.fail(format!("non-finite guard: readback lost: {e}"))?,
+            }
+        }
+        self.check()
+    }
+
+    fn read(&mut self, readback: Readback) -> Result<()> {
+        let state: StepState = {
+            let view =
+                readback.buffer.slice(..).get_mapped_range().map_err(|e| {
+                    Error::Gpu(format!("non-finite guard: reading a readback: {e}"))
+                })?;
+            bytemuck::pod_read_unaligned(&view)
+        };
+        readback.buffer.unmap();
+        if let Some(g) = self.guard.as_mut() {
+            g.idle.push(readback.buffer);
+        }
+        if state.fault != 0 {
+            return self.fail(
+                "non-finite guard: the device step counter left the host's plan window (a bug in fused-rmsprop); the step was skipped".into(),
+            );
+        }
+        self.counters
+            .settle(readback.submission, state.raw(), state.skipped());
+        Ok(())
+    }
+
+    /// The counts known now, after reading the readbacks that arrived (never waits).
+    pub(crate) fn report(&mut self, ctx: &GpuContext) -> SkippedSteps {
+        let _ = self.harvest(ctx, false);
+        self.counters.report()
+    }
+
+    /// Waits for every step in flight; the counters are exact afterwards.
+    pub(crate) fn settle_all(&mut self, ctx: &GpuContext) -> Result<()> {
+        self.harvest(ctx, true)
+    }
+
+    /// The step counter as last known (may lag the device while steps are in flight).
+    pub(crate) fn raw(&self) -> u64 {
+        self.counters.raw()
+    }
+
+    /// Steps in flight (no polling).
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.counters.in_flight()
+    }
+}
+
+/// Queues a write of `counters` into the device's step state.
+fn write_state(ctx: &GpuContext, state: &wgpu::Buffer, counters: &StepCounters) {
+    let words = StepState::new(counters.raw(), counters.skipped());
+    ctx.queue.write_buffer(state, 0, bytemuck::bytes_of(&words));
+}

@@ -1,0 +1,292 @@
+//! The host side of `shaders/rmsprop.wgsl`: its source, its constants and bindings, and
+//! every struct the host writes or reads, defined once as `#[repr(C)]` Pod types that
+//! are cast to bytes as they are. A test compares each one's size and field offsets
+//! with the WGSL struct of the same name, read through naga's reflection.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::math::StepScalars;
+
+/// The WGSL source, validated for every specialization by `build.rs`.
+pub(crate) const SHADER_SOURCE: &str = include_str!("../../shaders/rmsprop.wgsl");
+
+/// Threads per workgroup (`WORKGROUP_SIZE` in the shader).
+pub(crate) const WORKGROUP_SIZE: usize = 256;
+
+/// Elements per chunk on the GPU: eight per thread of one workgroup.
+pub(crate) const GPU_CHUNK_LEN: usize = WORKGROUP_SIZE * 8;
+
+/// Plans in the step uniform (`PLAN_WINDOW` in the shader): with the non-finite guard,
+/// the most steps that may be in flight before the host waits for a readback.
+pub(crate) const PLAN_WINDOW: usize = 64;
+
+/// `TensorRow::flags` bits.
+pub(crate) const FLAG_HAS_GRADIENT: u32 = 1;
+pub(crate) const FLAG_DECAY: u32 = 2;
+
+/// Binding numbers of group 0, as declared in the shader.
+pub(crate) mod binding {
+    pub const UNIFORM: u32 = 0;
+    pub const CHUNKS: u32 = 1;
+    pub const TENSORS: u32 = 2;
+    pub const PARAMS: u32 = 3;
+    pub const GRADS: u32 = 4;
+    pub const SLOTS: u32 = 5;
+    pub const PARTIALS: u32 = 6;
+    pub const CLIPS: u32 = 7;
+    pub const STEP_STATE: u32 = 8;
+}
+
+/// The step uniform: `plans[k]` is the plan for step counter `base + k` (low 32 bits:
+/// `base_lo`); without the non-finite guard only `plans[0]` is written and used.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub(crate) struct StepUniform {
+    pub base_lo: u32,
+    pub len: u32,
+    pub tensor_count: u32,
+    pub _pad: u32,
+    pub plans: [StepScalars; PLAN_WINDOW],
+}
+
+impl StepUniform {
+    /// The bytes the shader reads this step: the header and the `len` plans in use.
+    pub(crate) fn used_bytes(&self) -> &[u8] {
+        let used = std::mem::offset_of!(StepUniform, plans)
+            + self.len as usize * std::mem::size_of::<StepScalars>();
+        &bytemuck::bytes_of(self)[..used]
+    }
+}
+
+/// One row of the chunk table: a piece of one tensor inside one segment.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub(crate) struct ChunkRow {
+    pub tensor: u32,
+    /// First element, local to the segment.
+    pub start: u32,
+    pub len: u32,
+    /// Index in the model-wide chunk table (for the norm partials).
+    pub global_index: u32,
+}
+
+/// One row of the offset table, as the kernels need it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub(crate) struct TensorRow {
+    pub first_chunk: u32,
+    pub chunk_count: u32,
+    /// [`FLAG_HAS_GRADIENT`] and [`FLAG_DECAY`].
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// The device's step state: the step and skip counters the non-finite guard keeps on the
+/// device, and the decision of the step in progress.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+pub(crate) struct StepState {
+    pub counter_lo: u32,
+    pub counter_hi: u32,
+    pub skipped_lo: u32,
+    pub skipped_hi: u32,
+    /// Set by `norm_partials` when a gradient is not finite, cleared by `norm_finalize`.
+    pub non_finite: u32,
+    /// The plan the update uses this step.
+    pub active_plan: u32,
+    /// 1 when this step is skipped.
+    pub skip: u32,
+    /// Set when the device counter fell outside the host's plan window (a host bug).
+    pub fault: u32,
+}
+
+impl StepState {
+    /// Counters at `raw` and `skipped`, nothing else set.
+    pub(crate) fn new(raw: u64, skipped: u64) -> Self {
+        StepState {
+            counter_lo: raw as u32,
+            counter_hi: (raw >> 32) as u32,
+            skipped_lo: skipped as u32,
+            skipped_hi: (skipped >> 32) as u32,
+            ..StepState::default()
+        }
+    }
+
+    /// The step counter.
+    pub(crate) fn raw(&self) -> u64 {
+        u64::from(self.counter_lo) | u64::from(self.counter_hi) << 32
+    }
+
+    /// The skip count.
+    pub(crate) fn skipped(&self) -> u64 {
+        u64::from(self.skipped_lo) | u64::from(self.skipped_hi) << 32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::{offset_of, size_of};
+
+    use wgpu::naga::{self, ArraySize, TypeInner};
+
+    use super::*;
+    use crate::math::ClipFactors;
+
+    /// Size and `(field, offset)` list of a Rust struct, named as in WGSL.
+    macro_rules! host_layout {
+        ($t:ty { $($f:ident),* $(,)? }) => {
+            (size_of::<$t>(), vec![$((stringify!($f), offset_of!($t, $f))),*])
+        };
+    }
+
+    fn shader() -> naga::Module {
+        naga::front::wgsl::parse_str(SHADER_SOURCE).expect("the shader parses")
+    }
+
+    /// The WGSL struct `name`: its size and `(member, offset)` list.
+    fn wgsl_layout(module: &naga::Module, name: &str) -> (usize, Vec<(String, usize)>) {
+        let ty = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no struct `{name}` in the shader"))
+            .1;
+        let TypeInner::Struct { members, span } = &ty.inner else {
+            panic!("`{name}` is not a struct");
+        };
+        let fields = members
+            .iter()
+            .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
+            .collect();
+        (*span as usize, fields)
+    }
+
+    fn assert_same(module: &naga::Module, wgsl: &str, host: (usize, Vec<(&str, usize)>)) {
+        let (size, fields) = wgsl_layout(module, wgsl);
+        let host_fields: Vec<(String, usize)> =
+            host.1.iter().map(|(n, o)| (n.to_string(), *o)).collect();
+        assert_eq!(fields, host_fields, "fields of `{wgsl}`");
+        assert_eq!(size, host.0, "size of `{wgsl}`");
+    }
+
+    /// Every struct the host and the shader share has one layout, checked against
+    /// naga's reflection of the WGSL (not its text).
+    #[test]
+    fn host_structs_match_the_shader_layouts() {
+        let m = shader();
+        assert_same(
+            &m,
+            "StepScalars",
+            host_layout!(StepScalars {
+                learning_rate,
+                rho,
+                one_minus_rho,
+                epsilon,
+                momentum,
+                weight_decay,
+                loss_scale,
+                accumulation_steps,
+                clip_value,
+                clip_norm,
+                inv_clip_norm,
+                ema_momentum,
+                ema_overwrite,
+                ema_overwrite_enabled,
+                is_update_step,
+                _pad,
+            }),
+        );
+        assert_same(
+            &m,
+            "StepUniform",
+            host_layout!(StepUniform {
+                base_lo,
+                len,
+                tensor_count,
+                _pad,
+                plans
+            }),
+        );
+        assert_same(
+            &m,
+            "ChunkRow",
+            host_layout!(ChunkRow {
+                tensor,
+                start,
+                len,
+                global_index
+            }),
+        );
+        assert_same(
+            &m,
+            "TensorRow",
+            host_layout!(TensorRow {
+                first_chunk,
+                chunk_count,
+                flags,
+                _pad
+            }),
+        );
+        assert_same(
+            &m,
+            "StepState",
+            host_layout!(StepState {
+                counter_lo,
+                counter_hi,
+                skipped_lo,
+                skipped_hi,
+                non_finite,
+                active_plan,
+                skip,
+                fault,
+            }),
+        );
+        assert_same(
+            &m,
+            "ClipFactors",
+            host_layout!(ClipFactors {
+                numerator,
+                denominator
+            }),
+        );
+    }
+
+    /// The plan window's length and stride, and the workgroup size, as the shader has them.
+    #[test]
+    fn shader_constants_match_the_host() {
+        let m = shader();
+        let (_, uniform) = m
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some("StepUniform"))
+            .unwrap();
+        let TypeInner::Struct { members, .. } = &uniform.inner else {
+            panic!("StepUniform is not a struct")
+        };
+        let plans = members.last().unwrap();
+        let TypeInner::Array { size, stride, .. } = m.types[plans.ty].inner else {
+            panic!("plans is not an array")
+        };
+        assert_eq!(stride as usize, size_of::<StepScalars>());
+        assert!(
+            matches!(size, ArraySize::Constant(n) if n.get() as usize == PLAN_WINDOW),
+            "{size:?}"
+        );
+        for ep in &m.entry_points {
+            assert_eq!(
+                ep.workgroup_size,
+                [WORKGROUP_SIZE as u32, 1, 1],
+                "{}",
+                ep.name
+            );
+        }
+    }
+
+    #[test]
+    fn step_state_round_trips_64_bit_counters() {
+        let s = StepState::new((7u64 << 32) | 5, u64::from(u32::MAX) + 1);
+        assert_eq!((s.raw(), s.skipped()), ((7u64 << 32) | 5, 1u64 << 32));
+        let back: StepState = bytemuck::pod_read_unaligned(bytemuck::bytes_of(&s));
+        assert_eq!(back, s);
+    }
+}

@@ -1,0 +1,183 @@
+//! The structure of a config: which code runs (as opposed to which numbers it runs
+//! with, see [`crate::plan`]). A [`Variant`] keys the CPU's monomorphized loops and the
+//! GPU's pipeline cache (WGSL `override` constants), and says which [`Slot`]s exist.
+
+use crate::config::{Clipping, RmsPropConfig};
+
+/// A piece of per-element optimizer state kept beside each variable.
+///
+/// Which slots exist depends on the config: [`Slot::Velocity`] always,
+/// [`Slot::Momentum`] when `momentum > 0`, [`Slot::AverageGradient`] when `centered`,
+/// [`Slot::Ema`] with `use_ema` and [`Slot::Accumulator`] with
+/// `gradient_accumulation_steps`.
+///
+/// ```
+/// use fused_rmsprop::{Backend, RmsProp, RmsPropConfig, Slot, Variable};
+/// let w = Variable::new("w", &[2], vec![1.0, 2.0]).unwrap();
+/// let mut opt = RmsProp::with_backend(RmsPropConfig::default(), vec![w], Backend::Cpu).unwrap();
+/// opt.apply_gradients(&[Some(&[0.5, -0.5][..])]).unwrap();
+/// let velocity = opt.slot(Slot::Velocity).unwrap().unwrap(); // one Vec per variable
+/// assert!(velocity[0].iter().all(|&v| v > 0.0));
+/// assert_eq!(opt.slot(Slot::Momentum).unwrap(), None); // momentum is 0: no such slot
+/// assert_eq!(Slot::Ema.keras_name(), "average");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Slot {
+    /// The running mean of squared gradients (Keras `velocity`).
+    Velocity,
+    /// The momentum trace (Keras `momentum`).
+    Momentum,
+    /// The running mean of gradients of the centered variant (Keras `average_gradient`).
+    AverageGradient,
+    /// The exponential moving average of the variable (Keras `average`).
+    Ema,
+    /// The gradient accumulator (Keras `accumulated_gradient`).
+    Accumulator,
+}
+
+impl Slot {
+    /// Every slot, in arena order.
+    pub const ALL: [Slot; 5] = [
+        Slot::Velocity,
+        Slot::Momentum,
+        Slot::AverageGradient,
+        Slot::Ema,
+        Slot::Accumulator,
+    ];
+
+    /// The name Keras gives this slot (and the name checkpoints store it under).
+    pub fn keras_name(self) -> &'static str {
+        match self {
+            Slot::Velocity => "velocity",
+            Slot::Momentum => "momentum",
+            Slot::AverageGradient => "average_gradient",
+            Slot::Ema => "average",
+            Slot::Accumulator => "accumulated_gradient",
+        }
+    }
+
+    /// The slot Keras calls `name`, if any.
+    pub fn from_keras_name(name: &str) -> Option<Slot> {
+        Slot::ALL.into_iter().find(|s| s.keras_name() == name)
+    }
+}
+
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.keras_name())
+    }
+}
+
+/// How gradients are clipped, without the numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum ClipKind {
+    /// No clipping.
+    None,
+    /// Per-tensor L2 norm (`clipnorm`).
+    Norm,
+    /// Global L2 norm (`global_clipnorm`).
+    GlobalNorm,
+    /// Element-wise (`clipvalue`).
+    Value,
+}
+
+impl ClipKind {
+    /// True when a norm reduction must run before the update.
+    pub(crate) fn needs_norm(self) -> bool {
+        matches!(self, ClipKind::Norm | ClipKind::GlobalNorm)
+    }
+
+    /// The WGSL `CLIP_KIND` override value.
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            ClipKind::None => 0,
+            ClipKind::Norm => 1,
+            ClipKind::GlobalNorm => 2,
+            ClipKind::Value => 3,
+        }
+    }
+}
+
+/// The options that change the code path: a small hashable key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Variant {
+    /// `centered`.
+    pub centered: bool,
+    /// `momentum > 0`.
+    pub momentum: bool,
+    /// `use_ema`.
+    pub ema: bool,
+    /// `gradient_accumulation_steps` set.
+    pub accumulate: bool,
+    /// `weight_decay` set.
+    pub weight_decay: bool,
+    /// Which clipping.
+    pub clip: ClipKind,
+    /// The opt-in non-finite guard (not a Keras option: set by
+    /// [`crate::RmsProp::set_non_finite_guard`], never by a config).
+    pub guard: bool,
+}
+
+impl Variant {
+    /// The variant a config needs (guard off).
+    pub(crate) fn of(config: &RmsPropConfig) -> Self {
+        Variant {
+            centered: config.centered,
+            momentum: config.uses_momentum(),
+            ema: config.use_ema,
+            accumulate: config.gradient_accumulation_steps.is_some(),
+            weight_decay: config.weight_decay.is_some(),
+            clip: match config.clipping() {
+                Clipping::None => ClipKind::None,
+                Clipping::Norm(_) => ClipKind::Norm,
+                Clipping::GlobalNorm(_) => ClipKind::GlobalNorm,
+                Clipping::Value(_) => ClipKind::Value,
+            },
+            guard: false,
+        }
+    }
+
+    /// True when this variant keeps `slot`.
+    pub(crate) fn keeps(&self, slot: Slot) -> bool {
+        match slot {
+            Slot::Velocity => true,
+            Slot::Momentum => self.momentum,
+            Slot::AverageGradient => self.centered,
+            Slot::Ema => self.ema,
+            Slot::Accumulator => self.accumulate,
+        }
+    }
+
+    /// The slots kept, in arena order.
+    pub(crate) fn slots(&self) -> Vec<Slot> {
+        Slot::ALL.into_iter().filter(|&s| self.keeps(s)).collect()
+    }
+
+    /// Position of `slot` among the kept slots (its run in the GPU slot buffer).
+    pub(crate) fn slot_index(&self, slot: Slot) -> Option<usize> {
+        self.slots().iter().position(|&s| s == slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_config_in_arena_order() {
+        let c = RmsPropConfig::default()
+            .with_centered(true)
+            .with_gradient_accumulation_steps(2);
+        let v = Variant::of(&c);
+        assert_eq!(
+            v.slots(),
+            [Slot::Velocity, Slot::AverageGradient, Slot::Accumulator]
+        );
+        assert_eq!(v.slot_index(Slot::Accumulator), Some(2));
+        assert_eq!(v.slot_index(Slot::Momentum), None);
+        for s in Slot::ALL {
+            assert_eq!(Slot::from_keras_name(s.keras_name()), Some(s));
+        }
+        assert_eq!(Slot::from_keras_name("velocity_hat"), None);
+    }
+}
