@@ -2,12 +2,11 @@
 //! ([`BackendKind`]), and the one interface both drivers implement ([`Engine`]), so that
 //! [`crate::RmsProp`] only validates input and dispatches.
 
+use std::any::Any;
+
 use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
-use crate::cpu::CpuEngine;
 use crate::error::Result;
-use crate::gpu::{GpuEngine, GpuOptions};
-use crate::variable::VariableSpec;
 use crate::variant::{Slot, Variant};
 
 /// Which backend to run on.
@@ -86,7 +85,7 @@ pub(crate) enum Role {
 
 /// What a backend does: owns the parameters, slots and counters of a model and steps
 /// them. `RmsProp` talks to its engine only through this.
-pub(crate) trait Engine: Send + Sync + std::fmt::Debug {
+pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
     /// Which backend this is.
     fn kind(&self) -> BackendKind;
 
@@ -125,31 +124,6 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug {
     /// Waits for everything submitted; reports a lost device or a GPU error.
     fn synchronize(&self) -> Result<()>;
 
-    /// The GPU engine, for device-resident use.
-    fn as_gpu(&self) -> Option<&GpuEngine> {
-        None
-    }
-}
-
-/// Builds the engine `backend` asks for (`Auto` falls back to the CPU, and says so).
-pub(crate) fn open(
-    backend: Backend,
-    specs: &[VariableSpec],
-    variant: Variant,
-    gpu: &GpuOptions,
-) -> Result<Box<dyn Engine>> {
-    Ok(match backend {
-        Backend::Cpu => Box::new(CpuEngine::new(specs, variant)?),
-        Backend::Gpu => Box::new(GpuEngine::new(gpu, specs, variant, true)?),
-        Backend::Auto => match GpuEngine::new(gpu, specs, variant, false) {
-            Ok(e) => {
-                log::info!("fused-rmsprop: backend auto -> gpu ({})", e.adapter_name());
-                Box::new(e)
-            }
-            Err(err) => {
-                log::info!("fused-rmsprop: backend auto -> cpu ({err})");
-                Box::new(CpuEngine::new(specs, variant)?)
-            }
-        },
-    })
+    /// The concrete engine, for what only one backend offers (the GPU's buffers).
+    fn as_any(&self) -> &dyn Any;
 }

@@ -107,7 +107,7 @@ const KEYS: [&str; 16] = [
 
 /// Which gradient clipping a config asks for (Keras applies the first set one).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Clipping {
+pub(crate) enum Clipping {
     /// No clipping.
     None,
     /// Per-tensor L2 norm.
@@ -233,7 +233,7 @@ impl RmsPropConfig {
 
     /// The clipping Keras applies: `clipnorm` if > 0, else `global_clipnorm` if > 0,
     /// else `clipvalue` if > 0 (Keras ignores zero and negative values).
-    pub fn clipping(&self) -> Clipping {
+    pub(crate) fn clipping(&self) -> Clipping {
         match (self.clipnorm, self.global_clipnorm, self.clipvalue) {
             (Some(c), _, _) if c > 0.0 => Clipping::Norm(c as f32),
             (_, Some(c), _) if c > 0.0 => Clipping::GlobalNorm(c as f32),

@@ -308,6 +308,10 @@ impl Engine for CpuEngine {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 /// True when any present gradient, divided by the loss scale, is NaN or infinite.
@@ -389,35 +393,80 @@ fn sweep<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8
     let update = P == UPDATE;
     let has_gradient = P != NO_GRADIENT;
     let n = job.param.len();
-    let param = job.param;
     // the slices this phase touches, cut to the chunk's length so indexing is checked once
-    let grad = if has_gradient {
-        &job.grad[..n]
-    } else {
-        &[][..]
+    let mut arrays = ChunkArrays {
+        param: job.param,
+        grad: if has_gradient { &job.grad[..n] } else { &[] },
+        velocity: if update {
+            &mut job.velocity[..n]
+        } else {
+            &mut []
+        },
+        momentum: if update && M {
+            &mut job.momentum[..n]
+        } else {
+            &mut []
+        },
+        average_gradient: if update && C {
+            &mut job.average_gradient[..n]
+        } else {
+            &mut []
+        },
+        ema: if E { &mut job.ema[..n] } else { &mut [] },
+        accumulator: if A && has_gradient {
+            &mut job.accumulator[..n]
+        } else {
+            &mut []
+        },
     };
-    let vel: &mut [f32] = if update {
-        &mut job.velocity[..n]
-    } else {
-        &mut []
+    // One copy of the loop per value of the per-tensor decay flag (update steps only)
+    // and of the per-step EMA overwrite flag (EMA only), so that inside each they are
+    // constants: LLVM does not reliably take both out of the vectorized loop by itself.
+    let overwrite = E && s.ema_overwrite_enabled != 0;
+    let s_with = |overwrite: bool| StepScalars {
+        ema_overwrite_enabled: overwrite as u32,
+        ..*s
     };
-    let mom: &mut [f32] = if update && M {
-        &mut job.momentum[..n]
-    } else {
-        &mut []
-    };
-    let avg: &mut [f32] = if update && C {
-        &mut job.average_gradient[..n]
-    } else {
-        &mut []
-    };
-    let ema: &mut [f32] = if E { &mut job.ema[..n] } else { &mut [] };
-    let acc: &mut [f32] = if A && has_gradient {
-        &mut job.accumulator[..n]
-    } else {
-        &mut []
-    };
-    for i in 0..n {
+    let t_with = |decay: bool| TensorStep { decay, ..t };
+    match (update && t.decay, overwrite) {
+        (false, false) => each_element::<C, M, E, A, P>(&mut arrays, t_with(false), &s_with(false)),
+        (false, true) => each_element::<C, M, E, A, P>(&mut arrays, t_with(false), &s_with(true)),
+        (true, false) => each_element::<C, M, E, A, P>(&mut arrays, t_with(true), &s_with(false)),
+        (true, true) => each_element::<C, M, E, A, P>(&mut arrays, t_with(true), &s_with(true)),
+    }
+}
+
+/// One chunk's arrays as [`sweep`] cut them (the ones its phase leaves alone are empty).
+struct ChunkArrays<'a> {
+    param: &'a mut [f32],
+    grad: &'a [f32],
+    velocity: &'a mut [f32],
+    momentum: &'a mut [f32],
+    average_gradient: &'a mut [f32],
+    ema: &'a mut [f32],
+    accumulator: &'a mut [f32],
+}
+
+/// The loop of [`sweep`]: load, [`update_element`], store. (`t` by value: LLVM then
+/// takes its decay flag out of the loop.)
+#[inline(always)]
+fn each_element<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8>(
+    arrays: &mut ChunkArrays<'_>,
+    t: TensorStep,
+    s: &StepScalars,
+) {
+    let update = P == UPDATE;
+    let has_gradient = P != NO_GRADIENT;
+    let ChunkArrays {
+        param,
+        grad,
+        velocity: vel,
+        momentum: mom,
+        average_gradient: avg,
+        ema,
+        accumulator: acc,
+    } = arrays;
+    for i in 0..param.len() {
         let before = ElementState {
             param: param[i],
             velocity: if update { vel[i] } else { 0.0 },

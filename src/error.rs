@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::variant::Slot;
+use crate::slot::Slot;
 
 /// Everything that can go wrong in this crate. No public function panics on bad
 /// input; it returns one of these instead, and a refused step leaves parameters

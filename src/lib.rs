@@ -48,11 +48,12 @@ pub mod math;
 mod optimizer;
 mod plan;
 mod schedule;
+mod slot;
 mod variable;
 mod variant;
 
 pub use backend::{Backend, BackendKind};
-pub use config::{Clipping, RmsPropConfig};
+pub use config::RmsPropConfig;
 pub use counters::SkippedSteps;
 pub use error::{Error, Result};
 pub use gpu::{GpuContext, GpuOptions};
@@ -61,8 +62,8 @@ pub use schedule::{
     CosineDecay, CosineDecayRestarts, ExponentialDecay, InverseTimeDecay, KerasSchedule,
     LearningRate, LearningRateSchedule, PiecewiseConstantDecay, PolynomialDecay,
 };
+pub use slot::Slot;
 pub use variable::{Variable, VariableSpec};
-pub use variant::Slot;
 
 /// The README's Rust examples, compiled as doc tests.
 #[cfg(doctest)]

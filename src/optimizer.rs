@@ -4,14 +4,38 @@
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
-use crate::backend::{self, Backend, BackendKind, Engine, Gradients, Role};
+use crate::backend::{Backend, BackendKind, Engine, Gradients, Role};
 use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
+use crate::cpu::CpuEngine;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuEngine, GpuOptions};
 use crate::plan::{iterations, takes_weight_decay};
 use crate::variable::{check_len, Variable, VariableSpec};
 use crate::variant::{Slot, Variant};
+
+/// Builds the engine `backend` asks for (`Auto` falls back to the CPU, and says so).
+fn open_engine(
+    backend: Backend,
+    specs: &[VariableSpec],
+    variant: Variant,
+    gpu: &GpuOptions,
+) -> Result<Box<dyn Engine>> {
+    Ok(match backend {
+        Backend::Cpu => Box::new(CpuEngine::new(specs, variant)?),
+        Backend::Gpu => Box::new(GpuEngine::new(gpu, specs, variant, true)?),
+        Backend::Auto => match GpuEngine::new(gpu, specs, variant, false) {
+            Ok(e) => {
+                log::info!("fused-rmsprop: backend auto -> gpu ({})", e.adapter_name());
+                Box::new(e)
+            }
+            Err(err) => {
+                log::info!("fused-rmsprop: backend auto -> cpu ({err})");
+                Box::new(CpuEngine::new(specs, variant)?)
+            }
+        },
+    })
+}
 
 /// Keras 3's `RMSprop`, exact to its float32 semantics, on the CPU or a GPU.
 ///
@@ -94,7 +118,7 @@ impl RmsProp {
         } else {
             backend
         };
-        let engine = backend::open(backend, &specs, variant, gpu)?;
+        let engine = open_engine(backend, &specs, variant, gpu)?;
         let decay = vec![true; specs.len()];
         Ok(RmsProp {
             config,
@@ -123,7 +147,7 @@ impl RmsProp {
     /// The GPU engine, for device-resident use (buffers, gradients written by your own
     /// kernels); `None` on the CPU path.
     pub fn gpu(&self) -> Option<&GpuEngine> {
-        self.engine.as_gpu()
+        self.engine.as_any().downcast_ref()
     }
 
     /// Keras' `exclude_from_weight_decay(var_names=...)`: variables whose name contains

@@ -398,3 +398,19 @@ fn a_model_of_only_empty_tensors_steps_on_both_backends() {
     assert_eq!(gpu.variables().unwrap(), vec![Vec::<f32>::new(), vec![]]);
     assert_eq!(gpu.raw_iterations(), 1);
 }
+
+/// Device-resident gradients need the GPU backend: the CPU path refuses them by name
+/// and changes nothing.
+#[test]
+fn device_gradients_on_the_cpu_backend_are_refused() {
+    let mut opt = RmsProp::with_backend(config(), model(), Backend::Cpu).unwrap();
+    opt.apply_gradients(&[Some(&[0.3; 6]), None]).unwrap();
+    let before = snapshot(&opt);
+    let e = opt.apply_device_gradients(&[true, true]).unwrap_err();
+    assert!(
+        matches!(e, Error::NeedsGpuBackend("apply_device_gradients")),
+        "{e:?}"
+    );
+    assert_eq!(snapshot(&opt), before);
+    assert!(opt.gpu().is_none());
+}

@@ -186,6 +186,25 @@ fn bad_checkpoints_are_refused_and_leave_state_alone() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A file that cannot be read is an I/O error that keeps the operating system's error.
+#[test]
+fn io_errors_keep_their_source() {
+    let mut opt = build(Backend::Cpu, &GpuOptions::default());
+    let missing = std::env::temp_dir().join(format!("fused-rmsprop-none-{}", std::process::id()));
+    let e = opt.restore_checkpoint(&missing).unwrap_err();
+    let Error::Io {
+        ref path,
+        ref source,
+    } = e
+    else {
+        panic!("{e:?}")
+    };
+    assert_eq!(path, &missing.display().to_string());
+    assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+    let chained = std::error::Error::source(&e).expect("the I/O error is the source");
+    assert_eq!(chained.to_string(), source.to_string());
+}
+
 fn run_one(opt: &mut RmsProp) {
     opt.apply_gradients(&[Some(&[0.1; 35])]).unwrap();
 }

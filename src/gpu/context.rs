@@ -9,7 +9,7 @@ use crate::gpu::pipelines::PipelineCache;
 /// Environment variable that lets [`crate::Backend::Auto`] pick a software adapter
 /// (lavapipe, llvmpipe, WARP): `1`, `true` or `yes`. CI sets it so the GPU path runs
 /// there.
-pub const ALLOW_SOFTWARE_ENV: &str = "FUSED_RMSPROP_ALLOW_SOFTWARE_ADAPTER";
+pub(crate) const ALLOW_SOFTWARE_ENV: &str = "FUSED_RMSPROP_ALLOW_SOFTWARE_ADAPTER";
 
 /// A wgpu device and queue, with the pipeline cache built on them. Cheap to clone.
 ///

@@ -331,8 +331,8 @@ impl Engine for GpuEngine {
         self.counters()?.settle_all(&self.ctx)
     }
 
-    fn as_gpu(&self) -> Option<&GpuEngine> {
-        Some(self)
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

@@ -16,5 +16,5 @@ mod pipelines;
 mod shader;
 
 pub use arena::{Segment, UserBuffers, ARENA_USAGES};
-pub use context::{GpuContext, ALLOW_SOFTWARE_ENV};
+pub use context::GpuContext;
 pub use engine::{GpuEngine, GpuOptions};
