@@ -36,17 +36,22 @@ pub(crate) struct CpuEngine {
     counters: StepCounters,
 }
 
-/// The slices one chunk works on; unused slots are empty.
+/// One chunk's work: its arrays and what the step does to its tensor.
 struct ChunkJob<'a> {
+    arrays: ChunkArrays<'a>,
+    step: TensorStep,
+}
+
+/// One chunk's slice of every array; unused slots, and the gradient of a tensor without
+/// one this step, are empty.
+struct ChunkArrays<'a> {
     param: &'a mut [f32],
-    /// Empty when the tensor has no gradient this step.
     grad: &'a [f32],
     velocity: &'a mut [f32],
     momentum: &'a mut [f32],
     average_gradient: &'a mut [f32],
     ema: &'a mut [f32],
     accumulator: &'a mut [f32],
-    step: TensorStep,
 }
 
 /// Cuts `buf` into the chunks' pieces; an unused (empty) slot gives empty pieces.
@@ -203,13 +208,15 @@ impl CpuEngine {
             };
             let grad = grads[c.tensor].map(|g| &g[c.offset - t.offset..][..c.len]);
             jobs.push(ChunkJob {
-                param,
-                grad: grad.unwrap_or_default(),
-                velocity,
-                momentum,
-                average_gradient,
-                ema,
-                accumulator,
+                arrays: ChunkArrays {
+                    param,
+                    grad: grad.unwrap_or_default(),
+                    velocity,
+                    momentum,
+                    average_gradient,
+                    ema,
+                    accumulator,
+                },
                 step: TensorStep {
                     phase: Phase::of(grad.is_some(), s),
                     decay: self.variant.weight_decay && decay[c.tensor],
@@ -392,29 +399,30 @@ fn sweep<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8
     };
     let update = P == UPDATE;
     let has_gradient = P != NO_GRADIENT;
-    let n = job.param.len();
+    let all = job.arrays;
+    let n = all.param.len();
     // the slices this phase touches, cut to the chunk's length so indexing is checked once
     let mut arrays = ChunkArrays {
-        param: job.param,
-        grad: if has_gradient { &job.grad[..n] } else { &[] },
+        param: all.param,
+        grad: if has_gradient { &all.grad[..n] } else { &[] },
         velocity: if update {
-            &mut job.velocity[..n]
+            &mut all.velocity[..n]
         } else {
             &mut []
         },
         momentum: if update && M {
-            &mut job.momentum[..n]
+            &mut all.momentum[..n]
         } else {
             &mut []
         },
         average_gradient: if update && C {
-            &mut job.average_gradient[..n]
+            &mut all.average_gradient[..n]
         } else {
             &mut []
         },
-        ema: if E { &mut job.ema[..n] } else { &mut [] },
+        ema: if E { &mut all.ema[..n] } else { &mut [] },
         accumulator: if A && has_gradient {
-            &mut job.accumulator[..n]
+            &mut all.accumulator[..n]
         } else {
             &mut []
         },
@@ -436,19 +444,8 @@ fn sweep<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8
     }
 }
 
-/// One chunk's arrays as [`sweep`] cut them (the ones its phase leaves alone are empty).
-struct ChunkArrays<'a> {
-    param: &'a mut [f32],
-    grad: &'a [f32],
-    velocity: &'a mut [f32],
-    momentum: &'a mut [f32],
-    average_gradient: &'a mut [f32],
-    ema: &'a mut [f32],
-    accumulator: &'a mut [f32],
-}
-
-/// The loop of [`sweep`]: load, [`update_element`], store. (`t` by value: LLVM then
-/// takes its decay flag out of the loop.)
+/// The loop of [`sweep`] over the arrays it cut (those its phase leaves alone are
+/// empty): load, [`update_element`], store.
 #[inline(always)]
 fn each_element<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8>(
     arrays: &mut ChunkArrays<'_>,
