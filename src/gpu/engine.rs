@@ -14,7 +14,7 @@ use crate::gpu::arena::{GpuArena, Segment, UserBuffers};
 use crate::gpu::context::{software_allowed_by_env, GpuContext};
 use crate::gpu::nonfinite::GpuCounters;
 use crate::gpu::pipelines::{pipelines_for, Pipelines};
-use crate::gpu::shader::{StepUniform, FLAG_DECAY, FLAG_HAS_GRADIENT};
+use crate::gpu::shader::{StepUniform, FLAG_DECAY, FLAG_HAS_GRADIENT, PLAN_WINDOW};
 use crate::math::StepScalars;
 use crate::plan::plan_step;
 use crate::variable::VariableSpec;
@@ -175,7 +175,7 @@ impl GpuEngine {
             .collect();
         self.arena.set_flags(&self.ctx, flags);
 
-        let mut counters = self.counters.lock().map_err(|_| poisoned())?;
+        let mut counters = self.counters()?;
         // Without the guard the window is the host's counter alone; with it, every
         // counter the device may have reached.
         let (base, len) = counters.window(&self.ctx)?;
@@ -184,7 +184,7 @@ impl GpuEngine {
             len: len as u32,
             tensor_count: self.arena.layout.tensors().len() as u32,
             _pad: 0,
-            plans: [StepScalars::default(); crate::gpu::shader::PLAN_WINDOW],
+            plans: [StepScalars::default(); PLAN_WINDOW],
         };
         for (k, plan) in uniform.plans[..len].iter_mut().enumerate() {
             *plan = plan_step(config, base + k as u64);
@@ -340,7 +340,7 @@ impl Engine for GpuEngine {
 mod tests {
     use std::sync::Arc;
 
-    use crate::gpu::shader::PLAN_WINDOW;
+    use super::PLAN_WINDOW;
     use crate::{
         Backend, GpuContext, GpuOptions, LearningRate, LearningRateSchedule, RmsProp,
         RmsPropConfig, Variable,
