@@ -317,7 +317,7 @@ impl Engine for GpuEngine {
         let pipelines = pipelines_for(&self.ctx, &variant)?;
         let counters = self.counters.get_mut().map_err(|_| poisoned())?;
         if enabled {
-            counters.enable_guard(&self.ctx, &self.arena.step_state);
+            counters.enable_guard(&self.ctx, &self.arena.step_state)?;
         } else {
             counters.disable_guard(&self.ctx)?;
         }

@@ -53,18 +53,24 @@ pub(crate) struct GpuCounters {
 
 impl GpuCounters {
     /// The device starts deciding: its counters are set to the host's (queued before
-    /// any later step).
-    pub(crate) fn enable_guard(&mut self, ctx: &GpuContext, state: &wgpu::Buffer) {
+    /// any later step). Allocates every readback buffer the guard can need at once
+    /// (`PLAN_WINDOW` of 32 bytes: no more steps are ever in flight), so steps never
+    /// allocate and the number of buffers does not depend on the GPU's timing.
+    pub(crate) fn enable_guard(&mut self, ctx: &GpuContext, state: &wgpu::Buffer) -> Result<()> {
         if self.guard.is_some() {
-            return;
+            return Ok(());
         }
+        let idle = ctx.scoped("allocating the step-state readback buffers", || {
+            (0..PLAN_WINDOW).map(|_| readback_buffer(ctx)).collect()
+        })?;
         write_state(ctx, state, &self.counters);
         self.guard = Some(Readbacks {
-            idle: Vec::new(),
+            idle,
             in_flight: VecDeque::new(),
             failed: None,
             eager: true,
         });
+        Ok(())
     }
 
     /// The host decides again, once the steps in flight have settled.
@@ -123,15 +129,11 @@ impl GpuCounters {
         let Some(g) = self.guard.as_mut() else {
             return Ok(None);
         };
+        // the pool holds one buffer per step that can be in flight; never empty here
         let buffer = match g.idle.pop() {
             Some(b) => b,
             None => ctx.scoped("allocating a step-state readback buffer", || {
-                ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("step state readback"),
-                    size: STEP_STATE_BYTES,
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                })
+                readback_buffer(ctx)
             })?,
         };
         encoder.copy_buffer_to_buffer(state, 0, &buffer, 0, STEP_STATE_BYTES);
@@ -259,6 +261,16 @@ impl GpuCounters {
     pub(crate) fn in_flight(&self) -> u64 {
         self.counters.in_flight()
     }
+}
+
+/// A staging buffer for one copy of the step state.
+fn readback_buffer(ctx: &GpuContext) -> wgpu::Buffer {
+    ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("step state readback"),
+        size: STEP_STATE_BYTES,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
 }
 
 /// Queues a write of `counters` into the device's step state.
