@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example throughput -- --backend cpu|gpu --variant NAME
-//!     --params N [--tensors K] [--samples S] [--guard] [--json]
+//!     --params N [--tensors K] [--samples S] [--guard] [--cpu-level L] [--json]
 //! ```
 //!
 //! `--guard` turns the non-finite guard on; `bytes_per_step` stays the unguarded
@@ -20,7 +20,7 @@ use clap::Parser;
 #[path = "../benches/support/workload.rs"]
 mod workload;
 
-use fused_rmsprop::{Backend, RmsProp};
+use fused_rmsprop::{Backend, CpuLevel, RmsProp};
 use serde_json::json;
 use workload::{
     median_time, parallel_copy, synthetic_gradients, synthetic_model, BenchVariant, GpuCopy,
@@ -47,6 +47,9 @@ struct Args {
     /// Turn the non-finite guard on (the gradients are finite: every step applies).
     #[arg(long)]
     guard: bool,
+    /// Run the CPU loops at this level (baseline, avx2, avx512) instead of the best one.
+    #[arg(long)]
+    cpu_level: Option<CpuLevel>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -81,6 +84,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let reps = reps_for(bytes);
     let mut opt = RmsProp::with_backend(variant.config(), model, args.backend)?;
     opt.set_non_finite_guard(args.guard)?;
+    if let Some(level) = args.cpu_level {
+        opt.set_cpu_level(level)?;
+    }
+    let cpu_level = opt.cpu_level().map(CpuLevel::name);
     let backend = opt.backend();
     let name = if args.guard {
         format!("{}+guard", variant.name())
@@ -150,6 +157,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "backend": backend.as_str(),
         "variant": name,
         "guard": args.guard,
+        "cpu_level": cpu_level,
         "params": args.params,
         "tensors": tensors,
         "bytes_per_step": bytes,
@@ -162,8 +170,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         println!("{out}");
     } else {
         println!(
-            "{:>4} {:<28} params={:<10} tensors={:<6} step={:.3} ms  {:.1} GB/s  copy {:.1} GB/s  ratio {:.2}",
+            "{:>4} {:<8} {:<28} params={:<10} tensors={:<6} step={:.3} ms  {:.1} GB/s  copy {:.1} GB/s  ratio {:.2}",
             backend.as_str(),
+            cpu_level.unwrap_or(""),
             name,
             args.params,
             tensors,

@@ -6,7 +6,8 @@ use std::any::Any;
 
 use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
-use crate::error::Result;
+use crate::cpu_level::CpuLevel;
+use crate::error::{Error, Result};
 use crate::variant::{Slot, Variant};
 
 /// Which backend to run on.
@@ -123,6 +124,16 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
 
     /// Waits for everything submitted; reports a lost device or a GPU error.
     fn synchronize(&self) -> Result<()>;
+
+    /// The instruction-set level the CPU loops run at; `None` on the GPU.
+    fn cpu_level(&self) -> Option<CpuLevel> {
+        None
+    }
+
+    /// Runs the CPU loops at `level`; refused on the GPU and where the processor lacks it.
+    fn set_cpu_level(&mut self, _level: CpuLevel) -> Result<()> {
+        Err(Error::NeedsCpuBackend("set_cpu_level"))
+    }
 
     /// The concrete engine, for what only one backend offers (the GPU's buffers).
     fn as_any(&self) -> &dyn Any;

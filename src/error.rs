@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::cpu_level::CpuLevel;
 use crate::slot::Slot;
 
 /// Everything that can go wrong in this crate. No public function panics on bad
@@ -103,6 +104,13 @@ pub enum Error {
     /// runs on the CPU.
     #[error("`{0}` needs the GPU backend; this optimizer runs on the CPU")]
     NeedsGpuBackend(&'static str),
+    /// A CPU-only operation (choosing the CPU level) was called on an optimizer that runs
+    /// on a GPU.
+    #[error("`{0}` needs the CPU backend; this optimizer runs on a GPU")]
+    NeedsCpuBackend(&'static str),
+    /// This processor lacks the instruction set of a requested [`CpuLevel`].
+    #[error("this processor does not support the CPU level `{0}` (best: `{best}`)", best = CpuLevel::best())]
+    CpuLevelUnsupported(CpuLevel),
     /// The GPU path was requested but no usable adapter exists.
     #[error("no GPU adapter available: {0}")]
     NoAdapter(String),

@@ -33,13 +33,14 @@
 //! assert_eq!(opt.variable(1).unwrap(), vec![0.0; 3]);
 //! ```
 #![warn(missing_docs)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod backend;
 mod checkpoint;
 mod config;
 mod counters;
 mod cpu;
+mod cpu_level;
 mod error;
 pub mod gpu;
 mod json;
@@ -55,6 +56,7 @@ mod variant;
 pub use backend::{Backend, BackendKind};
 pub use config::RmsPropConfig;
 pub use counters::SkippedSteps;
+pub use cpu_level::CpuLevel;
 pub use error::{Error, Result};
 pub use gpu::{GpuContext, GpuOptions};
 pub use optimizer::RmsProp;

@@ -8,6 +8,7 @@ use crate::backend::{Backend, BackendKind, Engine, Gradients, Role};
 use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
 use crate::cpu::CpuEngine;
+use crate::cpu_level::CpuLevel;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuEngine, GpuOptions};
 use crate::plan::{iterations, takes_weight_decay};
@@ -142,6 +143,19 @@ impl RmsProp {
     /// The backend this optimizer runs on.
     pub fn backend(&self) -> BackendKind {
         self.engine.kind()
+    }
+
+    /// The instruction-set level the CPU path's loops run at (see [`CpuLevel`]); `None`
+    /// on a GPU.
+    pub fn cpu_level(&self) -> Option<CpuLevel> {
+        self.engine.cpu_level()
+    }
+
+    /// Runs the CPU path's loops at `level`, e.g. a lower one to reproduce a result from
+    /// another machine (every level gives the same bits). [`Error::CpuLevelUnsupported`]
+    /// when this processor lacks it, [`Error::NeedsCpuBackend`] on a GPU.
+    pub fn set_cpu_level(&mut self, level: CpuLevel) -> Result<()> {
+        self.engine.set_cpu_level(level)
     }
 
     /// The GPU engine, for device-resident use (buffers, gradients written by your own

@@ -414,3 +414,16 @@ fn device_gradients_on_the_cpu_backend_are_refused() {
     assert_eq!(snapshot(&opt), before);
     assert!(opt.gpu().is_none());
 }
+
+/// The CPU level is a CPU setting: a GPU optimizer has none and refuses one by name.
+#[test]
+fn a_gpu_optimizer_has_no_cpu_level() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut opt =
+        RmsProp::with_options(config(), model(), Backend::Gpu, &common::on(&ctx)).unwrap();
+    assert_eq!(opt.cpu_level(), None);
+    assert!(matches!(
+        opt.set_cpu_level(fused_rmsprop::CpuLevel::Baseline),
+        Err(Error::NeedsCpuBackend("set_cpu_level"))
+    ));
+}

@@ -2,24 +2,34 @@
 //! parallel norm reduction and one fused parallel pass over the chunk table, every
 //! element through [`math::update_element`](crate::math::update_element).
 //!
-//! The structural options are const generics, and each chunk's [`Phase`] is matched
-//! once outside its loop, so every variant compiles to its own branch-free,
-//! vectorizable loop. This module never touches wgpu.
+//! - `kernels`: the per-chunk loops. The structural options are const generics and each
+//!   chunk's [`Phase`] is matched once outside its loop, so every variant compiles to
+//!   its own branch-free, vectorizable loop;
+//! - `isa`: those loops compiled per instruction-set level and chosen at run time (the
+//!   crate's only `unsafe`).
+//!
+//! This module never touches wgpu.
+
+#[allow(unsafe_code)] // the target-feature dispatch; see the module's safety note
+mod isa;
+mod kernels;
 
 use rayon::prelude::*;
 
 use crate::backend::{BackendKind, Engine, Gradients, Role};
 use crate::config::RmsPropConfig;
 use crate::counters::{SkippedSteps, StepCounters};
+use crate::cpu_level::CpuLevel;
 use crate::error::{Error, Result};
 use crate::layout::{Chunk, Layout};
 use crate::math::{
-    clipnorm_factors, effective_gradient, global_clipnorm_factors, unscale_gradient,
-    update_element, ClipFactors, ElementState, Phase, StepScalars, TensorStep,
+    clipnorm_factors, global_clipnorm_factors, ClipFactors, Phase, StepScalars, TensorStep,
 };
 use crate::plan::plan_step;
 use crate::variable::VariableSpec;
 use crate::variant::{ClipKind, Slot, Variant};
+use isa::Isa;
+use kernels::{ChunkArrays, ChunkJob};
 
 /// Elements per chunk on the CPU: 128 KiB of each array, large enough to amortize
 /// scheduling, small enough to balance across threads.
@@ -34,24 +44,8 @@ pub(crate) struct CpuEngine {
     /// Indexed by [`Slot`] (`slot as usize`); a slot the variant does not keep is empty.
     slots: [Vec<f32>; 5],
     counters: StepCounters,
-}
-
-/// One chunk's work: its arrays and what the step does to its tensor.
-struct ChunkJob<'a> {
-    arrays: ChunkArrays<'a>,
-    step: TensorStep,
-}
-
-/// One chunk's slice of every array; unused slots, and the gradient of a tensor without
-/// one this step, are empty.
-struct ChunkArrays<'a> {
-    param: &'a mut [f32],
-    grad: &'a [f32],
-    velocity: &'a mut [f32],
-    momentum: &'a mut [f32],
-    average_gradient: &'a mut [f32],
-    ema: &'a mut [f32],
-    accumulator: &'a mut [f32],
+    /// The instruction-set level the loops run at.
+    isa: Isa,
 }
 
 /// Cuts `buf` into the chunks' pieces; an unused (empty) slot gives empty pieces.
@@ -87,6 +81,7 @@ impl CpuEngine {
             layout,
             variant,
             counters: StepCounters::default(),
+            isa: Isa::process_default(),
         })
     }
 
@@ -114,6 +109,7 @@ impl CpuEngine {
         let tensors = self.layout.tensors();
         let acc = &self.slots[Slot::Accumulator as usize];
         let accumulate = self.variant.accumulate;
+        let isa = self.isa;
         let partials: Vec<f64> = self
             .layout
             .chunks()
@@ -123,9 +119,9 @@ impl CpuEngine {
                 let Some(g) = grads[c.tensor] else { return 0.0 };
                 let g = &g[c.offset - t.offset..][..c.len];
                 if accumulate {
-                    sum_of_squares::<true>(g, &acc[c.offset..][..c.len], s)
+                    isa::sum_of_squares::<true>(isa, g, &acc[c.offset..][..c.len], s)
                 } else {
-                    sum_of_squares::<false>(g, &[], s)
+                    isa::sum_of_squares::<false>(isa, g, &[], s)
                 }
             })
             .collect();
@@ -171,7 +167,7 @@ impl CpuEngine {
             let proven_finite = sums
                 .as_ref()
                 .is_some_and(|sums| sums.iter().all(|x| x.is_finite()));
-            if !proven_finite && has_non_finite(grads, s) {
+            if !proven_finite && has_non_finite(self.isa, grads, s) {
                 return false;
             }
         }
@@ -225,10 +221,11 @@ impl CpuEngine {
             });
         }
         let v = self.variant;
+        let isa = self.isa;
         macro_rules! go {
             ($c:literal, $m:literal, $e:literal, $a:literal) => {
                 jobs.into_par_iter()
-                    .for_each(|job| run_chunk::<$c, $m, $e, $a>(job, s))
+                    .for_each(|job| isa::run_chunk::<$c, $m, $e, $a>(isa, job, s))
             };
         }
         match (v.centered, v.momentum, v.ema, v.accumulate) {
@@ -316,183 +313,26 @@ impl Engine for CpuEngine {
         Ok(())
     }
 
+    fn cpu_level(&self) -> Option<CpuLevel> {
+        Some(self.isa.level())
+    }
+
+    fn set_cpu_level(&mut self, level: CpuLevel) -> Result<()> {
+        self.isa = Isa::new(level).ok_or(Error::CpuLevelUnsupported(level))?;
+        Ok(())
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
 }
 
 /// True when any present gradient, divided by the loss scale, is NaN or infinite.
-fn has_non_finite(grads: &[Option<&[f32]>], s: &StepScalars) -> bool {
+fn has_non_finite(isa: Isa, grads: &[Option<&[f32]>], s: &StepScalars) -> bool {
     grads.par_iter().flatten().any(|g| {
-        g.par_chunks(CPU_CHUNK_LEN).any(|chunk| {
-            // a fold rather than a short-circuit, so the loop vectorizes
-            chunk
-                .iter()
-                .fold(false, |bad, &x| bad | !unscale_gradient(x, s).is_finite())
-        })
+        g.par_chunks(CPU_CHUNK_LEN)
+            .any(|chunk| isa::any_non_finite(isa, chunk, s))
     })
-}
-
-/// Sum of squared [`effective_gradient`]s (`A`: averaged with the accumulator `acc`):
-/// f32 squares summed in eight f32 lanes over blocks of 256 elements (so the loop
-/// vectorizes), blocks summed in f64.
-fn sum_of_squares<const A: bool>(g: &[f32], acc: &[f32], s: &StepScalars) -> f64 {
-    const BLOCK: usize = 256;
-    let mut total = 0.0f64;
-    for (b, block) in g.chunks(BLOCK).enumerate() {
-        let acc = if A {
-            &acc[b * BLOCK..][..block.len()]
-        } else {
-            &[][..]
-        };
-        let at = |k: usize| if A { acc[k] } else { 0.0 };
-        let mut lanes = [0.0f32; 8];
-        let mut eights = block.chunks_exact(8);
-        for (j, c) in (&mut eights).enumerate() {
-            for k in 0..8 {
-                let e = effective_gradient::<A>(c[k], at(8 * j + k), s);
-                lanes[k] += e * e;
-            }
-        }
-        let done = block.len() / 8 * 8;
-        for (k, &x) in eights.remainder().iter().enumerate() {
-            let e = effective_gradient::<A>(x, at(done + k), s);
-            lanes[k] += e * e;
-        }
-        total += lanes.iter().map(|&l| l as f64).sum::<f64>();
-    }
-    total
-}
-
-/// The fused pass over one chunk: its [`Phase`] picked once, then the loop.
-/// `C` centered, `M` momentum, `E` EMA, `A` accumulation.
-fn run_chunk<const C: bool, const M: bool, const E: bool, const A: bool>(
-    job: ChunkJob<'_>,
-    s: &StepScalars,
-) {
-    match job.step.phase {
-        Phase::NoGradient => sweep::<C, M, E, A, NO_GRADIENT>(job, s),
-        Phase::Accumulate => sweep::<C, M, E, A, ACCUMULATE>(job, s),
-        Phase::Update => sweep::<C, M, E, A, UPDATE>(job, s),
-    }
-}
-
-/// [`Phase`]s as numbers, so that a chunk's phase is a constant inside [`sweep`].
-const NO_GRADIENT: u8 = 0;
-const ACCUMULATE: u8 = 1;
-const UPDATE: u8 = 2;
-
-/// Every element of a chunk through [`update_element`] in phase `P`: loads what the
-/// phase reads, stores what it writes.
-#[inline(always)]
-fn sweep<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8>(
-    job: ChunkJob<'_>,
-    s: &StepScalars,
-) {
-    let t = TensorStep {
-        phase: match P {
-            NO_GRADIENT => Phase::NoGradient,
-            ACCUMULATE => Phase::Accumulate,
-            _ => Phase::Update,
-        },
-        ..job.step
-    };
-    let update = P == UPDATE;
-    let has_gradient = P != NO_GRADIENT;
-    let all = job.arrays;
-    let n = all.param.len();
-    // the slices this phase touches, cut to the chunk's length so indexing is checked once
-    let mut arrays = ChunkArrays {
-        param: all.param,
-        grad: if has_gradient { &all.grad[..n] } else { &[] },
-        velocity: if update {
-            &mut all.velocity[..n]
-        } else {
-            &mut []
-        },
-        momentum: if update && M {
-            &mut all.momentum[..n]
-        } else {
-            &mut []
-        },
-        average_gradient: if update && C {
-            &mut all.average_gradient[..n]
-        } else {
-            &mut []
-        },
-        ema: if E { &mut all.ema[..n] } else { &mut [] },
-        accumulator: if A && has_gradient {
-            &mut all.accumulator[..n]
-        } else {
-            &mut []
-        },
-    };
-    // One copy of the loop per value of the per-tensor decay flag (update steps only)
-    // and of the per-step EMA overwrite flag (EMA only), so that inside each they are
-    // constants: LLVM does not reliably take both out of the vectorized loop by itself.
-    let overwrite = E && s.ema_overwrite_enabled != 0;
-    let s_with = |overwrite: bool| StepScalars {
-        ema_overwrite_enabled: overwrite as u32,
-        ..*s
-    };
-    let t_with = |decay: bool| TensorStep { decay, ..t };
-    match (update && t.decay, overwrite) {
-        (false, false) => each_element::<C, M, E, A, P>(&mut arrays, t_with(false), &s_with(false)),
-        (false, true) => each_element::<C, M, E, A, P>(&mut arrays, t_with(false), &s_with(true)),
-        (true, false) => each_element::<C, M, E, A, P>(&mut arrays, t_with(true), &s_with(false)),
-        (true, true) => each_element::<C, M, E, A, P>(&mut arrays, t_with(true), &s_with(true)),
-    }
-}
-
-/// The loop of [`sweep`] over the arrays it cut (those its phase leaves alone are
-/// empty): load, [`update_element`], store.
-#[inline(always)]
-fn each_element<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8>(
-    arrays: &mut ChunkArrays<'_>,
-    t: TensorStep,
-    s: &StepScalars,
-) {
-    let update = P == UPDATE;
-    let has_gradient = P != NO_GRADIENT;
-    let ChunkArrays {
-        param,
-        grad,
-        velocity: vel,
-        momentum: mom,
-        average_gradient: avg,
-        ema,
-        accumulator: acc,
-    } = arrays;
-    for i in 0..param.len() {
-        let before = ElementState {
-            param: param[i],
-            velocity: if update { vel[i] } else { 0.0 },
-            momentum: if update && M { mom[i] } else { 0.0 },
-            average_gradient: if update && C { avg[i] } else { 0.0 },
-            ema: if E { ema[i] } else { 0.0 },
-            accumulator: if A && has_gradient { acc[i] } else { 0.0 },
-        };
-        let raw = if has_gradient { grad[i] } else { 0.0 };
-        let after = update_element::<C, M, E, A>(raw, before, &t, s);
-        if update || E {
-            param[i] = after.param;
-        }
-        if update {
-            vel[i] = after.velocity;
-        }
-        if update && M {
-            mom[i] = after.momentum;
-        }
-        if update && C {
-            avg[i] = after.average_gradient;
-        }
-        if E {
-            ema[i] = after.ema;
-        }
-        if A && has_gradient {
-            acc[i] = after.accumulator;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -502,6 +342,8 @@ mod tests {
     #[test]
     fn detects_nan_and_infinity_after_unscaling() {
         let s = plan_step(&RmsPropConfig::default(), 0);
+        let isa = Isa::process_default();
+        let has_non_finite = |g: &[Option<&[f32]>], s: &StepScalars| has_non_finite(isa, g, s);
         let fine = vec![1.0f32; 100_000];
         let mut bad = fine.clone();
         bad[77_777] = f32::NAN;
@@ -531,9 +373,9 @@ mod tests {
             .map(|(&g, &a)| ((g / 2.0 + a) / 3.0) as f64)
             .map(|e| e * e)
             .sum();
-        let fast = sum_of_squares::<true>(&g, &a, &s);
+        let fast = kernels::sum_of_squares::<true>(&g, &a, &s);
         assert!((fast - exact).abs() <= 1e-5 * exact, "{fast} vs {exact}");
-        let plain = sum_of_squares::<false>(&g, &[], &s);
+        let plain = kernels::sum_of_squares::<false>(&g, &[], &s);
         let exact: f64 = g.iter().map(|&g| ((g / 2.0) as f64).powi(2)).sum();
         assert!((plain - exact).abs() <= 1e-5 * exact, "{plain} vs {exact}");
     }

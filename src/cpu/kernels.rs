@@ -1,0 +1,200 @@
+//! The CPU path's per-chunk loops: the fused update, the norm's sum of squares and the
+//! non-finite scan. All are `#[inline(always)]`, so that `isa` compiles each into one
+//! clone per instruction-set level; none of them branches on an option per element.
+
+use crate::math::{
+    effective_gradient, unscale_gradient, update_element, ElementState, Phase, StepScalars,
+    TensorStep,
+};
+
+/// One chunk's work: its arrays and what the step does to its tensor.
+pub(crate) struct ChunkJob<'a> {
+    pub arrays: ChunkArrays<'a>,
+    pub step: TensorStep,
+}
+
+/// One chunk's slice of every array; unused slots, and the gradient of a tensor without
+/// one this step, are empty.
+pub(crate) struct ChunkArrays<'a> {
+    pub param: &'a mut [f32],
+    pub grad: &'a [f32],
+    pub velocity: &'a mut [f32],
+    pub momentum: &'a mut [f32],
+    pub average_gradient: &'a mut [f32],
+    pub ema: &'a mut [f32],
+    pub accumulator: &'a mut [f32],
+}
+
+/// Sum of squared [`effective_gradient`]s (`A`: averaged with the accumulator `acc`):
+/// f32 squares summed in eight f32 lanes over blocks of 256 elements (so the loop
+/// vectorizes), blocks summed in f64. The lanes fix the order of every addition, so the
+/// sum is the same bits at any vector width.
+#[inline(always)]
+pub(crate) fn sum_of_squares<const A: bool>(g: &[f32], acc: &[f32], s: &StepScalars) -> f64 {
+    const BLOCK: usize = 256;
+    let mut total = 0.0f64;
+    for (b, block) in g.chunks(BLOCK).enumerate() {
+        let acc = if A {
+            &acc[b * BLOCK..][..block.len()]
+        } else {
+            &[][..]
+        };
+        let at = |k: usize| if A { acc[k] } else { 0.0 };
+        let mut lanes = [0.0f32; 8];
+        let mut eights = block.chunks_exact(8);
+        for (j, c) in (&mut eights).enumerate() {
+            for k in 0..8 {
+                let e = effective_gradient::<A>(c[k], at(8 * j + k), s);
+                lanes[k] += e * e;
+            }
+        }
+        let done = block.len() / 8 * 8;
+        for (k, &x) in eights.remainder().iter().enumerate() {
+            let e = effective_gradient::<A>(x, at(done + k), s);
+            lanes[k] += e * e;
+        }
+        total += lanes.iter().map(|&l| l as f64).sum::<f64>();
+    }
+    total
+}
+
+/// The fused pass over one chunk: its [`Phase`] picked once, then the loop.
+/// `C` centered, `M` momentum, `E` EMA, `A` accumulation.
+#[inline(always)]
+pub(crate) fn run_chunk<const C: bool, const M: bool, const E: bool, const A: bool>(
+    job: ChunkJob<'_>,
+    s: &StepScalars,
+) {
+    match job.step.phase {
+        Phase::NoGradient => sweep::<C, M, E, A, NO_GRADIENT>(job, s),
+        Phase::Accumulate => sweep::<C, M, E, A, ACCUMULATE>(job, s),
+        Phase::Update => sweep::<C, M, E, A, UPDATE>(job, s),
+    }
+}
+
+/// [`Phase`]s as numbers, so that a chunk's phase is a constant inside [`sweep`].
+const NO_GRADIENT: u8 = 0;
+const ACCUMULATE: u8 = 1;
+const UPDATE: u8 = 2;
+
+/// Every element of a chunk through [`update_element`] in phase `P`: loads what the
+/// phase reads, stores what it writes.
+#[inline(always)]
+fn sweep<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8>(
+    job: ChunkJob<'_>,
+    s: &StepScalars,
+) {
+    let t = TensorStep {
+        phase: match P {
+            NO_GRADIENT => Phase::NoGradient,
+            ACCUMULATE => Phase::Accumulate,
+            _ => Phase::Update,
+        },
+        ..job.step
+    };
+    let update = P == UPDATE;
+    let has_gradient = P != NO_GRADIENT;
+    let all = job.arrays;
+    let n = all.param.len();
+    // the slices this phase touches, cut to the chunk's length so indexing is checked once
+    let mut arrays = ChunkArrays {
+        param: all.param,
+        grad: if has_gradient { &all.grad[..n] } else { &[] },
+        velocity: if update {
+            &mut all.velocity[..n]
+        } else {
+            &mut []
+        },
+        momentum: if update && M {
+            &mut all.momentum[..n]
+        } else {
+            &mut []
+        },
+        average_gradient: if update && C {
+            &mut all.average_gradient[..n]
+        } else {
+            &mut []
+        },
+        ema: if E { &mut all.ema[..n] } else { &mut [] },
+        accumulator: if A && has_gradient {
+            &mut all.accumulator[..n]
+        } else {
+            &mut []
+        },
+    };
+    // One copy of the loop per value of the per-tensor decay flag (update steps only)
+    // and of the per-step EMA overwrite flag (EMA only), so that inside each they are
+    // constants: LLVM does not reliably take both out of the vectorized loop by itself.
+    let overwrite = E && s.ema_overwrite_enabled != 0;
+    let s_with = |overwrite: bool| StepScalars {
+        ema_overwrite_enabled: overwrite as u32,
+        ..*s
+    };
+    let t_with = |decay: bool| TensorStep { decay, ..t };
+    match (update && t.decay, overwrite) {
+        (false, false) => each_element::<C, M, E, A, P>(&mut arrays, t_with(false), &s_with(false)),
+        (false, true) => each_element::<C, M, E, A, P>(&mut arrays, t_with(false), &s_with(true)),
+        (true, false) => each_element::<C, M, E, A, P>(&mut arrays, t_with(true), &s_with(false)),
+        (true, true) => each_element::<C, M, E, A, P>(&mut arrays, t_with(true), &s_with(true)),
+    }
+}
+
+/// The loop of [`sweep`] over the arrays it cut (those its phase leaves alone are
+/// empty): load, [`update_element`], store.
+#[inline(always)]
+fn each_element<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8>(
+    arrays: &mut ChunkArrays<'_>,
+    t: TensorStep,
+    s: &StepScalars,
+) {
+    let update = P == UPDATE;
+    let has_gradient = P != NO_GRADIENT;
+    let ChunkArrays {
+        param,
+        grad,
+        velocity: vel,
+        momentum: mom,
+        average_gradient: avg,
+        ema,
+        accumulator: acc,
+    } = arrays;
+    for i in 0..param.len() {
+        let before = ElementState {
+            param: param[i],
+            velocity: if update { vel[i] } else { 0.0 },
+            momentum: if update && M { mom[i] } else { 0.0 },
+            average_gradient: if update && C { avg[i] } else { 0.0 },
+            ema: if E { ema[i] } else { 0.0 },
+            accumulator: if A && has_gradient { acc[i] } else { 0.0 },
+        };
+        let raw = if has_gradient { grad[i] } else { 0.0 };
+        let after = update_element::<C, M, E, A>(raw, before, &t, s);
+        if update || E {
+            param[i] = after.param;
+        }
+        if update {
+            vel[i] = after.velocity;
+        }
+        if update && M {
+            mom[i] = after.momentum;
+        }
+        if update && C {
+            avg[i] = after.average_gradient;
+        }
+        if E {
+            ema[i] = after.ema;
+        }
+        if A && has_gradient {
+            acc[i] = after.accumulator;
+        }
+    }
+}
+
+/// True when any gradient of `chunk`, divided by the loss scale, is NaN or infinite.
+#[inline(always)]
+pub(crate) fn any_non_finite(chunk: &[f32], s: &StepScalars) -> bool {
+    // a fold rather than a short-circuit, so the loop vectorizes
+    chunk
+        .iter()
+        .fold(false, |bad, &x| bad | !unscale_gradient(x, s).is_finite())
+}
