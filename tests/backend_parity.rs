@@ -5,40 +5,11 @@
 
 mod common;
 
+use common::combo;
 use common::trace::values_match;
 use common::Rng;
 use fused_rmsprop::gpu::GpuOptions;
 use fused_rmsprop::{Backend, GpuContext, RmsProp, RmsPropConfig, Slot, Variable};
-
-/// Config number `k` of the 128 structural combinations, with step-varying numbers.
-fn combo(k: usize) -> RmsPropConfig {
-    let mut c = RmsPropConfig::default()
-        .with_learning_rate(0.01)
-        .with_rho(0.8)
-        .with_centered(k & 1 != 0);
-    if k & 2 != 0 {
-        c = c.with_momentum(0.7);
-    }
-    c = match (k >> 2) & 3 {
-        1 => c.with_clipnorm(0.5),
-        2 => c.with_global_clipnorm(0.8),
-        3 => c.with_clipvalue(0.1),
-        _ => c,
-    };
-    if k & 16 != 0 {
-        c = c
-            .with_use_ema(true)
-            .with_ema_momentum(0.9)
-            .with_ema_overwrite_frequency(2);
-    }
-    if k & 32 != 0 {
-        c = c.with_gradient_accumulation_steps(2);
-    }
-    if k & 64 != 0 {
-        c = c.with_weight_decay(0.05).with_loss_scale_factor(4.0);
-    }
-    c
-}
 
 fn random_model(rng: &mut Rng, tensors: usize, max_len: u64) -> Vec<Variable> {
     (0..tensors)

@@ -11,38 +11,8 @@
 
 mod common;
 
-use common::Rng;
+use common::{combo, Rng};
 use fused_rmsprop::{Backend, CpuLevel, Error, RmsProp, RmsPropConfig, Slot, Variable};
-
-/// Config number `k` of the 128 structural combinations (as in `backend_parity.rs`).
-fn combo(k: usize) -> RmsPropConfig {
-    let mut c = RmsPropConfig::default()
-        .with_learning_rate(0.01)
-        .with_rho(0.8)
-        .with_centered(k & 1 != 0);
-    if k & 2 != 0 {
-        c = c.with_momentum(0.7);
-    }
-    c = match (k >> 2) & 3 {
-        1 => c.with_clipnorm(0.5),
-        2 => c.with_global_clipnorm(0.8),
-        3 => c.with_clipvalue(0.1),
-        _ => c,
-    };
-    if k & 16 != 0 {
-        c = c
-            .with_use_ema(true)
-            .with_ema_momentum(0.9)
-            .with_ema_overwrite_frequency(2);
-    }
-    if k & 32 != 0 {
-        c = c.with_gradient_accumulation_steps(2);
-    }
-    if k & 64 != 0 {
-        c = c.with_weight_decay(0.05).with_loss_scale_factor(4.0);
-    }
-    c
-}
 
 /// Odd lengths around the vector widths and the CPU chunk (32,768), empty, scalar.
 fn model(rng: &mut Rng) -> Vec<Variable> {

@@ -5,7 +5,7 @@ pub mod trace;
 
 use std::path::PathBuf;
 
-use fused_rmsprop::{GpuContext, GpuOptions};
+use fused_rmsprop::{GpuContext, GpuOptions, RmsPropConfig};
 use trace::Trace;
 
 /// `tests/keras/traces`: the Keras traces recorded by `tests/keras/record_traces.py`.
@@ -83,4 +83,36 @@ impl Rng {
     pub fn vec(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| self.unit()).collect()
     }
+}
+
+/// Config number `k` of the 128 structural combinations (centered, momentum, the clip
+/// kind, EMA with overwrite, accumulation, weight decay with loss scale), with numbers
+/// that exercise each stage.
+pub fn combo(k: usize) -> RmsPropConfig {
+    let mut c = RmsPropConfig::default()
+        .with_learning_rate(0.01)
+        .with_rho(0.8)
+        .with_centered(k & 1 != 0);
+    if k & 2 != 0 {
+        c = c.with_momentum(0.7);
+    }
+    c = match (k >> 2) & 3 {
+        1 => c.with_clipnorm(0.5),
+        2 => c.with_global_clipnorm(0.8),
+        3 => c.with_clipvalue(0.1),
+        _ => c,
+    };
+    if k & 16 != 0 {
+        c = c
+            .with_use_ema(true)
+            .with_ema_momentum(0.9)
+            .with_ema_overwrite_frequency(2);
+    }
+    if k & 32 != 0 {
+        c = c.with_gradient_accumulation_steps(2);
+    }
+    if k & 64 != 0 {
+        c = c.with_weight_decay(0.05).with_loss_scale_factor(4.0);
+    }
+    c
 }
