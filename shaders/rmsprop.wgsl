@@ -7,6 +7,11 @@
 // once on the host (src/gpu/shader.rs, and math::StepScalars), and a test compares
 // the layouts through naga's reflection.
 //
+// Every element function works on `Lanes`, four consecutive elements of one tensor:
+// tensors start at multiples of 4 (the host pads the arena to the device's binding
+// alignment), so each `vec4<f32>` belongs to one tensor, and the lanes past a tensor's
+// end (padding) are masked: their stored values are the values loaded.
+//
 // Options that change the code path are `override` constants (one pipeline per
 // combination, cached by the host); numbers that change per step are the plans in the
 // uniform `step`, copied into the private `s` at the start of each entry point.
@@ -33,7 +38,7 @@ override WEIGHT_DECAY: bool = false;
 override GUARD: bool = false;
 // 0: none, 1: clipnorm (per tensor), 2: global_clipnorm, 3: clipvalue
 override CLIP_KIND: u32 = 0u;
-// Slot k of local element i lives at slots[k * segment_len + i]; velocity is slot 0.
+// Slot k of local vec4 i lives at slots[k * arrayLength(&params) + i]; velocity is slot 0.
 override MOMENTUM_SLOT: u32 = 1u;
 override AVERAGE_GRADIENT_SLOT: u32 = 2u;
 override EMA_SLOT: u32 = 3u;
@@ -123,22 +128,25 @@ struct TensorStep {
     clip: ClipFactors,
 }
 
-// math::ElementState
+// Four consecutive elements of one tensor.
+alias Lanes = vec4<f32>;
+
+// math::ElementState, four elements at a time
 struct ElementState {
-    param: f32,
-    velocity: f32,
-    momentum: f32,
-    average_gradient: f32,
-    ema: f32,
-    accumulator: f32,
+    param: Lanes,
+    velocity: Lanes,
+    momentum: Lanes,
+    average_gradient: Lanes,
+    ema: Lanes,
+    accumulator: Lanes,
 }
 
 @group(0) @binding(0) var<uniform> step: StepUniform;
 @group(0) @binding(1) var<storage, read> chunks: array<ChunkRow>;
 @group(0) @binding(2) var<storage, read> tensors: array<TensorRow>;
-@group(0) @binding(3) var<storage, read_write> params: array<f32>;
-@group(0) @binding(4) var<storage, read> grads: array<f32>;
-@group(0) @binding(5) var<storage, read_write> slots: array<f32>;
+@group(0) @binding(3) var<storage, read_write> params: array<Lanes>;
+@group(0) @binding(4) var<storage, read> grads: array<Lanes>;
+@group(0) @binding(5) var<storage, read_write> slots: array<Lanes>;
 @group(0) @binding(6) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(7) var<storage, read_write> clips: array<ClipFactors>;
 @group(0) @binding(8) var<storage, read_write> step_state: StepState;
@@ -171,6 +179,14 @@ fn nan_min(a: f32, b: f32) -> f32 {
     return select(min(a, b), bitcast<f32>(F32_QUIET_NAN_BITS), is_nan(a) || is_nan(b));
 }
 
+fn lanes_nan(x: Lanes) -> vec4<bool> {
+    return (bitcast<vec4<u32>>(x) & vec4(0x7fffffffu)) > vec4(F32_EXPONENT_BITS);
+}
+
+fn lanes_non_finite(x: Lanes) -> vec4<bool> {
+    return (bitcast<vec4<u32>>(x) & vec4(F32_EXPONENT_BITS)) == vec4(F32_EXPONENT_BITS);
+}
+
 fn clipnorm_factors(sum_sq: f32, clipnorm: f32) -> ClipFactors {
     let l2norm = select(sum_sq, sqrt(sum_sq), sum_sq > 0.0);
     return ClipFactors(clipnorm, nan_max(l2norm, clipnorm));
@@ -192,19 +208,19 @@ fn phase_of(has_gradient: bool) -> u32 {
     return select(PHASE_UPDATE, PHASE_ACCUMULATE, s.is_update_step == 0u);
 }
 
-fn unscale_gradient(raw: f32) -> f32 {
+fn unscale_gradient(raw: Lanes) -> Lanes {
     return raw / s.loss_scale;
 }
 
-fn accumulate_gradient(gradient: f32, accumulator: f32) -> f32 {
+fn accumulate_gradient(gradient: Lanes, accumulator: Lanes) -> Lanes {
     return gradient + accumulator;
 }
 
-fn average_accumulated(gradient: f32, accumulator: f32) -> f32 {
+fn average_accumulated(gradient: Lanes, accumulator: Lanes) -> Lanes {
     return (gradient + accumulator) / s.accumulation_steps;
 }
 
-fn effective_gradient(raw: f32, accumulator: f32) -> f32 {
+fn effective_gradient(raw: Lanes, accumulator: Lanes) -> Lanes {
     let g = unscale_gradient(raw);
     if ACCUMULATE {
         return average_accumulated(g, accumulator);
@@ -212,50 +228,50 @@ fn effective_gradient(raw: f32, accumulator: f32) -> f32 {
     return g;
 }
 
-fn clip_gradient(gradient: f32, clip: ClipFactors) -> f32 {
+fn clip_gradient(gradient: Lanes, clip: ClipFactors) -> Lanes {
     let g = (gradient * clip.numerator) / clip.denominator;
     if CLIP_KIND == 3u {
-        return select(clamp(g, -s.clip_value, s.clip_value), g, is_nan(g));
+        return select(clamp(g, Lanes(-s.clip_value), Lanes(s.clip_value)), g, lanes_nan(g));
     }
     return g;
 }
 
-fn decay_weight(param: f32) -> f32 {
+fn decay_weight(param: Lanes) -> Lanes {
     return param - param * s.weight_decay * s.learning_rate;
 }
 
-fn rmsprop_velocity(velocity: f32, gradient: f32) -> f32 {
+fn rmsprop_velocity(velocity: Lanes, gradient: Lanes) -> Lanes {
     return s.rho * velocity + s.one_minus_rho * (gradient * gradient);
 }
 
-fn rmsprop_average_gradient(average: f32, gradient: f32) -> f32 {
+fn rmsprop_average_gradient(average: Lanes, gradient: Lanes) -> Lanes {
     return s.rho * average + s.one_minus_rho * gradient;
 }
 
-fn rmsprop_denominator(velocity: f32, average: f32) -> f32 {
+fn rmsprop_denominator(velocity: Lanes, average: Lanes) -> Lanes {
     if CENTERED {
         return velocity - average * average + s.epsilon;
     }
     return velocity + s.epsilon;
 }
 
-fn rmsprop_increment(gradient: f32, denominator: f32) -> f32 {
+fn rmsprop_increment(gradient: Lanes, denominator: Lanes) -> Lanes {
     return (s.learning_rate * gradient) / sqrt(denominator);
 }
 
-fn rmsprop_momentum(momentum: f32, increment: f32) -> f32 {
+fn rmsprop_momentum(momentum: Lanes, increment: Lanes) -> Lanes {
     return s.momentum * momentum + increment;
 }
 
-fn ema_update(ema: f32, param: f32) -> f32 {
+fn ema_update(ema: Lanes, param: Lanes) -> Lanes {
     return s.ema_momentum * ema + (1.0 - s.ema_momentum) * param;
 }
 
-fn ema_overwrite(param: f32, ema: f32) -> f32 {
+fn ema_overwrite(param: Lanes, ema: Lanes) -> Lanes {
     return ema * s.ema_overwrite + param * (1.0 - s.ema_overwrite);
 }
 
-fn rmsprop_element(before: ElementState, gradient: f32) -> ElementState {
+fn rmsprop_element(before: ElementState, gradient: Lanes) -> ElementState {
     var e = before;
     e.velocity = rmsprop_velocity(e.velocity, gradient);
     if CENTERED {
@@ -272,14 +288,14 @@ fn rmsprop_element(before: ElementState, gradient: f32) -> ElementState {
     return e;
 }
 
-fn update_element(raw_gradient: f32, before: ElementState, t: TensorStep) -> ElementState {
+fn update_element(raw_gradient: Lanes, before: ElementState, t: TensorStep) -> ElementState {
     var e = before;
     if t.phase == PHASE_ACCUMULATE {
         e.accumulator = accumulate_gradient(unscale_gradient(raw_gradient), e.accumulator);
     } else if t.phase == PHASE_UPDATE {
         let g = effective_gradient(raw_gradient, e.accumulator);
         if ACCUMULATE {
-            e.accumulator = 0.0;
+            e.accumulator = Lanes(0.0);
         }
         let clipped = clip_gradient(g, t.clip);
         if t.decay {
@@ -302,6 +318,11 @@ fn slot_index(slot: u32, i: u32) -> u32 {
     return slot * arrayLength(&params) + i;
 }
 
+// Which lanes of the chunk's vec4 `k` hold elements of its tensor (the rest is padding).
+fn lanes_in_chunk(k: u32, len: u32) -> vec4<bool> {
+    return vec4(4u * k) + vec4(0u, 1u, 2u, 3u) < vec4(len);
+}
+
 // What a tensor does this step (math::TensorStep), from its row and the plan.
 fn tensor_step(tensor: u32) -> TensorStep {
     let flags = tensors[tensor].flags;
@@ -313,9 +334,10 @@ fn tensor_step(tensor: u32) -> TensorStep {
     return TensorStep(phase_of((flags & FLAG_HAS_GRADIENT) != 0u), decay, clip);
 }
 
-// Element i as `phase` reads it (what it does not read stays 0).
+// vec4 i as `phase` reads it (what it does not read stays 0).
 fn load_element(i: u32, phase: u32) -> ElementState {
-    var e = ElementState(params[i], 0.0, 0.0, 0.0, 0.0, 0.0);
+    let zero = Lanes(0.0);
+    var e = ElementState(params[i], zero, zero, zero, zero, zero);
     if phase == PHASE_UPDATE {
         e.velocity = slots[slot_index(0u, i)];
         if USE_MOMENTUM {
@@ -334,7 +356,19 @@ fn load_element(i: u32, phase: u32) -> ElementState {
     return e;
 }
 
-// Stores what `phase` wrote.
+// `after` in the lanes of `keep`, `before` (what was loaded) in the padding lanes.
+fn keep_lanes(before: ElementState, after: ElementState, keep: vec4<bool>) -> ElementState {
+    return ElementState(
+        select(before.param, after.param, keep),
+        select(before.velocity, after.velocity, keep),
+        select(before.momentum, after.momentum, keep),
+        select(before.average_gradient, after.average_gradient, keep),
+        select(before.ema, after.ema, keep),
+        select(before.accumulator, after.accumulator, keep),
+    );
+}
+
+// Stores what `phase` wrote (exactly the fields load_element read).
 fn store_element(i: u32, phase: u32, e: ElementState) {
     if phase == PHASE_UPDATE {
         slots[slot_index(0u, i)] = e.velocity;
@@ -356,9 +390,9 @@ fn store_element(i: u32, phase: u32, e: ElementState) {
     }
 }
 
-// The gradient the norm passes square: math::effective_gradient of element i.
-fn effective_gradient_at(i: u32) -> f32 {
-    var accumulator = 0.0;
+// The gradient the norm passes square: math::effective_gradient of vec4 i.
+fn effective_gradient_at(i: u32) -> Lanes {
+    var accumulator = Lanes(0.0);
     if ACCUMULATE {
         accumulator = slots[slot_index(ACCUMULATOR_SLOT, i)];
     }
@@ -429,14 +463,17 @@ fn norm_partials(
     var sum = 0.0;
     var non_finite = false;
     if valid && (tensors[chunk.tensor].flags & FLAG_HAS_GRADIENT) != 0u {
-        for (var k = lid; k < chunk.len; k += WORKGROUP_SIZE) {
-            let i = chunk.start + k;
+        let first = chunk.start / 4u;
+        for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
+            let i = first + k;
+            let lanes = lanes_in_chunk(k, chunk.len);
             if GUARD {
-                non_finite = non_finite | is_non_finite(unscale_gradient(grads[i]));
+                non_finite = non_finite || any(lanes_non_finite(unscale_gradient(grads[i])) & lanes);
             }
             if CLIP_KIND == 1u || CLIP_KIND == 2u {
-                let g = effective_gradient_at(i);
-                sum += g * g;
+                let g = select(Lanes(0.0), effective_gradient_at(i), lanes);
+                let sq = g * g;
+                sum += (sq.x + sq.y) + (sq.z + sq.w);
             }
         }
     }
@@ -508,12 +545,15 @@ fn update(
     if t.phase == PHASE_NO_GRADIENT && !USE_EMA {
         return;
     }
-    for (var k = lid; k < chunk.len; k += WORKGROUP_SIZE) {
-        let i = chunk.start + k;
-        var raw = 0.0;
+    let first = chunk.start / 4u;
+    for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
+        let i = first + k;
+        var raw = Lanes(0.0);
         if t.phase != PHASE_NO_GRADIENT {
             raw = grads[i];
         }
-        store_element(i, t.phase, update_element(raw, load_element(i, t.phase), t));
+        let before = load_element(i, t.phase);
+        let after = update_element(raw, before, t);
+        store_element(i, t.phase, keep_lanes(before, after, lanes_in_chunk(k, chunk.len)));
     }
 }

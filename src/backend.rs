@@ -74,8 +74,8 @@ impl Gradients<'_> {
     }
 }
 
-/// One of the arrays a backend keeps per element, all laid out alike (variable order,
-/// row-major).
+/// One of the arrays a backend keeps per element, all laid out alike (the engine's
+/// [`crate::layout::Layout`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Role {
     /// The variables.
@@ -100,8 +100,8 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
     /// `finalize_variable_values`: copies the EMA into the parameters (no-op without EMA).
     fn finalize(&mut self) -> Result<()>;
 
-    /// The whole array of `role`, flat in variable order (a GPU reads it back).
-    fn read(&self, role: Role) -> Result<Vec<f32>>;
+    /// Every variable's part of `role`, in variable order (a GPU reads it back at once).
+    fn read(&self, role: Role) -> Result<Vec<Vec<f32>>>;
 
     /// One variable's part of `role`.
     fn read_tensor(&self, role: Role, tensor: usize) -> Result<Vec<f32>>;

@@ -126,6 +126,17 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A variable is longer than one storage binding on this device, so the arena splits
+    /// it across segments and no single binding views it.
+    #[error("variable {index} ({len} elements) spans {segments} arena segments: it is larger than one storage binding on this device")]
+    NotBindable {
+        /// The variable.
+        index: usize,
+        /// Its number of elements.
+        len: usize,
+        /// How many segments hold a part of it.
+        segments: usize,
+    },
     /// A checkpoint is unreadable, truncated, corrupt, or does not fit this optimizer.
     #[error("checkpoint `{path}`: {reason}")]
     Checkpoint {

@@ -360,7 +360,7 @@ impl RmsProp {
 
     /// Every variable's values, flat, in order (one readback on the GPU path).
     pub fn variables(&self) -> Result<Vec<Vec<f32>>> {
-        Ok(self.split(&self.engine.read(Role::Params)?))
+        self.engine.read(Role::Params)
     }
 
     /// A slot of every variable (one `Vec` per variable, in order); `None` when this
@@ -369,19 +369,7 @@ impl RmsProp {
         if !self.engine.variant().keeps(slot) {
             return Ok(None);
         }
-        Ok(Some(self.split(&self.engine.read(Role::Slot(slot))?)))
-    }
-
-    fn split(&self, flat: &[f32]) -> Vec<Vec<f32>> {
-        let mut at = 0;
-        self.specs
-            .iter()
-            .map(|s| {
-                let v = flat[at..at + s.len()].to_vec();
-                at += s.len();
-                v
-            })
-            .collect()
+        Ok(Some(self.engine.read(Role::Slot(slot))?))
     }
 
     /// Replaces `slot` of variable `i` (e.g. to restore a checkpoint).

@@ -193,11 +193,18 @@ fn ndarray_gradients_and_variables() {
 fn device_gradients_in_user_buffers_match_host_steps() {
     let Some(ctx) = common::gpu() else { return };
     let specs: Vec<VariableSpec> = model().iter().map(|v| v.spec.clone()).collect();
-    let start: Vec<f32> = model().iter().flat_map(|v| v.values.clone()).collect();
+    // the arena sits past some data of the user's own, at an aligned offset
+    let offset = 2 * u64::from(ctx.device.limits().min_storage_buffer_offset_alignment);
+    let size = UserBuffers::required_size(&ctx, &specs).unwrap();
+    let ranges = UserBuffers::tensor_byte_ranges(&ctx, &specs).unwrap();
+    assert_eq!(ranges[0], 0..24);
+    let align = u64::from(ctx.device.limits().min_storage_buffer_offset_alignment).max(16);
+    assert_eq!(ranges[1], align..align + 12, "the bias starts on the next aligned offset");
+    assert!(size >= ranges[1].end && size % 16 == 0);
     let make = |label| {
         ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            size: 4 * start.len() as u64,
+            size: offset + size,
             usage: ARENA_USAGES,
             mapped_at_creation: false,
         })
@@ -205,9 +212,12 @@ fn device_gradients_in_user_buffers_match_host_steps() {
     let buffers = UserBuffers {
         params: make("user params"),
         grads: make("user grads"),
+        offset,
     };
-    ctx.queue
-        .write_buffer(&buffers.params, 0, bytemuck::cast_slice(&start));
+    for (v, r) in model().iter().zip(&ranges) {
+        ctx.queue
+            .write_buffer(&buffers.params, offset + r.start, bytemuck::cast_slice(&v.values));
+    }
     let gpu = GpuOptions {
         buffers: Some(buffers.clone()),
         ..common::on(&ctx)
@@ -216,14 +226,15 @@ fn device_gradients_in_user_buffers_match_host_steps() {
     let mut host = RmsProp::with_backend(config(), model(), Backend::Cpu).unwrap();
     let mut rng = common::Rng(5);
     for step in 0..4 {
-        let g = rng.vec(start.len());
-        // "your kernel" writes the gradient into your buffer
-        ctx.queue
-            .write_buffer(&buffers.grads, 0, bytemuck::cast_slice(&g));
+        let (gw, gb) = (rng.vec(6), rng.vec(3));
+        // "your kernel" writes the gradients into your buffer
+        for (g, r) in [&gw, &gb].into_iter().zip(&ranges) {
+            ctx.queue
+                .write_buffer(&buffers.grads, offset + r.start, bytemuck::cast_slice(g));
+        }
         let present = [true, step != 2];
         dev.apply_device_gradients(&present).unwrap();
-        let (gw, gb) = g.split_at(6);
-        host.apply_gradients(&[Some(gw), present[1].then_some(gb)])
+        host.apply_gradients(&[Some(&gw), present[1].then_some(&gb[..])])
             .unwrap();
     }
     let a = dev.variables().unwrap();
@@ -231,8 +242,11 @@ fn device_gradients_in_user_buffers_match_host_steps() {
     for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
         assert!(common::trace::values_match(*x, *y), "{x} vs {y}");
     }
-    // the parameters live in the user's buffer
-    assert_eq!(dev.gpu().unwrap().param_buffers()[0], &buffers.params);
+    // the parameters live in the user's buffer, where the views say
+    let gpu = dev.gpu().unwrap();
+    assert_eq!(gpu.param_buffers()[0], &buffers.params);
+    let view = gpu.param_view(1).unwrap();
+    assert_eq!((view.offset, view.size), (offset + ranges[1].start, 12));
     assert!(matches!(
         dev.apply_device_gradients(&[false, false]).unwrap_err(),
         Error::NoGradients
@@ -240,7 +254,7 @@ fn device_gradients_in_user_buffers_match_host_steps() {
 }
 
 #[test]
-fn user_buffers_too_small_or_wrong_usage_are_refused() {
+fn user_buffers_too_small_misaligned_or_wrong_usage_are_refused() {
     let Some(ctx) = common::gpu() else { return };
     let specs = vec![VariableSpec::new("w", &[100])];
     let buf = |size, usage| {
@@ -251,18 +265,26 @@ fn user_buffers_too_small_or_wrong_usage_are_refused() {
             mapped_at_creation: false,
         })
     };
-    for (size, usage) in [(40, ARENA_USAGES), (400, wgpu::BufferUsages::STORAGE)] {
+    let align = u64::from(ctx.device.limits().min_storage_buffer_offset_alignment);
+    let cases = [
+        (40, ARENA_USAGES, 0, "40 bytes, the model needs"),
+        (400, wgpu::BufferUsages::STORAGE, 0, "needs usages"),
+        (4096, ARENA_USAGES, 2, "not a multiple of min_storage_buffer_offset_alignment"),
+        (400 + align, ARENA_USAGES, align, "the model needs"),
+    ];
+    for (size, usage, offset, why) in cases {
         let gpu = GpuOptions {
             buffers: Some(UserBuffers {
                 params: buf(size, usage),
-                grads: buf(400, ARENA_USAGES),
+                grads: buf(4096, ARENA_USAGES),
+                offset,
             }),
             ..common::on(&ctx)
         };
         let e = RmsProp::with_specs(RmsPropConfig::default(), specs.clone(), Backend::Gpu, &gpu)
             .unwrap_err();
         assert!(
-            matches!(e, Error::InvalidBuffer { ref name, .. } if name == "params"),
+            matches!(e, Error::InvalidBuffer { ref name, ref reason } if name == "params" && reason.contains(why)),
             "{e:?}"
         );
     }

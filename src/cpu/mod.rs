@@ -66,7 +66,7 @@ fn split_chunks<'a>(buf: &'a mut [f32], chunks: &[Chunk]) -> Vec<&'a mut [f32]> 
 impl CpuEngine {
     /// Zeroed parameters and slots for `specs`, counters at zero.
     pub(crate) fn new(specs: &[VariableSpec], variant: Variant) -> Result<Self> {
-        let layout = Layout::new(specs, CPU_CHUNK_LEN, usize::MAX)?;
+        let layout = Layout::new(specs, CPU_CHUNK_LEN, usize::MAX, 1)?;
         let n = layout.total();
         let slots = Slot::ALL.map(|s| {
             if variant.keeps(s) {
@@ -276,8 +276,8 @@ impl Engine for CpuEngine {
         Ok(())
     }
 
-    fn read(&self, role: Role) -> Result<Vec<f32>> {
-        Ok(self.array(role)?.to_vec())
+    fn read(&self, role: Role) -> Result<Vec<Vec<f32>>> {
+        Ok(self.layout.split(self.array(role)?))
     }
 
     fn read_tensor(&self, role: Role, tensor: usize) -> Result<Vec<f32>> {

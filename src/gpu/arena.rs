@@ -11,6 +11,7 @@ use std::num::NonZeroU64;
 
 use crate::backend::Role;
 use crate::error::{Error, Result};
+use crate::gpu::binding::{align_elements, TensorView, UserBuffers, ARENA_USAGES, F32};
 use crate::gpu::context::GpuContext;
 use crate::gpu::nonfinite::STEP_STATE_BYTES;
 use crate::gpu::pipelines::Pipelines;
@@ -19,30 +20,41 @@ use crate::layout::Layout;
 use crate::variable::VariableSpec;
 use crate::variant::{Slot, Variant};
 
-/// Usages the crate needs on parameter and gradient buffers, also ones you supply.
-pub const ARENA_USAGES: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
-    .union(wgpu::BufferUsages::COPY_SRC)
-    .union(wgpu::BufferUsages::COPY_DST);
-
-/// Bytes in one f32.
-const F32: u64 = 4;
-
-/// One segment of the GPU arena: a run of elements (whole tensors or pieces of them)
-/// small enough for one storage binding, with its buffers.
+/// One segment of the GPU arena: a run of whole tensors (or a piece of one tensor longer
+/// than a binding), small enough for one storage binding, with its buffers.
 #[derive(Debug)]
-pub struct Segment {
+pub(crate) struct Segment {
     /// First arena element in this segment.
     pub start: usize,
-    /// Number of elements.
+    /// Number of elements (padding included; a multiple of 4).
     pub len: usize,
-    /// Parameters.
+    /// Parameters, from byte `params_base` on.
     pub params: wgpu::Buffer,
-    /// Gradients.
+    pub params_base: u64,
+    /// Gradients, from byte `grads_base` on.
     pub grads: wgpu::Buffer,
+    pub grads_base: u64,
     /// Slots, one run of `len` per slot.
     pub slots: wgpu::Buffer,
-    pub(crate) chunk_count: usize,
-    pub(crate) bind_group: wgpu::BindGroup,
+    pub chunk_count: usize,
+    pub bind_group: wgpu::BindGroup,
+}
+
+/// An array of the arena, as views and copies name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    Params,
+    Grads,
+    Slot(Slot),
+}
+
+impl From<Role> for Target {
+    fn from(role: Role) -> Self {
+        match role {
+            Role::Params => Target::Params,
+            Role::Slot(s) => Target::Slot(s),
+        }
+    }
 }
 
 /// Parameters, gradients and slots of a model on the GPU.
@@ -88,10 +100,10 @@ fn make_buffer(
     })
 }
 
-fn entire(buffer: &wgpu::Buffer, size: u64) -> wgpu::BindingResource<'_> {
+fn range(buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BindingResource<'_> {
     wgpu::BindingResource::Buffer(wgpu::BufferBinding {
         buffer,
-        offset: 0,
+        offset,
         size: NonZeroU64::new(size),
     })
 }
@@ -113,19 +125,42 @@ fn max_segment_len(ctx: &GpuContext, variant: &Variant) -> usize {
     }
 }
 
-/// Your own parameter and gradient buffers, for the optimizer to step in place (pass
-/// them in [`GpuOptions::buffers`](crate::GpuOptions::buffers)).
-///
-/// Both hold every variable row-major, back to back, in variable order, as f32 (see
-/// [`GpuEngine::tensor_range`](crate::gpu::GpuEngine::tensor_range)); they need the
-/// usages [`ARENA_USAGES`] and at least `4 * total_elements` bytes, and the model must
-/// fit one storage binding (`max_storage_buffer_binding_size`).
-#[derive(Debug, Clone)]
-pub struct UserBuffers {
-    /// Parameters, laid out as the arena: every variable row-major, back to back.
-    pub params: wgpu::Buffer,
-    /// Gradients, same layout.
-    pub grads: wgpu::Buffer,
+/// Refuses user buffers that lack usages, room or alignment, naming what was expected.
+fn check_user_buffers(ctx: &GpuContext, layout: &Layout, segment_len: usize, u: &UserBuffers) -> Result<()> {
+    let total = layout.total();
+    let invalid = |name: &str, reason: String| Error::InvalidBuffer {
+        name: name.into(),
+        reason,
+    };
+    if layout.segments().len() > 1 {
+        return Err(invalid(
+            "params",
+            format!("the model takes {total} elements with padding, more than one binding holds on this device ({segment_len}); let the crate allocate the arena"),
+        ));
+    }
+    let align = u64::from(ctx.device.limits().min_storage_buffer_offset_alignment);
+    if u.offset % align != 0 {
+        return Err(invalid(
+            "params",
+            format!("offset {} is not a multiple of min_storage_buffer_offset_alignment ({align})", u.offset),
+        ));
+    }
+    for (name, b) in [("params", &u.params), ("grads", &u.grads)] {
+        if !b.usage().contains(ARENA_USAGES) {
+            return Err(invalid(
+                name,
+                format!("needs usages {ARENA_USAGES:?}, has {:?}", b.usage()),
+            ));
+        }
+        let needed = u.offset + bytes(total);
+        if b.size() < needed {
+            return Err(invalid(
+                name,
+                format!("{} bytes, the model needs {needed} (offset {} + {} for {total} elements with padding)", b.size(), u.offset, bytes(total)),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl GpuArena {
@@ -141,33 +176,9 @@ impl GpuArena {
     ) -> Result<Self> {
         let max_len = max_segment_len(ctx, &variant);
         let segment_len = segment_len.map_or(max_len, |s| s.clamp(1, max_len));
-        let layout = Layout::new(specs, GPU_CHUNK_LEN, segment_len)?;
-        let total = layout.total();
-        let segment_count = layout.segment_count();
+        let layout = Layout::new(specs, GPU_CHUNK_LEN, segment_len, align_elements(ctx))?;
         if let Some(u) = &user {
-            if segment_count > 1 {
-                return Err(Error::InvalidBuffer {
-                    name: "params".into(),
-                    reason: format!(
-                        "the model has {total} elements, more than one binding holds on this device ({segment_len}); let the crate allocate the arena"
-                    ),
-                });
-            }
-            for (name, b) in [("params", &u.params), ("grads", &u.grads)] {
-                if !b.usage().contains(ARENA_USAGES) {
-                    return Err(Error::InvalidBuffer {
-                        name: name.into(),
-                        reason: format!("needs usages {ARENA_USAGES:?}, has {:?}", b.usage()),
-                    });
-                }
-                let needed = total.max(1) as u64 * F32;
-                if b.size() < needed {
-                    return Err(Error::InvalidBuffer {
-                        name: name.into(),
-                        reason: format!("{} bytes, the model needs {needed}", b.size()),
-                    });
-                }
-            }
+            check_user_buffers(ctx, &layout, segment_len, u)?;
         }
         let slot_count = variant.slots().len();
         let n_tensors = layout.tensors().len();
@@ -201,17 +212,19 @@ impl GpuArena {
                 | wgpu::BufferUsages::COPY_SRC
                 | wgpu::BufferUsages::COPY_DST,
         )?;
-        let mut segments = Vec::with_capacity(segment_count);
-        for s in 0..segment_count {
-            let start = s * segment_len;
-            let len = total.saturating_sub(start).min(segment_len);
-            // an empty model still binds one element per buffer
-            let cap = len.max(1);
-            let (params, grads) = match &user {
-                Some(u) => (u.params.clone(), u.grads.clone()),
+        let mut segments = Vec::with_capacity(layout.segments().len());
+        for (s, elements) in layout.segments().iter().enumerate() {
+            let start = elements.start;
+            let len = elements.len();
+            // an empty model still binds one vec4 per buffer
+            let cap = len.max(4);
+            let (params, params_base, grads, grads_base) = match &user {
+                Some(u) => (u.params.clone(), u.offset, u.grads.clone(), u.offset),
                 None => (
                     make_buffer(ctx, "params", bytes(cap), ARENA_USAGES)?,
+                    0,
                     make_buffer(ctx, "grads", bytes(cap), ARENA_USAGES)?,
+                    0,
                 ),
             };
             let slots = make_buffer(ctx, "slots", bytes(cap * slot_count), ARENA_USAGES)?;
@@ -242,7 +255,7 @@ impl GpuArena {
                         },
                         wgpu::BindGroupEntry {
                             binding: binding::CHUNKS,
-                            resource: entire(&chunks, table_bytes),
+                            resource: range(&chunks, 0, table_bytes),
                         },
                         wgpu::BindGroupEntry {
                             binding: binding::TENSORS,
@@ -251,15 +264,15 @@ impl GpuArena {
                         // exact sizes: the shader derives the segment length from params
                         wgpu::BindGroupEntry {
                             binding: binding::PARAMS,
-                            resource: entire(&params, cap as u64 * F32),
+                            resource: range(&params, params_base, cap as u64 * F32),
                         },
                         wgpu::BindGroupEntry {
                             binding: binding::GRADS,
-                            resource: entire(&grads, cap as u64 * F32),
+                            resource: range(&grads, grads_base, cap as u64 * F32),
                         },
                         wgpu::BindGroupEntry {
                             binding: binding::SLOTS,
-                            resource: entire(&slots, cap as u64 * F32 * slot_count as u64),
+                            resource: range(&slots, 0, cap as u64 * F32 * slot_count as u64),
                         },
                         wgpu::BindGroupEntry {
                             binding: binding::PARTIALS,
@@ -278,9 +291,11 @@ impl GpuArena {
             })?;
             segments.push(Segment {
                 start,
-                len,
+                len: cap,
                 params,
+                params_base,
                 grads,
+                grads_base,
                 slots,
                 chunk_count: table.len(),
                 bind_group,
@@ -342,12 +357,13 @@ impl GpuArena {
         out
     }
 
-    /// The buffer and byte offset of `role` in a segment.
-    fn target(&self, role: Role, segment: usize) -> Result<(&wgpu::Buffer, u64)> {
+    /// The buffer and byte offset of `target`'s first element in a segment.
+    fn target(&self, target: Target, segment: usize) -> Result<(&wgpu::Buffer, u64)> {
         let s = &self.segments[segment];
-        match role {
-            Role::Params => Ok((&s.params, 0)),
-            Role::Slot(slot) => {
+        match target {
+            Target::Params => Ok((&s.params, s.params_base)),
+            Target::Grads => Ok((&s.grads, s.grads_base)),
+            Target::Slot(slot) => {
                 let k = self
                     .variant
                     .slot_index(slot)
@@ -357,11 +373,31 @@ impl GpuArena {
         }
     }
 
+    /// Tensor `tensor` of `target` as one binding range; [`Error::NotBindable`] when the
+    /// tensor spans segments.
+    pub(crate) fn view(&self, target: Target, tensor: usize) -> Result<TensorView<'_>> {
+        let t = self.layout.tensor(tensor)?;
+        let pieces = self.pieces(t.offset, t.len.max(1));
+        let [p] = pieces.as_slice() else {
+            return Err(Error::NotBindable {
+                index: tensor,
+                len: t.len,
+                segments: pieces.len(),
+            });
+        };
+        let (buffer, base) = self.target(target, p.segment)?;
+        Ok(TensorView {
+            buffer,
+            offset: base + p.local as u64 * F32,
+            size: t.len as u64 * F32,
+        })
+    }
+
     /// Uploads `values` to `role` at arena element `start`.
     pub(crate) fn write(
         &self,
         ctx: &GpuContext,
-        role: Role,
+        role: Target,
         start: usize,
         values: &[f32],
     ) -> Result<()> {
@@ -377,28 +413,36 @@ impl GpuArena {
         Ok(())
     }
 
-    /// Uploads one step's host gradients straight into the queue's staging memory
-    /// (one staged write per segment; missing gradients are not written).
+    /// Uploads one step's host gradients straight into the queue's staging memory: one
+    /// staged write per segment, covering it whole, so the padding (and the gradients of
+    /// variables that have none this step) are written as zeros.
     pub(crate) fn write_gradients(&self, ctx: &GpuContext, grads: &[Option<&[f32]>]) -> Result<()> {
         for (i, seg) in self.segments.iter().enumerate() {
             let Some(size) = NonZeroU64::new(seg.len as u64 * F32) else {
                 continue;
             };
-            let mut view = ctx
+            let mut staged = ctx
                 .queue
-                .write_buffer_with(&seg.grads, 0, size)
+                .write_buffer_with(&seg.grads, seg.grads_base, size)
                 .ok_or_else(|| Error::Gpu("cannot stage the gradient upload".into()))?;
+            let mut view = staged.slice(..);
+            let mut done = 0; // bytes of the segment written so far
             for (t, g) in self.layout.tensors().iter().zip(grads) {
-                let Some(g) = g else { continue };
                 for p in self.pieces(t.offset, t.len) {
                     if p.segment != i {
                         continue;
                     }
-                    let dst = p.local * 4..(p.local + p.len) * 4;
-                    view.slice(dst)
-                        .copy_from_slice(bytemuck::cast_slice(&g[p.at..p.at + p.len]));
+                    let at = p.local * 4;
+                    view.slice(done..at).fill(0);
+                    let mut dst = view.slice(at..at + p.len * 4);
+                    match g {
+                        Some(g) => dst.copy_from_slice(bytemuck::cast_slice(&g[p.at..p.at + p.len])),
+                        None => dst.fill(0),
+                    }
+                    done = at + p.len * 4;
                 }
             }
+            view.slice(done..).fill(0);
         }
         Ok(())
     }
@@ -408,7 +452,7 @@ impl GpuArena {
     pub(crate) fn read(
         &self,
         ctx: &GpuContext,
-        role: Role,
+        role: Target,
         start: usize,
         len: usize,
     ) -> Result<Vec<f32>> {
@@ -463,8 +507,8 @@ impl GpuArena {
             if s.len == 0 {
                 continue;
             }
-            let (slots, base) = self.target(Role::Slot(Slot::Ema), i)?;
-            encoder.copy_buffer_to_buffer(slots, base, &s.params, 0, s.len as u64 * F32);
+            let (slots, base) = self.target(Target::Slot(Slot::Ema), i)?;
+            encoder.copy_buffer_to_buffer(slots, base, &s.params, s.params_base, s.len as u64 * F32);
         }
         ctx.queue.submit([encoder.finish()]);
         ctx.take_error()

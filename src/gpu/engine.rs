@@ -10,7 +10,8 @@ use crate::backend::{BackendKind, Engine, Gradients, Role};
 use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
 use crate::error::{Error, Result};
-use crate::gpu::arena::{GpuArena, Segment, UserBuffers};
+use crate::gpu::arena::{GpuArena, Target};
+use crate::gpu::binding::{TensorView, UserBuffers};
 use crate::gpu::context::{software_allowed_by_env, GpuContext};
 use crate::gpu::nonfinite::GpuCounters;
 use crate::gpu::pipelines::{pipelines_for, Pipelines};
@@ -18,7 +19,7 @@ use crate::gpu::shader::{StepUniform, FLAG_DECAY, FLAG_HAS_GRADIENT, PLAN_WINDOW
 use crate::math::StepScalars;
 use crate::plan::plan_step;
 use crate::variable::VariableSpec;
-use crate::variant::Variant;
+use crate::variant::{Slot, Variant};
 
 /// How to find and use a GPU.
 #[derive(Debug, Clone, Default)]
@@ -118,10 +119,10 @@ impl GpuEngine {
         self.ctx.adapter_name()
     }
 
-    /// The arena's segments with their buffers (one segment unless the model exceeds
+    /// Number of arena segments: one set of buffers each (one unless the model exceeds
     /// one storage binding).
-    pub fn segments(&self) -> &[Segment] {
-        &self.arena.segments
+    pub fn segment_count(&self) -> usize {
+        self.arena.segments.len()
     }
 
     /// Gradient buffers, one per segment.
@@ -134,11 +135,31 @@ impl GpuEngine {
         self.arena.segments.iter().map(|s| &s.params).collect()
     }
 
-    /// The elements of variable `i` in the arena (f32 index `e` lives in the segment with
-    /// `start <= e < start + len`, at local index `e - start`); `None` when there is no
-    /// such variable.
+    /// The elements of variable `i` in the arena (padding excluded), `None` when there is
+    /// no such variable. Its start is a multiple of the device's storage-binding
+    /// alignment, in elements.
     pub fn tensor_range(&self, i: usize) -> Option<Range<usize>> {
         self.arena.layout.tensor(i).ok().map(|t| t.range())
+    }
+
+    /// Variable `i`'s parameters as a binding range (read them in your forward pass).
+    /// [`Error::NoSuchVariable`], or [`Error::NotBindable`] for a variable longer than one
+    /// storage binding.
+    pub fn param_view(&self, i: usize) -> Result<TensorView<'_>> {
+        self.arena.view(Target::Params, i)
+    }
+
+    /// Variable `i`'s gradient as a binding range: write it from your backward pass,
+    /// then call [`RmsProp::apply_device_gradients`](crate::RmsProp::apply_device_gradients).
+    pub fn gradient_view(&self, i: usize) -> Result<TensorView<'_>> {
+        self.arena.view(Target::Grads, i)
+    }
+
+    /// Variable `i`'s `slot` as a binding range, for reading (writing it from your own
+    /// kernels bypasses the optimizer's checks). [`Error::SlotNotKept`] when the config
+    /// keeps no such slot.
+    pub fn slot_view(&self, slot: Slot, i: usize) -> Result<TensorView<'_>> {
+        self.arena.view(Target::Slot(slot), i)
     }
 
     /// Workgroups one pass over the arena dispatches: one per chunk of at most 2048
@@ -273,19 +294,20 @@ impl Engine for GpuEngine {
         Ok(())
     }
 
-    fn read(&self, role: Role) -> Result<Vec<f32>> {
-        self.arena
-            .read(&self.ctx, role, 0, self.arena.layout.total())
+    fn read(&self, role: Role) -> Result<Vec<Vec<f32>>> {
+        let layout = &self.arena.layout;
+        let flat = self.arena.read(&self.ctx, role.into(), 0, layout.total())?;
+        Ok(layout.split(&flat))
     }
 
     fn read_tensor(&self, role: Role, tensor: usize) -> Result<Vec<f32>> {
         let t = self.arena.layout.tensor(tensor)?;
-        self.arena.read(&self.ctx, role, t.offset, t.len)
+        self.arena.read(&self.ctx, role.into(), t.offset, t.len)
     }
 
     fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()> {
         let t = self.arena.layout.tensor(tensor)?;
-        self.arena.write(&self.ctx, role, t.offset, values)
+        self.arena.write(&self.ctx, role.into(), t.offset, values)
     }
 
     fn raw_iterations(&self) -> u64 {
