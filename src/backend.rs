@@ -97,6 +97,18 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
     /// weight decay. Advances the step counter, or (non-finite guard) the skip count.
     fn step(&mut self, config: &RmsPropConfig, grads: Gradients<'_>, decay: &[bool]) -> Result<()>;
 
+    /// One step on gradients already on the device, recorded into the caller's encoder
+    /// (submitted by the caller). GPU only, without the non-finite guard.
+    fn record_step(
+        &mut self,
+        _config: &RmsPropConfig,
+        _present: &[bool],
+        _decay: &[bool],
+        _encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<()> {
+        Err(Error::NeedsGpuBackend("record_device_step"))
+    }
+
     /// `finalize_variable_values`: copies the EMA into the parameters (no-op without EMA).
     fn finalize(&mut self) -> Result<()>;
 

@@ -308,12 +308,35 @@ impl RmsProp {
     }
 
     /// Runs [`apply_gradients`](RmsProp::apply_gradients) on a GPU whose gradients are
-    /// already in [`GpuEngine::gradient_buffers`] (written by your own kernels or
-    /// copies); `present[i]` says whether variable `i` has a gradient this step.
+    /// already in its gradient buffers (written by your own kernels into
+    /// [`GpuEngine::gradient_view`]s, or copied); `present[i]` says whether variable `i`
+    /// has a gradient this step.
     /// [`Error::NeedsGpuBackend`] on the CPU path.
     pub fn apply_device_gradients(&mut self, present: &[bool]) -> Result<()> {
+        self.check_device_gradients("apply_device_gradients", present)?;
+        self.engine
+            .step(&self.config, Gradients::Device(present), &self.decay)
+    }
+
+    /// [`apply_device_gradients`](RmsProp::apply_device_gradients) recorded into your own
+    /// command encoder, after your forward and backward passes, so that a whole training
+    /// step is one submission. Submit `encoder` before recording the next step (the step's
+    /// plan is a queued uniform write that lands at the next submission). Refused
+    /// ([`Error::NotWithGuard`]) while the non-finite guard is on, and
+    /// ([`Error::NeedsGpuBackend`]) on the CPU path.
+    pub fn record_device_step(
+        &mut self,
+        present: &[bool],
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<()> {
+        self.check_device_gradients("record_device_step", present)?;
+        self.engine
+            .record_step(&self.config, present, &self.decay, encoder)
+    }
+
+    fn check_device_gradients(&self, what: &'static str, present: &[bool]) -> Result<()> {
         if self.engine.kind() != BackendKind::Gpu {
-            return Err(Error::NeedsGpuBackend("apply_device_gradients"));
+            return Err(Error::NeedsGpuBackend(what));
         }
         if present.len() != self.specs.len() {
             return Err(Error::CountMismatch {
@@ -325,8 +348,7 @@ impl RmsProp {
         if !present.iter().any(|&p| p) {
             return Err(Error::NoGradients);
         }
-        self.engine
-            .step(&self.config, Gradients::Device(present), &self.decay)
+        Ok(())
     }
 
     /// Keras' `finalize_variable_values`: with `use_ema`, copies the moving averages

@@ -32,20 +32,8 @@ pub(crate) fn align_elements(ctx: &GpuContext) -> usize {
 /// byte `offset` of `buffer` (a multiple of the device's
 /// `min_storage_buffer_offset_alignment`). Get one from
 /// [`GpuEngine::param_view`](crate::gpu::GpuEngine::param_view),
-/// [`gradient_view`](crate::gpu::GpuEngine::gradient_view) or
-/// [`slot_view`](crate::gpu::GpuEngine::slot_view).
-///
-/// ```no_run
-/// # fn demo(opt: &fused_rmsprop::RmsProp, layout: &wgpu::BindGroupLayout) -> fused_rmsprop::Result<()> {
-/// let gpu = opt.gpu().expect("runs on a GPU");
-/// let grad = gpu.gradient_view(0)?; // variable 0's gradient, as `array<f32>` in WGSL
-/// let bind_group = gpu.context().device.create_bind_group(&wgpu::BindGroupDescriptor {
-///     label: Some("my backward pass"),
-///     layout,
-///     entries: &[wgpu::BindGroupEntry { binding: 0, resource: grad.binding().unwrap() }],
-/// });
-/// # Ok(()) }
-/// ```
+/// [`gradient_view`](crate::gpu::GpuEngine::gradient_view) (whose example binds one in a
+/// shader) or [`slot_view`](crate::gpu::GpuEngine::slot_view).
 #[derive(Debug, Clone, Copy)]
 pub struct TensorView<'a> {
     /// The buffer holding the tensor (its segment's buffer).

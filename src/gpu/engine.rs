@@ -150,7 +150,66 @@ impl GpuEngine {
     }
 
     /// Variable `i`'s gradient as a binding range: write it from your backward pass,
-    /// then call [`RmsProp::apply_device_gradients`](crate::RmsProp::apply_device_gradients).
+    /// then call [`RmsProp::apply_device_gradients`](crate::RmsProp::apply_device_gradients)
+    /// or [`RmsProp::record_device_step`](crate::RmsProp::record_device_step).
+    ///
+    /// A user shader writes the bias gradient, and the step follows in the same
+    /// submission:
+    ///
+    /// ```
+    /// use fused_rmsprop::{Backend, Error, RmsProp, RmsPropConfig, Variable};
+    /// # fn main() -> fused_rmsprop::Result<()> {
+    /// let vars = vec![Variable::new("w", &[5], vec![1.0; 5])?, Variable::new("b", &[3], vec![0.0; 3])?];
+    /// let mut opt = match RmsProp::with_backend(RmsPropConfig::default(), vars, Backend::Gpu) {
+    ///     Err(Error::NoAdapter(why)) if std::env::var_os("CI").is_none() => {
+    ///         eprintln!("!!!!!! EXAMPLE SKIPPED: no GPU adapter ({why}) !!!!!!");
+    ///         return Ok(());
+    ///     }
+    ///     built => built?,
+    /// };
+    /// let gpu = opt.gpu().expect("built on the GPU");
+    /// let (device, queue) = (gpu.context().device.clone(), gpu.context().queue.clone());
+    /// let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+    ///     label: Some("my backward pass"),
+    ///     source: wgpu::ShaderSource::Wgsl("
+    ///         @group(0) @binding(0) var<storage, read_write> grad: array<f32>;
+    ///         @compute @workgroup_size(64)
+    ///         fn backward(@builtin(global_invocation_id) id: vec3<u32>) {
+    ///             if id.x < arrayLength(&grad) { grad[id.x] = 1.0; }
+    ///         }".into()),
+    /// });
+    /// let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+    ///     label: Some("backward"),
+    ///     layout: None,
+    ///     module: &module,
+    ///     entry_point: Some("backward"),
+    ///     compilation_options: Default::default(),
+    ///     cache: None,
+    /// });
+    /// let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+    ///     label: Some("bias gradient"),
+    ///     layout: &pipeline.get_bind_group_layout(0),
+    ///     entries: &[wgpu::BindGroupEntry {
+    ///         binding: 0,
+    ///         resource: gpu.gradient_view(1)?.binding().expect("not empty"),
+    ///     }],
+    /// });
+    /// let mut encoder = device.create_command_encoder(&Default::default());
+    /// {
+    ///     let mut pass = encoder.begin_compute_pass(&Default::default());
+    ///     pass.set_pipeline(&pipeline);
+    ///     pass.set_bind_group(0, &bind_group, &[]);
+    ///     pass.dispatch_workgroups(1, 1, 1);
+    /// }
+    /// opt.record_device_step(&[false, true], &mut encoder)?; // only the bias has a gradient
+    /// queue.submit([encoder.finish()]);
+    /// // Keras' first step with gradient 1: -0.001 / sqrt(0.1 + 1e-7)
+    /// for b in opt.variable(1)? {
+    ///     assert!((b + 0.0031623).abs() < 1e-6, "{b}");
+    /// }
+    /// assert_eq!(opt.variable(0)?, vec![1.0; 5]);
+    /// # Ok(()) }
+    /// ```
     pub fn gradient_view(&self, i: usize) -> Result<TensorView<'_>> {
         self.arena.view(Target::Grads, i)
     }
@@ -172,14 +231,16 @@ impl GpuEngine {
         self.counters.lock().map_err(|_| poisoned())
     }
 
-    /// Writes the uniform with the plans of every counter value the next step may see,
-    /// records the dispatches, submits once.
-    fn submit_step(
+    /// Writes the uniform with the plans of every counter value the next step may see
+    /// (queued: it lands before the next submission), and records the dispatches of one
+    /// step into `encoder`. Returns the guard's readback buffer, if any.
+    fn encode_step(
         &mut self,
         config: &RmsPropConfig,
-        present: Vec<bool>,
+        present: &[bool],
         decay: &[bool],
-    ) -> Result<()> {
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<Option<wgpu::Buffer>> {
         let variant = self.variant;
         let flags: Vec<u32> = present
             .iter()
@@ -219,12 +280,6 @@ impl GpuEngine {
         // gradients).
         let reduce =
             variant.guard || (variant.clip.needs_norm() && uniform.plans[0].is_update_step != 0);
-        let mut encoder = self
-            .ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("rmsprop step"),
-            });
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("rmsprop step"),
@@ -248,10 +303,37 @@ impl GpuEngine {
             }
             per_chunk(&mut pass, &self.pipelines.update);
         }
-        let readback = counters.record_readback(&self.ctx, &mut encoder, &self.arena.step_state)?;
+        counters.record_readback(&self.ctx, encoder, &self.arena.step_state)
+    }
+
+    /// One step in its own submission.
+    fn submit_step(&mut self, config: &RmsPropConfig, present: &[bool], decay: &[bool]) -> Result<()> {
+        let mut encoder = self
+            .ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("rmsprop step"),
+            });
+        let readback = self.encode_step(config, present, decay, &mut encoder)?;
         self.ctx.queue.submit([encoder.finish()]);
-        counters.submitted(readback);
+        self.counters()?.submitted(readback);
         Ok(())
+    }
+
+    /// Dispatches one step records: `2 * segments + 1` with a norm pass, else `segments`
+    /// (segments holding no chunk are skipped).
+    pub fn dispatches_per_step(&self, with_norm: bool) -> usize {
+        let busy = self
+            .arena
+            .segments
+            .iter()
+            .filter(|s| s.chunk_count > 0)
+            .count();
+        if with_norm {
+            2 * busy + 1
+        } else {
+            busy
+        }
     }
 
     /// Lets steps pile up in flight until the plan window is full (tests of that path).
@@ -283,8 +365,25 @@ impl Engine for GpuEngine {
         if let Gradients::Host(host) = grads {
             self.arena.write_gradients(&self.ctx, host)?;
         }
-        let present = (0..decay.len()).map(|i| grads.present(i)).collect();
-        self.submit_step(config, present, decay)
+        let present: Vec<bool> = (0..decay.len()).map(|i| grads.present(i)).collect();
+        self.submit_step(config, &present, decay)
+    }
+
+    fn record_step(
+        &mut self,
+        config: &RmsPropConfig,
+        present: &[bool],
+        decay: &[bool],
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<()> {
+        if self.variant.guard {
+            return Err(Error::NotWithGuard("record_device_step"));
+        }
+        self.ctx.take_error()?;
+        let readback = self.encode_step(config, present, decay, encoder)?;
+        // no guard: no readback, and the host-decided step counts as applied
+        self.counters()?.submitted(readback);
+        Ok(())
     }
 
     fn finalize(&mut self) -> Result<()> {
