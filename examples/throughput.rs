@@ -12,7 +12,11 @@
 //! Prints `backend, variant, params, tensors, bytes_per_step, step_seconds` (median
 //! over samples of several steps after warm-up), `gbps`, `copy_gbps` and
 //! `ratio = gbps / copy_gbps`. On the GPU, gradients stay on the device (written once),
-//! so a step is what training code pays: one uniform write and one submit.
+//! so a step is what training code pays: one uniform write and one submit. The GPU
+//! also reports `shader_copy_gbps` and `shader_ratio` (against a minimal WGSL kernel
+//! copying the same bytes), `dispatches_per_step`, `submissions_per_step`, and
+//! `host_seconds_per_step`, the CPU time one `apply_device_gradients` call takes to
+//! record and submit (without waiting for the GPU).
 
 use std::process::ExitCode;
 
@@ -24,6 +28,7 @@ use fused_rmsprop::{Backend, CpuLevel, RmsProp};
 use serde_json::json;
 use workload::{
     median_time, parallel_copy, synthetic_gradients, synthetic_model, BenchVariant, GpuCopy,
+    ShaderCopy,
 };
 
 #[derive(Parser, Debug)]
@@ -95,6 +100,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         variant.name()
     };
 
+    let mut gpu_fields = serde_json::Map::new();
     let (step, copy) = match opt.gpu() {
         None => {
             for _ in 0..3 {
@@ -139,7 +145,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 return Err(e.into());
             }
             let gpu = opt.gpu().ok_or("no gpu")?;
-            let ctx = gpu.context();
+            let dispatches = gpu.dispatches_per_step(args.guard || variant.clip);
+            let ctx = &gpu.context().clone();
             let baseline = GpuCopy::new(ctx, bytes);
             let copy = median_time(args.samples, reps, |r| {
                 for _ in 0..r {
@@ -147,13 +154,39 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 let _ = opt.synchronize();
             });
+            let shader = ShaderCopy::new(ctx, bytes);
+            shader.submit(ctx);
+            let shader_copy = median_time(args.samples, reps, |r| {
+                for _ in 0..r {
+                    shader.submit(ctx);
+                }
+                let _ = opt.synchronize();
+            });
+            // the host's share: record and submit only (the GPU drains between samples)
+            let mut host = Vec::new();
+            for _ in 0..args.samples.max(1) {
+                opt.synchronize()?;
+                let t = std::time::Instant::now();
+                opt.apply_device_gradients(&present)?;
+                host.push(t.elapsed().as_secs_f64());
+            }
+            opt.synchronize()?;
+            host.sort_by(f64::total_cmp);
+            let shader_gbps = bytes as f64 / shader_copy.as_secs_f64() / 1e9;
+            let gbps = bytes as f64 / step.as_secs_f64() / 1e9;
+            gpu_fields.insert("adapter".into(), json!(ctx.adapter_name()));
+            gpu_fields.insert("shader_copy_gbps".into(), json!(shader_gbps));
+            gpu_fields.insert("shader_ratio".into(), json!(gbps / shader_gbps));
+            gpu_fields.insert("dispatches_per_step".into(), json!(dispatches));
+            gpu_fields.insert("submissions_per_step".into(), json!(1));
+            gpu_fields.insert("host_seconds_per_step".into(), json!(host[host.len() / 2]));
             (step, copy)
         }
     };
     let step_s = step.as_secs_f64();
     let gbps = bytes as f64 / step_s / 1e9;
     let copy_gbps = bytes as f64 / copy.as_secs_f64() / 1e9;
-    let out = json!({
+    let mut out = json!({
         "backend": backend.as_str(),
         "variant": name,
         "guard": args.guard,
@@ -166,6 +199,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "copy_gbps": copy_gbps,
         "ratio": gbps / copy_gbps,
     });
+    if let Some(map) = out.as_object_mut() {
+        map.extend(gpu_fields.clone());
+    }
     if args.json {
         println!("{out}");
     } else {
@@ -181,6 +217,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             copy_gbps,
             gbps / copy_gbps
         );
+        let field = |k: &str| gpu_fields.get(k).and_then(|v| v.as_f64());
+        if let (Some(gbps), Some(ratio)) = (field("shader_copy_gbps"), field("shader_ratio")) {
+            println!("     shader copy {gbps:.1} GB/s  shader_ratio {ratio:.2}");
+        }
     }
     if args.guard && opt.skipped_steps().skipped != 0 {
         return Err("the guard skipped finite steps".into());

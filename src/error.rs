@@ -110,7 +110,9 @@ pub enum Error {
     NeedsCpuBackend(&'static str),
     /// An operation that the non-finite guard rules out: a step recorded into your own
     /// encoder cannot map the guard's readback before you submit it.
-    #[error("`{0}` needs the non-finite guard off (the guard reads back every step it submits itself)")]
+    #[error(
+        "`{0}` needs the non-finite guard off (the guard reads back every step it submits itself)"
+    )]
     NotWithGuard(&'static str),
     /// This processor lacks the instruction set of a requested [`CpuLevel`].
     #[error("this processor does not support the CPU level `{0}` (best: `{best}`)", best = CpuLevel::best())]

@@ -99,8 +99,7 @@ impl Layout {
                 .filter(|&e| e <= MAX_ELEMENTS)
                 .ok_or_else(too_large)?;
             let mut segment_start = *starts.last().unwrap_or(&0);
-            if len > 0 && end > segment_start.saturating_add(segment_len) && start > segment_start
-            {
+            if len > 0 && end > segment_start.saturating_add(segment_len) && start > segment_start {
                 // does not fit in the rest of this segment: it opens the next one
                 starts.push(start);
                 segment_start = start;
@@ -254,9 +253,11 @@ mod tests {
         // segments of 64: [30, 30] fit, 10 opens the next, 150 spans three
         let l = Layout::new(&specs(&[30, 30, 10, 150, 3]), 16, 64, 4).unwrap();
         check(&l, 16);
-        let segments: Vec<(usize, usize)> =
-            l.segments().iter().map(|s| (s.start, s.end)).collect();
-        assert_eq!(segments, [(0, 64), (64, 76), (76, 140), (140, 204), (204, 232)]);
+        let segments: Vec<(usize, usize)> = l.segments().iter().map(|s| (s.start, s.end)).collect();
+        assert_eq!(
+            segments,
+            [(0, 64), (64, 76), (76, 140), (140, 204), (204, 232)]
+        );
         let segment_of = |t: usize| {
             let e = l.tensors()[t];
             let c = &l.chunks()[e.first_chunk..e.first_chunk + e.chunk_count];

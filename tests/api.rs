@@ -199,7 +199,11 @@ fn device_gradients_in_user_buffers_match_host_steps() {
     let ranges = UserBuffers::tensor_byte_ranges(&ctx, &specs).unwrap();
     assert_eq!(ranges[0], 0..24);
     let align = u64::from(ctx.device.limits().min_storage_buffer_offset_alignment).max(16);
-    assert_eq!(ranges[1], align..align + 12, "the bias starts on the next aligned offset");
+    assert_eq!(
+        ranges[1],
+        align..align + 12,
+        "the bias starts on the next aligned offset"
+    );
     assert!(size >= ranges[1].end && size % 16 == 0);
     let make = |label| {
         ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -215,8 +219,11 @@ fn device_gradients_in_user_buffers_match_host_steps() {
         offset,
     };
     for (v, r) in model().iter().zip(&ranges) {
-        ctx.queue
-            .write_buffer(&buffers.params, offset + r.start, bytemuck::cast_slice(&v.values));
+        ctx.queue.write_buffer(
+            &buffers.params,
+            offset + r.start,
+            bytemuck::cast_slice(&v.values),
+        );
     }
     let gpu = GpuOptions {
         buffers: Some(buffers.clone()),
@@ -269,7 +276,12 @@ fn user_buffers_too_small_misaligned_or_wrong_usage_are_refused() {
     let cases = [
         (40, ARENA_USAGES, 0, "40 bytes, the model needs"),
         (400, wgpu::BufferUsages::STORAGE, 0, "needs usages"),
-        (4096, ARENA_USAGES, 2, "not a multiple of min_storage_buffer_offset_alignment"),
+        (
+            4096,
+            ARENA_USAGES,
+            2,
+            "not a multiple of min_storage_buffer_offset_alignment",
+        ),
         (400 + align, ARENA_USAGES, align, "the model needs"),
     ];
     for (size, usage, offset, why) in cases {

@@ -32,7 +32,9 @@ fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Vec<u32> {
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
     encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
     ctx.queue.submit([encoder.finish()]);
-    staging.slice(..).map_async(wgpu::MapMode::Read, |r| r.unwrap());
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
     ctx.device
         .poll(wgpu::PollType::wait_indefinitely())
         .unwrap();
@@ -64,7 +66,10 @@ fn check_padding(ctx: &GpuContext, opt: &RmsProp) -> Result<(), String> {
     let mut buffers: Vec<&wgpu::Buffer> = Vec::new();
     for v in &views {
         if v.offset % align != 0 {
-            return Err(format!("a view starts at {}, not a multiple of {align}", v.offset));
+            return Err(format!(
+                "a view starts at {}, not a multiple of {align}",
+                v.offset
+            ));
         }
         if !buffers.contains(&v.buffer) {
             buffers.push(v.buffer);
@@ -192,7 +197,14 @@ fn a_tensor_longer_than_a_segment_is_split_and_not_bindable() {
     let gpu = opt.gpu().unwrap();
     let e = gpu.gradient_view(7).unwrap_err();
     assert!(
-        matches!(e, Error::NotBindable { index: 7, len: 65, segments: 2 }),
+        matches!(
+            e,
+            Error::NotBindable {
+                index: 7,
+                len: 65,
+                segments: 2
+            }
+        ),
         "{e:?}"
     );
     assert!(gpu.param_view(6).is_ok(), "64 elements fit one segment");
@@ -226,7 +238,10 @@ fn views_and_recorded_steps_refuse_bad_requests() {
     ));
     let mut opt = RmsProp::with_options(combo(0), vars(), Backend::Gpu, &common::on(&ctx)).unwrap();
     let gpu = opt.gpu().unwrap();
-    assert!(matches!(gpu.gradient_view(8), Err(Error::NoSuchVariable(8))));
+    assert!(matches!(
+        gpu.gradient_view(8),
+        Err(Error::NoSuchVariable(8))
+    ));
     assert!(matches!(
         gpu.slot_view(Slot::Momentum, 0),
         Err(Error::SlotNotKept(Slot::Momentum))
@@ -236,7 +251,11 @@ fn views_and_recorded_steps_refuse_bad_requests() {
     assert!(empty.binding().is_none(), "an empty tensor has no binding");
     assert!(matches!(
         opt.record_device_step(&[true; 7], &mut encoder),
-        Err(Error::CountMismatch { expected: 8, found: 7, .. })
+        Err(Error::CountMismatch {
+            expected: 8,
+            found: 7,
+            ..
+        })
     ));
     opt.set_non_finite_guard(true).unwrap();
     assert!(matches!(

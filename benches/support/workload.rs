@@ -188,3 +188,106 @@ impl GpuCopy {
         ctx.queue.submit([enc.finish()]);
     }
 }
+
+/// A minimal WGSL kernel that copies `array<vec4<f32>>` from one buffer to another: the
+/// shader-side reference a fused step is compared with (`shader_ratio`). It copies half
+/// of `bytes` (each byte read once and written once), in workgroups of 256 threads
+/// moving 2,048 floats each, as the optimizer's kernels do, in bindings of at most
+/// `max_storage_buffer_binding_size`.
+#[derive(Debug)]
+pub struct ShaderCopy {
+    pipeline: wgpu::ComputePipeline,
+    /// One bind group and its workgroup count per binding-sized piece.
+    pieces: Vec<(wgpu::BindGroup, u32, u32)>,
+}
+
+const SHADER_COPY: &str = "
+@group(0) @binding(0) var<storage, read> src: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> dst: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn copy(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let first = (wid.x + wid.y * nwg.x) * 512u;
+    for (var k = lid; k < 512u; k += 256u) {
+        let i = first + k;
+        if i < arrayLength(&dst) {
+            dst[i] = src[i];
+        }
+    }
+}
+";
+
+impl ShaderCopy {
+    /// Builds the kernel and its buffers on `ctx`.
+    pub fn new(ctx: &GpuContext, bytes: u64) -> Self {
+        let device = &ctx.device;
+        let size = (bytes / 2).div_ceil(16).max(1) * 16;
+        let limits = device.limits();
+        let max_piece = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size)
+            / 16
+            * 16;
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("shader copy"),
+            source: wgpu::ShaderSource::Wgsl(SHADER_COPY.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("shader copy"),
+            layout: None,
+            module: &module,
+            entry_point: Some("copy"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        while at < size {
+            let len = (size - at).min(max_piece);
+            let make = |label| {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size: len,
+                    usage: wgpu::BufferUsages::STORAGE,
+                    mapped_at_creation: false,
+                })
+            };
+            let (src, dst) = (make("shader copy src"), make("shader copy dst"));
+            let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("shader copy"),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: src.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: dst.as_entire_binding(),
+                    },
+                ],
+            });
+            let groups = (len / 16).div_ceil(512) as usize;
+            let max = limits.max_compute_workgroups_per_dimension.max(1) as usize;
+            let x = groups.clamp(1, max);
+            pieces.push((bind_group, x as u32, groups.div_ceil(x) as u32));
+            at += len;
+        }
+        ShaderCopy { pipeline, pieces }
+    }
+
+    /// Records and submits one copy (does not wait).
+    pub fn submit(&self, ctx: &GpuContext) {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&self.pipeline);
+            for (bind_group, x, y) in &self.pieces {
+                pass.set_bind_group(0, bind_group, &[]);
+                pass.dispatch_workgroups(*x, *y, 1);
+            }
+        }
+        ctx.queue.submit([enc.finish()]);
+    }
+}

@@ -126,7 +126,12 @@ fn max_segment_len(ctx: &GpuContext, variant: &Variant) -> usize {
 }
 
 /// Refuses user buffers that lack usages, room or alignment, naming what was expected.
-fn check_user_buffers(ctx: &GpuContext, layout: &Layout, segment_len: usize, u: &UserBuffers) -> Result<()> {
+fn check_user_buffers(
+    ctx: &GpuContext,
+    layout: &Layout,
+    segment_len: usize,
+    u: &UserBuffers,
+) -> Result<()> {
     let total = layout.total();
     let invalid = |name: &str, reason: String| Error::InvalidBuffer {
         name: name.into(),
@@ -139,10 +144,13 @@ fn check_user_buffers(ctx: &GpuContext, layout: &Layout, segment_len: usize, u: 
         ));
     }
     let align = u64::from(ctx.device.limits().min_storage_buffer_offset_alignment);
-    if u.offset % align != 0 {
+    if !u.offset.is_multiple_of(align) {
         return Err(invalid(
             "params",
-            format!("offset {} is not a multiple of min_storage_buffer_offset_alignment ({align})", u.offset),
+            format!(
+                "offset {} is not a multiple of min_storage_buffer_offset_alignment ({align})",
+                u.offset
+            ),
         ));
     }
     for (name, b) in [("params", &u.params), ("grads", &u.grads)] {
@@ -436,7 +444,9 @@ impl GpuArena {
                     view.slice(done..at).fill(0);
                     let mut dst = view.slice(at..at + p.len * 4);
                     match g {
-                        Some(g) => dst.copy_from_slice(bytemuck::cast_slice(&g[p.at..p.at + p.len])),
+                        Some(g) => {
+                            dst.copy_from_slice(bytemuck::cast_slice(&g[p.at..p.at + p.len]))
+                        }
                         None => dst.fill(0),
                     }
                     done = at + p.len * 4;
@@ -508,7 +518,13 @@ impl GpuArena {
                 continue;
             }
             let (slots, base) = self.target(Target::Slot(Slot::Ema), i)?;
-            encoder.copy_buffer_to_buffer(slots, base, &s.params, s.params_base, s.len as u64 * F32);
+            encoder.copy_buffer_to_buffer(
+                slots,
+                base,
+                &s.params,
+                s.params_base,
+                s.len as u64 * F32,
+            );
         }
         ctx.queue.submit([encoder.finish()]);
         ctx.take_error()

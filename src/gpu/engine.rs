@@ -307,7 +307,12 @@ impl GpuEngine {
     }
 
     /// One step in its own submission.
-    fn submit_step(&mut self, config: &RmsPropConfig, present: &[bool], decay: &[bool]) -> Result<()> {
+    fn submit_step(
+        &mut self,
+        config: &RmsPropConfig,
+        present: &[bool],
+        decay: &[bool],
+    ) -> Result<()> {
         let mut encoder = self
             .ctx
             .device

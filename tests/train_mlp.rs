@@ -1,0 +1,54 @@
+//! `examples/train_mlp` trains on the GPU (lavapipe in CI) and on the CPU path: the
+//! loss falls at least 10x on each, and the two runs end within 5% of each other.
+
+#[path = "../examples/train_mlp/mlp.rs"]
+mod mlp;
+
+mod common;
+
+use fused_rmsprop::Backend;
+
+fn run(backend: Backend) -> mlp::Report {
+    let options = mlp::TrainOptions {
+        backend,
+        steps: 100,
+        batch: 32,
+        every: 25,
+        seed: 7,
+    };
+    mlp::train(&options, |_, _| {}).unwrap()
+}
+
+#[test]
+fn the_mlp_trains_alike_on_both_backends() {
+    let cpu = run(Backend::Cpu);
+    assert_eq!((cpu.backend, cpu.params), ("cpu", 142_088));
+    assert!(
+        cpu.first_loss >= 10.0 * cpu.final_loss,
+        "cpu: the loss fell from {} to {} only",
+        cpu.first_loss,
+        cpu.final_loss
+    );
+    if common::gpu().is_none() {
+        return;
+    }
+    let gpu = run(Backend::Gpu);
+    assert_eq!(gpu.backend, "gpu");
+    assert!(gpu.first_loss >= 10.0 * gpu.final_loss, "gpu: {gpu:?}");
+    assert_eq!(gpu.dispatches_per_step, mlp::MODEL_DISPATCHES + 1);
+    // same data, initialization and batches: the first loss agrees to float rounding
+    let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * a.abs().max(b.abs());
+    assert!(
+        close(gpu.first_loss, cpu.first_loss, 1e-4),
+        "{} vs {}",
+        gpu.first_loss,
+        cpu.first_loss
+    );
+    assert!(
+        close(gpu.final_loss, cpu.final_loss, 0.05),
+        "final losses: gpu {} vs cpu {}",
+        gpu.final_loss,
+        cpu.final_loss
+    );
+    assert_eq!(gpu.losses.len(), cpu.losses.len());
+}
