@@ -204,7 +204,7 @@ fn device_gradients_in_user_buffers_match_host_steps() {
         align..align + 12,
         "the bias starts on the next aligned offset"
     );
-    assert!(size >= ranges[1].end && size % 16 == 0);
+    assert!(size >= ranges[1].end && size.is_multiple_of(16));
     let make = |label| {
         ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
