@@ -155,6 +155,9 @@ struct ElementState {
 var<private> s: StepScalars;
 
 var<workgroup> scratch: array<f32, WORKGROUP_SIZE>;
+// WORKGROUP_SIZE = REDUCE_WIDTH * REDUCE_WIDTH
+const REDUCE_WIDTH: u32 = 16u;
+var<workgroup> scratch_partials: array<f32, REDUCE_WIDTH>;
 
 // ---- update math: mirrors src/math.rs ----------------------------------------
 
@@ -403,18 +406,25 @@ fn workgroup_linear(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
 }
 
-// Sum of `value` over the workgroup in a fixed tree order (deterministic); every
-// invocation gets the total. Call from uniform control flow only.
+// Sum of `value` over the workgroup in a fixed order (deterministic): 16 invocations
+// each add 16 values in order, then every invocation adds those 16 partial sums in
+// order and gets the total. Three barriers rather than a tree's nine: barriers are what
+// a reduction costs on software adapters. Call from uniform control flow only.
 fn workgroup_sum(lid: u32, value: f32) -> f32 {
     scratch[lid] = value;
     workgroupBarrier();
-    for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride = stride / 2u) {
-        if lid < stride {
-            scratch[lid] += scratch[lid + stride];
+    if lid < REDUCE_WIDTH {
+        var partial = 0.0;
+        for (var k = 0u; k < REDUCE_WIDTH; k++) {
+            partial += scratch[lid * REDUCE_WIDTH + k];
         }
-        workgroupBarrier();
+        scratch_partials[lid] = partial;
     }
-    let total = scratch[0];
+    workgroupBarrier();
+    var total = 0.0;
+    for (var k = 0u; k < REDUCE_WIDTH; k++) {
+        total += scratch_partials[k];
+    }
     workgroupBarrier();
     return total;
 }

@@ -192,7 +192,7 @@ impl GpuCopy {
 /// A minimal WGSL kernel that copies `array<vec4<f32>>` from one buffer to another: the
 /// shader-side reference a fused step is compared with (`shader_ratio`). It copies half
 /// of `bytes` (each byte read once and written once), in workgroups of 256 threads
-/// moving 2,048 floats each, as the optimizer's kernels do, in bindings of at most
+/// moving 8,192 floats each, as the optimizer's kernels do, in bindings of at most
 /// `max_storage_buffer_binding_size`.
 #[derive(Debug)]
 pub struct ShaderCopy {
@@ -202,14 +202,17 @@ pub struct ShaderCopy {
 }
 
 const SHADER_COPY: &str = "
+// vec4s per workgroup
+override PER_GROUP: u32 = 2048u;
+
 @group(0) @binding(0) var<storage, read> src: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read_write> dst: array<vec4<f32>>;
 
 @compute @workgroup_size(256)
 fn copy(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-    let first = (wid.x + wid.y * nwg.x) * 512u;
-    for (var k = lid; k < 512u; k += 256u) {
+    let first = (wid.x + wid.y * nwg.x) * PER_GROUP;
+    for (var k = lid; k < PER_GROUP; k += 256u) {
         let i = first + k;
         if i < arrayLength(&dst) {
             dst[i] = src[i];
@@ -221,6 +224,7 @@ fn copy(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 impl ShaderCopy {
     /// Builds the kernel and its buffers on `ctx`.
     pub fn new(ctx: &GpuContext, bytes: u64) -> Self {
+        let per_group: u32 = 2048; // vec4s: 8,192 floats, the optimizer's chunk
         let device = &ctx.device;
         let size = (bytes / 2).div_ceil(16).max(1) * 16;
         let limits = device.limits();
@@ -238,7 +242,10 @@ impl ShaderCopy {
             layout: None,
             module: &module,
             entry_point: Some("copy"),
-            compilation_options: Default::default(),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &[("PER_GROUP", f64::from(per_group))],
+                ..Default::default()
+            },
             cache: None,
         });
         let mut pieces = Vec::new();
@@ -268,7 +275,7 @@ impl ShaderCopy {
                     },
                 ],
             });
-            let groups = (len / 16).div_ceil(512) as usize;
+            let groups = (len / 16).div_ceil(per_group as u64) as usize;
             let max = limits.max_compute_workgroups_per_dimension.max(1) as usize;
             let x = groups.clamp(1, max);
             pieces.push((bind_group, x as u32, groups.div_ceil(x) as u32));

@@ -221,7 +221,7 @@ impl GpuEngine {
         self.arena.view(Target::Slot(slot), i)
     }
 
-    /// Workgroups one pass over the arena dispatches: one per chunk of at most 2048
+    /// Workgroups one pass over the arena dispatches: one per chunk of at most 8192
     /// elements of one tensor (spread over a 2D grid beyond the per-dimension limit).
     pub fn workgroups_per_pass(&self) -> usize {
         self.arena.layout.chunks().len()

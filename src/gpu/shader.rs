@@ -13,8 +13,10 @@ pub(crate) const SHADER_SOURCE: &str = include_str!("../../shaders/rmsprop.wgsl"
 /// Threads per workgroup (`WORKGROUP_SIZE` in the shader).
 pub(crate) const WORKGROUP_SIZE: usize = 256;
 
-/// Elements per chunk on the GPU: eight per thread of one workgroup.
-pub(crate) const GPU_CHUNK_LEN: usize = WORKGROUP_SIZE * 8;
+/// Elements per chunk on the GPU: 32 per thread of one workgroup (eight `vec4<f32>`);
+/// larger chunks amortize each workgroup's setup (its rows, its plan), which software
+/// adapters pay dearly for.
+pub(crate) const GPU_CHUNK_LEN: usize = WORKGROUP_SIZE * 32;
 
 /// Plans in the step uniform (`PLAN_WINDOW` in the shader): with the non-finite guard,
 /// the most steps that may be in flight before the host waits for a readback.
