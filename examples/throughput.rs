@@ -16,7 +16,8 @@
 //! also reports `shader_copy_gbps` and `shader_ratio` (against a minimal WGSL kernel
 //! copying the same bytes), `dispatches_per_step`, `submissions_per_step`, and
 //! `host_seconds_per_step`, the CPU time one `apply_device_gradients` call takes to
-//! record and submit (without waiting for the GPU).
+//! record and submit (without waiting for the GPU), and `latency_seconds`, one step
+//! submitted and waited for (medians).
 
 use std::process::ExitCode;
 
@@ -172,6 +173,16 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             }
             opt.synchronize()?;
             host.sort_by(f64::total_cmp);
+            // end-to-end latency: one step submitted and waited for
+            let mut latency = Vec::new();
+            for _ in 0..args.samples.max(1) {
+                let t = std::time::Instant::now();
+                opt.apply_device_gradients(&present)?;
+                opt.synchronize()?;
+                latency.push(t.elapsed().as_secs_f64());
+            }
+            latency.sort_by(f64::total_cmp);
+            gpu_fields.insert("latency_seconds".into(), json!(latency[latency.len() / 2]));
             let shader_gbps = bytes as f64 / shader_copy.as_secs_f64() / 1e9;
             let gbps = bytes as f64 / step.as_secs_f64() / 1e9;
             gpu_fields.insert("adapter".into(), json!(ctx.adapter_name()));
