@@ -146,7 +146,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 return Err(e.into());
             }
             let gpu = opt.gpu().ok_or("no gpu")?;
-            let dispatches = gpu.dispatches_per_step(args.guard || variant.clip);
+            let dispatches = gpu.dispatches_per_step();
             let ctx = &gpu.context().clone();
             let baseline = GpuCopy::new(ctx, bytes);
             let copy = median_time(args.samples, reps, |r| {

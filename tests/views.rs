@@ -208,7 +208,16 @@ fn a_tensor_longer_than_a_segment_is_split_and_not_bindable() {
         "{e:?}"
     );
     assert!(gpu.param_view(6).is_ok(), "64 elements fit one segment");
-    drop(opt);
+    // one update dispatch per segment; with a norm, partials per segment and a finalize
+    let segments = gpu.segment_count();
+    assert!(segments > 2);
+    assert_eq!(gpu.dispatches_per_step(), segments);
+    let clipped = RmsProp::with_options(combo(8), model(&mut Rng(2)), Backend::Gpu, &tiny).unwrap();
+    assert_eq!(
+        clipped.gpu().unwrap().dispatches_per_step(),
+        2 * segments + 1
+    );
+    drop((opt, clipped));
     // stepping it is still exact (host gradients)
     let mut rng = Rng(3);
     let vars = model(&mut rng);

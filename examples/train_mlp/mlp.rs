@@ -139,7 +139,7 @@ pub fn train(
             let engine = opt.gpu().ok_or("no GPU engine")?;
             (
                 Some(engine.adapter_name()),
-                MODEL_DISPATCHES + engine.dispatches_per_step(false),
+                MODEL_DISPATCHES + engine.dispatches_per_step(),
             )
         }
     };

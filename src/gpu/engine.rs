@@ -325,15 +325,17 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// Dispatches one step records: `2 * segments + 1` with a norm pass, else `segments`
-    /// (segments holding no chunk are skipped).
-    pub fn dispatches_per_step(&self, with_norm: bool) -> usize {
+    /// Compute dispatches one update step records with this config: the update per
+    /// segment holding elements, plus, when clipping by a norm or guarding, the norm
+    /// partials per segment and one finalize.
+    pub fn dispatches_per_step(&self) -> usize {
         let busy = self
             .arena
             .segments
             .iter()
             .filter(|s| s.chunk_count > 0)
             .count();
+        let with_norm = self.variant.guard || self.variant.clip.needs_norm();
         if with_norm {
             2 * busy + 1
         } else {
