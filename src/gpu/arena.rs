@@ -425,33 +425,32 @@ impl GpuArena {
     /// staged write per segment, covering it whole, so the padding (and the gradients of
     /// variables that have none this step) are written as zeros.
     pub(crate) fn write_gradients(&self, ctx: &GpuContext, grads: &[Option<&[f32]>]) -> Result<()> {
-        for (i, seg) in self.segments.iter().enumerate() {
-            let Some(size) = NonZeroU64::new(seg.len as u64 * F32) else {
-                continue;
-            };
-            let mut staged = ctx
+        let mut staged = Vec::with_capacity(self.segments.len());
+        for seg in &self.segments {
+            let size = NonZeroU64::new(seg.len as u64 * F32)
+                .ok_or_else(|| Error::Gpu("an arena segment has no elements".into()))?;
+            let view = ctx
                 .queue
                 .write_buffer_with(&seg.grads, seg.grads_base, size)
                 .ok_or_else(|| Error::Gpu("cannot stage the gradient upload".into()))?;
-            let mut view = staged.slice(..);
-            let mut done = 0; // bytes of the segment written so far
-            for (t, g) in self.layout.tensors().iter().zip(grads) {
-                for p in self.pieces(t.offset, t.len) {
-                    if p.segment != i {
-                        continue;
-                    }
-                    let at = p.local * 4;
-                    view.slice(done..at).fill(0);
-                    let mut dst = view.slice(at..at + p.len * 4);
-                    match g {
-                        Some(g) => {
-                            dst.copy_from_slice(bytemuck::cast_slice(&g[p.at..p.at + p.len]))
-                        }
-                        None => dst.fill(0),
-                    }
-                    done = at + p.len * 4;
+            staged.push(view);
+        }
+        // bytes of each segment written so far: tensors come in arena order
+        let mut done = vec![0usize; staged.len()];
+        for (t, g) in self.layout.tensors().iter().zip(grads) {
+            for p in self.pieces(t.offset, t.len) {
+                let mut view = staged[p.segment].slice(..);
+                let at = p.local * 4;
+                view.slice(done[p.segment]..at).fill(0);
+                let mut dst = view.slice(at..at + p.len * 4);
+                match g {
+                    Some(g) => dst.copy_from_slice(bytemuck::cast_slice(&g[p.at..p.at + p.len])),
+                    None => dst.fill(0),
                 }
+                done[p.segment] = at + p.len * 4;
             }
+        }
+        for (view, done) in staged.iter_mut().zip(done) {
             view.slice(done..).fill(0);
         }
         Ok(())
