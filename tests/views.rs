@@ -258,6 +258,13 @@ fn views_and_recorded_steps_refuse_bad_requests() {
     let empty = gpu.param_view(0).unwrap();
     assert_eq!(empty.size, 0);
     assert!(empty.binding().is_none(), "an empty tensor has no binding");
+    // an empty tensor at the very end of the arena still has its (empty) view
+    let mut trailing = vars();
+    trailing.push(Variable::new("last/empty", &[0], vec![]).unwrap());
+    let last = RmsProp::with_options(combo(0), trailing, Backend::Gpu, &common::on(&ctx)).unwrap();
+    let view = last.gpu().unwrap().gradient_view(8).unwrap();
+    assert_eq!(view.size, 0);
+    assert!(view.offset <= view.buffer.size());
     assert!(matches!(
         opt.record_device_step(&[true; 7], &mut encoder),
         Err(Error::CountMismatch {

@@ -385,18 +385,30 @@ impl GpuArena {
     /// tensor spans segments.
     pub(crate) fn view(&self, target: Target, tensor: usize) -> Result<TensorView<'_>> {
         let t = self.layout.tensor(tensor)?;
-        let pieces = self.pieces(t.offset, t.len.max(1));
-        let [p] = pieces.as_slice() else {
-            return Err(Error::NotBindable {
-                index: tensor,
-                len: t.len,
-                segments: pieces.len(),
-            });
+        let (segment, local) = if t.len == 0 {
+            // no elements: its aligned offset in the last segment starting at or before it
+            // (an empty tensor may sit at the very end of the arena)
+            let segment = self
+                .segments
+                .iter()
+                .rposition(|s| s.start <= t.offset)
+                .unwrap_or(0);
+            (segment, t.offset - self.segments[segment].start)
+        } else {
+            let pieces = self.pieces(t.offset, t.len);
+            let [p] = pieces.as_slice() else {
+                return Err(Error::NotBindable {
+                    index: tensor,
+                    len: t.len,
+                    segments: pieces.len(),
+                });
+            };
+            (p.segment, p.local)
         };
-        let (buffer, base) = self.target(target, p.segment)?;
+        let (buffer, base) = self.target(target, segment)?;
         Ok(TensorView {
             buffer,
-            offset: base + p.local as u64 * F32,
+            offset: base + local as u64 * F32,
             size: t.len as u64 * F32,
         })
     }
