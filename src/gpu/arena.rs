@@ -11,7 +11,7 @@ use std::num::NonZeroU64;
 
 use crate::backend::Role;
 use crate::error::{Error, Result};
-use crate::gpu::binding::{align_elements, TensorView, UserBuffers, ARENA_USAGES, F32};
+use crate::gpu::binding::{align_elements, f32_bytes, TensorView, UserBuffers, ARENA_USAGES, F32};
 use crate::gpu::context::GpuContext;
 use crate::gpu::nonfinite::STEP_STATE_BYTES;
 use crate::gpu::pipelines::Pipelines;
@@ -78,10 +78,6 @@ pub(crate) struct Piece {
     pub len: usize,
     /// Offset of this piece inside the requested range.
     pub at: usize,
-}
-
-fn bytes(n: usize) -> u64 {
-    (n as u64 * F32).max(16)
 }
 
 fn make_buffer(
@@ -160,11 +156,11 @@ fn check_user_buffers(
                 format!("needs usages {ARENA_USAGES:?}, has {:?}", b.usage()),
             ));
         }
-        let needed = u.offset + bytes(total);
+        let needed = u.offset + f32_bytes(total);
         if b.size() < needed {
             return Err(invalid(
                 name,
-                format!("{} bytes, the model needs {needed} (offset {} + {} for {total} elements with padding)", b.size(), u.offset, bytes(total)),
+                format!("{} bytes, the model needs {needed} (offset {} + {} for {total} elements with padding)", b.size(), u.offset, f32_bytes(total)),
             ));
         }
     }
@@ -193,17 +189,17 @@ impl GpuArena {
         let n_chunks = layout.chunks().len();
         let storage_ro = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
         let row = std::mem::size_of::<TensorRow>() / 4;
-        let tensors = make_buffer(ctx, "tensors", bytes(row * n_tensors), storage_ro)?;
+        let tensors = make_buffer(ctx, "tensors", f32_bytes(row * n_tensors), storage_ro)?;
         let partials = make_buffer(
             ctx,
             "partials",
-            bytes(n_chunks),
+            f32_bytes(n_chunks),
             wgpu::BufferUsages::STORAGE,
         )?;
         let clips = make_buffer(
             ctx,
             "clips",
-            bytes(2 * n_tensors),
+            f32_bytes(2 * n_tensors),
             wgpu::BufferUsages::STORAGE,
         )?;
         let uniform = make_buffer(
@@ -229,13 +225,13 @@ impl GpuArena {
             let (params, params_base, grads, grads_base) = match &user {
                 Some(u) => (u.params.clone(), u.offset, u.grads.clone(), u.offset),
                 None => (
-                    make_buffer(ctx, "params", bytes(cap), ARENA_USAGES)?,
+                    make_buffer(ctx, "params", f32_bytes(cap), ARENA_USAGES)?,
                     0,
-                    make_buffer(ctx, "grads", bytes(cap), ARENA_USAGES)?,
+                    make_buffer(ctx, "grads", f32_bytes(cap), ARENA_USAGES)?,
                     0,
                 ),
             };
-            let slots = make_buffer(ctx, "slots", bytes(cap * slot_count), ARENA_USAGES)?;
+            let slots = make_buffer(ctx, "slots", f32_bytes(cap * slot_count), ARENA_USAGES)?;
             let table: Vec<ChunkRow> = layout
                 .chunks()
                 .iter()
@@ -248,7 +244,7 @@ impl GpuArena {
                     global_index: g as u32,
                 })
                 .collect();
-            let table_bytes = bytes(std::mem::size_of_val(table.as_slice()) / 4);
+            let table_bytes = f32_bytes(std::mem::size_of_val(table.as_slice()) / 4);
             let chunks = make_buffer(ctx, "chunks", table_bytes, storage_ro)?;
             ctx.queue
                 .write_buffer(&chunks, 0, bytemuck::cast_slice(&table));

@@ -21,6 +21,12 @@ pub const ARENA_USAGES: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 /// Bytes in one f32.
 pub(crate) const F32: u64 = 4;
 
+/// Bytes of a buffer holding `n` f32 (at least 16: one `vec4`, and never a zero-sized
+/// binding). Arena buffers and [`UserBuffers::required_size`] both use it.
+pub(crate) fn f32_bytes(n: usize) -> u64 {
+    (n as u64 * F32).max(16)
+}
+
 /// Elements every tensor's offset is a multiple of on this device: the storage-binding
 /// offset alignment, and at least 4 (one `vec4<f32>`).
 pub(crate) fn align_elements(ctx: &GpuContext) -> usize {
@@ -81,7 +87,7 @@ impl UserBuffers {
     /// device (padding included).
     pub fn required_size(context: &GpuContext, specs: &[VariableSpec]) -> Result<u64> {
         let layout = Layout::new(specs, usize::MAX, usize::MAX, align_elements(context))?;
-        Ok((layout.total() as u64 * F32).max(16))
+        Ok(f32_bytes(layout.total()))
     }
 
     /// Each variable's bytes, relative to [`UserBuffers::offset`], on `context`'s device.
