@@ -17,6 +17,8 @@ const BOOL_OVERRIDES: [&str; 6] = [
     "GUARD",
 ];
 const CLIP_KINDS: [f64; 4] = [0.0, 1.0, 2.0, 3.0];
+/// Values of `GRADIENT_DTYPE` (f32, bf16, f16).
+const GRADIENT_DTYPES: [f64; 3] = [0.0, 1.0, 2.0];
 
 fn fail(msg: String) -> ! {
     eprintln!("{msg}");
@@ -51,14 +53,25 @@ fn validate(path: &Path) {
     } else {
         &[0.0]
     };
+    let dtypes: &[f64] = if declared.iter().any(|d| d == "GRADIENT_DTYPE") {
+        &GRADIENT_DTYPES
+    } else {
+        &[0.0]
+    };
+    let combos = clip_kinds
+        .iter()
+        .flat_map(|&c| dtypes.iter().map(move |&d| (c, d)));
     for mask in 0..(1u32 << bools.len()) {
-        for &clip in clip_kinds {
+        for (clip, dtype) in combos.clone() {
             let mut constants = PipelineConstants::default();
             for (bit, b) in bools.iter().enumerate() {
                 constants.insert(b.to_string(), f64::from((mask >> bit) & 1));
             }
             if clip_kinds.len() > 1 {
                 constants.insert("CLIP_KIND".into(), clip);
+            }
+            if dtypes.len() > 1 {
+                constants.insert("GRADIENT_DTYPE".into(), dtype);
             }
             for ep in &entry_points {
                 if let Err(e) = process_overrides(

@@ -38,6 +38,9 @@ override WEIGHT_DECAY: bool = false;
 override GUARD: bool = false;
 // 0: none, 1: clipnorm (per tensor), 2: global_clipnorm, 3: clipvalue
 override CLIP_KIND: u32 = 0u;
+// The gradients' element type (dtype::Dtype::code): 0 f32 (read from `grads`),
+// 1 bf16, 2 f16 (two per u32, read from `grads_16`; upcast exactly, as `half` does).
+override GRADIENT_DTYPE: u32 = 0u;
 // Slot k of local vec4 i lives at slots[k * arrayLength(&params) + i]; velocity is slot 0.
 override MOMENTUM_SLOT: u32 = 1u;
 override AVERAGE_GRADIENT_SLOT: u32 = 2u;
@@ -150,6 +153,8 @@ struct ElementState {
 @group(0) @binding(6) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(7) var<storage, read_write> clips: array<ClipFactors>;
 @group(0) @binding(8) var<storage, read_write> step_state: StepState;
+// The same buffer as `grads`: four 16-bit gradients (one Lanes) per vec2<u32>.
+@group(0) @binding(9) var<storage, read> grads_16: array<vec2<u32>>;
 
 // This invocation's plan, loaded from `step` at the start of each entry point.
 var<private> s: StepScalars;
@@ -317,6 +322,44 @@ fn update_element(raw_gradient: Lanes, before: ElementState, t: TensorStep) -> E
 
 // ---- arena access --------------------------------------------------------------
 
+// bf16 in the low (`lo`) or high half of words, as f32: the bits shifted up; a NaN gets
+// its quiet bit, as `half::bf16::to_f32` does.
+fn bf16_lanes(bits: vec4<u32>) -> Lanes {
+    let nan = (bits & vec4(0x7fffu)) > vec4(0x7f80u);
+    return bitcast<Lanes>(select(bits, bits | vec4(0x40u), nan) << vec4(16u));
+}
+
+// IEEE binary16 as f32, exactly (`half::f16::to_f32`): normal numbers rebias the
+// exponent, subnormals are their significand times 2^-24 (exact in f32), infinities
+// stay, and a NaN keeps its payload with the quiet bit set. By bits, so no adapter's
+// f16 handling (or lack of the `shader-f16` feature) can change a value.
+fn f16_lanes(bits: vec4<u32>) -> Lanes {
+    let sign = (bits & vec4(0x8000u)) << vec4(16u);
+    let exponent = (bits >> vec4(10u)) & vec4(0x1fu);
+    let mantissa = bits & vec4(0x3ffu);
+    let normal = sign | ((exponent + vec4(112u)) << vec4(23u)) | (mantissa << vec4(13u));
+    let special = sign | vec4(F32_EXPONENT_BITS) | (mantissa << vec4(13u))
+        | select(vec4(0u), vec4(0x400000u), mantissa != vec4(0u));
+    // 0x33800000: 2^-24
+    let subnormal = sign | bitcast<vec4<u32>>(vec4<f32>(mantissa) * bitcast<f32>(0x33800000u));
+    let is_subnormal = exponent == vec4(0u);
+    let is_special = exponent == vec4(0x1fu);
+    return bitcast<Lanes>(select(select(normal, special, is_special), subnormal, is_subnormal));
+}
+
+// Raw gradient of vec4 i, as f32 lanes, in the variant's GRADIENT_DTYPE.
+fn load_gradient(i: u32) -> Lanes {
+    if GRADIENT_DTYPE == 0u {
+        return grads[i];
+    }
+    let pair = grads_16[i];
+    let halves = vec4(pair.x & 0xffffu, pair.x >> 16u, pair.y & 0xffffu, pair.y >> 16u);
+    if GRADIENT_DTYPE == 1u {
+        return bf16_lanes(halves);
+    }
+    return f16_lanes(halves);
+}
+
 fn slot_index(slot: u32, i: u32) -> u32 {
     return slot * arrayLength(&params) + i;
 }
@@ -399,7 +442,7 @@ fn effective_gradient_at(i: u32) -> Lanes {
     if ACCUMULATE {
         accumulator = slots[slot_index(ACCUMULATOR_SLOT, i)];
     }
-    return effective_gradient(grads[i], accumulator);
+    return effective_gradient(load_gradient(i), accumulator);
 }
 
 fn workgroup_linear(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
@@ -478,7 +521,7 @@ fn norm_partials(
             let i = first + k;
             let lanes = lanes_in_chunk(k, chunk.len);
             if GUARD {
-                non_finite = non_finite || any(lanes_non_finite(unscale_gradient(grads[i])) & lanes);
+                non_finite = non_finite || any(lanes_non_finite(unscale_gradient(load_gradient(i))) & lanes);
             }
             if CLIP_KIND == 1u || CLIP_KIND == 2u {
                 let g = select(Lanes(0.0), effective_gradient_at(i), lanes);
@@ -560,7 +603,7 @@ fn update(
         let i = first + k;
         var raw = Lanes(0.0);
         if t.phase != PHASE_NO_GRADIENT {
-            raw = grads[i];
+            raw = load_gradient(i);
         }
         let before = load_element(i, t.phase);
         let after = update_element(raw, before, t);

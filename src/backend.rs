@@ -7,6 +7,7 @@ use std::any::Any;
 use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
 use crate::cpu_level::CpuLevel;
+use crate::dtype::GradSlice;
 use crate::error::{Error, Result};
 use crate::variant::{Slot, Variant};
 
@@ -58,8 +59,8 @@ impl BackendKind {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Gradients<'a> {
     /// In host memory: one entry per variable, `None` for a missing gradient (checked by
-    /// the caller: lengths match, at least one is present).
-    Host(&'a [Option<&'a [f32]>]),
+    /// the caller: lengths and element types match, at least one is present).
+    Host(&'a [Option<GradSlice<'a>>]),
     /// Already in the GPU's gradient buffers; `true` where a variable has one.
     Device(&'a [bool]),
 }

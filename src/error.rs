@@ -5,6 +5,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::cpu_level::CpuLevel;
+use crate::dtype::Dtype;
 use crate::slot::Slot;
 
 /// Everything that can go wrong in this crate. No public function panics on bad
@@ -69,6 +70,14 @@ pub enum Error {
         expected: usize,
         /// The gradient's length.
         found: usize,
+    },
+    /// Gradients in another element type than the optimizer takes.
+    #[error("gradients are {found}, this optimizer takes {expected} (its Precision::gradients)")]
+    GradientDtype {
+        /// The optimizer's gradient dtype.
+        expected: Dtype,
+        /// The dtype given.
+        found: Dtype,
     },
     /// More or fewer gradients (or values) than variables.
     #[error("expected {expected} {what}, one per variable, got {found}")]

@@ -41,6 +41,7 @@ mod config;
 mod counters;
 mod cpu;
 mod cpu_level;
+mod dtype;
 mod error;
 pub mod gpu;
 mod json;
@@ -57,8 +58,11 @@ pub use backend::{Backend, BackendKind};
 pub use config::RmsPropConfig;
 pub use counters::SkippedSteps;
 pub use cpu_level::CpuLevel;
+pub use dtype::{Dtype, GradientElement, Precision};
 pub use error::{Error, Result};
 pub use gpu::{GpuContext, GpuOptions};
+/// The 16-bit float types gradients can arrive in ([`half::bf16`], [`half::f16`]).
+pub use half;
 pub use optimizer::RmsProp;
 pub use schedule::{
     CosineDecay, CosineDecayRestarts, ExponentialDecay, InverseTimeDecay, KerasSchedule,

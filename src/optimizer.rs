@@ -9,6 +9,7 @@ use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
 use crate::cpu::CpuEngine;
 use crate::cpu_level::CpuLevel;
+use crate::dtype::{GradSlice, GradientElement, Precision};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuEngine, GpuOptions};
 use crate::plan::{iterations, takes_weight_decay};
@@ -57,6 +58,7 @@ fn open_engine(
 #[derive(Debug)]
 pub struct RmsProp {
     config: RmsPropConfig,
+    precision: Precision,
     specs: Vec<VariableSpec>,
     excluded: Vec<String>,
     /// Per variable: whether weight decay applies (from `excluded`).
@@ -92,11 +94,23 @@ impl RmsProp {
         backend: Backend,
         gpu: &GpuOptions,
     ) -> Result<Self> {
+        Self::with_precision(config, variables, backend, gpu, Precision::default())
+    }
+
+    /// [`with_options`](RmsProp::with_options) taking inputs in the element types of
+    /// `precision` (gradients in bf16, say; see [`Precision`]).
+    pub fn with_precision(
+        config: RmsPropConfig,
+        variables: Vec<Variable>,
+        backend: Backend,
+        gpu: &GpuOptions,
+        precision: Precision,
+    ) -> Result<Self> {
         for v in &variables {
             check_len(&v.spec, v.values.len())?;
         }
         let specs = variables.iter().map(|v| v.spec.clone()).collect();
-        let mut opt = Self::with_specs(config, specs, backend, gpu)?;
+        let mut opt = Self::build(config, specs, backend, gpu, precision)?;
         for (i, v) in variables.iter().enumerate() {
             opt.set_variable(i, &v.values)?;
         }
@@ -112,8 +126,21 @@ impl RmsProp {
         backend: Backend,
         gpu: &GpuOptions,
     ) -> Result<Self> {
+        Self::build(config, specs, backend, gpu, Precision::default())
+    }
+
+    pub(crate) fn build(
+        config: RmsPropConfig,
+        specs: Vec<VariableSpec>,
+        backend: Backend,
+        gpu: &GpuOptions,
+        precision: Precision,
+    ) -> Result<Self> {
         config.validate()?;
-        let variant = Variant::of(&config);
+        let variant = Variant {
+            gradients: precision.gradients,
+            ..Variant::of(&config)
+        };
         let backend = if backend == Backend::Auto && !config.jit_compile {
             Backend::Cpu
         } else {
@@ -123,6 +150,7 @@ impl RmsProp {
         let decay = vec![true; specs.len()];
         Ok(RmsProp {
             config,
+            precision,
             specs,
             excluded: Vec::new(),
             decay,
@@ -133,6 +161,11 @@ impl RmsProp {
     /// The config.
     pub fn config(&self) -> &RmsPropConfig {
         &self.config
+    }
+
+    /// The element types the optimizer takes its inputs in.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The variables' names and shapes.
@@ -255,8 +288,15 @@ impl RmsProp {
         self.engine.synchronize()
     }
 
-    /// Checks a step's gradients: one per variable, right lengths, at least one present.
-    fn check_gradients(&self, grads: &[Option<&[f32]>]) -> Result<()> {
+    /// Checks a step's gradients: one per variable, of the optimizer's gradient dtype,
+    /// right lengths, at least one present.
+    fn check_gradients<T: GradientElement>(&self, grads: &[Option<&[T]>]) -> Result<()> {
+        if T::DTYPE != self.precision.gradients {
+            return Err(Error::GradientDtype {
+                expected: self.precision.gradients,
+                found: T::DTYPE,
+            });
+        }
         if grads.len() != self.specs.len() {
             return Err(Error::CountMismatch {
                 what: "gradients",
@@ -283,11 +323,24 @@ impl RmsProp {
 
     /// One step of Keras' `apply_gradients`: `grads[i]` is variable `i`'s gradient, or
     /// `None` to leave that variable and its slots alone this step (its EMA still moves,
-    /// as in Keras). Bad input is refused before anything changes.
+    /// as in Keras). Bad input is refused before anything changes, gradients in another
+    /// dtype than [`Precision::gradients`] too ([`Error::GradientDtype`]).
     pub fn apply_gradients(&mut self, grads: &[Option<&[f32]>]) -> Result<()> {
+        self.apply_typed_gradients(grads)
+    }
+
+    /// [`apply_gradients`](RmsProp::apply_gradients) with gradients in any
+    /// [`GradientElement`] type (`f32`, [`half::bf16`], [`half::f16`]), which must be the
+    /// optimizer's [`Precision::gradients`]. The step is exactly the f32 step of the
+    /// gradients upcast to f32.
+    pub fn apply_typed_gradients<T: GradientElement>(
+        &mut self,
+        grads: &[Option<&[T]>],
+    ) -> Result<()> {
         self.check_gradients(grads)?;
+        let slices: Vec<Option<GradSlice<'_>>> = grads.iter().map(|g| g.map(T::slice)).collect();
         self.engine
-            .step(&self.config, Gradients::Host(grads), &self.decay)
+            .step(&self.config, Gradients::Host(&slices), &self.decay)
     }
 
     /// [`apply_gradients`](RmsProp::apply_gradients) with `ndarray` gradients, taken in

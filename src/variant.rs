@@ -3,6 +3,7 @@
 //! pipeline cache (WGSL `override` constants), and says which [`Slot`]s exist.
 
 use crate::config::{Clipping, RmsPropConfig};
+use crate::dtype::Dtype;
 pub(crate) use crate::slot::Slot;
 
 /// How gradients are clipped, without the numbers.
@@ -53,6 +54,8 @@ pub(crate) struct Variant {
     /// The opt-in non-finite guard (not a Keras option: set by
     /// [`crate::RmsProp::set_non_finite_guard`], never by a config).
     pub guard: bool,
+    /// The gradients' element type (set from [`crate::Precision`], never by a config).
+    pub gradients: Dtype,
 }
 
 impl Variant {
@@ -71,6 +74,7 @@ impl Variant {
                 Clipping::Value(_) => ClipKind::Value,
             },
             guard: false,
+            gradients: Dtype::F32,
         }
     }
 

@@ -6,7 +6,8 @@ mod common;
 
 use fused_rmsprop::gpu::{UserBuffers, ARENA_USAGES};
 use fused_rmsprop::{
-    Backend, BackendKind, Error, GpuOptions, RmsProp, RmsPropConfig, Slot, Variable, VariableSpec,
+    Backend, BackendKind, Dtype, Error, GpuOptions, RmsProp, RmsPropConfig, Slot, Variable,
+    VariableSpec,
 };
 
 fn model() -> Vec<Variable> {
@@ -195,10 +196,15 @@ fn device_gradients_in_user_buffers_match_host_steps() {
     let specs: Vec<VariableSpec> = model().iter().map(|v| v.spec.clone()).collect();
     // the arena sits past some data of the user's own, at an aligned offset
     let offset = 2 * u64::from(ctx.device.limits().min_storage_buffer_offset_alignment);
-    let size = UserBuffers::required_size(&ctx, &specs).unwrap();
-    let ranges = UserBuffers::tensor_byte_ranges(&ctx, &specs).unwrap();
+    let size = UserBuffers::required_size(&ctx, &specs, Dtype::F32).unwrap();
+    let ranges = UserBuffers::tensor_byte_ranges(&ctx, &specs, Dtype::F32).unwrap();
     assert_eq!(ranges[0], 0..24);
-    let align = u64::from(ctx.device.limits().min_storage_buffer_offset_alignment).max(16);
+    // offsets are aligned for 16-bit gradient buffers too: twice the alignment in f32
+    let min_align = u64::from(ctx.device.limits().min_storage_buffer_offset_alignment);
+    let align = (2 * min_align).max(32);
+    let ranges_16 = UserBuffers::tensor_byte_ranges(&ctx, &specs, Dtype::Bf16).unwrap();
+    assert_eq!(ranges_16[1], align / 2..align / 2 + 6);
+    assert!(ranges_16[1].start.is_multiple_of(min_align));
     assert_eq!(
         ranges[1],
         align..align + 12,

@@ -2,6 +2,7 @@
 //! non-finite scan. All are `#[inline(always)]`, so that `isa` compiles each into one
 //! clone per instruction-set level; none of them branches on an option per element.
 
+use crate::dtype::GradSlice;
 use crate::math::{
     effective_gradient, unscale_gradient, update_element, ElementState, Phase, StepScalars,
     TensorStep,
@@ -11,6 +12,29 @@ use crate::math::{
 pub(crate) struct ChunkJob<'a> {
     pub arrays: ChunkArrays<'a>,
     pub step: TensorStep,
+}
+
+/// A chunk's work before its gradient is f32: the gradient in its own dtype (empty when
+/// the tensor has none this step).
+pub(crate) struct PendingJob<'a> {
+    /// The arrays, with an empty `grad`.
+    pub arrays: ChunkArrays<'a>,
+    pub grad: GradSlice<'a>,
+    pub step: TensorStep,
+}
+
+impl PendingJob<'_> {
+    /// Runs `f` on the job with its gradient as f32 (upcast into `buffer` when 16-bit).
+    #[inline]
+    pub(crate) fn run(self, buffer: &mut Vec<f32>, f: impl FnOnce(ChunkJob<'_>)) {
+        let PendingJob { arrays, grad, step } = self;
+        grad.with_f32(buffer, |grad| {
+            f(ChunkJob {
+                arrays: ChunkArrays { grad, ..arrays },
+                step,
+            })
+        })
+    }
 }
 
 /// One chunk's slice of every array; unused slots, and the gradient of a tensor without

@@ -20,6 +20,7 @@ use crate::backend::{BackendKind, Engine, Gradients, Role};
 use crate::config::RmsPropConfig;
 use crate::counters::{SkippedSteps, StepCounters};
 use crate::cpu_level::CpuLevel;
+use crate::dtype::GradSlice;
 use crate::error::{Error, Result};
 use crate::layout::{Chunk, Layout};
 use crate::math::{
@@ -29,7 +30,7 @@ use crate::plan::plan_step;
 use crate::variable::VariableSpec;
 use crate::variant::{ClipKind, Slot, Variant};
 use isa::Isa;
-use kernels::{ChunkArrays, ChunkJob};
+use kernels::{ChunkArrays, PendingJob};
 
 /// Elements per chunk on the CPU: 128 KiB of each array, large enough to amortize
 /// scheduling, small enough to balance across threads.
@@ -102,7 +103,7 @@ impl CpuEngine {
     }
 
     /// Per-tensor sums of squared effective gradients, when this step clips by a norm.
-    fn norm_sums(&self, s: &StepScalars, grads: &[Option<&[f32]>]) -> Option<Vec<f64>> {
+    fn norm_sums(&self, s: &StepScalars, grads: &[Option<GradSlice<'_>>]) -> Option<Vec<f64>> {
         if !self.variant.clip.needs_norm() || s.is_update_step == 0 {
             return None;
         }
@@ -114,15 +115,17 @@ impl CpuEngine {
             .layout
             .chunks()
             .par_iter()
-            .map(|c| {
+            .map_init(Vec::new, |buffer, c| {
                 let t = &tensors[c.tensor];
                 let Some(g) = grads[c.tensor] else { return 0.0 };
-                let g = &g[c.offset - t.offset..][..c.len];
-                if accumulate {
-                    isa::sum_of_squares::<true>(isa, g, &acc[c.offset..][..c.len], s)
-                } else {
-                    isa::sum_of_squares::<false>(isa, g, &[], s)
-                }
+                let start = c.offset - t.offset;
+                g.range(start..start + c.len).with_f32(buffer, |g| {
+                    if accumulate {
+                        isa::sum_of_squares::<true>(isa, g, &acc[c.offset..][..c.len], s)
+                    } else {
+                        isa::sum_of_squares::<false>(isa, g, &[], s)
+                    }
+                })
             })
             .collect();
         Some(
@@ -158,7 +161,12 @@ impl CpuEngine {
 
     /// One step with the numbers `s`; `false` when the non-finite guard skips it
     /// (nothing changes then).
-    fn run_step(&mut self, s: &StepScalars, grads: &[Option<&[f32]>], decay: &[bool]) -> bool {
+    fn run_step(
+        &mut self,
+        s: &StepScalars,
+        grads: &[Option<GradSlice<'_>>],
+        decay: &[bool],
+    ) -> bool {
         let sums = self.norm_sums(s, grads);
         if self.variant.guard {
             // NaN or infinity in a gradient makes its sum of squares non-finite, so a
@@ -202,11 +210,13 @@ impl CpuEngine {
             else {
                 break;
             };
-            let grad = grads[c.tensor].map(|g| &g[c.offset - t.offset..][..c.len]);
-            jobs.push(ChunkJob {
+            let start = c.offset - t.offset;
+            let grad = grads[c.tensor].map(|g| g.range(start..start + c.len));
+            jobs.push(PendingJob {
+                grad: grad.unwrap_or_default(),
                 arrays: ChunkArrays {
                     param,
-                    grad: grad.unwrap_or_default(),
+                    grad: &[],
                     velocity,
                     momentum,
                     average_gradient,
@@ -224,8 +234,9 @@ impl CpuEngine {
         let isa = self.isa;
         macro_rules! go {
             ($c:literal, $m:literal, $e:literal, $a:literal) => {
-                jobs.into_par_iter()
-                    .for_each(|job| isa::run_chunk::<$c, $m, $e, $a>(isa, job, s))
+                jobs.into_par_iter().for_each_init(Vec::new, |buffer, job| {
+                    job.run(buffer, |job| isa::run_chunk::<$c, $m, $e, $a>(isa, job, s))
+                })
             };
         }
         match (v.centered, v.momentum, v.ema, v.accumulate) {
@@ -328,10 +339,13 @@ impl Engine for CpuEngine {
 }
 
 /// True when any present gradient, divided by the loss scale, is NaN or infinite.
-fn has_non_finite(isa: Isa, grads: &[Option<&[f32]>], s: &StepScalars) -> bool {
+fn has_non_finite(isa: Isa, grads: &[Option<GradSlice<'_>>], s: &StepScalars) -> bool {
     grads.par_iter().flatten().any(|g| {
-        g.par_chunks(CPU_CHUNK_LEN)
-            .any(|chunk| isa::any_non_finite(isa, chunk, s))
+        let pieces = g.len().div_ceil(CPU_CHUNK_LEN);
+        (0..pieces).into_par_iter().any(|k| {
+            let piece = g.range(k * CPU_CHUNK_LEN..((k + 1) * CPU_CHUNK_LEN).min(g.len()));
+            piece.with_f32(&mut Vec::new(), |chunk| isa::any_non_finite(isa, chunk, s))
+        })
     })
 }
 
@@ -343,7 +357,10 @@ mod tests {
     fn detects_nan_and_infinity_after_unscaling() {
         let s = plan_step(&RmsPropConfig::default(), 0);
         let isa = Isa::process_default();
-        let has_non_finite = |g: &[Option<&[f32]>], s: &StepScalars| has_non_finite(isa, g, s);
+        let has_non_finite = |g: &[Option<&[f32]>], s: &StepScalars| {
+            let g: Vec<_> = g.iter().map(|g| g.map(GradSlice::F32)).collect();
+            has_non_finite(isa, &g, s)
+        };
         let fine = vec![1.0f32; 100_000];
         let mut bad = fine.clone();
         bad[77_777] = f32::NAN;

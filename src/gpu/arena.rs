@@ -10,8 +10,11 @@
 use std::num::NonZeroU64;
 
 use crate::backend::Role;
+use crate::dtype::{Dtype, GradSlice};
 use crate::error::{Error, Result};
-use crate::gpu::binding::{align_elements, f32_bytes, TensorView, UserBuffers, ARENA_USAGES, F32};
+use crate::gpu::binding::{
+    align_elements, dtype_bytes, f32_bytes, TensorView, UserBuffers, ARENA_USAGES, F32,
+};
 use crate::gpu::context::GpuContext;
 use crate::gpu::nonfinite::STEP_STATE_BYTES;
 use crate::gpu::pipelines::Pipelines;
@@ -126,6 +129,7 @@ fn check_user_buffers(
     ctx: &GpuContext,
     layout: &Layout,
     segment_len: usize,
+    gradients: Dtype,
     u: &UserBuffers,
 ) -> Result<()> {
     let total = layout.total();
@@ -149,18 +153,22 @@ fn check_user_buffers(
             ),
         ));
     }
-    for (name, b) in [("params", &u.params), ("grads", &u.grads)] {
+    for (name, b, dtype) in [
+        ("params", &u.params, Dtype::F32),
+        ("grads", &u.grads, gradients),
+    ] {
         if !b.usage().contains(ARENA_USAGES) {
             return Err(invalid(
                 name,
                 format!("needs usages {ARENA_USAGES:?}, has {:?}", b.usage()),
             ));
         }
-        let needed = u.offset + f32_bytes(total);
+        let bytes = dtype_bytes(total, dtype);
+        let needed = u.offset + bytes;
         if b.size() < needed {
             return Err(invalid(
                 name,
-                format!("{} bytes, the model needs {needed} (offset {} + {} for {total} elements with padding)", b.size(), u.offset, f32_bytes(total)),
+                format!("{} bytes, the model needs {needed} (offset {} + {bytes} for {total} {dtype} elements with padding)", b.size(), u.offset),
             ));
         }
     }
@@ -182,7 +190,7 @@ impl GpuArena {
         let segment_len = segment_len.map_or(max_len, |s| s.clamp(1, max_len));
         let layout = Layout::new(specs, GPU_CHUNK_LEN, segment_len, align_elements(ctx))?;
         if let Some(u) = &user {
-            check_user_buffers(ctx, &layout, segment_len, u)?;
+            check_user_buffers(ctx, &layout, segment_len, variant.gradients, u)?;
         }
         let slot_count = variant.slots().len();
         let n_tensors = layout.tensors().len();
@@ -222,12 +230,13 @@ impl GpuArena {
             let len = elements.len();
             // an empty model still binds one vec4 per buffer
             let cap = len.max(4);
+            let grad_bytes = dtype_bytes(cap, variant.gradients);
             let (params, params_base, grads, grads_base) = match &user {
                 Some(u) => (u.params.clone(), u.offset, u.grads.clone(), u.offset),
                 None => (
                     make_buffer(ctx, "params", f32_bytes(cap), ARENA_USAGES)?,
                     0,
-                    make_buffer(ctx, "grads", f32_bytes(cap), ARENA_USAGES)?,
+                    make_buffer(ctx, "grads", grad_bytes, ARENA_USAGES)?,
                     0,
                 ),
             };
@@ -270,9 +279,15 @@ impl GpuArena {
                             binding: binding::PARAMS,
                             resource: range(&params, params_base, cap as u64 * F32),
                         },
+                        // the gradients twice: as f32 lanes and as 16-bit pairs (the
+                        // variant's GRADIENT_DTYPE picks the one the kernels read)
                         wgpu::BindGroupEntry {
                             binding: binding::GRADS,
-                            resource: range(&grads, grads_base, cap as u64 * F32),
+                            resource: range(&grads, grads_base, grad_bytes),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: binding::GRADS_16,
+                            resource: range(&grads, grads_base, grad_bytes),
                         },
                         wgpu::BindGroupEntry {
                             binding: binding::SLOTS,
@@ -361,6 +376,14 @@ impl GpuArena {
         out
     }
 
+    /// Bytes per element of `target`.
+    fn element_bytes(&self, target: Target) -> u64 {
+        match target {
+            Target::Grads => self.variant.gradients.size_bytes() as u64,
+            Target::Params | Target::Slot(_) => F32,
+        }
+    }
+
     /// The buffer and byte offset of `target`'s first element in a segment.
     fn target(&self, target: Target, segment: usize) -> Result<(&wgpu::Buffer, u64)> {
         let s = &self.segments[segment];
@@ -402,10 +425,11 @@ impl GpuArena {
             (p.segment, p.local)
         };
         let (buffer, base) = self.target(target, segment)?;
+        let element = self.element_bytes(target);
         Ok(TensorView {
             buffer,
-            offset: base + local as u64 * F32,
-            size: t.len as u64 * F32,
+            offset: base + local as u64 * element,
+            size: (t.len as u64 * element).next_multiple_of(4),
         })
     }
 
@@ -432,10 +456,27 @@ impl GpuArena {
     /// Uploads one step's host gradients straight into the queue's staging memory: one
     /// staged write per segment, covering it whole, so the padding (and the gradients of
     /// variables that have none this step) are written as zeros.
-    pub(crate) fn write_gradients(&self, ctx: &GpuContext, grads: &[Option<&[f32]>]) -> Result<()> {
+    pub(crate) fn write_gradients(
+        &self,
+        ctx: &GpuContext,
+        grads: &[Option<GradSlice<'_>>],
+    ) -> Result<()> {
+        let dtype = self.variant.gradients;
+        if let Some(found) = grads
+            .iter()
+            .flatten()
+            .map(|g| g.dtype())
+            .find(|&d| d != dtype)
+        {
+            return Err(Error::GradientDtype {
+                expected: dtype,
+                found,
+            });
+        }
+        let element = dtype.size_bytes();
         let mut staged = Vec::with_capacity(self.segments.len());
         for seg in &self.segments {
-            let size = NonZeroU64::new(seg.len as u64 * F32)
+            let size = NonZeroU64::new(dtype_bytes(seg.len, self.variant.gradients))
                 .ok_or_else(|| Error::Gpu("an arena segment has no elements".into()))?;
             let view = ctx
                 .queue
@@ -448,14 +489,15 @@ impl GpuArena {
         for (t, g) in self.layout.tensors().iter().zip(grads) {
             for p in self.pieces(t.offset, t.len) {
                 let mut view = staged[p.segment].slice(..);
-                let at = p.local * 4;
+                let at = p.local * element;
+                let end = at + p.len * element;
                 view.slice(done[p.segment]..at).fill(0);
-                let mut dst = view.slice(at..at + p.len * 4);
+                let mut dst = view.slice(at..end);
                 match g {
-                    Some(g) => dst.copy_from_slice(bytemuck::cast_slice(&g[p.at..p.at + p.len])),
+                    Some(g) => dst.copy_from_slice(g.range(p.at..p.at + p.len).bytes()),
                     None => dst.fill(0),
                 }
-                done[p.segment] = at + p.len * 4;
+                done[p.segment] = end;
             }
         }
         for (view, done) in staged.iter_mut().zip(done) {

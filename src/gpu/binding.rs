@@ -8,6 +8,7 @@
 use std::num::NonZeroU64;
 use std::ops::Range;
 
+use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::gpu::context::GpuContext;
 use crate::layout::Layout;
@@ -24,14 +25,24 @@ pub(crate) const F32: u64 = 4;
 /// Bytes of a buffer holding `n` f32 (at least 16: one `vec4`, and never a zero-sized
 /// binding). Arena buffers and [`UserBuffers::required_size`] both use it.
 pub(crate) fn f32_bytes(n: usize) -> u64 {
-    (n as u64 * F32).max(16)
+    dtype_bytes(n, Dtype::F32)
+}
+
+/// Bytes of a buffer holding `n` elements of `dtype`, rounded up to a whole `vec4<f32>`
+/// (16 bytes, and never a zero-sized binding): the kernels read a 16-bit gradient
+/// buffer as `vec4<f32>` and as pairs of `u32`.
+pub(crate) fn dtype_bytes(n: usize, dtype: Dtype) -> u64 {
+    (n as u64 * dtype.size_bytes() as u64)
+        .next_multiple_of(16)
+        .max(16)
 }
 
 /// Elements every tensor's offset is a multiple of on this device: the storage-binding
-/// offset alignment, and at least 4 (one `vec4<f32>`).
+/// offset alignment counted in 16-bit elements (so offsets are aligned in f32 and in
+/// 16-bit buffers alike), and at least 8 (one `vec4<f32>` of 16-bit pairs).
 pub(crate) fn align_elements(ctx: &GpuContext) -> usize {
     let bytes = ctx.device.limits().min_storage_buffer_offset_alignment as usize;
-    (bytes / F32 as usize).max(4)
+    (bytes / 2).max(8)
 }
 
 /// One tensor's elements in an arena buffer, ready for a bind group: `size` bytes at
@@ -46,7 +57,8 @@ pub struct TensorView<'a> {
     pub buffer: &'a wgpu::Buffer,
     /// Byte offset of the tensor's first element.
     pub offset: u64,
-    /// Bytes: 4 per element, no padding.
+    /// Bytes: 4 per element (2 in a 16-bit gradient buffer, rounded up to a multiple
+    /// of 4 as bindings must be), no padding.
     pub size: u64,
 }
 
@@ -65,13 +77,14 @@ impl<'a> TensorView<'a> {
 /// Your own parameter and gradient buffers, for the optimizer to step in place (pass
 /// them in [`GpuOptions::buffers`](crate::GpuOptions::buffers)).
 ///
-/// From byte `offset` on, both hold every variable row-major, as f32, in variable order,
-/// each starting at the byte offset [`UserBuffers::tensor_byte_ranges`] gives (the
-/// device's storage-binding alignment; the padding between them must be zero). They
-/// need the usages [`ARENA_USAGES`], `offset` a multiple of
-/// `min_storage_buffer_offset_alignment`, at least `offset +`
-/// [`UserBuffers::required_size`] bytes, and the model must fit one storage binding
-/// (`max_storage_buffer_binding_size`).
+/// From byte `offset` on, both hold every variable row-major in variable order:
+/// parameters as f32, gradients in the optimizer's
+/// [`Precision::gradients`](crate::Precision), each variable at the byte offset
+/// [`UserBuffers::tensor_byte_ranges`] gives for that dtype (aligned to the device's
+/// storage-binding alignment; the padding between them must be zero). They need the
+/// usages [`ARENA_USAGES`], `offset` a multiple of `min_storage_buffer_offset_alignment`,
+/// at least `offset +` [`UserBuffers::required_size`] bytes, and the model must fit one
+/// storage binding (`max_storage_buffer_binding_size`).
 #[derive(Debug, Clone)]
 pub struct UserBuffers {
     /// Parameters.
@@ -83,23 +96,31 @@ pub struct UserBuffers {
 }
 
 impl UserBuffers {
-    /// Bytes each buffer needs past [`UserBuffers::offset`] for `specs` on `context`'s
-    /// device (padding included).
-    pub fn required_size(context: &GpuContext, specs: &[VariableSpec]) -> Result<u64> {
+    /// Bytes a buffer of `dtype` elements needs past [`UserBuffers::offset`] for `specs`
+    /// on `context`'s device (padding included): `Dtype::F32` for the parameters, the
+    /// gradient dtype for the gradients.
+    pub fn required_size(
+        context: &GpuContext,
+        specs: &[VariableSpec],
+        dtype: Dtype,
+    ) -> Result<u64> {
         let layout = Layout::new(specs, usize::MAX, usize::MAX, align_elements(context))?;
-        Ok(f32_bytes(layout.total()))
+        Ok(dtype_bytes(layout.total(), dtype))
     }
 
-    /// Each variable's bytes, relative to [`UserBuffers::offset`], on `context`'s device.
+    /// Each variable's bytes in a buffer of `dtype` elements, relative to
+    /// [`UserBuffers::offset`], on `context`'s device.
     pub fn tensor_byte_ranges(
         context: &GpuContext,
         specs: &[VariableSpec],
+        dtype: Dtype,
     ) -> Result<Vec<Range<u64>>> {
         let layout = Layout::new(specs, usize::MAX, usize::MAX, align_elements(context))?;
+        let size = dtype.size_bytes() as u64;
         Ok(layout
             .tensors()
             .iter()
-            .map(|t| t.offset as u64 * F32..t.range().end as u64 * F32)
+            .map(|t| t.offset as u64 * size..t.range().end as u64 * size)
             .collect())
     }
 }

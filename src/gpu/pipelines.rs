@@ -34,6 +34,7 @@ fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
         ("WEIGHT_DECAY", b(variant.weight_decay)),
         ("GUARD", b(variant.guard)),
         ("CLIP_KIND", f64::from(variant.clip.code())),
+        ("GRADIENT_DTYPE", f64::from(variant.gradients.code())),
         ("MOMENTUM_SLOT", slot(Slot::Momentum)),
         ("AVERAGE_GRADIENT_SLOT", slot(Slot::AverageGradient)),
         ("EMA_SLOT", slot(Slot::Ema)),
@@ -107,6 +108,7 @@ pub(crate) fn pipelines_for(ctx: &GpuContext, variant: &Variant) -> Result<Arc<P
                     storage(binding::PARTIALS, false),
                     storage(binding::CLIPS, false),
                     storage(binding::STEP_STATE, false),
+                    storage(binding::GRADS_16, true),
                 ],
             });
             let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {

@@ -1,0 +1,255 @@
+//! Element types a step takes gradients in: [`Dtype`] names them, [`GradientElement`]
+//! is the Rust type of each (`f32`, [`half::bf16`], [`half::f16`]), and `GradSlice` is
+//! one tensor's gradient in any of them. A 16-bit gradient is upcast exactly to f32
+//! before the update: the step is the f32 step of the upcast values.
+
+use half::{bf16, f16};
+
+/// An element type: `f32`, `bf16` (bfloat16) or `f16` (IEEE half precision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Dtype {
+    /// 32-bit IEEE float.
+    #[default]
+    F32,
+    /// bfloat16: f32's exponent, 8 bits of significand.
+    Bf16,
+    /// IEEE binary16.
+    F16,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 | Dtype::F16 => 2,
+        }
+    }
+
+    /// `"f32"`, `"bf16"` or `"f16"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+
+    /// The WGSL `GRADIENT_DTYPE` override value.
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Dtype::F32 => 0,
+            Dtype::Bf16 => 1,
+            Dtype::F16 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(Dtype::F32),
+            "bf16" | "bfloat16" => Ok(Dtype::Bf16),
+            "f16" | "float16" => Ok(Dtype::F16),
+            other => Err(format!("unknown dtype `{other}` (f32, bf16 or f16)")),
+        }
+    }
+}
+
+/// The element types an optimizer takes its inputs in (its parameters and slots stay
+/// f32). Build one with [`Precision::default`] (everything f32) and the `with_`
+/// methods; pass it to [`RmsProp::with_precision`](crate::RmsProp::with_precision).
+///
+/// ```
+/// use fused_rmsprop::{half::bf16, Backend, Dtype, GpuOptions, Precision, RmsProp, RmsPropConfig, Variable};
+/// let var = Variable::new("x", &[2], vec![1.0, -1.0]).unwrap();
+/// let precision = Precision::default().with_gradients(Dtype::Bf16);
+/// let mut opt = RmsProp::with_precision(
+///     RmsPropConfig::default(), vec![var], Backend::Cpu, &GpuOptions::default(), precision,
+/// ).unwrap();
+/// let g = [bf16::from_f32(0.5), bf16::from_f32(-0.25)];
+/// opt.apply_typed_gradients(&[Some(&g[..])]).unwrap();
+/// // f32 gradients are refused now: the optimizer takes bf16
+/// assert!(opt.apply_gradients(&[Some(&[0.5, -0.25][..])]).is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Precision {
+    /// The gradients' element type, on the host and in the GPU's gradient buffers.
+    pub gradients: Dtype,
+}
+
+impl Precision {
+    /// With gradients in `dtype`.
+    pub fn with_gradients(self, dtype: Dtype) -> Self {
+        Precision {
+            gradients: dtype,
+            ..self
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+}
+
+/// A Rust type gradients can arrive in: `f32`, [`half::bf16`] or [`half::f16`] (the
+/// crate re-exports [`half`]). Sealed.
+pub trait GradientElement: sealed::Sealed + bytemuck::Pod + Send + Sync {
+    /// Its [`Dtype`].
+    const DTYPE: Dtype;
+
+    #[doc(hidden)]
+    fn slice(values: &[Self]) -> GradSlice<'_>;
+}
+
+impl GradientElement for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+    fn slice(values: &[Self]) -> GradSlice<'_> {
+        GradSlice::F32(values)
+    }
+}
+
+impl GradientElement for bf16 {
+    const DTYPE: Dtype = Dtype::Bf16;
+    fn slice(values: &[Self]) -> GradSlice<'_> {
+        GradSlice::Bf16(values)
+    }
+}
+
+impl GradientElement for f16 {
+    const DTYPE: Dtype = Dtype::F16;
+    fn slice(values: &[Self]) -> GradSlice<'_> {
+        GradSlice::F16(values)
+    }
+}
+
+/// One tensor's gradient (or a piece of it) in its own element type.
+#[derive(Debug, Clone, Copy)]
+#[doc(hidden)]
+pub enum GradSlice<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// bf16 values.
+    Bf16(&'a [bf16]),
+    /// f16 values.
+    F16(&'a [f16]),
+}
+
+impl Default for GradSlice<'_> {
+    fn default() -> Self {
+        GradSlice::F32(&[])
+    }
+}
+
+impl<'a> GradSlice<'a> {
+    /// Elements.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            GradSlice::F32(g) => g.len(),
+            GradSlice::Bf16(g) => g.len(),
+            GradSlice::F16(g) => g.len(),
+        }
+    }
+
+    /// Its element type.
+    pub(crate) fn dtype(&self) -> Dtype {
+        match self {
+            GradSlice::F32(_) => Dtype::F32,
+            GradSlice::Bf16(_) => Dtype::Bf16,
+            GradSlice::F16(_) => Dtype::F16,
+        }
+    }
+
+    /// Elements `range`.
+    pub(crate) fn range(&self, range: std::ops::Range<usize>) -> GradSlice<'a> {
+        match *self {
+            GradSlice::F32(g) => GradSlice::F32(&g[range]),
+            GradSlice::Bf16(g) => GradSlice::Bf16(&g[range]),
+            GradSlice::F16(g) => GradSlice::F16(&g[range]),
+        }
+    }
+
+    /// The values as stored (native byte order, what a GPU buffer of this dtype holds).
+    pub(crate) fn bytes(&self) -> &'a [u8] {
+        match *self {
+            GradSlice::F32(g) => bytemuck::cast_slice(g),
+            GradSlice::Bf16(g) => bytemuck::cast_slice(g),
+            GradSlice::F16(g) => bytemuck::cast_slice(g),
+        }
+    }
+
+    /// Runs `f` on the values as f32: an f32 slice as it is, a 16-bit one upcast
+    /// (exactly; NaN stays NaN, quieted as `half` does) into `buffer`.
+    pub(crate) fn with_f32<R>(&self, buffer: &mut Vec<f32>, f: impl FnOnce(&[f32]) -> R) -> R {
+        use half::slice::HalfFloatSliceExt;
+        let n = self.len();
+        let upcast = |buffer: &mut Vec<f32>| {
+            buffer.clear();
+            buffer.resize(n, 0.0);
+        };
+        match *self {
+            GradSlice::F32(g) => f(g),
+            GradSlice::Bf16(g) => {
+                upcast(buffer);
+                g.convert_to_f32_slice(buffer);
+                f(buffer)
+            }
+            GradSlice::F16(g) => {
+                upcast(buffer);
+                g.convert_to_f32_slice(buffer);
+                f(buffer)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every 16-bit pattern upcasts to the f32 `half` gives, NaN quieted, and the
+    /// upcast is exact (it rounds back to the same bits).
+    #[test]
+    fn upcast_is_exact_for_every_pattern() {
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let b: Vec<bf16> = all.iter().map(|&x| bf16::from_bits(x)).collect();
+        let h: Vec<f16> = all.iter().map(|&x| f16::from_bits(x)).collect();
+        let mut buf = Vec::new();
+        GradSlice::Bf16(&b).with_f32(&mut buf, |f| {
+            for (x, y) in b.iter().zip(f) {
+                assert_eq!(x.is_nan(), y.is_nan());
+                if !x.is_nan() {
+                    assert_eq!(bf16::from_f32(*y).to_bits(), x.to_bits());
+                }
+            }
+        });
+        GradSlice::F16(&h).with_f32(&mut buf, |f| {
+            for (x, y) in h.iter().zip(f) {
+                assert_eq!(x.is_nan(), y.is_nan());
+                if !x.is_nan() {
+                    assert_eq!(f16::from_f32(*y).to_bits(), x.to_bits());
+                    assert_eq!(y.to_bits(), x.to_f32().to_bits());
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for d in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+            assert_eq!(d.as_str().parse::<Dtype>(), Ok(d));
+        }
+        assert!("f64".parse::<Dtype>().is_err());
+    }
+}
