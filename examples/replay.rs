@@ -2,8 +2,12 @@
 //! `{"backend": "cpu"|"gpu", "variables": [[...], ...], "iterations": N}`.
 //!
 //! ```text
-//! cargo run --release --example replay -- [--backend auto|cpu|gpu] TRACE.json
+//! cargo run --release --example replay -- [--backend auto|cpu|gpu]
+//!     [--gradient-dtype f32|bf16|f16] TRACE.json
 //! ```
+//!
+//! `--gradient-dtype` rounds the trace's gradients to that dtype (nearest, ties to even)
+//! and feeds them in it (`RmsProp::apply_typed_gradients`).
 //!
 //! Exit codes: 0 success; 2 bad input (usage, unreadable file, not JSON, invalid
 //! config or trace), with one `error: ...` line on stderr and nothing on stdout;
@@ -14,8 +18,11 @@ use std::process::ExitCode;
 #[path = "../tests/common/trace.rs"]
 mod trace;
 
-use fused_rmsprop::{Backend, Error, GpuOptions};
+use fused_rmsprop::{Backend, Dtype, Error, GpuOptions};
 use trace::{outcome_json, Trace};
+
+const USAGE: &str =
+    "usage: replay [--backend auto|cpu|gpu] [--gradient-dtype f32|bf16|f16] TRACE.json";
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     let one_line = msg.to_string().replace('\n', " ");
@@ -25,6 +32,7 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let mut backend = Backend::Auto;
+    let mut gradients = Dtype::F32;
     let mut path = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -34,8 +42,13 @@ fn main() -> ExitCode {
                 Some(Err(e)) => return fail(2, e),
                 None => return fail(2, "--backend needs a value (auto, cpu or gpu)"),
             },
+            "--gradient-dtype" => match args.next().map(|d| d.parse::<Dtype>()) {
+                Some(Ok(d)) => gradients = d,
+                Some(Err(e)) => return fail(2, e),
+                None => return fail(2, "--gradient-dtype needs a value (f32, bf16 or f16)"),
+            },
             "-h" | "--help" => {
-                println!("usage: replay [--backend auto|cpu|gpu] TRACE.json");
+                println!("{USAGE}");
                 return ExitCode::SUCCESS;
             }
             s if s.starts_with("--backend=") => match s["--backend=".len()..].parse::<Backend>() {
@@ -53,7 +66,7 @@ fn main() -> ExitCode {
         }
     }
     let Some(path) = path else {
-        return fail(2, "usage: replay [--backend auto|cpu|gpu] TRACE.json");
+        return fail(2, USAGE);
     };
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -63,7 +76,7 @@ fn main() -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(2, format!("{path}: {e}")),
     };
-    match trace.replay(backend, &GpuOptions::default()) {
+    match trace.replay_in(backend, &GpuOptions::default(), gradients) {
         Ok((kind, outcome)) => {
             println!("{}", outcome_json(kind, &outcome));
             ExitCode::SUCCESS

@@ -4,7 +4,7 @@
 mod common;
 
 use common::trace::first_mismatch;
-use fused_rmsprop::{Backend, BackendKind, GpuOptions, RmsPropConfig};
+use fused_rmsprop::{Backend, BackendKind, Dtype, GpuOptions, RmsPropConfig};
 
 #[test]
 fn every_trace_matches_keras_on_cpu() {
@@ -62,4 +62,45 @@ fn every_trace_config_round_trips_through_keras_json() {
         let orig: Vec<&String> = v["config"].as_object().unwrap().keys().collect();
         assert_eq!(keys, orig, "{}", path.display());
     }
+}
+
+/// Every trace with its gradients rounded to bf16 and to f16 and fed in that dtype
+/// gives, on each backend, the very bits of the f32 replay of the rounded gradients
+/// (the step of the upcast gradients, which the f32 traces hold to Keras), and the two
+/// backends agree within FORMAT.md's tolerance.
+#[test]
+fn every_trace_replays_in_16_bit_gradients_on_both_backends() {
+    let ctx = common::gpu();
+    let mut failures = Vec::new();
+    for (file, trace) in &common::traces() {
+        for dtype in [Dtype::Bf16, Dtype::F16] {
+            let reference = trace.rounded(dtype);
+            let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
+            if let Some(ctx) = &ctx {
+                backends.push((Backend::Gpu, common::on(ctx)));
+            }
+            let mut outcomes = Vec::new();
+            for (backend, gpu) in &backends {
+                let (_, got) = trace.replay_in(*backend, gpu, dtype).unwrap();
+                let (_, want) = reference.replay(*backend, gpu).unwrap();
+                let same_bits = got.iterations == want.iterations
+                    && got
+                        .variables
+                        .iter()
+                        .flatten()
+                        .zip(want.variables.iter().flatten())
+                        .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+                if !same_bits {
+                    failures.push(format!("{file} {dtype} {backend:?}: differs from the f32 replay of the rounded gradients"));
+                }
+                outcomes.push(got);
+            }
+            if let [cpu, gpu] = outcomes.as_slice() {
+                if let Some(m) = first_mismatch(gpu, cpu) {
+                    failures.push(format!("{file} {dtype}: gpu vs cpu: {m}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -4,7 +4,11 @@
 //! `#[path]` module.
 #![allow(dead_code)]
 
-use fused_rmsprop::{Backend, BackendKind, GpuOptions, RmsProp, RmsPropConfig, Variable};
+use fused_rmsprop::half::{bf16, f16};
+use fused_rmsprop::{
+    Backend, BackendKind, Dtype, GpuOptions, GradientElement, Precision, RmsProp, RmsPropConfig,
+    Variable,
+};
 use serde_json::Value;
 
 /// The only format this harness reads.
@@ -276,12 +280,64 @@ impl Trace {
         backend: Backend,
         gpu: &GpuOptions,
     ) -> fused_rmsprop::Result<(BackendKind, Outcome)> {
-        let mut opt =
-            RmsProp::with_options(self.config.clone(), self.variables.clone(), backend, gpu)?;
+        self.replay_in(backend, gpu, Dtype::F32)
+    }
+
+    /// The trace with every gradient rounded to `dtype` (nearest, ties to even) and
+    /// kept as f32: what a replay in `dtype` must equal.
+    pub fn rounded(&self, dtype: Dtype) -> Trace {
+        let round = |x: f32| match dtype {
+            Dtype::F32 => x,
+            Dtype::Bf16 => bf16::from_f32(x).to_f32(),
+            Dtype::F16 => f16::from_f32(x).to_f32(),
+        };
+        let mut t = self.clone();
+        for step in &mut t.steps {
+            for g in step.iter_mut().flatten() {
+                g.iter_mut().for_each(|x| *x = round(*x));
+            }
+        }
+        t
+    }
+
+    /// Replays the trace with its gradients rounded to `dtype` (nearest, ties to even)
+    /// and fed in it.
+    pub fn replay_in(
+        &self,
+        backend: Backend,
+        gpu: &GpuOptions,
+        gradients: Dtype,
+    ) -> fused_rmsprop::Result<(BackendKind, Outcome)> {
+        let precision = Precision::default().with_gradients(gradients);
+        let mut opt = RmsProp::with_precision(
+            self.config.clone(),
+            self.variables.clone(),
+            backend,
+            gpu,
+            precision,
+        )?;
         opt.exclude_from_weight_decay(&self.exclude_from_weight_decay);
+        fn feed<T: GradientElement>(
+            opt: &mut RmsProp,
+            step: &[Option<Vec<f32>>],
+            convert: impl Fn(f32) -> T,
+        ) -> fused_rmsprop::Result<()> {
+            let owned: Vec<Option<Vec<T>>> = step
+                .iter()
+                .map(|g| g.as_ref().map(|g| g.iter().map(|&x| convert(x)).collect()))
+                .collect();
+            let grads: Vec<Option<&[T]>> = owned.iter().map(|g| g.as_deref()).collect();
+            opt.apply_typed_gradients(&grads)
+        }
         for step in &self.steps {
-            let grads: Vec<Option<&[f32]>> = step.iter().map(|g| g.as_deref()).collect();
-            opt.apply_gradients(&grads)?;
+            match gradients {
+                Dtype::Bf16 => feed(&mut opt, step, bf16::from_f32)?,
+                Dtype::F16 => feed(&mut opt, step, f16::from_f32)?,
+                Dtype::F32 => {
+                    let grads: Vec<Option<&[f32]>> = step.iter().map(|g| g.as_deref()).collect();
+                    opt.apply_gradients(&grads)?;
+                }
+            }
         }
         if self.finalize {
             opt.finalize_variable_values()?;
