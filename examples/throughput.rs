@@ -25,7 +25,8 @@ use clap::Parser;
 #[path = "../benches/support/workload.rs"]
 mod workload;
 
-use fused_rmsprop::{Backend, CpuLevel, RmsProp};
+use fused_rmsprop::half::{bf16, f16};
+use fused_rmsprop::{Backend, CpuLevel, Dtype, GpuOptions, GradientElement, Precision, RmsProp};
 use serde_json::json;
 use workload::{
     median_time, parallel_copy, synthetic_gradients, synthetic_model, BenchVariant, GpuCopy,
@@ -53,12 +54,50 @@ struct Args {
     /// Turn the non-finite guard on (the gradients are finite: every step applies).
     #[arg(long)]
     guard: bool,
+    /// The gradients' dtype: f32, bf16 or f16 (`bytes_per_step` counts its size).
+    #[arg(long, default_value = "f32")]
+    gradient_dtype: Dtype,
     /// Run the CPU loops at this level (baseline, avx2, avx512) instead of the best one.
     #[arg(long)]
     cpu_level: Option<CpuLevel>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+/// The synthetic gradients in the dtype asked for.
+enum HostGradients {
+    F32(Vec<Vec<f32>>),
+    Bf16(Vec<Vec<bf16>>),
+    F16(Vec<Vec<f16>>),
+}
+
+impl HostGradients {
+    fn new(grads: Vec<Vec<f32>>, dtype: Dtype) -> Self {
+        fn cast<T>(grads: &[Vec<f32>], f: fn(f32) -> T) -> Vec<Vec<T>> {
+            grads
+                .iter()
+                .map(|g| g.iter().map(|&x| f(x)).collect())
+                .collect()
+        }
+        match dtype {
+            Dtype::F32 => HostGradients::F32(grads),
+            Dtype::Bf16 => HostGradients::Bf16(cast(&grads, bf16::from_f32)),
+            Dtype::F16 => HostGradients::F16(cast(&grads, f16::from_f32)),
+        }
+    }
+
+    fn apply(&self, opt: &mut RmsProp) -> fused_rmsprop::Result<()> {
+        fn typed<T: GradientElement>(opt: &mut RmsProp, g: &[Vec<T>]) -> fused_rmsprop::Result<()> {
+            let refs: Vec<Option<&[T]>> = g.iter().map(|g| Some(g.as_slice())).collect();
+            opt.apply_typed_gradients(&refs)
+        }
+        match self {
+            HostGradients::F32(g) => typed(opt, g),
+            HostGradients::Bf16(g) => typed(opt, g),
+            HostGradients::F16(g) => typed(opt, g),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -84,11 +123,18 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let model = synthetic_model(args.params, args.tensors);
     let tensors = model.len();
-    let grads = synthetic_gradients(&model);
-    let grad_refs: Vec<Option<&[f32]>> = grads.iter().map(|g| Some(g.as_slice())).collect();
-    let bytes = variant.bytes_per_param() * args.params as u64;
+    let grads = HostGradients::new(synthetic_gradients(&model), args.gradient_dtype);
+    let gradient_bytes = args.gradient_dtype.size_bytes() as u64;
+    let bytes = variant.bytes_per_param_with(gradient_bytes) * args.params as u64;
     let reps = reps_for(bytes);
-    let mut opt = RmsProp::with_backend(variant.config(), model, args.backend)?;
+    let precision = Precision::default().with_gradients(args.gradient_dtype);
+    let mut opt = RmsProp::with_precision(
+        variant.config(),
+        model,
+        args.backend,
+        &GpuOptions::default(),
+        precision,
+    )?;
     opt.set_non_finite_guard(args.guard)?;
     if let Some(level) = args.cpu_level {
         opt.set_cpu_level(level)?;
@@ -105,11 +151,11 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let (step, copy) = match opt.gpu() {
         None => {
             for _ in 0..3 {
-                opt.apply_gradients(&grad_refs)?;
+                grads.apply(&mut opt)?;
             }
             let step = median_time(args.samples, reps, |r| {
                 for _ in 0..r {
-                    let _ = opt.apply_gradients(&grad_refs);
+                    let _ = grads.apply(&mut opt);
                 }
             });
             // same bytes: copy half of them (each byte read once, written once)
@@ -125,7 +171,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             (step, copy)
         }
         Some(_) => {
-            opt.apply_gradients(&grad_refs)?; // uploads the gradients once
+            grads.apply(&mut opt)?; // uploads the gradients once
             let present = vec![true; tensors];
             for _ in 0..3 {
                 opt.apply_device_gradients(&present)?;
@@ -200,6 +246,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut out = json!({
         "backend": backend.as_str(),
         "variant": name,
+        "gradient_dtype": args.gradient_dtype.as_str(),
         "guard": args.guard,
         "cpu_level": cpu_level,
         "params": args.params,

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use crate::backend::Backend;
 use crate::config::RmsPropConfig;
+use crate::dtype::Precision;
 use crate::error::{Error, Result};
 use crate::gpu::GpuOptions;
 use crate::optimizer::RmsProp;
@@ -64,6 +65,8 @@ fn tensor_key(stored: Stored, i: usize) -> String {
 /// Everything a checkpoint holds, parsed and checked for internal consistency.
 struct Parsed {
     config: RmsPropConfig,
+    /// The element types (gradient dtype: absent in older files, f32).
+    precision: Precision,
     specs: Vec<VariableSpec>,
     excluded: Vec<String>,
     raw_iterations: u64,
@@ -120,6 +123,13 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
             Ok(VariableSpec::new(name, &shape))
         })
         .collect::<Result<Vec<_>>>()?;
+    // absent from checkpoints written before 16-bit gradients existed: f32
+    let gradients = match meta.get("gradient_dtype") {
+        Some(d) => d
+            .parse::<crate::Dtype>()
+            .map_err(|e| corrupt(path, format!("gradient_dtype: {e}")))?,
+        None => crate::Dtype::F32,
+    };
     let excluded: Vec<String> = serde_json::from_str(get("exclude_from_weight_decay")?)
         .map_err(|e| corrupt(path, e.to_string()))?;
     let mut stored = vec![Stored::Variables];
@@ -165,6 +175,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     }
     Ok(Parsed {
         config,
+        precision: Precision::default().with_gradients(gradients),
         specs,
         excluded,
         raw_iterations,
@@ -227,6 +238,10 @@ impl RmsProp {
         );
         meta.insert("variables".to_string(), Value::Array(specs).to_string());
         meta.insert(
+            "gradient_dtype".to_string(),
+            self.precision().gradients.as_str().to_string(),
+        );
+        meta.insert(
             "exclude_from_weight_decay".to_string(),
             Value::from(self.excluded().to_vec()).to_string(),
         );
@@ -250,7 +265,8 @@ impl RmsProp {
     }
 
     /// Restores a checkpoint saved from an optimizer with the same variables (names and
-    /// shapes) and the same config. On any error (unreadable, truncated or corrupt
+    /// shapes), the same config and the same [`Precision`] ([`Error::PrecisionMismatch`]
+    /// otherwise). On any error (unreadable, truncated or corrupt
     /// file, other variables, other options) the in-memory state is left as it was.
     pub fn restore_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
@@ -266,6 +282,13 @@ impl RmsProp {
                 ),
             ));
         }
+        if p.precision != self.precision() {
+            return Err(Error::PrecisionMismatch {
+                what: "gradient dtype",
+                checkpoint: p.precision.gradients,
+                optimizer: self.precision().gradients,
+            });
+        }
         if p.config.to_keras_json()? != self.config().to_keras_json()? {
             return Err(corrupt(
                 path,
@@ -275,7 +298,8 @@ impl RmsProp {
         self.apply_parsed(p)
     }
 
-    /// Builds an optimizer from a checkpoint alone, on `backend`.
+    /// Builds an optimizer from a checkpoint alone (its config, variables and
+    /// [`Precision`]), on `backend`.
     pub fn load_checkpoint(
         path: impl AsRef<Path>,
         backend: Backend,
@@ -283,7 +307,7 @@ impl RmsProp {
     ) -> Result<Self> {
         let path = path.as_ref();
         let p = read(path)?;
-        let mut opt = RmsProp::with_specs(p.config.clone(), p.specs.clone(), backend, gpu)?;
+        let mut opt = RmsProp::build(p.config.clone(), p.specs.clone(), backend, gpu, p.precision)?;
         opt.apply_parsed(p)?;
         Ok(opt)
     }

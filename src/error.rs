@@ -79,6 +79,16 @@ pub enum Error {
         /// The dtype given.
         found: Dtype,
     },
+    /// A checkpoint saved with other element types than the optimizer restoring it.
+    #[error("the checkpoint's {what} is {checkpoint}, this optimizer's is {optimizer}")]
+    PrecisionMismatch {
+        /// Which element type differs.
+        what: &'static str,
+        /// The checkpoint's.
+        checkpoint: Dtype,
+        /// The optimizer's.
+        optimizer: Dtype,
+    },
     /// More or fewer gradients (or values) than variables.
     #[error("expected {expected} {what}, one per variable, got {found}")]
     CountMismatch {

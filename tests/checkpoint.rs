@@ -237,3 +237,60 @@ fn saving_replaces_the_previous_checkpoint_atomically() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A checkpoint records the gradient dtype: loading gives an optimizer that takes bf16
+/// gradients and resumes bit-identically; restoring into an f32 optimizer is a typed
+/// error that changes nothing.
+#[test]
+fn the_gradient_dtype_is_recorded_and_checked() {
+    use fused_rmsprop::half::bf16;
+    use fused_rmsprop::{Dtype, Precision};
+    let dir = std::env::temp_dir().join(format!("fused-rmsprop-ckpt-dtype-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bf16.safetensors");
+    let precision = Precision::default().with_gradients(Dtype::Bf16);
+    let build16 = || {
+        RmsProp::with_precision(
+            config(),
+            model(),
+            Backend::Cpu,
+            &GpuOptions::default(),
+            precision,
+        )
+        .unwrap()
+    };
+    let run16 = |opt: &mut RmsProp, steps: std::ops::Range<usize>| {
+        for s in steps {
+            let g: Vec<Option<Vec<bf16>>> = grads(s)
+                .into_iter()
+                .map(|g| g.map(|g| g.into_iter().map(bf16::from_f32).collect()))
+                .collect();
+            let refs: Vec<Option<&[bf16]>> = g.iter().map(|g| g.as_deref()).collect();
+            opt.apply_typed_gradients(&refs).unwrap();
+        }
+    };
+    let mut straight = build16();
+    run16(&mut straight, 0..6);
+    let mut first = build16();
+    run16(&mut first, 0..3);
+    first.save_checkpoint(&path).unwrap();
+    let mut loaded = RmsProp::load_checkpoint(&path, Backend::Cpu, &GpuOptions::default()).unwrap();
+    assert_eq!(loaded.precision().gradients, Dtype::Bf16);
+    run16(&mut loaded, 3..6);
+    assert_eq!(bits(&state(&loaded)), bits(&state(&straight)));
+
+    let mut f32_opt = build(Backend::Cpu, &GpuOptions::default());
+    run(&mut f32_opt, 0..2);
+    let before = bits(&state(&f32_opt));
+    match f32_opt.restore_checkpoint(&path) {
+        Err(Error::PrecisionMismatch {
+            checkpoint: Dtype::Bf16,
+            optimizer: Dtype::F32,
+            ..
+        }) => {}
+        other => panic!("restoring bf16 gradients into an f32 optimizer gave {other:?}"),
+    }
+    assert_eq!(bits(&state(&f32_opt)), before);
+    assert_eq!(f32_opt.raw_iterations(), 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -98,8 +98,15 @@ impl BenchVariant {
     /// parameter and velocity (20 B); +8 B for each of momentum and average_gradient;
     /// +4 B for the norm pass re-reading the gradient; +8 B for the EMA.
     pub fn bytes_per_param(&self) -> u64 {
-        20 + 8 * (self.momentum as u64 + self.centered as u64)
-            + 4 * self.clip as u64
+        self.bytes_per_param_with(4)
+    }
+
+    /// [`BenchVariant::bytes_per_param`] with gradients of `gradient_bytes` each (2 for
+    /// bf16 and f16): the gradient is read once, twice with the norm pass.
+    pub fn bytes_per_param_with(&self, gradient_bytes: u64) -> u64 {
+        gradient_bytes * (1 + self.clip as u64)
+            + 16
+            + 8 * (self.momentum as u64 + self.centered as u64)
             + 8 * self.ema as u64
     }
 }
