@@ -8,13 +8,14 @@ use naga::back::PipelineConstants;
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 
 /// Boolean overrides and the values of `CLIP_KIND` that the host specializes.
-const BOOL_OVERRIDES: [&str; 6] = [
+const BOOL_OVERRIDES: [&str; 7] = [
     "CENTERED",
     "USE_MOMENTUM",
     "USE_EMA",
     "ACCUMULATE",
     "WEIGHT_DECAY",
     "GUARD",
+    "LOSS_SCALING",
 ];
 const CLIP_KINDS: [f64; 4] = [0.0, 1.0, 2.0, 3.0];
 /// Values of `GRADIENT_DTYPE` (f32, bf16, f16).

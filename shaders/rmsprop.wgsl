@@ -23,6 +23,11 @@
 //                    with GUARD, the decision to apply or skip the step)
 //   update         - one workgroup per chunk: `update_element` on every element
 //
+// Loss scaling (LOSS_SCALING, Keras' LossScaleOptimizer) is decided the same way: the
+// dynamic scale and its growth counter live in `step_state` too; norm_partials divides
+// by the scale as it is, norm_finalize moves it on (next_loss_scale, mirroring
+// math::next_loss_scale) after saving it in `active_scale` for the update.
+//
 // The non-finite guard (GUARD, opt-in): the step counter lives on the device, in
 // `step_state`. The host cannot know it without a readback, so it writes the plans for
 // every counter value the device may have reached (a window starting at the last
@@ -36,6 +41,9 @@ override ACCUMULATE: bool = false;
 override WEIGHT_DECAY: bool = false;
 // Skip steps whose gradients hold NaN or an infinity (see the header).
 override GUARD: bool = false;
+// Keras' dynamic loss scaling (LossScaleOptimizer): skips non-finite steps as GUARD does,
+// and divides the gradients by the device's dynamic scale (see the header).
+override LOSS_SCALING: bool = false;
 // 0: none, 1: clipnorm (per tensor), 2: global_clipnorm, 3: clipvalue
 override CLIP_KIND: u32 = 0u;
 // The gradients' element type (dtype::Dtype::code): 0 f32 (read from `grads`),
@@ -83,7 +91,8 @@ struct StepUniform {
     base_lo: u32,
     len: u32,
     tensor_count: u32,
-    _pad: u32,
+    // dynamic_growth_steps of loss scaling
+    growth_steps: u32,
     plans: array<StepScalars, PLAN_WINDOW>,
 }
 
@@ -100,6 +109,12 @@ struct StepState {
     skip: u32,
     // set when the device counter fell outside the host's window (a host bug)
     fault: u32,
+    // loss scaling: the scale (f32 bits) the next step divides by, finite steps in a row
+    // since it last changed, and the scale this step's update divides by
+    loss_scale: u32,
+    growth_counter: u32,
+    active_scale: u32,
+    _pad: u32,
 }
 
 // gpu::shader::ChunkRow: a piece of one tensor inside this segment.
@@ -129,6 +144,12 @@ struct TensorStep {
     phase: u32,
     decay: bool,
     clip: ClipFactors,
+}
+
+// math::LossScaleState
+struct LossScaleState {
+    scale: f32,
+    counter: u32,
 }
 
 // Four consecutive elements of one tensor.
@@ -207,6 +228,15 @@ fn global_clipnorm_factors(total_sum_sq: f32, clip: f32, inv_clip: f32) -> ClipF
     let scale_for_finite = clip * nan_min(1.0 / use_norm, inv_clip);
     let scale = select(scale_for_finite, bitcast<f32>(F32_QUIET_NAN_BITS), is_non_finite(use_norm));
     return ClipFactors(scale, 1.0);
+}
+
+fn next_loss_scale(state: LossScaleState, finite: bool, growth_steps: u32) -> LossScaleState {
+    if !finite {
+        return LossScaleState(state.scale / 2.0, 0u);
+    } else if state.counter == growth_steps - 1u {
+        return LossScaleState(state.scale * 2.0, 0u);
+    }
+    return LossScaleState(state.scale, state.counter + 1u);
 }
 
 fn phase_of(has_gradient: bool) -> u32 {
@@ -481,9 +511,18 @@ fn increment(lo_hi: vec2<u32>) -> vec2<u32> {
 }
 
 // The guard's decision, made once per step by one invocation: apply the plan for the
-// device's counter and advance it, or skip the step and count the skip.
+// device's counter and advance it, or skip the step and count the skip. With loss
+// scaling, the update divides by the scale as it is now, and the scale moves on by
+// next_loss_scale.
 fn settle_guard() {
     let non_finite = atomicExchange(&step_state.non_finite, 0u) != 0u;
+    if LOSS_SCALING {
+        let now = LossScaleState(bitcast<f32>(step_state.loss_scale), step_state.growth_counter);
+        let next = next_loss_scale(now, !non_finite, step.growth_steps);
+        step_state.active_scale = step_state.loss_scale;
+        step_state.loss_scale = bitcast<u32>(next.scale);
+        step_state.growth_counter = next.counter;
+    }
     let index = step_state.counter_lo - step.base_lo;
     if index >= step.len {
         step_state.fault = 1u;
@@ -510,6 +549,12 @@ fn norm_partials(
 ) {
     // only step-invariant fields are read here (loss scale, accumulation steps)
     s = step.plans[0];
+    // non-finite is judged on the gradient divided by loss_scale_factor (1 with loss
+    // scaling: Keras checks what arrives); the norm on it divided by the dynamic scale
+    let check_scale = s.loss_scale;
+    if LOSS_SCALING {
+        s.loss_scale = bitcast<f32>(step_state.loss_scale);
+    }
     let c = workgroup_linear(wid, nwg);
     let valid = c < arrayLength(&chunks);
     let chunk = chunks[min(c, arrayLength(&chunks) - 1u)];
@@ -520,8 +565,8 @@ fn norm_partials(
         for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
             let i = first + k;
             let lanes = lanes_in_chunk(k, chunk.len);
-            if GUARD {
-                non_finite = non_finite || any(lanes_non_finite(unscale_gradient(load_gradient(i))) & lanes);
+            if GUARD || LOSS_SCALING {
+                non_finite = non_finite || any(lanes_non_finite(load_gradient(i) / check_scale) & lanes);
             }
             if CLIP_KIND == 1u || CLIP_KIND == 2u {
                 let g = select(Lanes(0.0), effective_gradient_at(i), lanes);
@@ -570,7 +615,7 @@ fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
             }
         }
     }
-    if GUARD && lid == 0u {
+    if (GUARD || LOSS_SCALING) && lid == 0u {
         settle_guard();
     }
 }
@@ -585,13 +630,16 @@ fn update(
     if c >= arrayLength(&chunks) {
         return;
     }
-    if GUARD {
+    if GUARD || LOSS_SCALING {
         if step_state.skip != 0u {
             return;
         }
         s = step.plans[step_state.active_plan];
     } else {
         s = step.plans[0];
+    }
+    if LOSS_SCALING {
+        s.loss_scale = bitcast<f32>(step_state.active_scale);
     }
     let chunk = chunks[c];
     let t = tensor_step(chunk.tensor);

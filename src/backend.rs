@@ -9,6 +9,7 @@ use crate::counters::SkippedSteps;
 use crate::cpu_level::CpuLevel;
 use crate::dtype::GradSlice;
 use crate::error::{Error, Result};
+use crate::math::LossScaleState;
 use crate::variant::{Slot, Variant};
 
 /// Which backend to run on.
@@ -75,6 +76,14 @@ impl Gradients<'_> {
     }
 }
 
+/// Keras' dynamic loss scaling as an engine runs it: the state now and
+/// `dynamic_growth_steps`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct LossScaling {
+    pub state: LossScaleState,
+    pub growth_steps: u32,
+}
+
 /// One of the arrays a backend keeps per element, all laid out alike (the engine's
 /// [`crate::layout::Layout`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +143,15 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
 
     /// Turns the non-finite guard on or off.
     fn set_non_finite_guard(&mut self, enabled: bool) -> Result<()>;
+
+    /// Turns dynamic loss scaling on, from the given state (also to set the state, as a
+    /// checkpoint restores it), or off (`None`), after the steps in flight.
+    fn set_loss_scaling(&mut self, scaling: Option<LossScaling>) -> Result<()>;
+
+    /// Loss scaling with its state as known now, never waiting (on the GPU, as of the
+    /// last readback that arrived; exact after [`Engine::synchronize`]); `None` when
+    /// off.
+    fn loss_scaling(&self) -> Option<LossScaling>;
 
     /// Waits for everything submitted; reports a lost device or a GPU error.
     fn synchronize(&self) -> Result<()>;

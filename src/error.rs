@@ -127,10 +127,10 @@ pub enum Error {
     /// on a GPU.
     #[error("`{0}` needs the CPU backend; this optimizer runs on a GPU")]
     NeedsCpuBackend(&'static str),
-    /// An operation that the non-finite guard rules out: a step recorded into your own
-    /// encoder cannot map the guard's readback before you submit it.
+    /// An operation that the non-finite guard or loss scaling rules out: a step recorded
+    /// into your own encoder cannot map their readback before you submit it.
     #[error(
-        "`{0}` needs the non-finite guard off (the guard reads back every step it submits itself)"
+        "`{0}` needs the non-finite guard and loss scaling off (they read back every step they submit themselves)"
     )]
     NotWithGuard(&'static str),
     /// This processor lacks the instruction set of a requested [`CpuLevel`].

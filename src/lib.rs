@@ -46,6 +46,7 @@ mod error;
 pub mod gpu;
 mod json;
 mod layout;
+mod loss_scale;
 pub mod math;
 mod optimizer;
 mod plan;
@@ -63,6 +64,7 @@ pub use error::{Error, Result};
 pub use gpu::{GpuContext, GpuOptions};
 /// The 16-bit float types gradients can arrive in ([`half::bf16`], [`half::f16`]).
 pub use half;
+pub use loss_scale::{LossScaleConfig, LossScaleOptimizer};
 pub use optimizer::RmsProp;
 pub use schedule::{
     CosineDecay, CosineDecayRestarts, ExponentialDecay, InverseTimeDecay, KerasSchedule,

@@ -371,6 +371,39 @@ pub fn update_element<
     e
 }
 
+/// The dynamic loss scale of Keras' `LossScaleOptimizer` and its count of finite steps
+/// since the scale last changed (`dynamic_scale`, `step_counter`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScaleState {
+    /// The scale the next step's gradients are divided by.
+    pub scale: f32,
+    /// Finite steps in a row since the scale last changed.
+    pub counter: u32,
+}
+
+/// Keras' rule after a step (`LossScaleOptimizer`): a step with a non-finite gradient
+/// is skipped and halves the scale; a finite one (applied, its gradients divided by the
+/// scale *before* this update) counts, and the `growth_steps`-th finite step in a row
+/// doubles the scale. The counter restarts whenever the scale changes.
+pub fn next_loss_scale(state: LossScaleState, finite: bool, growth_steps: u32) -> LossScaleState {
+    if !finite {
+        LossScaleState {
+            scale: state.scale / 2.0,
+            counter: 0,
+        }
+    } else if state.counter == growth_steps.wrapping_sub(1) {
+        LossScaleState {
+            scale: state.scale * 2.0,
+            counter: 0,
+        }
+    } else {
+        LossScaleState {
+            scale: state.scale,
+            counter: state.counter + 1,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
-use crate::backend::{Backend, BackendKind, Engine, Gradients, Role};
+use crate::backend::{Backend, BackendKind, Engine, Gradients, LossScaling, Role};
 use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
 use crate::cpu::CpuEngine;
@@ -156,6 +156,16 @@ impl RmsProp {
             decay,
             engine,
         })
+    }
+
+    /// Turns loss scaling on from a state, or off (for [`crate::LossScaleOptimizer`]).
+    pub(crate) fn set_loss_scaling(&mut self, scaling: Option<LossScaling>) -> Result<()> {
+        self.engine.set_loss_scaling(scaling)
+    }
+
+    /// Loss scaling and its state as known now; `None` without it.
+    pub(crate) fn loss_scaling(&self) -> Option<LossScaling> {
+        self.engine.loss_scaling()
     }
 
     /// The config.

@@ -56,6 +56,9 @@ pub(crate) struct Variant {
     pub guard: bool,
     /// The gradients' element type (set from [`crate::Precision`], never by a config).
     pub gradients: Dtype,
+    /// Keras' dynamic loss scaling (`LossScaleOptimizer`): set by
+    /// [`crate::LossScaleOptimizer`], never by a config.
+    pub loss_scaling: bool,
 }
 
 impl Variant {
@@ -75,7 +78,15 @@ impl Variant {
             },
             guard: false,
             gradients: Dtype::F32,
+            loss_scaling: false,
         }
+    }
+
+    /// True when a step with a non-finite gradient is skipped (the non-finite guard, or
+    /// loss scaling): the step is decided after a scan of the gradients, on the device
+    /// on the GPU path.
+    pub(crate) fn skips_non_finite(&self) -> bool {
+        self.guard || self.loss_scaling
     }
 
     /// True when this variant keeps `slot`.

@@ -16,7 +16,7 @@ mod kernels;
 
 use rayon::prelude::*;
 
-use crate::backend::{BackendKind, Engine, Gradients, Role};
+use crate::backend::{BackendKind, Engine, Gradients, LossScaling, Role};
 use crate::config::RmsPropConfig;
 use crate::counters::{SkippedSteps, StepCounters};
 use crate::cpu_level::CpuLevel;
@@ -24,7 +24,8 @@ use crate::dtype::GradSlice;
 use crate::error::{Error, Result};
 use crate::layout::{Chunk, Layout};
 use crate::math::{
-    clipnorm_factors, global_clipnorm_factors, ClipFactors, Phase, StepScalars, TensorStep,
+    clipnorm_factors, global_clipnorm_factors, next_loss_scale, ClipFactors, Phase, StepScalars,
+    TensorStep,
 };
 use crate::plan::plan_step;
 use crate::variable::VariableSpec;
@@ -45,6 +46,8 @@ pub(crate) struct CpuEngine {
     /// Indexed by [`Slot`] (`slot as usize`); a slot the variant does not keep is empty.
     slots: [Vec<f32>; 5],
     counters: StepCounters,
+    /// Keras' dynamic loss scaling, when on.
+    loss_scaling: Option<LossScaling>,
     /// The instruction-set level the loops run at.
     isa: Isa,
 }
@@ -82,6 +85,7 @@ impl CpuEngine {
             layout,
             variant,
             counters: StepCounters::default(),
+            loss_scaling: None,
             isa: Isa::process_default(),
         })
     }
@@ -159,23 +163,26 @@ impl CpuEngine {
         }
     }
 
-    /// One step with the numbers `s`; `false` when the non-finite guard skips it
-    /// (nothing changes then).
+    /// One step with the numbers `s`; `false` when the non-finite guard or loss scaling
+    /// skips it (nothing changes then): a gradient is non-finite when it is after
+    /// dividing by `check.loss_scale` (`loss_scale_factor`; with loss scaling, 1: Keras
+    /// checks the gradients as they arrive, before the dynamic scale divides them).
     fn run_step(
         &mut self,
         s: &StepScalars,
+        check: &StepScalars,
         grads: &[Option<GradSlice<'_>>],
         decay: &[bool],
     ) -> bool {
         let sums = self.norm_sums(s, grads);
-        if self.variant.guard {
+        if self.variant.skips_non_finite() {
             // NaN or infinity in a gradient makes its sum of squares non-finite, so a
             // finite sum proves the step clean; a non-finite one may be a finite
             // overflow, which the exact scan tells apart.
             let proven_finite = sums
                 .as_ref()
                 .is_some_and(|sums| sums.iter().all(|x| x.is_finite()));
-            if !proven_finite && has_non_finite(self.isa, grads, s) {
+            if !proven_finite && has_non_finite(self.isa, grads, check) {
                 return false;
             }
         }
@@ -275,7 +282,22 @@ impl Engine for CpuEngine {
             return Err(Error::NeedsGpuBackend("apply_device_gradients"));
         };
         let s = plan_step(config, self.counters.raw());
-        let applied = self.run_step(&s, grads, decay);
+        let applied = match self.loss_scaling {
+            None => self.run_step(&s, &s, grads, decay),
+            Some(ls) => {
+                // divided by the dynamic scale as it is before this step
+                let scaled = StepScalars {
+                    loss_scale: ls.state.scale,
+                    ..s
+                };
+                let applied = self.run_step(&scaled, &s, grads, decay);
+                self.loss_scaling = Some(LossScaling {
+                    state: next_loss_scale(ls.state, applied, ls.growth_steps),
+                    ..ls
+                });
+                applied
+            }
+        };
         self.counters.record(applied);
         Ok(())
     }
@@ -318,6 +340,16 @@ impl Engine for CpuEngine {
     fn set_non_finite_guard(&mut self, enabled: bool) -> Result<()> {
         self.variant.guard = enabled;
         Ok(())
+    }
+
+    fn set_loss_scaling(&mut self, scaling: Option<LossScaling>) -> Result<()> {
+        self.variant.loss_scaling = scaling.is_some();
+        self.loss_scaling = scaling;
+        Ok(())
+    }
+
+    fn loss_scaling(&self) -> Option<LossScaling> {
+        self.loss_scaling
     }
 
     fn synchronize(&self) -> Result<()> {

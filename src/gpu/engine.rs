@@ -6,7 +6,7 @@
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{BackendKind, Engine, Gradients, Role};
+use crate::backend::{BackendKind, Engine, Gradients, LossScaling, Role};
 use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
 use crate::error::{Error, Result};
@@ -265,7 +265,7 @@ impl GpuEngine {
             base_lo: base as u32,
             len: len as u32,
             tensor_count: self.arena.layout.tensors().len() as u32,
-            _pad: 0,
+            growth_steps: counters.loss_scaling().map_or(0, |ls| ls.growth_steps),
             plans: [StepScalars::default(); PLAN_WINDOW],
         };
         for (k, plan) in uniform.plans[..len].iter_mut().enumerate() {
@@ -278,8 +278,8 @@ impl GpuEngine {
         // Without the guard the host knows whether this is an update step; with it, the
         // device decides, so the reduction always runs (it also finds non-finite
         // gradients).
-        let reduce =
-            variant.guard || (variant.clip.needs_norm() && uniform.plans[0].is_update_step != 0);
+        let reduce = variant.skips_non_finite()
+            || (variant.clip.needs_norm() && uniform.plans[0].is_update_step != 0);
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("rmsprop step"),
@@ -335,12 +335,27 @@ impl GpuEngine {
             .iter()
             .filter(|s| s.chunk_count > 0)
             .count();
-        let with_norm = self.variant.guard || self.variant.clip.needs_norm();
+        let with_norm = self.variant.skips_non_finite() || self.variant.clip.needs_norm();
         if with_norm {
             2 * busy + 1
         } else {
             busy
         }
+    }
+
+    /// Runs `variant` from the next step: its pipelines, and the device deciding the
+    /// steps exactly when the variant skips non-finite steps.
+    fn switch_variant(&mut self, variant: Variant) -> Result<()> {
+        let pipelines = pipelines_for(&self.ctx, &variant)?;
+        let counters = self.counters.get_mut().map_err(|_| poisoned())?;
+        match (variant.skips_non_finite(), counters.device_decides()) {
+            (true, false) => counters.enable_guard(&self.ctx, &self.arena.step_state)?,
+            (false, true) => counters.disable_guard(&self.ctx)?,
+            _ => {}
+        }
+        self.variant = variant;
+        self.pipelines = pipelines;
+        Ok(())
     }
 
     /// Lets steps pile up in flight until the plan window is full (tests of that path).
@@ -383,7 +398,7 @@ impl Engine for GpuEngine {
         decay: &[bool],
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<()> {
-        if self.variant.guard {
+        if self.variant.skips_non_finite() {
             return Err(Error::NotWithGuard("record_device_step"));
         }
         self.ctx.take_error()?;
@@ -442,16 +457,23 @@ impl Engine for GpuEngine {
             guard: enabled,
             ..self.variant
         };
-        let pipelines = pipelines_for(&self.ctx, &variant)?;
+        self.switch_variant(variant)
+    }
+
+    fn set_loss_scaling(&mut self, scaling: Option<LossScaling>) -> Result<()> {
         let counters = self.counters.get_mut().map_err(|_| poisoned())?;
-        if enabled {
-            counters.enable_guard(&self.ctx, &self.arena.step_state)?;
-        } else {
-            counters.disable_guard(&self.ctx)?;
-        }
-        self.variant = variant;
-        self.pipelines = pipelines;
-        Ok(())
+        counters.set_loss_scaling(&self.ctx, &self.arena.step_state, scaling)?;
+        let variant = Variant {
+            loss_scaling: scaling.is_some(),
+            ..self.variant
+        };
+        self.switch_variant(variant)
+    }
+
+    fn loss_scaling(&self) -> Option<LossScaling> {
+        let mut c = self.counters().ok()?;
+        let _ = c.report(&self.ctx); // takes the readbacks that arrived
+        c.loss_scaling()
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -6,14 +6,20 @@
 //! buffer, mapped asynchronously; the host reads whichever copies have arrived, without
 //! waiting, to settle its [`StepCounters`].
 //!
+//! Keras' dynamic loss scaling (`LossScaleOptimizer`) is decided the same way: the
+//! device keeps the scale and its growth counter in [`StepState`] too (the rule is
+//! `math::next_loss_scale`, mirrored in WGSL), and the readbacks bring them back.
+//!
 //! "Non-finite" is judged on the gradient as the optimizer first sees it: the raw
-//! gradient divided by `loss_scale_factor`. Finite gradients whose norm overflows f32
+//! gradient divided by `loss_scale_factor` (with loss scaling, which requires no
+//! `loss_scale_factor`, the raw gradient, as Keras checks it). Finite gradients whose norm overflows f32
 //! are not caught: they are applied with Keras' result.
 
 use std::collections::VecDeque;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use crate::backend::LossScaling;
 use crate::counters::{SkippedSteps, StepCounters};
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
@@ -47,14 +53,17 @@ struct Readbacks {
 #[derive(Debug, Default)]
 pub(crate) struct GpuCounters {
     counters: StepCounters,
-    /// `Some` while the non-finite guard is on (the device decides the steps).
+    /// Dynamic loss scaling, when on: its state as of the last settled step.
+    loss_scaling: Option<LossScaling>,
+    /// `Some` while the non-finite guard or loss scaling is on (the device decides the
+    /// steps).
     guard: Option<Readbacks>,
 }
 
 impl GpuCounters {
     /// The device starts deciding: its counters are set to the host's (queued before
     /// any later step). Allocates every readback buffer the guard can need at once
-    /// (`PLAN_WINDOW` of 32 bytes: no more steps are ever in flight), so steps never
+    /// (`PLAN_WINDOW` of 48 bytes: no more steps are ever in flight), so steps never
     /// allocate and the number of buffers does not depend on the GPU's timing.
     pub(crate) fn enable_guard(&mut self, ctx: &GpuContext, state: &wgpu::Buffer) -> Result<()> {
         if self.guard.is_some() {
@@ -63,7 +72,7 @@ impl GpuCounters {
         let idle = ctx.scoped("allocating the step-state readback buffers", || {
             (0..PLAN_WINDOW).map(|_| readback_buffer(ctx)).collect()
         })?;
-        write_state(ctx, state, &self.counters);
+        write_state(ctx, state, &self.counters, self.loss_scaling);
         self.guard = Some(Readbacks {
             idle,
             in_flight: VecDeque::new(),
@@ -91,9 +100,35 @@ impl GpuCounters {
         self.settle_all(ctx)?;
         self.counters = StepCounters::new(raw, skipped);
         if self.guard.is_some() {
-            write_state(ctx, state, &self.counters);
+            write_state(ctx, state, &self.counters, self.loss_scaling);
         }
         Ok(())
+    }
+
+    /// Sets loss scaling (on from a state, or off), after the steps in flight; with the
+    /// device deciding, its state is written there.
+    pub(crate) fn set_loss_scaling(
+        &mut self,
+        ctx: &GpuContext,
+        state: &wgpu::Buffer,
+        scaling: Option<LossScaling>,
+    ) -> Result<()> {
+        self.settle_all(ctx)?;
+        self.loss_scaling = scaling;
+        if self.guard.is_some() {
+            write_state(ctx, state, &self.counters, self.loss_scaling);
+        }
+        Ok(())
+    }
+
+    /// Loss scaling as of the last settled step.
+    pub(crate) fn loss_scaling(&self) -> Option<LossScaling> {
+        self.loss_scaling
+    }
+
+    /// True while the device decides the steps.
+    pub(crate) fn device_decides(&self) -> bool {
+        self.guard.is_some()
     }
 
     /// Stops reading readbacks at each step, so that steps pile up in flight until the
@@ -235,8 +270,12 @@ impl GpuCounters {
                 "non-finite guard: the device step counter left the host's plan window (a bug in fused-rmsprop); the step was skipped".into(),
             );
         }
-        self.counters
+        let newest = self
+            .counters
             .settle(readback.submission, state.raw(), state.skipped());
+        if let (true, Some(ls)) = (newest, self.loss_scaling.as_mut()) {
+            ls.state = state.loss_scale();
+        }
         Ok(())
     }
 
@@ -273,8 +312,20 @@ fn readback_buffer(ctx: &GpuContext) -> wgpu::Buffer {
     })
 }
 
-/// Queues a write of `counters` into the device's step state.
-fn write_state(ctx: &GpuContext, state: &wgpu::Buffer, counters: &StepCounters) {
-    let words = StepState::new(counters.raw(), counters.skipped());
+/// Queues a write of `counters` (and the loss scale) into the device's step state.
+fn write_state(
+    ctx: &GpuContext,
+    state: &wgpu::Buffer,
+    counters: &StepCounters,
+    loss_scaling: Option<LossScaling>,
+) {
+    let scale = loss_scaling.map_or(
+        crate::math::LossScaleState {
+            scale: 1.0,
+            counter: 0,
+        },
+        |ls| ls.state,
+    );
+    let words = StepState::new(counters.raw(), counters.skipped(), scale);
     ctx.queue.write_buffer(state, 0, bytemuck::bytes_of(&words));
 }

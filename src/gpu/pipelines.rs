@@ -33,6 +33,7 @@ fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
         ("ACCUMULATE", b(variant.accumulate)),
         ("WEIGHT_DECAY", b(variant.weight_decay)),
         ("GUARD", b(variant.guard)),
+        ("LOSS_SCALING", b(variant.loss_scaling)),
         ("CLIP_KIND", f64::from(variant.clip.code())),
         ("GRADIENT_DTYPE", f64::from(variant.gradients.code())),
         ("MOMENTUM_SLOT", slot(Slot::Momentum)),

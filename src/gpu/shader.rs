@@ -5,7 +5,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::math::StepScalars;
+use crate::math::{LossScaleState, StepScalars};
 
 /// The WGSL source, validated for every specialization by `build.rs`.
 pub(crate) const SHADER_SOURCE: &str = include_str!("../../shaders/rmsprop.wgsl");
@@ -48,7 +48,8 @@ pub(crate) struct StepUniform {
     pub base_lo: u32,
     pub len: u32,
     pub tensor_count: u32,
-    pub _pad: u32,
+    /// `dynamic_growth_steps` of loss scaling (unused without it).
+    pub growth_steps: u32,
     pub plans: [StepScalars; PLAN_WINDOW],
 }
 
@@ -101,17 +102,35 @@ pub(crate) struct StepState {
     pub skip: u32,
     /// Set when the device counter fell outside the host's plan window (a host bug).
     pub fault: u32,
+    /// Loss scaling: the dynamic scale (f32 bits) the next step divides by.
+    pub loss_scale: u32,
+    /// Loss scaling: finite steps in a row since the scale last changed.
+    pub growth_counter: u32,
+    /// Loss scaling: the scale (f32 bits) this step's update divides by.
+    pub active_scale: u32,
+    pub _pad: u32,
 }
 
 impl StepState {
-    /// Counters at `raw` and `skipped`, nothing else set.
-    pub(crate) fn new(raw: u64, skipped: u64) -> Self {
+    /// Counters at `raw` and `skipped` and the loss scale `loss_scale` (ignored without
+    /// loss scaling), nothing else set.
+    pub(crate) fn new(raw: u64, skipped: u64, loss_scale: LossScaleState) -> Self {
         StepState {
             counter_lo: raw as u32,
             counter_hi: (raw >> 32) as u32,
             skipped_lo: skipped as u32,
             skipped_hi: (skipped >> 32) as u32,
+            loss_scale: loss_scale.scale.to_bits(),
+            growth_counter: loss_scale.counter,
             ..StepState::default()
+        }
+    }
+
+    /// The loss-scale state for the next step.
+    pub(crate) fn loss_scale(&self) -> LossScaleState {
+        LossScaleState {
+            scale: f32::from_bits(self.loss_scale),
+            counter: self.growth_counter,
         }
     }
 
@@ -206,7 +225,7 @@ mod tests {
                 base_lo,
                 len,
                 tensor_count,
-                _pad,
+                growth_steps,
                 plans
             }),
         );
@@ -242,6 +261,10 @@ mod tests {
                 active_plan,
                 skip,
                 fault,
+                loss_scale,
+                growth_counter,
+                active_scale,
+                _pad,
             }),
         );
         assert_same(
@@ -287,8 +310,13 @@ mod tests {
 
     #[test]
     fn step_state_round_trips_64_bit_counters() {
-        let s = StepState::new((7u64 << 32) | 5, u64::from(u32::MAX) + 1);
+        let scale = LossScaleState {
+            scale: 0.25,
+            counter: 3,
+        };
+        let s = StepState::new((7u64 << 32) | 5, u64::from(u32::MAX) + 1, scale);
         assert_eq!((s.raw(), s.skipped()), ((7u64 << 32) | 5, 1u64 << 32));
+        assert_eq!(s.loss_scale(), scale);
         let back: StepState = bytemuck::pod_read_unaligned(bytemuck::bytes_of(&s));
         assert_eq!(back, s);
     }

@@ -12,7 +12,13 @@ use trace::Trace;
 /// Panics (fails the test) when the folder is missing or empty: conformance is never
 /// skipped.
 pub fn trace_paths() -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/keras/traces");
+    paths_in("traces")
+}
+
+fn paths_in(folder: &str) -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/keras")
+        .join(folder);
     let entries = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("conformance traces missing at {}: {e}", dir.display()));
     let mut paths: Vec<PathBuf> = entries
@@ -24,9 +30,8 @@ pub fn trace_paths() -> Vec<PathBuf> {
     paths
 }
 
-/// Every trace, parsed.
-pub fn traces() -> Vec<(String, Trace)> {
-    trace_paths()
+fn parse_all(paths: Vec<PathBuf>) -> Vec<(String, Trace)> {
+    paths
         .into_iter()
         .map(|p| {
             let text = std::fs::read_to_string(&p).unwrap();
@@ -34,6 +39,17 @@ pub fn traces() -> Vec<(String, Trace)> {
             (p.file_name().unwrap().to_string_lossy().into_owned(), t)
         })
         .collect()
+}
+
+/// Every trace, parsed.
+pub fn traces() -> Vec<(String, Trace)> {
+    parse_all(trace_paths())
+}
+
+/// Every `tests/keras/loss_scale` trace (RMSprop inside Keras' `LossScaleOptimizer`),
+/// parsed.
+pub fn loss_scale_traces() -> Vec<(String, Trace)> {
+    parse_all(paths_in("loss_scale"))
 }
 
 /// A GPU context on any adapter (software included), shared by a test. Without an

@@ -6,8 +6,8 @@
 
 use fused_rmsprop::half::{bf16, f16};
 use fused_rmsprop::{
-    Backend, BackendKind, Dtype, GpuOptions, GradientElement, Precision, RmsProp, RmsPropConfig,
-    Variable,
+    Backend, BackendKind, Dtype, GpuOptions, GradientElement, LossScaleConfig, LossScaleOptimizer,
+    Precision, RmsProp, RmsPropConfig, Variable,
 };
 use serde_json::Value;
 
@@ -57,6 +57,8 @@ pub struct Trace {
     pub finalize: bool,
     /// Keras' results, if recorded.
     pub expected: Option<Outcome>,
+    /// `LossScaleOptimizer` around the RMSprop (`loss_scale/` traces).
+    pub loss_scale_optimizer: Option<LossScaleConfig>,
 }
 
 /// Variables and iteration count after a run.
@@ -66,6 +68,8 @@ pub struct Outcome {
     pub variables: Vec<Vec<f32>>,
     /// `optimizer.iterations`.
     pub iterations: u64,
+    /// The dynamic loss scale after the last step (loss-scaled runs only).
+    pub loss_scale: Option<f32>,
 }
 
 fn bad(msg: impl Into<String>) -> TraceError {
@@ -257,13 +261,42 @@ impl Trace {
                     .get("iterations")
                     .and_then(Value::as_u64)
                     .ok_or_else(|| bad("expected.iterations must be a non-negative integer"))?;
+                let loss_scale = match e.get("loss_scale") {
+                    None | Some(Value::Null) => None,
+                    Some(x) => Some(
+                        decode_float(x)
+                            .ok_or_else(|| bad("expected.loss_scale must be a number"))?,
+                    ),
+                };
                 Some(Outcome {
                     variables: values,
                     iterations,
+                    loss_scale,
+                })
+            }
+        };
+        let loss_scale_optimizer = match obj.get("loss_scale_optimizer") {
+            None | Some(Value::Null) => None,
+            Some(l) => {
+                let initial_scale = l
+                    .get("initial_scale")
+                    .and_then(decode_float)
+                    .ok_or_else(|| bad("loss_scale_optimizer.initial_scale must be a number"))?;
+                let steps = l
+                    .get("dynamic_growth_steps")
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| {
+                        bad("loss_scale_optimizer.dynamic_growth_steps must be a count")
+                    })?;
+                Some(LossScaleConfig {
+                    initial_scale,
+                    dynamic_growth_steps: steps,
                 })
             }
         };
         Ok(Trace {
+            loss_scale_optimizer,
             name,
             config,
             variables,
@@ -317,8 +350,12 @@ impl Trace {
             precision,
         )?;
         opt.exclude_from_weight_decay(&self.exclude_from_weight_decay);
+        let mut opt = match self.loss_scale_optimizer {
+            Some(l) => Stepper::Scaled(LossScaleOptimizer::new(opt, l)?),
+            None => Stepper::Plain(opt),
+        };
         fn feed<T: GradientElement>(
-            opt: &mut RmsProp,
+            opt: &mut Stepper,
             step: &[Option<Vec<f32>>],
             convert: impl Fn(f32) -> T,
         ) -> fused_rmsprop::Result<()> {
@@ -333,22 +370,46 @@ impl Trace {
             match gradients {
                 Dtype::Bf16 => feed(&mut opt, step, bf16::from_f32)?,
                 Dtype::F16 => feed(&mut opt, step, f16::from_f32)?,
-                Dtype::F32 => {
-                    let grads: Vec<Option<&[f32]>> = step.iter().map(|g| g.as_deref()).collect();
-                    opt.apply_gradients(&grads)?;
-                }
+                Dtype::F32 => feed(&mut opt, step, |x| x)?,
             }
         }
+        let (inner, loss_scale) = match &mut opt {
+            Stepper::Plain(o) => (o, None),
+            Stepper::Scaled(o) => {
+                o.inner().synchronize()?;
+                let scale = o.loss_scale();
+                (o.inner_mut(), Some(scale))
+            }
+        };
         if self.finalize {
-            opt.finalize_variable_values()?;
+            inner.finalize_variable_values()?;
         }
         Ok((
-            opt.backend(),
+            inner.backend(),
             Outcome {
-                variables: opt.variables()?,
-                iterations: opt.iterations(),
+                variables: inner.variables()?,
+                iterations: inner.iterations(),
+                loss_scale,
             },
         ))
+    }
+}
+
+/// The optimizer a replay steps: the RMSprop, or the loss-scale wrapper around it.
+enum Stepper {
+    Plain(RmsProp),
+    Scaled(LossScaleOptimizer),
+}
+
+impl Stepper {
+    fn apply_typed_gradients<T: GradientElement>(
+        &mut self,
+        grads: &[Option<&[T]>],
+    ) -> fused_rmsprop::Result<()> {
+        match self {
+            Stepper::Plain(o) => o.apply_typed_gradients(grads),
+            Stepper::Scaled(o) => o.apply_typed_gradients(grads),
+        }
     }
 }
 
@@ -372,6 +433,14 @@ pub fn first_mismatch(actual: &Outcome, expected: &Outcome) -> Option<String> {
             actual.iterations, expected.iterations
         ));
     }
+    if let (Some(a), Some(e)) = (actual.loss_scale, expected.loss_scale) {
+        if a != e {
+            return Some(format!("loss_scale: got {a}, expected {e}"));
+        }
+    }
+    if actual.loss_scale.is_some() != expected.loss_scale.is_some() {
+        return Some("a loss scale on one side only".into());
+    }
     if actual.variables.len() != expected.variables.len() {
         return Some("different number of variables".into());
     }
@@ -392,7 +461,8 @@ pub fn first_mismatch(actual: &Outcome, expected: &Outcome) -> Option<String> {
     None
 }
 
-/// The replay example's output object: `{"backend", "variables", "iterations"}`, with
+/// The replay example's output object: `{"backend", "variables", "iterations"}` (and
+/// `"loss_scale"` for a loss-scaled trace), with
 /// non-finite values as `"NaN"`, `"Infinity"`, `"-Infinity"`.
 pub fn outcome_json(backend: BackendKind, outcome: &Outcome) -> Value {
     let vars: Vec<Value> = outcome
@@ -404,5 +474,8 @@ pub fn outcome_json(backend: BackendKind, outcome: &Outcome) -> Value {
     m.insert("backend".into(), Value::from(backend.as_str()));
     m.insert("variables".into(), Value::Array(vars));
     m.insert("iterations".into(), Value::from(outcome.iterations));
+    if let Some(scale) = outcome.loss_scale {
+        m.insert("loss_scale".into(), encode_float(scale));
+    }
     Value::Object(m)
 }
