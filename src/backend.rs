@@ -76,12 +76,13 @@ impl Gradients<'_> {
     }
 }
 
-/// Keras' dynamic loss scaling as an engine runs it: the state now and
-/// `dynamic_growth_steps`.
+/// Keras' dynamic loss scaling as an engine runs it: the state now,
+/// `dynamic_growth_steps`, and `initial_scale` (kept for checkpoints only).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct LossScaling {
     pub state: LossScaleState,
     pub growth_steps: u32,
+    pub initial_scale: f32,
 }
 
 /// One of the arrays a backend keeps per element, all laid out alike (the engine's

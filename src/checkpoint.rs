@@ -12,11 +12,12 @@ use std::sync::Arc;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::{json, Value};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, LossScaling};
 use crate::config::RmsPropConfig;
 use crate::dtype::Precision;
 use crate::error::{Error, Result};
 use crate::gpu::GpuOptions;
+use crate::math::LossScaleState;
 use crate::optimizer::RmsProp;
 use crate::variable::VariableSpec;
 use crate::variant::{Slot, Variant};
@@ -67,6 +68,8 @@ struct Parsed {
     config: RmsPropConfig,
     /// The element types (gradient dtype: absent in older files, f32).
     precision: Precision,
+    /// Loss scaling's growth steps and state, when the optimizer had it.
+    loss_scaling: Option<LossScaling>,
     specs: Vec<VariableSpec>,
     excluded: Vec<String>,
     raw_iterations: u64,
@@ -130,6 +133,31 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
             .map_err(|e| corrupt(path, format!("gradient_dtype: {e}")))?,
         None => crate::Dtype::F32,
     };
+    let loss_scaling = match meta.get("loss_scaling") {
+        None => None,
+        Some(text) => {
+            let v: Value = serde_json::from_str(text).map_err(|e| corrupt(path, e.to_string()))?;
+            let number = |k: &str| {
+                v.get(k)
+                    .and_then(Value::as_f64)
+                    .ok_or_else(|| corrupt(path, format!("loss_scaling.{k} is not a number")))
+            };
+            let count = |k: &str| {
+                v.get(k)
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| corrupt(path, format!("loss_scaling.{k} is not a count")))
+            };
+            Some(LossScaling {
+                state: LossScaleState {
+                    scale: number("scale")? as f32,
+                    counter: count("counter")?,
+                },
+                growth_steps: count("dynamic_growth_steps")?,
+                initial_scale: number("initial_scale")? as f32,
+            })
+        }
+    };
     let excluded: Vec<String> = serde_json::from_str(get("exclude_from_weight_decay")?)
         .map_err(|e| corrupt(path, e.to_string()))?;
     let mut stored = vec![Stored::Variables];
@@ -176,6 +204,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     Ok(Parsed {
         config,
         precision: Precision::default().with_gradients(gradients),
+        loss_scaling,
         specs,
         excluded,
         raw_iterations,
@@ -241,6 +270,17 @@ impl RmsProp {
             "gradient_dtype".to_string(),
             self.precision().gradients.as_str().to_string(),
         );
+        // the variables were read back above, so the steps they show have settled
+        self.synchronize()?;
+        if let Some(ls) = self.loss_scaling() {
+            let v = json!({
+                "scale": f64::from(ls.state.scale),
+                "counter": ls.state.counter,
+                "dynamic_growth_steps": ls.growth_steps,
+                "initial_scale": f64::from(ls.initial_scale),
+            });
+            meta.insert("loss_scaling".to_string(), v.to_string());
+        }
         meta.insert(
             "exclude_from_weight_decay".to_string(),
             Value::from(self.excluded().to_vec()).to_string(),
@@ -282,6 +322,24 @@ impl RmsProp {
                 ),
             ));
         }
+        match (&p.loss_scaling, self.loss_scaling()) {
+            (None, None) => {}
+            (Some(saved), Some(ours)) if saved.growth_steps == ours.growth_steps => {}
+            (saved, ours) => {
+                let describe = |ls: Option<&LossScaling>| match ls {
+                    None => "no loss scaling".to_string(),
+                    Some(ls) => format!("loss scaling (dynamic_growth_steps {})", ls.growth_steps),
+                };
+                return Err(corrupt(
+                    path,
+                    format!(
+                        "the checkpoint has {}, this optimizer has {}",
+                        describe(saved.as_ref()),
+                        describe(ours.as_ref())
+                    ),
+                ));
+            }
+        }
         if p.precision != self.precision() {
             return Err(Error::PrecisionMismatch {
                 what: "gradient dtype",
@@ -299,20 +357,43 @@ impl RmsProp {
     }
 
     /// Builds an optimizer from a checkpoint alone (its config, variables and
-    /// [`Precision`]), on `backend`.
+    /// [`Precision`]), on `backend`. A checkpoint of a
+    /// [`LossScaleOptimizer`](crate::LossScaleOptimizer) is refused: load it with
+    /// [`LossScaleOptimizer::load_checkpoint`](crate::LossScaleOptimizer::load_checkpoint).
     pub fn load_checkpoint(
         path: impl AsRef<Path>,
         backend: Backend,
         gpu: &GpuOptions,
     ) -> Result<Self> {
         let path = path.as_ref();
-        let p = read(path)?;
-        let mut opt = RmsProp::build(p.config.clone(), p.specs.clone(), backend, gpu, p.precision)?;
-        opt.apply_parsed(p)?;
+        let (opt, scaling) = Self::load_parts(path, backend, gpu)?;
+        if scaling.is_some() {
+            return Err(corrupt(
+                path,
+                "the checkpoint is a LossScaleOptimizer's; load it with LossScaleOptimizer::load_checkpoint",
+            ));
+        }
         Ok(opt)
     }
 
+    /// The optimizer a checkpoint holds (loss scaling on, when it had it), and its loss
+    /// scaling.
+    pub(crate) fn load_parts(
+        path: &Path,
+        backend: Backend,
+        gpu: &GpuOptions,
+    ) -> Result<(Self, Option<LossScaling>)> {
+        let p = read(path)?;
+        let scaling = p.loss_scaling;
+        let mut opt = RmsProp::build(p.config.clone(), p.specs.clone(), backend, gpu, p.precision)?;
+        opt.apply_parsed(p)?;
+        Ok((opt, scaling))
+    }
+
     fn apply_parsed(&mut self, p: Parsed) -> Result<()> {
+        if p.loss_scaling.is_some() {
+            self.set_loss_scaling(p.loss_scaling)?;
+        }
         self.set_counters(p.raw_iterations, p.skipped_steps)?;
         for (&(what, i), values) in &p.tensors {
             match what {

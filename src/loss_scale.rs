@@ -155,6 +155,7 @@ impl LossScaleOptimizer {
                 counter: 0,
             },
             growth_steps: config.dynamic_growth_steps,
+            initial_scale: config.initial_scale,
         }))?;
         Ok(LossScaleOptimizer { inner, config })
     }
@@ -171,6 +172,43 @@ impl LossScaleOptimizer {
         let (scaling, inner) = LossScaleConfig::from_keras_json(config)?;
         let inner = RmsProp::with_precision(inner, variables, backend, gpu, precision)?;
         Self::new(inner, scaling)
+    }
+
+    /// Saves the inner optimizer's state and the loss scale (see
+    /// [`RmsProp::save_checkpoint`]).
+    pub fn save_checkpoint(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        self.inner.save_checkpoint(path)
+    }
+
+    /// Restores a checkpoint of a `LossScaleOptimizer` with the same variables, config
+    /// and `dynamic_growth_steps`: its variables, slots, counters and loss scale. Any
+    /// mismatch is a typed error that changes nothing.
+    pub fn restore_checkpoint(&mut self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        self.inner.restore_checkpoint(path)
+    }
+
+    /// Builds the optimizer from a checkpoint of a `LossScaleOptimizer` alone, on
+    /// `backend` (a plain optimizer's checkpoint is refused).
+    pub fn load_checkpoint(
+        path: impl AsRef<std::path::Path>,
+        backend: Backend,
+        gpu: &GpuOptions,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let (inner, scaling) = RmsProp::load_parts(path, backend, gpu)?;
+        let Some(scaling) = scaling else {
+            return Err(Error::Checkpoint {
+                path: path.display().to_string(),
+                reason: "the checkpoint has no loss scaling: load it with RmsProp::load_checkpoint"
+                    .into(),
+            });
+        };
+        let config = LossScaleConfig {
+            initial_scale: scaling.initial_scale,
+            dynamic_growth_steps: scaling.growth_steps,
+        };
+        config.validate()?;
+        Ok(LossScaleOptimizer { inner, config })
     }
 
     /// Keras' `get_config()` (see [`LossScaleConfig::to_keras_json`]).

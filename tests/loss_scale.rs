@@ -255,3 +255,77 @@ fn gpu_loss_scaling_refuses_recording_into_a_user_encoder() {
     plain.synchronize().unwrap();
     assert_eq!(plain.iterations(), 1);
 }
+
+/// A loss-scaled run saved mid-way and loaded resumes bit-identically, scale included;
+/// checkpoints do not cross between plain and loss-scaled optimizers.
+#[test]
+fn checkpoints_carry_the_loss_scale() {
+    let dir = std::env::temp_dir().join(format!("fused-rmsprop-lso-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lso.safetensors");
+    let scaling = LossScaleConfig {
+        initial_scale: 64.0,
+        dynamic_growth_steps: 2,
+    };
+    let build = || {
+        let inner = RmsProp::with_backend(RmsPropConfig::default(), model(), Backend::Cpu).unwrap();
+        LossScaleOptimizer::new(inner, scaling).unwrap()
+    };
+    let run = |opt: &mut LossScaleOptimizer, steps: std::ops::Range<usize>| {
+        for step in steps {
+            let mut rng = Rng(100 + step as u64);
+            let mut g: Vec<Vec<f32>> = model().iter().map(|v| rng.vec(v.values.len())).collect();
+            if step % 4 == 1 {
+                g[0][3] = f32::INFINITY;
+            }
+            let refs: Vec<Option<&[f32]>> = g.iter().map(|g| Some(&g[..])).collect();
+            opt.apply_gradients(&refs).unwrap();
+        }
+    };
+    let mut straight = build();
+    run(&mut straight, 0..9);
+    let mut first = build();
+    run(&mut first, 0..5);
+    first.save_checkpoint(&path).unwrap();
+    let mut loaded =
+        LossScaleOptimizer::load_checkpoint(&path, Backend::Cpu, &GpuOptions::default()).unwrap();
+    assert_eq!(loaded.config(), &scaling);
+    assert_eq!(loaded.state(), first.state());
+    let mut restored = build();
+    restored.restore_checkpoint(&path).unwrap();
+    run(&mut loaded, 5..9);
+    run(&mut restored, 5..9);
+    for opt in [&loaded, &restored] {
+        assert_eq!(opt.state(), straight.state());
+        assert_eq!(opt.iterations(), straight.iterations());
+        let bits = |o: &LossScaleOptimizer| -> Vec<u32> {
+            o.inner()
+                .variables()
+                .unwrap()
+                .iter()
+                .flatten()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(opt), bits(&straight));
+    }
+    // a plain optimizer neither loads nor restores it, and is left as it was
+    assert!(matches!(
+        RmsProp::load_checkpoint(&path, Backend::Cpu, &GpuOptions::default()),
+        Err(Error::Checkpoint { .. })
+    ));
+    let mut plain = RmsProp::with_backend(RmsPropConfig::default(), model(), Backend::Cpu).unwrap();
+    let before = plain.variables().unwrap();
+    assert!(matches!(
+        plain.restore_checkpoint(&path),
+        Err(Error::Checkpoint { .. })
+    ));
+    assert_eq!(plain.variables().unwrap(), before);
+    let plain_path = dir.join("plain.safetensors");
+    plain.save_checkpoint(&plain_path).unwrap();
+    assert!(matches!(
+        LossScaleOptimizer::load_checkpoint(&plain_path, Backend::Cpu, &GpuOptions::default()),
+        Err(Error::Checkpoint { .. })
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
