@@ -18,8 +18,9 @@ const BOOL_OVERRIDES: [&str; 7] = [
     "LOSS_SCALING",
 ];
 const CLIP_KINDS: [f64; 4] = [0.0, 1.0, 2.0, 3.0];
-/// Values of `GRADIENT_DTYPE` (f32, bf16, f16).
-const GRADIENT_DTYPES: [f64; 3] = [0.0, 1.0, 2.0];
+/// Overrides naming a dtype (`dtype::Dtype::code`: f32 or none, bf16, f16).
+const DTYPE_OVERRIDES: [&str; 2] = ["GRADIENT_DTYPE", "PARAM_COPY"];
+const DTYPE_CODES: [f64; 3] = [0.0, 1.0, 2.0];
 
 fn fail(msg: String) -> ! {
     eprintln!("{msg}");
@@ -54,16 +55,34 @@ fn validate(path: &Path) {
     } else {
         &[0.0]
     };
-    let dtypes: &[f64] = if declared.iter().any(|d| d == "GRADIENT_DTYPE") {
-        &GRADIENT_DTYPES
-    } else {
-        &[0.0]
-    };
-    let combos = clip_kinds
+    // the dtype overrides touch only loads and stores: every pair of them with no other
+    // option and with all of them, the other options with f32 throughout
+    let dtype_names: Vec<&str> = DTYPE_OVERRIDES
         .iter()
-        .flat_map(|&c| dtypes.iter().map(move |&d| (c, d)));
-    for mask in 0..(1u32 << bools.len()) {
-        for (clip, dtype) in combos.clone() {
+        .copied()
+        .filter(|o| declared.iter().any(|d| d == o))
+        .collect();
+    let all = (1u32 << bools.len()) - 1;
+    let mut runs: Vec<(u32, Vec<f64>)> = (0..=all)
+        .map(|m| (m, vec![0.0; dtype_names.len()]))
+        .collect();
+    let mut codes = vec![vec![]];
+    for _ in &dtype_names {
+        codes = codes
+            .into_iter()
+            .flat_map(|c: Vec<f64>| {
+                DTYPE_CODES
+                    .iter()
+                    .map(move |&d| [c.clone(), vec![d]].concat())
+            })
+            .collect();
+    }
+    for c in codes.into_iter().filter(|c| c.iter().any(|&d| d != 0.0)) {
+        runs.push((0, c.clone()));
+        runs.push((all, c));
+    }
+    for (mask, dtypes) in runs {
+        for &clip in clip_kinds {
             let mut constants = PipelineConstants::default();
             for (bit, b) in bools.iter().enumerate() {
                 constants.insert(b.to_string(), f64::from((mask >> bit) & 1));
@@ -71,8 +90,8 @@ fn validate(path: &Path) {
             if clip_kinds.len() > 1 {
                 constants.insert("CLIP_KIND".into(), clip);
             }
-            if dtypes.len() > 1 {
-                constants.insert("GRADIENT_DTYPE".into(), dtype);
+            for (name, &code) in dtype_names.iter().zip(&dtypes) {
+                constants.insert(name.to_string(), code);
             }
             for ep in &entry_points {
                 if let Err(e) = process_overrides(

@@ -16,7 +16,8 @@
 // combination, cached by the host); numbers that change per step are the plans in the
 // uniform `step`, copied into the private `s` at the start of each entry point.
 //
-// Entry points, at most three dispatch kinds per step:
+// Entry points, at most three dispatch kinds per step (and refresh_param_copy, outside
+// steps, after the host writes parameters):
 //   norm_partials  - one workgroup per chunk: sum of squared effective gradients (and,
 //                    with GUARD, whether any gradient is NaN or infinite)
 //   norm_finalize  - one workgroup: per-tensor sums in chunk order, clip factors (and,
@@ -49,6 +50,9 @@ override CLIP_KIND: u32 = 0u;
 // The gradients' element type (dtype::Dtype::code): 0 f32 (read from `grads`),
 // 1 bf16, 2 f16 (two per u32, read from `grads_16`; upcast exactly, as `half` does).
 override GRADIENT_DTYPE: u32 = 0u;
+// A 16-bit copy of the parameters written with them (dtype::Dtype::code): 0 none,
+// 1 bf16, 2 f16, rounded to nearest, ties to even, as `half` rounds on the host.
+override PARAM_COPY: u32 = 0u;
 // Slot k of local vec4 i lives at slots[k * arrayLength(&params) + i]; velocity is slot 0.
 override MOMENTUM_SLOT: u32 = 1u;
 override AVERAGE_GRADIENT_SLOT: u32 = 2u;
@@ -176,6 +180,8 @@ struct ElementState {
 @group(0) @binding(8) var<storage, read_write> step_state: StepState;
 // The same buffer as `grads`: four 16-bit gradients (one Lanes) per vec2<u32>.
 @group(0) @binding(9) var<storage, read> grads_16: array<vec2<u32>>;
+// The 16-bit parameter copy (PARAM_COPY), four per vec2<u32>; a placeholder without it.
+@group(0) @binding(10) var<storage, read_write> param_copy: array<vec2<u32>>;
 
 // This invocation's plan, loaded from `step` at the start of each entry point.
 var<private> s: StepScalars;
@@ -377,6 +383,56 @@ fn f16_lanes(bits: vec4<u32>) -> Lanes {
     return bitcast<Lanes>(select(select(normal, special, is_special), subnormal, is_subnormal));
 }
 
+// f32 lanes as bf16 bits, rounded to nearest, ties to even (`half::bf16::from_f32`: a
+// NaN keeps its top bits and gets the quiet bit).
+fn bf16_from_lanes(x: Lanes) -> vec4<u32> {
+    let bits = bitcast<vec4<u32>>(x);
+    let nan = (bits & vec4(0x7fffffffu)) > vec4(F32_EXPONENT_BITS);
+    let round_up = ((bits & vec4(0x8000u)) != vec4(0u)) & ((bits & vec4(0x17fffu)) != vec4(0u));
+    let rounded = (bits >> vec4(16u)) + select(vec4(0u), vec4(1u), round_up);
+    return select(rounded, (bits >> vec4(16u)) | vec4(0x40u), nan);
+}
+
+// f32 lanes as IEEE binary16 bits, rounded to nearest, ties to even
+// (`half::f16::from_f32`): too large is infinity, too small a signed zero or a
+// subnormal, a NaN keeps the top of its payload and gets the quiet bit.
+fn f16_from_lanes(x: Lanes) -> vec4<u32> {
+    let bits = bitcast<vec4<u32>>(x);
+    let sign = (bits & vec4(0x80000000u)) >> vec4(16u);
+    let exponent = bits & vec4(F32_EXPONENT_BITS);
+    let mantissa = bits & vec4(0x7fffffu);
+    let special = sign | vec4(0x7c00u) | (mantissa >> vec4(13u))
+        | select(vec4(0u), vec4(0x200u), mantissa != vec4(0u));
+    // the exponent rebiased for binary16 (f32 bias 127, binary16 bias 15)
+    let half_exp = bitcast<vec4<i32>>(exponent >> vec4(23u)) - vec4(112i);
+    let normal_bits = sign | (bitcast<vec4<u32>>(max(half_exp, vec4(0i))) << vec4(10u))
+        | (mantissa >> vec4(13u));
+    let normal_up = ((mantissa & vec4(0x1000u)) != vec4(0u)) & ((mantissa & vec4(0x2fffu)) != vec4(0u));
+    let normal = normal_bits + select(vec4(0u), vec4(1u), normal_up);
+    // subnormal results: the significand with its hidden bit, shifted by 14..24
+    let shift = bitcast<vec4<u32>>(clamp(vec4(14i) - half_exp, vec4(14i), vec4(24i)));
+    let full = mantissa | vec4(0x800000u);
+    let round_bit = vec4(1u) << (shift - vec4(1u));
+    let sub_up = ((full & round_bit) != vec4(0u)) & ((full & (vec4(3u) * round_bit - vec4(1u))) != vec4(0u));
+    let subnormal = sign | ((full >> shift) + select(vec4(0u), vec4(1u), sub_up));
+    var out = normal;
+    out = select(out, subnormal, half_exp <= vec4(0i));
+    out = select(out, sign, vec4(14i) - half_exp > vec4(24i));
+    out = select(out, sign | vec4(0x7c00u), half_exp >= vec4(31i));
+    return select(out, special, exponent == vec4(F32_EXPONENT_BITS));
+}
+
+// Parameters of vec4 i into the 16-bit copy (PARAM_COPY), two per u32.
+fn store_param_copy(i: u32, param: Lanes) {
+    var halves: vec4<u32>;
+    if PARAM_COPY == 1u {
+        halves = bf16_from_lanes(param);
+    } else {
+        halves = f16_from_lanes(param);
+    }
+    param_copy[i] = vec2(halves.x | (halves.y << 16u), halves.z | (halves.w << 16u));
+}
+
 // Raw gradient of vec4 i, as f32 lanes, in the variant's GRADIENT_DTYPE.
 fn load_gradient(i: u32) -> Lanes {
     if GRADIENT_DTYPE == 0u {
@@ -463,6 +519,9 @@ fn store_element(i: u32, phase: u32, e: ElementState) {
     }
     if phase == PHASE_UPDATE || USE_EMA {
         params[i] = e.param;
+        if PARAM_COPY != 0u {
+            store_param_copy(i, e.param);
+        }
     }
 }
 
@@ -656,5 +715,25 @@ fn update(
         let before = load_element(i, t.phase);
         let after = update_element(raw, before, t);
         store_element(i, t.phase, keep_lanes(before, after, lanes_in_chunk(k, chunk.len)));
+    }
+}
+
+// The 16-bit copy of every parameter, rewritten from the parameters (after the host
+// writes parameters, or finalize_variable_values copies the EMA over them): one
+// workgroup per chunk.
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn refresh_param_copy(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = workgroup_linear(wid, nwg);
+    if PARAM_COPY == 0u || c >= arrayLength(&chunks) {
+        return;
+    }
+    let chunk = chunks[c];
+    let first = chunk.start / 4u;
+    for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
+        store_param_copy(first + k, params[first + k]);
     }
 }

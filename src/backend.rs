@@ -129,6 +129,10 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
     /// One variable's part of `role`.
     fn read_tensor(&self, role: Role, tensor: usize) -> Result<Vec<f32>>;
 
+    /// The 16-bit parameter copy of every variable, upcast to f32 (exact), in variable
+    /// order; [`Error::NoParamCopy`] without one.
+    fn read_param_copy(&self) -> Result<Vec<Vec<f32>>>;
+
     /// Replaces one variable's part of `role` (length checked by the caller).
     fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()>;
 

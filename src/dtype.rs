@@ -84,6 +84,10 @@ impl std::str::FromStr for Dtype {
 pub struct Precision {
     /// The gradients' element type, on the host and in the GPU's gradient buffers.
     pub gradients: Dtype,
+    /// A 16-bit copy of the (f32) parameters, `Bf16` or `F16`, rounded to nearest
+    /// (ties to even) from the parameters by every step in the same pass, for a forward
+    /// pass in 16 bits; `None`: no copy.
+    pub param_copy: Option<Dtype>,
 }
 
 impl Precision {
@@ -93,6 +97,25 @@ impl Precision {
             gradients: dtype,
             ..self
         }
+    }
+
+    /// With a 16-bit copy of the parameters in `dtype` (`Bf16` or `F16`).
+    pub fn with_param_copy(self, dtype: Dtype) -> Self {
+        Precision {
+            param_copy: Some(dtype),
+            ..self
+        }
+    }
+
+    /// Refuses a parameter copy that is not 16-bit.
+    pub(crate) fn validate(&self) -> crate::Result<()> {
+        if self.param_copy == Some(Dtype::F32) {
+            return Err(crate::Error::invalid(
+                "param_copy",
+                "a copy of the f32 parameters must be bf16 or f16",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -210,6 +233,76 @@ impl<'a> GradSlice<'a> {
                 g.convert_to_f32_slice(buffer);
                 f(buffer)
             }
+        }
+    }
+}
+
+/// A 16-bit copy of f32 values (the CPU's parameter copy).
+#[derive(Debug, Clone)]
+pub(crate) enum HalfVec {
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+/// A piece of a [`HalfVec`].
+pub(crate) enum HalfSliceMut<'a> {
+    Bf16(&'a mut [bf16]),
+    F16(&'a mut [f16]),
+}
+
+impl HalfVec {
+    /// `n` zeros of `dtype` (`None` for f32: it is no 16-bit type).
+    pub(crate) fn zeros(dtype: Dtype, n: usize) -> Option<Self> {
+        match dtype {
+            Dtype::F32 => None,
+            Dtype::Bf16 => Some(HalfVec::Bf16(vec![bf16::ZERO; n])),
+            Dtype::F16 => Some(HalfVec::F16(vec![f16::ZERO; n])),
+        }
+    }
+
+    /// Elements `range`.
+    pub(crate) fn slice_mut(&mut self, range: std::ops::Range<usize>) -> HalfSliceMut<'_> {
+        match self {
+            HalfVec::Bf16(v) => HalfSliceMut::Bf16(&mut v[range]),
+            HalfVec::F16(v) => HalfSliceMut::F16(&mut v[range]),
+        }
+    }
+
+    /// The values, upcast (exactly) to f32.
+    pub(crate) fn to_f32(&self) -> Vec<f32> {
+        match self {
+            HalfVec::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            HalfVec::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    /// Cuts the copy into consecutive pieces of `lens`.
+    pub(crate) fn split<'a>(
+        &'a mut self,
+        lens: impl Iterator<Item = usize>,
+    ) -> Vec<HalfSliceMut<'a>> {
+        fn cut<T>(mut rest: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+            lens.map(|n| {
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+                rest = tail;
+                head
+            })
+            .collect()
+        }
+        match self {
+            HalfVec::Bf16(v) => cut(v, lens).into_iter().map(HalfSliceMut::Bf16).collect(),
+            HalfVec::F16(v) => cut(v, lens).into_iter().map(HalfSliceMut::F16).collect(),
+        }
+    }
+}
+
+impl HalfSliceMut<'_> {
+    /// Rounds `values` (as many as the slice holds) to nearest, ties to even, into it.
+    pub(crate) fn round_from(self, values: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            HalfSliceMut::Bf16(c) => c.convert_from_f32_slice(values),
+            HalfSliceMut::F16(c) => c.convert_from_f32_slice(values),
         }
     }
 }

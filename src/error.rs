@@ -89,6 +89,9 @@ pub enum Error {
         /// The optimizer's.
         optimizer: Dtype,
     },
+    /// The optimizer keeps no 16-bit parameter copy (see `Precision::param_copy`).
+    #[error("this optimizer keeps no 16-bit parameter copy (Precision::param_copy is None)")]
+    NoParamCopy,
     /// More or fewer gradients (or values) than variables.
     #[error("expected {expected} {what}, one per variable, got {found}")]
     CountMismatch {

@@ -137,8 +137,10 @@ impl RmsProp {
         precision: Precision,
     ) -> Result<Self> {
         config.validate()?;
+        precision.validate()?;
         let variant = Variant {
             gradients: precision.gradients,
+            param_copy: precision.param_copy,
             ..Variant::of(&config)
         };
         let backend = if backend == Backend::Auto && !config.jit_compile {
@@ -465,6 +467,12 @@ impl RmsProp {
             return Err(Error::SlotNotKept(slot));
         }
         self.engine.write_tensor(Role::Slot(slot), i, values)
+    }
+
+    /// The 16-bit parameter copy of every variable (see [`Precision::param_copy`]), its
+    /// values upcast to f32 (exactly), in order; [`Error::NoParamCopy`] without one.
+    pub fn variable_copies(&self) -> Result<Vec<Vec<f32>>> {
+        self.engine.read_param_copy()
     }
 
     /// Replaces variable `i`'s values (slots are left as they are).

@@ -56,6 +56,9 @@ pub(crate) struct Variant {
     pub guard: bool,
     /// The gradients' element type (set from [`crate::Precision`], never by a config).
     pub gradients: Dtype,
+    /// The 16-bit copy of the parameters the update writes, if any (from
+    /// [`crate::Precision`]).
+    pub param_copy: Option<Dtype>,
     /// Keras' dynamic loss scaling (`LossScaleOptimizer`): set by
     /// [`crate::LossScaleOptimizer`], never by a config.
     pub loss_scaling: bool,
@@ -79,6 +82,7 @@ impl Variant {
             guard: false,
             gradients: Dtype::F32,
             loss_scaling: false,
+            param_copy: None,
         }
     }
 

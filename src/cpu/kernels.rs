@@ -2,7 +2,7 @@
 //! non-finite scan. All are `#[inline(always)]`, so that `isa` compiles each into one
 //! clone per instruction-set level; none of them branches on an option per element.
 
-use crate::dtype::GradSlice;
+use crate::dtype::{GradSlice, HalfSliceMut};
 use crate::math::{
     effective_gradient, unscale_gradient, update_element, ElementState, Phase, StepScalars,
     TensorStep,
@@ -21,19 +21,48 @@ pub(crate) struct PendingJob<'a> {
     pub arrays: ChunkArrays<'a>,
     pub grad: GradSlice<'a>,
     pub step: TensorStep,
+    /// The chunk's piece of the 16-bit parameter copy, rewritten after the update.
+    pub param_copy: Option<HalfSliceMut<'a>>,
 }
 
 impl PendingJob<'_> {
-    /// Runs `f` on the job with its gradient as f32 (upcast into `buffer` when 16-bit).
+    /// Runs `f` on the job with its gradient as f32 (upcast into `buffer` when 16-bit),
+    /// then rounds the chunk's parameters into its piece of the copy, while they are
+    /// in cache.
     #[inline]
     pub(crate) fn run(self, buffer: &mut Vec<f32>, f: impl FnOnce(ChunkJob<'_>)) {
-        let PendingJob { arrays, grad, step } = self;
+        let PendingJob {
+            arrays,
+            grad,
+            step,
+            param_copy,
+        } = self;
+        let ChunkArrays {
+            param,
+            grad: _,
+            velocity,
+            momentum,
+            average_gradient,
+            ema,
+            accumulator,
+        } = arrays;
         grad.with_f32(buffer, |grad| {
             f(ChunkJob {
-                arrays: ChunkArrays { grad, ..arrays },
+                arrays: ChunkArrays {
+                    param: &mut *param,
+                    grad,
+                    velocity,
+                    momentum,
+                    average_gradient,
+                    ema,
+                    accumulator,
+                },
                 step,
             })
-        })
+        });
+        if let Some(copy) = param_copy {
+            copy.round_from(param);
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use crate::backend::{BackendKind, Engine, Gradients, LossScaling, Role};
 use crate::config::RmsPropConfig;
 use crate::counters::{SkippedSteps, StepCounters};
 use crate::cpu_level::CpuLevel;
-use crate::dtype::GradSlice;
+use crate::dtype::{GradSlice, HalfVec};
 use crate::error::{Error, Result};
 use crate::layout::{Chunk, Layout};
 use crate::math::{
@@ -48,6 +48,8 @@ pub(crate) struct CpuEngine {
     counters: StepCounters,
     /// Keras' dynamic loss scaling, when on.
     loss_scaling: Option<LossScaling>,
+    /// The 16-bit copy of the parameters, when the variant keeps one.
+    param_copy: Option<HalfVec>,
     /// The instruction-set level the loops run at.
     isa: Isa,
 }
@@ -86,6 +88,7 @@ impl CpuEngine {
             variant,
             counters: StepCounters::default(),
             loss_scaling: None,
+            param_copy: variant.param_copy.and_then(|d| HalfVec::zeros(d, n)),
             isa: Isa::process_default(),
         })
     }
@@ -103,6 +106,14 @@ impl CpuEngine {
             Role::Params => Ok(&mut self.params),
             Role::Slot(s) if self.variant.keeps(s) => Ok(&mut self.slots[s as usize]),
             Role::Slot(s) => Err(Error::SlotNotKept(s)),
+        }
+    }
+
+    /// Rounds the parameters `range` into the 16-bit copy, if there is one.
+    fn refresh_param_copy(&mut self, range: std::ops::Range<usize>) {
+        if let Some(copy) = self.param_copy.as_mut() {
+            copy.slice_mut(range.clone())
+                .round_from(&self.params[range]);
         }
     }
 
@@ -196,6 +207,10 @@ impl CpuEngine {
         let mut avg = split_chunks(average_gradient, chunks).into_iter();
         let mut emas = split_chunks(ema, chunks).into_iter();
         let mut acc = split_chunks(accumulator, chunks).into_iter();
+        let mut copies = self
+            .param_copy
+            .as_mut()
+            .map(|c| c.split(chunks.iter().map(|c| c.len)).into_iter());
         let mut jobs = Vec::with_capacity(chunks.len());
         for c in chunks {
             let t = &tensors[c.tensor];
@@ -220,6 +235,7 @@ impl CpuEngine {
             let start = c.offset - t.offset;
             let grad = grads[c.tensor].map(|g| g.range(start..start + c.len));
             jobs.push(PendingJob {
+                param_copy: copies.as_mut().and_then(Iterator::next),
                 grad: grad.unwrap_or_default(),
                 arrays: ChunkArrays {
                     param,
@@ -305,6 +321,7 @@ impl Engine for CpuEngine {
     fn finalize(&mut self) -> Result<()> {
         if self.variant.ema {
             self.params.copy_from_slice(&self.slots[Slot::Ema as usize]);
+            self.refresh_param_copy(0..self.params.len());
         }
         Ok(())
     }
@@ -321,7 +338,15 @@ impl Engine for CpuEngine {
     fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()> {
         let t = self.layout.tensor(tensor)?;
         self.array_mut(role)?[t.range()].copy_from_slice(values);
+        if role == Role::Params {
+            self.refresh_param_copy(t.range());
+        }
         Ok(())
+    }
+
+    fn read_param_copy(&self) -> Result<Vec<Vec<f32>>> {
+        let copy = self.param_copy.as_ref().ok_or(Error::NoParamCopy)?;
+        Ok(self.layout.split(&copy.to_f32()))
     }
 
     fn raw_iterations(&self) -> u64 {

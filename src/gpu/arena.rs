@@ -39,6 +39,8 @@ pub(crate) struct Segment {
     pub grads_base: u64,
     /// Slots, one run of `len` per slot.
     pub slots: wgpu::Buffer,
+    /// The 16-bit parameter copy (a 16-byte placeholder without one).
+    pub param_copy: wgpu::Buffer,
     pub chunk_count: usize,
     pub bind_group: wgpu::BindGroup,
 }
@@ -49,6 +51,7 @@ pub(crate) enum Target {
     Params,
     Grads,
     Slot(Slot),
+    ParamCopy,
 }
 
 impl From<Role> for Target {
@@ -241,6 +244,11 @@ impl GpuArena {
                 ),
             };
             let slots = make_buffer(ctx, "slots", f32_bytes(cap * slot_count), ARENA_USAGES)?;
+            let copy_bytes = match variant.param_copy {
+                Some(dtype) => dtype_bytes(cap, dtype),
+                None => 16,
+            };
+            let param_copy = make_buffer(ctx, "param copy", copy_bytes, ARENA_USAGES)?;
             let table: Vec<ChunkRow> = layout
                 .chunks()
                 .iter()
@@ -290,6 +298,10 @@ impl GpuArena {
                             resource: range(&grads, grads_base, grad_bytes),
                         },
                         wgpu::BindGroupEntry {
+                            binding: binding::PARAM_COPY,
+                            resource: param_copy.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
                             binding: binding::SLOTS,
                             resource: range(&slots, 0, cap as u64 * F32 * slot_count as u64),
                         },
@@ -316,6 +328,7 @@ impl GpuArena {
                 grads,
                 grads_base,
                 slots,
+                param_copy,
                 chunk_count: table.len(),
                 bind_group,
             });
@@ -380,6 +393,7 @@ impl GpuArena {
     fn element_bytes(&self, target: Target) -> u64 {
         match target {
             Target::Grads => self.variant.gradients.size_bytes() as u64,
+            Target::ParamCopy => 2,
             Target::Params | Target::Slot(_) => F32,
         }
     }
@@ -390,6 +404,10 @@ impl GpuArena {
         match target {
             Target::Params => Ok((&s.params, s.params_base)),
             Target::Grads => Ok((&s.grads, s.grads_base)),
+            Target::ParamCopy => match self.variant.param_copy {
+                Some(_) => Ok((&s.param_copy, 0)),
+                None => Err(Error::NoParamCopy),
+            },
             Target::Slot(slot) => {
                 let k = self
                     .variant
@@ -548,6 +566,42 @@ impl GpuArena {
                     .get_mapped_range()
                     .map_err(|e| Error::Gpu(format!("reading the readback buffer: {e}")))?;
                 out[p.at..p.at + p.len].copy_from_slice(bytemuck::cast_slice(&view));
+            }
+            staging.unmap();
+        }
+        Ok(out)
+    }
+
+    /// The 16-bit parameter copy of the whole arena, as stored (waits for the GPU).
+    pub(crate) fn read_param_copy(&self, ctx: &GpuContext) -> Result<Vec<u16>> {
+        let mut out = vec![0u16; self.layout.total()];
+        for s in &self.segments {
+            let size = s.param_copy.size();
+            let staging = make_buffer(
+                ctx,
+                "param copy readback",
+                size,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            )?;
+            let mut encoder = ctx.device.create_command_encoder(&Default::default());
+            encoder.copy_buffer_to_buffer(&s.param_copy, 0, &staging, 0, size);
+            ctx.queue.submit([encoder.finish()]);
+            let slice = staging.slice(..);
+            let (tx, rx) = std::sync::mpsc::channel();
+            slice.map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            ctx.wait()?;
+            rx.recv_timeout(std::time::Duration::from_secs(120))
+                .map_err(|e| Error::Gpu(format!("readback did not complete: {e}")))?
+                .map_err(|e| Error::Gpu(format!("mapping the readback buffer: {e}")))?;
+            {
+                let view = slice
+                    .get_mapped_range()
+                    .map_err(|e| Error::Gpu(format!("reading the readback buffer: {e}")))?;
+                let halves: &[u16] = bytemuck::cast_slice(&view);
+                let end = (s.start + s.len).min(out.len());
+                out[s.start..end].copy_from_slice(&halves[..end - s.start]);
             }
             staging.unmap();
         }

@@ -4,11 +4,13 @@
 //! into a staging buffer that is mapped in the background.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::{BackendKind, Engine, Gradients, LossScaling, Role};
 use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::gpu::arena::{GpuArena, Target};
 use crate::gpu::binding::{TensorView, UserBuffers};
@@ -52,6 +54,9 @@ pub struct GpuEngine {
     /// The step and skip counters (behind a mutex so that `&self` readers can take the
     /// guard's readbacks that arrived).
     counters: Mutex<GpuCounters>,
+    /// The parameters changed outside a step since the 16-bit copy was last rewritten
+    /// (rewritten before the next step, view or readback: one pass for many writes).
+    copy_stale: AtomicBool,
 }
 
 fn poisoned() -> Error {
@@ -106,6 +111,8 @@ impl GpuEngine {
             arena,
             max_groups,
             counters: Mutex::default(),
+            // user parameter buffers hold values the copy has not seen
+            copy_stale: AtomicBool::new(variant.param_copy.is_some()),
         })
     }
 
@@ -212,6 +219,36 @@ impl GpuEngine {
     /// ```
     pub fn gradient_view(&self, i: usize) -> Result<TensorView<'_>> {
         self.arena.view(Target::Grads, i)
+    }
+
+    /// Variable `i`'s 16-bit parameter copy (see
+    /// [`Precision::param_copy`](crate::Precision::param_copy)) as a binding range: 2
+    /// bytes per element, two per `u32` (the size rounded up to a multiple of 4), for a
+    /// forward pass in 16 bits. [`Error::NoParamCopy`] without one.
+    pub fn param_copy_view(&self, i: usize) -> Result<TensorView<'_>> {
+        let view = self.arena.view(Target::ParamCopy, i)?;
+        self.refresh_param_copy()?;
+        Ok(view)
+    }
+
+    /// Rewrites the 16-bit parameter copy from the parameters (one submission) if
+    /// parameters were written since.
+    fn refresh_param_copy(&self) -> Result<()> {
+        if self.variant.param_copy.is_none() || !self.copy_stale.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&self.pipelines.refresh_param_copy);
+            for s in self.arena.segments.iter().filter(|s| s.chunk_count > 0) {
+                pass.set_bind_group(0, &s.bind_group, &[]);
+                let (x, y) = grid(s.chunk_count, self.max_groups);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        }
+        self.ctx.queue.submit([encoder.finish()]);
+        self.ctx.take_error()
     }
 
     /// Variable `i`'s `slot` as a binding range, for reading (writing it from your own
@@ -384,6 +421,7 @@ impl Engine for GpuEngine {
 
     fn step(&mut self, config: &RmsPropConfig, grads: Gradients<'_>, decay: &[bool]) -> Result<()> {
         self.ctx.take_error()?;
+        self.refresh_param_copy()?;
         if let Gradients::Host(host) = grads {
             self.arena.write_gradients(&self.ctx, host)?;
         }
@@ -402,6 +440,7 @@ impl Engine for GpuEngine {
             return Err(Error::NotWithGuard("record_device_step"));
         }
         self.ctx.take_error()?;
+        self.refresh_param_copy()?;
         let readback = self.encode_step(config, present, decay, encoder)?;
         // no guard: no readback, and the host-decided step counts as applied
         self.counters()?.submitted(readback);
@@ -411,6 +450,8 @@ impl Engine for GpuEngine {
     fn finalize(&mut self) -> Result<()> {
         if self.variant.ema {
             self.arena.copy_ema_to_params(&self.ctx)?;
+            self.copy_stale.store(true, Ordering::Release);
+            self.refresh_param_copy()?;
         }
         Ok(())
     }
@@ -428,7 +469,28 @@ impl Engine for GpuEngine {
 
     fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()> {
         let t = self.arena.layout.tensor(tensor)?;
-        self.arena.write(&self.ctx, role.into(), t.offset, values)
+        self.arena.write(&self.ctx, role.into(), t.offset, values)?;
+        if role == Role::Params {
+            self.copy_stale.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn read_param_copy(&self) -> Result<Vec<Vec<f32>>> {
+        let dtype = self.variant.param_copy.ok_or(Error::NoParamCopy)?;
+        self.refresh_param_copy()?;
+        let bits = self.arena.read_param_copy(&self.ctx)?;
+        let values: Vec<f32> = match dtype {
+            Dtype::Bf16 => bits
+                .iter()
+                .map(|&b| half::bf16::from_bits(b).to_f32())
+                .collect(),
+            _ => bits
+                .iter()
+                .map(|&b| half::f16::from_bits(b).to_f32())
+                .collect(),
+        };
+        Ok(self.arena.layout.split(&values))
     }
 
     fn raw_iterations(&self) -> u64 {

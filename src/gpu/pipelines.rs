@@ -21,6 +21,8 @@ pub(crate) struct Pipelines {
     pub(crate) norm_finalize: wgpu::ComputePipeline,
     /// The fused update.
     pub(crate) update: wgpu::ComputePipeline,
+    /// The 16-bit parameter copy rewritten from the parameters.
+    pub(crate) refresh_param_copy: wgpu::ComputePipeline,
 }
 
 fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
@@ -36,6 +38,10 @@ fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
         ("LOSS_SCALING", b(variant.loss_scaling)),
         ("CLIP_KIND", f64::from(variant.clip.code())),
         ("GRADIENT_DTYPE", f64::from(variant.gradients.code())),
+        (
+            "PARAM_COPY",
+            f64::from(variant.param_copy.map_or(0, |d| d.code())),
+        ),
         ("MOMENTUM_SLOT", slot(Slot::Momentum)),
         ("AVERAGE_GRADIENT_SLOT", slot(Slot::AverageGradient)),
         ("EMA_SLOT", slot(Slot::Ema)),
@@ -110,6 +116,7 @@ pub(crate) fn pipelines_for(ctx: &GpuContext, variant: &Variant) -> Result<Arc<P
                     storage(binding::CLIPS, false),
                     storage(binding::STEP_STATE, false),
                     storage(binding::GRADS_16, true),
+                    storage(binding::PARAM_COPY, false),
                 ],
             });
             let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
@@ -143,6 +150,7 @@ pub(crate) fn pipelines_for(ctx: &GpuContext, variant: &Variant) -> Result<Arc<P
             norm_partials: make("norm_partials"),
             norm_finalize: make("norm_finalize"),
             update: make("update"),
+            refresh_param_copy: make("refresh_param_copy"),
             layout: layout.clone(),
         }
     })?;

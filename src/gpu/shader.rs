@@ -38,6 +38,7 @@ pub(crate) mod binding {
     pub const CLIPS: u32 = 7;
     pub const STEP_STATE: u32 = 8;
     pub const GRADS_16: u32 = 9;
+    pub const PARAM_COPY: u32 = 10;
 }
 
 /// The step uniform: `plans[k]` is the plan for step counter `base + k` (low 32 bits:
