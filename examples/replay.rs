@@ -3,11 +3,14 @@
 //!
 //! ```text
 //! cargo run --release --example replay -- [--backend auto|cpu|gpu]
-//!     [--gradient-dtype f32|bf16|f16] TRACE.json
+//!     [--gradient-dtype f32|bf16|f16] [--param-copy bf16|f16] TRACE.json
 //! ```
 //!
 //! `--gradient-dtype` rounds the trace's gradients to that dtype (nearest, ties to even)
-//! and feeds them in it (`RmsProp::apply_typed_gradients`).
+//! and feeds them in it (`RmsProp::apply_typed_gradients`). `--param-copy` keeps a
+//! 16-bit copy of the parameters and adds `"param_copy"`: its values, one list per
+//! variable. A trace with `loss_scale_optimizer` runs inside Keras' `LossScaleOptimizer`
+//! and adds `"loss_scale"`, the final scale.
 //!
 //! Exit codes: 0 success; 2 bad input (usage, unreadable file, not JSON, invalid
 //! config or trace), with one `error: ...` line on stderr and nothing on stdout;
@@ -18,11 +21,11 @@ use std::process::ExitCode;
 #[path = "../tests/common/trace.rs"]
 mod trace;
 
-use fused_rmsprop::{Backend, Dtype, Error, GpuOptions};
+use fused_rmsprop::{Backend, Dtype, Error, GpuOptions, Precision};
 use trace::{outcome_json, Trace};
 
 const USAGE: &str =
-    "usage: replay [--backend auto|cpu|gpu] [--gradient-dtype f32|bf16|f16] TRACE.json";
+    "usage: replay [--backend auto|cpu|gpu] [--gradient-dtype f32|bf16|f16] [--param-copy bf16|f16] TRACE.json";
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     let one_line = msg.to_string().replace('\n', " ");
@@ -32,7 +35,7 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let mut backend = Backend::Auto;
-    let mut gradients = Dtype::F32;
+    let mut precision = Precision::default();
     let mut path = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -43,9 +46,14 @@ fn main() -> ExitCode {
                 None => return fail(2, "--backend needs a value (auto, cpu or gpu)"),
             },
             "--gradient-dtype" => match args.next().map(|d| d.parse::<Dtype>()) {
-                Some(Ok(d)) => gradients = d,
+                Some(Ok(d)) => precision = precision.with_gradients(d),
                 Some(Err(e)) => return fail(2, e),
                 None => return fail(2, "--gradient-dtype needs a value (f32, bf16 or f16)"),
+            },
+            "--param-copy" => match args.next().map(|d| d.parse::<Dtype>()) {
+                Some(Ok(d)) => precision = precision.with_param_copy(d),
+                Some(Err(e)) => return fail(2, e),
+                None => return fail(2, "--param-copy needs a value (bf16 or f16)"),
             },
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -76,7 +84,7 @@ fn main() -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(2, format!("{path}: {e}")),
     };
-    match trace.replay_in(backend, &GpuOptions::default(), gradients) {
+    match trace.replay_with(backend, &GpuOptions::default(), precision) {
         Ok((kind, outcome)) => {
             println!("{}", outcome_json(kind, &outcome));
             ExitCode::SUCCESS

@@ -133,6 +133,20 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
             .map_err(|e| corrupt(path, format!("gradient_dtype: {e}")))?,
         None => crate::Dtype::F32,
     };
+    let param_copy = match meta.get("param_copy") {
+        None => None,
+        Some(d) => Some(
+            d.parse::<crate::Dtype>()
+                .map_err(|e| corrupt(path, format!("param_copy: {e}")))?,
+        ),
+    };
+    let mut precision = Precision::default().with_gradients(gradients);
+    if let Some(copy) = param_copy {
+        precision = precision.with_param_copy(copy);
+    }
+    precision
+        .validate()
+        .map_err(|e| corrupt(path, e.to_string()))?;
     let loss_scaling = match meta.get("loss_scaling") {
         None => None,
         Some(text) => {
@@ -203,7 +217,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     }
     Ok(Parsed {
         config,
-        precision: Precision::default().with_gradients(gradients),
+        precision,
         loss_scaling,
         specs,
         excluded,
@@ -270,6 +284,9 @@ impl RmsProp {
             "gradient_dtype".to_string(),
             self.precision().gradients.as_str().to_string(),
         );
+        if let Some(copy) = self.precision().param_copy {
+            meta.insert("param_copy".to_string(), copy.as_str().to_string());
+        }
         // the variables were read back above, so the steps they show have settled
         self.synchronize()?;
         if let Some(ls) = self.loss_scaling() {
@@ -340,11 +357,21 @@ impl RmsProp {
                 ));
             }
         }
-        if p.precision != self.precision() {
+        let ours = self.precision();
+        if p.precision.gradients != ours.gradients {
             return Err(Error::PrecisionMismatch {
                 what: "gradient dtype",
                 checkpoint: p.precision.gradients,
-                optimizer: self.precision().gradients,
+                optimizer: ours.gradients,
+            });
+        }
+        if p.precision.param_copy != ours.param_copy {
+            // f32 stands for "no copy" in the message
+            let name = |d: Option<crate::Dtype>| d.unwrap_or(crate::Dtype::F32);
+            return Err(Error::PrecisionMismatch {
+                what: "parameter copy (f32: none)",
+                checkpoint: name(p.precision.param_copy),
+                optimizer: name(ours.param_copy),
             });
         }
         if p.config.to_keras_json()? != self.config().to_keras_json()? {

@@ -294,3 +294,47 @@ fn the_gradient_dtype_is_recorded_and_checked() {
     assert_eq!(f32_opt.raw_iterations(), 2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The parameter copy's dtype is recorded: a loaded optimizer keeps the copy (rebuilt
+/// from the restored parameters), and restoring into an optimizer without one is a
+/// typed error that changes nothing.
+#[test]
+fn the_param_copy_is_recorded_and_checked() {
+    use fused_rmsprop::half::f16;
+    use fused_rmsprop::{Dtype, Precision};
+    let dir = std::env::temp_dir().join(format!("fused-rmsprop-ckpt-copy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("copy.safetensors");
+    let precision = Precision::default().with_param_copy(Dtype::F16);
+    let mut opt = RmsProp::with_precision(
+        config(),
+        model(),
+        Backend::Cpu,
+        &GpuOptions::default(),
+        precision,
+    )
+    .unwrap();
+    run(&mut opt, 0..3);
+    opt.save_checkpoint(&path).unwrap();
+    let loaded = RmsProp::load_checkpoint(&path, Backend::Cpu, &GpuOptions::default()).unwrap();
+    assert_eq!(loaded.precision().param_copy, Some(Dtype::F16));
+    let want: Vec<Vec<f32>> = loaded
+        .variables()
+        .unwrap()
+        .iter()
+        .map(|v| v.iter().map(|&x| f16::from_f32(x).to_f32()).collect())
+        .collect();
+    assert_eq!(loaded.variable_copies().unwrap(), want);
+    let mut plain = build(Backend::Cpu, &GpuOptions::default());
+    let before = bits(&state(&plain));
+    match plain.restore_checkpoint(&path) {
+        Err(Error::PrecisionMismatch {
+            checkpoint: Dtype::F16,
+            optimizer: Dtype::F32,
+            ..
+        }) => {}
+        other => panic!("restoring a copy into an optimizer without one gave {other:?}"),
+    }
+    assert_eq!(bits(&state(&plain)), before);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -104,3 +104,49 @@ fn every_trace_replays_in_16_bit_gradients_on_both_backends() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Every trace replayed with a bf16 and an f16 parameter copy: the variables are the
+/// plain replay's, bit for bit, and the copy is them rounded to nearest, ties to even.
+#[test]
+fn every_trace_replays_with_a_parameter_copy_on_both_backends() {
+    use fused_rmsprop::half::{bf16, f16};
+    use fused_rmsprop::Precision;
+    let ctx = common::gpu();
+    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
+    if let Some(ctx) = &ctx {
+        backends.push((Backend::Gpu, common::on(ctx)));
+    }
+    for (file, trace) in &common::traces() {
+        for (backend, gpu) in &backends {
+            let (_, plain) = trace.replay(*backend, gpu).unwrap();
+            for dtype in [Dtype::Bf16, Dtype::F16] {
+                let precision = Precision::default().with_param_copy(dtype);
+                let (_, got) = trace.replay_with(*backend, gpu, precision).unwrap();
+                let bits = |v: &[Vec<f32>]| -> Vec<u32> {
+                    v.iter().flatten().map(|x| x.to_bits()).collect()
+                };
+                assert_eq!(
+                    bits(&got.variables),
+                    bits(&plain.variables),
+                    "{file} {backend:?} {dtype}"
+                );
+                let round = |x: f32| match dtype {
+                    Dtype::Bf16 => bf16::from_f32(x).to_f32(),
+                    _ => f16::from_f32(x).to_f32(),
+                };
+                let want: Vec<Vec<f32>> = plain
+                    .variables
+                    .iter()
+                    .map(|v| v.iter().map(|&x| round(x)).collect())
+                    .collect();
+                let copy = got.param_copy.expect("a copy");
+                for (a, b) in copy.iter().flatten().zip(want.iter().flatten()) {
+                    assert!(
+                        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                        "{file} {backend:?} {dtype}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}

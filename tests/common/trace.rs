@@ -70,6 +70,8 @@ pub struct Outcome {
     pub iterations: u64,
     /// The dynamic loss scale after the last step (loss-scaled runs only).
     pub loss_scale: Option<f32>,
+    /// The 16-bit parameter copy, upcast, when the replay kept one.
+    pub param_copy: Option<Vec<Vec<f32>>>,
 }
 
 fn bad(msg: impl Into<String>) -> TraceError {
@@ -272,6 +274,7 @@ impl Trace {
                     variables: values,
                     iterations,
                     loss_scale,
+                    param_copy: None,
                 })
             }
         };
@@ -341,7 +344,18 @@ impl Trace {
         gpu: &GpuOptions,
         gradients: Dtype,
     ) -> fused_rmsprop::Result<(BackendKind, Outcome)> {
-        let precision = Precision::default().with_gradients(gradients);
+        self.replay_with(backend, gpu, Precision::default().with_gradients(gradients))
+    }
+
+    /// Replays the trace with the element types of `precision`: gradients rounded to
+    /// its gradient dtype and fed in it; the parameter copy, if any, in the outcome.
+    pub fn replay_with(
+        &self,
+        backend: Backend,
+        gpu: &GpuOptions,
+        precision: Precision,
+    ) -> fused_rmsprop::Result<(BackendKind, Outcome)> {
+        let gradients = precision.gradients;
         let mut opt = RmsProp::with_precision(
             self.config.clone(),
             self.variables.clone(),
@@ -390,6 +404,10 @@ impl Trace {
                 variables: inner.variables()?,
                 iterations: inner.iterations(),
                 loss_scale,
+                param_copy: match precision.param_copy {
+                    Some(_) => Some(inner.variable_copies()?),
+                    None => None,
+                },
             },
         ))
     }
@@ -462,7 +480,7 @@ pub fn first_mismatch(actual: &Outcome, expected: &Outcome) -> Option<String> {
 }
 
 /// The replay example's output object: `{"backend", "variables", "iterations"}` (and
-/// `"loss_scale"` for a loss-scaled trace), with
+/// `"loss_scale"` for a loss-scaled trace, `"param_copy"` with a parameter copy), with
 /// non-finite values as `"NaN"`, `"Infinity"`, `"-Infinity"`.
 pub fn outcome_json(backend: BackendKind, outcome: &Outcome) -> Value {
     let vars: Vec<Value> = outcome
@@ -476,6 +494,13 @@ pub fn outcome_json(backend: BackendKind, outcome: &Outcome) -> Value {
     m.insert("iterations".into(), Value::from(outcome.iterations));
     if let Some(scale) = outcome.loss_scale {
         m.insert("loss_scale".into(), encode_float(scale));
+    }
+    if let Some(copy) = &outcome.param_copy {
+        let copy: Vec<Value> = copy
+            .iter()
+            .map(|v| Value::Array(v.iter().map(|&x| encode_float(x)).collect()))
+            .collect();
+        m.insert("param_copy".into(), Value::Array(copy));
     }
     Value::Object(m)
 }
