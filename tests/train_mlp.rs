@@ -1,27 +1,40 @@
-//! `examples/train_mlp` trains on the GPU (lavapipe in CI) and on the CPU path: the
-//! loss falls at least 10x on each, and the two runs end within 5% of each other.
+//! `examples/train_mlp` trains on the GPU (lavapipe in CI) and on the CPU path, in f32
+//! and in mixed precision (bf16 weights copy and gradients, f32 master weights): the
+//! loss falls at least 10x on each, and the two backends end within 5% of each other.
 
 #[path = "../examples/train_mlp/mlp.rs"]
 mod mlp;
 
 mod common;
 
-use fused_rmsprop::Backend;
+use fused_rmsprop::{Backend, Dtype};
 
-fn run(backend: Backend) -> mlp::Report {
+fn run(backend: Backend, precision: Dtype) -> mlp::Report {
     let options = mlp::TrainOptions {
         backend,
         steps: 100,
         batch: 32,
         every: 25,
         seed: 7,
+        precision,
     };
     mlp::train(&options, |_, _| {}).unwrap()
 }
 
 #[test]
 fn the_mlp_trains_alike_on_both_backends() {
+    trains_alike(Dtype::F32);
+}
+
+#[test]
+fn the_mlp_trains_alike_on_both_backends_in_bf16() {
+    trains_alike(Dtype::Bf16);
+}
+
+fn trains_alike(precision: Dtype) {
+    let run = |backend| run(backend, precision);
     let cpu = run(Backend::Cpu);
+    assert_eq!(cpu.precision, precision.as_str());
     assert_eq!((cpu.backend, cpu.params), ("cpu", 142_088));
     assert!(
         cpu.first_loss >= 10.0 * cpu.final_loss,

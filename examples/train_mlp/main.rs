@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example train_mlp -- [--backend auto|cpu|gpu] [--steps N]
-//!     [--batch B] [--every K] [--json] [--plot loss.svg]
+//!     [--batch B] [--every K] [--precision f32|bf16] [--json] [--plot loss.svg]
 //! ```
 //!
 //! The model (32 -> 256 -> 256 -> 256 -> 8, tanh, 142,088 parameters) regresses a
@@ -15,6 +15,11 @@
 //! comes back to the host. On the CPU the same passes run in host code with the same
 //! data and initialization.
 //!
+//! `--precision bf16` trains in mixed precision: the optimizer keeps f32 master weights
+//! and slots plus a bf16 copy of the weights, written by each step in the same pass
+//! (`Precision::param_copy`); the forward and backward passes read that copy
+//! (`param_copy_view`) and write bf16 gradients (`Precision::gradients`).
+//!
 //! Exits non-zero unless the loss falls at least `REQUIRED_FACTOR`-fold.
 
 mod mlp;
@@ -22,7 +27,7 @@ mod mlp;
 use std::process::ExitCode;
 
 use clap::Parser;
-use fused_rmsprop::Backend;
+use fused_rmsprop::{Backend, Dtype};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
@@ -47,6 +52,10 @@ struct Args {
     /// Seed of the data and the initialization.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// f32, or bf16: bf16 weights (the optimizer's copy) and gradients, f32 master
+    /// weights and slots.
+    #[arg(long, default_value = "f32")]
+    precision: Dtype,
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
@@ -108,6 +117,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         batch: args.batch.max(1),
         every: args.every,
         seed: args.seed,
+        precision: args.precision,
     };
     let bar = if args.json {
         ProgressBar::hidden()
@@ -128,6 +138,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             "{}",
             json!({
                 "backend": report.backend,
+                "precision": report.precision,
                 "adapter": report.adapter,
                 "params": report.params,
                 "batch": options.batch,
@@ -141,9 +152,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         );
     } else {
         println!(
-            "backend: {}{}\nparams: {}\nfirst loss: {:.6}\nfinal loss: {:.6} ({fell:.1}x lower)\nsteps: {} ({:.1} steps/s{})",
+            "backend: {}{}, precision {}\nparams: {}\nfirst loss: {:.6}\nfinal loss: {:.6} ({fell:.1}x lower)\nsteps: {} ({:.1} steps/s{})",
             report.backend,
             report.adapter.as_deref().map(|a| format!(" ({a})")).unwrap_or_default(),
+            report.precision,
             report.params,
             report.first_loss,
             report.final_loss,

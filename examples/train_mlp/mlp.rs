@@ -7,7 +7,10 @@
 
 use std::time::Instant;
 
-use fused_rmsprop::{Backend, BackendKind, RmsProp, RmsPropConfig, Variable};
+use fused_rmsprop::half::bf16;
+use fused_rmsprop::{
+    Backend, BackendKind, Dtype, GpuOptions, Precision, RmsProp, RmsPropConfig, Variable,
+};
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 
 /// Layer widths: 32 inputs, three hidden layers of 256, 8 outputs (142,088 parameters).
@@ -32,6 +35,10 @@ pub struct TrainOptions {
     pub every: usize,
     /// Seed of the data and the initialization.
     pub seed: u64,
+    /// `F32`, or `Bf16`: mixed precision, the forward and backward passes reading the
+    /// optimizer's bf16 parameter copy and producing bf16 gradients (f32 master weights
+    /// and slots).
+    pub precision: Dtype,
 }
 
 /// What a run measured.
@@ -39,6 +46,8 @@ pub struct TrainOptions {
 pub struct Report {
     /// "cpu" or "gpu".
     pub backend: &'static str,
+    /// "f32" or "bf16".
+    pub precision: &'static str,
     /// The adapter, on the GPU.
     pub adapter: Option<String>,
     /// Trainable parameters.
@@ -110,7 +119,20 @@ pub fn train(
     let (x, y) = dataset(options.seed);
     let vars = initial_variables(options.seed);
     let params = vars.iter().map(|v| v.values.len()).sum();
-    let mut opt = RmsProp::with_backend(config(), vars, options.backend)?;
+    let precision = match options.precision {
+        Dtype::F32 => Precision::default(),
+        Dtype::Bf16 => Precision::default()
+            .with_gradients(Dtype::Bf16)
+            .with_param_copy(Dtype::Bf16),
+        other => return Err(format!("train_mlp runs in f32 or bf16, not {other}").into()),
+    };
+    let mut opt = RmsProp::with_precision(
+        config(),
+        vars,
+        options.backend,
+        &GpuOptions::default(),
+        precision,
+    )?;
     let every = options.every.max(1);
     let steps = options.steps.max(1);
     let report_at = |step: usize| step.is_multiple_of(every) || step + 1 == steps;
@@ -147,6 +169,7 @@ pub fn train(
     let seconds = started.elapsed().as_secs_f64();
     Ok(Report {
         backend: opt.backend().as_str(),
+        precision: options.precision.as_str(),
         adapter,
         params,
         first_loss: losses.first().map_or(f64::NAN, |l| l.1),
@@ -172,7 +195,13 @@ fn cpu_step(
     start: usize,
     batch: usize,
 ) -> Result<f64, Box<dyn std::error::Error>> {
-    let vars = opt.variables()?;
+    // mixed precision: the forward pass reads the bf16 copy
+    let half = opt.precision().param_copy.is_some();
+    let vars = if half {
+        opt.variable_copies()?
+    } else {
+        opt.variables()?
+    };
     let layers = WIDTHS.len() - 1;
     let kernel = |l: usize| -> ArrayView2<'_, f32> {
         ArrayView2::from_shape((WIDTHS[l], WIDTHS[l + 1]), &vars[2 * l]).unwrap()
@@ -202,8 +231,17 @@ fn cpu_step(
             delta = delta.dot(&kernel(l).t()) * &a.mapv(|a| 1.0 - a * a);
         }
     }
-    let refs: Vec<Option<&[f32]>> = grads.iter().map(|g| Some(g.as_slice())).collect();
-    opt.apply_gradients(&refs)?;
+    if half {
+        let grads: Vec<Vec<bf16>> = grads
+            .iter()
+            .map(|g| g.iter().map(|&x| bf16::from_f32(x)).collect())
+            .collect();
+        let refs: Vec<Option<&[bf16]>> = grads.iter().map(|g| Some(g.as_slice())).collect();
+        opt.apply_typed_gradients(&refs)?;
+    } else {
+        let refs: Vec<Option<&[f32]>> = grads.iter().map(|g| Some(g.as_slice())).collect();
+        opt.apply_gradients(&refs)?;
+    }
     Ok(f64::from(loss))
 }
 
@@ -300,8 +338,13 @@ mod gpu {
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             });
+            let half = opt.precision().param_copy.is_some();
             let dummy_read = storage(&device, "unused input", 4);
-            let dummy_write = storage(&device, "unused output", 4);
+            // one per writable binding: writable bindings of a group must not alias
+            let dummy_writes: Vec<wgpu::Buffer> = (0..3)
+                .map(|_| storage(&device, "unused output", 4))
+                .collect();
+            let dummy_write = &dummy_writes[0];
 
             let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some("mlp.wgsl"),
@@ -328,6 +371,10 @@ mod gpu {
                     entry(3, read),
                     entry(4, write),
                     entry(5, write),
+                    entry(6, read),
+                    entry(7, read),
+                    entry(8, write),
+                    entry(9, write),
                 ],
             });
             let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
@@ -335,13 +382,17 @@ mod gpu {
                 bind_group_layouts: &[Some(&layout)],
                 immediate_size: 0,
             });
+            let constants = [("BF16", if half { 1.0 } else { 0.0 })];
             let pipeline = |entry_point: &'static str| {
                 device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(entry_point),
                     layout: Some(&pipeline_layout),
                     module: &module,
                     entry_point: Some(entry_point),
-                    compilation_options: Default::default(),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &constants,
+                        ..Default::default()
+                    },
                     cache: None,
                 })
             };
@@ -365,15 +416,27 @@ mod gpu {
                 _pad: [0; 2],
             };
             let mut dispatches = Vec::new();
+            // bindings 6..9 (bf16 kernel, bias, kernel and bias gradients): placeholders
+            // unless a dispatch passes its own
+            let unused_16 = || -> [wgpu::BindingResource<'_>; 4] {
+                [
+                    whole(&dummy_read),
+                    whole(&dummy_read),
+                    whole(&dummy_writes[1]),
+                    whole(&dummy_writes[2]),
+                ]
+            };
             let mut add = |entry_point: &'static str,
                            u: &wgpu::Buffer,
                            inputs: [wgpu::BindingResource<'_>; 3],
                            outputs: [wgpu::BindingResource<'_>; 2],
+                           halves: [wgpu::BindingResource<'_>; 4],
                            invocations: usize,
                            workgroup: u32| {
                 let [a, b, c] = inputs;
                 let [d, e] = outputs;
-                let entries: Vec<wgpu::BindGroupEntry<'_>> = [whole(u), a, b, c, d, e]
+                let [f, g, h, i] = halves;
+                let entries: Vec<wgpu::BindGroupEntry<'_>> = [whole(u), a, b, c, d, e, f, g, h, i]
                     .into_iter()
                     .enumerate()
                     .map(|(k, resource)| wgpu::BindGroupEntry {
@@ -410,20 +473,41 @@ mod gpu {
                 &gather,
                 [whole(&x_data), whole(&y_data), whole(&dummy_read)],
                 [whole(&acts[0]), whole(&target)],
+                unused_16(),
                 batch * WIDTHS[0],
                 64,
             );
             let uniforms: Vec<wgpu::Buffer> = (0..layers).map(|l| uniform(dims(l))).collect();
+            // the layer's kernel and bias as the forward pass reads them: f32, or the
+            // bf16 copy (then the f32 bindings get placeholders)
+            let weights = |l: usize| -> Result<_, fused_rmsprop::Error> {
+                Ok(if half {
+                    (
+                        [whole(&dummy_read), whole(&dummy_read)],
+                        [
+                            view(engine.param_copy_view(2 * l)?),
+                            view(engine.param_copy_view(2 * l + 1)?),
+                        ],
+                    )
+                } else {
+                    (
+                        [
+                            view(engine.param_view(2 * l)?),
+                            view(engine.param_view(2 * l + 1)?),
+                        ],
+                        [whole(&dummy_read), whole(&dummy_read)],
+                    )
+                })
+            };
             for l in 0..layers {
+                let ([kernel, bias], [kernel_16, bias_16]) = weights(l)?;
+                let [_, _, w1, w2] = unused_16();
                 add(
                     "forward",
                     &uniforms[l],
-                    [
-                        whole(&acts[l]),
-                        view(engine.param_view(2 * l)?),
-                        view(engine.param_view(2 * l + 1)?),
-                    ],
-                    [whole(&acts[l + 1]), whole(&dummy_write)],
+                    [whole(&acts[l]), kernel, bias],
+                    [whole(&acts[l + 1]), whole(dummy_write)],
+                    [kernel_16, bias_16, w1, w2],
                     batch * WIDTHS[l + 1],
                     64,
                 );
@@ -433,31 +517,45 @@ mod gpu {
                 &uniforms[layers - 1],
                 [whole(&acts[layers]), whole(&target), whole(&dummy_read)],
                 [whole(&deltas[layers - 1]), whole(&loss)],
+                unused_16(),
                 256,
                 256,
             );
             for l in (0..layers).rev() {
+                let gradients = [
+                    view(engine.gradient_view(2 * l)?),
+                    view(engine.gradient_view(2 * l + 1)?),
+                ];
+                let [r1, r2, w1, w2] = unused_16();
+                let (outputs, halves, invocations) = if half {
+                    let [kernel, bias] = gradients;
+                    let pairs = (WIDTHS[l] * WIDTHS[l + 1]).div_ceil(2) + WIDTHS[l + 1].div_ceil(2);
+                    (
+                        [whole(dummy_write), whole(&dummy_writes[1])],
+                        [r1, r2, kernel, bias],
+                        pairs,
+                    )
+                } else {
+                    (gradients, [r1, r2, w1, w2], (WIDTHS[l] + 1) * WIDTHS[l + 1])
+                };
                 add(
                     "parameter_gradients",
                     &uniforms[l],
                     [whole(&acts[l]), whole(&deltas[l]), whole(&dummy_read)],
-                    [
-                        view(engine.gradient_view(2 * l)?),
-                        view(engine.gradient_view(2 * l + 1)?),
-                    ],
-                    (WIDTHS[l] + 1) * WIDTHS[l + 1],
+                    outputs,
+                    halves,
+                    invocations,
                     64,
                 );
                 if l > 0 {
+                    let ([kernel, _], [kernel_16, _]) = weights(l)?;
+                    let [_, r2, w1, w2] = unused_16();
                     add(
                         "input_gradient",
                         &uniforms[l],
-                        [
-                            whole(&deltas[l]),
-                            view(engine.param_view(2 * l)?),
-                            whole(&acts[l]),
-                        ],
-                        [whole(&deltas[l - 1]), whole(&dummy_write)],
+                        [whole(&deltas[l]), kernel, whole(&acts[l])],
+                        [whole(&deltas[l - 1]), whole(dummy_write)],
+                        [kernel_16, r2, w1, w2],
                         batch * WIDTHS[l],
                         64,
                     );

@@ -3,6 +3,13 @@
 // layer's kernel [inputs, outputs] (Keras' Dense layout), its bias [outputs]. Kernels
 // and biases are bound through the optimizer's tensor views (parameters to read,
 // gradients to write), so the gradients land where the optimizer steps them.
+//
+// With BF16 (mixed precision), the kernels and biases are read from the optimizer's
+// bf16 parameter copy (in1_16, in2_16: two per u32) and the parameter gradients are
+// written in bf16 (out0_16, out1_16), rounded to nearest, ties to even, one pair of
+// elements per invocation; activations and sums stay f32.
+
+override BF16: bool = false;
 
 struct Layer {
     batch: u32,
@@ -23,6 +30,36 @@ struct Layer {
 @group(0) @binding(3) var<storage, read> in2: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out0: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out1: array<f32>;
+@group(0) @binding(6) var<storage, read> in1_16: array<u32>;
+@group(0) @binding(7) var<storage, read> in2_16: array<u32>;
+@group(0) @binding(8) var<storage, read_write> out0_16: array<u32>;
+@group(0) @binding(9) var<storage, read_write> out1_16: array<u32>;
+
+// Element k of a bf16 array held two per u32 (little end first), as f32.
+fn bf16_at(word: u32, k: u32) -> f32 {
+    return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (k & 1u) == 1u));
+}
+
+// f32 as bf16 bits, rounded to nearest, ties to even (finite values: gradients here).
+fn bf16_bits(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
+}
+
+// The layer's kernel element k and bias element j (in1 / in2, or their bf16 copies).
+fn kernel(k: u32) -> f32 {
+    if BF16 {
+        return bf16_at(in1_16[k / 2u], k);
+    }
+    return in1[k];
+}
+
+fn bias(j: u32) -> f32 {
+    if BF16 {
+        return bf16_at(in2_16[j / 2u], j);
+    }
+    return in2[j];
+}
 
 const GROUP: u32 = 64u;
 
@@ -56,9 +93,9 @@ fn forward(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups
     }
     let r = n / layer.outputs;
     let j = n % layer.outputs;
-    var z = in2[j];
+    var z = bias(j);
     for (var i = 0u; i < layer.inputs; i++) {
-        z += in0[r * layer.inputs + i] * in1[i * layer.outputs + j];
+        z += in0[r * layer.inputs + i] * kernel(i * layer.outputs + j);
     }
     if layer.hidden != 0u {
         z = tanh(z);
@@ -93,27 +130,50 @@ fn loss_gradient(@builtin(local_invocation_index) lid: u32) {
     }
 }
 
+// Gradient of kernel element k = i * outputs + j, and of bias element j.
+fn kernel_gradient(k: u32) -> f32 {
+    let i = k / layer.outputs;
+    let j = k % layer.outputs;
+    var g = 0.0;
+    for (var r = 0u; r < layer.batch; r++) {
+        g += in0[r * layer.inputs + i] * in1[r * layer.outputs + j];
+    }
+    return g;
+}
+
+fn bias_gradient(j: u32) -> f32 {
+    var g = 0.0;
+    for (var r = 0u; r < layer.batch; r++) {
+        g += in1[r * layer.outputs + j];
+    }
+    return g;
+}
+
 // in0: a_in [batch, inputs], in1: delta [batch, outputs] (d loss / d pre-activation);
-// out0: kernel gradient [inputs, outputs], out1: bias gradient [outputs].
+// out0: kernel gradient [inputs, outputs], out1: bias gradient [outputs] (with BF16,
+// out0_16 and out1_16: invocation n writes the pair of elements 2n, 2n + 1, first of
+// the kernel, then of the bias).
 @compute @workgroup_size(GROUP)
 fn parameter_gradients(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let n = index(id, nwg);
-    if n >= (layer.inputs + 1u) * layer.outputs {
+    let kernel_len = layer.inputs * layer.outputs;
+    if BF16 {
+        let kernel_pairs = (kernel_len + 1u) / 2u;
+        if n < kernel_pairs {
+            let k = 2u * n;
+            let hi = select(0u, bf16_bits(kernel_gradient(k + 1u)), k + 1u < kernel_len);
+            out0_16[n] = bf16_bits(kernel_gradient(k)) | (hi << 16u);
+        } else if n < kernel_pairs + (layer.outputs + 1u) / 2u {
+            let j = 2u * (n - kernel_pairs);
+            let hi = select(0u, bf16_bits(bias_gradient(j + 1u)), j + 1u < layer.outputs);
+            out1_16[n - kernel_pairs] = bf16_bits(bias_gradient(j)) | (hi << 16u);
+        }
         return;
     }
-    let i = n / layer.outputs;
-    let j = n % layer.outputs;
-    var g = 0.0;
-    if i < layer.inputs {
-        for (var r = 0u; r < layer.batch; r++) {
-            g += in0[r * layer.inputs + i] * in1[r * layer.outputs + j];
-        }
-        out0[n] = g;
-    } else {
-        for (var r = 0u; r < layer.batch; r++) {
-            g += in1[r * layer.outputs + j];
-        }
-        out1[j] = g;
+    if n < kernel_len {
+        out0[n] = kernel_gradient(n);
+    } else if n < kernel_len + layer.outputs {
+        out1[n - kernel_len] = bias_gradient(n - kernel_len);
     }
 }
 
@@ -129,7 +189,7 @@ fn input_gradient(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_wor
     let i = n % layer.inputs;
     var s = 0.0;
     for (var j = 0u; j < layer.outputs; j++) {
-        s += in0[r * layer.outputs + j] * in1[i * layer.outputs + j];
+        s += in0[r * layer.outputs + j] * kernel(i * layer.outputs + j);
     }
     let a = in2[n];
     out0[n] = s * (1.0 - a * a);
