@@ -57,6 +57,10 @@ struct Args {
     /// The gradients' dtype: f32, bf16 or f16 (`bytes_per_step` counts its size).
     #[arg(long, default_value = "f32")]
     gradient_dtype: Dtype,
+    /// Keep a 16-bit copy of the parameters (bf16 or f16), written by every step
+    /// (`bytes_per_step` counts its 2 bytes per parameter).
+    #[arg(long)]
+    param_copy: Option<Dtype>,
     /// Run the CPU loops at this level (baseline, avx2, avx512) instead of the best one.
     #[arg(long)]
     cpu_level: Option<CpuLevel>,
@@ -125,9 +129,13 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let tensors = model.len();
     let grads = HostGradients::new(synthetic_gradients(&model), args.gradient_dtype);
     let gradient_bytes = args.gradient_dtype.size_bytes() as u64;
-    let bytes = variant.bytes_per_param_with(gradient_bytes) * args.params as u64;
+    let copy_bytes = if args.param_copy.is_some() { 2 } else { 0 };
+    let bytes = (variant.bytes_per_param_with(gradient_bytes) + copy_bytes) * args.params as u64;
     let reps = reps_for(bytes);
-    let precision = Precision::default().with_gradients(args.gradient_dtype);
+    let mut precision = Precision::default().with_gradients(args.gradient_dtype);
+    if let Some(copy) = args.param_copy {
+        precision = precision.with_param_copy(copy);
+    }
     let mut opt = RmsProp::with_precision(
         variant.config(),
         model,
@@ -247,6 +255,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "backend": backend.as_str(),
         "variant": name,
         "gradient_dtype": args.gradient_dtype.as_str(),
+        "param_copy": args.param_copy.map(Dtype::as_str),
         "guard": args.guard,
         "cpu_level": cpu_level,
         "params": args.params,
