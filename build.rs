@@ -19,7 +19,7 @@ const BOOL_OVERRIDES: [&str; 7] = [
 ];
 const CLIP_KINDS: [f64; 4] = [0.0, 1.0, 2.0, 3.0];
 /// Overrides naming a dtype (`dtype::Dtype::code`: f32 or none, bf16, f16).
-const DTYPE_OVERRIDES: [&str; 2] = ["GRADIENT_DTYPE", "PARAM_COPY"];
+const DTYPE_OVERRIDES: [&str; 3] = ["GRADIENT_DTYPE", "PARAM_COPY", "PARAM_DTYPE"];
 const DTYPE_CODES: [f64; 3] = [0.0, 1.0, 2.0];
 
 fn fail(msg: String) -> ! {

@@ -53,6 +53,9 @@ override GRADIENT_DTYPE: u32 = 0u;
 // A 16-bit copy of the parameters written with them (dtype::Dtype::code): 0 none,
 // 1 bf16, 2 f16, rounded to nearest, ties to even, as `half` rounds on the host.
 override PARAM_COPY: u32 = 0u;
+// How the parameters are stored (dtype::Dtype::code, math::STORE_*): 0 f32 (`params`),
+// 1 bf16, 2 f16 (`params_16`, two per u32); every assignment rounds (store_param).
+override PARAM_DTYPE: u32 = 0u;
 // Slot k of local vec4 i lives at slots[k * arrayLength(&params) + i]; velocity is slot 0.
 override MOMENTUM_SLOT: u32 = 1u;
 override AVERAGE_GRADIENT_SLOT: u32 = 2u;
@@ -86,7 +89,8 @@ struct StepScalars {
     ema_overwrite: f32,
     ema_overwrite_enabled: u32,
     is_update_step: u32,
-    _pad: u32,
+    // the CPU's parameter storage (the shader has PARAM_DTYPE)
+    param_storage: u32,
 }
 
 // gpu::shader::StepUniform: plans[k] is the plan for step counter `base + k` (low 32
@@ -182,6 +186,9 @@ struct ElementState {
 @group(0) @binding(9) var<storage, read> grads_16: array<vec2<u32>>;
 // The 16-bit parameter copy (PARAM_COPY), four per vec2<u32>; a placeholder without it.
 @group(0) @binding(10) var<storage, read_write> param_copy: array<vec2<u32>>;
+// The parameters stored in 16 bits (PARAM_DTYPE), four per vec2<u32>; a placeholder
+// with f32 parameters (and `params` one with 16-bit ones).
+@group(0) @binding(11) var<storage, read_write> params_16: array<vec2<u32>>;
 
 // This invocation's plan, loaded from `step` at the start of each entry point.
 var<private> s: StepScalars;
@@ -315,6 +322,16 @@ fn ema_overwrite(param: Lanes, ema: Lanes) -> Lanes {
     return ema * s.ema_overwrite + param * (1.0 - s.ema_overwrite);
 }
 
+// math::store_param: a value assigned to a parameter, rounded to its storage type.
+fn store_param(x: Lanes) -> Lanes {
+    if PARAM_DTYPE == 1u {
+        return bf16_lanes(bf16_from_lanes(x));
+    } else if PARAM_DTYPE == 2u {
+        return f16_lanes(f16_from_lanes(x));
+    }
+    return x;
+}
+
 fn rmsprop_element(before: ElementState, gradient: Lanes) -> ElementState {
     var e = before;
     e.velocity = rmsprop_velocity(e.velocity, gradient);
@@ -325,9 +342,9 @@ fn rmsprop_element(before: ElementState, gradient: Lanes) -> ElementState {
     let increment = rmsprop_increment(gradient, denominator);
     if USE_MOMENTUM {
         e.momentum = rmsprop_momentum(e.momentum, increment);
-        e.param -= e.momentum;
+        e.param = store_param(e.param - e.momentum);
     } else {
-        e.param -= increment;
+        e.param = store_param(e.param - increment);
     }
     return e;
 }
@@ -343,14 +360,14 @@ fn update_element(raw_gradient: Lanes, before: ElementState, t: TensorStep) -> E
         }
         let clipped = clip_gradient(g, t.clip);
         if t.decay {
-            e.param = decay_weight(e.param);
+            e.param = store_param(decay_weight(e.param));
         }
         e = rmsprop_element(e, clipped);
     }
     if USE_EMA {
         e.ema = ema_update(e.ema, e.param);
         if s.ema_overwrite_enabled != 0u {
-            e.param = ema_overwrite(e.param, e.ema);
+            e.param = store_param(ema_overwrite(e.param, e.ema));
         }
     }
     return e;
@@ -446,8 +463,43 @@ fn load_gradient(i: u32) -> Lanes {
     return f16_lanes(halves);
 }
 
+// vec4s in this segment (each slot is a run of them).
+fn segment_vec4s() -> u32 {
+    if PARAM_DTYPE == 0u {
+        return arrayLength(&params);
+    }
+    return arrayLength(&params_16);
+}
+
 fn slot_index(slot: u32, i: u32) -> u32 {
-    return slot * arrayLength(&params) + i;
+    return slot * segment_vec4s() + i;
+}
+
+// Parameters of vec4 i, as f32 lanes, and their store (already rounded: store_param).
+fn load_param(i: u32) -> Lanes {
+    if PARAM_DTYPE == 0u {
+        return params[i];
+    }
+    let pair = params_16[i];
+    let halves = vec4(pair.x & 0xffffu, pair.x >> 16u, pair.y & 0xffffu, pair.y >> 16u);
+    if PARAM_DTYPE == 1u {
+        return bf16_lanes(halves);
+    }
+    return f16_lanes(halves);
+}
+
+fn write_param(i: u32, p: Lanes) {
+    if PARAM_DTYPE == 0u {
+        params[i] = p;
+        return;
+    }
+    var halves: vec4<u32>;
+    if PARAM_DTYPE == 1u {
+        halves = bf16_from_lanes(p);
+    } else {
+        halves = f16_from_lanes(p);
+    }
+    params_16[i] = vec2(halves.x | (halves.y << 16u), halves.z | (halves.w << 16u));
 }
 
 // Which lanes of the chunk's vec4 `k` hold elements of its tensor (the rest is padding).
@@ -469,7 +521,7 @@ fn tensor_step(tensor: u32) -> TensorStep {
 // vec4 i as `phase` reads it (what it does not read stays 0).
 fn load_element(i: u32, phase: u32) -> ElementState {
     let zero = Lanes(0.0);
-    var e = ElementState(params[i], zero, zero, zero, zero, zero);
+    var e = ElementState(load_param(i), zero, zero, zero, zero, zero);
     if phase == PHASE_UPDATE {
         e.velocity = slots[slot_index(0u, i)];
         if USE_MOMENTUM {
@@ -518,7 +570,7 @@ fn store_element(i: u32, phase: u32, e: ElementState) {
         slots[slot_index(EMA_SLOT, i)] = e.ema;
     }
     if phase == PHASE_UPDATE || USE_EMA {
-        params[i] = e.param;
+        write_param(i, e.param);
         if PARAM_COPY != 0u {
             store_param_copy(i, e.param);
         }
@@ -734,6 +786,28 @@ fn refresh_param_copy(
     let chunk = chunks[c];
     let first = chunk.start / 4u;
     for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
-        store_param_copy(first + k, params[first + k]);
+        store_param_copy(first + k, load_param(first + k));
+    }
+}
+
+// finalize_variable_values with 16-bit parameters: each parameter assigned its EMA,
+// rounded (store_param); one workgroup per chunk. (f32 parameters take a buffer copy.)
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn finalize_params(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = workgroup_linear(wid, nwg);
+    if !USE_EMA || c >= arrayLength(&chunks) {
+        return;
+    }
+    let chunk = chunks[c];
+    let first = chunk.start / 4u;
+    for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
+        let i = first + k;
+        let ema = slots[slot_index(EMA_SLOT, i)];
+        // padding lanes: the EMA's padding is zero, as the parameters' is
+        write_param(i, store_param(ema));
     }
 }

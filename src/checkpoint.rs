@@ -140,7 +140,15 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
                 .map_err(|e| corrupt(path, format!("param_copy: {e}")))?,
         ),
     };
-    let mut precision = Precision::default().with_gradients(gradients);
+    let params = match meta.get("param_dtype") {
+        Some(d) => d
+            .parse::<crate::Dtype>()
+            .map_err(|e| corrupt(path, format!("param_dtype: {e}")))?,
+        None => crate::Dtype::F32,
+    };
+    let mut precision = Precision::default()
+        .with_gradients(gradients)
+        .with_params(params);
     if let Some(copy) = param_copy {
         precision = precision.with_param_copy(copy);
     }
@@ -284,6 +292,10 @@ impl RmsProp {
             "gradient_dtype".to_string(),
             self.precision().gradients.as_str().to_string(),
         );
+        meta.insert(
+            "param_dtype".to_string(),
+            self.precision().params.as_str().to_string(),
+        );
         if let Some(copy) = self.precision().param_copy {
             meta.insert("param_copy".to_string(), copy.as_str().to_string());
         }
@@ -363,6 +375,13 @@ impl RmsProp {
                 what: "gradient dtype",
                 checkpoint: p.precision.gradients,
                 optimizer: ours.gradients,
+            });
+        }
+        if p.precision.params != ours.params {
+            return Err(Error::PrecisionMismatch {
+                what: "parameter dtype",
+                checkpoint: p.precision.params,
+                optimizer: ours.params,
             });
         }
         if p.precision.param_copy != ours.param_copy {

@@ -35,7 +35,34 @@ impl Dtype {
         }
     }
 
-    /// The WGSL `GRADIENT_DTYPE` override value.
+    /// `x` rounded to this type (to nearest, ties to even), as f32.
+    pub(crate) fn round(self, x: f32) -> f32 {
+        match self {
+            Dtype::F32 => x,
+            Dtype::Bf16 => crate::math::round_bf16(x),
+            Dtype::F16 => crate::math::round_f16(x),
+        }
+    }
+
+    /// `x` rounded to this 16-bit type (to nearest, ties to even), as its bits (f32: the
+    /// bits of bf16, unused).
+    pub(crate) fn half_bits(self, x: f32) -> u16 {
+        match self {
+            Dtype::F16 => f16::from_f32(x).to_bits(),
+            Dtype::F32 | Dtype::Bf16 => bf16_bits(x),
+        }
+    }
+
+    /// 16 bits of this type, as f32 (exact).
+    pub(crate) fn upcast_bits(self, bits: u16) -> f32 {
+        match self {
+            Dtype::F16 => f16::from_bits(bits).to_f32(),
+            Dtype::F32 | Dtype::Bf16 => bf16::from_bits(bits).to_f32(),
+        }
+    }
+
+    /// The WGSL `GRADIENT_DTYPE` (and `PARAM_DTYPE`, `PARAM_COPY`) override value, and
+    /// `math::STORE_*`.
     pub(crate) fn code(self) -> u32 {
         match self {
             Dtype::F32 => 0,
@@ -84,6 +111,11 @@ impl std::str::FromStr for Dtype {
 pub struct Precision {
     /// The gradients' element type, on the host and in the GPU's gradient buffers.
     pub gradients: Dtype,
+    /// How the parameters are stored: `F32`, or `Bf16` / `F16` (with f32 slots): every
+    /// assignment Keras makes to a variable (weight decay, the update, the EMA
+    /// overwrite, `finalize_variable_values`, and yours: `set_variable`) rounds to it,
+    /// to nearest, ties to even.
+    pub params: Dtype,
     /// A 16-bit copy of the (f32) parameters, `Bf16` or `F16`, rounded to nearest
     /// (ties to even) from the parameters by every step in the same pass, for a forward
     /// pass in 16 bits; `None`: no copy.
@@ -95,6 +127,14 @@ impl Precision {
     pub fn with_gradients(self, dtype: Dtype) -> Self {
         Precision {
             gradients: dtype,
+            ..self
+        }
+    }
+
+    /// With the parameters stored in `dtype`.
+    pub fn with_params(self, dtype: Dtype) -> Self {
+        Precision {
+            params: dtype,
             ..self
         }
     }
@@ -113,6 +153,15 @@ impl Precision {
             return Err(crate::Error::invalid(
                 "param_copy",
                 "a copy of the f32 parameters must be bf16 or f16",
+            ));
+        }
+        if self.param_copy.is_some() && self.params != Dtype::F32 {
+            return Err(crate::Error::invalid(
+                "param_copy",
+                format!(
+                    "a copy needs f32 parameters: {} parameters are their own 16-bit copy",
+                    self.params
+                ),
             ));
         }
         Ok(())

@@ -70,8 +70,68 @@ pub struct StepScalars {
     pub ema_overwrite_enabled: u32,
     /// 0 on an accumulation-only step, else 1.
     pub is_update_step: u32,
-    /// Zero: pads the struct to 64 bytes, as arrays in a WGSL uniform need.
-    pub _pad: u32,
+    /// How the parameters are stored (`STORE_F32`, `STORE_BF16`, `STORE_F16`): the CPU
+    /// loops read it once per chunk (the GPU has its `PARAM_DTYPE` override instead).
+    /// It also pads the struct to 64 bytes, as arrays in a WGSL uniform need.
+    pub param_storage: u32,
+}
+
+/// Parameters stored as f32 (`STORAGE` of [`store_param`]; `Dtype::code`).
+pub const STORE_F32: u8 = 0;
+/// Parameters stored as bf16.
+pub const STORE_BF16: u8 = 1;
+/// Parameters stored as f16.
+pub const STORE_F16: u8 = 2;
+
+/// `x` rounded to the nearest bf16 (ties to even), as f32: what a bf16 variable holds
+/// after Keras assigns `x` to it (`half::bf16::from_f32`; a NaN stays NaN).
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1))) & 0xffff_0000;
+    let nan = x.is_nan();
+    f32::from_bits(if nan { b | 0x0040_0000 } else { rounded })
+}
+
+/// `x` rounded to the nearest f16 (ties to even), as f32 (`half::f16::from_f32`):
+/// beyond 65504 (after rounding) infinity, below 2^-14 a multiple of 2^-24 (an f16
+/// subnormal), NaN stays NaN.
+#[inline(always)]
+pub fn round_f16(x: f32) -> f32 {
+    let a = x.abs();
+    let b = x.to_bits();
+    // normal f16 range: keep 10 bits of significand
+    let normal = f32::from_bits((b.wrapping_add(0xfff + ((b >> 13) & 1))) & 0xffff_e000);
+    // subnormal f16 range: 0.5 has an ulp of 2^-24, so the addition rounds to it
+    let subnormal = ((a + 0.5) - 0.5).copysign(x);
+    let r = if a < 6.103_515_6e-5 {
+        subnormal
+    } else {
+        normal
+    };
+    let r = if r.abs() > 65504.0 {
+        f32::INFINITY.copysign(x)
+    } else {
+        r
+    };
+    if x.is_nan() {
+        f32::from_bits(b | 0x0040_0000)
+    } else {
+        r
+    }
+}
+
+/// A value assigned to a parameter stored as `STORAGE` ([`STORE_F32`], [`STORE_BF16`],
+/// [`STORE_F16`]): itself, or rounded to the storage type, as Keras' `assign` casts to
+/// the variable's dtype. Every assignment of the update goes through it: weight decay,
+/// the RMSprop step, the EMA overwrite (and `finalize_variable_values`).
+#[inline(always)]
+pub fn store_param<const STORAGE: u8>(x: f32) -> f32 {
+    match STORAGE {
+        STORE_BF16 => round_bf16(x),
+        STORE_F16 => round_f16(x),
+        _ => x,
+    }
 }
 
 /// The clip applied to one tensor's gradient in one step: `g * numerator / denominator`,
@@ -294,7 +354,7 @@ pub fn ema_overwrite(param: f32, ema: f32, s: &StepScalars) -> f32 {
 /// parameter is already decayed: velocity, average gradient (`CENTERED`), increment,
 /// momentum (`MOMENTUM`), and the new parameter.
 #[inline(always)]
-pub fn rmsprop_element<const CENTERED: bool, const MOMENTUM: bool>(
+pub fn rmsprop_element<const CENTERED: bool, const MOMENTUM: bool, const STORAGE: u8>(
     mut e: ElementState,
     gradient: f32,
     s: &StepScalars,
@@ -307,9 +367,9 @@ pub fn rmsprop_element<const CENTERED: bool, const MOMENTUM: bool>(
     let increment = rmsprop_increment(gradient, denominator, s);
     if MOMENTUM {
         e.momentum = rmsprop_momentum(e.momentum, increment, s);
-        e.param -= e.momentum;
+        e.param = store_param::<STORAGE>(e.param - e.momentum);
     } else {
-        e.param -= increment;
+        e.param = store_param::<STORAGE>(e.param - increment);
     }
     e
 }
@@ -320,7 +380,8 @@ pub fn rmsprop_element<const CENTERED: bool, const MOMENTUM: bool>(
 /// [`Phase::NoGradient`].
 ///
 /// The const parameters are the structural options: `centered`, `momentum > 0`,
-/// `use_ema`, `gradient_accumulation_steps` set.
+/// `use_ema`, `gradient_accumulation_steps` set, and how the parameters are stored
+/// ([`store_param`]).
 ///
 /// ```
 /// use fused_rmsprop::math::{update_element, ClipFactors, ElementState, Phase, StepScalars, TensorStep};
@@ -330,7 +391,7 @@ pub fn rmsprop_element<const CENTERED: bool, const MOMENTUM: bool>(
 ///     is_update_step: 1, ..StepScalars::default() };
 /// let t = TensorStep { phase: Phase::Update, decay: false, clip: ClipFactors::NONE };
 /// let e = ElementState { param: 10.0, ..ElementState::default() };
-/// let e = update_element::<false, false, false, false>(10.0, e, &t, &s);
+/// let e = update_element::<false, false, false, false, 0>(10.0, e, &t, &s);
 /// assert!((e.param - 9.683772).abs() < 1e-5);
 /// ```
 #[inline(always)]
@@ -339,6 +400,7 @@ pub fn update_element<
     const MOMENTUM: bool,
     const EMA: bool,
     const ACCUMULATE: bool,
+    const STORAGE: u8,
 >(
     raw_gradient: f32,
     mut e: ElementState,
@@ -357,15 +419,15 @@ pub fn update_element<
             }
             let g = clip_gradient(g, t.clip, s);
             if t.decay {
-                e.param = decay_weight(e.param, s);
+                e.param = store_param::<STORAGE>(decay_weight(e.param, s));
             }
-            e = rmsprop_element::<CENTERED, MOMENTUM>(e, g, s);
+            e = rmsprop_element::<CENTERED, MOMENTUM, STORAGE>(e, g, s);
         }
     }
     if EMA {
         e.ema = ema_update(e.ema, e.param, s);
         if s.ema_overwrite_enabled != 0 {
-            e.param = ema_overwrite(e.param, e.ema, s);
+            e.param = store_param::<STORAGE>(ema_overwrite(e.param, e.ema, s));
         }
     }
     e
@@ -433,7 +495,7 @@ mod tests {
     fn keras_doc_example_one_step() {
         // Keras' docstring: var = 10, loss = var^2 / 2, lr = 0.1: one step gives 9.683772.
         let s = scalars();
-        let p = rmsprop_element::<false, false>(param(10.0), 10.0, &s).param;
+        let p = rmsprop_element::<false, false, 0>(param(10.0), 10.0, &s).param;
         // closed form: 10 - 0.1 * 10 / sqrt(0.1 * 100 + 1e-7)
         let expected = 10.0 - 0.1 * 10.0 / (0.1f64 * 100.0 + 1e-7).sqrt();
         assert!((p as f64 - expected).abs() < 1e-5, "{p} vs {expected}");
@@ -444,8 +506,8 @@ mod tests {
     fn centered_with_zero_mean_equals_plain() {
         let s = scalars();
         // with a zero gradient mean kept at zero, centered == plain
-        let p1 = rmsprop_element::<true, false>(param(1.0), 0.0, &s).param;
-        let p2 = rmsprop_element::<false, false>(param(1.0), 0.0, &s).param;
+        let p1 = rmsprop_element::<true, false, 0>(param(1.0), 0.0, &s).param;
+        let p2 = rmsprop_element::<false, false, 0>(param(1.0), 0.0, &s).param;
         assert_eq!(p1, p2);
     }
 
@@ -515,7 +577,7 @@ mod tests {
             ema: 1.5,
             accumulator: 0.75,
         };
-        let e = update_element::<true, true, true, true>(6.0, start, &t, &s);
+        let e = update_element::<true, true, true, true, 0>(6.0, start, &t, &s);
         let g = ((6.0f32 / 4.0 + 0.75) / 2.0 * 0.5 / 2.0).clamp(-0.3, 0.3);
         let p = 2.0 - 2.0 * 0.1 * 0.1;
         let v = 0.9 * 0.25 + s.one_minus_rho * (g * g);
@@ -531,7 +593,7 @@ mod tests {
             phase: Phase::Accumulate,
             ..t
         };
-        let e = update_element::<true, true, true, true>(6.0, start, &acc, &s);
+        let e = update_element::<true, true, true, true, 0>(6.0, start, &acc, &s);
         assert_eq!(e.accumulator, 6.0 / 4.0 + 0.75);
         assert_eq!((e.velocity, e.momentum), (start.velocity, start.momentum));
         assert_eq!(e.ema, 0.9 * 1.5 + (1.0 - 0.9) * 2.0);
@@ -540,7 +602,7 @@ mod tests {
             phase: Phase::NoGradient,
             ..t
         };
-        let e = update_element::<true, true, true, true>(f32::NAN, start, &none, &s);
+        let e = update_element::<true, true, true, true, 0>(f32::NAN, start, &none, &s);
         assert_eq!(e.accumulator, start.accumulator);
         assert_eq!(e.ema, 0.9 * 1.5 + (1.0 - 0.9) * 2.0);
     }

@@ -141,6 +141,7 @@ impl RmsProp {
         let variant = Variant {
             gradients: precision.gradients,
             param_copy: precision.param_copy,
+            params: precision.params,
             ..Variant::of(&config)
         };
         let backend = if backend == Backend::Auto && !config.jit_compile {

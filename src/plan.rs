@@ -63,7 +63,7 @@ pub(crate) fn plan_step(config: &RmsPropConfig, raw: u64) -> StepScalars {
         ema_overwrite,
         ema_overwrite_enabled,
         is_update_step: is_update_step as u32,
-        _pad: 0,
+        param_storage: 0,
     }
 }
 

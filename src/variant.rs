@@ -56,6 +56,8 @@ pub(crate) struct Variant {
     pub guard: bool,
     /// The gradients' element type (set from [`crate::Precision`], never by a config).
     pub gradients: Dtype,
+    /// How the parameters are stored (from [`crate::Precision`]).
+    pub params: Dtype,
     /// The 16-bit copy of the parameters the update writes, if any (from
     /// [`crate::Precision`]).
     pub param_copy: Option<Dtype>,
@@ -83,6 +85,7 @@ impl Variant {
             gradients: Dtype::F32,
             loss_scaling: false,
             param_copy: None,
+            params: Dtype::F32,
         }
     }
 

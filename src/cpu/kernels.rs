@@ -5,7 +5,7 @@
 use crate::dtype::{GradSlice, HalfSliceMut};
 use crate::math::{
     effective_gradient, unscale_gradient, update_element, ElementState, Phase, StepScalars,
-    TensorStep,
+    TensorStep, STORE_BF16, STORE_F16, STORE_F32,
 };
 
 /// One chunk's work: its arrays and what the step does to its tensor.
@@ -184,18 +184,67 @@ fn sweep<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8
         ..*s
     };
     let t_with = |decay: bool| TensorStep { decay, ..t };
-    match (update && t.decay, overwrite) {
-        (false, false) => each_element::<C, M, E, A, P>(&mut arrays, t_with(false), &s_with(false)),
-        (false, true) => each_element::<C, M, E, A, P>(&mut arrays, t_with(false), &s_with(true)),
-        (true, false) => each_element::<C, M, E, A, P>(&mut arrays, t_with(true), &s_with(false)),
-        (true, true) => each_element::<C, M, E, A, P>(&mut arrays, t_with(true), &s_with(true)),
+    // and one per parameter storage (the rounding of every assignment)
+    match s.param_storage as u8 {
+        STORE_BF16 => by_flags::<C, M, E, A, P, STORE_BF16>(
+            &mut arrays,
+            t_with,
+            s_with,
+            update && t.decay,
+            overwrite,
+        ),
+        STORE_F16 => by_flags::<C, M, E, A, P, STORE_F16>(
+            &mut arrays,
+            t_with,
+            s_with,
+            update && t.decay,
+            overwrite,
+        ),
+        _ => by_flags::<C, M, E, A, P, STORE_F32>(
+            &mut arrays,
+            t_with,
+            s_with,
+            update && t.decay,
+            overwrite,
+        ),
+    }
+}
+
+/// [`each_element`] with the decay and overwrite flags as constants.
+#[inline(always)]
+fn by_flags<
+    const C: bool,
+    const M: bool,
+    const E: bool,
+    const A: bool,
+    const P: u8,
+    const S: u8,
+>(
+    arrays: &mut ChunkArrays<'_>,
+    t_with: impl Fn(bool) -> TensorStep,
+    s_with: impl Fn(bool) -> StepScalars,
+    decay: bool,
+    overwrite: bool,
+) {
+    match (decay, overwrite) {
+        (false, false) => each_element::<C, M, E, A, P, S>(arrays, t_with(false), &s_with(false)),
+        (false, true) => each_element::<C, M, E, A, P, S>(arrays, t_with(false), &s_with(true)),
+        (true, false) => each_element::<C, M, E, A, P, S>(arrays, t_with(true), &s_with(false)),
+        (true, true) => each_element::<C, M, E, A, P, S>(arrays, t_with(true), &s_with(true)),
     }
 }
 
 /// The loop of [`sweep`] over the arrays it cut (those its phase leaves alone are
 /// empty): load, [`update_element`], store.
 #[inline(always)]
-fn each_element<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8>(
+fn each_element<
+    const C: bool,
+    const M: bool,
+    const E: bool,
+    const A: bool,
+    const P: u8,
+    const S: u8,
+>(
     arrays: &mut ChunkArrays<'_>,
     t: TensorStep,
     s: &StepScalars,
@@ -221,7 +270,7 @@ fn each_element<const C: bool, const M: bool, const E: bool, const A: bool, cons
             accumulator: if A && has_gradient { acc[i] } else { 0.0 },
         };
         let raw = if has_gradient { grad[i] } else { 0.0 };
-        let after = update_element::<C, M, E, A>(raw, before, &t, s);
+        let after = update_element::<C, M, E, A, S>(raw, before, &t, s);
         if update || E {
             param[i] = after.param;
         }

@@ -297,7 +297,10 @@ impl Engine for CpuEngine {
         let Gradients::Host(grads) = grads else {
             return Err(Error::NeedsGpuBackend("apply_device_gradients"));
         };
-        let s = plan_step(config, self.counters.raw());
+        let s = StepScalars {
+            param_storage: self.variant.params.code(),
+            ..plan_step(config, self.counters.raw())
+        };
         let applied = match self.loss_scaling {
             None => self.run_step(&s, &s, grads, decay),
             Some(ls) => {
@@ -320,7 +323,11 @@ impl Engine for CpuEngine {
 
     fn finalize(&mut self) -> Result<()> {
         if self.variant.ema {
-            self.params.copy_from_slice(&self.slots[Slot::Ema as usize]);
+            let storage = self.variant.params;
+            let ema = &self.slots[Slot::Ema as usize];
+            for (p, &e) in self.params.iter_mut().zip(ema) {
+                *p = storage.round(e);
+            }
             self.refresh_param_copy(0..self.params.len());
         }
         Ok(())
@@ -337,8 +344,12 @@ impl Engine for CpuEngine {
 
     fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()> {
         let t = self.layout.tensor(tensor)?;
-        self.array_mut(role)?[t.range()].copy_from_slice(values);
+        let storage = self.variant.params;
+        let target = &mut self.array_mut(role)?[t.range()];
+        target.copy_from_slice(values);
         if role == Role::Params {
+            // an assignment to a variable stored in 16 bits rounds
+            target.iter_mut().for_each(|x| *x = storage.round(*x));
             self.refresh_param_copy(t.range());
         }
         Ok(())

@@ -132,6 +132,7 @@ fn check_user_buffers(
     ctx: &GpuContext,
     layout: &Layout,
     segment_len: usize,
+    params: Dtype,
     gradients: Dtype,
     u: &UserBuffers,
 ) -> Result<()> {
@@ -157,7 +158,7 @@ fn check_user_buffers(
         ));
     }
     for (name, b, dtype) in [
-        ("params", &u.params, Dtype::F32),
+        ("params", &u.params, params),
         ("grads", &u.grads, gradients),
     ] {
         if !b.usage().contains(ARENA_USAGES) {
@@ -193,7 +194,14 @@ impl GpuArena {
         let segment_len = segment_len.map_or(max_len, |s| s.clamp(1, max_len));
         let layout = Layout::new(specs, GPU_CHUNK_LEN, segment_len, align_elements(ctx))?;
         if let Some(u) = &user {
-            check_user_buffers(ctx, &layout, segment_len, variant.gradients, u)?;
+            check_user_buffers(
+                ctx,
+                &layout,
+                segment_len,
+                variant.params,
+                variant.gradients,
+                u,
+            )?;
         }
         let slot_count = variant.slots().len();
         let n_tensors = layout.tensors().len();
@@ -237,7 +245,12 @@ impl GpuArena {
             let (params, params_base, grads, grads_base) = match &user {
                 Some(u) => (u.params.clone(), u.offset, u.grads.clone(), u.offset),
                 None => (
-                    make_buffer(ctx, "params", f32_bytes(cap), ARENA_USAGES)?,
+                    make_buffer(
+                        ctx,
+                        "params",
+                        dtype_bytes(cap, variant.params),
+                        ARENA_USAGES,
+                    )?,
                     0,
                     make_buffer(ctx, "grads", grad_bytes, ARENA_USAGES)?,
                     0,
@@ -249,6 +262,20 @@ impl GpuArena {
                 None => 16,
             };
             let param_copy = make_buffer(ctx, "param copy", copy_bytes, ARENA_USAGES)?;
+            // the parameters bind as f32 lanes or as 16-bit pairs; the other binding
+            // gets this placeholder
+            let unused_params = make_buffer(ctx, "unused params", 16, wgpu::BufferUsages::STORAGE)?;
+            let (params_f32, params_16) = if variant.params == Dtype::F32 {
+                (
+                    range(&params, params_base, cap as u64 * F32),
+                    unused_params.as_entire_binding(),
+                )
+            } else {
+                (
+                    unused_params.as_entire_binding(),
+                    range(&params, params_base, cap as u64 * 2),
+                )
+            };
             let table: Vec<ChunkRow> = layout
                 .chunks()
                 .iter()
@@ -285,7 +312,11 @@ impl GpuArena {
                         // exact sizes: the shader derives the segment length from params
                         wgpu::BindGroupEntry {
                             binding: binding::PARAMS,
-                            resource: range(&params, params_base, cap as u64 * F32),
+                            resource: params_f32,
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: binding::PARAMS_16,
+                            resource: params_16,
                         },
                         // the gradients twice: as f32 lanes and as 16-bit pairs (the
                         // variant's GRADIENT_DTYPE picks the one the kernels read)
@@ -394,7 +425,8 @@ impl GpuArena {
         match target {
             Target::Grads => self.variant.gradients.size_bytes() as u64,
             Target::ParamCopy => 2,
-            Target::Params | Target::Slot(_) => F32,
+            Target::Params => self.variant.params.size_bytes() as u64,
+            Target::Slot(_) => F32,
         }
     }
 
@@ -451,7 +483,8 @@ impl GpuArena {
         })
     }
 
-    /// Uploads `values` to `role` at arena element `start`.
+    /// Uploads `values` to `role` at arena element `start` (rounded, for parameters
+    /// stored in 16 bits).
     pub(crate) fn write(
         &self,
         ctx: &GpuContext,
@@ -459,14 +492,25 @@ impl GpuArena {
         start: usize,
         values: &[f32],
     ) -> Result<()> {
+        let element = self.element_bytes(role);
         for p in self.pieces(start, values.len()) {
             let (buffer, base) = self.target(role, p.segment)?;
             let data = &values[p.at..p.at + p.len];
-            ctx.queue.write_buffer(
-                buffer,
-                base + p.local as u64 * F32,
-                bytemuck::cast_slice(data),
-            );
+            let offset = base + p.local as u64 * element;
+            if element == F32 {
+                ctx.queue
+                    .write_buffer(buffer, offset, bytemuck::cast_slice(data));
+            } else {
+                let dtype = self.variant.params;
+                let mut bits: Vec<u16> = data.iter().map(|&x| dtype.half_bits(x)).collect();
+                // writes are whole words: an odd piece also writes the padding after it
+                // (zero, as it is)
+                if bits.len() % 2 == 1 {
+                    bits.push(0);
+                }
+                ctx.queue
+                    .write_buffer(buffer, offset, bytemuck::cast_slice(&bits));
+            }
         }
         Ok(())
     }
@@ -534,9 +578,11 @@ impl GpuArena {
         len: usize,
     ) -> Result<Vec<f32>> {
         let mut out = vec![0.0f32; len];
+        let element = self.element_bytes(role);
         for p in self.pieces(start, len) {
             let (buffer, base) = self.target(role, p.segment)?;
-            let size = p.len as u64 * F32;
+            // copies are whole words
+            let size = (p.len as u64 * element).next_multiple_of(4);
             let staging = make_buffer(
                 ctx,
                 "readback",
@@ -548,7 +594,13 @@ impl GpuArena {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("readback"),
                 });
-            encoder.copy_buffer_to_buffer(buffer, base + p.local as u64 * F32, &staging, 0, size);
+            encoder.copy_buffer_to_buffer(
+                buffer,
+                base + p.local as u64 * element,
+                &staging,
+                0,
+                size,
+            );
             ctx.queue.submit([encoder.finish()]);
             let slice = staging.slice(..);
             let (tx, rx) = std::sync::mpsc::channel();
@@ -565,7 +617,16 @@ impl GpuArena {
                 let view = slice
                     .get_mapped_range()
                     .map_err(|e| Error::Gpu(format!("reading the readback buffer: {e}")))?;
-                out[p.at..p.at + p.len].copy_from_slice(bytemuck::cast_slice(&view));
+                let out = &mut out[p.at..p.at + p.len];
+                if element == F32 {
+                    out.copy_from_slice(bytemuck::cast_slice(&view));
+                } else {
+                    let bits: &[u16] = bytemuck::cast_slice(&view);
+                    let dtype = self.variant.params;
+                    for (o, &b) in out.iter_mut().zip(bits) {
+                        *o = dtype.upcast_bits(b);
+                    }
+                }
             }
             staging.unmap();
         }

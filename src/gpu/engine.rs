@@ -237,10 +237,15 @@ impl GpuEngine {
         if self.variant.param_copy.is_none() || !self.copy_stale.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
+        self.dispatch_per_chunk(&self.pipelines.refresh_param_copy)
+    }
+
+    /// One workgroup of `pipeline` per chunk, segment by segment, in its own submission.
+    fn dispatch_per_chunk(&self, pipeline: &wgpu::ComputePipeline) -> Result<()> {
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&self.pipelines.refresh_param_copy);
+            pass.set_pipeline(pipeline);
             for s in self.arena.segments.iter().filter(|s| s.chunk_count > 0) {
                 pass.set_bind_group(0, &s.bind_group, &[]);
                 let (x, y) = grid(s.chunk_count, self.max_groups);
@@ -448,7 +453,10 @@ impl Engine for GpuEngine {
     }
 
     fn finalize(&mut self) -> Result<()> {
-        if self.variant.ema {
+        if self.variant.ema && self.variant.params != Dtype::F32 {
+            // each parameter assigned its EMA, rounded: a kernel, not a copy
+            self.dispatch_per_chunk(&self.pipelines.finalize_params)?;
+        } else if self.variant.ema {
             self.arena.copy_ema_to_params(&self.ctx)?;
             self.copy_stale.store(true, Ordering::Release);
             self.refresh_param_copy()?;

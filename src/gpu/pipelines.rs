@@ -23,6 +23,8 @@ pub(crate) struct Pipelines {
     pub(crate) update: wgpu::ComputePipeline,
     /// The 16-bit parameter copy rewritten from the parameters.
     pub(crate) refresh_param_copy: wgpu::ComputePipeline,
+    /// `finalize_variable_values` for 16-bit parameters.
+    pub(crate) finalize_params: wgpu::ComputePipeline,
 }
 
 fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
@@ -42,6 +44,7 @@ fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
             "PARAM_COPY",
             f64::from(variant.param_copy.map_or(0, |d| d.code())),
         ),
+        ("PARAM_DTYPE", f64::from(variant.params.code())),
         ("MOMENTUM_SLOT", slot(Slot::Momentum)),
         ("AVERAGE_GRADIENT_SLOT", slot(Slot::AverageGradient)),
         ("EMA_SLOT", slot(Slot::Ema)),
@@ -117,6 +120,7 @@ pub(crate) fn pipelines_for(ctx: &GpuContext, variant: &Variant) -> Result<Arc<P
                     storage(binding::STEP_STATE, false),
                     storage(binding::GRADS_16, true),
                     storage(binding::PARAM_COPY, false),
+                    storage(binding::PARAMS_16, false),
                 ],
             });
             let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
@@ -151,6 +155,7 @@ pub(crate) fn pipelines_for(ctx: &GpuContext, variant: &Variant) -> Result<Arc<P
             norm_finalize: make("norm_finalize"),
             update: make("update"),
             refresh_param_copy: make("refresh_param_copy"),
+            finalize_params: make("finalize_params"),
             layout: layout.clone(),
         }
     })?;

@@ -39,6 +39,7 @@ pub(crate) mod binding {
     pub const STEP_STATE: u32 = 8;
     pub const GRADS_16: u32 = 9;
     pub const PARAM_COPY: u32 = 10;
+    pub const PARAMS_16: u32 = 11;
 }
 
 /// The step uniform: `plans[k]` is the plan for step counter `base + k` (low 32 bits:
@@ -216,7 +217,7 @@ mod tests {
                 ema_overwrite,
                 ema_overwrite_enabled,
                 is_update_step,
-                _pad,
+                param_storage,
             }),
         );
         assert_same(
