@@ -3,11 +3,14 @@
 //!
 //! ```text
 //! cargo run --release --example replay -- [--backend auto|cpu|gpu]
-//!     [--gradient-dtype f32|bf16|f16] [--param-copy bf16|f16] TRACE.json
+//!     [--gradient-dtype f32|bf16|f16] [--param-dtype f32|bf16|f16]
+//!     [--param-copy bf16|f16] TRACE.json
 //! ```
 //!
 //! `--gradient-dtype` rounds the trace's gradients to that dtype (nearest, ties to even)
-//! and feeds them in it (`RmsProp::apply_typed_gradients`). `--param-copy` keeps a
+//! and feeds them in it (`RmsProp::apply_typed_gradients`). `--param-dtype` stores the
+//! parameters in that dtype (`Precision::params`: the starting values and every
+//! assignment rounded; the printed variables are the stored values). `--param-copy` keeps a
 //! 16-bit copy of the parameters and adds `"param_copy"`: its values, one list per
 //! variable. A trace with `loss_scale_optimizer` runs inside Keras' `LossScaleOptimizer`
 //! and adds `"loss_scale"`, the final scale.
@@ -25,7 +28,7 @@ use fused_rmsprop::{Backend, Dtype, Error, GpuOptions, Precision};
 use trace::{outcome_json, Trace};
 
 const USAGE: &str =
-    "usage: replay [--backend auto|cpu|gpu] [--gradient-dtype f32|bf16|f16] [--param-copy bf16|f16] TRACE.json";
+    "usage: replay [--backend auto|cpu|gpu] [--gradient-dtype f32|bf16|f16] [--param-dtype f32|bf16|f16] [--param-copy bf16|f16] TRACE.json";
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     let one_line = msg.to_string().replace('\n', " ");
@@ -49,6 +52,11 @@ fn main() -> ExitCode {
                 Some(Ok(d)) => precision = precision.with_gradients(d),
                 Some(Err(e)) => return fail(2, e),
                 None => return fail(2, "--gradient-dtype needs a value (f32, bf16 or f16)"),
+            },
+            "--param-dtype" => match args.next().map(|d| d.parse::<Dtype>()) {
+                Some(Ok(d)) => precision = precision.with_params(d),
+                Some(Err(e)) => return fail(2, e),
+                None => return fail(2, "--param-dtype needs a value (f32, bf16 or f16)"),
             },
             "--param-copy" => match args.next().map(|d| d.parse::<Dtype>()) {
                 Some(Ok(d)) => precision = precision.with_param_copy(d),
