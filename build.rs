@@ -19,7 +19,12 @@ const BOOL_OVERRIDES: [&str; 7] = [
 ];
 const CLIP_KINDS: [f64; 4] = [0.0, 1.0, 2.0, 3.0];
 /// Overrides naming a dtype (`dtype::Dtype::code`: f32 or none, bf16, f16).
-const DTYPE_OVERRIDES: [&str; 3] = ["GRADIENT_DTYPE", "PARAM_COPY", "PARAM_DTYPE"];
+const DTYPE_OVERRIDES: [&str; 4] = [
+    "GRADIENT_DTYPE",
+    "PARAM_COPY",
+    "PARAM_DTYPE",
+    "PARAM_ROUNDING",
+];
 const DTYPE_CODES: [f64; 3] = [0.0, 1.0, 2.0];
 
 fn fail(msg: String) -> ! {

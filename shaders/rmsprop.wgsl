@@ -56,6 +56,9 @@ override PARAM_COPY: u32 = 0u;
 // How the parameters are stored (dtype::Dtype::code, math::STORE_*): 0 f32 (`params`),
 // 1 bf16, 2 f16 (`params_16`, two per u32); every assignment rounds (store_param).
 override PARAM_DTYPE: u32 = 0u;
+// 16-bit parameters: 0 round to nearest (ties to even), 1 round stochastically (keys from
+// the plan's seed and step, the tensor and the element: math::element_key).
+override PARAM_ROUNDING: u32 = 0u;
 // Slot k of local vec4 i lives at slots[k * arrayLength(&params) + i]; velocity is slot 0.
 override MOMENTUM_SLOT: u32 = 1u;
 override AVERAGE_GRADIENT_SLOT: u32 = 2u;
@@ -89,8 +92,12 @@ struct StepScalars {
     ema_overwrite: f32,
     ema_overwrite_enabled: u32,
     is_update_step: u32,
-    // the CPU's parameter storage (the shader has PARAM_DTYPE)
+    // the CPU's parameter storage (the shader has PARAM_DTYPE, PARAM_ROUNDING)
     param_storage: u32,
+    rounding_seed: u32,
+    rounding_step: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 // gpu::shader::StepUniform: plans[k] is the plan for step counter `base + k` (low 32
@@ -131,6 +138,7 @@ struct ChunkRow {
     start: u32,        // first element, local to the segment
     len: u32,
     global_index: u32, // index in the model-wide chunk table (for partials)
+    tensor_start: u32, // index of the first element in its tensor
 }
 
 // gpu::shader::TensorRow: one row of the offset table.
@@ -322,8 +330,63 @@ fn ema_overwrite(param: Lanes, ema: Lanes) -> Lanes {
     return ema * s.ema_overwrite + param * (1.0 - s.ema_overwrite);
 }
 
-// math::store_param: a value assigned to a parameter, rounded to its storage type.
-fn store_param(x: Lanes) -> Lanes {
+// math::hash32 (lowbias32), four at a time.
+fn hash32(v: vec4<u32>) -> vec4<u32> {
+    var x = v;
+    x ^= x >> vec4(16u);
+    x *= vec4(0x7feb352du);
+    x ^= x >> vec4(15u);
+    x *= vec4(0x846ca68bu);
+    x ^= x >> vec4(16u);
+    return x;
+}
+
+// math::element_key of four consecutive elements of `tensor` from `element`.
+fn element_key(tensor: u32, element: u32) -> vec4<u32> {
+    let elements = vec4(element) + vec4(0u, 1u, 2u, 3u);
+    return hash32(vec4(s.rounding_seed) ^ hash32(vec4(s.rounding_step) ^ hash32(vec4(tensor) ^ hash32(elements))));
+}
+
+// math::assignment_bits
+fn assignment_bits(key: vec4<u32>, k: u32) -> vec4<u32> {
+    return hash32(key ^ vec4((k + 1u) * 0x9e3779b9u));
+}
+
+// math::rounding_bits
+fn rounding_bits(key: vec4<u32>, k: u32) -> vec4<u32> {
+    if PARAM_ROUNDING == 1u {
+        return assignment_bits(key, k);
+    }
+    return vec4(0u);
+}
+
+// math::stochastic_bf16
+fn stochastic_bf16(x: Lanes, bits: vec4<u32>) -> Lanes {
+    let b = bitcast<vec4<u32>>(x);
+    let rounded = (b + (bits & vec4(0xffffu))) & vec4(0xffff0000u);
+    return bitcast<Lanes>(select(rounded, b | vec4(0x400000u), lanes_nan(x)));
+}
+
+// math::stochastic_f16 (every step exact in f32, as on the CPU)
+fn stochastic_f16(x: Lanes, bits: vec4<u32>) -> Lanes {
+    let a = abs(x);
+    let b = bitcast<vec4<u32>>(x);
+    let normal = bitcast<Lanes>((b + (bits & vec4(0x1fffu))) & vec4(0xffffe000u));
+    let scaled = a * 16777216.0;
+    let below = floor(scaled);
+    let u = vec4<f32>(bits >> vec4(8u)) * (1.0 / 16777216.0);
+    let up = select(Lanes(0.0), Lanes(1.0), scaled - below > u);
+    let magnitude = (below + up) * (1.0 / 16777216.0);
+    let sign = b & vec4(0x80000000u);
+    let subnormal = bitcast<Lanes>(bitcast<vec4<u32>>(magnitude) | sign);
+    var r = select(normal, subnormal, a < Lanes(6.1035156e-5));
+    let infinity = bitcast<Lanes>(vec4(F32_EXPONENT_BITS) | sign);
+    r = select(r, infinity, abs(r) > Lanes(65504.0));
+    return select(r, bitcast<Lanes>(b | vec4(0x400000u)), lanes_nan(x));
+}
+
+// A value assigned to a parameter rounded to nearest (ties to even) to its storage type.
+fn nearest_param(x: Lanes) -> Lanes {
     if PARAM_DTYPE == 1u {
         return bf16_lanes(bf16_from_lanes(x));
     } else if PARAM_DTYPE == 2u {
@@ -332,7 +395,19 @@ fn store_param(x: Lanes) -> Lanes {
     return x;
 }
 
-fn rmsprop_element(before: ElementState, gradient: Lanes) -> ElementState {
+// math::store_param: a value assigned to a parameter, rounded to its storage type, to
+// nearest or stochastically (with `bits`).
+fn store_param(x: Lanes, bits: vec4<u32>) -> Lanes {
+    if PARAM_ROUNDING == 1u && PARAM_DTYPE == 1u {
+        return stochastic_bf16(x, bits);
+    } else if PARAM_ROUNDING == 1u && PARAM_DTYPE == 2u {
+        return stochastic_f16(x, bits);
+    }
+    return nearest_param(x);
+}
+
+fn rmsprop_element(before: ElementState, gradient: Lanes, key: vec4<u32>) -> ElementState {
+    let bits = rounding_bits(key, 1u);
     var e = before;
     e.velocity = rmsprop_velocity(e.velocity, gradient);
     if CENTERED {
@@ -342,14 +417,14 @@ fn rmsprop_element(before: ElementState, gradient: Lanes) -> ElementState {
     let increment = rmsprop_increment(gradient, denominator);
     if USE_MOMENTUM {
         e.momentum = rmsprop_momentum(e.momentum, increment);
-        e.param = store_param(e.param - e.momentum);
+        e.param = store_param(e.param - e.momentum, bits);
     } else {
-        e.param = store_param(e.param - increment);
+        e.param = store_param(e.param - increment, bits);
     }
     return e;
 }
 
-fn update_element(raw_gradient: Lanes, before: ElementState, t: TensorStep) -> ElementState {
+fn update_element(raw_gradient: Lanes, before: ElementState, t: TensorStep, key: vec4<u32>) -> ElementState {
     var e = before;
     if t.phase == PHASE_ACCUMULATE {
         e.accumulator = accumulate_gradient(unscale_gradient(raw_gradient), e.accumulator);
@@ -360,14 +435,14 @@ fn update_element(raw_gradient: Lanes, before: ElementState, t: TensorStep) -> E
         }
         let clipped = clip_gradient(g, t.clip);
         if t.decay {
-            e.param = store_param(decay_weight(e.param));
+            e.param = store_param(decay_weight(e.param), rounding_bits(key, 0u));
         }
-        e = rmsprop_element(e, clipped);
+        e = rmsprop_element(e, clipped, key);
     }
     if USE_EMA {
         e.ema = ema_update(e.ema, e.param);
         if s.ema_overwrite_enabled != 0u {
-            e.param = store_param(ema_overwrite(e.param, e.ema));
+            e.param = store_param(ema_overwrite(e.param, e.ema), rounding_bits(key, 2u));
         }
     }
     return e;
@@ -765,7 +840,11 @@ fn update(
             raw = load_gradient(i);
         }
         let before = load_element(i, t.phase);
-        let after = update_element(raw, before, t);
+        var key = vec4(0u);
+        if PARAM_ROUNDING == 1u {
+            key = element_key(chunk.tensor, chunk.tensor_start + 4u * k);
+        }
+        let after = update_element(raw, before, t, key);
         store_element(i, t.phase, keep_lanes(before, after, lanes_in_chunk(k, chunk.len)));
     }
 }
@@ -791,7 +870,8 @@ fn refresh_param_copy(
 }
 
 // finalize_variable_values with 16-bit parameters: each parameter assigned its EMA,
-// rounded (store_param); one workgroup per chunk. (f32 parameters take a buffer copy.)
+// rounded to nearest (also under stochastic rounding: the one-off export of the EMA);
+// one workgroup per chunk. (f32 parameters take a buffer copy.)
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn finalize_params(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -808,6 +888,6 @@ fn finalize_params(
         let i = first + k;
         let ema = slots[slot_index(EMA_SLOT, i)];
         // padding lanes: the EMA's padding is zero, as the parameters' is
-        write_param(i, store_param(ema));
+        write_param(i, nearest_param(ema));
     }
 }

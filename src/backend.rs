@@ -146,6 +146,9 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
     /// Sets the step and skip counters (restoring a checkpoint), after the steps in flight.
     fn set_counters(&mut self, raw: u64, skipped: u64) -> Result<()>;
 
+    /// The seed (mixed to 32 bits) of stochastic rounding.
+    fn set_rounding_seed(&mut self, seed: u32);
+
     /// Turns the non-finite guard on or off.
     fn set_non_finite_guard(&mut self, enabled: bool) -> Result<()>;
 

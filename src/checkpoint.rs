@@ -152,6 +152,12 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     if let Some(copy) = param_copy {
         precision = precision.with_param_copy(copy);
     }
+    if let Some(seed) = meta.get("stochastic_rounding") {
+        let seed = seed
+            .parse::<u64>()
+            .map_err(|_| corrupt(path, "stochastic_rounding is not a seed"))?;
+        precision = precision.with_stochastic_rounding(seed);
+    }
     precision
         .validate()
         .map_err(|e| corrupt(path, e.to_string()))?;
@@ -296,6 +302,9 @@ impl RmsProp {
             "param_dtype".to_string(),
             self.precision().params.as_str().to_string(),
         );
+        if let Some(seed) = self.precision().stochastic_rounding {
+            meta.insert("stochastic_rounding".to_string(), seed.to_string());
+        }
         if let Some(copy) = self.precision().param_copy {
             meta.insert("param_copy".to_string(), copy.as_str().to_string());
         }
@@ -383,6 +392,15 @@ impl RmsProp {
                 checkpoint: p.precision.params,
                 optimizer: ours.params,
             });
+        }
+        if p.precision.stochastic_rounding != ours.stochastic_rounding {
+            return Err(corrupt(
+                path,
+                format!(
+                    "the checkpoint's stochastic rounding seed is {:?}, this optimizer's {:?}",
+                    p.precision.stochastic_rounding, ours.stochastic_rounding
+                ),
+            ));
         }
         if p.precision.param_copy != ours.param_copy {
             // f32 stands for "no copy" in the message

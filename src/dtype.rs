@@ -116,6 +116,12 @@ pub struct Precision {
     /// overwrite, `finalize_variable_values`, and yours: `set_variable`) rounds to it,
     /// to nearest, ties to even.
     pub params: Dtype,
+    /// Round the 16-bit parameters stochastically instead of to nearest, from this seed:
+    /// each assignment picks one of the two values around the exact result, the farther
+    /// one with the probability of its distance (unbiased), from a hash of (seed, step,
+    /// tensor, element), so a run is the same for a seed on every backend.
+    /// `finalize_variable_values` and `set_variable` still round to nearest.
+    pub stochastic_rounding: Option<u64>,
     /// A 16-bit copy of the (f32) parameters, `Bf16` or `F16`, rounded to nearest
     /// (ties to even) from the parameters by every step in the same pass, for a forward
     /// pass in 16 bits; `None`: no copy.
@@ -139,6 +145,21 @@ impl Precision {
         }
     }
 
+    /// With the 16-bit parameters rounded stochastically from `seed`.
+    pub fn with_stochastic_rounding(self, seed: u64) -> Self {
+        Precision {
+            stochastic_rounding: Some(seed),
+            ..self
+        }
+    }
+
+    /// The seed mixed to the 32 bits the kernels hash with (0 without stochastic
+    /// rounding).
+    pub(crate) fn rounding_seed(&self) -> u32 {
+        let seed = self.stochastic_rounding.unwrap_or(0);
+        crate::math::hash32(seed as u32 ^ crate::math::hash32((seed >> 32) as u32 ^ 0x85eb_ca6b))
+    }
+
     /// With a 16-bit copy of the parameters in `dtype` (`Bf16` or `F16`).
     pub fn with_param_copy(self, dtype: Dtype) -> Self {
         Precision {
@@ -153,6 +174,12 @@ impl Precision {
             return Err(crate::Error::invalid(
                 "param_copy",
                 "a copy of the f32 parameters must be bf16 or f16",
+            ));
+        }
+        if self.stochastic_rounding.is_some() && self.params == Dtype::F32 {
+            return Err(crate::Error::invalid(
+                "stochastic_rounding",
+                "needs 16-bit parameters (Precision::params bf16 or f16): f32 parameters are not rounded",
             ));
         }
         if self.param_copy.is_some() && self.params != Dtype::F32 {

@@ -70,10 +70,18 @@ pub struct StepScalars {
     pub ema_overwrite_enabled: u32,
     /// 0 on an accumulation-only step, else 1.
     pub is_update_step: u32,
-    /// How the parameters are stored (`STORE_F32`, `STORE_BF16`, `STORE_F16`): the CPU
-    /// loops read it once per chunk (the GPU has its `PARAM_DTYPE` override instead).
-    /// It also pads the struct to 64 bytes, as arrays in a WGSL uniform need.
+    /// How the parameters are stored (`STORE_*`): the CPU loops read it once per chunk
+    /// (the GPU has its `PARAM_DTYPE` and `PARAM_ROUNDING` overrides instead).
     pub param_storage: u32,
+    /// Stochastic rounding: the seed, mixed to 32 bits (0 otherwise).
+    pub rounding_seed: u32,
+    /// Stochastic rounding: the raw step counter's low 32 bits.
+    pub rounding_step: u32,
+    /// Zero: pad the struct to 80 bytes, a multiple of 16 as arrays in a WGSL uniform
+    /// need.
+    pub _pad0: u32,
+    /// Zero.
+    pub _pad1: u32,
 }
 
 /// Parameters stored as f32 (`STORAGE` of [`store_param`]; `Dtype::code`).
@@ -82,6 +90,78 @@ pub const STORE_F32: u8 = 0;
 pub const STORE_BF16: u8 = 1;
 /// Parameters stored as f16.
 pub const STORE_F16: u8 = 2;
+/// Parameters stored as bf16, rounded stochastically.
+pub const STORE_BF16_STOCHASTIC: u8 = 3;
+/// Parameters stored as f16, rounded stochastically.
+pub const STORE_F16_STOCHASTIC: u8 = 4;
+
+/// A 32-bit integer hash with full avalanche (Wellons' "lowbias32"): the random source
+/// of stochastic rounding, counter-based (no state), the same on every backend.
+#[inline(always)]
+pub fn hash32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+/// The random key of one element in one step: from the seed, the step counter, the
+/// tensor and the element's index in its tensor, so that it does not depend on the
+/// backend or the arena's layout.
+#[inline(always)]
+pub fn element_key(s: &StepScalars, tensor: u32, element: u32) -> u32 {
+    hash32(s.rounding_seed ^ hash32(s.rounding_step ^ hash32(tensor ^ hash32(element))))
+}
+
+/// Random bits for assignment `k` of an element whose key is `key` (0 weight decay, 1
+/// the update, 2 the EMA overwrite).
+#[inline(always)]
+pub fn assignment_bits(key: u32, k: u32) -> u32 {
+    hash32(key ^ (k + 1).wrapping_mul(0x9e37_79b9))
+}
+
+/// `x` rounded to one of the two bf16 values around it, the farther one with the
+/// probability of its distance (unbiased): the low 16 bits of `bits` are added to the
+/// 16 bits bf16 drops, then dropped. A NaN stays NaN, infinities stay.
+#[inline(always)]
+pub fn stochastic_bf16(x: f32, bits: u32) -> f32 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(bits & 0xffff) & 0xffff_0000;
+    f32::from_bits(if x.is_nan() { b | 0x0040_0000 } else { rounded })
+}
+
+/// `x` rounded to one of the two f16 values around it, unbiased: in the normal range
+/// the 13 bits f16 drops get 13 random bits added; below 2^-14 (f16 subnormals, every
+/// multiple of 2^-24) the fraction of `x / 2^-24` is compared with 24 random bits (all
+/// exact in f32, so every backend agrees). Beyond 65504 after rounding: infinity.
+#[inline(always)]
+pub fn stochastic_f16(x: f32, bits: u32) -> f32 {
+    let a = x.abs();
+    let b = x.to_bits();
+    let normal = f32::from_bits(b.wrapping_add(bits & 0x1fff) & 0xffff_e000);
+    let scaled = a * 16_777_216.0;
+    let floor = scaled.floor();
+    let u = (bits >> 8) as f32 * (1.0 / 16_777_216.0);
+    let up = if scaled - floor > u { 1.0 } else { 0.0 };
+    let subnormal = ((floor + up) * (1.0 / 16_777_216.0)).copysign(x);
+    let r = if a < 6.103_515_6e-5 {
+        subnormal
+    } else {
+        normal
+    };
+    let r = if r.abs() > 65504.0 {
+        f32::INFINITY.copysign(x)
+    } else {
+        r
+    };
+    if x.is_nan() {
+        f32::from_bits(b | 0x0040_0000)
+    } else {
+        r
+    }
+}
 
 /// `x` rounded to the nearest bf16 (ties to even), as f32: what a bf16 variable holds
 /// after Keras assigns `x` to it (`half::bf16::from_f32`; a NaN stays NaN).
@@ -121,16 +201,29 @@ pub fn round_f16(x: f32) -> f32 {
     }
 }
 
-/// A value assigned to a parameter stored as `STORAGE` ([`STORE_F32`], [`STORE_BF16`],
-/// [`STORE_F16`]): itself, or rounded to the storage type, as Keras' `assign` casts to
-/// the variable's dtype. Every assignment of the update goes through it: weight decay,
-/// the RMSprop step, the EMA overwrite (and `finalize_variable_values`).
+/// A value assigned to a parameter stored as `STORAGE` (`STORE_*`): itself, or rounded
+/// to the storage type, as Keras' `assign` casts to the variable's dtype: to nearest
+/// (ties to even), or stochastically with the random `bits`. Every assignment of the
+/// update goes through it: weight decay, the RMSprop step, the EMA overwrite.
 #[inline(always)]
-pub fn store_param<const STORAGE: u8>(x: f32) -> f32 {
+pub fn store_param<const STORAGE: u8>(x: f32, bits: u32) -> f32 {
     match STORAGE {
         STORE_BF16 => round_bf16(x),
         STORE_F16 => round_f16(x),
+        STORE_BF16_STOCHASTIC => stochastic_bf16(x, bits),
+        STORE_F16_STOCHASTIC => stochastic_f16(x, bits),
         _ => x,
+    }
+}
+
+/// The random bits of assignment `k` when `STORAGE` rounds stochastically (else 0,
+/// and nothing is hashed).
+#[inline(always)]
+pub fn rounding_bits<const STORAGE: u8>(key: u32, k: u32) -> u32 {
+    if STORAGE >= STORE_BF16_STOCHASTIC {
+        assignment_bits(key, k)
+    } else {
+        0
     }
 }
 
@@ -358,7 +451,9 @@ pub fn rmsprop_element<const CENTERED: bool, const MOMENTUM: bool, const STORAGE
     mut e: ElementState,
     gradient: f32,
     s: &StepScalars,
+    key: u32,
 ) -> ElementState {
+    let bits = rounding_bits::<STORAGE>(key, 1);
     e.velocity = rmsprop_velocity(e.velocity, gradient, s);
     if CENTERED {
         e.average_gradient = rmsprop_average_gradient(e.average_gradient, gradient, s);
@@ -367,9 +462,9 @@ pub fn rmsprop_element<const CENTERED: bool, const MOMENTUM: bool, const STORAGE
     let increment = rmsprop_increment(gradient, denominator, s);
     if MOMENTUM {
         e.momentum = rmsprop_momentum(e.momentum, increment, s);
-        e.param = store_param::<STORAGE>(e.param - e.momentum);
+        e.param = store_param::<STORAGE>(e.param - e.momentum, bits);
     } else {
-        e.param = store_param::<STORAGE>(e.param - increment);
+        e.param = store_param::<STORAGE>(e.param - increment, bits);
     }
     e
 }
@@ -381,7 +476,8 @@ pub fn rmsprop_element<const CENTERED: bool, const MOMENTUM: bool, const STORAGE
 ///
 /// The const parameters are the structural options: `centered`, `momentum > 0`,
 /// `use_ema`, `gradient_accumulation_steps` set, and how the parameters are stored
-/// ([`store_param`]).
+/// ([`store_param`]); `key` is the element's [`element_key`] when they are rounded
+/// stochastically (ignored otherwise).
 ///
 /// ```
 /// use fused_rmsprop::math::{update_element, ClipFactors, ElementState, Phase, StepScalars, TensorStep};
@@ -391,7 +487,7 @@ pub fn rmsprop_element<const CENTERED: bool, const MOMENTUM: bool, const STORAGE
 ///     is_update_step: 1, ..StepScalars::default() };
 /// let t = TensorStep { phase: Phase::Update, decay: false, clip: ClipFactors::NONE };
 /// let e = ElementState { param: 10.0, ..ElementState::default() };
-/// let e = update_element::<false, false, false, false, 0>(10.0, e, &t, &s);
+/// let e = update_element::<false, false, false, false, 0>(10.0, e, &t, &s, 0);
 /// assert!((e.param - 9.683772).abs() < 1e-5);
 /// ```
 #[inline(always)]
@@ -406,6 +502,7 @@ pub fn update_element<
     mut e: ElementState,
     t: &TensorStep,
     s: &StepScalars,
+    key: u32,
 ) -> ElementState {
     match t.phase {
         Phase::NoGradient => {}
@@ -419,15 +516,17 @@ pub fn update_element<
             }
             let g = clip_gradient(g, t.clip, s);
             if t.decay {
-                e.param = store_param::<STORAGE>(decay_weight(e.param, s));
+                let bits = rounding_bits::<STORAGE>(key, 0);
+                e.param = store_param::<STORAGE>(decay_weight(e.param, s), bits);
             }
-            e = rmsprop_element::<CENTERED, MOMENTUM, STORAGE>(e, g, s);
+            e = rmsprop_element::<CENTERED, MOMENTUM, STORAGE>(e, g, s, key);
         }
     }
     if EMA {
         e.ema = ema_update(e.ema, e.param, s);
         if s.ema_overwrite_enabled != 0 {
-            e.param = store_param::<STORAGE>(ema_overwrite(e.param, e.ema, s));
+            let bits = rounding_bits::<STORAGE>(key, 2);
+            e.param = store_param::<STORAGE>(ema_overwrite(e.param, e.ema, s), bits);
         }
     }
     e
@@ -495,7 +594,7 @@ mod tests {
     fn keras_doc_example_one_step() {
         // Keras' docstring: var = 10, loss = var^2 / 2, lr = 0.1: one step gives 9.683772.
         let s = scalars();
-        let p = rmsprop_element::<false, false, 0>(param(10.0), 10.0, &s).param;
+        let p = rmsprop_element::<false, false, 0>(param(10.0), 10.0, &s, 0).param;
         // closed form: 10 - 0.1 * 10 / sqrt(0.1 * 100 + 1e-7)
         let expected = 10.0 - 0.1 * 10.0 / (0.1f64 * 100.0 + 1e-7).sqrt();
         assert!((p as f64 - expected).abs() < 1e-5, "{p} vs {expected}");
@@ -506,8 +605,8 @@ mod tests {
     fn centered_with_zero_mean_equals_plain() {
         let s = scalars();
         // with a zero gradient mean kept at zero, centered == plain
-        let p1 = rmsprop_element::<true, false, 0>(param(1.0), 0.0, &s).param;
-        let p2 = rmsprop_element::<false, false, 0>(param(1.0), 0.0, &s).param;
+        let p1 = rmsprop_element::<true, false, 0>(param(1.0), 0.0, &s, 0).param;
+        let p2 = rmsprop_element::<false, false, 0>(param(1.0), 0.0, &s, 0).param;
         assert_eq!(p1, p2);
     }
 
@@ -577,7 +676,7 @@ mod tests {
             ema: 1.5,
             accumulator: 0.75,
         };
-        let e = update_element::<true, true, true, true, 0>(6.0, start, &t, &s);
+        let e = update_element::<true, true, true, true, 0>(6.0, start, &t, &s, 0);
         let g = ((6.0f32 / 4.0 + 0.75) / 2.0 * 0.5 / 2.0).clamp(-0.3, 0.3);
         let p = 2.0 - 2.0 * 0.1 * 0.1;
         let v = 0.9 * 0.25 + s.one_minus_rho * (g * g);
@@ -593,7 +692,7 @@ mod tests {
             phase: Phase::Accumulate,
             ..t
         };
-        let e = update_element::<true, true, true, true, 0>(6.0, start, &acc, &s);
+        let e = update_element::<true, true, true, true, 0>(6.0, start, &acc, &s, 0);
         assert_eq!(e.accumulator, 6.0 / 4.0 + 0.75);
         assert_eq!((e.velocity, e.momentum), (start.velocity, start.momentum));
         assert_eq!(e.ema, 0.9 * 1.5 + (1.0 - 0.9) * 2.0);
@@ -602,7 +701,7 @@ mod tests {
             phase: Phase::NoGradient,
             ..t
         };
-        let e = update_element::<true, true, true, true, 0>(f32::NAN, start, &none, &s);
+        let e = update_element::<true, true, true, true, 0>(f32::NAN, start, &none, &s, 0);
         assert_eq!(e.accumulator, start.accumulator);
         assert_eq!(e.ema, 0.9 * 1.5 + (1.0 - 0.9) * 2.0);
     }

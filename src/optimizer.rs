@@ -142,6 +142,7 @@ impl RmsProp {
             gradients: precision.gradients,
             param_copy: precision.param_copy,
             params: precision.params,
+            stochastic_rounding: precision.stochastic_rounding.is_some(),
             ..Variant::of(&config)
         };
         let backend = if backend == Backend::Auto && !config.jit_compile {
@@ -149,7 +150,8 @@ impl RmsProp {
         } else {
             backend
         };
-        let engine = open_engine(backend, &specs, variant, gpu)?;
+        let mut engine = open_engine(backend, &specs, variant, gpu)?;
+        engine.set_rounding_seed(precision.rounding_seed());
         let decay = vec![true; specs.len()];
         Ok(RmsProp {
             config,

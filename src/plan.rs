@@ -64,6 +64,10 @@ pub(crate) fn plan_step(config: &RmsPropConfig, raw: u64) -> StepScalars {
         ema_overwrite_enabled,
         is_update_step: is_update_step as u32,
         param_storage: 0,
+        rounding_seed: 0,
+        rounding_step: raw as u32,
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 

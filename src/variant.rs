@@ -58,6 +58,8 @@ pub(crate) struct Variant {
     pub gradients: Dtype,
     /// How the parameters are stored (from [`crate::Precision`]).
     pub params: Dtype,
+    /// 16-bit parameters rounded stochastically (from [`crate::Precision`]).
+    pub stochastic_rounding: bool,
     /// The 16-bit copy of the parameters the update writes, if any (from
     /// [`crate::Precision`]).
     pub param_copy: Option<Dtype>,
@@ -86,6 +88,7 @@ impl Variant {
             loss_scaling: false,
             param_copy: None,
             params: Dtype::F32,
+            stochastic_rounding: false,
         }
     }
 
@@ -94,6 +97,11 @@ impl Variant {
     /// on the GPU path.
     pub(crate) fn skips_non_finite(&self) -> bool {
         self.guard || self.loss_scaling
+    }
+
+    /// `math::STORE_*`: how the CPU loops store parameters.
+    pub(crate) fn param_storage(&self) -> u32 {
+        self.params.code() + if self.stochastic_rounding { 2 } else { 0 }
     }
 
     /// True when this variant keeps `slot`.

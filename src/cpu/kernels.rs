@@ -4,14 +4,19 @@
 
 use crate::dtype::{GradSlice, HalfSliceMut};
 use crate::math::{
-    effective_gradient, unscale_gradient, update_element, ElementState, Phase, StepScalars,
-    TensorStep, STORE_BF16, STORE_F16, STORE_F32,
+    effective_gradient, element_key, unscale_gradient, update_element, ElementState, Phase,
+    StepScalars, TensorStep, STORE_BF16, STORE_BF16_STOCHASTIC, STORE_F16, STORE_F16_STOCHASTIC,
+    STORE_F32,
 };
 
 /// One chunk's work: its arrays and what the step does to its tensor.
 pub(crate) struct ChunkJob<'a> {
     pub arrays: ChunkArrays<'a>,
     pub step: TensorStep,
+    /// The chunk's tensor, and the index in it of the chunk's first element (the keys
+    /// of stochastic rounding).
+    pub tensor: u32,
+    pub first: u32,
 }
 
 /// A chunk's work before its gradient is f32: the gradient in its own dtype (empty when
@@ -23,6 +28,8 @@ pub(crate) struct PendingJob<'a> {
     pub step: TensorStep,
     /// The chunk's piece of the 16-bit parameter copy, rewritten after the update.
     pub param_copy: Option<HalfSliceMut<'a>>,
+    pub tensor: u32,
+    pub first: u32,
 }
 
 impl PendingJob<'_> {
@@ -36,6 +43,8 @@ impl PendingJob<'_> {
             grad,
             step,
             param_copy,
+            tensor,
+            first,
         } = self;
         let ChunkArrays {
             param,
@@ -58,6 +67,8 @@ impl PendingJob<'_> {
                     accumulator,
                 },
                 step,
+                tensor,
+                first,
             })
         });
         if let Some(copy) = param_copy {
@@ -185,28 +196,19 @@ fn sweep<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8
     };
     let t_with = |decay: bool| TensorStep { decay, ..t };
     // and one per parameter storage (the rounding of every assignment)
+    let decay = update && t.decay;
+    let key_of = (job.tensor, job.first);
+    macro_rules! storage {
+        ($s:expr) => {
+            by_flags::<C, M, E, A, P, { $s }>(&mut arrays, t_with, s_with, decay, overwrite, key_of)
+        };
+    }
     match s.param_storage as u8 {
-        STORE_BF16 => by_flags::<C, M, E, A, P, STORE_BF16>(
-            &mut arrays,
-            t_with,
-            s_with,
-            update && t.decay,
-            overwrite,
-        ),
-        STORE_F16 => by_flags::<C, M, E, A, P, STORE_F16>(
-            &mut arrays,
-            t_with,
-            s_with,
-            update && t.decay,
-            overwrite,
-        ),
-        _ => by_flags::<C, M, E, A, P, STORE_F32>(
-            &mut arrays,
-            t_with,
-            s_with,
-            update && t.decay,
-            overwrite,
-        ),
+        STORE_BF16 => storage!(STORE_BF16),
+        STORE_F16 => storage!(STORE_F16),
+        STORE_BF16_STOCHASTIC => storage!(STORE_BF16_STOCHASTIC),
+        STORE_F16_STOCHASTIC => storage!(STORE_F16_STOCHASTIC),
+        _ => storage!(STORE_F32),
     }
 }
 
@@ -225,17 +227,28 @@ fn by_flags<
     s_with: impl Fn(bool) -> StepScalars,
     decay: bool,
     overwrite: bool,
+    key_of: (u32, u32),
 ) {
+    // one call per arm, so that inside each the flags are constants
     match (decay, overwrite) {
-        (false, false) => each_element::<C, M, E, A, P, S>(arrays, t_with(false), &s_with(false)),
-        (false, true) => each_element::<C, M, E, A, P, S>(arrays, t_with(false), &s_with(true)),
-        (true, false) => each_element::<C, M, E, A, P, S>(arrays, t_with(true), &s_with(false)),
-        (true, true) => each_element::<C, M, E, A, P, S>(arrays, t_with(true), &s_with(true)),
+        (false, false) => {
+            each_element::<C, M, E, A, P, S>(arrays, t_with(false), &s_with(false), key_of)
+        }
+        (false, true) => {
+            each_element::<C, M, E, A, P, S>(arrays, t_with(false), &s_with(true), key_of)
+        }
+        (true, false) => {
+            each_element::<C, M, E, A, P, S>(arrays, t_with(true), &s_with(false), key_of)
+        }
+        (true, true) => {
+            each_element::<C, M, E, A, P, S>(arrays, t_with(true), &s_with(true), key_of)
+        }
     }
 }
 
 /// The loop of [`sweep`] over the arrays it cut (those its phase leaves alone are
-/// empty): load, [`update_element`], store.
+/// empty): load, [`update_element`], store. `(tensor, first)`: the chunk's tensor and
+/// the index in it of its first element, for stochastic rounding's keys.
 #[inline(always)]
 fn each_element<
     const C: bool,
@@ -248,6 +261,7 @@ fn each_element<
     arrays: &mut ChunkArrays<'_>,
     t: TensorStep,
     s: &StepScalars,
+    (tensor, first): (u32, u32),
 ) {
     let update = P == UPDATE;
     let has_gradient = P != NO_GRADIENT;
@@ -270,7 +284,12 @@ fn each_element<
             accumulator: if A && has_gradient { acc[i] } else { 0.0 },
         };
         let raw = if has_gradient { grad[i] } else { 0.0 };
-        let after = update_element::<C, M, E, A, S>(raw, before, &t, s);
+        let key = if S >= STORE_BF16_STOCHASTIC {
+            element_key(s, tensor, first + i as u32)
+        } else {
+            0
+        };
+        let after = update_element::<C, M, E, A, S>(raw, before, &t, s, key);
         if update || E {
             param[i] = after.param;
         }

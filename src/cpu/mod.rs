@@ -50,6 +50,8 @@ pub(crate) struct CpuEngine {
     loss_scaling: Option<LossScaling>,
     /// The 16-bit copy of the parameters, when the variant keeps one.
     param_copy: Option<HalfVec>,
+    /// Stochastic rounding's seed, mixed.
+    rounding_seed: u32,
     /// The instruction-set level the loops run at.
     isa: Isa,
 }
@@ -89,6 +91,7 @@ impl CpuEngine {
             counters: StepCounters::default(),
             loss_scaling: None,
             param_copy: variant.param_copy.and_then(|d| HalfVec::zeros(d, n)),
+            rounding_seed: 0,
             isa: Isa::process_default(),
         })
     }
@@ -235,6 +238,8 @@ impl CpuEngine {
             let start = c.offset - t.offset;
             let grad = grads[c.tensor].map(|g| g.range(start..start + c.len));
             jobs.push(PendingJob {
+                tensor: c.tensor as u32,
+                first: (c.offset - t.offset) as u32,
                 param_copy: copies.as_mut().and_then(Iterator::next),
                 grad: grad.unwrap_or_default(),
                 arrays: ChunkArrays {
@@ -298,7 +303,8 @@ impl Engine for CpuEngine {
             return Err(Error::NeedsGpuBackend("apply_device_gradients"));
         };
         let s = StepScalars {
-            param_storage: self.variant.params.code(),
+            param_storage: self.variant.param_storage(),
+            rounding_seed: self.rounding_seed,
             ..plan_step(config, self.counters.raw())
         };
         let applied = match self.loss_scaling {
@@ -376,6 +382,10 @@ impl Engine for CpuEngine {
     fn set_non_finite_guard(&mut self, enabled: bool) -> Result<()> {
         self.variant.guard = enabled;
         Ok(())
+    }
+
+    fn set_rounding_seed(&mut self, seed: u32) {
+        self.rounding_seed = seed;
     }
 
     fn set_loss_scaling(&mut self, scaling: Option<LossScaling>) -> Result<()> {

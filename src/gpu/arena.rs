@@ -286,6 +286,7 @@ impl GpuArena {
                     start: (c.offset - start) as u32,
                     len: c.len as u32,
                     global_index: g as u32,
+                    tensor_start: (c.offset - layout.tensors()[c.tensor].offset) as u32,
                 })
                 .collect();
             let table_bytes = f32_bytes(std::mem::size_of_val(table.as_slice()) / 4);

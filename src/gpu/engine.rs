@@ -54,6 +54,8 @@ pub struct GpuEngine {
     /// The step and skip counters (behind a mutex so that `&self` readers can take the
     /// guard's readbacks that arrived).
     counters: Mutex<GpuCounters>,
+    /// Stochastic rounding's seed, mixed (written into every plan).
+    rounding_seed: u32,
     /// The parameters changed outside a step since the 16-bit copy was last rewritten
     /// (rewritten before the next step, view or readback: one pass for many writes).
     copy_stale: AtomicBool,
@@ -111,6 +113,7 @@ impl GpuEngine {
             arena,
             max_groups,
             counters: Mutex::default(),
+            rounding_seed: 0,
             // user parameter buffers hold values the copy has not seen
             copy_stale: AtomicBool::new(variant.param_copy.is_some()),
         })
@@ -311,7 +314,10 @@ impl GpuEngine {
             plans: [StepScalars::default(); PLAN_WINDOW],
         };
         for (k, plan) in uniform.plans[..len].iter_mut().enumerate() {
-            *plan = plan_step(config, base + k as u64);
+            *plan = StepScalars {
+                rounding_seed: self.rounding_seed,
+                ..plan_step(config, base + k as u64)
+            };
         }
         self.ctx
             .queue
@@ -528,6 +534,10 @@ impl Engine for GpuEngine {
             ..self.variant
         };
         self.switch_variant(variant)
+    }
+
+    fn set_rounding_seed(&mut self, seed: u32) {
+        self.rounding_seed = seed;
     }
 
     fn set_loss_scaling(&mut self, scaling: Option<LossScaling>) -> Result<()> {

@@ -45,6 +45,14 @@ fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
             f64::from(variant.param_copy.map_or(0, |d| d.code())),
         ),
         ("PARAM_DTYPE", f64::from(variant.params.code())),
+        (
+            "PARAM_ROUNDING",
+            if variant.stochastic_rounding {
+                1.0
+            } else {
+                0.0
+            },
+        ),
         ("MOMENTUM_SLOT", slot(Slot::Momentum)),
         ("AVERAGE_GRADIENT_SLOT", slot(Slot::AverageGradient)),
         ("EMA_SLOT", slot(Slot::Ema)),

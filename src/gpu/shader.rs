@@ -74,6 +74,8 @@ pub(crate) struct ChunkRow {
     pub len: u32,
     /// Index in the model-wide chunk table (for the norm partials).
     pub global_index: u32,
+    /// Index of the first element in its tensor (stochastic rounding's keys).
+    pub tensor_start: u32,
 }
 
 /// One row of the offset table, as the kernels need it.
@@ -218,6 +220,10 @@ mod tests {
                 ema_overwrite_enabled,
                 is_update_step,
                 param_storage,
+                rounding_seed,
+                rounding_step,
+                _pad0,
+                _pad1,
             }),
         );
         assert_same(
@@ -238,7 +244,8 @@ mod tests {
                 tensor,
                 start,
                 len,
-                global_index
+                global_index,
+                tensor_start
             }),
         );
         assert_same(
