@@ -57,6 +57,13 @@ struct Args {
     /// The gradients' dtype: f32, bf16 or f16 (`bytes_per_step` counts its size).
     #[arg(long, default_value = "f32")]
     gradient_dtype: Dtype,
+    /// Store the parameters in this dtype (f32, bf16, f16; `bytes_per_step` counts
+    /// their size).
+    #[arg(long, default_value = "f32")]
+    param_dtype: Dtype,
+    /// Round 16-bit parameters stochastically (from seed 1).
+    #[arg(long)]
+    stochastic_rounding: bool,
     /// Keep a 16-bit copy of the parameters (bf16 or f16), written by every step
     /// (`bytes_per_step` counts its 2 bytes per parameter).
     #[arg(long)]
@@ -130,9 +137,21 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let grads = HostGradients::new(synthetic_gradients(&model), args.gradient_dtype);
     let gradient_bytes = args.gradient_dtype.size_bytes() as u64;
     let copy_bytes = if args.param_copy.is_some() { 2 } else { 0 };
-    let bytes = (variant.bytes_per_param_with(gradient_bytes) + copy_bytes) * args.params as u64;
+    // 16-bit parameters read and write 2 bytes each instead of 4 on the GPU (the CPU
+    // path holds them in f32 arrays)
+    let param_saving = match args.backend {
+        Backend::Gpu => 2 * (4 - args.param_dtype.size_bytes() as u64),
+        _ => 0,
+    };
+    let bytes = (variant.bytes_per_param_with(gradient_bytes) + copy_bytes - param_saving)
+        * args.params as u64;
     let reps = reps_for(bytes);
-    let mut precision = Precision::default().with_gradients(args.gradient_dtype);
+    let mut precision = Precision::default()
+        .with_gradients(args.gradient_dtype)
+        .with_params(args.param_dtype);
+    if args.stochastic_rounding {
+        precision = precision.with_stochastic_rounding(1);
+    }
     if let Some(copy) = args.param_copy {
         precision = precision.with_param_copy(copy);
     }
@@ -256,6 +275,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "variant": name,
         "gradient_dtype": args.gradient_dtype.as_str(),
         "param_copy": args.param_copy.map(Dtype::as_str),
+        "param_dtype": args.param_dtype.as_str(),
+        "stochastic_rounding": args.stochastic_rounding,
         "guard": args.guard,
         "cpu_level": cpu_level,
         "params": args.params,

@@ -78,8 +78,8 @@ impl<'a> TensorView<'a> {
 /// them in [`GpuOptions::buffers`](crate::GpuOptions::buffers)).
 ///
 /// From byte `offset` on, both hold every variable row-major in variable order:
-/// parameters as f32, gradients in the optimizer's
-/// [`Precision::gradients`](crate::Precision), each variable at the byte offset
+/// parameters in the optimizer's [`Precision::params`](crate::Precision), gradients in
+/// its [`Precision::gradients`](crate::Precision), each variable at the byte offset
 /// [`UserBuffers::tensor_byte_ranges`] gives for that dtype (aligned to the device's
 /// storage-binding alignment; the padding between them must be zero). They need the
 /// usages [`ARENA_USAGES`], `offset` a multiple of `min_storage_buffer_offset_alignment`,
@@ -97,8 +97,8 @@ pub struct UserBuffers {
 
 impl UserBuffers {
     /// Bytes a buffer of `dtype` elements needs past [`UserBuffers::offset`] for `specs`
-    /// on `context`'s device (padding included): `Dtype::F32` for the parameters, the
-    /// gradient dtype for the gradients.
+    /// on `context`'s device (padding included): the parameter dtype for the
+    /// parameters, the gradient dtype for the gradients.
     pub fn required_size(
         context: &GpuContext,
         specs: &[VariableSpec],
