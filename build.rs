@@ -18,14 +18,14 @@ const BOOL_OVERRIDES: [&str; 7] = [
     "LOSS_SCALING",
 ];
 const CLIP_KINDS: [f64; 4] = [0.0, 1.0, 2.0, 3.0];
-/// Overrides naming a dtype (`dtype::Dtype::code`: f32 or none, bf16, f16).
-const DTYPE_OVERRIDES: [&str; 4] = [
-    "GRADIENT_DTYPE",
-    "PARAM_COPY",
-    "PARAM_DTYPE",
-    "PARAM_ROUNDING",
+/// Overrides naming a dtype (`dtype::Dtype::code`: f32 or none, bf16, f16; 3 for bf16
+/// with remainders) or a rounding, with their values.
+const DTYPE_OVERRIDES: [(&str, &[f64]); 4] = [
+    ("GRADIENT_DTYPE", &[0.0, 1.0, 2.0]),
+    ("PARAM_COPY", &[0.0, 1.0, 2.0]),
+    ("PARAM_DTYPE", &[0.0, 1.0, 2.0, 3.0]),
+    ("PARAM_ROUNDING", &[0.0, 1.0]),
 ];
-const DTYPE_CODES: [f64; 3] = [0.0, 1.0, 2.0];
 
 fn fail(msg: String) -> ! {
     eprintln!("{msg}");
@@ -62,24 +62,21 @@ fn validate(path: &Path) {
     };
     // the dtype overrides touch only loads and stores: every pair of them with no other
     // option and with all of them, the other options with f32 throughout
-    let dtype_names: Vec<&str> = DTYPE_OVERRIDES
+    let dtype_overrides: Vec<(&str, &[f64])> = DTYPE_OVERRIDES
         .iter()
         .copied()
-        .filter(|o| declared.iter().any(|d| d == o))
+        .filter(|(o, _)| declared.iter().any(|d| d == o))
         .collect();
+    let dtype_names: Vec<&str> = dtype_overrides.iter().map(|(n, _)| *n).collect();
     let all = (1u32 << bools.len()) - 1;
     let mut runs: Vec<(u32, Vec<f64>)> = (0..=all)
         .map(|m| (m, vec![0.0; dtype_names.len()]))
         .collect();
     let mut codes = vec![vec![]];
-    for _ in &dtype_names {
+    for (_, values) in &dtype_overrides {
         codes = codes
             .into_iter()
-            .flat_map(|c: Vec<f64>| {
-                DTYPE_CODES
-                    .iter()
-                    .map(move |&d| [c.clone(), vec![d]].concat())
-            })
+            .flat_map(|c: Vec<f64>| values.iter().map(move |&d| [c.clone(), vec![d]].concat()))
             .collect();
     }
     for c in codes.into_iter().filter(|c| c.iter().any(|&d| d != 0.0)) {

@@ -54,7 +54,9 @@ override GRADIENT_DTYPE: u32 = 0u;
 // 1 bf16, 2 f16, rounded to nearest, ties to even, as `half` rounds on the host.
 override PARAM_COPY: u32 = 0u;
 // How the parameters are stored (dtype::Dtype::code, math::STORE_*): 0 f32 (`params`),
-// 1 bf16, 2 f16 (`params_16`, two per u32); every assignment rounds (store_param).
+// 1 bf16, 2 f16 (`params_16`, two per u32; every assignment rounds: store_param), 3 bf16
+// plus a 16-bit remainder each (`param_remainders`) that make them exact f32 masters
+// (the update is the f32 one).
 override PARAM_DTYPE: u32 = 0u;
 // 16-bit parameters: 0 round to nearest (ties to even), 1 round stochastically (keys from
 // the plan's seed and step, the tensor and the element: math::element_key).
@@ -197,6 +199,9 @@ struct ElementState {
 // The parameters stored in 16 bits (PARAM_DTYPE), four per vec2<u32>; a placeholder
 // with f32 parameters (and `params` one with 16-bit ones).
 @group(0) @binding(11) var<storage, read_write> params_16: array<vec2<u32>>;
+// PARAM_DTYPE 3: the remainders (`master bits = (bf16 << 16) + remainder - 0x7fff`),
+// four per vec2<u32>; a placeholder otherwise.
+@group(0) @binding(12) var<storage, read_write> param_remainders: array<vec2<u32>>;
 
 // This invocation's plan, loaded from `step` at the start of each entry point.
 var<private> s: StepScalars;
@@ -551,12 +556,23 @@ fn slot_index(slot: u32, i: u32) -> u32 {
 }
 
 // Parameters of vec4 i, as f32 lanes, and their store (already rounded: store_param).
+fn unpack_halves(pair: vec2<u32>) -> vec4<u32> {
+    return vec4(pair.x & 0xffffu, pair.x >> 16u, pair.y & 0xffffu, pair.y >> 16u);
+}
+
+fn pack_halves(halves: vec4<u32>) -> vec2<u32> {
+    return vec2(halves.x | (halves.y << 16u), halves.z | (halves.w << 16u));
+}
+
 fn load_param(i: u32) -> Lanes {
     if PARAM_DTYPE == 0u {
         return params[i];
     }
-    let pair = params_16[i];
-    let halves = vec4(pair.x & 0xffffu, pair.x >> 16u, pair.y & 0xffffu, pair.y >> 16u);
+    let halves = unpack_halves(params_16[i]);
+    if PARAM_DTYPE == 3u {
+        let remainders = unpack_halves(param_remainders[i]);
+        return bitcast<Lanes>((halves << vec4(16u)) + remainders - vec4(0x7fffu));
+    }
     if PARAM_DTYPE == 1u {
         return bf16_lanes(halves);
     }
@@ -569,12 +585,20 @@ fn write_param(i: u32, p: Lanes) {
         return;
     }
     var halves: vec4<u32>;
-    if PARAM_DTYPE == 1u {
+    if PARAM_DTYPE == 3u {
+        // the master split exactly: its top 16 bits rounded to nearest (exact ties
+        // toward zero) and the signed rest, offset by 0x7fff; a NaN keeps a quiet NaN
+        let b = bitcast<vec4<u32>>(p);
+        let nan = lanes_nan(p);
+        halves = select((b + vec4(0x7fffu)) >> vec4(16u), (b >> vec4(16u)) | vec4(0x40u), nan);
+        let remainders = select((b - (halves << vec4(16u)) + vec4(0x7fffu)) & vec4(0xffffu), vec4(0x7fffu), nan);
+        param_remainders[i] = pack_halves(remainders);
+    } else if PARAM_DTYPE == 1u {
         halves = bf16_from_lanes(p);
     } else {
         halves = f16_from_lanes(p);
     }
-    params_16[i] = vec2(halves.x | (halves.y << 16u), halves.z | (halves.w << 16u));
+    params_16[i] = pack_halves(halves);
 }
 
 // Which lanes of the chunk's vec4 `k` hold elements of its tensor (the rest is padding).

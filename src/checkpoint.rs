@@ -152,6 +152,9 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     if let Some(copy) = param_copy {
         precision = precision.with_param_copy(copy);
     }
+    if meta.get("param_remainders").map(String::as_str) == Some("true") {
+        precision = precision.with_param_remainders();
+    }
     if let Some(seed) = meta.get("stochastic_rounding") {
         let seed = seed
             .parse::<u64>()
@@ -302,6 +305,9 @@ impl RmsProp {
             "param_dtype".to_string(),
             self.precision().params.as_str().to_string(),
         );
+        if self.precision().param_remainders {
+            meta.insert("param_remainders".to_string(), "true".to_string());
+        }
         if let Some(seed) = self.precision().stochastic_rounding {
             meta.insert("stochastic_rounding".to_string(), seed.to_string());
         }
@@ -392,6 +398,24 @@ impl RmsProp {
                 checkpoint: p.precision.params,
                 optimizer: ours.params,
             });
+        }
+        if p.precision.param_remainders != ours.param_remainders {
+            return Err(corrupt(
+                path,
+                format!(
+                    "the checkpoint {} parameter remainders, this optimizer {}",
+                    if p.precision.param_remainders {
+                        "has"
+                    } else {
+                        "has no"
+                    },
+                    if ours.param_remainders {
+                        "has"
+                    } else {
+                        "has none"
+                    },
+                ),
+            ));
         }
         if p.precision.stochastic_rounding != ours.stochastic_rounding {
             return Err(corrupt(

@@ -116,6 +116,13 @@ pub struct Precision {
     /// overwrite, `finalize_variable_values`, and yours: `set_variable`) rounds to it,
     /// to nearest, ties to even.
     pub params: Dtype,
+    /// With `params` bf16: keep beside each bf16 parameter a 16-bit remainder, so that
+    /// the two together are exactly an f32 master weight (apex's
+    /// `store_param_remainders`): the update is the f32 one, and the bf16 halves, the
+    /// master rounded to nearest (exact ties toward zero), are the model's weights for a
+    /// forward pass (`param_view`), at no memory beyond them (2 + 2 bytes per
+    /// parameter). On the CPU path the parameters stay one f32 array.
+    pub param_remainders: bool,
     /// Round the 16-bit parameters stochastically instead of to nearest, from this seed:
     /// each assignment picks one of the two values around the exact result, the farther
     /// one with the probability of its distance (unbiased), from a hash of (seed, step,
@@ -141,6 +148,16 @@ impl Precision {
     pub fn with_params(self, dtype: Dtype) -> Self {
         Precision {
             params: dtype,
+            ..self
+        }
+    }
+
+    /// With bf16 parameters plus remainders that make them exact f32 master weights
+    /// (sets `params` to bf16).
+    pub fn with_param_remainders(self) -> Self {
+        Precision {
+            params: Dtype::Bf16,
+            param_remainders: true,
             ..self
         }
     }
@@ -180,6 +197,14 @@ impl Precision {
             return Err(crate::Error::invalid(
                 "stochastic_rounding",
                 "needs 16-bit parameters (Precision::params bf16 or f16): f32 parameters are not rounded",
+            ));
+        }
+        if self.param_remainders
+            && (self.params != Dtype::Bf16 || self.stochastic_rounding.is_some())
+        {
+            return Err(crate::Error::invalid(
+                "param_remainders",
+                "remainders complete bf16 parameters to exact f32 masters: they need bf16 parameters and no stochastic rounding",
             ));
         }
         if self.param_copy.is_some() && self.params != Dtype::F32 {
@@ -311,6 +336,29 @@ impl<'a> GradSlice<'a> {
             }
         }
     }
+}
+
+/// An f32 master weight split exactly into a bf16 weight (rounded to nearest, exact
+/// ties toward zero) and a 16-bit remainder: `bits = (bf16 << 16) + remainder - 0x7fff`
+/// (the WGSL `write_param` for `PARAM_DTYPE` 3 does the same). A NaN gives a quiet bf16
+/// NaN and a remainder that keeps it a NaN.
+pub(crate) fn split_master(x: f32) -> (u16, u16) {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return (((b >> 16) | 0x40) as u16, 0x7fff);
+    }
+    let hi = b.wrapping_add(0x7fff) >> 16;
+    let rem = b.wrapping_sub(hi << 16).wrapping_add(0x7fff) & 0xffff;
+    (hi as u16, rem as u16)
+}
+
+/// The f32 master weight of a bf16 weight and its remainder ([`split_master`]).
+pub(crate) fn combine_master(hi: u16, rem: u16) -> f32 {
+    f32::from_bits(
+        (u32::from(hi) << 16)
+            .wrapping_add(u32::from(rem))
+            .wrapping_sub(0x7fff),
+    )
 }
 
 /// A 16-bit copy of f32 values (the CPU's parameter copy).
@@ -458,6 +506,46 @@ mod tests {
         for b in patterns {
             let x = f32::from_bits(b);
             assert_eq!(bf16_bits(x), bf16::from_f32(x).to_bits(), "{b:#010x}");
+        }
+    }
+
+    /// Split and combined, every non-NaN f32 comes back exactly, and the bf16 half is
+    /// the nearest bf16 (ties toward zero).
+    #[test]
+    fn master_split_is_exact() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut patterns: Vec<u32> = vec![
+            0,
+            0x8000_0000,
+            0x7f7f_ffff,
+            0x7f80_0000,
+            0xff80_0000,
+            0x3f80_8000,
+            0x3f81_8000,
+            1,
+        ];
+        for _ in 0..1_000_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            patterns.push(state as u32);
+        }
+        for b in patterns {
+            let x = f32::from_bits(b);
+            let (hi, rem) = split_master(x);
+            let back = combine_master(hi, rem);
+            if x.is_nan() {
+                assert!(back.is_nan() && bf16::from_bits(hi).is_nan(), "{b:#010x}");
+                continue;
+            }
+            assert_eq!(back.to_bits(), b, "{b:#010x}");
+            let low = b & 0xffff;
+            let nearest = bf16::from_f32(x).to_bits();
+            if low != 0x8000 {
+                assert_eq!(hi, nearest, "{b:#010x}");
+            } else {
+                assert_eq!(hi, (b >> 16) as u16, "ties toward zero: {b:#010x}");
+            }
         }
     }
 

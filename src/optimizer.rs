@@ -143,6 +143,7 @@ impl RmsProp {
             param_copy: precision.param_copy,
             params: precision.params,
             stochastic_rounding: precision.stochastic_rounding.is_some(),
+            param_remainders: precision.param_remainders,
             ..Variant::of(&config)
         };
         let backend = if backend == Backend::Auto && !config.jit_compile {

@@ -60,6 +60,8 @@ pub(crate) struct Variant {
     pub params: Dtype,
     /// 16-bit parameters rounded stochastically (from [`crate::Precision`]).
     pub stochastic_rounding: bool,
+    /// bf16 parameters with remainders making them exact f32 masters.
+    pub param_remainders: bool,
     /// The 16-bit copy of the parameters the update writes, if any (from
     /// [`crate::Precision`]).
     pub param_copy: Option<Dtype>,
@@ -89,6 +91,7 @@ impl Variant {
             param_copy: None,
             params: Dtype::F32,
             stochastic_rounding: false,
+            param_remainders: false,
         }
     }
 
@@ -99,9 +102,28 @@ impl Variant {
         self.guard || self.loss_scaling
     }
 
+    /// The type every assignment to a parameter rounds to: `params`, or f32 with
+    /// remainders (the master is exact).
+    pub(crate) fn param_rounding(&self) -> Dtype {
+        if self.param_remainders {
+            Dtype::F32
+        } else {
+            self.params
+        }
+    }
+
     /// `math::STORE_*`: how the CPU loops store parameters.
     pub(crate) fn param_storage(&self) -> u32 {
-        self.params.code() + if self.stochastic_rounding { 2 } else { 0 }
+        self.param_rounding().code() + if self.stochastic_rounding { 2 } else { 0 }
+    }
+
+    /// The WGSL `PARAM_DTYPE`: f32, bf16, f16, or 3 for bf16 with remainders.
+    pub(crate) fn param_dtype_code(&self) -> u32 {
+        if self.param_remainders {
+            3
+        } else {
+            self.params.code()
+        }
     }
 
     /// True when this variant keeps `slot`.

@@ -329,7 +329,7 @@ impl Engine for CpuEngine {
 
     fn finalize(&mut self) -> Result<()> {
         if self.variant.ema {
-            let storage = self.variant.params;
+            let storage = self.variant.param_rounding();
             let ema = &self.slots[Slot::Ema as usize];
             for (p, &e) in self.params.iter_mut().zip(ema) {
                 *p = storage.round(e);
@@ -350,7 +350,7 @@ impl Engine for CpuEngine {
 
     fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()> {
         let t = self.layout.tensor(tensor)?;
-        let storage = self.variant.params;
+        let storage = self.variant.param_rounding();
         let target = &mut self.array_mut(role)?[t.range()];
         target.copy_from_slice(values);
         if role == Role::Params {

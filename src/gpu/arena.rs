@@ -10,7 +10,7 @@
 use std::num::NonZeroU64;
 
 use crate::backend::Role;
-use crate::dtype::{Dtype, GradSlice};
+use crate::dtype::{combine_master, split_master, Dtype, GradSlice};
 use crate::error::{Error, Result};
 use crate::gpu::binding::{
     align_elements, dtype_bytes, f32_bytes, TensorView, UserBuffers, ARENA_USAGES, F32,
@@ -41,6 +41,8 @@ pub(crate) struct Segment {
     pub slots: wgpu::Buffer,
     /// The 16-bit parameter copy (a 16-byte placeholder without one).
     pub param_copy: wgpu::Buffer,
+    /// The remainders of bf16 parameters (a 16-byte placeholder without them).
+    pub param_remainders: wgpu::Buffer,
     pub chunk_count: usize,
     pub bind_group: wgpu::BindGroup,
 }
@@ -52,6 +54,7 @@ pub(crate) enum Target {
     Grads,
     Slot(Slot),
     ParamCopy,
+    ParamRemainders,
 }
 
 impl From<Role> for Target {
@@ -265,6 +268,17 @@ impl GpuArena {
             // the parameters bind as f32 lanes or as 16-bit pairs; the other binding
             // gets this placeholder
             let unused_params = make_buffer(ctx, "unused params", 16, wgpu::BufferUsages::STORAGE)?;
+            let remainder_bytes = if variant.param_remainders {
+                dtype_bytes(cap, Dtype::Bf16)
+            } else {
+                16
+            };
+            let param_remainders =
+                make_buffer(ctx, "param remainders", remainder_bytes, ARENA_USAGES)?;
+            // 0x7fff: no remainder, the master is the bf16 value (user parameter buffers
+            // hold bf16 values to start from)
+            let exact: Vec<u8> = [0xff, 0x7f].repeat(remainder_bytes as usize / 2);
+            ctx.queue.write_buffer(&param_remainders, 0, &exact);
             let (params_f32, params_16) = if variant.params == Dtype::F32 {
                 (
                     range(&params, params_base, cap as u64 * F32),
@@ -319,6 +333,10 @@ impl GpuArena {
                             binding: binding::PARAMS_16,
                             resource: params_16,
                         },
+                        wgpu::BindGroupEntry {
+                            binding: binding::PARAM_REMAINDERS,
+                            resource: param_remainders.as_entire_binding(),
+                        },
                         // the gradients twice: as f32 lanes and as 16-bit pairs (the
                         // variant's GRADIENT_DTYPE picks the one the kernels read)
                         wgpu::BindGroupEntry {
@@ -361,6 +379,7 @@ impl GpuArena {
                 grads_base,
                 slots,
                 param_copy,
+                param_remainders,
                 chunk_count: table.len(),
                 bind_group,
             });
@@ -425,7 +444,7 @@ impl GpuArena {
     fn element_bytes(&self, target: Target) -> u64 {
         match target {
             Target::Grads => self.variant.gradients.size_bytes() as u64,
-            Target::ParamCopy => 2,
+            Target::ParamCopy | Target::ParamRemainders => 2,
             Target::Params => self.variant.params.size_bytes() as u64,
             Target::Slot(_) => F32,
         }
@@ -437,6 +456,7 @@ impl GpuArena {
         match target {
             Target::Params => Ok((&s.params, s.params_base)),
             Target::Grads => Ok((&s.grads, s.grads_base)),
+            Target::ParamRemainders => Ok((&s.param_remainders, 0)),
             Target::ParamCopy => match self.variant.param_copy {
                 Some(_) => Ok((&s.param_copy, 0)),
                 None => Err(Error::NoParamCopy),
@@ -501,6 +521,21 @@ impl GpuArena {
             if element == F32 {
                 ctx.queue
                     .write_buffer(buffer, offset, bytemuck::cast_slice(data));
+            } else if role == Target::Params && self.variant.param_remainders {
+                let (mut hi, mut rem): (Vec<u16>, Vec<u16>) =
+                    data.iter().map(|&x| split_master(x)).unzip();
+                if hi.len() % 2 == 1 {
+                    hi.push(0);
+                    rem.push(0x7fff);
+                }
+                ctx.queue
+                    .write_buffer(buffer, offset, bytemuck::cast_slice(&hi));
+                let (remainders, _) = self.target(Target::ParamRemainders, p.segment)?;
+                ctx.queue.write_buffer(
+                    remainders,
+                    p.local as u64 * element,
+                    bytemuck::cast_slice(&rem),
+                );
             } else {
                 let dtype = self.variant.params;
                 let mut bits: Vec<u16> = data.iter().map(|&x| dtype.half_bits(x)).collect();
@@ -569,8 +604,9 @@ impl GpuArena {
         Ok(())
     }
 
-    /// Reads `role` back for the arena range `start .. start + len` (waits for the GPU),
-    /// one staging buffer per segment piece so no buffer exceeds the device's limits.
+    /// Reads `role` back for the arena range `start .. start + len` as f32 (waits for the
+    /// GPU): 16-bit parameters upcast, bf16 parameters with remainders combined into
+    /// their f32 masters.
     pub(crate) fn read(
         &self,
         ctx: &GpuContext,
@@ -578,8 +614,39 @@ impl GpuArena {
         start: usize,
         len: usize,
     ) -> Result<Vec<f32>> {
-        let mut out = vec![0.0f32; len];
+        let raw = self.read_raw(ctx, role, start, len)?;
+        if self.element_bytes(role) == F32 {
+            return Ok(bytemuck::pod_collect_to_vec(&raw));
+        }
+        let bits: Vec<u16> = bytemuck::pod_collect_to_vec(&raw);
+        if role == Target::Params && self.variant.param_remainders {
+            let rem: Vec<u16> = bytemuck::pod_collect_to_vec(&self.read_raw(
+                ctx,
+                Target::ParamRemainders,
+                start,
+                len,
+            )?);
+            return Ok(bits
+                .iter()
+                .zip(&rem)
+                .map(|(&h, &r)| combine_master(h, r))
+                .collect());
+        }
+        let dtype = self.variant.params;
+        Ok(bits.iter().map(|&b| dtype.upcast_bits(b)).collect())
+    }
+
+    /// The bytes of `role` for the arena range `start .. start + len`, one staging buffer
+    /// per segment piece so no buffer exceeds the device's limits.
+    fn read_raw(
+        &self,
+        ctx: &GpuContext,
+        role: Target,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<u8>> {
         let element = self.element_bytes(role);
+        let mut out = vec![0u8; len * element as usize];
         for p in self.pieces(start, len) {
             let (buffer, base) = self.target(role, p.segment)?;
             // copies are whole words
@@ -618,16 +685,8 @@ impl GpuArena {
                 let view = slice
                     .get_mapped_range()
                     .map_err(|e| Error::Gpu(format!("reading the readback buffer: {e}")))?;
-                let out = &mut out[p.at..p.at + p.len];
-                if element == F32 {
-                    out.copy_from_slice(bytemuck::cast_slice(&view));
-                } else {
-                    let bits: &[u16] = bytemuck::cast_slice(&view);
-                    let dtype = self.variant.params;
-                    for (o, &b) in out.iter_mut().zip(bits) {
-                        *o = dtype.upcast_bits(b);
-                    }
-                }
+                let bytes = p.len * element as usize;
+                out[p.at * element as usize..][..bytes].copy_from_slice(&view[..bytes]);
             }
             staging.unmap();
         }

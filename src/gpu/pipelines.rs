@@ -44,7 +44,7 @@ fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
             "PARAM_COPY",
             f64::from(variant.param_copy.map_or(0, |d| d.code())),
         ),
-        ("PARAM_DTYPE", f64::from(variant.params.code())),
+        ("PARAM_DTYPE", f64::from(variant.param_dtype_code())),
         (
             "PARAM_ROUNDING",
             if variant.stochastic_rounding {
@@ -129,6 +129,7 @@ pub(crate) fn pipelines_for(ctx: &GpuContext, variant: &Variant) -> Result<Arc<P
                     storage(binding::GRADS_16, true),
                     storage(binding::PARAM_COPY, false),
                     storage(binding::PARAMS_16, false),
+                    storage(binding::PARAM_REMAINDERS, false),
                 ],
             });
             let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {

@@ -40,6 +40,7 @@ pub(crate) mod binding {
     pub const GRADS_16: u32 = 9;
     pub const PARAM_COPY: u32 = 10;
     pub const PARAMS_16: u32 = 11;
+    pub const PARAM_REMAINDERS: u32 = 12;
 }
 
 /// The step uniform: `plans[k]` is the plan for step counter `base + k` (low 32 bits:
