@@ -61,6 +61,9 @@ struct Args {
     /// their size).
     #[arg(long, default_value = "f32")]
     param_dtype: Dtype,
+    /// bf16 parameters plus remainders: exact f32 masters (2 + 2 bytes per parameter).
+    #[arg(long)]
+    param_remainders: bool,
     /// Round 16-bit parameters stochastically (from seed 1).
     #[arg(long)]
     stochastic_rounding: bool,
@@ -140,7 +143,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     // 16-bit parameters read and write 2 bytes each instead of 4 on the GPU (the CPU
     // path holds them in f32 arrays)
     let param_saving = match args.backend {
-        Backend::Gpu => 2 * (4 - args.param_dtype.size_bytes() as u64),
+        Backend::Gpu if !args.param_remainders => 2 * (4 - args.param_dtype.size_bytes() as u64),
         _ => 0,
     };
     let bytes = (variant.bytes_per_param_with(gradient_bytes) + copy_bytes - param_saving)
@@ -151,6 +154,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .with_params(args.param_dtype);
     if args.stochastic_rounding {
         precision = precision.with_stochastic_rounding(1);
+    }
+    if args.param_remainders {
+        precision = precision.with_param_remainders();
     }
     if let Some(copy) = args.param_copy {
         precision = precision.with_param_copy(copy);
@@ -277,6 +283,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "param_copy": args.param_copy.map(Dtype::as_str),
         "param_dtype": args.param_dtype.as_str(),
         "stochastic_rounding": args.stochastic_rounding,
+        "param_remainders": args.param_remainders,
         "guard": args.guard,
         "cpu_level": cpu_level,
         "params": args.params,

@@ -184,23 +184,7 @@ fn gpu_copy_views_bind_the_tensor_and_padding_stays_zero() {
 }
 
 fn read_all(ctx: &fused_rmsprop::GpuContext, buffer: &wgpu::Buffer) -> Vec<u8> {
-    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: buffer.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = ctx.device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
-    ctx.queue.submit([encoder.finish()]);
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
-    ctx.device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .unwrap();
-    let bytes = staging.slice(..).get_mapped_range().unwrap().to_vec();
-    bytes
+    common::read_bytes(ctx, buffer, 0, buffer.size())
 }
 
 #[test]

@@ -103,7 +103,7 @@ fn gpu_views_hold_the_bf16_weights_in_two_bytes() {
     for (i, master) in masters.iter().enumerate() {
         let view = gpu.param_view(i).unwrap();
         assert_eq!(view.size, (2 * master.len() as u64).next_multiple_of(4));
-        let words = read(&ctx, view.buffer, view.offset, view.size);
+        let words = common::read_bytes(&ctx, view.buffer, view.offset, view.size);
         let halves: Vec<u16> = bytemuck::pod_collect_to_vec(&words);
         for (k, &x) in master.iter().enumerate() {
             let b = x.to_bits();
@@ -114,26 +114,6 @@ fn gpu_views_hold_the_bf16_weights_in_two_bytes() {
             }
         }
     }
-}
-
-fn read(ctx: &fused_rmsprop::GpuContext, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Vec<u8> {
-    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = ctx.device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
-    ctx.queue.submit([encoder.finish()]);
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
-    ctx.device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .unwrap();
-    let bytes = staging.slice(..).get_mapped_range().unwrap().to_vec();
-    bytes
 }
 
 #[test]

@@ -23,23 +23,7 @@ fn model(rng: &mut Rng) -> Vec<Variable> {
 
 /// The whole of `buffer`, read back.
 fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Vec<u32> {
-    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("test readback"),
-        size: buffer.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = ctx.device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
-    ctx.queue.submit([encoder.finish()]);
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
-    ctx.device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .unwrap();
-    let words = bytemuck::cast_slice(&staging.slice(..).get_mapped_range().unwrap()).to_vec();
-    words
+    bytemuck::pod_collect_to_vec(&common::read_bytes(ctx, buffer, 0, buffer.size()))
 }
 
 /// Every view of every tensor (parameters, gradients, each kept slot).

@@ -695,38 +695,8 @@ impl GpuArena {
 
     /// The 16-bit parameter copy of the whole arena, as stored (waits for the GPU).
     pub(crate) fn read_param_copy(&self, ctx: &GpuContext) -> Result<Vec<u16>> {
-        let mut out = vec![0u16; self.layout.total()];
-        for s in &self.segments {
-            let size = s.param_copy.size();
-            let staging = make_buffer(
-                ctx,
-                "param copy readback",
-                size,
-                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            )?;
-            let mut encoder = ctx.device.create_command_encoder(&Default::default());
-            encoder.copy_buffer_to_buffer(&s.param_copy, 0, &staging, 0, size);
-            ctx.queue.submit([encoder.finish()]);
-            let slice = staging.slice(..);
-            let (tx, rx) = std::sync::mpsc::channel();
-            slice.map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r);
-            });
-            ctx.wait()?;
-            rx.recv_timeout(std::time::Duration::from_secs(120))
-                .map_err(|e| Error::Gpu(format!("readback did not complete: {e}")))?
-                .map_err(|e| Error::Gpu(format!("mapping the readback buffer: {e}")))?;
-            {
-                let view = slice
-                    .get_mapped_range()
-                    .map_err(|e| Error::Gpu(format!("reading the readback buffer: {e}")))?;
-                let halves: &[u16] = bytemuck::cast_slice(&view);
-                let end = (s.start + s.len).min(out.len());
-                out[s.start..end].copy_from_slice(&halves[..end - s.start]);
-            }
-            staging.unmap();
-        }
-        Ok(out)
+        let raw = self.read_raw(ctx, Target::ParamCopy, 0, self.layout.total())?;
+        Ok(bytemuck::pod_collect_to_vec(&raw))
     }
 
     /// Copies the EMA slot over the parameters in every segment (one submit).

@@ -132,3 +132,24 @@ pub fn combo(k: usize) -> RmsPropConfig {
     }
     c
 }
+
+/// `size` bytes of `buffer` from `offset`, read back (waits for the GPU).
+pub fn read_bytes(ctx: &GpuContext, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Vec<u8> {
+    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("test readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
+    ctx.queue.submit([encoder.finish()]);
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
+    ctx.device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .unwrap();
+    let bytes = staging.slice(..).get_mapped_range().unwrap().to_vec();
+    bytes
+}
