@@ -482,20 +482,10 @@ mod tests {
         });
     }
 
-    /// The branch-free bf16 rounding gives `half`'s bits, on every exponent, ties, the
-    /// edges of overflow, infinities and NaN.
-    #[test]
-    fn bf16_rounding_is_halfs() {
+    /// `specials` and a million xorshift bit patterns.
+    fn patterns(specials: &[u32]) -> Vec<u32> {
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut patterns: Vec<u32> = vec![
-            0x7f7f_ffff,
-            0x7f7f_8000,
-            0x7f7f_7fff,
-            0x3f80_8000,
-            0x3f81_8000,
-            0x0000_8000,
-            0x8000_8001,
-        ];
+        let mut patterns = specials.to_vec();
         patterns.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN].map(f32::to_bits));
         for _ in 0..1_000_000 {
             state ^= state << 13;
@@ -503,9 +493,43 @@ mod tests {
             state ^= state << 17;
             patterns.push(state as u32);
         }
-        for b in patterns {
+        patterns
+    }
+
+    /// The branch-free bf16 rounding gives `half`'s bits, on every exponent, ties, the
+    /// edges of overflow, infinities and NaN; so do `math::round_bf16` and
+    /// `math::round_f16` (f16: overflow, subnormals, ties).
+    #[test]
+    fn roundings_are_halfs() {
+        let edges = [
+            0x7f7f_ffff,
+            0x7f7f_8000,
+            0x7f7f_7fff,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x0000_8000,
+            0x8000_8001,
+            0x477f_f000,
+            0x477f_efff,
+            0x3880_0000,
+            0x387f_ffff,
+            0x3380_0000,
+            0x3300_0001,
+            0x3f80_1000,
+            0x3f80_3000,
+        ];
+        for b in patterns(&edges) {
             let x = f32::from_bits(b);
             assert_eq!(bf16_bits(x), bf16::from_f32(x).to_bits(), "{b:#010x}");
+            let same = |a: f32, h: f32| a.to_bits() == h.to_bits() || (a.is_nan() && h.is_nan());
+            assert!(
+                same(crate::math::round_bf16(x), bf16::from_f32(x).to_f32()),
+                "bf16 {b:#010x}"
+            );
+            assert!(
+                same(crate::math::round_f16(x), f16::from_f32(x).to_f32()),
+                "f16 {b:#010x}"
+            );
         }
     }
 
@@ -513,24 +537,8 @@ mod tests {
     /// the nearest bf16 (ties toward zero).
     #[test]
     fn master_split_is_exact() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut patterns: Vec<u32> = vec![
-            0,
-            0x8000_0000,
-            0x7f7f_ffff,
-            0x7f80_0000,
-            0xff80_0000,
-            0x3f80_8000,
-            0x3f81_8000,
-            1,
-        ];
-        for _ in 0..1_000_000 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            patterns.push(state as u32);
-        }
-        for b in patterns {
+        let edges = [0, 0x8000_0000, 0x7f7f_ffff, 0x3f80_8000, 0x3f81_8000, 1];
+        for b in patterns(&edges) {
             let x = f32::from_bits(b);
             let (hi, rem) = split_master(x);
             let back = combine_master(hi, rem);

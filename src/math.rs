@@ -146,7 +146,15 @@ pub fn stochastic_f16(x: f32, bits: u32) -> f32 {
     let u = (bits >> 8) as f32 * (1.0 / 16_777_216.0);
     let up = if scaled - floor > u { 1.0 } else { 0.0 };
     let subnormal = ((floor + up) * (1.0 / 16_777_216.0)).copysign(x);
-    let r = if a < 6.103_515_6e-5 {
+    f16_value(x, normal, subnormal)
+}
+
+/// The f16 value `x` rounds to, from its two candidates: `subnormal` below 2^-14 (where
+/// f16 values are multiples of 2^-24), `normal` above; infinity past 65504, and `x`
+/// quieted when it is a NaN.
+#[inline(always)]
+fn f16_value(x: f32, normal: f32, subnormal: f32) -> f32 {
+    let r = if x.abs() < 6.103_515_6e-5 {
         subnormal
     } else {
         normal
@@ -157,7 +165,7 @@ pub fn stochastic_f16(x: f32, bits: u32) -> f32 {
         r
     };
     if x.is_nan() {
-        f32::from_bits(b | 0x0040_0000)
+        f32::from_bits(x.to_bits() | 0x0040_0000)
     } else {
         r
     }
@@ -178,27 +186,12 @@ pub fn round_bf16(x: f32) -> f32 {
 /// subnormal), NaN stays NaN.
 #[inline(always)]
 pub fn round_f16(x: f32) -> f32 {
-    let a = x.abs();
     let b = x.to_bits();
     // normal f16 range: keep 10 bits of significand
     let normal = f32::from_bits((b.wrapping_add(0xfff + ((b >> 13) & 1))) & 0xffff_e000);
     // subnormal f16 range: 0.5 has an ulp of 2^-24, so the addition rounds to it
-    let subnormal = ((a + 0.5) - 0.5).copysign(x);
-    let r = if a < 6.103_515_6e-5 {
-        subnormal
-    } else {
-        normal
-    };
-    let r = if r.abs() > 65504.0 {
-        f32::INFINITY.copysign(x)
-    } else {
-        r
-    };
-    if x.is_nan() {
-        f32::from_bits(b | 0x0040_0000)
-    } else {
-        r
-    }
+    let subnormal = ((x.abs() + 0.5) - 0.5).copysign(x);
+    f16_value(x, normal, subnormal)
 }
 
 /// A value assigned to a parameter stored as `STORAGE` (`STORE_*`): itself, or rounded
