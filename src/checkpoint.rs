@@ -473,7 +473,13 @@ impl RmsProp {
     ) -> Result<(Self, Option<LossScaling>)> {
         let p = read(path)?;
         let scaling = p.loss_scaling;
-        let mut opt = RmsProp::build(p.config.clone(), p.specs.clone(), backend, gpu, p.precision)?;
+        let mut opt = RmsProp::with_specs_and_precision(
+            p.config.clone(),
+            p.specs.clone(),
+            backend,
+            gpu,
+            p.precision,
+        )?;
         opt.apply_parsed(p)?;
         Ok((opt, scaling))
     }

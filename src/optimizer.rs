@@ -110,7 +110,7 @@ impl RmsProp {
             check_len(&v.spec, v.values.len())?;
         }
         let specs = variables.iter().map(|v| v.spec.clone()).collect();
-        let mut opt = Self::build(config, specs, backend, gpu, precision)?;
+        let mut opt = Self::with_specs_and_precision(config, specs, backend, gpu, precision)?;
         for (i, v) in variables.iter().enumerate() {
             opt.set_variable(i, &v.values)?;
         }
@@ -126,10 +126,13 @@ impl RmsProp {
         backend: Backend,
         gpu: &GpuOptions,
     ) -> Result<Self> {
-        Self::build(config, specs, backend, gpu, Precision::default())
+        Self::with_specs_and_precision(config, specs, backend, gpu, Precision::default())
     }
 
-    pub(crate) fn build(
+    /// [`with_specs`](RmsProp::with_specs) taking inputs in the element types of
+    /// `precision` (your own gradient buffers in bf16, say: [`GpuOptions::buffers`]
+    /// follow [`Precision`]).
+    pub fn with_specs_and_precision(
         config: RmsPropConfig,
         specs: Vec<VariableSpec>,
         backend: Backend,

@@ -304,3 +304,101 @@ fn gradients_in_the_wrong_dtype_are_refused_and_change_nothing() {
         refusals(Backend::Gpu, &common::on(&ctx));
     }
 }
+
+/// Your own buffers in mixed precision: bf16 parameters and gradients at the offsets
+/// `UserBuffers` gives for bf16, stepped in place, the same as host uploads.
+#[test]
+fn user_buffers_in_bf16() {
+    use fused_rmsprop::gpu::{UserBuffers, ARENA_USAGES};
+    let Some(ctx) = common::gpu() else { return };
+    let vars = model(&mut Rng(5));
+    let specs: Vec<_> = vars.iter().map(|v| v.spec.clone()).collect();
+    let precision = Precision::default()
+        .with_gradients(Dtype::Bf16)
+        .with_params(Dtype::Bf16);
+    let size = UserBuffers::required_size(&ctx, &specs, Dtype::Bf16).unwrap();
+    let ranges = UserBuffers::tensor_byte_ranges(&ctx, &specs, Dtype::Bf16).unwrap();
+    let make = |label| {
+        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: ARENA_USAGES,
+            mapped_at_creation: false,
+        })
+    };
+    let (params, grads) = (make("my params"), make("my grads"));
+    // the starting values, in bf16, where the layout says
+    let halves = |v: &[f32]| -> Vec<u8> {
+        let mut b: Vec<u16> = v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+        if b.len() % 2 == 1 {
+            b.push(0);
+        }
+        bytemuck::cast_slice(&b).to_vec()
+    };
+    for (v, r) in vars.iter().zip(&ranges) {
+        if !v.values.is_empty() {
+            ctx.queue.write_buffer(&params, r.start, &halves(&v.values));
+        }
+    }
+    let options = GpuOptions {
+        buffers: Some(UserBuffers {
+            params,
+            grads: grads.clone(),
+            offset: 0,
+        }),
+        ..common::on(&ctx)
+    };
+    let config = combo(7);
+    let mut mine =
+        RmsProp::with_specs_and_precision(config.clone(), specs, Backend::Gpu, &options, precision)
+            .unwrap();
+    let mut host = RmsProp::with_precision(
+        config,
+        vars.clone(),
+        Backend::Gpu,
+        &common::on(&ctx),
+        precision,
+    )
+    .unwrap();
+    assert_eq!(mine.variables().unwrap(), host.variables().unwrap());
+    let mut rng = Rng(9);
+    for step in 0..3 {
+        let g = gradients::<bf16>(&mut rng, step);
+        for (g, r) in g.iter().zip(&ranges) {
+            if !g.is_empty() {
+                let up: Vec<f32> = g.iter().map(|x| x.to_f32()).collect();
+                ctx.queue.write_buffer(&grads, r.start, &halves(&up));
+            }
+        }
+        mine.apply_device_gradients(&[true; SIZES.len()]).unwrap();
+        let slices: Vec<Option<&[bf16]>> = g.iter().map(|g| Some(&g[..])).collect();
+        host.apply_typed_gradients(&slices).unwrap();
+        same(&state(&mine), &state(&host)).unwrap_or_else(|e| panic!("step {step}: {e}"));
+    }
+    // too small for bf16 parameters and gradients: refused with the sizes
+    let small = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: size / 2,
+        usage: ARENA_USAGES,
+        mapped_at_creation: false,
+    });
+    let specs: Vec<_> = vars.iter().map(|v| v.spec.clone()).collect();
+    let options = GpuOptions {
+        buffers: Some(UserBuffers {
+            params: small,
+            grads,
+            offset: 0,
+        }),
+        ..common::on(&ctx)
+    };
+    assert!(matches!(
+        RmsProp::with_specs_and_precision(
+            RmsPropConfig::default(),
+            specs,
+            Backend::Gpu,
+            &options,
+            precision
+        ),
+        Err(Error::InvalidBuffer { .. })
+    ));
+}
