@@ -140,11 +140,12 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let grads = HostGradients::new(synthetic_gradients(&model), args.gradient_dtype);
     let gradient_bytes = args.gradient_dtype.size_bytes() as u64;
     let copy_bytes = if args.param_copy.is_some() { 2 } else { 0 };
-    // 16-bit parameters read and write 2 bytes each instead of 4 on the GPU (the CPU
-    // path holds them in f32 arrays)
-    let param_saving = match args.backend {
-        Backend::Gpu if !args.param_remainders => 2 * (4 - args.param_dtype.size_bytes() as u64),
-        _ => 0,
+    // 16-bit parameters read and write 2 bytes each instead of 4 (with remainders, the
+    // GPU moves both halves, the CPU one f32)
+    let param_saving = if args.param_remainders {
+        0
+    } else {
+        2 * (4 - args.param_dtype.size_bytes() as u64)
     };
     let bytes = (variant.bytes_per_param_with(gradient_bytes) + copy_bytes - param_saving)
         * args.params as u64;

@@ -35,15 +35,6 @@ impl Dtype {
         }
     }
 
-    /// `x` rounded to this type (to nearest, ties to even), as f32.
-    pub(crate) fn round(self, x: f32) -> f32 {
-        match self {
-            Dtype::F32 => x,
-            Dtype::Bf16 => crate::math::round_bf16(x),
-            Dtype::F16 => crate::math::round_f16(x),
-        }
-    }
-
     /// `x` rounded to this 16-bit type (to nearest, ties to even), as its bits (f32: the
     /// bits of bf16, unused).
     pub(crate) fn half_bits(self, x: f32) -> u16 {
@@ -392,6 +383,14 @@ impl HalfVec {
         }
     }
 
+    /// Elements `range`, upcast (exactly) to f32.
+    pub(crate) fn range_to_f32(&self, range: std::ops::Range<usize>) -> Vec<f32> {
+        match self {
+            HalfVec::Bf16(v) => v[range].iter().map(|x| x.to_f32()).collect(),
+            HalfVec::F16(v) => v[range].iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
     /// The values, upcast (exactly) to f32.
     pub(crate) fn to_f32(&self) -> Vec<f32> {
         match self {
@@ -437,6 +436,25 @@ fn bf16_bits(x: f32) -> u16 {
 }
 
 impl HalfSliceMut<'_> {
+    /// Elements.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            HalfSliceMut::Bf16(c) => c.len(),
+            HalfSliceMut::F16(c) => c.len(),
+        }
+    }
+
+    /// The values, upcast (exactly), into `out` (resized to fit).
+    pub(crate) fn upcast_into(&self, out: &mut Vec<f32>) {
+        use half::slice::HalfFloatSliceExt;
+        out.clear();
+        out.resize(self.len(), 0.0);
+        match self {
+            HalfSliceMut::Bf16(c) => c.convert_to_f32_slice(out),
+            HalfSliceMut::F16(c) => c.convert_to_f32_slice(out),
+        }
+    }
+
     /// Rounds `values` (as many as the slice holds) to nearest, ties to even, into it.
     pub(crate) fn round_from(self, values: &[f32]) {
         use half::slice::HalfFloatSliceExt;

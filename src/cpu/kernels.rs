@@ -28,24 +28,30 @@ pub(crate) struct PendingJob<'a> {
     pub step: TensorStep,
     /// The chunk's piece of the 16-bit parameter copy, rewritten after the update.
     pub param_copy: Option<HalfSliceMut<'a>>,
+    /// The chunk's parameters when they are stored in 16 bits (`arrays.param` is then
+    /// empty): upcast before the update, stored back after it (exactly: every
+    /// assignment rounded them to the type).
+    pub params_16: Option<HalfSliceMut<'a>>,
     pub tensor: u32,
     pub first: u32,
 }
 
 impl PendingJob<'_> {
-    /// Runs `f` on the job with its gradient as f32 (upcast into `buffer` when 16-bit),
-    /// then rounds the chunk's parameters into its piece of the copy, while they are
-    /// in cache.
+    /// Runs `f` on the job with its gradient and parameters as f32 (upcast into the
+    /// task's `buffers` when 16-bit), then stores 16-bit parameters back and rounds the
+    /// chunk's parameters into its piece of the copy, while they are in cache.
     #[inline]
-    pub(crate) fn run(self, buffer: &mut Vec<f32>, f: impl FnOnce(ChunkJob<'_>)) {
+    pub(crate) fn run(self, buffers: &mut (Vec<f32>, Vec<f32>), f: impl FnOnce(ChunkJob<'_>)) {
         let PendingJob {
             arrays,
             grad,
             step,
             param_copy,
+            params_16,
             tensor,
             first,
         } = self;
+        let (buffer, param_buffer) = buffers;
         let ChunkArrays {
             param,
             grad: _,
@@ -55,6 +61,13 @@ impl PendingJob<'_> {
             ema,
             accumulator,
         } = arrays;
+        let param: &mut [f32] = match &params_16 {
+            Some(p) => {
+                p.upcast_into(param_buffer);
+                param_buffer
+            }
+            None => param,
+        };
         grad.with_f32(buffer, |grad| {
             f(ChunkJob {
                 arrays: ChunkArrays {
@@ -73,6 +86,9 @@ impl PendingJob<'_> {
         });
         if let Some(copy) = param_copy {
             copy.round_from(param);
+        }
+        if let Some(stored) = params_16 {
+            stored.round_from(param);
         }
     }
 }

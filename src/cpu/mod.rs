@@ -42,7 +42,10 @@ pub(crate) const CPU_CHUNK_LEN: usize = 1 << 15;
 pub(crate) struct CpuEngine {
     layout: Layout,
     variant: Variant,
+    /// The parameters: f32 (also with remainders: the master is f32), or 16-bit.
     params: Vec<f32>,
+    /// 16-bit parameters (then `params` is empty).
+    params_16: Option<HalfVec>,
     /// Indexed by [`Slot`] (`slot as usize`); a slot the variant does not keep is empty.
     slots: [Vec<f32>; 5],
     counters: StepCounters,
@@ -71,6 +74,12 @@ fn split_chunks<'a>(buf: &'a mut [f32], chunks: &[Chunk]) -> Vec<&'a mut [f32]> 
     out
 }
 
+/// True when the CPU stores the parameters in 16 bits (16-bit parameters without
+/// remainders: with them the master is an exact f32, which takes the 4 bytes either way).
+fn stores_16_bit(variant: &Variant) -> bool {
+    variant.param_rounding() != crate::dtype::Dtype::F32
+}
+
 impl CpuEngine {
     /// Zeroed parameters and slots for `specs`, counters at zero.
     pub(crate) fn new(specs: &[VariableSpec], variant: Variant) -> Result<Self> {
@@ -84,7 +93,16 @@ impl CpuEngine {
             }
         });
         Ok(CpuEngine {
-            params: vec![0.0; n],
+            params: if stores_16_bit(&variant) {
+                Vec::new()
+            } else {
+                vec![0.0; n]
+            },
+            params_16: if stores_16_bit(&variant) {
+                HalfVec::zeros(variant.params, n)
+            } else {
+                None
+            },
             slots,
             layout,
             variant,
@@ -101,6 +119,14 @@ impl CpuEngine {
             Role::Params => Ok(&self.params),
             Role::Slot(s) if self.variant.keeps(s) => Ok(&self.slots[s as usize]),
             Role::Slot(s) => Err(Error::SlotNotKept(s)),
+        }
+    }
+
+    /// Elements `range` of `role`, as f32 (16-bit parameters upcast).
+    fn values(&self, role: Role, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        match (role, &self.params_16) {
+            (Role::Params, Some(p)) => Ok(p.range_to_f32(range)),
+            _ => Ok(self.array(role)?[range].to_vec()),
         }
     }
 
@@ -205,6 +231,10 @@ impl CpuEngine {
         let chunks = self.layout.chunks();
         let [velocity, momentum, average_gradient, ema, accumulator] = &mut self.slots;
         let mut params = split_chunks(&mut self.params, chunks).into_iter();
+        let mut params_16 = self
+            .params_16
+            .as_mut()
+            .map(|p| p.split(chunks.iter().map(|c| c.len)).into_iter());
         let mut vel = split_chunks(velocity, chunks).into_iter();
         let mut mom = split_chunks(momentum, chunks).into_iter();
         let mut avg = split_chunks(average_gradient, chunks).into_iter();
@@ -241,6 +271,7 @@ impl CpuEngine {
                 tensor: c.tensor as u32,
                 first: (c.offset - t.offset) as u32,
                 param_copy: copies.as_mut().and_then(Iterator::next),
+                params_16: params_16.as_mut().and_then(Iterator::next),
                 grad: grad.unwrap_or_default(),
                 arrays: ChunkArrays {
                     param,
@@ -262,9 +293,10 @@ impl CpuEngine {
         let isa = self.isa;
         macro_rules! go {
             ($c:literal, $m:literal, $e:literal, $a:literal) => {
-                jobs.into_par_iter().for_each_init(Vec::new, |buffer, job| {
-                    job.run(buffer, |job| isa::run_chunk::<$c, $m, $e, $a>(isa, job, s))
-                })
+                jobs.into_par_iter()
+                    .for_each_init(Default::default, |buffers, job| {
+                        job.run(buffers, |job| isa::run_chunk::<$c, $m, $e, $a>(isa, job, s))
+                    })
             };
         }
         match (v.centered, v.momentum, v.ema, v.accumulate) {
@@ -329,10 +361,11 @@ impl Engine for CpuEngine {
 
     fn finalize(&mut self) -> Result<()> {
         if self.variant.ema {
-            let storage = self.variant.param_rounding();
             let ema = &self.slots[Slot::Ema as usize];
-            for (p, &e) in self.params.iter_mut().zip(ema) {
-                *p = storage.round(e);
+            match self.params_16.as_mut() {
+                // rounded to nearest as they are stored
+                Some(p) => p.slice_mut(0..ema.len()).round_from(ema),
+                None => self.params.copy_from_slice(ema),
             }
             self.refresh_param_copy(0..self.params.len());
         }
@@ -340,22 +373,24 @@ impl Engine for CpuEngine {
     }
 
     fn read(&self, role: Role) -> Result<Vec<Vec<f32>>> {
-        Ok(self.layout.split(self.array(role)?))
+        Ok(self
+            .layout
+            .split(&self.values(role, 0..self.layout.total())?))
     }
 
     fn read_tensor(&self, role: Role, tensor: usize) -> Result<Vec<f32>> {
         let t = self.layout.tensor(tensor)?;
-        Ok(self.array(role)?[t.range()].to_vec())
+        self.values(role, t.range())
     }
 
     fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()> {
         let t = self.layout.tensor(tensor)?;
-        let storage = self.variant.param_rounding();
-        let target = &mut self.array_mut(role)?[t.range()];
-        target.copy_from_slice(values);
+        match (role, self.params_16.as_mut()) {
+            // an assignment to a variable stored in 16 bits rounds (to nearest)
+            (Role::Params, Some(p)) => p.slice_mut(t.range()).round_from(values),
+            _ => self.array_mut(role)?[t.range()].copy_from_slice(values),
+        }
         if role == Role::Params {
-            // an assignment to a variable stored in 16 bits rounds
-            target.iter_mut().for_each(|x| *x = storage.round(*x));
             self.refresh_param_copy(t.range());
         }
         Ok(())
