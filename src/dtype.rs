@@ -391,14 +391,6 @@ impl HalfVec {
         }
     }
 
-    /// The values, upcast (exactly) to f32.
-    pub(crate) fn to_f32(&self) -> Vec<f32> {
-        match self {
-            HalfVec::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            HalfVec::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-        }
-    }
-
     /// Cuts the copy into consecutive pieces of `lens`.
     pub(crate) fn split<'a>(
         &'a mut self,

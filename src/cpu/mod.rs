@@ -398,7 +398,9 @@ impl Engine for CpuEngine {
 
     fn read_param_copy(&self) -> Result<Vec<Vec<f32>>> {
         let copy = self.param_copy.as_ref().ok_or(Error::NoParamCopy)?;
-        Ok(self.layout.split(&copy.to_f32()))
+        Ok(self
+            .layout
+            .split(&copy.range_to_f32(0..self.layout.total())))
     }
 
     fn raw_iterations(&self) -> u64 {

@@ -494,16 +494,7 @@ impl Engine for GpuEngine {
         let dtype = self.variant.param_copy.ok_or(Error::NoParamCopy)?;
         self.refresh_param_copy()?;
         let bits = self.arena.read_param_copy(&self.ctx)?;
-        let values: Vec<f32> = match dtype {
-            Dtype::Bf16 => bits
-                .iter()
-                .map(|&b| half::bf16::from_bits(b).to_f32())
-                .collect(),
-            _ => bits
-                .iter()
-                .map(|&b| half::f16::from_bits(b).to_f32())
-                .collect(),
-        };
+        let values: Vec<f32> = bits.iter().map(|&b| dtype.upcast_bits(b)).collect();
         Ok(self.arena.layout.split(&values))
     }
 
