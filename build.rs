@@ -27,6 +27,21 @@ const DTYPE_OVERRIDES: [(&str, &[f64]); 4] = [
     ("PARAM_ROUNDING", &[0.0, 1.0]),
 ];
 
+/// Compact-state specializations (`STATE_DTYPE` bf16 or int8, bf16's stochastic
+/// rounding, the smallest and largest int8 blocks), each validated with every boolean
+/// override off and on and every clip kind (with f32 inputs).
+const STATE_RUNS: [&[(&str, f64)]; 5] = [
+    &[("STATE_DTYPE", 1.0)],
+    &[("STATE_DTYPE", 1.0), ("STATE_ROUNDING", 1.0)],
+    &[("STATE_DTYPE", 2.0)],
+    &[("STATE_DTYPE", 2.0), ("BLOCK_SIZE", 32.0)],
+    &[
+        ("STATE_DTYPE", 2.0),
+        ("PARAM_DTYPE", 1.0),
+        ("PARAM_ROUNDING", 1.0),
+    ],
+];
+
 fn fail(msg: String) -> ! {
     eprintln!("{msg}");
     println!("cargo:warning=shader validation failed: see the error above");
@@ -69,9 +84,7 @@ fn validate(path: &Path) {
         .collect();
     let dtype_names: Vec<&str> = dtype_overrides.iter().map(|(n, _)| *n).collect();
     let all = (1u32 << bools.len()) - 1;
-    let mut runs: Vec<(u32, Vec<f64>)> = (0..=all)
-        .map(|m| (m, vec![0.0; dtype_names.len()]))
-        .collect();
+    let mut runs: Vec<(u32, Vec<(&str, f64)>)> = (0..=all).map(|m| (m, Vec::new())).collect();
     let mut codes = vec![vec![]];
     for (_, values) in &dtype_overrides {
         codes = codes
@@ -80,8 +93,15 @@ fn validate(path: &Path) {
             .collect();
     }
     for c in codes.into_iter().filter(|c| c.iter().any(|&d| d != 0.0)) {
-        runs.push((0, c.clone()));
-        runs.push((all, c));
+        let named: Vec<(&str, f64)> = dtype_names.iter().copied().zip(c).collect();
+        runs.push((0, named.clone()));
+        runs.push((all, named));
+    }
+    for state in STATE_RUNS {
+        if state.iter().all(|(o, _)| declared.iter().any(|d| d == o)) {
+            runs.push((0, state.to_vec()));
+            runs.push((all, state.to_vec()));
+        }
     }
     for (mask, dtypes) in runs {
         for &clip in clip_kinds {
@@ -92,7 +112,7 @@ fn validate(path: &Path) {
             if clip_kinds.len() > 1 {
                 constants.insert("CLIP_KIND".into(), clip);
             }
-            for (name, &code) in dtype_names.iter().zip(&dtypes) {
+            for &(name, code) in &dtypes {
                 constants.insert(name.to_string(), code);
             }
             for ep in &entry_points {

@@ -66,6 +66,13 @@ override MOMENTUM_SLOT: u32 = 1u;
 override AVERAGE_GRADIENT_SLOT: u32 = 2u;
 override EMA_SLOT: u32 = 3u;
 override ACCUMULATOR_SLOT: u32 = 4u;
+// Kept slots: each is a run of the `slots` buffer (and of the compact buffers).
+override SLOT_COUNT: u32 = 1u;
+// Compact slots of the chunks whose row says so (`state_format`): 1 bf16, 2 int8
+// block-wise (quant.rs); STATE_ROUNDING 1 rounds bf16 slots stochastically.
+override STATE_DTYPE: u32 = 0u;
+override STATE_ROUNDING: u32 = 0u;
+override BLOCK_SIZE: u32 = 256u;
 
 const WORKGROUP_SIZE: u32 = 256u;
 const PLAN_WINDOW: u32 = 64u;
@@ -98,7 +105,7 @@ struct StepScalars {
     param_storage: u32,
     rounding_seed: u32,
     rounding_step: u32,
-    _pad0: u32,
+    state_seed: u32,
     _pad1: u32,
 }
 
@@ -141,6 +148,8 @@ struct ChunkRow {
     len: u32,
     global_index: u32, // index in the model-wide chunk table (for partials)
     tensor_start: u32, // index of the first element in its tensor
+    state_at: u32,     // first element in the segment's store of its state format
+    state_format: u32, // 0 f32 (`slots`), 1 bf16 or 2 int8 (`state_codes`)
 }
 
 // gpu::shader::TensorRow: one row of the offset table.
@@ -202,11 +211,18 @@ struct ElementState {
 // PARAM_DTYPE 3: the remainders (`master bits = (bf16 << 16) + remainder - 0x7fff`),
 // four per vec2<u32>; a placeholder otherwise.
 @group(0) @binding(12) var<storage, read_write> param_remainders: array<vec2<u32>>;
+// Compact slots: bf16 two per word or int8 four per word, one run per kept slot; int8
+// blocks' scales, one run per kept slot; the code maps (quant::CodeMap::gpu_table).
+@group(0) @binding(13) var<storage, read_write> state_codes: array<u32>;
+@group(0) @binding(14) var<storage, read_write> state_absmax: array<f32>;
+@group(0) @binding(15) var<storage, read> code_maps: array<f32>;
 
 // This invocation's plan, loaded from `step` at the start of each entry point.
 var<private> s: StepScalars;
 
 var<workgroup> scratch: array<f32, WORKGROUP_SIZE>;
+var<workgroup> block_scales: array<vec4<f32>, WORKGROUP_SIZE>;
+var<workgroup> uniform_word: u32;
 // WORKGROUP_SIZE = REDUCE_WIDTH * REDUCE_WIDTH
 const REDUCE_WIDTH: u32 = 16u;
 var<workgroup> scratch_partials: array<f32, REDUCE_WIDTH>;
@@ -543,18 +559,6 @@ fn load_gradient(i: u32) -> Lanes {
     return f16_lanes(halves);
 }
 
-// vec4s in this segment (each slot is a run of them).
-fn segment_vec4s() -> u32 {
-    if PARAM_DTYPE == 0u {
-        return arrayLength(&params);
-    }
-    return arrayLength(&params_16);
-}
-
-fn slot_index(slot: u32, i: u32) -> u32 {
-    return slot * segment_vec4s() + i;
-}
-
 // Parameters of vec4 i, as f32 lanes, and their store (already rounded: store_param).
 fn unpack_halves(pair: vec2<u32>) -> vec4<u32> {
     return vec4(pair.x & 0xffffu, pair.x >> 16u, pair.y & 0xffffu, pair.y >> 16u);
@@ -601,6 +605,143 @@ fn write_param(i: u32, p: Lanes) {
     params_16[i] = pack_halves(halves);
 }
 
+// ---- slots ---------------------------------------------------------------------
+
+// The Slot numbers (Slot::ALL order): the map a slot's int8 codes use, the bits of its
+// stochastic rounding.
+const SLOT_VELOCITY: u32 = 0u;
+const SLOT_MOMENTUM: u32 = 1u;
+const SLOT_AVERAGE_GRADIENT: u32 = 2u;
+const SLOT_EMA: u32 = 3u;
+const SLOT_ACCUMULATOR: u32 = 4u;
+
+const FORMAT_F32: u32 = 0u;
+
+// quant::CodeMap, as code_maps holds it: values at 0 (unsigned) and 256 (signed),
+// thresholds 512 further; the unsigned map has 254 finite values then +inf and NaN,
+// the signed one 255 then NaN, its bytes flipped by 127 (0 is byte 0 in both).
+const MAP_SIGNED: u32 = 256u;
+const MAP_THRESHOLDS: u32 = 512u;
+const NAN_INDEX: u32 = 255u;
+
+fn map_base(id: u32) -> u32 {
+    return select(MAP_SIGNED, 0u, id == SLOT_VELOCITY);
+}
+
+fn map_flip(id: u32) -> u32 {
+    return select(127u, 0u, id == SLOT_VELOCITY);
+}
+
+fn map_max_finite(id: u32) -> u32 {
+    return select(254u, 253u, id == SLOT_VELOCITY);
+}
+
+fn map_inf_index(id: u32) -> u32 {
+    return select(NAN_INDEX, 254u, id == SLOT_VELOCITY);
+}
+
+fn map_lanes(at: vec4<u32>) -> Lanes {
+    return Lanes(code_maps[at.x], code_maps[at.y], code_maps[at.z], code_maps[at.w]);
+}
+
+// quant::block_absmax of four lanes.
+fn block_absmax(x: Lanes) -> f32 {
+    let a = select(abs(x), Lanes(0.0), lanes_non_finite(x));
+    return max(max(a.x, a.y), max(a.z, a.w));
+}
+
+// quant::encode_int8, four lanes of slot `id` in a block scaled by `absmax`.
+fn encode_int8(x: Lanes, absmax: f32, id: u32) -> vec4<u32> {
+    let base = map_base(id);
+    let max_finite = vec4(map_max_finite(id));
+    var index = vec4(0u);
+    for (var bit = 128u; bit > 0u; bit >>= 1u) {
+        let candidate = index | vec4(bit);
+        let at = max(min(candidate, max_finite), vec4(1u)) - vec4(1u);
+        let threshold = map_lanes(vec4(MAP_THRESHOLDS + base) + at);
+        index = select(index, candidate, (candidate <= max_finite) & (x >= absmax * threshold));
+    }
+    let nan = lanes_nan(x);
+    let infinite = lanes_non_finite(x) & !nan;
+    let special = select(vec4(NAN_INDEX), vec4(map_inf_index(id)), infinite & (x > Lanes(0.0)));
+    index = select(index, special, nan | infinite);
+    let zero = !(nan | infinite) & vec4(absmax == 0.0);
+    return select(index ^ vec4(map_flip(id)), vec4(0u), zero);
+}
+
+// quant::decode_int8
+fn decode_int8(codes: vec4<u32>, absmax: f32, id: u32) -> Lanes {
+    let v = map_lanes(vec4(map_base(id)) + (codes ^ vec4(map_flip(id))));
+    return select(v * absmax, v, lanes_non_finite(v));
+}
+
+fn unpack_bytes(word: u32) -> vec4<u32> {
+    return (vec4(word) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xffu);
+}
+
+fn pack_bytes(b: vec4<u32>) -> u32 {
+    return b.x | (b.y << 8u) | (b.z << 16u) | (b.w << 24u);
+}
+
+// quant::state_key of four consecutive elements of `tensor` from `element`.
+fn state_key(tensor: u32, element: u32) -> vec4<u32> {
+    let elements = vec4(element) + vec4(0u, 1u, 2u, 3u);
+    return hash32(vec4(s.state_seed) ^ hash32(vec4(s.rounding_step) ^ hash32(vec4(tensor) ^ hash32(elements))));
+}
+
+// Runs (vec4s of `slots`, words of `state_codes`) per kept slot.
+fn f32_run() -> u32 {
+    return arrayLength(&slots) / SLOT_COUNT;
+}
+
+fn code_run() -> u32 {
+    return arrayLength(&state_codes) / SLOT_COUNT;
+}
+
+// The scale of the int8 block holding the chunk's vec4 k, in slot run `run`.
+fn scale_index(run: u32, row: ChunkRow, k: u32) -> u32 {
+    return run * (arrayLength(&state_absmax) / SLOT_COUNT) + (row.state_at + 4u * k) / BLOCK_SIZE;
+}
+
+// Slot `id` (kept as run `run`) of the chunk's vec4 k, as f32 lanes.
+fn load_slot(run: u32, id: u32, row: ChunkRow, k: u32) -> Lanes {
+    if STATE_DTYPE == 0u || row.state_format == FORMAT_F32 {
+        return slots[run * f32_run() + row.state_at / 4u + k];
+    }
+    if STATE_DTYPE == 1u {
+        let w = run * code_run() + row.state_at / 2u + 2u * k;
+        return bf16_lanes(unpack_halves(vec2(state_codes[w], state_codes[w + 1u])));
+    }
+    let w = run * code_run() + row.state_at / 4u + k;
+    return decode_int8(unpack_bytes(state_codes[w]), state_absmax[scale_index(run, row, k)], id);
+}
+
+// Stores slot `id` of the chunk's vec4 k as f32 or bf16 (rounded to nearest, or
+// stochastically from the state key `key`); int8 goes through store_slot_int8.
+fn store_slot(run: u32, id: u32, row: ChunkRow, k: u32, x: Lanes, key: vec4<u32>) {
+    if STATE_DTYPE == 0u || row.state_format == FORMAT_F32 {
+        slots[run * f32_run() + row.state_at / 4u + k] = x;
+        return;
+    }
+    var bits = bf16_from_lanes(x);
+    if STATE_ROUNDING == 1u {
+        bits = bitcast<vec4<u32>>(stochastic_bf16(x, assignment_bits(key, 8u + id))) >> vec4(16u);
+    }
+    let w = run * code_run() + row.state_at / 2u + 2u * k;
+    let pair = pack_halves(bits);
+    state_codes[w] = pair.x;
+    state_codes[w + 1u] = pair.y;
+}
+
+// Stores slot `id` of the chunk's vec4 k as int8 codes of its block's new `absmax`;
+// the block's first invocation stores the scale.
+fn store_slot_int8(run: u32, id: u32, row: ChunkRow, k: u32, x: Lanes, absmax: f32) {
+    state_codes[run * code_run() + row.state_at / 4u + k] = pack_bytes(encode_int8(x, absmax, id));
+    if ((row.state_at + 4u * k) % BLOCK_SIZE) == 0u {
+        state_absmax[scale_index(run, row, k)] = absmax;
+    }
+}
+
 // Which lanes of the chunk's vec4 `k` hold elements of its tensor (the rest is padding).
 fn lanes_in_chunk(k: u32, len: u32) -> vec4<bool> {
     return vec4(4u * k) + vec4(0u, 1u, 2u, 3u) < vec4(len);
@@ -617,24 +758,24 @@ fn tensor_step(tensor: u32) -> TensorStep {
     return TensorStep(phase_of((flags & FLAG_HAS_GRADIENT) != 0u), decay, clip);
 }
 
-// vec4 i as `phase` reads it (what it does not read stays 0).
-fn load_element(i: u32, phase: u32) -> ElementState {
+// vec4 i (the chunk's vec4 k) as `phase` reads it (what it does not read stays 0).
+fn load_element(i: u32, phase: u32, row: ChunkRow, k: u32) -> ElementState {
     let zero = Lanes(0.0);
     var e = ElementState(load_param(i), zero, zero, zero, zero, zero);
     if phase == PHASE_UPDATE {
-        e.velocity = slots[slot_index(0u, i)];
+        e.velocity = load_slot(0u, SLOT_VELOCITY, row, k);
         if USE_MOMENTUM {
-            e.momentum = slots[slot_index(MOMENTUM_SLOT, i)];
+            e.momentum = load_slot(MOMENTUM_SLOT, SLOT_MOMENTUM, row, k);
         }
         if CENTERED {
-            e.average_gradient = slots[slot_index(AVERAGE_GRADIENT_SLOT, i)];
+            e.average_gradient = load_slot(AVERAGE_GRADIENT_SLOT, SLOT_AVERAGE_GRADIENT, row, k);
         }
     }
     if ACCUMULATE && phase != PHASE_NO_GRADIENT {
-        e.accumulator = slots[slot_index(ACCUMULATOR_SLOT, i)];
+        e.accumulator = load_slot(ACCUMULATOR_SLOT, SLOT_ACCUMULATOR, row, k);
     }
     if USE_EMA {
-        e.ema = slots[slot_index(EMA_SLOT, i)];
+        e.ema = load_slot(EMA_SLOT, SLOT_EMA, row, k);
     }
     return e;
 }
@@ -651,36 +792,96 @@ fn keep_lanes(before: ElementState, after: ElementState, keep: vec4<bool>) -> El
     );
 }
 
-// Stores what `phase` wrote (exactly the fields load_element read).
-fn store_element(i: u32, phase: u32, e: ElementState) {
-    if phase == PHASE_UPDATE {
-        slots[slot_index(0u, i)] = e.velocity;
-        if USE_MOMENTUM {
-            slots[slot_index(MOMENTUM_SLOT, i)] = e.momentum;
-        }
-        if CENTERED {
-            slots[slot_index(AVERAGE_GRADIENT_SLOT, i)] = e.average_gradient;
-        }
-    }
-    if ACCUMULATE && phase != PHASE_NO_GRADIENT {
-        slots[slot_index(ACCUMULATOR_SLOT, i)] = e.accumulator;
-    }
-    if USE_EMA {
-        slots[slot_index(EMA_SLOT, i)] = e.ema;
-    }
+// The parameters of vec4 i, and the copy, after `phase` (when it assigns them).
+fn store_params(i: u32, phase: u32, param: Lanes) {
     if phase == PHASE_UPDATE || USE_EMA {
-        write_param(i, e.param);
+        write_param(i, param);
         if PARAM_COPY != 0u {
-            store_param_copy(i, e.param);
+            store_param_copy(i, param);
         }
     }
 }
 
-// The gradient the norm passes square: math::effective_gradient of vec4 i.
-fn effective_gradient_at(i: u32) -> Lanes {
+// Stores what `phase` wrote (exactly the fields load_element read), slots in f32 or
+// bf16 (`key`: the state key of stochastic rounding).
+fn store_element(i: u32, phase: u32, e: ElementState, row: ChunkRow, k: u32, key: vec4<u32>) {
+    if phase == PHASE_UPDATE {
+        store_slot(0u, SLOT_VELOCITY, row, k, e.velocity, key);
+        if USE_MOMENTUM {
+            store_slot(MOMENTUM_SLOT, SLOT_MOMENTUM, row, k, e.momentum, key);
+        }
+        if CENTERED {
+            store_slot(AVERAGE_GRADIENT_SLOT, SLOT_AVERAGE_GRADIENT, row, k, e.average_gradient, key);
+        }
+    }
+    if ACCUMULATE && phase != PHASE_NO_GRADIENT {
+        store_slot(ACCUMULATOR_SLOT, SLOT_ACCUMULATOR, row, k, e.accumulator, key);
+    }
+    if USE_EMA {
+        store_slot(EMA_SLOT, SLOT_EMA, row, k, e.ema, key);
+    }
+    store_params(i, phase, e.param);
+}
+
+// The new scales of the int8 blocks of one pass over 4 * WORKGROUP_SIZE elements:
+// velocity, momentum, average gradient, EMA; and the accumulator.
+struct BlockScales {
+    slots: vec4<f32>,
+    accumulator: f32,
+}
+
+// Each invocation's largest finite magnitudes (none when `live` is false), maxed over
+// its block's BLOCK_SIZE / 4 invocations by a tree in workgroup memory. Call from
+// uniform control flow only.
+fn block_scales_of(lid: u32, e: ElementState, live: bool) -> BlockScales {
+    var m = vec4(0.0);
+    var a = 0.0;
+    if live {
+        m = vec4(block_absmax(e.velocity), block_absmax(e.momentum), block_absmax(e.average_gradient), block_absmax(e.ema));
+        a = block_absmax(e.accumulator);
+    }
+    workgroupBarrier();
+    block_scales[lid] = m;
+    scratch[lid] = a;
+    workgroupBarrier();
+    let width = BLOCK_SIZE / 4u;
+    for (var stride = 1u; stride < width; stride *= 2u) {
+        if lid % (2u * stride) == 0u {
+            block_scales[lid] = max(block_scales[lid], block_scales[lid + stride]);
+            scratch[lid] = max(scratch[lid], scratch[lid + stride]);
+        }
+        workgroupBarrier();
+    }
+    let leader = lid - lid % width;
+    return BlockScales(block_scales[leader], scratch[leader]);
+}
+
+// store_element for int8 slots, with their blocks' new scales.
+fn store_element_int8(i: u32, phase: u32, e: ElementState, row: ChunkRow, k: u32, scales: BlockScales) {
+    if phase == PHASE_UPDATE {
+        store_slot_int8(0u, SLOT_VELOCITY, row, k, e.velocity, scales.slots.x);
+        if USE_MOMENTUM {
+            store_slot_int8(MOMENTUM_SLOT, SLOT_MOMENTUM, row, k, e.momentum, scales.slots.y);
+        }
+        if CENTERED {
+            store_slot_int8(AVERAGE_GRADIENT_SLOT, SLOT_AVERAGE_GRADIENT, row, k, e.average_gradient, scales.slots.z);
+        }
+    }
+    if ACCUMULATE && phase != PHASE_NO_GRADIENT {
+        store_slot_int8(ACCUMULATOR_SLOT, SLOT_ACCUMULATOR, row, k, e.accumulator, scales.accumulator);
+    }
+    if USE_EMA {
+        store_slot_int8(EMA_SLOT, SLOT_EMA, row, k, e.ema, scales.slots.w);
+    }
+    store_params(i, phase, e.param);
+}
+
+// The gradient the norm passes square: math::effective_gradient of vec4 i (the
+// chunk's vec4 k).
+fn effective_gradient_at(i: u32, row: ChunkRow, k: u32) -> Lanes {
     var accumulator = Lanes(0.0);
     if ACCUMULATE {
-        accumulator = slots[slot_index(ACCUMULATOR_SLOT, i)];
+        accumulator = load_slot(ACCUMULATOR_SLOT, SLOT_ACCUMULATOR, row, k);
     }
     return effective_gradient(load_gradient(i), accumulator);
 }
@@ -779,7 +980,7 @@ fn norm_partials(
                 non_finite = non_finite || any(lanes_non_finite(load_gradient(i) / check_scale) & lanes);
             }
             if CLIP_KIND == 1u || CLIP_KIND == 2u {
-                let g = select(Lanes(0.0), effective_gradient_at(i), lanes);
+                let g = select(Lanes(0.0), effective_gradient_at(i, chunk, k), lanes);
                 let sq = g * g;
                 sum += (sq.x + sq.y) + (sq.z + sq.w);
             }
@@ -841,7 +1042,11 @@ fn update(
         return;
     }
     if GUARD || LOSS_SCALING {
-        if step_state.skip != 0u {
+        // the device's decision, read as uniform (int8 blocks reduce with barriers)
+        if lid == 0u {
+            uniform_word = step_state.skip;
+        }
+        if workgroupUniformLoad(&uniform_word) != 0u {
             return;
         }
         s = step.plans[step_state.active_plan];
@@ -853,23 +1058,58 @@ fn update(
     }
     let chunk = chunks[c];
     let t = tensor_step(chunk.tensor);
-    if t.phase == PHASE_NO_GRADIENT && !USE_EMA {
+    if lid == 0u {
+        uniform_word = t.phase;
+    }
+    let phase = workgroupUniformLoad(&uniform_word);
+    if phase == PHASE_NO_GRADIENT && !USE_EMA {
         return;
     }
     let first = chunk.start / 4u;
+    if STATE_DTYPE == 2u && chunk.state_format == 2u {
+        // int8 slots: every invocation runs every pass (the blocks' scales reduce
+        // across invocations), those past the chunk's end with nothing to store
+        for (var base = 0u; base < chunk.len; base += 4u * WORKGROUP_SIZE) {
+            let k = base / 4u + lid;
+            let live = 4u * k < chunk.len;
+            var after = ElementState(Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0));
+            if live {
+                let i = first + k;
+                var raw = Lanes(0.0);
+                if phase != PHASE_NO_GRADIENT {
+                    raw = load_gradient(i);
+                }
+                let before = load_element(i, phase, chunk, k);
+                var key = vec4(0u);
+                if PARAM_ROUNDING == 1u {
+                    key = element_key(chunk.tensor, chunk.tensor_start + 4u * k);
+                }
+                after = keep_lanes(before, update_element(raw, before, t, key), lanes_in_chunk(k, chunk.len));
+            }
+            let scales = block_scales_of(lid, after, live);
+            if live {
+                store_element_int8(first + k, phase, after, chunk, k, scales);
+            }
+        }
+        return;
+    }
     for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
         let i = first + k;
         var raw = Lanes(0.0);
-        if t.phase != PHASE_NO_GRADIENT {
+        if phase != PHASE_NO_GRADIENT {
             raw = load_gradient(i);
         }
-        let before = load_element(i, t.phase);
+        let before = load_element(i, phase, chunk, k);
         var key = vec4(0u);
         if PARAM_ROUNDING == 1u {
             key = element_key(chunk.tensor, chunk.tensor_start + 4u * k);
         }
+        var slot_key = vec4(0u);
+        if STATE_ROUNDING == 1u {
+            slot_key = state_key(chunk.tensor, chunk.tensor_start + 4u * k);
+        }
         let after = update_element(raw, before, t, key);
-        store_element(i, t.phase, keep_lanes(before, after, lanes_in_chunk(k, chunk.len)));
+        store_element(i, phase, keep_lanes(before, after, lanes_in_chunk(k, chunk.len)), chunk, k, slot_key);
     }
 }
 
@@ -910,7 +1150,7 @@ fn finalize_params(
     let first = chunk.start / 4u;
     for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
         let i = first + k;
-        let ema = slots[slot_index(EMA_SLOT, i)];
+        let ema = load_slot(EMA_SLOT, SLOT_EMA, chunk, k);
         // padding lanes: the EMA's padding is zero, as the parameters' is
         write_param(i, nearest_param(ema));
     }

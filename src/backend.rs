@@ -10,6 +10,7 @@ use crate::cpu_level::CpuLevel;
 use crate::dtype::GradSlice;
 use crate::error::{Error, Result};
 use crate::math::LossScaleState;
+use crate::state_layout::RawSlot;
 use crate::variant::{Slot, Variant};
 
 /// Which backend to run on.
@@ -132,6 +133,15 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
     /// The 16-bit parameter copy of every variable, upcast to f32 (exact), in variable
     /// order; [`Error::NoParamCopy`] without one.
     fn read_param_copy(&self) -> Result<Vec<Vec<f32>>>;
+
+    /// One variable's `slot` as it is stored.
+    fn read_slot_raw(&self, slot: Slot, tensor: usize) -> Result<RawSlot>;
+
+    /// Replaces one variable's `slot` with `raw` (its format and length checked).
+    fn write_slot_raw(&mut self, slot: Slot, tensor: usize, raw: &RawSlot) -> Result<()>;
+
+    /// Bytes of memory the slots take (their buffers or arrays, padding included).
+    fn state_bytes(&self) -> u64;
 
     /// Replaces one variable's part of `role` (length checked by the caller).
     fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()>;

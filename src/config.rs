@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 use crate::json::{float, opt_float, parse, Fields};
 use crate::schedule::{KerasSchedule, LearningRate};
+use crate::state::StateStorage;
 
 /// Every argument of `keras.optimizers.RMSprop`, with Keras 3's defaults.
 ///
@@ -60,6 +61,9 @@ pub struct RmsPropConfig {
     pub name: String,
     /// `jit_compile`: use the GPU path when an adapter exists. Default true.
     pub jit_compile: bool,
+    /// How the slots are stored (not a Keras option; see [`StateStorage`]). Default
+    /// f32.
+    pub state: StateStorage,
 }
 
 impl Default for RmsPropConfig {
@@ -80,13 +84,14 @@ impl Default for RmsPropConfig {
             loss_scale_factor: None,
             gradient_accumulation_steps: None,
             name: "rmsprop".to_string(),
+            state: StateStorage::default(),
             jit_compile: true,
         }
     }
 }
 
 /// Keys of Keras 3's `RMSprop.get_config()`, in its order (plus `jit_compile`).
-const KEYS: [&str; 16] = [
+const KEYS: [&str; 17] = [
     "name",
     "learning_rate",
     "weight_decay",
@@ -103,6 +108,7 @@ const KEYS: [&str; 16] = [
     "epsilon",
     "centered",
     "jit_compile",
+    StateStorage::JSON_KEY,
 ];
 
 /// Which gradient clipping a config asks for (Keras applies the first set one).
@@ -159,6 +165,8 @@ builder! {
     with_name(name: impl Into<String>) => name.into();
     /// Sets `jit_compile` (`false` selects the CPU path).
     with_jit_compile(jit_compile: bool) => jit_compile;
+    /// Sets how the slots are stored ([`StateStorage`]).
+    with_state(state: StateStorage) => state;
 }
 
 fn finite(field: &str, v: f64) -> Result<()> {
@@ -228,7 +236,7 @@ impl RmsPropConfig {
         if self.loss_scale_factor == Some(0.0) {
             return Err(Error::invalid("loss_scale_factor", "must not be 0"));
         }
-        Ok(())
+        self.state.validate()
     }
 
     /// The clipping Keras applies: `clipnorm` if > 0, else `global_clipnorm` if > 0,
@@ -288,6 +296,10 @@ impl RmsPropConfig {
             gradient_accumulation_steps: count("gradient_accumulation_steps")?,
             name: f.string_or("name", &d.name)?,
             jit_compile: f.bool_or("jit_compile", d.jit_compile)?,
+            state: match f.value(StateStorage::JSON_KEY) {
+                None => d.state,
+                Some(v) => StateStorage::from_json(v)?,
+            },
         };
         config.validate()?;
         Ok(config)
@@ -341,6 +353,9 @@ impl RmsPropConfig {
         m.insert("centered".into(), Value::from(self.centered));
         if !self.jit_compile {
             m.insert("jit_compile".into(), Value::from(false));
+        }
+        if self.state != StateStorage::default() {
+            m.insert(StateStorage::JSON_KEY.into(), self.state.to_json());
         }
         Ok(Value::Object(m))
     }

@@ -154,6 +154,20 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// Slots stored in another format than this optimizer's (`StateStorage`): a
+    /// checkpoint of other slot dtypes, or raw state of the wrong shape.
+    #[error("slot storage differs: {0}")]
+    StateMismatch(String),
+    /// A slot stored compact (bf16 or int8) has no f32 view.
+    #[error("slot `{slot}` of variable {index} is stored as {dtype}: it has no f32 binding view")]
+    CompactSlot {
+        /// The slot.
+        slot: Slot,
+        /// The variable.
+        index: usize,
+        /// How it is stored.
+        dtype: crate::state::StateDtype,
+    },
     /// A variable is longer than one storage binding on this device, so the arena splits
     /// it across segments and no single binding views it.
     #[error("variable {index} ({len} elements) spans {segments} arena segments: it is larger than one storage binding on this device")]

@@ -50,8 +50,11 @@ mod loss_scale;
 pub mod math;
 mod optimizer;
 mod plan;
+pub mod quant;
 mod schedule;
 mod slot;
+mod state;
+mod state_layout;
 mod variable;
 mod variant;
 
@@ -71,6 +74,7 @@ pub use schedule::{
     LearningRate, LearningRateSchedule, PiecewiseConstantDecay, PolynomialDecay,
 };
 pub use slot::Slot;
+pub use state::{StateDtype, StateStorage};
 pub use variable::{Variable, VariableSpec};
 
 /// The README's Rust examples, compiled as doc tests.

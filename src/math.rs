@@ -77,9 +77,8 @@ pub struct StepScalars {
     pub rounding_seed: u32,
     /// Stochastic rounding: the raw step counter's low 32 bits.
     pub rounding_step: u32,
-    /// Zero: pad the struct to 80 bytes, a multiple of 16 as arrays in a WGSL uniform
-    /// need.
-    pub _pad0: u32,
+    /// Stochastic rounding of bf16 slots: the seed, mixed to 32 bits (0 otherwise).
+    pub state_seed: u32,
     /// Zero.
     pub _pad1: u32,
 }

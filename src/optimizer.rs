@@ -13,6 +13,7 @@ use crate::dtype::{GradSlice, GradientElement, Precision};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuEngine, GpuOptions};
 use crate::plan::{iterations, takes_weight_decay};
+use crate::state::StateStorage;
 use crate::variable::{check_len, Variable, VariableSpec};
 use crate::variant::{Slot, Variant};
 
@@ -22,18 +23,19 @@ fn open_engine(
     specs: &[VariableSpec],
     variant: Variant,
     gpu: &GpuOptions,
+    state: &StateStorage,
 ) -> Result<Box<dyn Engine>> {
     Ok(match backend {
-        Backend::Cpu => Box::new(CpuEngine::new(specs, variant)?),
-        Backend::Gpu => Box::new(GpuEngine::new(gpu, specs, variant, true)?),
-        Backend::Auto => match GpuEngine::new(gpu, specs, variant, false) {
+        Backend::Cpu => Box::new(CpuEngine::new(specs, variant, state)?),
+        Backend::Gpu => Box::new(GpuEngine::new(gpu, specs, variant, state, true)?),
+        Backend::Auto => match GpuEngine::new(gpu, specs, variant, state, false) {
             Ok(e) => {
                 log::info!("fused-rmsprop: backend auto -> gpu ({})", e.adapter_name());
                 Box::new(e)
             }
             Err(err) => {
                 log::info!("fused-rmsprop: backend auto -> cpu ({err})");
-                Box::new(CpuEngine::new(specs, variant)?)
+                Box::new(CpuEngine::new(specs, variant, state)?)
             }
         },
     })
@@ -154,7 +156,7 @@ impl RmsProp {
         } else {
             backend
         };
-        let mut engine = open_engine(backend, &specs, variant, gpu)?;
+        let mut engine = open_engine(backend, &specs, variant, gpu, &config.state)?;
         engine.set_rounding_seed(precision.rounding_seed());
         let decay = vec![true; specs.len()];
         Ok(RmsProp {
@@ -474,6 +476,13 @@ impl RmsProp {
             return Err(Error::SlotNotKept(slot));
         }
         self.engine.write_tensor(Role::Slot(slot), i, values)
+    }
+
+    /// Bytes of memory the slots take on this backend (padding, and int8 blocks'
+    /// scales, included): 12 per parameter for centered RMSprop with momentum in f32
+    /// state, about 3.05 in int8 ([`crate::StateStorage`]).
+    pub fn state_bytes(&self) -> u64 {
+        self.engine.state_bytes()
     }
 
     /// The 16-bit parameter copy of every variable (see [`Precision::param_copy`]), its

@@ -5,6 +5,7 @@
 use crate::config::{Clipping, RmsPropConfig};
 use crate::dtype::Dtype;
 pub(crate) use crate::slot::Slot;
+use crate::state::StateDtype;
 
 /// How gradients are clipped, without the numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -68,6 +69,12 @@ pub(crate) struct Variant {
     /// Keras' dynamic loss scaling (`LossScaleOptimizer`): set by
     /// [`crate::LossScaleOptimizer`], never by a config.
     pub loss_scaling: bool,
+    /// The compact slot dtype of tensors over the size threshold (`config.state`).
+    pub state: StateDtype,
+    /// bf16 slots rounded stochastically.
+    pub state_stochastic: bool,
+    /// Elements per int8 block.
+    pub block_size: u32,
 }
 
 impl Variant {
@@ -92,6 +99,9 @@ impl Variant {
             params: Dtype::F32,
             stochastic_rounding: false,
             param_remainders: false,
+            state: config.state.dtype,
+            state_stochastic: config.state.stochastic_rounding.is_some(),
+            block_size: config.state.block_size as u32,
         }
     }
 

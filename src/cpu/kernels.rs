@@ -2,12 +2,14 @@
 //! non-finite scan. All are `#[inline(always)]`, so that `isa` compiles each into one
 //! clone per instruction-set level; none of them branches on an option per element.
 
+use crate::cpu::slots::{SlotKeys, SlotPiece};
 use crate::dtype::{GradSlice, HalfSliceMut};
 use crate::math::{
     effective_gradient, element_key, unscale_gradient, update_element, ElementState, Phase,
     StepScalars, TensorStep, STORE_BF16, STORE_BF16_STOCHASTIC, STORE_F16, STORE_F16_STOCHASTIC,
     STORE_F32,
 };
+use crate::slot::Slot;
 
 /// One chunk's work: its arrays and what the step does to its tensor.
 pub(crate) struct ChunkJob<'a> {
@@ -19,12 +21,14 @@ pub(crate) struct ChunkJob<'a> {
     pub first: u32,
 }
 
-/// A chunk's work before its gradient is f32: the gradient in its own dtype (empty when
-/// the tensor has none this step).
+/// A chunk's work before its gradient and state are f32: the gradient in its own dtype
+/// (empty when the tensor has none this step), the slots in their storage.
 pub(crate) struct PendingJob<'a> {
-    /// The arrays, with an empty `grad`.
+    /// The arrays, with an empty `grad` and empty slots (`slots` holds them).
     pub arrays: ChunkArrays<'a>,
     pub grad: GradSlice<'a>,
+    /// The chunk's piece of each slot, in [`Slot::ALL`] order.
+    pub slots: [SlotPiece<'a>; 5],
     pub step: TensorStep,
     /// The chunk's piece of the 16-bit parameter copy, rewritten after the update.
     pub param_copy: Option<HalfSliceMut<'a>>,
@@ -36,54 +40,110 @@ pub(crate) struct PendingJob<'a> {
     pub first: u32,
 }
 
+/// A task's f32 buffers for the chunks it runs: the gradient, the parameters and each
+/// slot, when they are stored in another type.
+#[derive(Default)]
+pub(crate) struct TaskBuffers {
+    grad: Vec<f32>,
+    param: Vec<f32>,
+    slots: [Vec<f32>; 5],
+}
+
+/// What compact slots need besides the step: int8 block size, and whether bf16 slots
+/// round stochastically.
+#[derive(Clone, Copy)]
+pub(crate) struct SlotCoding {
+    pub block: usize,
+    pub stochastic: bool,
+}
+
+/// True when a chunk in `phase` reads and writes `slot` (as [`sweep`] cuts them).
+fn touches(slot: Slot, phase: Phase) -> bool {
+    match slot {
+        Slot::Velocity | Slot::Momentum | Slot::AverageGradient => phase == Phase::Update,
+        Slot::Ema => true,
+        Slot::Accumulator => phase != Phase::NoGradient,
+    }
+}
+
 impl PendingJob<'_> {
-    /// Runs `f` on the job with its gradient and parameters as f32 (upcast into the
-    /// task's `buffers` when 16-bit), then stores 16-bit parameters back and rounds the
-    /// chunk's parameters into its piece of the copy, while they are in cache.
+    /// Runs `f` on the job with its gradient, parameters and slots as f32 (upcast or
+    /// decoded into the task's `buffers` when stored otherwise), then stores 16-bit
+    /// parameters and compact slots back and rounds the chunk's parameters into its
+    /// piece of the copy, while they are in cache.
     #[inline]
-    pub(crate) fn run(self, buffers: &mut (Vec<f32>, Vec<f32>), f: impl FnOnce(ChunkJob<'_>)) {
+    pub(crate) fn run(
+        self,
+        buffers: &mut TaskBuffers,
+        s: &StepScalars,
+        coding: SlotCoding,
+        f: impl FnOnce(ChunkJob<'_>),
+    ) {
         let PendingJob {
             arrays,
             grad,
+            mut slots,
             step,
             param_copy,
             params_16,
             tensor,
             first,
         } = self;
-        let (buffer, param_buffer) = buffers;
-        let ChunkArrays {
-            param,
-            grad: _,
-            velocity,
-            momentum,
-            average_gradient,
-            ema,
-            accumulator,
-        } = arrays;
+        let TaskBuffers {
+            grad: buffer,
+            param: param_buffer,
+            slots: slot_buffers,
+        } = buffers;
         let param: &mut [f32] = match &params_16 {
             Some(p) => {
                 p.upcast_into(param_buffer);
                 param_buffer
             }
-            None => param,
+            None => arrays.param,
         };
-        grad.with_f32(buffer, |grad| {
-            f(ChunkJob {
-                arrays: ChunkArrays {
-                    param: &mut *param,
-                    grad,
-                    velocity,
-                    momentum,
-                    average_gradient,
-                    ema,
-                    accumulator,
-                },
-                step,
-                tensor,
-                first,
-            })
-        });
+        let n = param.len();
+        {
+            let views: Vec<&mut [f32]> = slots
+                .iter_mut()
+                .zip(slot_buffers.iter_mut())
+                .zip(Slot::ALL)
+                .map(|((piece, buf), slot)| match piece {
+                    SlotPiece::F32(values) => &mut **values,
+                    compact if compact.is_compact() && touches(slot, step.phase) => {
+                        compact.decode(slot, n, coding.block, buf);
+                        &mut buf[..n]
+                    }
+                    _ => &mut [],
+                })
+                .collect();
+            let Ok([velocity, momentum, average_gradient, ema, accumulator]) =
+                <[&mut [f32]; 5]>::try_from(views)
+            else {
+                return;
+            };
+            grad.with_f32(buffer, |grad| {
+                f(ChunkJob {
+                    arrays: ChunkArrays {
+                        param: &mut *param,
+                        grad,
+                        velocity,
+                        momentum,
+                        average_gradient,
+                        ema,
+                        accumulator,
+                    },
+                    step,
+                    tensor,
+                    first,
+                })
+            });
+        }
+        let keys = coding.stochastic.then_some(SlotKeys { s, tensor, first });
+        for ((piece, buf), slot) in slots.into_iter().zip(slot_buffers.iter()).zip(Slot::ALL) {
+            if piece.is_compact() && touches(slot, step.phase) {
+                piece.store(slot, &buf[..n], coding.block, keys);
+            }
+        }
         if let Some(copy) = param_copy {
             copy.round_from(param);
         }

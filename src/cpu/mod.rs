@@ -13,6 +13,7 @@
 #[allow(unsafe_code)] // the target-feature dispatch; see the module's safety note
 mod isa;
 mod kernels;
+mod slots;
 
 use rayon::prelude::*;
 
@@ -28,10 +29,14 @@ use crate::math::{
     TensorStep,
 };
 use crate::plan::plan_step;
+use crate::state::StateDtype;
+use crate::state::StateStorage;
+use crate::state_layout::{check_raw, RawSlot, StateLayout, StatePlace};
 use crate::variable::VariableSpec;
 use crate::variant::{ClipKind, Slot, Variant};
 use isa::Isa;
-use kernels::{ChunkArrays, PendingJob};
+use kernels::{ChunkArrays, PendingJob, SlotCoding};
+use slots::{SlotPiece, SlotStore};
 
 /// Elements per chunk on the CPU: 128 KiB of each array, large enough to amortize
 /// scheduling, small enough to balance across threads.
@@ -47,7 +52,9 @@ pub(crate) struct CpuEngine {
     /// 16-bit parameters (then `params` is empty).
     params_16: Option<HalfVec>,
     /// Indexed by [`Slot`] (`slot as usize`); a slot the variant does not keep is empty.
-    slots: [Vec<f32>; 5],
+    slots: [SlotStore; 5],
+    /// Where each chunk's slot elements live (f32 or compact).
+    state: StateLayout,
     counters: StepCounters,
     /// Keras' dynamic loss scaling, when on.
     loss_scaling: Option<LossScaling>,
@@ -81,15 +88,21 @@ fn stores_16_bit(variant: &Variant) -> bool {
 }
 
 impl CpuEngine {
-    /// Zeroed parameters and slots for `specs`, counters at zero.
-    pub(crate) fn new(specs: &[VariableSpec], variant: Variant) -> Result<Self> {
+    /// Zeroed parameters and slots for `specs` (slots stored as `storage` says),
+    /// counters at zero.
+    pub(crate) fn new(
+        specs: &[VariableSpec],
+        variant: Variant,
+        storage: &StateStorage,
+    ) -> Result<Self> {
         let layout = Layout::new(specs, CPU_CHUNK_LEN, usize::MAX, 1)?;
         let n = layout.total();
+        let state = StateLayout::new(&layout, storage, 1);
         let slots = Slot::ALL.map(|s| {
             if variant.keeps(s) {
-                vec![0.0; n]
+                SlotStore::zeroed(state.sizes(0), storage.dtype, storage.block_size)
             } else {
-                Vec::new()
+                SlotStore::default()
             }
         });
         Ok(CpuEngine {
@@ -104,6 +117,7 @@ impl CpuEngine {
                 None
             },
             slots,
+            state,
             layout,
             variant,
             counters: StepCounters::default(),
@@ -114,28 +128,30 @@ impl CpuEngine {
         })
     }
 
-    fn array(&self, role: Role) -> Result<&[f32]> {
-        match role {
-            Role::Params => Ok(&self.params),
-            Role::Slot(s) if self.variant.keeps(s) => Ok(&self.slots[s as usize]),
-            Role::Slot(s) => Err(Error::SlotNotKept(s)),
-        }
-    }
-
-    /// Elements `range` of `role`, as f32 (16-bit parameters upcast).
-    fn values(&self, role: Role, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+    /// Tensor `t` of `role`, as f32 (16-bit parameters upcast, compact slots decoded).
+    fn tensor_values(&self, role: Role, t: usize) -> Result<Vec<f32>> {
+        let range = self.layout.tensor(t)?.range();
         match (role, &self.params_16) {
             (Role::Params, Some(p)) => Ok(p.range_to_f32(range)),
-            _ => Ok(self.array(role)?[range].to_vec()),
+            (Role::Params, None) => Ok(self.params[range].to_vec()),
+            (Role::Slot(s), _) => Ok(self.read_slot_raw(s, t)?.decode(s, self.state.block_size())),
         }
     }
 
-    fn array_mut(&mut self, role: Role) -> Result<&mut [f32]> {
-        match role {
-            Role::Params => Ok(&mut self.params),
-            Role::Slot(s) if self.variant.keeps(s) => Ok(&mut self.slots[s as usize]),
-            Role::Slot(s) => Err(Error::SlotNotKept(s)),
+    /// Tensor `t`'s one piece of the state layout (the CPU has one segment).
+    fn slot_place(&self, slot: Slot, t: usize) -> Result<(StatePlace, usize)> {
+        if !self.variant.keeps(slot) {
+            return Err(Error::SlotNotKept(slot));
         }
+        let len = self.layout.tensor(t)?.len;
+        let place = match self.state.pieces(&self.layout, t).first() {
+            Some(&(_, place, _, _)) => place,
+            None => StatePlace {
+                dtype: StateDtype::F32,
+                at: 0,
+            },
+        };
+        Ok((place, len))
     }
 
     /// Rounds the parameters `range` into the 16-bit copy, if there is one.
@@ -155,22 +171,30 @@ impl CpuEngine {
         let acc = &self.slots[Slot::Accumulator as usize];
         let accumulate = self.variant.accumulate;
         let isa = self.isa;
+        let state = &self.state;
         let partials: Vec<f64> = self
             .layout
             .chunks()
             .par_iter()
-            .map_init(Vec::new, |buffer, c| {
-                let t = &tensors[c.tensor];
-                let Some(g) = grads[c.tensor] else { return 0.0 };
-                let start = c.offset - t.offset;
-                g.range(start..start + c.len).with_f32(buffer, |g| {
-                    if accumulate {
-                        isa::sum_of_squares::<true>(isa, g, &acc[c.offset..][..c.len], s)
-                    } else {
-                        isa::sum_of_squares::<false>(isa, g, &[], s)
-                    }
-                })
-            })
+            .enumerate()
+            .map_init(
+                || (Vec::new(), Vec::new()),
+                |(buffer, acc_buffer), (k, c)| {
+                    let t = &tensors[c.tensor];
+                    let Some(g) = grads[c.tensor] else { return 0.0 };
+                    let start = c.offset - t.offset;
+                    g.range(start..start + c.len).with_f32(buffer, |g| {
+                        if accumulate {
+                            let (place, block) = (state.place(k), state.block_size());
+                            acc.with_f32(Slot::Accumulator, place, c.len, block, acc_buffer, |a| {
+                                isa::sum_of_squares::<true>(isa, g, a, s)
+                            })
+                        } else {
+                            isa::sum_of_squares::<false>(isa, g, &[], s)
+                        }
+                    })
+                },
+            )
             .collect();
         Some(
             tensors
@@ -229,17 +253,25 @@ impl CpuEngine {
         let clips = self.clip_factors(s, sums.as_deref());
         let tensors = self.layout.tensors();
         let chunks = self.layout.chunks();
-        let [velocity, momentum, average_gradient, ema, accumulator] = &mut self.slots;
+        let places: Vec<_> = (0..chunks.len())
+            .map(|k| (self.state.place(k), chunks[k].len))
+            .collect();
+        let block = self.state.block_size();
+        let mut pieces: Vec<_> = self
+            .slots
+            .iter_mut()
+            .zip(Slot::ALL)
+            .map(|(store, slot)| {
+                store
+                    .pieces(self.variant.keeps(slot), &places, block)
+                    .into_iter()
+            })
+            .collect();
         let mut params = split_chunks(&mut self.params, chunks).into_iter();
         let mut params_16 = self
             .params_16
             .as_mut()
             .map(|p| p.split(chunks.iter().map(|c| c.len)).into_iter());
-        let mut vel = split_chunks(velocity, chunks).into_iter();
-        let mut mom = split_chunks(momentum, chunks).into_iter();
-        let mut avg = split_chunks(average_gradient, chunks).into_iter();
-        let mut emas = split_chunks(ema, chunks).into_iter();
-        let mut acc = split_chunks(accumulator, chunks).into_iter();
         let mut copies = self
             .param_copy
             .as_mut()
@@ -247,24 +279,9 @@ impl CpuEngine {
         let mut jobs = Vec::with_capacity(chunks.len());
         for c in chunks {
             let t = &tensors[c.tensor];
-            let (
-                Some(param),
-                Some(velocity),
-                Some(momentum),
-                Some(average_gradient),
-                Some(ema),
-                Some(accumulator),
-            ) = (
-                params.next(),
-                vel.next(),
-                mom.next(),
-                avg.next(),
-                emas.next(),
-                acc.next(),
-            )
-            else {
-                break;
-            };
+            let Some(param) = params.next() else { break };
+            let slots: [SlotPiece<'_>; 5] =
+                std::array::from_fn(|k| pieces[k].next().unwrap_or_default());
             let start = c.offset - t.offset;
             let grad = grads[c.tensor].map(|g| g.range(start..start + c.len));
             jobs.push(PendingJob {
@@ -273,14 +290,15 @@ impl CpuEngine {
                 param_copy: copies.as_mut().and_then(Iterator::next),
                 params_16: params_16.as_mut().and_then(Iterator::next),
                 grad: grad.unwrap_or_default(),
+                slots,
                 arrays: ChunkArrays {
                     param,
                     grad: &[],
-                    velocity,
-                    momentum,
-                    average_gradient,
-                    ema,
-                    accumulator,
+                    velocity: &mut [],
+                    momentum: &mut [],
+                    average_gradient: &mut [],
+                    ema: &mut [],
+                    accumulator: &mut [],
                 },
                 step: TensorStep {
                     phase: Phase::of(grad.is_some(), s),
@@ -291,11 +309,17 @@ impl CpuEngine {
         }
         let v = self.variant;
         let isa = self.isa;
+        let coding = SlotCoding {
+            block,
+            stochastic: v.state_stochastic,
+        };
         macro_rules! go {
             ($c:literal, $m:literal, $e:literal, $a:literal) => {
                 jobs.into_par_iter()
                     .for_each_init(Default::default, |buffers, job| {
-                        job.run(buffers, |job| isa::run_chunk::<$c, $m, $e, $a>(isa, job, s))
+                        job.run(buffers, s, coding, |job| {
+                            isa::run_chunk::<$c, $m, $e, $a>(isa, job, s)
+                        })
                     })
             };
         }
@@ -337,6 +361,7 @@ impl Engine for CpuEngine {
         let s = StepScalars {
             param_storage: self.variant.param_storage(),
             rounding_seed: self.rounding_seed,
+            state_seed: config.state.rounding_seed(),
             ..plan_step(config, self.counters.raw())
         };
         let applied = match self.loss_scaling {
@@ -361,26 +386,23 @@ impl Engine for CpuEngine {
 
     fn finalize(&mut self) -> Result<()> {
         if self.variant.ema {
-            let ema = &self.slots[Slot::Ema as usize];
-            match self.params_16.as_mut() {
-                // rounded to nearest as they are stored
-                Some(p) => p.slice_mut(0..ema.len()).round_from(ema),
-                None => self.params.copy_from_slice(ema),
+            // each parameter assigned its EMA (rounded to nearest when stored in 16 bits)
+            for t in 0..self.layout.tensors().len() {
+                let ema = self.tensor_values(Role::Slot(Slot::Ema), t)?;
+                self.write_tensor(Role::Params, t, &ema)?;
             }
-            self.refresh_param_copy(0..self.params.len());
         }
         Ok(())
     }
 
     fn read(&self, role: Role) -> Result<Vec<Vec<f32>>> {
-        Ok(self
-            .layout
-            .split(&self.values(role, 0..self.layout.total())?))
+        (0..self.layout.tensors().len())
+            .map(|t| self.tensor_values(role, t))
+            .collect()
     }
 
     fn read_tensor(&self, role: Role, tensor: usize) -> Result<Vec<f32>> {
-        let t = self.layout.tensor(tensor)?;
-        self.values(role, t.range())
+        self.tensor_values(role, tensor)
     }
 
     fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()> {
@@ -388,7 +410,12 @@ impl Engine for CpuEngine {
         match (role, self.params_16.as_mut()) {
             // an assignment to a variable stored in 16 bits rounds (to nearest)
             (Role::Params, Some(p)) => p.slice_mut(t.range()).round_from(values),
-            _ => self.array_mut(role)?[t.range()].copy_from_slice(values),
+            (Role::Params, None) => self.params[t.range()].copy_from_slice(values),
+            (Role::Slot(s), _) => {
+                let (place, _) = self.slot_place(s, tensor)?;
+                let raw = RawSlot::encode(place.dtype, s, values, self.state.block_size());
+                self.write_slot_raw(s, tensor, &raw)?;
+            }
         }
         if role == Role::Params {
             self.refresh_param_copy(t.range());
@@ -401,6 +428,22 @@ impl Engine for CpuEngine {
         Ok(self
             .layout
             .split(&copy.range_to_f32(0..self.layout.total())))
+    }
+
+    fn read_slot_raw(&self, slot: Slot, tensor: usize) -> Result<RawSlot> {
+        let (place, len) = self.slot_place(slot, tensor)?;
+        Ok(self.slots[slot as usize].read_raw(place, len, self.state.block_size()))
+    }
+
+    fn write_slot_raw(&mut self, slot: Slot, tensor: usize, raw: &RawSlot) -> Result<()> {
+        let (place, len) = self.slot_place(slot, tensor)?;
+        check_raw(slot, tensor, place.dtype, len, raw, self.state.block_size())?;
+        self.slots[slot as usize].write_raw(place, raw, self.state.block_size());
+        Ok(())
+    }
+
+    fn state_bytes(&self) -> u64 {
+        self.slots.iter().map(|s| s.bytes() as u64).sum()
     }
 
     fn raw_iterations(&self) -> u64 {

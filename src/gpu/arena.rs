@@ -3,9 +3,11 @@
 //! tensor tables the kernels read, and explicit upload and readback.
 //!
 //! Per segment of `len` elements: a `params` buffer (`len` f32), a `grads` buffer
-//! (`len` f32) and a `slots` buffer holding each slot as a run of `len` f32, in the
-//! order of [`Variant::slots`]. Element `e` of the model lives at local index
-//! `e - segment.start` of the segment holding it.
+//! (`len` f32) and a `slots` buffer holding each slot as a run of f32, in the order of
+//! [`Variant::slots`]. Element `e` of the model lives at local index `e - segment.start`
+//! of the segment holding it; its slots where the [`StateLayout`] puts its chunk (with
+//! f32 state, at the same local index; compact slots in the `state_codes` and
+//! `state_absmax` runs).
 
 use std::num::NonZeroU64;
 
@@ -20,6 +22,9 @@ use crate::gpu::nonfinite::STEP_STATE_BYTES;
 use crate::gpu::pipelines::Pipelines;
 use crate::gpu::shader::{binding, ChunkRow, StepUniform, TensorRow, GPU_CHUNK_LEN};
 use crate::layout::Layout;
+use crate::quant::CodeMap;
+use crate::state::{StateDtype, StateStorage};
+use crate::state_layout::{check_raw, RawSlot, StateLayout};
 use crate::variable::VariableSpec;
 use crate::variant::{Slot, Variant};
 
@@ -37,8 +42,16 @@ pub(crate) struct Segment {
     /// Gradients, from byte `grads_base` on.
     pub grads: wgpu::Buffer,
     pub grads_base: u64,
-    /// Slots, one run of `len` per slot.
+    /// f32 slots, one run of `f32_run` elements per slot.
     pub slots: wgpu::Buffer,
+    pub f32_run: usize,
+    /// Compact slots (bf16 or int8 packed in words), one run of `code_run` words per
+    /// slot; int8 blocks' scales, one run of `absmax_run` per slot (16-byte
+    /// placeholders without).
+    pub state_codes: wgpu::Buffer,
+    pub code_run: usize,
+    pub state_absmax: wgpu::Buffer,
+    pub absmax_run: usize,
     /// The 16-bit parameter copy (a 16-byte placeholder without one).
     pub param_copy: wgpu::Buffer,
     /// The remainders of bf16 parameters (a 16-byte placeholder without them).
@@ -70,6 +83,8 @@ impl From<Role> for Target {
 #[derive(Debug)]
 pub(crate) struct GpuArena {
     pub(crate) layout: Layout,
+    /// Where each chunk's slots live.
+    pub(crate) state: StateLayout,
     pub(crate) variant: Variant,
     pub(crate) segments: Vec<Segment>,
     pub(crate) tensors: wgpu::Buffer,
@@ -190,12 +205,20 @@ impl GpuArena {
         pipelines: &Pipelines,
         specs: &[VariableSpec],
         variant: Variant,
+        storage: &StateStorage,
         segment_len: Option<usize>,
         user: Option<UserBuffers>,
     ) -> Result<Self> {
         let max_len = max_segment_len(ctx, &variant);
         let segment_len = segment_len.map_or(max_len, |s| s.clamp(1, max_len));
+        // compact state: a tensor split across segments splits at whole int8 blocks
+        let segment_len = if storage.dtype == StateDtype::F32 {
+            segment_len
+        } else {
+            segment_len.max(256) / 256 * 256
+        };
         let layout = Layout::new(specs, GPU_CHUNK_LEN, segment_len, align_elements(ctx))?;
+        let state = StateLayout::new(&layout, storage, align_elements(ctx));
         if let Some(u) = &user {
             check_user_buffers(
                 ctx,
@@ -238,6 +261,10 @@ impl GpuArena {
                 | wgpu::BufferUsages::COPY_SRC
                 | wgpu::BufferUsages::COPY_DST,
         )?;
+        let maps = CodeMap::gpu_table();
+        let code_maps = make_buffer(ctx, "code maps", f32_bytes(maps.len()), storage_ro)?;
+        ctx.queue
+            .write_buffer(&code_maps, 0, bytemuck::cast_slice(&maps));
         let mut segments = Vec::with_capacity(layout.segments().len());
         for (s, elements) in layout.segments().iter().enumerate() {
             let start = elements.start;
@@ -259,7 +286,29 @@ impl GpuArena {
                     0,
                 ),
             };
-            let slots = make_buffer(ctx, "slots", f32_bytes(cap * slot_count), ARENA_USAGES)?;
+            let (f32_len, compact_len) = state.sizes(s);
+            let f32_run = f32_len.max(4);
+            let slots = make_buffer(ctx, "slots", f32_bytes(f32_run * slot_count), ARENA_USAGES)?;
+            let (code_run, absmax_run) = match variant.state {
+                StateDtype::F32 => (4, 4),
+                StateDtype::Bf16 => ((compact_len / 2).max(4), 4),
+                StateDtype::Int8 => (
+                    (compact_len / 4).max(4),
+                    (compact_len / variant.block_size as usize).max(4),
+                ),
+            };
+            let state_codes = make_buffer(
+                ctx,
+                "state codes",
+                f32_bytes(code_run * slot_count),
+                ARENA_USAGES,
+            )?;
+            let state_absmax = make_buffer(
+                ctx,
+                "state scales",
+                f32_bytes(absmax_run * slot_count),
+                ARENA_USAGES,
+            )?;
             let copy_bytes = match variant.param_copy {
                 Some(dtype) => dtype_bytes(cap, dtype),
                 None => 16,
@@ -301,6 +350,8 @@ impl GpuArena {
                     len: c.len as u32,
                     global_index: g as u32,
                     tensor_start: (c.offset - layout.tensors()[c.tensor].offset) as u32,
+                    state_at: state.place(g).at as u32,
+                    state_format: state.place(g).dtype.code(),
                 })
                 .collect();
             let table_bytes = f32_bytes(std::mem::size_of_val(table.as_slice()) / 4);
@@ -351,9 +402,22 @@ impl GpuArena {
                             binding: binding::PARAM_COPY,
                             resource: param_copy.as_entire_binding(),
                         },
+                        // exact sizes: the shader derives the runs from them
                         wgpu::BindGroupEntry {
                             binding: binding::SLOTS,
-                            resource: range(&slots, 0, cap as u64 * F32 * slot_count as u64),
+                            resource: slots.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: binding::STATE_CODES,
+                            resource: state_codes.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: binding::STATE_ABSMAX,
+                            resource: state_absmax.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: binding::CODE_MAPS,
+                            resource: code_maps.as_entire_binding(),
                         },
                         wgpu::BindGroupEntry {
                             binding: binding::PARTIALS,
@@ -378,6 +442,11 @@ impl GpuArena {
                 grads,
                 grads_base,
                 slots,
+                f32_run,
+                state_codes,
+                code_run,
+                state_absmax,
+                absmax_run,
                 param_copy,
                 param_remainders,
                 chunk_count: table.len(),
@@ -388,6 +457,7 @@ impl GpuArena {
         ctx.take_error()?;
         Ok(GpuArena {
             layout,
+            state,
             variant,
             segments,
             tensors,
@@ -466,7 +536,7 @@ impl GpuArena {
                     .variant
                     .slot_index(slot)
                     .ok_or(Error::SlotNotKept(slot))?;
-                Ok((&s.slots, (k * s.len) as u64 * F32))
+                Ok((&s.slots, (k * s.f32_run) as u64 * F32))
             }
         }
     }
@@ -475,6 +545,29 @@ impl GpuArena {
     /// tensor spans segments.
     pub(crate) fn view(&self, target: Target, tensor: usize) -> Result<TensorView<'_>> {
         let t = self.layout.tensor(tensor)?;
+        if let (Target::Slot(slot), false) = (target, self.variant.state == StateDtype::F32) {
+            let pieces = self.state.pieces(&self.layout, tensor);
+            let [(segment, place, _, _)] = pieces.as_slice() else {
+                return Err(Error::NotBindable {
+                    index: tensor,
+                    len: t.len,
+                    segments: pieces.len(),
+                });
+            };
+            if place.dtype != StateDtype::F32 {
+                return Err(Error::CompactSlot {
+                    slot,
+                    index: tensor,
+                    dtype: place.dtype,
+                });
+            }
+            let (buffer, base) = self.target(target, *segment)?;
+            return Ok(TensorView {
+                buffer,
+                offset: base + place.at as u64 * F32,
+                size: (t.len as u64 * F32).max(4),
+            });
+        }
         let (segment, local) = if t.len == 0 {
             // no elements: its aligned offset in the last segment starting at or before it
             // (an empty tensor may sit at the very end of the arena)
@@ -649,8 +742,124 @@ impl GpuArena {
         let mut out = vec![0u8; len * element as usize];
         for p in self.pieces(start, len) {
             let (buffer, base) = self.target(role, p.segment)?;
-            // copies are whole words
-            let size = (p.len as u64 * element).next_multiple_of(4);
+            let bytes = p.len * element as usize;
+            let view = read_bytes(ctx, buffer, base + p.local as u64 * element, bytes)?;
+            out[p.at * element as usize..][..bytes].copy_from_slice(&view);
+        }
+        Ok(out)
+    }
+
+    /// Slot `slot` of tensor `t` as it is stored (waits for the GPU): its pieces'
+    /// values, bits or codes and scales, one after the other.
+    pub(crate) fn read_slot_raw(&self, ctx: &GpuContext, slot: Slot, t: usize) -> Result<RawSlot> {
+        let k = self
+            .variant
+            .slot_index(slot)
+            .ok_or(Error::SlotNotKept(slot))?;
+        let block = self.state.block_size();
+        let pieces = self.state.pieces(&self.layout, t);
+        let dtype = pieces.first().map_or(StateDtype::F32, |p| p.1.dtype);
+        let (mut values, mut bits, mut codes, mut absmax) = (vec![], vec![], vec![], vec![]);
+        for (segment, place, len, _) in pieces {
+            let seg = &self.segments[segment];
+            let words = (k * seg.code_run) as u64 * F32;
+            match place.dtype {
+                StateDtype::F32 => {
+                    let offset = (k * seg.f32_run + place.at) as u64 * F32;
+                    let raw = read_bytes(ctx, &seg.slots, offset, 4 * len)?;
+                    values.extend(bytemuck::pod_collect_to_vec::<u8, f32>(&raw));
+                }
+                StateDtype::Bf16 => {
+                    let raw =
+                        read_bytes(ctx, &seg.state_codes, words + place.at as u64 * 2, 2 * len)?;
+                    bits.extend(bytemuck::pod_collect_to_vec::<u8, u16>(&raw));
+                }
+                StateDtype::Int8 => {
+                    codes.extend(read_bytes(
+                        ctx,
+                        &seg.state_codes,
+                        words + place.at as u64,
+                        len,
+                    )?);
+                    let offset = (k * seg.absmax_run + place.at / block) as u64 * F32;
+                    let raw = read_bytes(ctx, &seg.state_absmax, offset, 4 * len.div_ceil(block))?;
+                    absmax.extend(bytemuck::pod_collect_to_vec::<u8, f32>(&raw));
+                }
+            }
+        }
+        Ok(match dtype {
+            StateDtype::F32 => RawSlot::F32(values),
+            StateDtype::Bf16 => RawSlot::Bf16(bits),
+            StateDtype::Int8 => RawSlot::Int8 { codes, absmax },
+        })
+    }
+
+    /// The format of tensor `t`'s slots.
+    pub(crate) fn slot_dtype(&self, t: usize) -> StateDtype {
+        self.state
+            .pieces(&self.layout, t)
+            .first()
+            .map_or(StateDtype::F32, |p| p.1.dtype)
+    }
+
+    /// Stores `raw` as slot `slot` of tensor `t` (its format and length checked).
+    pub(crate) fn write_slot_raw(
+        &self,
+        ctx: &GpuContext,
+        slot: Slot,
+        t: usize,
+        raw: &RawSlot,
+    ) -> Result<()> {
+        let k = self
+            .variant
+            .slot_index(slot)
+            .ok_or(Error::SlotNotKept(slot))?;
+        let block = self.state.block_size();
+        let len = self.layout.tensor(t)?.len;
+        check_raw(slot, t, self.slot_dtype(t), len, raw, block)?;
+        for (segment, place, len, at) in self.state.pieces(&self.layout, t) {
+            let seg = &self.segments[segment];
+            let words = (k * seg.code_run) as u64 * F32;
+            // writes are whole words: a piece's padding (zero) completes the last one
+            match raw {
+                RawSlot::F32(v) => {
+                    let offset = (k * seg.f32_run + place.at) as u64 * F32;
+                    ctx.queue.write_buffer(
+                        &seg.slots,
+                        offset,
+                        bytemuck::cast_slice(&v[at..at + len]),
+                    );
+                }
+                RawSlot::Bf16(v) => {
+                    let mut bits = v[at..at + len].to_vec();
+                    bits.resize(len.next_multiple_of(2), 0);
+                    let offset = words + place.at as u64 * 2;
+                    ctx.queue
+                        .write_buffer(&seg.state_codes, offset, bytemuck::cast_slice(&bits));
+                }
+                RawSlot::Int8 { codes, absmax } => {
+                    let mut piece = codes[at..at + len].to_vec();
+                    piece.resize(len.next_multiple_of(4), 0);
+                    ctx.queue
+                        .write_buffer(&seg.state_codes, words + place.at as u64, &piece);
+                    let scales = &absmax[at / block..(at + len).div_ceil(block)];
+                    let offset = (k * seg.absmax_run + place.at / block) as u64 * F32;
+                    ctx.queue
+                        .write_buffer(&seg.state_absmax, offset, bytemuck::cast_slice(scales));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `len` bytes of `buffer` from byte `offset` (a multiple of 4), through one staging
+/// buffer (waits for the GPU).
+fn read_bytes(ctx: &GpuContext, buffer: &wgpu::Buffer, offset: u64, len: usize) -> Result<Vec<u8>> {
+    // copies are whole words
+    let size = (len as u64).next_multiple_of(4).max(4);
+    {
+        {
             let staging = make_buffer(
                 ctx,
                 "readback",
@@ -662,13 +871,7 @@ impl GpuArena {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("readback"),
                 });
-            encoder.copy_buffer_to_buffer(
-                buffer,
-                base + p.local as u64 * element,
-                &staging,
-                0,
-                size,
-            );
+            encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
             ctx.queue.submit([encoder.finish()]);
             let slice = staging.slice(..);
             let (tx, rx) = std::sync::mpsc::channel();
@@ -681,18 +884,17 @@ impl GpuArena {
             rx.recv_timeout(std::time::Duration::from_secs(120))
                 .map_err(|e| Error::Gpu(format!("readback did not complete: {e}")))?
                 .map_err(|e| Error::Gpu(format!("mapping the readback buffer: {e}")))?;
-            {
-                let view = slice
-                    .get_mapped_range()
-                    .map_err(|e| Error::Gpu(format!("reading the readback buffer: {e}")))?;
-                let bytes = p.len * element as usize;
-                out[p.at * element as usize..][..bytes].copy_from_slice(&view[..bytes]);
-            }
+            let out = slice
+                .get_mapped_range()
+                .map_err(|e| Error::Gpu(format!("reading the readback buffer: {e}")))?[..len]
+                .to_vec();
             staging.unmap();
+            Ok(out)
         }
-        Ok(out)
     }
+}
 
+impl GpuArena {
     /// The 16-bit parameter copy of the whole arena, as stored (waits for the GPU).
     pub(crate) fn read_param_copy(&self, ctx: &GpuContext) -> Result<Vec<u16>> {
         let raw = self.read_raw(ctx, Target::ParamCopy, 0, self.layout.total())?;

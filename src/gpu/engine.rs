@@ -20,6 +20,8 @@ use crate::gpu::pipelines::{pipelines_for, Pipelines};
 use crate::gpu::shader::{StepUniform, FLAG_DECAY, FLAG_HAS_GRADIENT, PLAN_WINDOW};
 use crate::math::StepScalars;
 use crate::plan::plan_step;
+use crate::state::{StateDtype, StateStorage};
+use crate::state_layout::RawSlot;
 use crate::variable::VariableSpec;
 use crate::variant::{Slot, Variant};
 
@@ -79,6 +81,7 @@ impl GpuEngine {
         options: &GpuOptions,
         specs: &[VariableSpec],
         variant: Variant,
+        state: &StateStorage,
         required: bool,
     ) -> Result<Self> {
         let allow_software = || {
@@ -102,6 +105,7 @@ impl GpuEngine {
             &pipelines,
             specs,
             variant,
+            state,
             options.max_segment_len,
             options.buffers.clone(),
         )?;
@@ -459,7 +463,9 @@ impl Engine for GpuEngine {
     }
 
     fn finalize(&mut self) -> Result<()> {
-        if self.variant.ema && self.variant.params != Dtype::F32 {
+        if self.variant.ema
+            && (self.variant.params != Dtype::F32 || self.variant.state != StateDtype::F32)
+        {
             // each parameter assigned its EMA, rounded: a kernel, not a copy
             self.dispatch_per_chunk(&self.pipelines.finalize_params)?;
         } else if self.variant.ema {
@@ -472,18 +478,34 @@ impl Engine for GpuEngine {
 
     fn read(&self, role: Role) -> Result<Vec<Vec<f32>>> {
         let layout = &self.arena.layout;
+        if let (Role::Slot(_), false) = (role, self.variant.state == StateDtype::F32) {
+            return (0..layout.tensors().len())
+                .map(|t| self.read_tensor(role, t))
+                .collect();
+        }
         let flat = self.arena.read(&self.ctx, role.into(), 0, layout.total())?;
         Ok(layout.split(&flat))
     }
 
     fn read_tensor(&self, role: Role, tensor: usize) -> Result<Vec<f32>> {
         let t = self.arena.layout.tensor(tensor)?;
+        if let (Role::Slot(slot), false) = (role, self.variant.state == StateDtype::F32) {
+            let raw = self.arena.read_slot_raw(&self.ctx, slot, tensor)?;
+            return Ok(raw.decode(slot, self.arena.state.block_size()));
+        }
         self.arena.read(&self.ctx, role.into(), t.offset, t.len)
     }
 
     fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()> {
         let t = self.arena.layout.tensor(tensor)?;
-        self.arena.write(&self.ctx, role.into(), t.offset, values)?;
+        match role {
+            Role::Slot(slot) if self.variant.state != StateDtype::F32 => {
+                let (dtype, block) = (self.arena.slot_dtype(tensor), self.arena.state.block_size());
+                let raw = RawSlot::encode(dtype, slot, values, block);
+                self.arena.write_slot_raw(&self.ctx, slot, tensor, &raw)?
+            }
+            _ => self.arena.write(&self.ctx, role.into(), t.offset, values)?,
+        }
         if role == Role::Params {
             self.copy_stale.store(true, Ordering::Release);
         }
@@ -496,6 +518,30 @@ impl Engine for GpuEngine {
         let bits = self.arena.read_param_copy(&self.ctx)?;
         let values: Vec<f32> = bits.iter().map(|&b| dtype.upcast_bits(b)).collect();
         Ok(self.arena.layout.split(&values))
+    }
+
+    fn read_slot_raw(&self, slot: Slot, tensor: usize) -> Result<RawSlot> {
+        self.arena.read_slot_raw(&self.ctx, slot, tensor)
+    }
+
+    fn write_slot_raw(&mut self, slot: Slot, tensor: usize, raw: &RawSlot) -> Result<()> {
+        self.arena.write_slot_raw(&self.ctx, slot, tensor, raw)
+    }
+
+    fn state_bytes(&self) -> u64 {
+        let compact = self.variant.state != StateDtype::F32;
+        self.arena
+            .segments
+            .iter()
+            .map(|s| {
+                let codes = if compact {
+                    s.state_codes.size() + s.state_absmax.size()
+                } else {
+                    0
+                };
+                s.slots.size() + codes
+            })
+            .sum()
     }
 
     fn raw_iterations(&self) -> u64 {

@@ -57,6 +57,10 @@ fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
         ("AVERAGE_GRADIENT_SLOT", slot(Slot::AverageGradient)),
         ("EMA_SLOT", slot(Slot::Ema)),
         ("ACCUMULATOR_SLOT", slot(Slot::Accumulator)),
+        ("SLOT_COUNT", variant.slots().len() as f64),
+        ("STATE_DTYPE", f64::from(variant.state.code())),
+        ("STATE_ROUNDING", b(variant.state_stochastic)),
+        ("BLOCK_SIZE", f64::from(variant.block_size)),
     ]
 }
 
@@ -130,6 +134,9 @@ pub(crate) fn pipelines_for(ctx: &GpuContext, variant: &Variant) -> Result<Arc<P
                     storage(binding::PARAM_COPY, false),
                     storage(binding::PARAMS_16, false),
                     storage(binding::PARAM_REMAINDERS, false),
+                    storage(binding::STATE_CODES, false),
+                    storage(binding::STATE_ABSMAX, false),
+                    storage(binding::CODE_MAPS, true),
                 ],
             });
             let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {

@@ -41,6 +41,9 @@ pub(crate) mod binding {
     pub const PARAM_COPY: u32 = 10;
     pub const PARAMS_16: u32 = 11;
     pub const PARAM_REMAINDERS: u32 = 12;
+    pub const STATE_CODES: u32 = 13;
+    pub const STATE_ABSMAX: u32 = 14;
+    pub const CODE_MAPS: u32 = 15;
 }
 
 /// The step uniform: `plans[k]` is the plan for step counter `base + k` (low 32 bits:
@@ -77,6 +80,10 @@ pub(crate) struct ChunkRow {
     pub global_index: u32,
     /// Index of the first element in its tensor (stochastic rounding's keys).
     pub tensor_start: u32,
+    /// First element in the segment's store of its state format.
+    pub state_at: u32,
+    /// Its slots' format: 0 f32, 1 bf16, 2 int8 (`StateDtype::code`).
+    pub state_format: u32,
 }
 
 /// One row of the offset table, as the kernels need it.
@@ -223,7 +230,7 @@ mod tests {
                 param_storage,
                 rounding_seed,
                 rounding_step,
-                _pad0,
+                state_seed,
                 _pad1,
             }),
         );
@@ -246,7 +253,9 @@ mod tests {
                 start,
                 len,
                 global_index,
-                tensor_start
+                tensor_start,
+                state_at,
+                state_format
             }),
         );
         assert_same(

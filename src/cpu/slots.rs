@@ -1,0 +1,251 @@
+//! The CPU's slot arrays, in the places of the [`StateLayout`]: f32, or compact (bf16
+//! bits, or int8 codes with one f32 scale per block). A chunk's compact slots are
+//! decoded into per-task f32 buffers before the fused loop and encoded after it, while
+//! the chunk is in cache ([`crate::cpu::kernels::PendingJob::run`]).
+
+use std::ops::Range;
+
+use crate::math::StepScalars;
+use crate::quant::{decode_blocks, encode_blocks, slot_bits, state_key, store_bf16_slot, CodeMap};
+use crate::slot::Slot;
+use crate::state::StateDtype;
+use crate::state_layout::{RawSlot, StatePlace};
+
+/// One slot's arrays (all empty for a slot the variant does not keep).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SlotStore {
+    /// Tensors with f32 slots.
+    pub f32s: Vec<f32>,
+    /// bf16 slots, as bits.
+    pub half: Vec<u16>,
+    /// int8 slots: one code per element, one scale per block.
+    pub codes: Vec<u8>,
+    pub absmax: Vec<f32>,
+}
+
+/// One chunk's piece of a slot.
+#[derive(Debug, Default)]
+pub(crate) enum SlotPiece<'a> {
+    /// The slot is not kept.
+    #[default]
+    Unused,
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [u16]),
+    Int8 {
+        codes: &'a mut [u8],
+        absmax: &'a mut [f32],
+    },
+}
+
+/// Cuts `ranges` (increasing, disjoint; `None`: an empty piece) out of `buf`.
+fn cut<'a, T>(
+    buf: &'a mut [T],
+    ranges: impl Iterator<Item = Option<Range<usize>>>,
+) -> Vec<&'a mut [T]> {
+    let mut rest = buf;
+    let mut consumed = 0;
+    ranges
+        .map(|r| {
+            let Some(r) = r else {
+                return Default::default();
+            };
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.start - consumed);
+            let (head, tail) = tail.split_at_mut(r.len());
+            rest = tail;
+            consumed = r.end;
+            head
+        })
+        .collect()
+}
+
+impl SlotStore {
+    /// A zeroed store for one segment's sizes (`(f32, compact)` elements).
+    pub(crate) fn zeroed(sizes: (usize, usize), dtype: StateDtype, block: usize) -> Self {
+        let (f, c) = sizes;
+        SlotStore {
+            f32s: vec![0.0; f],
+            half: if dtype == StateDtype::Bf16 {
+                vec![0; c]
+            } else {
+                Vec::new()
+            },
+            codes: if dtype == StateDtype::Int8 {
+                vec![0; c]
+            } else {
+                Vec::new()
+            },
+            absmax: if dtype == StateDtype::Int8 {
+                vec![0.0; c / block]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        4 * self.f32s.len() + 2 * self.half.len() + self.codes.len() + 4 * self.absmax.len()
+    }
+
+    /// One piece per chunk (`(place, len)` in chunk order); `kept` false: all unused.
+    pub(crate) fn pieces(
+        &mut self,
+        kept: bool,
+        chunks: &[(StatePlace, usize)],
+        block: usize,
+    ) -> Vec<SlotPiece<'_>> {
+        if !kept {
+            return chunks.iter().map(|_| SlotPiece::Unused).collect();
+        }
+        let of = |d: StateDtype| {
+            move |&(p, len): &(StatePlace, usize)| (p.dtype == d).then(|| p.at..p.at + len)
+        };
+        let mut f32s = cut(&mut self.f32s, chunks.iter().map(of(StateDtype::F32))).into_iter();
+        let mut half = cut(&mut self.half, chunks.iter().map(of(StateDtype::Bf16))).into_iter();
+        let mut codes = cut(&mut self.codes, chunks.iter().map(of(StateDtype::Int8))).into_iter();
+        let blocks = chunks.iter().map(|&(p, len)| {
+            (p.dtype == StateDtype::Int8).then(|| p.at / block..(p.at + len).div_ceil(block))
+        });
+        let mut absmax = cut(&mut self.absmax, blocks).into_iter();
+        chunks
+            .iter()
+            .map(|(p, _)| {
+                let (f, h, c, a) = (f32s.next(), half.next(), codes.next(), absmax.next());
+                match p.dtype {
+                    StateDtype::F32 => SlotPiece::F32(f.unwrap_or_default()),
+                    StateDtype::Bf16 => SlotPiece::Bf16(h.unwrap_or_default()),
+                    StateDtype::Int8 => SlotPiece::Int8 {
+                        codes: c.unwrap_or_default(),
+                        absmax: a.unwrap_or_default(),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// `len` elements from `place`, as f32, to `f` (decoded into `buffer` when compact).
+    pub(crate) fn with_f32<R>(
+        &self,
+        slot: Slot,
+        place: StatePlace,
+        len: usize,
+        block: usize,
+        buffer: &mut Vec<f32>,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> R {
+        let r = place.at..place.at + len;
+        match place.dtype {
+            StateDtype::F32 => f(&self.f32s[r]),
+            StateDtype::Bf16 => {
+                buffer.clear();
+                buffer.extend(
+                    self.half[r]
+                        .iter()
+                        .map(|&b| f32::from_bits(u32::from(b) << 16)),
+                );
+                f(buffer)
+            }
+            StateDtype::Int8 => {
+                buffer.resize(len, 0.0);
+                let blocks = place.at / block..(place.at + len).div_ceil(block);
+                decode_blocks(
+                    &self.codes[r],
+                    &self.absmax[blocks],
+                    buffer,
+                    block,
+                    CodeMap::for_slot(slot),
+                );
+                f(buffer)
+            }
+        }
+    }
+
+    /// `len` elements at `place`, as stored.
+    pub(crate) fn read_raw(&self, place: StatePlace, len: usize, block: usize) -> RawSlot {
+        let r = place.at..place.at + len;
+        match place.dtype {
+            StateDtype::F32 => RawSlot::F32(self.f32s[r].to_vec()),
+            StateDtype::Bf16 => RawSlot::Bf16(self.half[r].to_vec()),
+            StateDtype::Int8 => RawSlot::Int8 {
+                codes: self.codes[r].to_vec(),
+                absmax: self.absmax[place.at / block..(place.at + len).div_ceil(block)].to_vec(),
+            },
+        }
+    }
+
+    /// Stores `raw` (in `place`'s format and length, checked by the caller) at `place`.
+    pub(crate) fn write_raw(&mut self, place: StatePlace, raw: &RawSlot, block: usize) {
+        let at = place.at;
+        match raw {
+            RawSlot::F32(v) => self.f32s[at..at + v.len()].copy_from_slice(v),
+            RawSlot::Bf16(v) => self.half[at..at + v.len()].copy_from_slice(v),
+            RawSlot::Int8 { codes, absmax } => {
+                self.codes[at..at + codes.len()].copy_from_slice(codes);
+                self.absmax[at / block..at / block + absmax.len()].copy_from_slice(absmax);
+            }
+        }
+    }
+}
+
+/// The keys of stochastic rounding of a chunk's bf16 slots: the step's numbers, the
+/// tensor, the index of the chunk's first element in it.
+#[derive(Clone, Copy)]
+pub(crate) struct SlotKeys<'s> {
+    pub s: &'s StepScalars,
+    pub tensor: u32,
+    pub first: u32,
+}
+
+impl SlotPiece<'_> {
+    /// True for bf16 or int8.
+    pub(crate) fn is_compact(&self) -> bool {
+        matches!(self, SlotPiece::Bf16(_) | SlotPiece::Int8 { .. })
+    }
+
+    /// Decodes a compact piece into `out` (`len` elements).
+    pub(crate) fn decode(&self, slot: Slot, len: usize, block: usize, out: &mut Vec<f32>) {
+        out.resize(len, 0.0);
+        match self {
+            SlotPiece::Bf16(h) => {
+                for (o, &b) in out.iter_mut().zip(h.iter()) {
+                    *o = f32::from_bits(u32::from(b) << 16);
+                }
+            }
+            SlotPiece::Int8 { codes, absmax } => {
+                decode_blocks(codes, absmax, out, block, CodeMap::for_slot(slot))
+            }
+            SlotPiece::Unused | SlotPiece::F32(_) => {}
+        }
+    }
+
+    /// Stores `values` into the piece: f32 as they are, bf16 rounded (stochastically
+    /// with `keys`), int8 as blocks with their new scales.
+    pub(crate) fn store(
+        self,
+        slot: Slot,
+        values: &[f32],
+        block: usize,
+        keys: Option<SlotKeys<'_>>,
+    ) {
+        match self {
+            SlotPiece::Unused => {}
+            SlotPiece::F32(f) => f.copy_from_slice(values),
+            SlotPiece::Bf16(h) => match keys {
+                None => {
+                    for (b, &x) in h.iter_mut().zip(values) {
+                        *b = store_bf16_slot::<false>(x, 0);
+                    }
+                }
+                Some(k) => {
+                    for (i, (b, &x)) in h.iter_mut().zip(values).enumerate() {
+                        let key = state_key(k.s, k.tensor, k.first + i as u32);
+                        *b = store_bf16_slot::<true>(x, slot_bits(key, slot as u32));
+                    }
+                }
+            },
+            SlotPiece::Int8 { codes, absmax } => {
+                encode_blocks(values, codes, absmax, block, CodeMap::for_slot(slot))
+            }
+        }
+    }
+}

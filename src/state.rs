@@ -1,0 +1,262 @@
+//! How the optimizer stores its slots: [`StateStorage`] (f32, bf16 or 8-bit
+//! block-quantized, with a size threshold), part of [`crate::RmsPropConfig`] and of its
+//! JSON under a key of our own.
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::json::Fields;
+
+/// The element type of the slots of tensors at or over the size threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum StateDtype {
+    /// f32 (Keras-exact).
+    #[default]
+    F32,
+    /// bfloat16: each slot value rounded (to nearest even, or stochastically) as it is
+    /// stored; 2 bytes per slot element.
+    Bf16,
+    /// 8-bit codes of dynamic maps, block-wise with one f32 scale per block
+    /// (bitsandbytes' 8-bit state): about 1 + 4 / `block_size` bytes per slot element.
+    Int8,
+}
+
+impl StateDtype {
+    /// `"f32"`, `"bf16"` or `"int8"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateDtype::F32 => "f32",
+            StateDtype::Bf16 => "bf16",
+            StateDtype::Int8 => "int8",
+        }
+    }
+
+    /// The WGSL `STATE_DTYPE` override (and the chunk formats of the state layout).
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            StateDtype::F32 => 0,
+            StateDtype::Bf16 => 1,
+            StateDtype::Int8 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for StateDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for StateDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(StateDtype::F32),
+            "bf16" | "bfloat16" => Ok(StateDtype::Bf16),
+            "int8" | "8bit" => Ok(StateDtype::Int8),
+            other => Err(format!("unknown state dtype `{other}` (f32, bf16 or int8)")),
+        }
+    }
+}
+
+/// How the slots (velocity, momentum, average gradient, EMA, accumulator) are stored.
+/// Not a Keras option: it travels in the config JSON under
+/// [`StateStorage::JSON_KEY`], written only when it is not the default, which Keras'
+/// `from_config` does not know (remove it before handing the JSON to Keras).
+///
+/// Compact slots are decoded to f32, updated, and encoded again in the same fused pass;
+/// the update itself is the f32 one. Tensors with fewer than `min_size` elements keep
+/// f32 slots (their state is small and often sensitive: biases, norms).
+///
+/// ```
+/// use fused_rmsprop::{RmsPropConfig, StateDtype, StateStorage};
+/// let config = RmsPropConfig::default()
+///     .with_momentum(0.9)
+///     .with_state(StateStorage::new(StateDtype::Int8));
+/// let json = config.to_keras_json().unwrap();
+/// assert_eq!(json["fused_rmsprop_state"]["dtype"], "int8");
+/// assert_eq!(RmsPropConfig::from_keras_json(&json).unwrap(), config);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct StateStorage {
+    /// The slots' element type for tensors of at least `min_size` elements.
+    pub dtype: StateDtype,
+    /// Tensors with fewer elements keep f32 slots. Default 4096 (bitsandbytes'
+    /// `min_8bit_size`).
+    pub min_size: usize,
+    /// Elements per block of `Int8` state (one f32 scale each): a power of two from 32
+    /// to 256. Default 256.
+    pub block_size: usize,
+    /// `Bf16` state rounded stochastically from this seed (unbiased: small updates to
+    /// the velocity are not lost), instead of to nearest.
+    pub stochastic_rounding: Option<u64>,
+}
+
+impl Default for StateStorage {
+    fn default() -> Self {
+        StateStorage {
+            dtype: StateDtype::F32,
+            min_size: 4096,
+            block_size: 256,
+            stochastic_rounding: None,
+        }
+    }
+}
+
+impl StateStorage {
+    /// The config JSON key holding this (not a Keras key).
+    pub const JSON_KEY: &'static str = "fused_rmsprop_state";
+
+    /// Slots in `dtype`, with the default threshold and block size.
+    pub fn new(dtype: StateDtype) -> Self {
+        StateStorage {
+            dtype,
+            ..StateStorage::default()
+        }
+    }
+
+    /// With tensors under `min_size` elements keeping f32 slots.
+    pub fn with_min_size(self, min_size: usize) -> Self {
+        StateStorage { min_size, ..self }
+    }
+
+    /// With `block_size` elements per 8-bit block.
+    pub fn with_block_size(self, block_size: usize) -> Self {
+        StateStorage { block_size, ..self }
+    }
+
+    /// With bf16 slots rounded stochastically from `seed`.
+    pub fn with_stochastic_rounding(self, seed: u64) -> Self {
+        StateStorage {
+            stochastic_rounding: Some(seed),
+            ..self
+        }
+    }
+
+    /// The dtype of a tensor of `len` elements' slots.
+    pub(crate) fn dtype_for(&self, len: usize) -> StateDtype {
+        if len >= self.min_size {
+            self.dtype
+        } else {
+            StateDtype::F32
+        }
+    }
+
+    /// Refuses a block size the kernels do not take, and stochastic rounding of slots
+    /// that are not bf16.
+    pub fn validate(&self) -> Result<()> {
+        if !(32..=256).contains(&self.block_size) || !self.block_size.is_power_of_two() {
+            return Err(Error::invalid(
+                "fused_rmsprop_state.block_size",
+                format!(
+                    "must be a power of two from 32 to 256, got {}",
+                    self.block_size
+                ),
+            ));
+        }
+        if self.stochastic_rounding.is_some() && self.dtype != StateDtype::Bf16 {
+            return Err(Error::invalid(
+                "fused_rmsprop_state.stochastic_rounding",
+                format!("rounds bf16 slots; these are {}", self.dtype),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The mixed seed of stochastic rounding (0 without).
+    pub(crate) fn rounding_seed(&self) -> u32 {
+        let seed = self.stochastic_rounding.unwrap_or(0);
+        crate::math::hash32(seed as u32 ^ crate::math::hash32((seed >> 32) as u32 ^ 0x2545_f491))
+    }
+
+    /// The JSON object under [`StateStorage::JSON_KEY`].
+    pub(crate) fn to_json(self) -> Value {
+        let mut m = Map::new();
+        m.insert("dtype".into(), Value::from(self.dtype.as_str()));
+        m.insert("min_size".into(), Value::from(self.min_size as u64));
+        m.insert("block_size".into(), Value::from(self.block_size as u64));
+        m.insert(
+            "stochastic_rounding".into(),
+            self.stochastic_rounding.map_or(Value::Null, Value::from),
+        );
+        Value::Object(m)
+    }
+
+    /// Reads the JSON object under [`StateStorage::JSON_KEY`] (missing keys: defaults).
+    pub(crate) fn from_json(v: &Value) -> Result<Self> {
+        let key = StateStorage::JSON_KEY;
+        let f = Fields::new(
+            v,
+            key,
+            &["dtype", "min_size", "block_size", "stochastic_rounding"],
+        )?;
+        let d = StateStorage::default();
+        let dtype = match f.value("dtype") {
+            None => d.dtype,
+            Some(Value::String(s)) => s
+                .parse()
+                .map_err(|e: String| Error::invalid(&f.name("dtype"), e))?,
+            Some(other) => {
+                return Err(Error::WrongType {
+                    field: f.name("dtype"),
+                    expected: "\"f32\", \"bf16\" or \"int8\"",
+                    found: crate::json::describe(other),
+                })
+            }
+        };
+        let count = |name: &str, default: usize| -> Result<usize> {
+            match f.opt_i64(name)? {
+                None => Ok(default),
+                Some(i) if i >= 0 => Ok(i as usize),
+                Some(i) => Err(Error::invalid(
+                    &f.name(name),
+                    format!("must be >= 0, got {i}"),
+                )),
+            }
+        };
+        let seed = match f.opt_i64("stochastic_rounding")? {
+            None => None,
+            Some(i) if i >= 0 => Some(i as u64),
+            Some(i) => {
+                return Err(Error::invalid(
+                    &f.name("stochastic_rounding"),
+                    format!("a seed must be >= 0, got {i}"),
+                ))
+            }
+        };
+        let s = StateStorage {
+            dtype,
+            min_size: count("min_size", d.min_size)?,
+            block_size: count("block_size", d.block_size)?,
+            stochastic_rounding: seed,
+        };
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_round_trips_and_refuses_bad_values() {
+        let s = StateStorage::new(StateDtype::Bf16)
+            .with_min_size(10)
+            .with_stochastic_rounding(7);
+        assert_eq!(StateStorage::from_json(&s.to_json()).unwrap(), s);
+        let bad = |v: Value| StateStorage::from_json(&v).unwrap_err().to_string();
+        assert!(bad(json!({"block_size": 100})).contains("power of two"));
+        assert!(bad(json!({"block_size": 512})).contains("power of two"));
+        assert!(bad(json!({"dtype": "int4"})).contains("int4"));
+        assert!(bad(json!({"dtype": "int8", "stochastic_rounding": 3})).contains("bf16"));
+        assert!(bad(json!({"min_size": -1})).contains("min_size"));
+        assert!(bad(json!({"blocks": 1})).contains("blocks"));
+        assert_eq!(
+            StateStorage::from_json(&json!({})).unwrap(),
+            StateStorage::default()
+        );
+    }
+}

@@ -1,0 +1,297 @@
+//! Where the slots live: per chunk, its state dtype and its first element in its
+//! segment's store of that dtype.
+//!
+//! With f32 state (the default) a slot is laid out as the arena is (a chunk's slot
+//! elements sit at its own offset in the segment). With compact state every piece of a
+//! tensor in a segment gets a region of its own: f32 for tensors under the size
+//! threshold (packed, at the arena's alignment), else one compact region (bf16 at
+//! multiples of 4 elements, int8 at multiples of the block size, so that blocks count
+//! from the tensor's start and never straddle two tensors). A region's padding stays
+//! zero, which is 0.0 in every format.
+
+use crate::layout::Layout;
+use crate::quant::{decode_blocks, encode_blocks, store_bf16_slot, CodeMap};
+use crate::slot::Slot;
+use crate::state::{StateDtype, StateStorage};
+
+/// Where one chunk's slot elements live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StatePlace {
+    /// The store: f32, or the compact dtype.
+    pub dtype: StateDtype,
+    /// The chunk's first element in its segment's store of `dtype`.
+    pub at: usize,
+}
+
+/// The places of every chunk and the size of every segment's stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StateLayout {
+    places: Vec<StatePlace>,
+    /// Per segment: elements of the f32 store, of the compact store.
+    sizes: Vec<(usize, usize)>,
+    block_size: usize,
+}
+
+fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+impl StateLayout {
+    /// The places for `layout` under `storage` (`align`: the arena's alignment).
+    pub(crate) fn new(layout: &Layout, storage: &StateStorage, align: usize) -> Self {
+        let chunks = layout.chunks();
+        let segments = layout.segments();
+        if storage.dtype == StateDtype::F32 {
+            let places = chunks
+                .iter()
+                .map(|c| StatePlace {
+                    dtype: StateDtype::F32,
+                    at: c.offset - segments[c.segment].start,
+                })
+                .collect();
+            return StateLayout {
+                places,
+                sizes: segments.iter().map(|s| (s.len(), 0)).collect(),
+                block_size: storage.block_size,
+            };
+        }
+        let unit = match storage.dtype {
+            StateDtype::Int8 => storage.block_size,
+            _ => 4,
+        };
+        let mut sizes = vec![(0usize, 0usize); segments.len()];
+        let mut places = Vec::with_capacity(chunks.len());
+        // the current piece: (tensor, segment, its first arena element, its place)
+        let mut piece: Option<(usize, usize, usize, StatePlace)> = None;
+        for (k, c) in chunks.iter().enumerate() {
+            let same = matches!(piece, Some((t, s, _, _)) if t == c.tensor && s == c.segment);
+            if !same {
+                let len: usize = chunks[k..]
+                    .iter()
+                    .take_while(|d| d.tensor == c.tensor && d.segment == c.segment)
+                    .map(|d| d.len)
+                    .sum();
+                let dtype = storage.dtype_for(layout.tensors()[c.tensor].len);
+                let (f32_len, compact_len) = &mut sizes[c.segment];
+                let at = if dtype == StateDtype::F32 {
+                    let at = round_up(*f32_len, align);
+                    *f32_len = at + round_up(len, 4);
+                    at
+                } else {
+                    let at = round_up(*compact_len, unit);
+                    *compact_len = at + round_up(len, unit);
+                    at
+                };
+                piece = Some((c.tensor, c.segment, c.offset, StatePlace { dtype, at }));
+            }
+            let (_, _, first, base) = piece.expect("set above");
+            places.push(StatePlace {
+                at: base.at + (c.offset - first),
+                ..base
+            });
+        }
+        for (f, _) in &mut sizes {
+            *f = round_up(*f, align);
+        }
+        StateLayout {
+            places,
+            sizes,
+            block_size: storage.block_size,
+        }
+    }
+
+    /// Chunk `k`'s place.
+    pub(crate) fn place(&self, k: usize) -> StatePlace {
+        self.places[k]
+    }
+
+    /// Elements of segment `s`'s f32 store and of its compact store (per slot).
+    pub(crate) fn sizes(&self, s: usize) -> (usize, usize) {
+        self.sizes[s]
+    }
+
+    /// Elements per int8 block.
+    pub(crate) fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Tensor `t`'s pieces: runs of its chunks in one segment, as (segment, place of
+    /// the first chunk, elements, offset in the tensor).
+    pub(crate) fn pieces(
+        &self,
+        layout: &Layout,
+        t: usize,
+    ) -> Vec<(usize, StatePlace, usize, usize)> {
+        let e = layout.tensors()[t];
+        let mut out: Vec<(usize, StatePlace, usize, usize)> = Vec::new();
+        for k in e.first_chunk..e.first_chunk + e.chunk_count {
+            let c = layout.chunks()[k];
+            match out.last_mut() {
+                Some((s, _, len, _)) if *s == c.segment => *len += c.len,
+                _ => out.push((c.segment, self.places[k], c.len, c.offset - e.offset)),
+            }
+        }
+        out
+    }
+}
+
+/// One tensor's slot as it is stored: f32 values, bf16 bits, or int8 codes with one
+/// scale per block (the last block may be short).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum RawSlot {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    Int8 { codes: Vec<u8>, absmax: Vec<f32> },
+}
+
+impl RawSlot {
+    /// `values` stored as `dtype`: bf16 rounded to nearest (ties to even), int8 in
+    /// blocks of `block` with their scales.
+    pub(crate) fn encode(dtype: StateDtype, slot: Slot, values: &[f32], block: usize) -> RawSlot {
+        match dtype {
+            StateDtype::F32 => RawSlot::F32(values.to_vec()),
+            StateDtype::Bf16 => RawSlot::Bf16(
+                values
+                    .iter()
+                    .map(|&x| store_bf16_slot::<false>(x, 0))
+                    .collect(),
+            ),
+            StateDtype::Int8 => {
+                let mut codes = vec![0u8; values.len()];
+                let mut absmax = vec![0.0f32; values.len().div_ceil(block)];
+                encode_blocks(
+                    values,
+                    &mut codes,
+                    &mut absmax,
+                    block,
+                    CodeMap::for_slot(slot),
+                );
+                RawSlot::Int8 { codes, absmax }
+            }
+        }
+    }
+
+    /// The f32 values (exactly what the kernels decode).
+    pub(crate) fn decode(&self, slot: Slot, block: usize) -> Vec<f32> {
+        match self {
+            RawSlot::F32(v) => v.clone(),
+            RawSlot::Bf16(bits) => bits
+                .iter()
+                .map(|&b| f32::from_bits(u32::from(b) << 16))
+                .collect(),
+            RawSlot::Int8 { codes, absmax } => {
+                let mut out = vec![0.0; codes.len()];
+                decode_blocks(codes, absmax, &mut out, block, CodeMap::for_slot(slot));
+                out
+            }
+        }
+    }
+
+    /// Its format.
+    pub(crate) fn dtype(&self) -> StateDtype {
+        match self {
+            RawSlot::F32(_) => StateDtype::F32,
+            RawSlot::Bf16(_) => StateDtype::Bf16,
+            RawSlot::Int8 { .. } => StateDtype::Int8,
+        }
+    }
+
+    /// Elements.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            RawSlot::F32(v) => v.len(),
+            RawSlot::Bf16(v) => v.len(),
+            RawSlot::Int8 { codes, .. } => codes.len(),
+        }
+    }
+}
+
+/// Refuses a stored slot in another format or of another length than `dtype` and
+/// `len` elements (`block`: elements per int8 scale).
+pub(crate) fn check_raw(
+    slot: Slot,
+    tensor: usize,
+    dtype: StateDtype,
+    len: usize,
+    raw: &RawSlot,
+    block: usize,
+) -> crate::error::Result<()> {
+    let scales_ok = match raw {
+        RawSlot::Int8 { absmax, .. } => absmax.len() == len.div_ceil(block),
+        _ => true,
+    };
+    if raw.dtype() != dtype || raw.len() != len || !scales_ok {
+        return Err(crate::error::Error::StateMismatch(format!(
+            "slot `{slot}` of variable {tensor} is stored as {dtype} ({len} elements); got {} ({} elements)",
+            raw.dtype(),
+            raw.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::variable::VariableSpec;
+
+    fn specs(lens: &[usize]) -> Vec<VariableSpec> {
+        lens.iter()
+            .enumerate()
+            .map(|(i, &n)| VariableSpec::new(format!("t{i}"), &[n]))
+            .collect()
+    }
+
+    #[test]
+    fn small_tensors_pack_f32_and_large_ones_start_on_blocks() {
+        let layout = Layout::new(&specs(&[10, 300, 5, 1000]), 256, usize::MAX, 8).unwrap();
+        let storage = StateStorage::new(StateDtype::Int8)
+            .with_min_size(100)
+            .with_block_size(64);
+        let s = StateLayout::new(&layout, &storage, 8);
+        let first = |t: usize| s.place(layout.tensors()[t].first_chunk);
+        assert_eq!(
+            first(0),
+            StatePlace {
+                dtype: StateDtype::F32,
+                at: 0
+            }
+        );
+        assert_eq!(
+            first(1),
+            StatePlace {
+                dtype: StateDtype::Int8,
+                at: 0
+            }
+        );
+        assert_eq!(
+            first(2),
+            StatePlace {
+                dtype: StateDtype::F32,
+                at: 16
+            }
+        );
+        // 300 elements take 5 blocks of 64
+        assert_eq!(
+            first(3),
+            StatePlace {
+                dtype: StateDtype::Int8,
+                at: 320
+            }
+        );
+        assert_eq!(s.sizes(0), (24, 320 + 1024));
+        // the chunks of a tensor follow each other in its region
+        let t = layout.tensors()[3];
+        let ats: Vec<usize> = (0..t.chunk_count)
+            .map(|k| s.place(t.first_chunk + k).at)
+            .collect();
+        assert_eq!(ats, [320, 576, 832, 1088]);
+        assert_eq!(s.pieces(&layout, 3), [(0, first(3), 1000, 0)]);
+        // f32 state: the arena's own offsets
+        let s = StateLayout::new(&layout, &StateStorage::default(), 8);
+        assert_eq!(
+            s.place(layout.tensors()[3].first_chunk).at,
+            layout.tensors()[3].offset
+        );
+    }
+}

@@ -1,0 +1,414 @@
+//! Compact slots (`StateStorage`: bf16, or int8 block-wise with dynamic code maps):
+//! the backends agree (bytes identical where the f32 values are, within one code
+//! otherwise), every stored value is the nearest code of the f32 value an f32
+//! optimizer computes from the same state (a property over zero, tiny, huge and
+//! non-finite gradients), non-finite elements stay in their element, tensors under the
+//! threshold keep f32 slots, and the memory is what the format promises.
+
+mod common;
+
+use common::{combo, Rng};
+use fused_rmsprop::quant::CodeMap;
+use fused_rmsprop::{
+    Backend, Error, GpuOptions, RmsProp, RmsPropConfig, Slot, StateDtype, StateStorage, Variable,
+};
+use proptest::prelude::*;
+
+/// Tensors over and under the threshold (4096), odd lengths, one spanning many blocks.
+fn model() -> Vec<Variable> {
+    let mut rng = Rng(3);
+    [("w", 9000usize), ("bias", 300), ("v", 4096), ("tail", 5003)]
+        .iter()
+        .map(|&(name, n)| Variable::new(name, &[n], rng.vec(n)).unwrap())
+        .collect()
+}
+
+fn run(config: &RmsPropConfig, backend: Backend, gpu: &GpuOptions, steps: usize) -> RmsProp {
+    let vars = model();
+    let mut opt = RmsProp::with_options(config.clone(), vars.clone(), backend, gpu).unwrap();
+    let mut rng = Rng(11);
+    for k in 0..steps {
+        let grads: Vec<Vec<f32>> = vars
+            .iter()
+            .map(|v| rng.vec(v.values.len()).iter().map(|x| 2.0 * x).collect())
+            .collect();
+        let mut refs: Vec<Option<&[f32]>> = grads.iter().map(|g| Some(&g[..])).collect();
+        if k % 3 == 2 {
+            refs[1] = None; // a missing gradient
+        }
+        opt.apply_gradients(&refs).unwrap();
+    }
+    opt
+}
+
+/// The largest gap between neighbouring finite values of `map` (the top decade).
+fn max_gap(map: &CodeMap) -> f32 {
+    let v = &map.values[..=map.max_finite as usize];
+    v.windows(2).map(|w| w[1] - w[0]).fold(0.0, f32::max)
+}
+
+/// `a` and `b` (one slot of one tensor) differ by at most `codes` steps of the map in
+/// every block of `block` elements (scaled by the block's largest magnitude).
+fn within_codes(
+    a: &[f32],
+    b: &[f32],
+    block: usize,
+    map: &CodeMap,
+    codes: f32,
+) -> Result<(), String> {
+    for (k, (x, y)) in a.chunks(block).zip(b.chunks(block)).enumerate() {
+        let m = x
+            .iter()
+            .chain(y)
+            .filter(|v| v.is_finite())
+            .fold(0.0f32, |m, v| m.max(v.abs()));
+        for (j, (&p, &q)) in x.iter().zip(y).enumerate() {
+            let ok = if p.is_nan() || q.is_nan() {
+                p.is_nan() && q.is_nan()
+            } else if p.is_infinite() || q.is_infinite() {
+                p == q
+            } else {
+                (p - q).abs() <= codes * max_gap(map) * m * 1.0001 + 1e-30
+            };
+            if !ok {
+                return Err(format!("block {k} [{j}]: {p} vs {q} (block max {m})"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn with_state(config: RmsPropConfig, dtype: StateDtype, block: usize) -> RmsPropConfig {
+    config.with_state(StateStorage::new(dtype).with_block_size(block))
+}
+
+#[test]
+fn cpu_and_gpu_agree_on_every_option() {
+    let Some(ctx) = common::gpu() else { return };
+    let gpu = common::on(&ctx);
+    let mut failures = Vec::new();
+    // every structural option appears: centered, momentum, the clips, EMA with
+    // overwrite, accumulation, weight decay with loss scale
+    for (k, dtype, block) in [
+        (0, StateDtype::Int8, 256),
+        (3, StateDtype::Int8, 64),
+        (7, StateDtype::Int8, 256),
+        (19, StateDtype::Bf16, 256),
+        (43, StateDtype::Int8, 32),
+        (83, StateDtype::Int8, 128),
+        (127, StateDtype::Int8, 256),
+        (127, StateDtype::Bf16, 256),
+        (54, StateDtype::Bf16, 256),
+    ] {
+        let config = with_state(combo(k), dtype, block);
+        let cpu = run(&config, Backend::Cpu, &GpuOptions::default(), 7);
+        let gpu = run(&config, Backend::Gpu, &gpu, 7);
+        let (a, b) = (cpu.variables().unwrap(), gpu.variables().unwrap());
+        for (t, (x, y)) in a.iter().zip(&b).enumerate() {
+            for (j, (&p, &q)) in x.iter().zip(y).enumerate() {
+                if !common::trace::values_match(q, p) {
+                    failures.push(format!("combo {k} {dtype}: param {t}[{j}] cpu {p} gpu {q}"));
+                    break;
+                }
+            }
+        }
+        for slot in Slot::ALL {
+            let (Some(a), Some(b)) = (cpu.slot(slot).unwrap(), gpu.slot(slot).unwrap()) else {
+                continue;
+            };
+            for (t, (x, y)) in a.iter().zip(&b).enumerate() {
+                let r = if dtype == StateDtype::Bf16 || x.len() < 4096 {
+                    // bf16 (or f32): a unit of bf16 apart at most
+                    x.iter().zip(y).try_for_each(|(&p, &q)| {
+                        let ok = common::trace::values_match(q, p)
+                            || (p - q).abs() <= p.abs().max(q.abs()) / 128.0;
+                        ok.then_some(()).ok_or(format!("{p} vs {q}"))
+                    })
+                } else {
+                    within_codes(x, y, block, CodeMap::for_slot(slot), 1.0)
+                };
+                if let Err(e) = r {
+                    failures.push(format!(
+                        "combo {k} {dtype}/{block}: {slot} of tensor {t}: {e}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Where the f32 values are the same on both backends (the velocity of a first step,
+/// and accumulation: products and sums, correctly rounded on both), so are the stored
+/// codes and scales.
+#[test]
+fn same_f32_values_store_the_same_bytes() {
+    let Some(ctx) = common::gpu() else { return };
+    let gpu = common::on(&ctx);
+    let config = with_state(RmsPropConfig::default(), StateDtype::Int8, 256)
+        .with_gradient_accumulation_steps(4);
+    // three accumulation steps, then the velocity of plain RMSprop's first step
+    let plain = with_state(RmsPropConfig::default(), StateDtype::Int8, 64);
+    for (config, steps, slot) in [(config, 3, Slot::Accumulator), (plain, 1, Slot::Velocity)] {
+        let cpu = run(&config, Backend::Cpu, &GpuOptions::default(), steps);
+        let gpu = run(&config, Backend::Gpu, &gpu, steps);
+        let (a, b) = (
+            cpu.slot(slot).unwrap().unwrap(),
+            gpu.slot(slot).unwrap().unwrap(),
+        );
+        for (x, y) in a.iter().zip(&b) {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(x), bits(y), "{slot}");
+            assert!(x.iter().any(|&v| v != 0.0));
+        }
+    }
+}
+
+/// Runs one step with compact state and the same step with f32 state started from the
+/// compact state's decoded values: every stored value must be the f32 value within
+/// half a code of the map (one code for bf16: a unit of rounding).
+fn one_step_matches_f32(
+    config: &RmsPropConfig,
+    grads: &[Vec<f32>],
+    state: &mut RmsProp,
+    shadow: &mut RmsProp,
+) -> Result<(), String> {
+    let storage = config.state;
+    for (i, v) in state.variables().unwrap().iter().enumerate() {
+        shadow.set_variable(i, v).unwrap();
+    }
+    for slot in Slot::ALL {
+        if let Some(values) = state.slot(slot).unwrap() {
+            for (i, v) in values.iter().enumerate() {
+                shadow.set_slot(slot, i, v).unwrap();
+            }
+        }
+    }
+    let refs: Vec<Option<&[f32]>> = grads.iter().map(|g| Some(&g[..])).collect();
+    state.apply_gradients(&refs).unwrap();
+    shadow.apply_gradients(&refs).unwrap();
+    for slot in Slot::ALL {
+        let (Some(q), Some(f)) = (state.slot(slot).unwrap(), shadow.slot(slot).unwrap()) else {
+            continue;
+        };
+        for (t, (q, f)) in q.iter().zip(&f).enumerate() {
+            let map = CodeMap::for_slot(slot);
+            // an infinite signed slot is stored as NaN in int8 (documented)
+            let f: Vec<f32> = f
+                .iter()
+                .map(|&x| {
+                    if x.is_infinite()
+                        && slot != Slot::Velocity
+                        && storage.dtype == StateDtype::Int8
+                    {
+                        f32::NAN
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            let r = match storage.dtype {
+                StateDtype::Int8 => within_codes(q, &f, storage.block_size, map, 0.5),
+                _ => q.iter().zip(&f).try_for_each(|(&a, &b)| {
+                    let ok =
+                        (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= b.abs() / 256.0;
+                    ok.then_some(()).ok_or(format!("{a} vs {b}"))
+                }),
+            };
+            r.map_err(|e| format!("step {}: {slot} of tensor {t}: {e}", state.iterations()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Gradients of every magnitude: zero, tiny, ordinary, huge, and (rarely) NaN or
+/// infinite.
+fn gradient() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        3 => Just(0.0f32),
+        2 => (-1e-30f32..1e-30),
+        20 => (-3.0f32..3.0),
+        2 => (-1e30f32..1e30),
+        1 => Just(f32::NAN),
+        1 => Just(f32::INFINITY),
+        1 => Just(f32::NEG_INFINITY),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn stored_state_is_the_f32_state_within_the_map(
+        grads in prop::collection::vec(prop::collection::vec(gradient(), 600), 12),
+        block in prop::sample::select(vec![32usize, 64, 256]),
+        bf16 in any::<bool>(),
+        k in 0usize..128,
+    ) {
+        let dtype = if bf16 { StateDtype::Bf16 } else { StateDtype::Int8 };
+        let config = combo(k).with_state(StateStorage::new(dtype).with_block_size(block).with_min_size(500));
+        let vars = vec![
+            Variable::new("w", &[600], Rng(5).vec(600)).unwrap(),
+            Variable::new("b", &[7], vec![0.5; 7]).unwrap(),
+        ];
+        let mut opt = RmsProp::with_backend(config.clone(), vars.clone(), Backend::Cpu).unwrap();
+        let exact = config.clone().with_state(StateStorage::default());
+        let mut shadow = RmsProp::with_backend(exact, vars, Backend::Cpu).unwrap();
+        for g in &grads {
+            let step = vec![g.clone(), vec![0.25; 7]];
+            one_step_matches_f32(&config, &step, &mut opt, &mut shadow).map_err(TestCaseError::fail)?;
+        }
+    }
+}
+
+/// A NaN or an infinity in a gradient reaches only its own element's slots: the rest
+/// of its block keeps the scale of its finite values.
+#[test]
+fn non_finite_elements_stay_in_their_element() {
+    let config = RmsPropConfig::default()
+        .with_momentum(0.9)
+        .with_centered(true)
+        .with_state(StateStorage::new(StateDtype::Int8));
+    let n = 4096;
+    let var = || vec![Variable::new("w", &[n], vec![1.0; n]).unwrap()];
+    let mut compact = RmsProp::with_backend(config.clone(), var(), Backend::Cpu).unwrap();
+    let mut exact = RmsProp::with_backend(
+        config.with_state(StateStorage::default()),
+        var(),
+        Backend::Cpu,
+    )
+    .unwrap();
+    let mut rng = Rng(9);
+    for step in 0..20 {
+        let mut g = rng.vec(n);
+        if step == 3 {
+            g[10] = f32::NAN;
+            g[700] = f32::INFINITY;
+        }
+        compact.apply_gradients(&[Some(&g)]).unwrap();
+        exact.apply_gradients(&[Some(&g)]).unwrap();
+    }
+    let (p, e) = (
+        &compact.variables().unwrap()[0],
+        &exact.variables().unwrap()[0],
+    );
+    assert!(p[10].is_nan() && p[700].is_nan() && e[10].is_nan());
+    let velocity = &compact.slot(Slot::Velocity).unwrap().unwrap()[0];
+    assert!(velocity[10].is_nan());
+    assert_eq!(velocity[700], f32::INFINITY);
+    // everything else trains as f32 state does, within what int8 momentum costs, and
+    // the two blocks holding the NaN and the infinity no worse than the clean ones
+    let drift = |j: usize| (p[j] - e[j]).abs();
+    let poisoned = |j: usize| j / 256 == 0 || j / 256 == 2;
+    let clean = (0..n)
+        .filter(|&j| !poisoned(j))
+        .map(drift)
+        .fold(0.0, f32::max);
+    assert!(clean < 5e-3, "{clean}");
+    for j in (0..n).filter(|&j| poisoned(j) && j != 10 && j != 700) {
+        assert!(
+            drift(j) <= 1.5 * clean,
+            "[{j}]: {} vs {} (clean blocks: {clean})",
+            p[j],
+            e[j]
+        );
+    }
+    assert!(velocity[11].is_finite() && velocity[701].is_finite() && velocity[11] > 0.0);
+}
+
+#[test]
+fn small_tensors_keep_f32_and_memory_is_as_promised() {
+    let n = 1 << 16;
+    let vars = || {
+        vec![
+            Variable::new("w", &[n], Rng(1).vec(n)).unwrap(),
+            Variable::new("b", &[100], vec![0.0; 100]).unwrap(),
+        ]
+    };
+    let config = RmsPropConfig::default()
+        .with_momentum(0.9)
+        .with_centered(true);
+    let ctx = common::gpu();
+    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
+    if let Some(ctx) = &ctx {
+        backends.push((Backend::Gpu, common::on(ctx)));
+    }
+    for (backend, gpu) in backends {
+        let bytes = |dtype| {
+            let c = config.clone().with_state(StateStorage::new(dtype));
+            let mut opt = RmsProp::with_options(c, vars(), backend, &gpu).unwrap();
+            opt.apply_gradients(&[Some(&vec![0.5; n][..]), Some(&[1.0; 100][..])])
+                .unwrap();
+            // the bias (under the threshold) keeps exact f32 slots
+            let f = RmsProp::with_options(config.clone(), vars(), backend, &gpu).map(|mut f| {
+                f.apply_gradients(&[Some(&vec![0.5; n][..]), Some(&[1.0; 100][..])])
+                    .unwrap();
+                f.slot(Slot::Velocity).unwrap().unwrap()[1].clone()
+            });
+            assert_eq!(opt.slot(Slot::Velocity).unwrap().unwrap()[1], f.unwrap());
+            opt.state_bytes() as f64
+        };
+        // three slots; small tensors and padding add a little
+        let per_param = |dtype| bytes(dtype) / n as f64;
+        let (f32s, bf16s, int8s) = (
+            per_param(StateDtype::F32),
+            per_param(StateDtype::Bf16),
+            per_param(StateDtype::Int8),
+        );
+        let overhead = 3.0 * 4.0 * 256.0 / n as f64 + 0.01;
+        assert!((f32s - 12.0).abs() < overhead, "{backend:?} f32 {f32s}");
+        assert!((bf16s - 6.0).abs() < overhead, "{backend:?} bf16 {bf16s}");
+        assert!(
+            (int8s - 3.0 * (1.0 + 4.0 / 256.0)).abs() < overhead,
+            "{backend:?} int8 {int8s}"
+        );
+    }
+}
+
+#[test]
+fn views_of_compact_slots_are_refused_and_runs_repeat() {
+    let Some(ctx) = common::gpu() else { return };
+    let gpu = common::on(&ctx);
+    let config = with_state(
+        RmsPropConfig::default().with_momentum(0.5),
+        StateDtype::Int8,
+        256,
+    );
+    let a = run(&config, Backend::Gpu, &gpu, 5);
+    let g = a.gpu().unwrap();
+    assert!(matches!(
+        g.slot_view(Slot::Momentum, 0),
+        Err(Error::CompactSlot {
+            index: 0,
+            dtype: StateDtype::Int8,
+            ..
+        })
+    ));
+    // the bias keeps f32 slots: a view of them exists
+    assert!(g.slot_view(Slot::Velocity, 1).is_ok());
+    // the same run again stores the same values
+    let b = run(&config, Backend::Gpu, &gpu, 5);
+    assert_eq!(
+        a.slot(Slot::Momentum).unwrap(),
+        b.slot(Slot::Momentum).unwrap()
+    );
+    assert_eq!(a.variables().unwrap(), b.variables().unwrap());
+}
+
+#[test]
+fn invalid_storage_is_a_typed_error() {
+    let var = || vec![Variable::new("w", &[3], vec![1.0; 3]).unwrap()];
+    for bad in [
+        StateStorage::new(StateDtype::Int8).with_block_size(48),
+        StateStorage::new(StateDtype::Int8).with_block_size(1024),
+        StateStorage::new(StateDtype::Int8).with_stochastic_rounding(1),
+    ] {
+        let e = RmsProp::with_backend(
+            RmsPropConfig::default().with_state(bad),
+            var(),
+            Backend::Cpu,
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { .. }), "{e}");
+    }
+}
