@@ -19,6 +19,8 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuOptions;
 use crate::math::LossScaleState;
 use crate::optimizer::RmsProp;
+use crate::state::{StateDtype, StateStorage};
+use crate::state_layout::RawSlot;
 use crate::variable::VariableSpec;
 use crate::variant::{Slot, Variant};
 
@@ -75,8 +77,8 @@ struct Parsed {
     raw_iterations: u64,
     /// Steps the non-finite guard skipped (absent in older files: 0).
     skipped_steps: u64,
-    /// `(what, variable index) -> values`.
-    tensors: HashMap<(Stored, usize), Vec<f32>>,
+    /// `(what, variable index) -> values` (variables: f32), as stored.
+    tensors: HashMap<(Stored, usize), RawSlot>,
 }
 
 fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
@@ -194,41 +196,65 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let mut stored = vec![Stored::Variables];
     stored.extend(Variant::of(&config).slots().into_iter().map(Stored::Slot));
     let mut tensors = HashMap::new();
+    let mut names = 0;
     for &what in &stored {
         for (i, spec) in specs.iter().enumerate() {
             let key = tensor_key(what, i);
-            let view: TensorView<'_> = st
-                .tensor(&key)
-                .map_err(|_| corrupt(path, format!("tensor `{key}` missing")))?;
-            if view.dtype() != Dtype::F32 || view.shape() != spec.shape.as_slice() {
-                return Err(corrupt(
-                    path,
-                    format!(
-                        "tensor `{key}` is {:?} {:?}, expected F32 {:?}",
-                        view.dtype(),
-                        view.shape(),
-                        spec.shape
-                    ),
-                ));
-            }
-            let values: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            if values.len() != spec.len() {
+            let read = |key: &str, dtype: Dtype, shape: &[usize]| -> Result<Vec<u8>> {
+                let view: TensorView<'_> = st
+                    .tensor(key)
+                    .map_err(|_| corrupt(path, format!("tensor `{key}` missing")))?;
+                if view.dtype() != dtype || view.shape() != shape {
+                    return Err(corrupt(
+                        path,
+                        format!(
+                            "tensor `{key}` is {:?} {:?}, expected {dtype:?} {shape:?}",
+                            view.dtype(),
+                            view.shape(),
+                        ),
+                    ));
+                }
+                Ok(view.data().to_vec())
+            };
+            let f32s = |b: Vec<u8>| -> Vec<f32> {
+                b.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
+            };
+            let dtype = match what {
+                Stored::Variables => StateDtype::F32,
+                Stored::Slot(_) => config.state.dtype_for(spec.len()),
+            };
+            names += 1;
+            let value = match dtype {
+                StateDtype::F32 => RawSlot::F32(f32s(read(&key, Dtype::F32, &spec.shape)?)),
+                StateDtype::Bf16 => RawSlot::Bf16(
+                    read(&key, Dtype::BF16, &spec.shape)?
+                        .chunks_exact(2)
+                        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                        .collect(),
+                ),
+                StateDtype::Int8 => {
+                    names += 1;
+                    let blocks = spec.len().div_ceil(config.state.block_size);
+                    RawSlot::Int8 {
+                        codes: read(&key, Dtype::U8, &spec.shape)?,
+                        absmax: f32s(read(&format!("{key}/absmax"), Dtype::F32, &[blocks])?),
+                    }
+                }
+            };
+            if value.len() != spec.len() {
                 return Err(corrupt(path, format!("tensor `{key}` has the wrong size")));
             }
-            tensors.insert((what, i), values);
+            tensors.insert((what, i), value);
         }
     }
-    if st.names().len() != tensors.len() {
+    if st.names().len() != names {
         return Err(corrupt(
             path,
             format!(
-                "{} tensors, expected {} for this config",
+                "{} tensors, expected {names} for this config",
                 st.names().len(),
-                tensors.len()
             ),
         ));
     }
@@ -261,26 +287,44 @@ impl RmsProp {
             .iter()
             .map(|s| json!({"name": s.name, "shape": s.shape}))
             .collect();
-        let mut arrays: Vec<(Stored, Vec<Vec<f32>>)> = vec![(Stored::Variables, self.variables()?)];
+        // (key, dtype, bytes, shape): the variables, then each slot as it is stored
+        let mut data: Vec<(String, Dtype, Vec<u8>, Vec<usize>)> = Vec::new();
+        for (i, v) in self.variables()?.iter().enumerate() {
+            let shape = self.specs()[i].shape.clone();
+            data.push((
+                tensor_key(Stored::Variables, i),
+                Dtype::F32,
+                le_bytes(v),
+                shape,
+            ));
+        }
         for slot in Variant::of(self.config()).slots() {
-            if let Some(values) = self.slot(slot)? {
-                arrays.push((Stored::Slot(slot), values));
+            for i in 0..self.specs().len() {
+                let key = tensor_key(Stored::Slot(slot), i);
+                let shape = self.specs()[i].shape.clone();
+                match self.slot_raw(slot, i)? {
+                    RawSlot::F32(v) => data.push((key, Dtype::F32, le_bytes(&v), shape)),
+                    RawSlot::Bf16(bits) => {
+                        let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+                        data.push((key, Dtype::BF16, bytes, shape));
+                    }
+                    RawSlot::Int8 { codes, absmax } => {
+                        let blocks = vec![absmax.len()];
+                        data.push((
+                            format!("{key}/absmax"),
+                            Dtype::F32,
+                            le_bytes(&absmax),
+                            blocks,
+                        ));
+                        data.push((key, Dtype::U8, codes, shape));
+                    }
+                }
             }
         }
-        let data: Vec<(String, Vec<u8>, Vec<usize>)> = arrays
-            .iter()
-            .flat_map(|(what, per_var)| {
-                per_var
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, v)| (tensor_key(*what, i), le_bytes(v), i))
-            })
-            .map(|(key, bytes, i)| (key, bytes, self.specs()[i].shape.clone()))
-            .collect();
         let views = data
             .iter()
-            .map(|(k, b, shape)| {
-                TensorView::new(Dtype::F32, shape.clone(), b)
+            .map(|(k, dtype, b, shape)| {
+                TensorView::new(*dtype, shape.clone(), b)
                     .map(|v| (k.clone(), v))
                     .map_err(|e| corrupt(path, e.to_string()))
             })
@@ -435,6 +479,20 @@ impl RmsProp {
                 optimizer: name(ours.param_copy),
             });
         }
+        let (theirs, ours) = (p.config.state, self.config().state);
+        if theirs != ours {
+            let describe = |s: StateStorage| {
+                format!(
+                    "{} (min_size {}, block_size {}, stochastic rounding {:?})",
+                    s.dtype, s.min_size, s.block_size, s.stochastic_rounding
+                )
+            };
+            return Err(Error::StateMismatch(format!(
+                "the checkpoint's slots are {}, this optimizer's {}",
+                describe(theirs),
+                describe(ours)
+            )));
+        }
         if p.config.to_keras_json()? != self.config().to_keras_json()? {
             return Err(corrupt(
                 path,
@@ -490,9 +548,15 @@ impl RmsProp {
         }
         self.set_counters(p.raw_iterations, p.skipped_steps)?;
         for (&(what, i), values) in &p.tensors {
-            match what {
-                Stored::Variables => self.set_variable(i, values)?,
-                Stored::Slot(slot) => self.set_slot(slot, i, values)?,
+            match (what, values) {
+                (Stored::Variables, RawSlot::F32(values)) => self.set_variable(i, values)?,
+                (Stored::Slot(slot), raw) => self.set_slot_raw(slot, i, raw)?,
+                (Stored::Variables, other) => {
+                    return Err(Error::StateMismatch(format!(
+                        "variable {i} is stored as {}, not f32",
+                        other.dtype()
+                    )))
+                }
             }
         }
         self.set_exclusions(p.excluded);

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{GpuEngine, GpuOptions};
 use crate::plan::{iterations, takes_weight_decay};
 use crate::state::StateStorage;
+use crate::state_layout::RawSlot;
 use crate::variable::{check_len, Variable, VariableSpec};
 use crate::variant::{Slot, Variant};
 
@@ -476,6 +477,18 @@ impl RmsProp {
             return Err(Error::SlotNotKept(slot));
         }
         self.engine.write_tensor(Role::Slot(slot), i, values)
+    }
+
+    /// Variable `i`'s `slot` as it is stored (checkpoints keep it so).
+    pub(crate) fn slot_raw(&self, slot: Slot, i: usize) -> Result<RawSlot> {
+        self.index(i)?;
+        self.engine.read_slot_raw(slot, i)
+    }
+
+    /// Replaces variable `i`'s `slot` with `raw`, as stored (format and length checked).
+    pub(crate) fn set_slot_raw(&mut self, slot: Slot, i: usize, raw: &RawSlot) -> Result<()> {
+        self.index(i)?;
+        self.engine.write_slot_raw(slot, i, raw)
     }
 
     /// Bytes of memory the slots take on this backend (padding, and int8 blocks'

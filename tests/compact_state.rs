@@ -412,3 +412,73 @@ fn invalid_storage_is_a_typed_error() {
         assert!(matches!(e, Error::InvalidConfig { .. }), "{e}");
     }
 }
+
+/// A checkpoint keeps compact slots as they are stored (codes and scales, bf16 bits):
+/// restored on either backend, the state is the same bits and training goes on the
+/// same; a restore into other slot storage is refused with a typed error, changing
+/// nothing.
+#[test]
+fn checkpoints_keep_compact_state_exactly() {
+    let dir = std::env::temp_dir().join(format!("compact-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ctx = common::gpu();
+    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
+    if let Some(ctx) = &ctx {
+        backends.push((Backend::Gpu, common::on(ctx)));
+    }
+    for dtype in [StateDtype::Int8, StateDtype::Bf16] {
+        let config = with_state(combo(3 + 16), dtype, 64);
+        for (from, from_gpu) in &backends {
+            let saved = run(&config, *from, from_gpu, 5);
+            let path = dir.join(format!("{dtype}.safetensors"));
+            saved.save_checkpoint(&path).unwrap();
+            for (to, to_gpu) in &backends {
+                let mut restored = RmsProp::load_checkpoint(&path, *to, to_gpu).unwrap();
+                for slot in Slot::ALL {
+                    let bits = |o: &RmsProp| {
+                        o.slot(slot)
+                            .unwrap()
+                            .map(|v| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>())
+                    };
+                    assert_eq!(
+                        bits(&saved),
+                        bits(&restored),
+                        "{dtype} {slot} {from:?} -> {to:?}"
+                    );
+                }
+                // a step on the restored optimizer is the step on the original (same backend)
+                if to == from {
+                    let mut original = run(&config, *from, from_gpu, 5);
+                    let g: Vec<Vec<f32>> =
+                        model().iter().map(|v| vec![0.3; v.values.len()]).collect();
+                    let refs: Vec<Option<&[f32]>> = g.iter().map(|g| Some(&g[..])).collect();
+                    original.apply_gradients(&refs).unwrap();
+                    restored.apply_gradients(&refs).unwrap();
+                    assert_eq!(original.variables().unwrap(), restored.variables().unwrap());
+                    assert_eq!(
+                        original.slot(Slot::Velocity).unwrap(),
+                        restored.slot(Slot::Velocity).unwrap()
+                    );
+                }
+            }
+            // other slot storage: refused, nothing changed
+            for other in [
+                StateStorage::default(),
+                StateStorage::new(dtype).with_block_size(128),
+            ] {
+                let mut opt = RmsProp::with_options(
+                    combo(3 + 16).with_state(other),
+                    model(),
+                    *from,
+                    from_gpu,
+                )
+                .unwrap();
+                let before = opt.variables().unwrap();
+                let e = opt.restore_checkpoint(&path).unwrap_err();
+                assert!(matches!(e, Error::StateMismatch(_)), "{e}");
+                assert_eq!(opt.variables().unwrap(), before);
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
