@@ -7,9 +7,13 @@ mod mlp;
 
 mod common;
 
-use fused_rmsprop::{Backend, Dtype};
+use fused_rmsprop::{Backend, Dtype, StateDtype};
 
 fn run(backend: Backend, precision: Dtype) -> mlp::Report {
+    run_with(backend, precision, StateDtype::F32)
+}
+
+fn run_with(backend: Backend, precision: Dtype, state: StateDtype) -> mlp::Report {
     let options = mlp::TrainOptions {
         backend,
         steps: 100,
@@ -17,6 +21,7 @@ fn run(backend: Backend, precision: Dtype) -> mlp::Report {
         every: 25,
         seed: 7,
         precision,
+        state,
     };
     mlp::train(&options, |_, _| {}).unwrap()
 }
@@ -64,4 +69,41 @@ fn trains_alike(precision: Dtype) {
         cpu.final_loss
     );
     assert_eq!(gpu.losses.len(), cpu.losses.len());
+}
+
+/// Compact slots (bf16, int8 block-wise) train the MLP to within 10% of f32 slots'
+/// final loss, on the CPU path and on the GPU, and take the memory they promise.
+#[test]
+fn compact_state_trains_within_ten_percent_of_f32_state() {
+    let mut backends = vec![Backend::Cpu];
+    if common::gpu().is_some() {
+        backends.push(Backend::Gpu);
+    }
+    for backend in backends {
+        let exact = run_with(backend, Dtype::F32, StateDtype::F32);
+        for state in [StateDtype::Bf16, StateDtype::Int8] {
+            let compact = run_with(backend, Dtype::F32, state);
+            assert_eq!(compact.state, state.as_str());
+            let gap = (compact.final_loss - exact.final_loss).abs() / exact.final_loss;
+            assert!(
+                gap <= 0.10,
+                "{backend:?} {state}: final loss {} vs {} with f32 state ({:.1}% apart)",
+                compact.final_loss,
+                exact.final_loss,
+                100.0 * gap
+            );
+            // two slots (velocity, momentum): the three large kernels (98% of the
+            // parameters) compact, the rest f32
+            let share = compact.state_bytes as f64 / exact.state_bytes as f64;
+            let promised = if state == StateDtype::Bf16 {
+                0.52
+            } else {
+                0.28
+            };
+            assert!(
+                share < promised,
+                "{backend:?} {state}: {share} of f32 state's bytes"
+            );
+        }
+    }
 }

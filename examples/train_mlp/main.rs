@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo run --release --example train_mlp -- [--backend auto|cpu|gpu] [--steps N]
-//!     [--batch B] [--every K] [--precision f32|bf16] [--json] [--plot loss.svg]
+//!     [--batch B] [--every K] [--precision f32|bf16] [--state-dtype f32|bf16|int8]
+//!     [--json] [--plot loss.svg]
 //! ```
 //!
 //! The model (32 -> 256 -> 256 -> 256 -> 8, tanh, 142,088 parameters) regresses a
@@ -20,6 +21,10 @@
 //! (`Precision::param_copy`); the forward and backward passes read that copy
 //! (`param_copy_view`) and write bf16 gradients (`Precision::gradients`).
 //!
+//! `--state-dtype bf16|int8` stores the optimizer's slots compact (`StateStorage`):
+//! bf16, or 8-bit block-wise codes with one f32 scale per 256 elements, for the three
+//! kernels of at least 4096 elements.
+//!
 //! Exits non-zero unless the loss falls at least `REQUIRED_FACTOR`-fold.
 
 mod mlp;
@@ -27,7 +32,7 @@ mod mlp;
 use std::process::ExitCode;
 
 use clap::Parser;
-use fused_rmsprop::{Backend, Dtype};
+use fused_rmsprop::{Backend, Dtype, StateDtype};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
@@ -56,6 +61,9 @@ struct Args {
     /// weights and slots.
     #[arg(long, default_value = "f32")]
     precision: Dtype,
+    /// How the optimizer stores its slots: f32, bf16 or int8 (block-wise).
+    #[arg(long, default_value = "f32")]
+    state_dtype: StateDtype,
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
@@ -118,6 +126,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         every: args.every,
         seed: args.seed,
         precision: args.precision,
+        state: args.state_dtype,
     };
     let bar = if args.json {
         ProgressBar::hidden()
@@ -139,6 +148,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             json!({
                 "backend": report.backend,
                 "precision": report.precision,
+                "state_dtype": report.state,
+                "state_bytes": report.state_bytes,
                 "adapter": report.adapter,
                 "params": report.params,
                 "batch": options.batch,
@@ -152,10 +163,12 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         );
     } else {
         println!(
-            "backend: {}{}, precision {}\nparams: {}\nfirst loss: {:.6}\nfinal loss: {:.6} ({fell:.1}x lower)\nsteps: {} ({:.1} steps/s{})",
+            "backend: {}{}, precision {}, state {} ({} bytes)\nparams: {}\nfirst loss: {:.6}\nfinal loss: {:.6} ({fell:.1}x lower)\nsteps: {} ({:.1} steps/s{})",
             report.backend,
             report.adapter.as_deref().map(|a| format!(" ({a})")).unwrap_or_default(),
             report.precision,
+            report.state,
+            report.state_bytes,
             report.params,
             report.first_loss,
             report.final_loss,

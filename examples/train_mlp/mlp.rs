@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use fused_rmsprop::half::bf16;
 use fused_rmsprop::{
-    Backend, BackendKind, Dtype, GpuOptions, Precision, RmsProp, RmsPropConfig, Variable,
+    Backend, BackendKind, Dtype, GpuOptions, Precision, RmsProp, RmsPropConfig, StateDtype,
+    StateStorage, Variable,
 };
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 
@@ -39,6 +40,9 @@ pub struct TrainOptions {
     /// optimizer's bf16 parameter copy and producing bf16 gradients (f32 master weights
     /// and slots).
     pub precision: Dtype,
+    /// How the optimizer stores its slots (tensors of at least 4096 elements; the
+    /// rest keep f32).
+    pub state: StateDtype,
 }
 
 /// What a run measured.
@@ -48,6 +52,10 @@ pub struct Report {
     pub backend: &'static str,
     /// "f32" or "bf16".
     pub precision: &'static str,
+    /// "f32", "bf16" or "int8": the slots' storage.
+    pub state: &'static str,
+    /// Bytes the optimizer's slots take.
+    pub state_bytes: u64,
     /// The adapter, on the GPU.
     pub adapter: Option<String>,
     /// Trainable parameters.
@@ -127,7 +135,7 @@ pub fn train(
         other => return Err(format!("train_mlp runs in f32 or bf16, not {other}").into()),
     };
     let mut opt = RmsProp::with_precision(
-        config(),
+        config().with_state(StateStorage::new(options.state)),
         vars,
         options.backend,
         &GpuOptions::default(),
@@ -170,6 +178,8 @@ pub fn train(
     Ok(Report {
         backend: opt.backend().as_str(),
         precision: options.precision.as_str(),
+        state: options.state.as_str(),
+        state_bytes: opt.state_bytes(),
         adapter,
         params,
         first_loss: losses.first().map_or(f64::NAN, |l| l.1),
