@@ -26,7 +26,10 @@ use clap::Parser;
 mod workload;
 
 use fused_rmsprop::half::{bf16, f16};
-use fused_rmsprop::{Backend, CpuLevel, Dtype, GpuOptions, GradientElement, Precision, RmsProp};
+use fused_rmsprop::{
+    Backend, CpuLevel, Dtype, GpuOptions, GradientElement, Precision, RmsProp, StateDtype,
+    StateStorage,
+};
 use serde_json::json;
 use workload::{
     median_time, parallel_copy, synthetic_gradients, synthetic_model, BenchVariant, GpuCopy,
@@ -71,6 +74,11 @@ struct Args {
     /// (`bytes_per_step` counts its 2 bytes per parameter).
     #[arg(long)]
     param_copy: Option<Dtype>,
+    /// Store the slots compact (tensors of at least 4096 elements): f32, bf16 or int8
+    /// (blocks of 256; `bytes_per_step` counts 4 or 2 + 8/256 bytes per slot element
+    /// read and written instead of 8).
+    #[arg(long, default_value = "f32")]
+    state_dtype: StateDtype,
     /// Run the CPU loops at this level (baseline, avx2, avx512) instead of the best one.
     #[arg(long)]
     cpu_level: Option<CpuLevel>,
@@ -147,8 +155,19 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         2 * (4 - args.param_dtype.size_bytes() as u64)
     };
-    let bytes = (variant.bytes_per_param_with(gradient_bytes) + copy_bytes - param_saving)
-        * args.params as u64;
+    let slots =
+        1 + u64::from(variant.momentum) + u64::from(variant.centered) + u64::from(variant.ema);
+    // bytes each slot element moves per step (read and written)
+    let slot_traffic = match args.state_dtype {
+        StateDtype::F32 => 8.0,
+        StateDtype::Bf16 => 4.0,
+        StateDtype::Int8 => 2.0 + 8.0 / 256.0,
+    };
+    let per_param = (variant.bytes_per_param_with(gradient_bytes) + copy_bytes
+        - param_saving
+        - 8 * slots) as f64
+        + slots as f64 * slot_traffic;
+    let bytes = (per_param * args.params as f64).round() as u64;
     let reps = reps_for(bytes);
     let mut precision = Precision::default()
         .with_gradients(args.gradient_dtype)
@@ -163,7 +182,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         precision = precision.with_param_copy(copy);
     }
     let mut opt = RmsProp::with_precision(
-        variant.config(),
+        variant
+            .config()
+            .with_state(StateStorage::new(args.state_dtype)),
         model,
         args.backend,
         &GpuOptions::default(),
@@ -285,6 +306,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "param_dtype": args.param_dtype.as_str(),
         "stochastic_rounding": args.stochastic_rounding,
         "param_remainders": args.param_remainders,
+        "state_dtype": args.state_dtype.as_str(),
+        "state_bytes_per_param": opt.state_bytes() as f64 / args.params as f64,
         "guard": args.guard,
         "cpu_level": cpu_level,
         "params": args.params,

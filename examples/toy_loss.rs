@@ -4,7 +4,8 @@
 //! ```text
 //! cargo run --release --example toy_loss -- [--backend auto|cpu|gpu] [--steps N]
 //!     [--learning-rate LR] [--rho R] [--momentum M] [--centered] [--global-clipnorm C]
-//!     [--use-ema] [--schedule constant|exponential|cosine] [--plot loss.svg]
+//!     [--use-ema] [--schedule constant|exponential|cosine] [--state-dtype f32|bf16|int8]
+//!     [--plot loss.svg]
 //! ```
 //!
 //! Exits non-zero if the loss did not fall at least `REQUIRED_FACTOR`-fold.
@@ -14,7 +15,7 @@ use std::time::Instant;
 use clap::{Parser, ValueEnum};
 use fused_rmsprop::{
     Backend, CosineDecay, ExponentialDecay, KerasSchedule, LearningRate, RmsProp, RmsPropConfig,
-    Variable,
+    StateDtype, StateStorage, Variable,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -64,6 +65,9 @@ struct Args {
     /// Write the loss curve as SVG here.
     #[arg(long)]
     plot: Option<std::path::PathBuf>,
+    /// How the optimizer stores its slots: f32, bf16 or int8 (block-wise).
+    #[arg(long, default_value = "f32")]
+    state_dtype: StateDtype,
 }
 
 /// f(x) = sum_i 100 (x[2i+1] - x[2i]^2)^2 + (1 - x[2i])^2, averaged over pairs.
@@ -107,7 +111,8 @@ fn config(args: &Args) -> RmsPropConfig {
         .with_momentum(args.momentum)
         .with_centered(args.centered)
         .with_use_ema(args.use_ema)
-        .with_name("toy_loss");
+        .with_name("toy_loss")
+        .with_state(StateStorage::new(args.state_dtype));
     if let Some(g) = args.global_clipnorm {
         c = c.with_global_clipnorm(g);
     }
@@ -201,8 +206,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let first = losses[0];
     println!(
-        "backend: {}\nfirst loss: {first:.6}\nfinal loss: {final_loss:.6}\nsteps: {}\nsteps/s: {:.1}",
+        "backend: {}, state {}\nfirst loss: {first:.6}\nfinal loss: {final_loss:.6}\nsteps: {}\nsteps/s: {:.1}",
         opt.backend().as_str(),
+        args.state_dtype,
         args.steps,
         args.steps as f64 / seconds.max(1e-9)
     );

@@ -40,7 +40,14 @@ pub struct CodeMap {
     pub inf_index: u32,
     /// Sorted index of NaN.
     pub nan_index: u32,
+    /// For [`encode_int8_fast`]: the sorted index of each magnitude `y` from 2^-27 to
+    /// 1, keyed by its top 20 bits (buckets narrower than any gap between thresholds).
+    guesses: Vec<u8>,
 }
+
+/// The keys of [`CodeMap::guesses`]: the top 20 bits of 2^-27 and of 1.0.
+const GUESS_LOW: u32 = 0x3200_0000 >> 12;
+const GUESS_HIGH: u32 = 0x3f80_0000 >> 12;
 
 /// Means of `items` equal steps between 0.1 and 1 (bitsandbytes' `create_dynamic_map`:
 /// the midpoints of `linspace(0.1, 1, items + 1)`), times `scale`.
@@ -68,14 +75,19 @@ impl CodeMap {
         if has_inf {
             values[finite.len()] = f32::INFINITY;
         }
-        CodeMap {
+        let mut map = CodeMap {
             values,
             thresholds,
             max_finite,
             flip,
             inf_index: if has_inf { max_finite + 1 } else { 255 },
             nan_index: 255,
-        }
+            guesses: Vec::new(),
+        };
+        map.guesses = (GUESS_LOW..=GUESS_HIGH)
+            .map(|b| (u32::from(encode_int8(f32::from_bits(b << 12), 1.0, &map)) ^ flip) as u8)
+            .collect();
+        map
     }
 
     /// The map of never-negative slots (the velocity).
@@ -130,14 +142,10 @@ impl CodeMap {
 /// The largest finite magnitude of `values` (0 when none): a block's scale.
 #[inline(always)]
 pub fn block_absmax(values: &[f32]) -> f32 {
-    values.iter().fold(0.0f32, |m, &x| {
-        let a = if x.is_finite() { x.abs() } else { 0.0 };
-        if a > m {
-            a
-        } else {
-            m
-        }
-    })
+    values
+        .iter()
+        .map(|&x| if x.is_finite() { x.abs() } else { 0.0 })
+        .fold(0.0f32, f32::max)
 }
 
 /// The stored byte of `x` in a block whose scale is `absmax`: the nearest value of
@@ -172,6 +180,42 @@ pub fn encode_int8(x: f32, absmax: f32, map: &CodeMap) -> u8 {
     (index ^ map.flip) as u8
 }
 
+/// [`encode_int8`] of a finite `x` in a block whose scale `m` is not 0, faster and
+/// the same byte: `scaled` holds the block's products `m * thresholds[c]`, the ones
+/// `encode_int8` compares with. The sorted index of `|x| / m` (`inverse` is `1 / m`)
+/// is guessed from a table keyed by its top 20 bits (at most one threshold per key),
+/// two independent comparisons around the guess settle it, and a check that the
+/// comparisons hold there falls back to walking when they do not.
+#[inline(always)]
+fn encode_scaled(x: f32, inverse: f32, scaled: &[f32; 256], map: &CodeMap) -> u8 {
+    if !x.is_finite() {
+        return encode_int8(x, 1.0, map);
+    }
+    let key = ((x.abs() * inverse).to_bits() >> 12).clamp(GUESS_LOW, GUESS_HIGH) - GUESS_LOW;
+    let guess = u32::from(map.guesses[key as usize]);
+    let around = match (x < 0.0, map.flip != 0) {
+        (false, _) => guess,
+        // the signed map is symmetric
+        (true, true) => map.max_finite - guess,
+        // nothing negative in the unsigned map: its nearest value is 0
+        (true, false) => 0,
+    };
+    // the thresholds past the last finite value are infinite: no step passes it
+    let base = around.saturating_sub(1) as u8;
+    let mut index = u32::from(base)
+        + u32::from(x >= scaled[usize::from(base)])
+        + u32::from(x >= scaled[usize::from(base) + 1]);
+    if x >= scaled[index as usize] || (index > 0 && x < scaled[index as usize - 1]) {
+        while x >= scaled[index as usize] {
+            index += 1;
+        }
+        while index > 0 && x < scaled[index as usize - 1] {
+            index -= 1;
+        }
+    }
+    (index ^ map.flip) as u8
+}
+
 /// The value of the stored byte `code` in a block whose scale is `absmax` (specials as
 /// they are).
 #[inline(always)]
@@ -200,8 +244,18 @@ pub fn encode_blocks(
     {
         let m = block_absmax(v);
         *a = m;
+        if m == 0.0 {
+            // no finite value but 0: zeros, and the specials as they are
+            for (x, code) in v.iter().zip(c.iter_mut()) {
+                *code = encode_int8(*x, m, map);
+            }
+            continue;
+        }
+        // the block's thresholds, the same products encode_int8 compares with
+        let scaled: [f32; 256] = std::array::from_fn(|k| m * map.thresholds[k]);
+        let inverse = 1.0 / m;
         for (x, code) in v.iter().zip(c.iter_mut()) {
-            *code = encode_int8(*x, m, map);
+            *code = encode_scaled(*x, inverse, &scaled, map);
         }
     }
 }
@@ -293,6 +347,61 @@ mod tests {
                     .map(|v| (v - x).abs())
                     .fold(f32::INFINITY, f32::min);
                 assert!(err <= best * (1.0 + 1e-6) + 1e-12, "{x}: {err} > {best}");
+            }
+        }
+    }
+
+    /// `x` encoded by `encode_blocks` in a block whose largest magnitude is `absmax`.
+    fn fast(x: f32, absmax: f32, map: &CodeMap) -> u8 {
+        let mut codes = [0u8; 2];
+        encode_blocks(&[x, absmax], &mut codes, &mut [0.0], 256, map);
+        codes[0]
+    }
+
+    #[test]
+    fn the_fast_encoding_is_the_encoding() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for map in [CodeMap::unsigned(), CodeMap::signed()] {
+            for _ in 0..400_000 {
+                let r = next();
+                let absmax = f32::from_bits(((r >> 32) as u32 & 0x7fff_ffff) % 0x7f80_0000);
+                let fraction = (r & 0xffff_ffff) as f32 / u32::MAX as f32;
+                // values across the block, its largest, and arbitrary bit patterns
+                let x = match r % 5 {
+                    0 => absmax,
+                    1 => -absmax,
+                    2 => f32::from_bits(next() as u32),
+                    _ => absmax * (2.0 * fraction - 1.0) * fraction.powi(8),
+                };
+                let x = if x.is_finite() && x.abs() > absmax {
+                    absmax
+                } else {
+                    x
+                };
+                assert_eq!(
+                    fast(x, absmax, map),
+                    encode_int8(x, absmax, map),
+                    "{x} in a block of {absmax}"
+                );
+            }
+            // every threshold and its neighbours
+            for &t in &map.thresholds[..map.max_finite as usize] {
+                for x in [
+                    t,
+                    f32::from_bits(t.to_bits() + 1),
+                    f32::from_bits(t.to_bits().max(1) - 1),
+                ] {
+                    for absmax in [1.0f32, 0.3, 7e-30, 3e30] {
+                        let x = (x * absmax).clamp(-absmax, absmax);
+                        assert_eq!(fast(x, absmax, map), encode_int8(x, absmax, map));
+                    }
+                }
             }
         }
     }
