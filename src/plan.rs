@@ -66,7 +66,7 @@ pub(crate) fn plan_step(config: &RmsPropConfig, raw: u64) -> StepScalars {
         param_storage: 0,
         rounding_seed: 0,
         rounding_step: raw as u32,
-        state_seed: 0,
+        state_seed: config.state.rounding_seed(),
         _pad1: 0,
     }
 }

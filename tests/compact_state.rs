@@ -226,9 +226,9 @@ fn one_step_matches_f32(
 fn gradient() -> impl Strategy<Value = f32> {
     prop_oneof![
         3 => Just(0.0f32),
-        2 => (-1e-30f32..1e-30),
-        20 => (-3.0f32..3.0),
-        2 => (-1e30f32..1e30),
+        2 => -1e-30f32..1e-30,
+        20 => -3.0f32..3.0,
+        2 => -1e30f32..1e30,
         1 => Just(f32::NAN),
         1 => Just(f32::INFINITY),
         1 => Just(f32::NEG_INFINITY),
@@ -236,7 +236,12 @@ fn gradient() -> impl Strategy<Value = f32> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: 24,
+        failure_persistence: None,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_0015),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn stored_state_is_the_f32_state_within_the_map(
@@ -481,4 +486,56 @@ fn checkpoints_keep_compact_state_exactly() {
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// bf16 slots rounded stochastically keep small updates that rounding to nearest
+/// loses: with rho 0.999 and a constant gradient the velocity climbs toward 1 by
+/// 0.001 * (1 - v) a step, below half a bf16 unit past 0.5, where rounding to nearest
+/// stalls; stochastic rounding follows the f32 velocity on average. Both backends draw
+/// the same bits for the same f32 values (a seed's runs agree within one bf16 unit).
+#[test]
+fn stochastic_bf16_slots_keep_small_updates() {
+    let n = 8192;
+    let steps = 1500;
+    let exact = 1.0 - 0.999f64.powi(steps);
+    let ctx = common::gpu();
+    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
+    if let Some(ctx) = &ctx {
+        backends.push((Backend::Gpu, common::on(ctx)));
+    }
+    let mut runs = Vec::new();
+    for (backend, gpu) in &backends {
+        let velocity = |storage: StateStorage| {
+            let config = RmsPropConfig::default().with_rho(0.999).with_state(storage);
+            let var = Variable::new("w", &[n], vec![0.0; n]).unwrap();
+            let mut opt = RmsProp::with_options(config, vec![var], *backend, gpu).unwrap();
+            let g = vec![1.0f32; n];
+            for _ in 0..steps {
+                opt.apply_gradients(&[Some(&g)]).unwrap();
+            }
+            opt.slot(Slot::Velocity).unwrap().unwrap().remove(0)
+        };
+        let mean = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
+        let nearest = velocity(StateStorage::new(StateDtype::Bf16));
+        let stochastic = velocity(StateStorage::new(StateDtype::Bf16).with_stochastic_rounding(42));
+        assert!(
+            mean(&nearest) < exact - 0.2,
+            "{backend:?}: nearest {} vs {exact}",
+            mean(&nearest)
+        );
+        assert!(
+            (mean(&stochastic) - exact).abs() < 0.01 * exact,
+            "{backend:?}: {} vs {exact}",
+            mean(&stochastic)
+        );
+        runs.push(stochastic);
+    }
+    if let [cpu, gpu] = runs.as_slice() {
+        let close = cpu
+            .iter()
+            .zip(gpu)
+            .filter(|(a, b)| (*a - *b).abs() <= a.abs() / 128.0)
+            .count();
+        assert_eq!(close, n, "a seed draws the same bits on both backends");
+    }
 }

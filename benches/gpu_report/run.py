@@ -10,8 +10,10 @@ benches/gpu_report/build.sh). The grid: every variant (4 bases, with and without
 global_clipnorm and EMA), the non-finite guard off and on, at each size with one tensor
 and at 16M parameters in 10,000 tensors; each row carries its same-run copy ratios
 (`copy_buffer_to_buffer` and a minimal WGSL copy), dispatches and submissions per step
-and the host's recording time. Then the end-to-end step latency at 1M parameters,
-`train_mlp` on the GPU, and the targets of issue 13 marked met or missed.
+and the host's recording time. Compact optimizer state (`--state-dtype bf16|int8`,
+issue 15) at each size for the variants in STATE_ROWS. Then the end-to-end step
+latency at 1M parameters, `train_mlp` on the GPU (f32 and int8 state), and the
+targets of issue 13 marked met or missed.
 
 `--dry-run` runs the same path on small sizes and accepts a software adapter (CI runs
 it on lavapipe); it fails on any error, where a real run records errors in the report.
@@ -29,6 +31,8 @@ BASES = ["plain", "momentum", "centered", "centered-momentum"]
 VARIANTS = [b + m for b in BASES for m in ["", "+clip", "+ema", "+clip+ema"]]
 # the dry run covers every stage with four variants
 DRY_VARIANTS = ["plain", "momentum+clip", "centered+ema", "centered-momentum+clip+ema"]
+# compact state (issue 15): (variant, state dtype), one tensor per size
+STATE_ROWS = [("plain", "int8"), ("centered-momentum", "bf16"), ("centered-momentum", "int8")]
 HERE = Path(__file__).resolve().parent
 
 
@@ -82,6 +86,19 @@ def main():
                 else:
                     rows.append(out[-1])
                 print(json.dumps(rows[-1]), flush=True)
+    for params in sizes:
+        for variant, state in STATE_ROWS:
+            cmd = [a.bin / "throughput", "--backend", "gpu", "--variant", variant,
+                   "--params", str(params), "--samples", str(samples), "--json",
+                   "--state-dtype", state]
+            out, err = run_json(cmd, 600, env)
+            if err:
+                errors.append(err)
+                rows.append({"variant": variant, "params": params, "tensors": 1, "guard": False,
+                             "state_dtype": state, "error": err})
+            else:
+                rows.append(out[-1])
+            print(json.dumps(rows[-1]), flush=True)
     adapter = next((r["adapter"] for r in rows if "adapter" in r), None)
     if not dry and adapter and "llvmpipe" in adapter.lower():
         errors.append(f"{adapter} is a software adapter: this is not a real-GPU report")
@@ -95,6 +112,10 @@ def main():
     if err:
         errors.append(err)
     mlp = mlp[-1] if mlp else {"error": err}
+    mlp_int8, err = run_json(mlp_cmd + ["--state-dtype", "int8"], 600, env)
+    if err:
+        errors.append(err)
+    mlp_int8 = mlp_int8[-1] if mlp_int8 else {"error": err}
 
     torch_rows, torch_note = [], None
     if a.no_torch:
@@ -125,6 +146,7 @@ def main():
         "latency_1m_seconds": latency_row and latency_row["latency_seconds"],
         "latency_params": latency_row and latency_row["params"],
         "train_mlp": mlp,
+        "train_mlp_int8_state": mlp_int8,
         "torch": torch_rows,
         "torch_note": torch_note,
         "errors": errors,
@@ -139,9 +161,13 @@ def main():
             sys.exit(1)
 
 
+def compact(r):
+    return r.get("state_dtype", "f32") != "f32"
+
+
 def torch_match(torch_rows, r):
     base = r["variant"].replace("+ema", "")
-    if "+ema" in r["variant"] or r.get("guard"):
+    if "+ema" in r["variant"] or r.get("guard") or compact(r):
         return None
     return next((t for t in torch_rows if t["variant"] == base and t["params"] == r["params"]
                  and t["tensors"] == r["tensors"]), None)
@@ -149,7 +175,8 @@ def torch_match(torch_rows, r):
 
 def targets(rows, torch_rows, latency, sizes):
     ok = [r for r in rows if "error" not in r]
-    big = [r for r in ok if r["params"] >= (16 << 20) and r["tensors"] == 1 and not r["guard"]]
+    big = [r for r in ok if r["params"] >= (16 << 20) and r["tensors"] == 1 and not r["guard"]
+           and not compact(r)]
     out = {"copy_ratio_at_16m_plus_min": min((r["ratio"] for r in big), default=None)}
     vs_big, vs_many = [], []
     for r in ok:
@@ -174,17 +201,18 @@ def fmt(x, spec=".2f"):
 def markdown(rep):
     lines = [f"# GPU report ({'dry run, ' if rep['dry_run'] else ''}{rep['date']})", "",
              f"Adapter: {rep['adapter']}. Host: {rep['host']}. Took {rep['seconds']} s.", "",
-             "| variant | guard | params | tensors | step ms | GB/s | copy ratio | shader ratio | "
+             "| variant | state | guard | params | tensors | step ms | GB/s | copy ratio | shader ratio | "
              "dispatches | host us | vs torch |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rep["throughput"]:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['guard']} | {r['params']} | {r['tensors']} | "
-                         f"error: {r['error'][:60]} | | | | | | |")
+            lines.append(f"| {r['variant']} | {r.get('state_dtype', 'f32')} | {r['guard']} | {r['params']} | "
+                         f"{r['tensors']} | error: {r['error'][:60]} | | | | | | |")
             continue
         t = torch_match(rep["torch"], r)
         lines.append(
-            f"| {r['variant'].replace('+guard', '')} | {'on' if r['guard'] else 'off'} | {r['params']:,} | "
+            f"| {r['variant'].replace('+guard', '')} | {r.get('state_dtype', 'f32')} | "
+            f"{'on' if r['guard'] else 'off'} | {r['params']:,} | "
             f"{r['tensors']:,} | {r['step_seconds'] * 1e3:.3f} | {r['gbps']:.1f} | {r['ratio']:.2f} | "
             f"{fmt(r.get('shader_ratio'))} | {r.get('dispatches_per_step', '-')} | "
             f"{fmt(r.get('host_seconds_per_step') and r['host_seconds_per_step'] * 1e6, '.0f')} | "
@@ -196,7 +224,10 @@ def markdown(rep):
               f"train_mlp: {m.get('params')} parameters, loss {fmt(m.get('first_loss'), '.4f')} -> "
               f"{fmt(m.get('final_loss'), '.5f')} in {m.get('steps')} steps, "
               f"{fmt(m.get('steps_per_second'), '.1f')} steps/s, {m.get('dispatches_per_step')} dispatches "
-              f"in {m.get('submissions_per_step')} submission per step.", ""]
+              f"in {m.get('submissions_per_step')} submission per step.", "",
+              f"train_mlp with int8 state: loss {fmt(rep['train_mlp_int8_state'].get('final_loss'), '.5f')} "
+              f"at the end, {rep['train_mlp_int8_state'].get('state_bytes')} state bytes "
+              f"(f32 state: {m.get('state_bytes')}).", ""]
     if rep["torch"]:
         lines += [f"torch.optim.RMSprop(foreach=True), {rep['torch'][0]['torch']} on "
                   f"{rep['torch'][0]['device_name']}, same run:", "",

@@ -361,7 +361,6 @@ impl Engine for CpuEngine {
         let s = StepScalars {
             param_storage: self.variant.param_storage(),
             rounding_seed: self.rounding_seed,
-            state_seed: config.state.rounding_seed(),
             ..plan_step(config, self.counters.raw())
         };
         let applied = match self.loss_scaling {

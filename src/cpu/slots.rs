@@ -38,10 +38,7 @@ pub(crate) enum SlotPiece<'a> {
 }
 
 /// Cuts `ranges` (increasing, disjoint; `None`: an empty piece) out of `buf`.
-fn cut<'a, T>(
-    buf: &'a mut [T],
-    ranges: impl Iterator<Item = Option<Range<usize>>>,
-) -> Vec<&'a mut [T]> {
+fn cut<T>(buf: &mut [T], ranges: impl Iterator<Item = Option<Range<usize>>>) -> Vec<&mut [T]> {
     let mut rest = buf;
     let mut consumed = 0;
     ranges
