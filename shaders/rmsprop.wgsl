@@ -215,7 +215,7 @@ struct ElementState {
 // blocks' scales, one run per kept slot; the code maps (quant::CodeMap::gpu_table).
 @group(0) @binding(13) var<storage, read_write> state_codes: array<u32>;
 @group(0) @binding(14) var<storage, read_write> state_absmax: array<f32>;
-@group(0) @binding(15) var<storage, read> code_maps: array<f32>;
+@group(0) @binding(15) var<storage, read> code_maps: array<u32>;
 
 // This invocation's plan, loaded from `step` at the start of each entry point.
 var<private> s: StepScalars;
@@ -617,12 +617,17 @@ const SLOT_ACCUMULATOR: u32 = 4u;
 
 const FORMAT_F32: u32 = 0u;
 
-// quant::CodeMap, as code_maps holds it: values at 0 (unsigned) and 256 (signed),
-// thresholds 512 further; the unsigned map has 254 finite values then +inf and NaN,
-// the signed one 255 then NaN, its bytes flipped by 127 (0 is byte 0 in both).
+// quant::CodeMap::gpu_table: values at 0 (unsigned) and 256 (signed), thresholds 512
+// further (f32 bits), then the guesses (four per word) at GUESSES, the signed map's
+// GUESS_WORDS further; the unsigned map has 254 finite values then +inf and NaN, the
+// signed one 255 then NaN, its bytes flipped by 127 (0 is byte 0 in both).
 const MAP_SIGNED: u32 = 256u;
 const MAP_THRESHOLDS: u32 = 512u;
 const NAN_INDEX: u32 = 255u;
+const GUESSES: u32 = 1024u;
+const GUESS_WORDS: u32 = 13825u;
+const GUESS_LOW: u32 = 0x32000u;
+const GUESS_HIGH: u32 = 0x3f800u;
 
 fn map_base(id: u32) -> u32 {
     return select(MAP_SIGNED, 0u, id == SLOT_VELOCITY);
@@ -641,7 +646,7 @@ fn map_inf_index(id: u32) -> u32 {
 }
 
 fn map_lanes(at: vec4<u32>) -> Lanes {
-    return Lanes(code_maps[at.x], code_maps[at.y], code_maps[at.z], code_maps[at.w]);
+    return bitcast<Lanes>(vec4(code_maps[at.x], code_maps[at.y], code_maps[at.z], code_maps[at.w]));
 }
 
 // quant::block_absmax of four lanes.
@@ -661,12 +666,57 @@ fn encode_int8(x: Lanes, absmax: f32, id: u32) -> vec4<u32> {
         let threshold = map_lanes(vec4(MAP_THRESHOLDS + base) + at);
         index = select(index, candidate, (candidate <= max_finite) & (x >= absmax * threshold));
     }
+    return stored_code(index, x, absmax, id);
+}
+
+// The stored byte of sorted index `index` for x: NaN and infinities their special
+// codes, everything 0.0 (byte 0) when absmax is 0, the flip of the signed map.
+fn stored_code(index: vec4<u32>, x: Lanes, absmax: f32, id: u32) -> vec4<u32> {
     let nan = lanes_nan(x);
     let infinite = lanes_non_finite(x) & !nan;
     let special = select(vec4(NAN_INDEX), vec4(map_inf_index(id)), infinite & (x > Lanes(0.0)));
-    index = select(index, special, nan | infinite);
+    let sorted = select(index, special, nan | infinite);
     let zero = !(nan | infinite) & vec4(absmax == 0.0);
-    return select(index ^ vec4(map_flip(id)), vec4(0u), zero);
+    return select(sorted ^ vec4(map_flip(id)), vec4(0u), zero);
+}
+
+// quant::encode_int8_fast: the sorted index of |x| / absmax guessed from its top 20
+// bits (a threshold at most one guess away), settled by two threshold comparisons and
+// checked against the two around the result; a lane that fails the check (none has
+// been seen) takes encode_int8's search. The same byte as encode_int8.
+fn encode_int8_fast(x: Lanes, absmax: f32, id: u32) -> vec4<u32> {
+    let base = map_base(id);
+    let max_finite = vec4(map_max_finite(id));
+    let thresholds = vec4(MAP_THRESHOLDS + base);
+    let y = bitcast<vec4<u32>>(abs(x) * (1.0 / absmax)) >> vec4(12u);
+    let key = clamp(y, vec4(GUESS_LOW), vec4(GUESS_HIGH)) - vec4(GUESS_LOW);
+    let words = vec4(GUESSES + select(GUESS_WORDS, 0u, id == SLOT_VELOCITY)) + key / vec4(4u);
+    let packed = vec4(code_maps[words.x], code_maps[words.y], code_maps[words.z], code_maps[words.w]);
+    let guess = (packed >> ((key % vec4(4u)) * vec4(8u))) & vec4(0xffu);
+    var around = guess;
+    if id != SLOT_VELOCITY {
+        around = select(guess, max_finite - guess, x < Lanes(0.0));
+    } else {
+        around = select(guess, vec4(0u), x < Lanes(0.0));
+    }
+    // thresholds lo - 1 .. lo + 2 (past the last finite value they are infinite)
+    let lo = max(around, vec4(1u)) - vec4(1u);
+    let t0 = map_lanes(thresholds + lo);
+    let t1 = map_lanes(thresholds + min(lo + vec4(1u), vec4(255u)));
+    let t2 = map_lanes(thresholds + min(lo + vec4(2u), vec4(255u)));
+    let below = map_lanes(thresholds + max(lo, vec4(1u)) - vec4(1u));
+    let up0 = x >= absmax * t0;
+    let up1 = x >= absmax * t1;
+    var index = lo + select(vec4(0u), vec4(1u), up0) + select(vec4(0u), vec4(1u), up1);
+    // the check: x below the threshold above the index, at or over the one under it
+    let above_ok = select(!up0, select(!up1, !(x >= absmax * t2), up1), up0);
+    let under = select(select(below, t0, up0), t1, up1);
+    let under_ok = (index == vec4(0u)) | (x >= absmax * under);
+    let bad = !lanes_non_finite(x) & vec4(absmax != 0.0) & !(above_ok & under_ok);
+    if any(bad) {
+        return select(stored_code(index, x, absmax, id), encode_int8(x, absmax, id), bad);
+    }
+    return stored_code(index, x, absmax, id);
 }
 
 // quant::decode_int8
@@ -736,7 +786,7 @@ fn store_slot(run: u32, id: u32, row: ChunkRow, k: u32, x: Lanes, key: vec4<u32>
 // Stores slot `id` of the chunk's vec4 k as int8 codes of its block's new `absmax`;
 // the block's first invocation stores the scale.
 fn store_slot_int8(run: u32, id: u32, row: ChunkRow, k: u32, x: Lanes, absmax: f32) {
-    state_codes[run * code_run() + row.state_at / 4u + k] = pack_bytes(encode_int8(x, absmax, id));
+    state_codes[run * code_run() + row.state_at / 4u + k] = pack_bytes(encode_int8_fast(x, absmax, id));
     if ((row.state_at + 4u * k) % BLOCK_SIZE) == 0u {
         state_absmax[scale_index(run, row, k)] = absmax;
     }
@@ -844,14 +894,23 @@ fn block_scales_of(lid: u32, e: ElementState, live: bool) -> BlockScales {
     block_scales[lid] = m;
     scratch[lid] = a;
     workgroupBarrier();
+    // two levels of eight: blocks of at most 64 invocations, three barriers (what a
+    // reduction costs on software adapters)
     let width = BLOCK_SIZE / 4u;
-    for (var stride = 1u; stride < width; stride *= 2u) {
-        if lid % (2u * stride) == 0u {
-            block_scales[lid] = max(block_scales[lid], block_scales[lid + stride]);
-            scratch[lid] = max(scratch[lid], scratch[lid + stride]);
+    if lid % 8u == 0u {
+        for (var j = 1u; j < min(width, 8u); j++) {
+            block_scales[lid] = max(block_scales[lid], block_scales[lid + j]);
+            scratch[lid] = max(scratch[lid], scratch[lid + j]);
         }
-        workgroupBarrier();
     }
+    workgroupBarrier();
+    if lid % width == 0u {
+        for (var j = 8u; j < width; j += 8u) {
+            block_scales[lid] = max(block_scales[lid], block_scales[lid + j]);
+            scratch[lid] = max(scratch[lid], scratch[lid + j]);
+        }
+    }
+    workgroupBarrier();
     let leader = lid - lid % width;
     return BlockScales(block_scales[leader], scratch[leader]);
 }

@@ -48,6 +48,8 @@ pub struct CodeMap {
 /// The keys of [`CodeMap::guesses`]: the top 20 bits of 2^-27 and of 1.0.
 const GUESS_LOW: u32 = 0x3200_0000 >> 12;
 const GUESS_HIGH: u32 = 0x3f80_0000 >> 12;
+/// Words of one map's guesses in [`CodeMap::gpu_table`].
+pub const GUESS_WORDS: usize = (GUESS_HIGH - GUESS_LOW) as usize / 4 + 1;
 
 /// Means of `items` equal steps between 0.1 and 1 (bitsandbytes' `create_dynamic_map`:
 /// the midpoints of `linspace(0.1, 1, items + 1)`), times `scale`.
@@ -131,11 +133,20 @@ impl CodeMap {
         (zero ^ self.flip) as u8
     }
 
-    /// The tables the shader reads, in one array: the unsigned values, the signed
-    /// values, the unsigned thresholds, the signed thresholds (256 each).
-    pub fn gpu_table() -> Vec<f32> {
+    /// The tables the shader reads, as words in one array: the unsigned values, the
+    /// signed values, the unsigned thresholds, the signed thresholds (256 f32 each, as
+    /// bits), then the unsigned and the signed guesses ([`GUESS_WORDS`] each, four per
+    /// word, little end first).
+    pub fn gpu_table() -> Vec<u32> {
         let (u, s) = (CodeMap::unsigned(), CodeMap::signed());
-        [u.values, s.values, u.thresholds, s.thresholds].concat()
+        let floats = [u.values, s.values, u.thresholds, s.thresholds].concat();
+        let mut words: Vec<u32> = floats.iter().map(|x| x.to_bits()).collect();
+        for map in [u, s] {
+            let mut guesses = map.guesses.clone();
+            guesses.resize(4 * GUESS_WORDS, 0);
+            words.extend(guesses.chunks(4).map(|g| u32::from_le_bytes([g[0], g[1], g[2], g[3]])));
+        }
+        words
     }
 }
 

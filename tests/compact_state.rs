@@ -539,3 +539,51 @@ fn stochastic_bf16_slots_keep_small_updates() {
         assert_eq!(close, n, "a seed draws the same bits on both backends");
     }
 }
+
+/// The GPU's int8 encoding (a guess and two comparisons) gives the CPU's bytes on the
+/// hardest values: every threshold of the map times the block's scale, one unit of f32
+/// either side, zeros, NaN and infinities, at scales from tiny to huge. (The first
+/// accumulation stores the gradient itself, so the accumulator is those values.)
+#[test]
+fn the_gpu_encodes_boundary_values_as_the_cpu_does() {
+    let Some(ctx) = common::gpu() else { return };
+    let map = CodeMap::signed();
+    let mut values = Vec::new();
+    for scale in [1.0f32, 3.1e-3, 7.7e12, 2.3e-30] {
+        let mut block = vec![scale, -scale, 0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+        for &t in &map.thresholds[..map.max_finite as usize] {
+            let x = t * scale;
+            for y in [x, f32::from_bits(x.to_bits() + 1), f32::from_bits(x.to_bits().max(1) - 1)] {
+                if y.abs() <= scale {
+                    block.push(y);
+                }
+            }
+        }
+        block.resize(block.len().next_multiple_of(256), 0.0);
+        // the block's scale is `scale`: put it first in every block
+        for chunk in block.chunks(256) {
+            let mut chunk = chunk.to_vec();
+            chunk[0] = scale;
+            values.extend(chunk);
+        }
+    }
+    let n = values.len();
+    let config = RmsPropConfig::default()
+        .with_gradient_accumulation_steps(2)
+        .with_state(StateStorage::new(StateDtype::Int8).with_min_size(256));
+    let accumulated = |backend, gpu: &GpuOptions| {
+        let var = Variable::new("w", &[n], vec![0.0; n]).unwrap();
+        let mut opt = RmsProp::with_options(config.clone(), vec![var], backend, gpu).unwrap();
+        opt.apply_gradients(&[Some(&values)]).unwrap();
+        opt.slot(Slot::Accumulator).unwrap().unwrap().remove(0)
+    };
+    let cpu = accumulated(Backend::Cpu, &GpuOptions::default());
+    let gpu = accumulated(Backend::Gpu, &common::on(&ctx));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&cpu), bits(&gpu));
+    // and those bytes are the nearest codes: the values come back within half a code
+    // (an infinite signed value as NaN)
+    let expected: Vec<f32> = values.iter().map(|&x| if x.is_infinite() { f32::NAN } else { x }).collect();
+    within_codes(&cpu, &expected, 256, map, 0.5).unwrap();
+    assert!(cpu[6] != values[6], "the accumulator holds codes, not f32");
+}
