@@ -144,7 +144,11 @@ impl CodeMap {
         for map in [u, s] {
             let mut guesses = map.guesses.clone();
             guesses.resize(4 * GUESS_WORDS, 0);
-            words.extend(guesses.chunks(4).map(|g| u32::from_le_bytes([g[0], g[1], g[2], g[3]])));
+            words.extend(
+                guesses
+                    .chunks(4)
+                    .map(|g| u32::from_le_bytes([g[0], g[1], g[2], g[3]])),
+            );
         }
         words
     }

@@ -550,10 +550,21 @@ fn the_gpu_encodes_boundary_values_as_the_cpu_does() {
     let map = CodeMap::signed();
     let mut values = Vec::new();
     for scale in [1.0f32, 3.1e-3, 7.7e12, 2.3e-30] {
-        let mut block = vec![scale, -scale, 0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+        let mut block = vec![
+            scale,
+            -scale,
+            0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
         for &t in &map.thresholds[..map.max_finite as usize] {
             let x = t * scale;
-            for y in [x, f32::from_bits(x.to_bits() + 1), f32::from_bits(x.to_bits().max(1) - 1)] {
+            for y in [
+                x,
+                f32::from_bits(x.to_bits() + 1),
+                f32::from_bits(x.to_bits().max(1) - 1),
+            ] {
                 if y.abs() <= scale {
                     block.push(y);
                 }
@@ -583,7 +594,10 @@ fn the_gpu_encodes_boundary_values_as_the_cpu_does() {
     assert_eq!(bits(&cpu), bits(&gpu));
     // and those bytes are the nearest codes: the values come back within half a code
     // (an infinite signed value as NaN)
-    let expected: Vec<f32> = values.iter().map(|&x| if x.is_infinite() { f32::NAN } else { x }).collect();
+    let expected: Vec<f32> = values
+        .iter()
+        .map(|&x| if x.is_infinite() { f32::NAN } else { x })
+        .collect();
     within_codes(&cpu, &expected, 256, map, 0.5).unwrap();
     assert!(cpu[6] != values[6], "the accumulator holds codes, not f32");
 }
