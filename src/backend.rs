@@ -9,7 +9,7 @@ use crate::counters::SkippedSteps;
 use crate::cpu_level::CpuLevel;
 use crate::dtype::GradSlice;
 use crate::error::{Error, Result};
-use crate::math::LossScaleState;
+use crate::math::{ClipFactors, LossScaleState};
 use crate::state_layout::RawSlot;
 use crate::variant::{Slot, Variant};
 
@@ -139,6 +139,11 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
 
     /// Replaces one variable's `slot` with `raw` (its format and length checked).
     fn write_slot_raw(&mut self, slot: Slot, tensor: usize, raw: &RawSlot) -> Result<()>;
+
+    /// Clip factors per tensor for the next update step, computed elsewhere (a sharded
+    /// optimizer reduces a tensor's norm across ranks), instead of this engine's own
+    /// norm reduction; `None`: its own. Only used when the config clips by a norm.
+    fn set_external_clips(&mut self, clips: Option<Vec<ClipFactors>>);
 
     /// Bytes of memory the slots take (their buffers or arrays, padding included).
     fn state_bytes(&self) -> u64;

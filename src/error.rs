@@ -158,6 +158,15 @@ pub enum Error {
     /// checkpoint of other slot dtypes, or raw state of the wrong shape.
     #[error("slot storage differs: {0}")]
     StateMismatch(String),
+    /// A sharded optimizer's rank failed (bad input, a lost device, other starting
+    /// values) or the ranks disagree: every rank returns an error.
+    #[error("sharded step stopped by rank {rank}: {reason}")]
+    Sharded {
+        /// The rank that failed (or the first that disagreed).
+        rank: usize,
+        /// What happened.
+        reason: String,
+    },
     /// A slot stored compact (bf16 or int8) has no f32 view.
     #[error("slot `{slot}` of variable {index} is stored as {dtype}: it has no f32 binding view")]
     CompactSlot {

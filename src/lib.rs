@@ -52,6 +52,8 @@ mod optimizer;
 mod plan;
 pub mod quant;
 mod schedule;
+#[cfg(feature = "mpi")]
+mod sharded;
 mod slot;
 mod state;
 mod state_layout;
@@ -68,11 +70,16 @@ pub use gpu::{GpuContext, GpuOptions};
 /// The 16-bit float types gradients can arrive in ([`half::bf16`], [`half::f16`]).
 pub use half;
 pub use loss_scale::{LossScaleConfig, LossScaleOptimizer};
+/// The MPI bindings (rsmpi) the sharded optimizer runs on (feature `mpi`).
+#[cfg(feature = "mpi")]
+pub use mpi;
 pub use optimizer::RmsProp;
 pub use schedule::{
     CosineDecay, CosineDecayRestarts, ExponentialDecay, InverseTimeDecay, KerasSchedule,
     LearningRate, LearningRateSchedule, PiecewiseConstantDecay, PolynomialDecay,
 };
+#[cfg(feature = "mpi")]
+pub use sharded::{merge_sharded_checkpoint, split_checkpoint, ShardedRmsProp};
 pub use slot::Slot;
 pub use state::{StateDtype, StateStorage};
 pub use variable::{Variable, VariableSpec};

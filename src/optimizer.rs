@@ -365,6 +365,21 @@ impl RmsProp {
             .step(&self.config, Gradients::Host(&slices), &self.decay)
     }
 
+    /// A step of a shard of a model (`ShardedRmsProp`): as
+    /// [`apply_gradients`](RmsProp::apply_gradients), but a step where none of this
+    /// shard's pieces has a gradient still runs (another shard's variables have one:
+    /// the counters, and the EMA, move on as in one process).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    pub(crate) fn apply_shard_gradients(&mut self, grads: &[Option<&[f32]>]) -> Result<()> {
+        match self.check_gradients(grads) {
+            Ok(()) | Err(Error::NoGradients) => {}
+            Err(e) => return Err(e),
+        }
+        let slices: Vec<Option<GradSlice<'_>>> = grads.iter().map(|g| g.map(f32::slice)).collect();
+        self.engine
+            .step(&self.config, Gradients::Host(&slices), &self.decay)
+    }
+
     /// [`apply_gradients`](RmsProp::apply_gradients) with `ndarray` gradients, taken in
     /// row-major order; each must have its variable's number of elements.
     pub fn apply_gradients_arrays(&mut self, grads: &[Option<ArrayViewD<'_, f32>>]) -> Result<()> {
@@ -477,6 +492,13 @@ impl RmsProp {
             return Err(Error::SlotNotKept(slot));
         }
         self.engine.write_tensor(Role::Slot(slot), i, values)
+    }
+
+    /// Clip factors per variable for the next update step, computed outside (a sharded
+    /// optimizer's norms span ranks); `None`: this optimizer's own.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    pub(crate) fn set_external_clips(&mut self, clips: Option<Vec<crate::math::ClipFactors>>) {
+        self.engine.set_external_clips(clips);
     }
 
     /// Variable `i`'s `slot` as it is stored (checkpoints keep it so).

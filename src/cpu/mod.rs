@@ -62,6 +62,8 @@ pub(crate) struct CpuEngine {
     param_copy: Option<HalfVec>,
     /// Stochastic rounding's seed, mixed.
     rounding_seed: u32,
+    /// Clip factors given from outside for the next step (`Engine::set_external_clips`).
+    external_clips: Option<Vec<ClipFactors>>,
     /// The instruction-set level the loops run at.
     isa: Isa,
 }
@@ -124,6 +126,7 @@ impl CpuEngine {
             loss_scaling: None,
             param_copy: variant.param_copy.and_then(|d| HalfVec::zeros(d, n)),
             rounding_seed: 0,
+            external_clips: None,
             isa: Isa::process_default(),
         })
     }
@@ -164,7 +167,8 @@ impl CpuEngine {
 
     /// Per-tensor sums of squared effective gradients, when this step clips by a norm.
     fn norm_sums(&self, s: &StepScalars, grads: &[Option<GradSlice<'_>>]) -> Option<Vec<f64>> {
-        if !self.variant.clip.needs_norm() || s.is_update_step == 0 {
+        if !self.variant.clip.needs_norm() || s.is_update_step == 0 || self.external_clips.is_some()
+        {
             return None;
         }
         let tensors = self.layout.tensors();
@@ -211,6 +215,9 @@ impl CpuEngine {
     /// Per-tensor clip factors from the norm sums (no clipping by norm: none).
     fn clip_factors(&self, s: &StepScalars, sums: Option<&[f64]>) -> Vec<ClipFactors> {
         let n = self.layout.tensors().len();
+        if let (Some(clips), true) = (&self.external_clips, self.variant.clip.needs_norm()) {
+            return clips.clone();
+        }
         let Some(sums) = sums else {
             return vec![ClipFactors::NONE; n];
         };
@@ -439,6 +446,10 @@ impl Engine for CpuEngine {
         check_raw(slot, tensor, place.dtype, len, raw, self.state.block_size())?;
         self.slots[slot as usize].write_raw(place, raw, self.state.block_size());
         Ok(())
+    }
+
+    fn set_external_clips(&mut self, clips: Option<Vec<ClipFactors>>) {
+        self.external_clips = clips;
     }
 
     fn state_bytes(&self) -> u64 {

@@ -89,6 +89,8 @@ pub(crate) struct GpuArena {
     pub(crate) segments: Vec<Segment>,
     pub(crate) tensors: wgpu::Buffer,
     pub(crate) uniform: wgpu::Buffer,
+    /// Per-tensor clip factors (`ClipFactors`), written by `norm_finalize` or the host.
+    pub(crate) clips: wgpu::Buffer,
     /// The device's [`crate::gpu::shader::StepState`] (the non-finite guard's counters).
     pub(crate) step_state: wgpu::Buffer,
     pub(crate) tensor_flags: Vec<u32>,
@@ -244,8 +246,8 @@ impl GpuArena {
         let clips = make_buffer(
             ctx,
             "clips",
-            f32_bytes(2 * n_tensors),
-            wgpu::BufferUsages::STORAGE,
+            f32_bytes(2 * n_tensors.max(1)),
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
         )?;
         let uniform = make_buffer(
             ctx,
@@ -462,6 +464,7 @@ impl GpuArena {
             segments,
             tensors,
             uniform,
+            clips,
             step_state,
             tensor_flags,
         })

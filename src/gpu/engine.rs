@@ -18,7 +18,7 @@ use crate::gpu::context::{software_allowed_by_env, GpuContext};
 use crate::gpu::nonfinite::GpuCounters;
 use crate::gpu::pipelines::{pipelines_for, Pipelines};
 use crate::gpu::shader::{StepUniform, FLAG_DECAY, FLAG_HAS_GRADIENT, PLAN_WINDOW};
-use crate::math::StepScalars;
+use crate::math::{ClipFactors, StepScalars};
 use crate::plan::plan_step;
 use crate::state::{StateDtype, StateStorage};
 use crate::state_layout::RawSlot;
@@ -58,6 +58,8 @@ pub struct GpuEngine {
     counters: Mutex<GpuCounters>,
     /// Stochastic rounding's seed, mixed (written into every plan).
     rounding_seed: u32,
+    /// Clip factors given from outside (`Engine::set_external_clips`).
+    external_clips: Option<Vec<ClipFactors>>,
     /// The parameters changed outside a step since the 16-bit copy was last rewritten
     /// (rewritten before the next step, view or readback: one pass for many writes).
     copy_stale: AtomicBool,
@@ -118,6 +120,7 @@ impl GpuEngine {
             max_groups,
             counters: Mutex::default(),
             rounding_seed: 0,
+            external_clips: None,
             // user parameter buffers hold values the copy has not seen
             copy_stale: AtomicBool::new(variant.param_copy.is_some()),
         })
@@ -331,7 +334,14 @@ impl GpuEngine {
         // device decides, so the reduction always runs (it also finds non-finite
         // gradients).
         let reduce = variant.skips_non_finite()
-            || (variant.clip.needs_norm() && uniform.plans[0].is_update_step != 0);
+            || (variant.clip.needs_norm()
+                && uniform.plans[0].is_update_step != 0
+                && self.external_clips.is_none());
+        if let (Some(clips), true) = (&self.external_clips, variant.clip.needs_norm()) {
+            self.ctx
+                .queue
+                .write_buffer(&self.arena.clips, 0, bytemuck::cast_slice(clips));
+        }
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("rmsprop step"),
@@ -526,6 +536,10 @@ impl Engine for GpuEngine {
 
     fn write_slot_raw(&mut self, slot: Slot, tensor: usize, raw: &RawSlot) -> Result<()> {
         self.arena.write_slot_raw(&self.ctx, slot, tensor, raw)
+    }
+
+    fn set_external_clips(&mut self, clips: Option<Vec<ClipFactors>>) {
+        self.external_clips = clips;
     }
 
     fn state_bytes(&self) -> u64 {

@@ -413,6 +413,68 @@ impl Trace {
     }
 }
 
+#[cfg(feature = "mpi")]
+impl Trace {
+    /// Replays the trace data-parallel over `comm`'s ranks with sharded state
+    /// (`ShardedRmsProp`, every rank feeding the trace's gradients), on `backend`.
+    pub fn replay_sharded<C: fused_rmsprop::mpi::traits::Communicator>(
+        &self,
+        comm: &C,
+        backend: Backend,
+        gpu: &GpuOptions,
+    ) -> fused_rmsprop::Result<Outcome> {
+        let mut opt = self.sharded(comm, backend, gpu)?;
+        self.feed_sharded(&mut opt, &self.steps)?;
+        self.outcome_sharded(&mut opt)
+    }
+
+    /// The sharded optimizer of this trace, before any step.
+    pub fn sharded<C: fused_rmsprop::mpi::traits::Communicator>(
+        &self,
+        comm: &C,
+        backend: Backend,
+        gpu: &GpuOptions,
+    ) -> fused_rmsprop::Result<fused_rmsprop::ShardedRmsProp> {
+        use fused_rmsprop::ShardedRmsProp;
+        let (config, vars) = (self.config.clone(), self.variables.clone());
+        let mut opt = match self.loss_scale_optimizer {
+            Some(l) => ShardedRmsProp::with_loss_scaling(comm, config, l, vars, backend, gpu)?,
+            None => ShardedRmsProp::new(comm, config, vars, backend, gpu)?,
+        };
+        opt.exclude_from_weight_decay(&self.exclude_from_weight_decay);
+        Ok(opt)
+    }
+
+    /// Feeds `steps` of gradients.
+    pub fn feed_sharded(
+        &self,
+        opt: &mut fused_rmsprop::ShardedRmsProp,
+        steps: &[Vec<Option<Vec<f32>>>],
+    ) -> fused_rmsprop::Result<()> {
+        for step in steps {
+            let grads: Vec<Option<&[f32]>> = step.iter().map(|g| g.as_deref()).collect();
+            opt.apply_gradients(&grads)?;
+        }
+        Ok(())
+    }
+
+    /// Finalizes (when the trace does) and reads the outcome.
+    pub fn outcome_sharded(
+        &self,
+        opt: &mut fused_rmsprop::ShardedRmsProp,
+    ) -> fused_rmsprop::Result<Outcome> {
+        if self.finalize {
+            opt.finalize_variable_values()?;
+        }
+        Ok(Outcome {
+            variables: opt.variables().to_vec(),
+            iterations: opt.iterations(),
+            loss_scale: opt.loss_scale(),
+            param_copy: None,
+        })
+    }
+}
+
 /// The optimizer a replay steps: the RMSprop, or the loss-scale wrapper around it.
 enum Stepper {
     Plain(RmsProp),

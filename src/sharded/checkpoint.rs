@@ -1,0 +1,389 @@
+//! Sharded checkpoints: a folder holding one checkpoint per rank (its shard's
+//! optimizer, written atomically as any checkpoint) and `manifest.json` (written by
+//! rank 0 once every shard is on disk, atomically): the config, the variables, the
+//! number of ranks, the counters and the loss scale.
+//!
+//! A sharded checkpoint restores into the same number of ranks
+//! ([`ShardedRmsProp::restore_checkpoint`]). [`merge_sharded_checkpoint`] turns it into
+//! one single-process checkpoint and [`split_checkpoint`] turns a single-process
+//! checkpoint into a sharded one for any number of ranks (no MPI needed for either):
+//! the reshard step between world sizes. Compact slots (bf16, int8) are decoded and
+//! encoded again on the way (their pieces start on whole blocks, so int8 blocks keep
+//! their scales).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::layout::ShardLayout;
+use super::{comm, settle, ShardedRmsProp, FAILED, OK};
+use crate::backend::{Backend, LossScaling};
+use crate::config::RmsPropConfig;
+use crate::error::{Error, Result};
+use crate::gpu::GpuOptions;
+use crate::loss_scale::LossScaleConfig;
+use crate::math::LossScaleState;
+use crate::optimizer::RmsProp;
+use crate::variable::{Variable, VariableSpec};
+use crate::variant::Variant;
+
+/// The `format` of a manifest.
+const MANIFEST_FORMAT: &str = "fused-rmsprop-sharded/1";
+
+fn io(path: &Path, e: std::io::Error) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        source: Arc::new(e),
+    }
+}
+
+fn corrupt(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The file of rank `r` of `ranks` in a sharded checkpoint.
+fn shard_file(dir: &Path, r: usize, ranks: usize) -> PathBuf {
+    dir.join(format!("shard-{r:05}-of-{ranks:05}.safetensors"))
+}
+
+/// What a manifest says.
+struct Manifest {
+    config: RmsPropConfig,
+    specs: Vec<VariableSpec>,
+    ranks: usize,
+    raw: u64,
+    skipped: u64,
+    excluded: Vec<String>,
+    loss_scaling: Option<(LossScaleConfig, LossScaleState)>,
+}
+
+impl Manifest {
+    fn to_json(&self) -> Result<Value> {
+        let specs: Vec<Value> = self
+            .specs
+            .iter()
+            .map(|s| json!({"name": s.name, "shape": s.shape}))
+            .collect();
+        Ok(json!({
+            "format": MANIFEST_FORMAT,
+            "keras_config": self.config.to_keras_json()?,
+            "variables": specs,
+            "ranks": self.ranks,
+            "raw_iterations": self.raw,
+            "skipped_steps": self.skipped,
+            "exclude_from_weight_decay": self.excluded,
+            "loss_scaling": self.loss_scaling.map(|(c, s)| json!({
+                "initial_scale": f64::from(c.initial_scale),
+                "dynamic_growth_steps": c.dynamic_growth_steps,
+                "scale": f64::from(s.scale),
+                "counter": s.counter,
+            })),
+        }))
+    }
+
+    fn read(dir: &Path) -> Result<Manifest> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| corrupt(&path, e.to_string()))?;
+        if v["format"] != MANIFEST_FORMAT {
+            return Err(corrupt(&path, format!("format is not {MANIFEST_FORMAT}")));
+        }
+        let count = |k: &str| {
+            v[k].as_u64()
+                .ok_or_else(|| corrupt(&path, format!("`{k}` is not a count")))
+        };
+        let specs = v["variables"]
+            .as_array()
+            .ok_or_else(|| corrupt(&path, "variables is not a list"))?
+            .iter()
+            .map(|s| {
+                let name = s["name"]
+                    .as_str()
+                    .ok_or_else(|| corrupt(&path, "variable name"))?;
+                let shape = s["shape"]
+                    .as_array()
+                    .ok_or_else(|| corrupt(&path, "variable shape"))?
+                    .iter()
+                    .map(|d| {
+                        d.as_u64()
+                            .map(|d| d as usize)
+                            .ok_or_else(|| corrupt(&path, "variable shape"))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(VariableSpec::new(name, &shape))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let excluded = v["exclude_from_weight_decay"]
+            .as_array()
+            .ok_or_else(|| corrupt(&path, "exclude_from_weight_decay is not a list"))?
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| corrupt(&path, "an exclusion is not a string"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let loss_scaling = match &v["loss_scaling"] {
+            Value::Null => None,
+            ls => {
+                let number = |k: &str| {
+                    ls[k]
+                        .as_f64()
+                        .ok_or_else(|| corrupt(&path, format!("loss_scaling.{k} is not a number")))
+                };
+                let config = LossScaleConfig {
+                    initial_scale: number("initial_scale")? as f32,
+                    dynamic_growth_steps: number("dynamic_growth_steps")? as u32,
+                };
+                let state = LossScaleState {
+                    scale: number("scale")? as f32,
+                    counter: number("counter")? as u32,
+                };
+                Some((config, state))
+            }
+        };
+        Ok(Manifest {
+            config: RmsPropConfig::from_keras_json(&v["keras_config"])?,
+            specs,
+            ranks: count("ranks")? as usize,
+            raw: count("raw_iterations")?,
+            skipped: count("skipped_steps")?,
+            excluded,
+            loss_scaling,
+        })
+    }
+
+    /// Writes `dir/manifest.json` atomically.
+    fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("manifest.json");
+        let tmp = dir.join(format!(".manifest.json.tmp-{}", std::process::id()));
+        let text = serde_json::to_string_pretty(&self.to_json()?)
+            .map_err(|e| corrupt(&path, e.to_string()))?;
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(&path, e)
+        })
+    }
+}
+
+impl ShardedRmsProp {
+    /// Saves the state into the folder `dir` (created if needed): every rank its shard,
+    /// then rank 0 the manifest. Collective; an error on any rank is an error on all.
+    pub fn save_checkpoint(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        let ranks = self.layout.ranks;
+        let saved = std::fs::create_dir_all(dir)
+            .map_err(|e| io(dir, e))
+            .and_then(|()| match &self.shard {
+                Some(shard) => shard.save_checkpoint(shard_file(dir, self.rank, ranks)),
+                None => Ok(()),
+            });
+        let all = comm::all_gather_bytes(&self.comm, &[if saved.is_ok() { OK } else { FAILED }]);
+        settle(self.rank, &all, 1, saved)?;
+        let written = if self.rank == 0 {
+            self.manifest().write(dir)
+        } else {
+            Ok(())
+        };
+        let all = comm::all_gather_bytes(&self.comm, &[if written.is_ok() { OK } else { FAILED }]);
+        settle(self.rank, &all, 1, written)
+    }
+
+    fn manifest(&self) -> Manifest {
+        Manifest {
+            config: self.config.clone(),
+            specs: self.specs.clone(),
+            ranks: self.layout.ranks,
+            raw: self.raw,
+            skipped: self.skipped,
+            excluded: self.excluded.clone(),
+            loss_scaling: self.loss_scaling,
+        }
+    }
+
+    /// Restores a sharded checkpoint saved by the same number of ranks with the same
+    /// variables and options (to change the number of ranks, see
+    /// [`merge_sharded_checkpoint`] and [`split_checkpoint`]). Collective; on any
+    /// error every rank returns one.
+    pub fn restore_checkpoint(&mut self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        let ranks = self.layout.ranks;
+        let manifest = Manifest::read(dir).and_then(|m| {
+            if m.ranks != ranks {
+                return Err(corrupt(
+                    dir,
+                    format!(
+                        "saved by {} ranks, this run has {ranks}: merge or split it first",
+                        m.ranks
+                    ),
+                ));
+            }
+            if m.specs != self.specs || m.config.to_keras_json()? != self.config.to_keras_json()? {
+                return Err(corrupt(dir, "saved with other variables or options"));
+            }
+            if m.loss_scaling.is_some() != self.loss_scaling.is_some() {
+                return Err(corrupt(dir, "loss scaling differs"));
+            }
+            Ok(m)
+        });
+        let restored = manifest.and_then(|m| {
+            if let Some(shard) = &mut self.shard {
+                shard.restore_checkpoint(shard_file(dir, self.rank, ranks))?;
+            }
+            Ok(m)
+        });
+        let all = comm::all_gather_bytes(&self.comm, &[if restored.is_ok() { OK } else { FAILED }]);
+        let m = settle(self.rank, &all, 1, restored)?;
+        self.raw = m.raw;
+        self.skipped = m.skipped;
+        self.loss_scaling = m.loss_scaling;
+        self.exclude_from_weight_decay(&m.excluded);
+        self.gather_model()
+    }
+}
+
+/// The shard optimizers' config: with loss scaling, the dynamic scale replaces
+/// `loss_scale_factor`.
+fn shard_config(m: &Manifest) -> RmsPropConfig {
+    match m.loss_scaling {
+        Some(_) => RmsPropConfig {
+            loss_scale_factor: None,
+            ..m.config.clone()
+        },
+        None => m.config.clone(),
+    }
+}
+
+/// Merges the sharded checkpoint in `dir` into one single-process checkpoint at `out`
+/// (a [`crate::LossScaleOptimizer`] checkpoint when the run had loss scaling), to
+/// restore into one process or to [`split_checkpoint`] for another number of ranks.
+pub fn merge_sharded_checkpoint(dir: impl AsRef<Path>, out: impl AsRef<Path>) -> Result<()> {
+    let dir = dir.as_ref();
+    let m = Manifest::read(dir)?;
+    let layout = ShardLayout::new(&m.specs, m.ranks);
+    let mut values: Vec<Vec<f32>> = m.specs.iter().map(|s| vec![0.0; s.len()]).collect();
+    let slots = Variant::of(&m.config).slots();
+    let mut slot_values: Vec<Vec<Vec<f32>>> = slots.iter().map(|_| values.clone()).collect();
+    for r in 0..m.ranks {
+        let pieces = layout.pieces(r);
+        if pieces.is_empty() {
+            continue;
+        }
+        let path = shard_file(dir, r, m.ranks);
+        let (shard, _) = RmsProp::load_parts(&path, Backend::Cpu, &GpuOptions::default())?;
+        if shard.specs().len() != pieces.len() || shard.raw_iterations() != m.raw {
+            return Err(corrupt(
+                &path,
+                "does not hold this rank's shard of the manifest",
+            ));
+        }
+        let vars = shard.variables()?;
+        for (p, v) in pieces.iter().zip(&vars) {
+            values[p.tensor][p.elements.clone()].copy_from_slice(v);
+        }
+        for (k, &slot) in slots.iter().enumerate() {
+            if let Some(s) = shard.slot(slot)? {
+                for (p, v) in pieces.iter().zip(&s) {
+                    slot_values[k][p.tensor][p.elements.clone()].copy_from_slice(v);
+                }
+            }
+        }
+    }
+    let variables = m
+        .specs
+        .iter()
+        .zip(values)
+        .map(|(s, v)| Variable::new(s.name.clone(), &s.shape, v))
+        .collect::<Result<Vec<_>>>()?;
+    let mut opt = RmsProp::with_backend(shard_config(&m), variables, Backend::Cpu)?;
+    opt.exclude_from_weight_decay(&m.excluded);
+    for (k, &slot) in slots.iter().enumerate() {
+        for (i, v) in slot_values[k].iter().enumerate() {
+            opt.set_slot(slot, i, v)?;
+        }
+    }
+    opt.set_counters(m.raw, m.skipped)?;
+    match m.loss_scaling {
+        Some((config, state)) => {
+            let mut lso = crate::LossScaleOptimizer::new(opt, config)?;
+            lso.inner_mut().set_loss_scaling(Some(LossScaling {
+                state,
+                growth_steps: config.dynamic_growth_steps,
+                initial_scale: config.initial_scale,
+            }))?;
+            lso.save_checkpoint(out)
+        }
+        None => opt.save_checkpoint(out),
+    }
+}
+
+/// Splits the single-process checkpoint at `path` into a sharded checkpoint for
+/// `ranks` ranks in the folder `dir` (shard files and manifest).
+pub fn split_checkpoint(path: impl AsRef<Path>, ranks: usize, dir: impl AsRef<Path>) -> Result<()> {
+    let (path, dir) = (path.as_ref(), dir.as_ref());
+    let (single, scaling) = RmsProp::load_parts(path, Backend::Cpu, &GpuOptions::default())?;
+    let specs = single.specs().to_vec();
+    let config = single.config().clone();
+    let m = Manifest {
+        config: config.clone(),
+        specs: specs.clone(),
+        ranks: ranks.max(1),
+        raw: single.raw_iterations(),
+        skipped: single.skipped_steps().skipped,
+        excluded: single.excluded().to_vec(),
+        loss_scaling: scaling.map(|ls| {
+            (
+                LossScaleConfig {
+                    initial_scale: ls.initial_scale,
+                    dynamic_growth_steps: ls.growth_steps,
+                },
+                ls.state,
+            )
+        }),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let layout = ShardLayout::new(&specs, m.ranks);
+    let values = single.variables()?;
+    let slots = Variant::of(&config).slots();
+    let slot_values: Vec<Vec<Vec<f32>>> = slots
+        .iter()
+        .map(|&s| single.slot(s).map(Option::unwrap_or_default))
+        .collect::<Result<_>>()?;
+    for r in 0..m.ranks {
+        let pieces = layout.pieces(r);
+        if pieces.is_empty() {
+            continue;
+        }
+        let vars = pieces
+            .iter()
+            .map(|p| {
+                Variable::new(
+                    specs[p.tensor].name.clone(),
+                    &[p.elements.len()],
+                    values[p.tensor][p.elements.clone()].to_vec(),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut shard = RmsProp::with_backend(shard_config(&m), vars, Backend::Cpu)?;
+        shard.exclude_from_weight_decay(&m.excluded);
+        for (k, &slot) in slots.iter().enumerate() {
+            for (i, p) in pieces.iter().enumerate() {
+                shard.set_slot(slot, i, &slot_values[k][p.tensor][p.elements.clone()])?;
+            }
+        }
+        shard.set_counters(m.raw, 0)?;
+        shard.save_checkpoint(shard_file(dir, r, m.ranks))?;
+    }
+    m.write(dir)
+}
