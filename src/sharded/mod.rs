@@ -256,6 +256,12 @@ impl ShardedRmsProp {
             .collect()
     }
 
+    /// Elements of the flat space each rank owns (all ranks alike; the model padded to
+    /// whole runs of 256 per tensor, split evenly).
+    pub fn shard_len(&self) -> usize {
+        self.layout.shard_len
+    }
+
     /// Bytes this rank's slots take (a `1 / ranks` share of one process's).
     pub fn state_bytes(&self) -> u64 {
         self.shard.as_ref().map_or(0, RmsProp::state_bytes)
