@@ -9,6 +9,7 @@
 //! - `repeat`: two runs of every trace give the same bits;
 //! - `faults`: a rank's bad input, ranks disagreeing on missing gradients, and a lost
 //!   device on one rank make every rank return an error (no hang), and change nothing;
+//!   with the non-finite guard, a NaN on one rank skips the step on all;
 //! - `checkpoint`: a sharded checkpoint resumes bit for bit; merged into one process it
 //!   goes on as one process does; split again for the same ranks it resumes bit for bit.
 //!
@@ -263,6 +264,24 @@ fn faults<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> Resu
     // the ranks are still in step: a good step goes through
     opt.apply_gradients(&all)
         .map_err(|e| format!("after the faults: {e}"))?;
+    // the non-finite guard: a NaN on one rank skips the step on every rank
+    opt.set_non_finite_guard(true);
+    let before = (opt.variables().to_vec(), opt.raw_iterations());
+    let mut poisoned = g.clone();
+    if rank == comm.size() - 1 {
+        poisoned[2][5] = f32::NAN;
+    }
+    let refs: Vec<Option<&[f32]>> = poisoned.iter().map(|g| Some(&g[..])).collect();
+    opt.apply_gradients(&refs).map_err(|e| e.to_string())?;
+    if opt.skipped_steps() != 1 || (opt.variables().to_vec(), opt.raw_iterations()) != before {
+        return Err(format!(
+            "rank {rank}: a NaN on the last rank did not skip the step everywhere"
+        ));
+    }
+    opt.apply_gradients(&all).map_err(|e| e.to_string())?;
+    if opt.raw_iterations() != before.1 + 1 {
+        return Err("a finite step after the skip did not apply".into());
+    }
     if backend == Backend::Gpu {
         // a lost device on rank 1: every rank returns an error instead of hanging
         if rank == 1 {
