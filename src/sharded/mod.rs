@@ -564,7 +564,12 @@ fn model_digest(config: &RmsPropConfig, variables: &[Variable]) -> u64 {
             h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
     };
-    eat(format!("{config:?}").as_bytes());
+    // the Keras JSON (with our state key); a custom schedule without one: its Debug
+    let text = config
+        .to_keras_json()
+        .map(|v| v.to_string())
+        .unwrap_or_else(|_| format!("{config:?}"));
+    eat(text.as_bytes());
     for v in variables {
         eat(v.spec.name.as_bytes());
         for d in &v.spec.shape {
