@@ -10,6 +10,8 @@
 //! - `faults`: a rank's bad input, ranks disagreeing on missing gradients, and a lost
 //!   device on one rank make every rank return an error (no hang), and change nothing;
 //!   with the non-finite guard, a NaN on one rank skips the step on all;
+//! - `compact`: int8 slots sharded (pieces of whole blocks) step as one process's: the
+//!   same bits on the CPU path with two ranks, within tolerance on the GPU;
 //! - `checkpoint`: a sharded checkpoint resumes bit for bit; merged into one process it
 //!   goes on as one process does; split again for the same ranks it resumes bit for bit.
 //!
@@ -60,6 +62,8 @@ fn parent() -> ExitCode {
         ("faults", "cpu", 2),
         ("faults", "gpu", 2),
         ("checkpoint", "cpu", 2),
+        ("compact", "cpu", 2),
+        ("compact", "gpu", 2),
         ("checkpoint", "gpu", 3),
     ];
     let mut failed = Vec::new();
@@ -121,6 +125,7 @@ fn child(name: &str) -> ExitCode {
         "repeat" => repeat(&world, backend, &gpu),
         "faults" => faults(&world, backend, &gpu),
         "checkpoint" => checkpoint(&world, backend, &gpu),
+        "compact" => compact(&world, backend, &gpu),
         other => Err(format!("no scenario `{other}`")),
     };
     match result {
@@ -375,6 +380,65 @@ fn checkpoint<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> 
         Err(Error::Checkpoint { .. } | Error::Sharded { .. })
     ) {
         return Err("a checkpoint of another number of ranks was restored".into());
+    }
+    Ok(())
+}
+
+fn compact<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> Result<(), String> {
+    use fused_rmsprop::{Slot, StateDtype, StateStorage};
+    let e = |e: fused_rmsprop::Error| e.to_string();
+    let config = RmsPropConfig::default()
+        .with_learning_rate(0.01)
+        .with_momentum(0.9)
+        .with_centered(true)
+        .with_state(StateStorage::new(StateDtype::Int8));
+    let vars = vec![Variable::new(
+        "w",
+        &[16384],
+        (0..16384).map(|i| (i as f32 * 0.01).sin()).collect(),
+    )
+    .unwrap()];
+    let mut sharded =
+        ShardedRmsProp::new(comm, config.clone(), vars.clone(), backend, gpu).map_err(e)?;
+    let mut one = RmsProp::with_backend(config, vars, Backend::Cpu).map_err(e)?;
+    for k in 0..6 {
+        let g: Vec<f32> = (0..16384)
+            .map(|i| ((i * 3 + k * 7) as f32 * 0.013).cos())
+            .collect();
+        sharded.apply_gradients(&[Some(&g)]).map_err(e)?;
+        one.apply_gradients(&[Some(&g)]).map_err(e)?;
+    }
+    // each rank's share, give or take the GPU's 16-byte placeholder buffers
+    let ranks = comm.size() as u64;
+    if sharded.state_bytes() * ranks > one.state_bytes() + 128 * ranks {
+        return Err(format!(
+            "state per rank {} of {}",
+            sharded.state_bytes(),
+            one.state_bytes()
+        ));
+    }
+    let (a, b) = (
+        sharded.variables()[0].clone(),
+        one.variables().map_err(e)?.remove(0),
+    );
+    let (va, vb) = (
+        sharded
+            .slot(Slot::Momentum)
+            .map_err(e)?
+            .unwrap_or_default()
+            .remove(0),
+        one.slot(Slot::Momentum)
+            .map_err(e)?
+            .unwrap_or_default()
+            .remove(0),
+    );
+    if backend == Backend::Cpu {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        if bits(&a) != bits(&b) || bits(&va) != bits(&vb) {
+            return Err("sharded int8 state differs from one process's".into());
+        }
+    } else if let Some((x, y)) = a.iter().zip(&b).find(|(x, y)| !values_match(**x, **y)) {
+        return Err(format!("sharded int8 on the GPU: {x} vs one process {y}"));
     }
     Ok(())
 }
