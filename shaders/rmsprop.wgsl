@@ -1133,17 +1133,7 @@ fn update(
             let live = 4u * k < chunk.len;
             var after = ElementState(Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0));
             if live {
-                let i = first + k;
-                var raw = Lanes(0.0);
-                if phase != PHASE_NO_GRADIENT {
-                    raw = load_gradient(i);
-                }
-                let before = load_element(i, phase, chunk, k);
-                var key = vec4(0u);
-                if PARAM_ROUNDING == 1u {
-                    key = element_key(chunk.tensor, chunk.tensor_start + 4u * k);
-                }
-                after = keep_lanes(before, update_element(raw, before, t, key), lanes_in_chunk(k, chunk.len));
+                after = step_lanes(chunk, t, phase, k);
             }
             let scales = block_scales_of(lid, after, live);
             if live {
@@ -1153,23 +1143,28 @@ fn update(
         return;
     }
     for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
-        let i = first + k;
-        var raw = Lanes(0.0);
-        if phase != PHASE_NO_GRADIENT {
-            raw = load_gradient(i);
-        }
-        let before = load_element(i, phase, chunk, k);
-        var key = vec4(0u);
-        if PARAM_ROUNDING == 1u {
-            key = element_key(chunk.tensor, chunk.tensor_start + 4u * k);
-        }
         var slot_key = vec4(0u);
         if STATE_ROUNDING == 1u {
             slot_key = state_key(chunk.tensor, chunk.tensor_start + 4u * k);
         }
-        let after = update_element(raw, before, t, key);
-        store_element(i, phase, keep_lanes(before, after, lanes_in_chunk(k, chunk.len)), chunk, k, slot_key);
+        store_element(first + k, phase, step_lanes(chunk, t, phase, k), chunk, k, slot_key);
     }
+}
+
+// The chunk's vec4 k after this step: loaded, through update_element, the padding
+// lanes as loaded.
+fn step_lanes(chunk: ChunkRow, t: TensorStep, phase: u32, k: u32) -> ElementState {
+    let i = chunk.start / 4u + k;
+    var raw = Lanes(0.0);
+    if phase != PHASE_NO_GRADIENT {
+        raw = load_gradient(i);
+    }
+    let before = load_element(i, phase, chunk, k);
+    var key = vec4(0u);
+    if PARAM_ROUNDING == 1u {
+        key = element_key(chunk.tensor, chunk.tensor_start + 4u * k);
+    }
+    return keep_lanes(before, update_element(raw, before, t, key), lanes_in_chunk(k, chunk.len));
 }
 
 // The 16-bit copy of every parameter, rewritten from the parameters (after the host

@@ -11,13 +11,30 @@
 //!   `(iterations + 1) % ema_overwrite_frequency == 0`.
 
 use crate::config::{Clipping, RmsPropConfig};
-use crate::math::StepScalars;
+use crate::math::{clipnorm_factors, global_clipnorm_factors, ClipFactors, StepScalars};
+use crate::variant::ClipKind;
 
 /// Keras' `optimizer.iterations` for a raw counter.
 pub(crate) fn iterations(config: &RmsPropConfig, raw: u64) -> u64 {
     match config.gradient_accumulation_steps {
         Some(n) if n > 0 => raw / n,
         _ => raw,
+    }
+}
+
+/// Per-tensor clip factors from per-tensor sums of squared effective gradients:
+/// `clipnorm` per tensor, or `global_clipnorm` from their total.
+pub(crate) fn clip_factors(clip: ClipKind, sums: &[f64], s: &StepScalars) -> Vec<ClipFactors> {
+    match clip {
+        ClipKind::Norm => sums
+            .iter()
+            .map(|&ss| clipnorm_factors(ss as f32, s.clip_norm))
+            .collect(),
+        _ => {
+            let total: f64 = sums.iter().sum();
+            let f = global_clipnorm_factors(total as f32, s.clip_norm, s.inv_clip_norm);
+            vec![f; sums.len()]
+        }
     }
 }
 

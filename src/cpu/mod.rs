@@ -24,16 +24,13 @@ use crate::cpu_level::CpuLevel;
 use crate::dtype::{GradSlice, HalfVec};
 use crate::error::{Error, Result};
 use crate::layout::{Chunk, Layout};
-use crate::math::{
-    clipnorm_factors, global_clipnorm_factors, next_loss_scale, ClipFactors, Phase, StepScalars,
-    TensorStep,
-};
-use crate::plan::plan_step;
+use crate::math::{next_loss_scale, ClipFactors, Phase, StepScalars, TensorStep};
+use crate::plan::{clip_factors, plan_step};
 use crate::state::StateDtype;
 use crate::state::StateStorage;
 use crate::state_layout::{check_raw, RawSlot, StateLayout, StatePlace};
 use crate::variable::VariableSpec;
-use crate::variant::{ClipKind, Slot, Variant};
+use crate::variant::{Slot, Variant};
 use isa::Isa;
 use kernels::{ChunkArrays, PendingJob, SlotCoding};
 use slots::{SlotPiece, SlotStore};
@@ -221,17 +218,7 @@ impl CpuEngine {
         let Some(sums) = sums else {
             return vec![ClipFactors::NONE; n];
         };
-        match self.variant.clip {
-            ClipKind::Norm => sums
-                .iter()
-                .map(|&ss| clipnorm_factors(ss as f32, s.clip_norm))
-                .collect(),
-            _ => {
-                let total: f64 = sums.iter().sum();
-                let f = global_clipnorm_factors(total as f32, s.clip_norm, s.inv_clip_norm);
-                vec![f; n]
-            }
-        }
+        clip_factors(self.variant.clip, sums, s)
     }
 
     /// One step with the numbers `s`; `false` when the non-finite guard or loss scaling

@@ -35,15 +35,12 @@ use crate::config::RmsPropConfig;
 use crate::error::{Error, Result};
 use crate::gpu::GpuOptions;
 use crate::loss_scale::LossScaleConfig;
-use crate::math::{
-    clipnorm_factors, effective_gradient, global_clipnorm_factors, next_loss_scale, ClipFactors,
-    LossScaleState,
-};
+use crate::math::{effective_gradient, next_loss_scale, ClipFactors, LossScaleState};
 use crate::optimizer::RmsProp;
-use crate::plan::{iterations, plan_step};
+use crate::plan::{clip_factors, iterations, plan_step};
 use crate::slot::Slot;
 use crate::variable::{Variable, VariableSpec};
-use crate::variant::{ClipKind, Variant};
+use crate::variant::Variant;
 use layout::ShardLayout;
 
 pub use checkpoint::{merge_sharded_checkpoint, split_checkpoint};
@@ -445,16 +442,7 @@ impl ShardedRmsProp {
         let sums: Vec<f64> = (0..n)
             .map(|t| all.chunks(n).map(|rank| rank[t]).sum())
             .collect();
-        Ok(match variant.clip {
-            ClipKind::Norm => sums
-                .iter()
-                .map(|&ss| clipnorm_factors(ss as f32, s.clip_norm))
-                .collect(),
-            _ => {
-                let total: f64 = sums.iter().sum();
-                vec![global_clipnorm_factors(total as f32, s.clip_norm, s.inv_clip_norm); n]
-            }
-        })
+        Ok(clip_factors(variant.clip, &sums, s))
     }
 
     /// All-gathers the parameters into [`ShardedRmsProp::variables`].
