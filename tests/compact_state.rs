@@ -601,3 +601,69 @@ fn the_gpu_encodes_boundary_values_as_the_cpu_does() {
     within_codes(&cpu, &expected, 256, map, 0.5).unwrap();
     assert!(cpu[6] != values[6], "the accumulator holds codes, not f32");
 }
+
+/// Compact slots under steps the device decides (the non-finite guard, Keras'
+/// `LossScaleOptimizer`): a skipped step leaves the codes alone, and both backends
+/// agree, scale included.
+#[test]
+fn compact_state_with_device_decided_steps() {
+    let Some(ctx) = common::gpu() else { return };
+    let gpu = common::on(&ctx);
+    for dtype in [StateDtype::Int8, StateDtype::Bf16] {
+        let config = with_state(combo(3), dtype, 256);
+        let outcomes: Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>, f32, u64)> = [
+            (Backend::Cpu, GpuOptions::default()),
+            (Backend::Gpu, gpu.clone()),
+        ]
+        .into_iter()
+        .map(|(backend, gpu)| {
+            let inner = RmsProp::with_options(config.clone(), model(), backend, &gpu).unwrap();
+            let mut lso = fused_rmsprop::LossScaleOptimizer::new(
+                inner,
+                fused_rmsprop::LossScaleConfig::default(),
+            )
+            .unwrap();
+            let mut rng = Rng(4);
+            let mut skipped_state = None;
+            for step in 0..6 {
+                let mut grads: Vec<Vec<f32>> =
+                    model().iter().map(|v| rng.vec(v.values.len())).collect();
+                if step == 3 {
+                    grads[0][17] = f32::NAN;
+                    lso.inner().synchronize().unwrap();
+                    skipped_state = Some(lso.inner().slot(Slot::Velocity).unwrap().unwrap());
+                }
+                let refs: Vec<Option<&[f32]>> = grads.iter().map(|g| Some(&g[..])).collect();
+                lso.apply_gradients(&refs).unwrap();
+                if step == 3 {
+                    lso.inner().synchronize().unwrap();
+                    // the skipped step changed no code
+                    assert_eq!(
+                        Some(lso.inner().slot(Slot::Velocity).unwrap().unwrap()),
+                        skipped_state,
+                        "{backend:?} {dtype}"
+                    );
+                }
+            }
+            lso.inner().synchronize().unwrap();
+            let scale = lso.loss_scale();
+            let inner = lso.inner();
+            (
+                inner.variables().unwrap(),
+                inner.slot(Slot::Momentum).unwrap().unwrap(),
+                scale,
+                inner.iterations(),
+            )
+        })
+        .collect();
+        let (cpu, gpu_run) = (&outcomes[0], &outcomes[1]);
+        assert_eq!(
+            (cpu.2, cpu.3),
+            (gpu_run.2, gpu_run.3),
+            "{dtype}: scale and iterations"
+        );
+        for (x, y) in cpu.0.iter().flatten().zip(gpu_run.0.iter().flatten()) {
+            assert!(common::trace::values_match(*y, *x), "{dtype}: {x} vs {y}");
+        }
+    }
+}
