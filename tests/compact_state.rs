@@ -662,3 +662,44 @@ fn compact_state_with_device_decided_steps() {
         }
     }
 }
+
+/// `finalize_variable_values` with compact slots assigns each parameter its decoded
+/// EMA, on both backends alike, and the 16-bit parameter copy follows.
+#[test]
+fn finalize_assigns_the_decoded_ema_and_refreshes_the_copy() {
+    use fused_rmsprop::{Dtype, Precision};
+    let ctx = common::gpu();
+    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
+    if let Some(ctx) = &ctx {
+        backends.push((Backend::Gpu, common::on(ctx)));
+    }
+    let config = with_state(
+        RmsPropConfig::default()
+            .with_use_ema(true)
+            .with_ema_momentum(0.5),
+        StateDtype::Int8,
+        256,
+    );
+    for (backend, gpu) in backends {
+        let precision = Precision::default().with_param_copy(Dtype::Bf16);
+        let mut opt =
+            RmsProp::with_precision(config.clone(), model(), backend, &gpu, precision).unwrap();
+        let mut rng = Rng(8);
+        for _ in 0..4 {
+            let g: Vec<Vec<f32>> = model().iter().map(|v| rng.vec(v.values.len())).collect();
+            let refs: Vec<Option<&[f32]>> = g.iter().map(|g| Some(&g[..])).collect();
+            opt.apply_gradients(&refs).unwrap();
+        }
+        let ema = opt.slot(Slot::Ema).unwrap().unwrap();
+        opt.finalize_variable_values().unwrap();
+        assert_eq!(opt.variables().unwrap(), ema, "{backend:?}");
+        let copies = opt.variable_copies().unwrap();
+        for (c, v) in copies.iter().flatten().zip(ema.iter().flatten()) {
+            assert_eq!(
+                *c,
+                fused_rmsprop::half::bf16::from_f32(*v).to_f32(),
+                "{backend:?}"
+            );
+        }
+    }
+}

@@ -476,8 +476,11 @@ impl Engine for GpuEngine {
         if self.variant.ema
             && (self.variant.params != Dtype::F32 || self.variant.state != StateDtype::F32)
         {
-            // each parameter assigned its EMA, rounded: a kernel, not a copy
+            // each parameter assigned its EMA (rounded, or decoded from compact slots):
+            // a kernel, not a copy
             self.dispatch_per_chunk(&self.pipelines.finalize_params)?;
+            self.copy_stale.store(true, Ordering::Release);
+            self.refresh_param_copy()?;
         } else if self.variant.ema {
             self.arena.copy_ema_to_params(&self.ctx)?;
             self.copy_stale.store(true, Ordering::Release);
