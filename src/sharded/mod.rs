@@ -54,7 +54,7 @@ pub use checkpoint::{merge_sharded_checkpoint, split_checkpoint};
 ///
 /// ```no_run
 /// use fused_rmsprop::{Backend, GpuOptions, RmsPropConfig, ShardedRmsProp, Variable};
-/// let universe = mpi::initialize().unwrap();
+/// let universe = fused_rmsprop::mpi::initialize().unwrap();
 /// let world = universe.world();
 /// let w = Variable::new("w", &[1000], vec![0.5; 1000]).unwrap();
 /// let config = RmsPropConfig::default().with_momentum(0.9).with_clipnorm(1.0);
