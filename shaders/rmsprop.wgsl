@@ -1187,9 +1187,10 @@ fn refresh_param_copy(
     }
 }
 
-// finalize_variable_values with 16-bit parameters: each parameter assigned its EMA,
-// rounded to nearest (also under stochastic rounding: the one-off export of the EMA);
-// one workgroup per chunk. (f32 parameters take a buffer copy.)
+// finalize_variable_values with 16-bit parameters or compact slots: each parameter
+// assigned its EMA (decoded), rounded to nearest (also under stochastic rounding: the
+// one-off export of the EMA); one workgroup per chunk. (f32 parameters with f32 slots
+// take a buffer copy.)
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn finalize_params(
     @builtin(workgroup_id) wid: vec3<u32>,

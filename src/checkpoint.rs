@@ -107,27 +107,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     };
     let vars: Value =
         serde_json::from_str(get("variables")?).map_err(|e| corrupt(path, e.to_string()))?;
-    let specs = vars
-        .as_array()
-        .ok_or_else(|| corrupt(path, "variables is not a list"))?
-        .iter()
-        .map(|v| {
-            let name = v["name"]
-                .as_str()
-                .ok_or_else(|| corrupt(path, "variable name"))?;
-            let shape = v["shape"]
-                .as_array()
-                .ok_or_else(|| corrupt(path, "variable shape"))?
-                .iter()
-                .map(|d| {
-                    d.as_u64()
-                        .map(|d| d as usize)
-                        .ok_or_else(|| corrupt(path, "variable shape"))
-                })
-                .collect::<Result<Vec<usize>>>()?;
-            Ok(VariableSpec::new(name, &shape))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let specs = specs_from_json(path, &vars)?;
     // absent from checkpoints written before 16-bit gradients existed: f32
     let gradients = match meta.get("gradient_dtype") {
         Some(d) => d
@@ -270,6 +250,58 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     })
 }
 
+/// The variables' names and shapes as JSON: `[{"name": ..., "shape": [...]}, ...]`.
+pub(crate) fn specs_to_json(specs: &[VariableSpec]) -> Value {
+    specs
+        .iter()
+        .map(|s| json!({"name": s.name, "shape": s.shape}))
+        .collect()
+}
+
+/// The variables' names and shapes from [`specs_to_json`]'s form (errors name `path`).
+pub(crate) fn specs_from_json(path: &Path, v: &Value) -> Result<Vec<VariableSpec>> {
+    v.as_array()
+        .ok_or_else(|| corrupt(path, "variables is not a list"))?
+        .iter()
+        .map(|v| {
+            let name = v["name"]
+                .as_str()
+                .ok_or_else(|| corrupt(path, "variable name"))?;
+            let shape = v["shape"]
+                .as_array()
+                .ok_or_else(|| corrupt(path, "variable shape"))?
+                .iter()
+                .map(|d| {
+                    d.as_u64()
+                        .map(|d| d as usize)
+                        .ok_or_else(|| corrupt(path, "variable shape"))
+                })
+                .collect::<Result<Vec<usize>>>()?;
+            Ok(VariableSpec::new(name, &shape))
+        })
+        .collect()
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced,
+/// then renamed over `path` (removed again if anything fails).
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| corrupt(path, "not a file path"))?
+        .to_string_lossy();
+    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(path, e)
+    })
+}
+
 fn read(path: &Path) -> Result<Parsed> {
     let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
     parse(path, &bytes)
@@ -282,11 +314,7 @@ impl RmsProp {
     pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let config = self.config().to_keras_json()?;
-        let specs: Vec<Value> = self
-            .specs()
-            .iter()
-            .map(|s| json!({"name": s.name, "shape": s.shape}))
-            .collect();
+        let specs = specs_to_json(self.specs());
         // (key, dtype, bytes, shape): the variables, then each slot as it is stored
         let mut data: Vec<(String, Dtype, Vec<u8>, Vec<usize>)> = Vec::new();
         for (i, v) in self.variables()?.iter().enumerate() {
@@ -340,7 +368,7 @@ impl RmsProp {
             "skipped_steps".to_string(),
             self.skipped_steps().skipped.to_string(),
         );
-        meta.insert("variables".to_string(), Value::Array(specs).to_string());
+        meta.insert("variables".to_string(), specs.to_string());
         meta.insert(
             "gradient_dtype".to_string(),
             self.precision().gradients.as_str().to_string(),
@@ -375,21 +403,7 @@ impl RmsProp {
         );
         let bytes =
             safetensors::serialize(views, Some(meta)).map_err(|e| corrupt(path, e.to_string()))?;
-        let file_name = path
-            .file_name()
-            .ok_or_else(|| corrupt(path, "not a file path"))?
-            .to_string_lossy();
-        let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(path, e)
-        })
+        write_atomically(path, &bytes)
     }
 
     /// Restores a checkpoint saved from an optimizer with the same variables (names and

@@ -15,7 +15,7 @@ use crate::gpu::{GpuEngine, GpuOptions};
 use crate::plan::{iterations, takes_weight_decay};
 use crate::state::StateStorage;
 use crate::state_layout::RawSlot;
-use crate::variable::{check_len, Variable, VariableSpec};
+use crate::variable::{check_gradients, check_len, Variable, VariableSpec};
 use crate::variant::{Slot, Variant};
 
 /// Builds the engine `backend` asks for (`Auto` falls back to the CPU, and says so).
@@ -319,28 +319,7 @@ impl RmsProp {
                 found: T::DTYPE,
             });
         }
-        if grads.len() != self.specs.len() {
-            return Err(Error::CountMismatch {
-                what: "gradients",
-                expected: self.specs.len(),
-                found: grads.len(),
-            });
-        }
-        for (g, spec) in grads.iter().zip(&self.specs) {
-            if let Some(g) = g {
-                if g.len() != spec.len() {
-                    return Err(Error::GradientLength {
-                        name: spec.name.clone(),
-                        expected: spec.len(),
-                        found: g.len(),
-                    });
-                }
-            }
-        }
-        if grads.iter().all(Option::is_none) {
-            return Err(Error::NoGradients);
-        }
-        Ok(())
+        check_gradients(&self.specs, grads)
     }
 
     /// One step of Keras' `apply_gradients`: `grads[i]` is variable `i`'s gradient, or

@@ -9,6 +9,7 @@
 //! from the tensor's start and never straddle two tensors). A region's padding stays
 //! zero, which is 0.0 in every format.
 
+use crate::dtype::Dtype;
 use crate::layout::Layout;
 use crate::quant::{decode_blocks, encode_blocks, store_bf16_slot, CodeMap};
 use crate::slot::Slot;
@@ -173,18 +174,14 @@ impl RawSlot {
 
     /// The f32 values (exactly what the kernels decode).
     pub(crate) fn decode(&self, slot: Slot, block: usize) -> Vec<f32> {
-        match self {
-            RawSlot::F32(v) => v.clone(),
-            RawSlot::Bf16(bits) => bits
-                .iter()
-                .map(|&b| f32::from_bits(u32::from(b) << 16))
-                .collect(),
-            RawSlot::Int8 { codes, absmax } => {
-                let mut out = vec![0.0; codes.len()];
-                decode_blocks(codes, absmax, &mut out, block, CodeMap::for_slot(slot));
-                out
-            }
-        }
+        let view = match self {
+            RawSlot::F32(v) => SlotRef::F32(v),
+            RawSlot::Bf16(bits) => SlotRef::Bf16(bits),
+            RawSlot::Int8 { codes, absmax } => SlotRef::Int8 { codes, absmax },
+        };
+        let mut out = Vec::new();
+        view.decode_into(slot, block, &mut out);
+        out
     }
 
     /// Its format.
@@ -202,6 +199,35 @@ impl RawSlot {
             RawSlot::F32(v) => v.len(),
             RawSlot::Bf16(v) => v.len(),
             RawSlot::Int8 { codes, .. } => codes.len(),
+        }
+    }
+}
+
+/// Some elements of one slot as they are stored (borrowed): the one decoder of every
+/// format on the host.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SlotRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+    /// Whole blocks' codes (the last may be short) and their scales.
+    Int8 {
+        codes: &'a [u8],
+        absmax: &'a [f32],
+    },
+}
+
+impl SlotRef<'_> {
+    /// The values as f32 into `out` (resized to them): bf16 upcast as the kernels do
+    /// (`Dtype::upcast_bits`), int8 blocks of `block` through `slot`'s code map.
+    pub(crate) fn decode_into(self, slot: Slot, block: usize, out: &mut Vec<f32>) {
+        out.clear();
+        match self {
+            SlotRef::F32(v) => out.extend_from_slice(v),
+            SlotRef::Bf16(bits) => out.extend(bits.iter().map(|&b| Dtype::Bf16.upcast_bits(b))),
+            SlotRef::Int8 { codes, absmax } => {
+                out.resize(codes.len(), 0.0);
+                decode_blocks(codes, absmax, out, block, CodeMap::for_slot(slot));
+            }
         }
     }
 }

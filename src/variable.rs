@@ -67,6 +67,34 @@ impl Variable {
     }
 }
 
+/// Checks one step's gradients against the variables: one per variable
+/// ([`Error::CountMismatch`]), each of its variable's length ([`Error::GradientLength`]),
+/// at least one present ([`Error::NoGradients`]).
+pub(crate) fn check_gradients<T>(specs: &[VariableSpec], grads: &[Option<&[T]>]) -> Result<()> {
+    if grads.len() != specs.len() {
+        return Err(Error::CountMismatch {
+            what: "gradients",
+            expected: specs.len(),
+            found: grads.len(),
+        });
+    }
+    for (g, spec) in grads.iter().zip(specs) {
+        if let Some(g) = g {
+            if g.len() != spec.len() {
+                return Err(Error::GradientLength {
+                    name: spec.name.clone(),
+                    expected: spec.len(),
+                    found: g.len(),
+                });
+            }
+        }
+    }
+    if grads.iter().all(Option::is_none) {
+        return Err(Error::NoGradients);
+    }
+    Ok(())
+}
+
 /// Fails with [`Error::ValueLength`] when `found` does not match the spec.
 pub(crate) fn check_len(spec: &VariableSpec, found: usize) -> Result<()> {
     if spec.len() != found {

@@ -110,7 +110,7 @@ impl PendingJob<'_> {
                 .map(|((piece, buf), slot)| match piece {
                     SlotPiece::F32(values) => &mut **values,
                     compact if compact.is_compact() && touches(slot, step.phase) => {
-                        compact.decode(slot, n, coding.block, buf);
+                        compact.decode(slot, coding.block, buf);
                         &mut buf[..n]
                     }
                     _ => &mut [],

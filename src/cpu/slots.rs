@@ -6,10 +6,10 @@
 use std::ops::Range;
 
 use crate::math::StepScalars;
-use crate::quant::{decode_blocks, encode_blocks, slot_bits, state_key, store_bf16_slot, CodeMap};
+use crate::quant::{encode_blocks, slot_bits, state_key, store_bf16_slot, CodeMap};
 use crate::slot::Slot;
 use crate::state::StateDtype;
-use crate::state_layout::{RawSlot, StatePlace};
+use crate::state_layout::{RawSlot, SlotRef, StatePlace};
 
 /// One slot's arrays (all empty for a slot the variant does not keep).
 #[derive(Debug, Clone, Default)]
@@ -131,30 +131,16 @@ impl SlotStore {
         f: impl FnOnce(&[f32]) -> R,
     ) -> R {
         let r = place.at..place.at + len;
-        match place.dtype {
-            StateDtype::F32 => f(&self.f32s[r]),
-            StateDtype::Bf16 => {
-                buffer.clear();
-                buffer.extend(
-                    self.half[r]
-                        .iter()
-                        .map(|&b| f32::from_bits(u32::from(b) << 16)),
-                );
-                f(buffer)
-            }
-            StateDtype::Int8 => {
-                buffer.resize(len, 0.0);
-                let blocks = place.at / block..(place.at + len).div_ceil(block);
-                decode_blocks(
-                    &self.codes[r],
-                    &self.absmax[blocks],
-                    buffer,
-                    block,
-                    CodeMap::for_slot(slot),
-                );
-                f(buffer)
-            }
-        }
+        let view = match place.dtype {
+            StateDtype::F32 => return f(&self.f32s[r]),
+            StateDtype::Bf16 => SlotRef::Bf16(&self.half[r]),
+            StateDtype::Int8 => SlotRef::Int8 {
+                codes: &self.codes[r],
+                absmax: &self.absmax[place.at / block..(place.at + len).div_ceil(block)],
+            },
+        };
+        view.decode_into(slot, block, buffer);
+        f(buffer)
     }
 
     /// `len` elements at `place`, as stored.
@@ -199,20 +185,15 @@ impl SlotPiece<'_> {
         matches!(self, SlotPiece::Bf16(_) | SlotPiece::Int8 { .. })
     }
 
-    /// Decodes a compact piece into `out` (`len` elements).
-    pub(crate) fn decode(&self, slot: Slot, len: usize, block: usize, out: &mut Vec<f32>) {
-        out.resize(len, 0.0);
-        match self {
-            SlotPiece::Bf16(h) => {
-                for (o, &b) in out.iter_mut().zip(h.iter()) {
-                    *o = f32::from_bits(u32::from(b) << 16);
-                }
-            }
-            SlotPiece::Int8 { codes, absmax } => {
-                decode_blocks(codes, absmax, out, block, CodeMap::for_slot(slot))
-            }
-            SlotPiece::Unused | SlotPiece::F32(_) => {}
-        }
+    /// Decodes the piece into `out` (its elements; nothing for an unused slot).
+    pub(crate) fn decode(&self, slot: Slot, block: usize, out: &mut Vec<f32>) {
+        let view = match self {
+            SlotPiece::Unused => SlotRef::F32(&[]),
+            SlotPiece::F32(v) => SlotRef::F32(v),
+            SlotPiece::Bf16(h) => SlotRef::Bf16(h),
+            SlotPiece::Int8 { codes, absmax } => SlotRef::Int8 { codes, absmax },
+        };
+        view.decode_into(slot, block, out);
     }
 
     /// Stores `values` into the piece: f32 as they are, bf16 rounded (stochastically

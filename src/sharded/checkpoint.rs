@@ -17,8 +17,9 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::layout::ShardLayout;
-use super::{comm, settle, ShardedRmsProp, FAILED, OK};
+use super::ShardedRmsProp;
 use crate::backend::{Backend, LossScaling};
+use crate::checkpoint::{specs_from_json, specs_to_json, write_atomically};
 use crate::config::RmsPropConfig;
 use crate::error::{Error, Result};
 use crate::gpu::GpuOptions;
@@ -63,15 +64,10 @@ struct Manifest {
 
 impl Manifest {
     fn to_json(&self) -> Result<Value> {
-        let specs: Vec<Value> = self
-            .specs
-            .iter()
-            .map(|s| json!({"name": s.name, "shape": s.shape}))
-            .collect();
         Ok(json!({
             "format": MANIFEST_FORMAT,
             "keras_config": self.config.to_keras_json()?,
-            "variables": specs,
+            "variables": specs_to_json(&self.specs),
             "ranks": self.ranks,
             "raw_iterations": self.raw,
             "skipped_steps": self.skipped,
@@ -96,27 +92,7 @@ impl Manifest {
             v[k].as_u64()
                 .ok_or_else(|| corrupt(&path, format!("`{k}` is not a count")))
         };
-        let specs = v["variables"]
-            .as_array()
-            .ok_or_else(|| corrupt(&path, "variables is not a list"))?
-            .iter()
-            .map(|s| {
-                let name = s["name"]
-                    .as_str()
-                    .ok_or_else(|| corrupt(&path, "variable name"))?;
-                let shape = s["shape"]
-                    .as_array()
-                    .ok_or_else(|| corrupt(&path, "variable shape"))?
-                    .iter()
-                    .map(|d| {
-                        d.as_u64()
-                            .map(|d| d as usize)
-                            .ok_or_else(|| corrupt(&path, "variable shape"))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(VariableSpec::new(name, &shape))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let specs = specs_from_json(&path, &v["variables"])?;
         let excluded = v["exclude_from_weight_decay"]
             .as_array()
             .ok_or_else(|| corrupt(&path, "exclude_from_weight_decay is not a list"))?
@@ -160,20 +136,9 @@ impl Manifest {
     /// Writes `dir/manifest.json` atomically.
     fn write(&self, dir: &Path) -> Result<()> {
         let path = dir.join("manifest.json");
-        let tmp = dir.join(format!(".manifest.json.tmp-{}", std::process::id()));
         let text = serde_json::to_string_pretty(&self.to_json()?)
             .map_err(|e| corrupt(&path, e.to_string()))?;
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(&path, e)
-        })
+        write_atomically(&path, text.as_bytes())
     }
 }
 
@@ -189,15 +154,13 @@ impl ShardedRmsProp {
                 Some(shard) => shard.save_checkpoint(shard_file(dir, self.rank, ranks)),
                 None => Ok(()),
             });
-        let all = comm::all_gather_bytes(&self.comm, &[if saved.is_ok() { OK } else { FAILED }]);
-        settle(self.rank, &all, 1, saved)?;
+        self.agree(saved)?;
         let written = if self.rank == 0 {
             self.manifest().write(dir)
         } else {
             Ok(())
         };
-        let all = comm::all_gather_bytes(&self.comm, &[if written.is_ok() { OK } else { FAILED }]);
-        settle(self.rank, &all, 1, written)
+        self.agree(written)
     }
 
     fn manifest(&self) -> Manifest {
@@ -243,8 +206,7 @@ impl ShardedRmsProp {
             }
             Ok(m)
         });
-        let all = comm::all_gather_bytes(&self.comm, &[if restored.is_ok() { OK } else { FAILED }]);
-        let m = settle(self.rank, &all, 1, restored)?;
+        let m = self.agree(restored)?;
         self.raw = m.raw;
         self.skipped = m.skipped;
         self.loss_scaling = m.loss_scaling;
@@ -367,13 +329,7 @@ pub fn split_checkpoint(path: impl AsRef<Path>, ranks: usize, dir: impl AsRef<Pa
         }
         let vars = pieces
             .iter()
-            .map(|p| {
-                Variable::new(
-                    specs[p.tensor].name.clone(),
-                    &[p.elements.len()],
-                    values[p.tensor][p.elements.clone()].to_vec(),
-                )
-            })
+            .map(|p| p.variable(&specs[p.tensor].name, &values[p.tensor]))
             .collect::<Result<Vec<_>>>()?;
         let mut shard = RmsProp::with_backend(shard_config(&m), vars, Backend::Cpu)?;
         shard.exclude_from_weight_decay(&m.excluded);

@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use crate::variable::VariableSpec;
+use crate::variable::{Variable, VariableSpec};
 
 /// Shards and tensors start on multiples of this many elements.
 pub(crate) const SHARD_ALIGN: usize = 256;
@@ -22,6 +22,18 @@ pub(crate) struct Piece {
     pub elements: Range<usize>,
     /// Where they sit in the shard.
     pub at: usize,
+}
+
+impl Piece {
+    /// The shard's variable for this piece of the tensor named `name` whose values are
+    /// `tensor` (flat, under the tensor's own name, so exclusions match it).
+    pub(crate) fn variable(&self, name: &str, tensor: &[f32]) -> crate::Result<Variable> {
+        Variable::new(
+            name,
+            &[self.elements.len()],
+            tensor[self.elements.clone()].to_vec(),
+        )
+    }
 }
 
 /// The flat space and the shards of a model over `ranks` ranks.

@@ -39,7 +39,7 @@ use crate::math::{effective_gradient, next_loss_scale, ClipFactors, LossScaleSta
 use crate::optimizer::RmsProp;
 use crate::plan::{clip_factors, iterations, plan_step};
 use crate::slot::Slot;
-use crate::variable::{Variable, VariableSpec};
+use crate::variable::{check_gradients, Variable, VariableSpec};
 use crate::variant::Variant;
 use layout::ShardLayout;
 
@@ -158,11 +158,7 @@ impl ShardedRmsProp {
                 .iter()
                 .map(|p| {
                     let v = &variables[p.tensor];
-                    Variable::new(
-                        v.spec.name.clone(),
-                        &[p.elements.len()],
-                        v.values[p.elements.clone()].to_vec(),
-                    )
+                    p.variable(&v.spec.name, &v.values)
                 })
                 .collect::<Result<Vec<_>>>()
         });
@@ -400,8 +396,7 @@ impl ShardedRmsProp {
                 shard.apply_shard_gradients(&owned)
             }
         };
-        let all = comm::all_gather_bytes(&self.comm, &[if stepped.is_ok() { OK } else { FAILED }]);
-        settle(self.rank, &all, 1, stepped)?;
+        self.agree(stepped)?;
         self.raw += 1;
         self.gather_model()
     }
@@ -481,8 +476,7 @@ impl ShardedRmsProp {
             Some(shard) => shard.finalize_variable_values(),
             None => Ok(()),
         };
-        let all = comm::all_gather_bytes(&self.comm, &[if done.is_ok() { OK } else { FAILED }]);
-        settle(self.rank, &all, 1, done)?;
+        self.agree(done)?;
         self.gather_model()
     }
 
@@ -496,36 +490,19 @@ impl ShardedRmsProp {
             Some(shard) => shard.slot(slot).map(Option::unwrap_or_default),
             None => Ok(Vec::new()),
         };
-        let all = comm::all_gather_bytes(&self.comm, &[if mine.is_ok() { OK } else { FAILED }]);
-        let mine = settle(self.rank, &all, 1, mine)?;
+        let mine = self.agree(mine)?;
         self.gather(Some(mine)).map(Some)
     }
 }
 
-/// Refuses gradients of the wrong count or length (as [`RmsProp::apply_gradients`]).
-fn check_gradients(specs: &[VariableSpec], grads: &[Option<&[f32]>]) -> Result<()> {
-    if grads.len() != specs.len() {
-        return Err(Error::CountMismatch {
-            what: "gradients",
-            expected: specs.len(),
-            found: grads.len(),
-        });
+impl ShardedRmsProp {
+    /// `local` (this rank's outcome) when every rank's was OK; else an error on every
+    /// rank (its own where it failed). One small all-gather.
+    fn agree<T>(&self, local: Result<T>) -> Result<T> {
+        let mine = [if local.is_ok() { OK } else { FAILED }];
+        let all = comm::all_gather_bytes(&self.comm, &mine);
+        settle(self.rank, &all, 1, local)
     }
-    if grads.iter().all(Option::is_none) {
-        return Err(Error::NoGradients);
-    }
-    for (s, g) in specs.iter().zip(grads) {
-        if let Some(g) = g {
-            if g.len() != s.len() {
-                return Err(Error::GradientLength {
-                    name: s.name.clone(),
-                    expected: s.len(),
-                    found: g.len(),
-                });
-            }
-        }
-    }
-    Ok(())
 }
 
 /// This rank's `local` outcome if every rank's record (first byte) says OK; else this
