@@ -1,46 +1,20 @@
-//! Validates every WGSL shader in `shaders/` with naga, for every specialization of
-//! its `override` constants, so a broken shader fails the build with its file and line.
+//! Validates every WGSL shader in `shaders/` with naga, and holds `rmsprop.wgsl` to its
+//! contract with the host (`src/gpu/contract.rs`, compiled here too): the overrides it
+//! declares are exactly the contract's, every specialization the contract lists
+//! compiles, and every code just past an override's values is refused. So a broken
+//! shader, a misspelt override or a code the shader does not handle fails the build
+//! with its file and line.
 
 use std::path::Path;
 
 use naga::back::pipeline_constants::process_overrides;
 use naga::back::PipelineConstants;
-use naga::valid::{Capabilities, ValidationFlags, Validator};
+use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 
-/// Boolean overrides and the values of `CLIP_KIND` that the host specializes.
-const BOOL_OVERRIDES: [&str; 7] = [
-    "CENTERED",
-    "USE_MOMENTUM",
-    "USE_EMA",
-    "ACCUMULATE",
-    "WEIGHT_DECAY",
-    "GUARD",
-    "LOSS_SCALING",
-];
-const CLIP_KINDS: [f64; 4] = [0.0, 1.0, 2.0, 3.0];
-/// Overrides naming a dtype (`dtype::Dtype::code`: f32 or none, bf16, f16; 3 for bf16
-/// with remainders) or a rounding, with their values.
-const DTYPE_OVERRIDES: [(&str, &[f64]); 4] = [
-    ("GRADIENT_DTYPE", &[0.0, 1.0, 2.0]),
-    ("PARAM_COPY", &[0.0, 1.0, 2.0]),
-    ("PARAM_DTYPE", &[0.0, 1.0, 2.0, 3.0]),
-    ("PARAM_ROUNDING", &[0.0, 1.0]),
-];
-
-/// Compact-state specializations (`STATE_DTYPE` bf16 or int8, bf16's stochastic
-/// rounding, the smallest and largest int8 blocks), each validated with every boolean
-/// override off and on and every clip kind (with f32 inputs).
-const STATE_RUNS: [&[(&str, f64)]; 5] = [
-    &[("STATE_DTYPE", 1.0)],
-    &[("STATE_DTYPE", 1.0), ("STATE_ROUNDING", 1.0)],
-    &[("STATE_DTYPE", 2.0)],
-    &[("STATE_DTYPE", 2.0), ("BLOCK_SIZE", 32.0)],
-    &[
-        ("STATE_DTYPE", 2.0),
-        ("PARAM_DTYPE", 1.0),
-        ("PARAM_ROUNDING", 1.0),
-    ],
-];
+#[allow(dead_code)]
+mod contract {
+    include!("src/gpu/contract.rs");
+}
 
 fn fail(msg: String) -> ! {
     eprintln!("{msg}");
@@ -48,7 +22,22 @@ fn fail(msg: String) -> ! {
     std::process::exit(1);
 }
 
-fn validate(path: &Path) {
+/// Specializes every entry point of `module` with `values`: the first failure.
+fn specialize(module: &naga::Module, info: &ModuleInfo, values: &[(&str, f64)]) -> Option<String> {
+    let constants: PipelineConstants = values.iter().map(|&(n, v)| (n.to_string(), v)).collect();
+    module.entry_points.iter().find_map(|ep| {
+        process_overrides(
+            module,
+            info,
+            Some((naga::ShaderStage::Compute, &ep.name)),
+            &constants,
+        )
+        .err()
+        .map(|e| format!("entry point `{}` with {constants:?}: {e:?}", ep.name))
+    })
+}
+
+fn parse(path: &Path) -> (String, naga::Module, ModuleInfo) {
     let name = path.display().to_string();
     let source =
         std::fs::read_to_string(path).unwrap_or_else(|e| fail(format!("cannot read {name}: {e}")));
@@ -58,75 +47,58 @@ fn validate(path: &Path) {
     let info = validator
         .validate(&module)
         .unwrap_or_else(|e| fail(e.emit_to_string_with_path(&source, &name)));
-    let declared: Vec<String> = module
+    (name, module, info)
+}
+
+/// `rmsprop.wgsl` against the contract.
+fn check_contract(path: &Path) {
+    let (name, module, info) = parse(path);
+    let mut declared: Vec<&str> = module
         .overrides
         .iter()
-        .filter_map(|(_, o)| o.name.clone())
+        .filter_map(|(_, o)| o.name.as_deref())
         .collect();
-    let entry_points: Vec<String> = module.entry_points.iter().map(|e| e.name.clone()).collect();
-    // Every combination of the boolean overrides and clip kinds this shader declares.
-    let bools: Vec<&str> = BOOL_OVERRIDES
+    let mut expected: Vec<&str> = contract::OVERRIDES
         .iter()
-        .copied()
-        .filter(|b| declared.iter().any(|d| d == b))
+        .map(|o| o.name)
+        .chain(contract::DERIVED_OVERRIDES)
         .collect();
-    let clip_kinds: &[f64] = if declared.iter().any(|d| d == "CLIP_KIND") {
-        &CLIP_KINDS
-    } else {
-        &[0.0]
-    };
-    // the dtype overrides touch only loads and stores: every pair of them with no other
-    // option and with all of them, the other options with f32 throughout
-    let dtype_overrides: Vec<(&str, &[f64])> = DTYPE_OVERRIDES
+    declared.sort_unstable();
+    expected.sort_unstable();
+    if declared != expected {
+        fail(format!(
+            "{name}: its overrides {declared:?} differ from src/gpu/contract.rs {expected:?}"
+        ));
+    }
+    let mut entry_points: Vec<&str> = module
+        .entry_points
         .iter()
-        .copied()
-        .filter(|(o, _)| declared.iter().any(|d| d == o))
+        .map(|e| e.name.as_str())
         .collect();
-    let dtype_names: Vec<&str> = dtype_overrides.iter().map(|(n, _)| *n).collect();
-    let all = (1u32 << bools.len()) - 1;
-    let mut runs: Vec<(u32, Vec<(&str, f64)>)> = (0..=all).map(|m| (m, Vec::new())).collect();
-    let mut codes = vec![vec![]];
-    for (_, values) in &dtype_overrides {
-        codes = codes
-            .into_iter()
-            .flat_map(|c: Vec<f64>| values.iter().map(move |&d| [c.clone(), vec![d]].concat()))
-            .collect();
+    let mut expected_eps = contract::ENTRY_POINTS.to_vec();
+    entry_points.sort_unstable();
+    expected_eps.sort_unstable();
+    if entry_points != expected_eps {
+        fail(format!(
+            "{name}: entry points {entry_points:?}, src/gpu/contract.rs says {expected_eps:?}"
+        ));
     }
-    for c in codes.into_iter().filter(|c| c.iter().any(|&d| d != 0.0)) {
-        let named: Vec<(&str, f64)> = dtype_names.iter().copied().zip(c).collect();
-        runs.push((0, named.clone()));
-        runs.push((all, named));
-    }
-    for state in STATE_RUNS {
-        if state.iter().all(|(o, _)| declared.iter().any(|d| d == o)) {
-            runs.push((0, state.to_vec()));
-            runs.push((all, state.to_vec()));
+    for values in contract::specializations() {
+        if let Some(e) = specialize(&module, &info, &values) {
+            fail(format!("{name}: fails to specialize: {e}"));
         }
     }
-    for (mask, dtypes) in runs {
-        for &clip in clip_kinds {
-            let mut constants = PipelineConstants::default();
-            for (bit, b) in bools.iter().enumerate() {
-                constants.insert(b.to_string(), f64::from((mask >> bit) & 1));
-            }
-            if clip_kinds.len() > 1 {
-                constants.insert("CLIP_KIND".into(), clip);
-            }
-            for &(name, code) in &dtypes {
-                constants.insert(name.to_string(), code);
-            }
-            for ep in &entry_points {
-                if let Err(e) = process_overrides(
-                    &module,
-                    &info,
-                    Some((naga::ShaderStage::Compute, ep)),
-                    &constants,
-                ) {
-                    fail(format!(
-                        "{name}: entry point `{ep}` fails to specialize with {constants:?}: {e:?}"
-                    ));
-                }
-            }
+    // a code just past an override's values must be refused (CODES_HANDLED)
+    for o in contract::OVERRIDES {
+        if o.values == [0.0, 1.0] {
+            continue; // a bool
+        }
+        let past = o.values.iter().fold(0.0f64, |m, &v| m.max(v)) + 1.0;
+        if specialize(&module, &info, &[(o.name, past)]).is_none() {
+            fail(format!(
+                "{name}: `{}` = {past} is not in src/gpu/contract.rs, yet the shader accepts it (CODES_HANDLED must refuse it)",
+                o.name
+            ));
         }
     }
 }
@@ -134,6 +106,7 @@ fn validate(path: &Path) {
 fn main() {
     println!("cargo:rerun-if-changed=shaders");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/gpu/contract.rs");
     let dir = Path::new("shaders");
     let mut paths: Vec<_> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| fail(format!("cannot list shaders/: {e}")))
@@ -146,6 +119,13 @@ fn main() {
     }
     for p in &paths {
         println!("cargo:rerun-if-changed={}", p.display());
-        validate(p);
+        if p.file_name().is_some_and(|f| f == "rmsprop.wgsl") {
+            check_contract(p);
+        } else {
+            let (name, module, info) = parse(p);
+            if let Some(e) = specialize(&module, &info, &[]) {
+                fail(format!("{name}: {e}"));
+            }
+        }
     }
 }

@@ -16,6 +16,14 @@
 // combination, cached by the host); numbers that change per step are the plans in the
 // uniform `step`, copied into the private `s` at the start of each entry point.
 //
+// Bindings (the Rust side: src/gpu/contract.rs): two uniforms and four storage buffers
+// in every mode, within WebGPU's downlevel limits. The per-step and per-tensor tables
+// (chunk and tensor rows, clip factors, norm partials, non-finite flags, code maps) and
+// the device's step state share one `control` buffer; the parameters and gradients are
+// read as words whatever their dtype; a segment's own arrays (f32 slots, compact
+// slots, scales, the 16-bit copy, remainders) share one `state` buffer, in regions the
+// segment uniform gives.
+//
 // Entry points, at most three dispatch kinds per step (and refresh_param_copy, outside
 // steps, after the host writes parameters):
 //   norm_partials  - one workgroup per chunk: sum of squared effective gradients (and,
@@ -25,7 +33,7 @@
 //   update         - one workgroup per chunk: `update_element` on every element
 //
 // Loss scaling (LOSS_SCALING, Keras' LossScaleOptimizer) is decided the same way: the
-// dynamic scale and its growth counter live in `step_state` too; norm_partials divides
+// dynamic scale and its growth counter live in `control.step_state` too; norm_partials divides
 // by the scale as it is, norm_finalize moves it on (next_loss_scale, mirroring
 // math::next_loss_scale) after saving it in `active_scale` for the update.
 //
@@ -48,20 +56,22 @@ override LOSS_SCALING: bool = false;
 // 0: none, 1: clipnorm (per tensor), 2: global_clipnorm, 3: clipvalue
 override CLIP_KIND: u32 = 0u;
 // The gradients' element type (dtype::Dtype::code): 0 f32 (read from `grads`),
-// 1 bf16, 2 f16 (two per u32, read from `grads_16`; upcast exactly, as `half` does).
+// 1 bf16, 2 f16 (two per u32, two Lanes per vec4 of `grads`; upcast exactly, as `half`
+// does).
 override GRADIENT_DTYPE: u32 = 0u;
 // A 16-bit copy of the parameters written with them (dtype::Dtype::code): 0 none,
 // 1 bf16, 2 f16, rounded to nearest, ties to even, as `half` rounds on the host.
 override PARAM_COPY: u32 = 0u;
 // How the parameters are stored (dtype::Dtype::code, math::STORE_*): 0 f32 (`params`),
-// 1 bf16, 2 f16 (`params_16`, two per u32; every assignment rounds: store_param), 3 bf16
-// plus a 16-bit remainder each (`param_remainders`) that make them exact f32 masters
+// 1 bf16, 2 f16 (two per u32, two Lanes per vec4 of `params`; every assignment rounds:
+// store_param), 3 bf16 plus a 16-bit remainder each (the `remainders` region of `state`)
+// that make them exact f32 masters
 // (the update is the f32 one).
 override PARAM_DTYPE: u32 = 0u;
 // 16-bit parameters: 0 round to nearest (ties to even), 1 round stochastically (keys from
 // the plan's seed and step, the tensor and the element: math::element_key).
 override PARAM_ROUNDING: u32 = 0u;
-// Slot k of local vec4 i lives at slots[k * arrayLength(&params) + i]; velocity is slot 0.
+// Slot runs (SegmentUniform::f32_slots, codes): velocity is run 0, then these.
 override MOMENTUM_SLOT: u32 = 1u;
 override AVERAGE_GRADIENT_SLOT: u32 = 2u;
 override EMA_SLOT: u32 = 3u;
@@ -73,6 +83,15 @@ override SLOT_COUNT: u32 = 1u;
 override STATE_DTYPE: u32 = 0u;
 override STATE_ROUNDING: u32 = 0u;
 override BLOCK_SIZE: u32 = 256u;
+// 1 when every code above is one this shader handles; otherwise its initializer divides
+// by zero, which fails pipeline creation on every WGSL compiler: a new code must be
+// handled here (and added to src/gpu/contract.rs) before it can run. Read by every
+// entry point (check_codes).
+override CODES_HANDLED: u32 = 1u / u32(CLIP_KIND <= 3u && GRADIENT_DTYPE <= 2u && PARAM_COPY <= 2u
+    && PARAM_DTYPE <= 3u && PARAM_ROUNDING <= 1u && MOMENTUM_SLOT <= 4u
+    && AVERAGE_GRADIENT_SLOT <= 4u && EMA_SLOT <= 4u && ACCUMULATOR_SLOT <= 4u
+    && SLOT_COUNT >= 1u && SLOT_COUNT <= 5u && STATE_DTYPE <= 2u && STATE_ROUNDING <= 1u
+    && BLOCK_SIZE >= 32u && BLOCK_SIZE <= 256u && (BLOCK_SIZE & (BLOCK_SIZE - 1u)) == 0u);
 
 const WORKGROUP_SIZE: u32 = 256u;
 const PLAN_WINDOW: u32 = 64u;
@@ -117,6 +136,11 @@ struct StepUniform {
     tensor_count: u32,
     // dynamic_growth_steps of loss scaling
     growth_steps: u32,
+    // rows of the model-wide chunk table
+    chunk_count: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
     plans: array<StepScalars, PLAN_WINDOW>,
 }
 
@@ -126,8 +150,6 @@ struct StepState {
     counter_hi: u32,
     skipped_lo: u32,
     skipped_hi: u32,
-    // set by norm_partials when a gradient is not finite, cleared by norm_finalize
-    non_finite: atomic<u32>,
     // the plan the update uses this step, and whether it skips
     active_plan: u32,
     skip: u32,
@@ -138,7 +160,8 @@ struct StepState {
     loss_scale: u32,
     growth_counter: u32,
     active_scale: u32,
-    _pad: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 // gpu::shader::ChunkRow: a piece of one tensor inside this segment.
@@ -146,11 +169,14 @@ struct ChunkRow {
     tensor: u32,
     start: u32,        // first element, local to the segment
     len: u32,
-    global_index: u32, // index in the model-wide chunk table (for partials)
     tensor_start: u32, // index of the first element in its tensor
     state_at: u32,     // first element in the segment's store of its state format
-    state_format: u32, // 0 f32 (`slots`), 1 bf16 or 2 int8 (`state_codes`)
+    state_format: u32, // 0 f32 (the f32 slot runs), 1 bf16 or 2 int8 (the code runs)
 }
+
+// The number of u32 words of a chunk row and a tensor row in the control tables.
+const CHUNK_ROW_WORDS: u32 = 6u;
+const TENSOR_ROW_WORDS: u32 = 4u;
 
 // gpu::shader::TensorRow: one row of the offset table.
 struct TensorRow {
@@ -192,30 +218,54 @@ struct ElementState {
     accumulator: Lanes,
 }
 
+// gpu::shader::SegmentUniform: what one segment's dispatches need to find their
+// rows and regions, in u32 words: the tables from the start of `control.words`, the
+// regions from the start of the segment's `state` binding. Written once per arena.
+struct SegmentUniform {
+    // this segment's chunks: chunk rows first_chunk .. first_chunk + chunk_count
+    first_chunk: u32,
+    chunk_count: u32,
+    tensor_rows: u32,
+    chunk_rows: u32,
+    clips: u32,
+    partials: u32,
+    non_finite: u32,
+    code_maps: u32,
+    // f32 slots: SLOT_COUNT runs of f32_run words (a multiple of 4)
+    f32_slots: u32,
+    f32_run: u32,
+    // compact slots: SLOT_COUNT runs of code_run words (bf16 two per word, int8 four)
+    codes: u32,
+    code_run: u32,
+    // int8 blocks' scales (f32 bits): SLOT_COUNT runs of absmax_run words
+    absmax: u32,
+    absmax_run: u32,
+    // the 16-bit parameter copy (PARAM_COPY) and the remainders (PARAM_DTYPE 3): two
+    // elements per word
+    param_copy: u32,
+    remainders: u32,
+}
+
+// The control buffer, one per model: the device's step state, then the tables (chunk
+// rows, tensor rows, clip factors, norm partials and non-finite flags per chunk, the
+// code maps) at the word offsets the segment uniform gives.
+struct Control {
+    step_state: StepState,
+    words: array<u32>,
+}
+
+// Four storage buffers per segment in every mode (WebGPU's downlevel limit): every data
+// array is read as `vec4<u32>` words and converted by the dtype overrides.
 @group(0) @binding(0) var<uniform> step: StepUniform;
-@group(0) @binding(1) var<storage, read> chunks: array<ChunkRow>;
-@group(0) @binding(2) var<storage, read> tensors: array<TensorRow>;
-@group(0) @binding(3) var<storage, read_write> params: array<Lanes>;
-@group(0) @binding(4) var<storage, read> grads: array<Lanes>;
-@group(0) @binding(5) var<storage, read_write> slots: array<Lanes>;
-@group(0) @binding(6) var<storage, read_write> partials: array<f32>;
-@group(0) @binding(7) var<storage, read_write> clips: array<ClipFactors>;
-@group(0) @binding(8) var<storage, read_write> step_state: StepState;
-// The same buffer as `grads`: four 16-bit gradients (one Lanes) per vec2<u32>.
-@group(0) @binding(9) var<storage, read> grads_16: array<vec2<u32>>;
-// The 16-bit parameter copy (PARAM_COPY), four per vec2<u32>; a placeholder without it.
-@group(0) @binding(10) var<storage, read_write> param_copy: array<vec2<u32>>;
-// The parameters stored in 16 bits (PARAM_DTYPE), four per vec2<u32>; a placeholder
-// with f32 parameters (and `params` one with 16-bit ones).
-@group(0) @binding(11) var<storage, read_write> params_16: array<vec2<u32>>;
-// PARAM_DTYPE 3: the remainders (`master bits = (bf16 << 16) + remainder - 0x7fff`),
-// four per vec2<u32>; a placeholder otherwise.
-@group(0) @binding(12) var<storage, read_write> param_remainders: array<vec2<u32>>;
-// Compact slots: bf16 two per word or int8 four per word, one run per kept slot; int8
-// blocks' scales, one run per kept slot; the code maps (quant::CodeMap::gpu_table).
-@group(0) @binding(13) var<storage, read_write> state_codes: array<u32>;
-@group(0) @binding(14) var<storage, read_write> state_absmax: array<f32>;
-@group(0) @binding(15) var<storage, read> code_maps: array<u32>;
+@group(0) @binding(1) var<uniform> segment: SegmentUniform;
+@group(0) @binding(2) var<storage, read_write> control: Control;
+// The parameters: f32 (one vec4 of words per Lanes) or 16-bit (two Lanes per vec4).
+@group(0) @binding(3) var<storage, read_write> params: array<vec4<u32>>;
+// The gradients in GRADIENT_DTYPE, packed as the parameters are.
+@group(0) @binding(4) var<storage, read> grads: array<vec4<u32>>;
+// The segment's own arrays (see SegmentUniform): slots, compact slots and their
+// scales, the parameter copy, the remainders.
+@group(0) @binding(5) var<storage, read_write> state: array<vec4<u32>>;
 
 // This invocation's plan, loaded from `step` at the start of each entry point.
 var<private> s: StepScalars;
@@ -223,6 +273,7 @@ var<private> s: StepScalars;
 var<workgroup> scratch: array<f32, WORKGROUP_SIZE>;
 var<workgroup> block_scales: array<vec4<f32>, WORKGROUP_SIZE>;
 var<workgroup> uniform_word: u32;
+var<workgroup> any_flag: atomic<u32>;
 // WORKGROUP_SIZE = REDUCE_WIDTH * REDUCE_WIDTH
 const REDUCE_WIDTH: u32 = 16u;
 var<workgroup> scratch_partials: array<f32, REDUCE_WIDTH>;
@@ -232,7 +283,14 @@ var<workgroup> scratch_partials: array<f32, REDUCE_WIDTH>;
 // Shader compilers may assume IEEE special values never occur and fold `x != x` or
 // `x - x`; Keras' NaN propagation is kept with tests on the bits instead.
 const F32_EXPONENT_BITS: u32 = 0x7f800000u;
-const F32_QUIET_NAN_BITS: u32 = 0x7fc00000u;
+// The WGSL spec makes a NaN computed by a const-expression a shader-creation error
+// (Tint enforces it; naga does not), so the quiet NaN is built at run time from a
+// private variable's value.
+var<private> quiet_nan_bits: u32 = 0x7fc00000u;
+
+fn quiet_nan() -> f32 {
+    return bitcast<f32>(quiet_nan_bits);
+}
 
 fn is_nan(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) > F32_EXPONENT_BITS;
@@ -243,11 +301,11 @@ fn is_non_finite(x: f32) -> bool {
 }
 
 fn nan_max(a: f32, b: f32) -> f32 {
-    return select(max(a, b), bitcast<f32>(F32_QUIET_NAN_BITS), is_nan(a) || is_nan(b));
+    return select(max(a, b), quiet_nan(), is_nan(a) || is_nan(b));
 }
 
 fn nan_min(a: f32, b: f32) -> f32 {
-    return select(min(a, b), bitcast<f32>(F32_QUIET_NAN_BITS), is_nan(a) || is_nan(b));
+    return select(min(a, b), quiet_nan(), is_nan(a) || is_nan(b));
 }
 
 fn lanes_nan(x: Lanes) -> vec4<bool> {
@@ -268,7 +326,7 @@ fn clipnorm_factors(sum_sq: f32, clipnorm: f32) -> ClipFactors {
 fn global_clipnorm_factors(total_sum_sq: f32, clip: f32, inv_clip: f32) -> ClipFactors {
     let use_norm = sqrt(total_sum_sq);
     let scale_for_finite = clip * nan_min(1.0 / use_norm, inv_clip);
-    let scale = select(scale_for_finite, bitcast<f32>(F32_QUIET_NAN_BITS), is_non_finite(use_norm));
+    let scale = select(scale_for_finite, quiet_nan(), is_non_finite(use_norm));
     return ClipFactors(scale, 1.0);
 }
 
@@ -535,6 +593,33 @@ fn f16_from_lanes(x: Lanes) -> vec4<u32> {
     return select(out, special, exponent == vec4(F32_EXPONENT_BITS));
 }
 
+// Words of one Lanes group stored as 16-bit halves: the half `i % 2` of a vec4.
+fn pair_of(v: vec4<u32>, i: u32) -> vec2<u32> {
+    return select(v.xy, v.zw, (i & 1u) == 1u);
+}
+
+// The 16-bit Lanes group `i` of the state region starting at word `base` (a multiple
+// of 4), as its two words.
+fn state_pair(base: u32, i: u32) -> vec2<u32> {
+    return pair_of(state[base / 4u + i / 2u], i);
+}
+
+fn set_state_pair(base: u32, i: u32, pair: vec2<u32>) {
+    let v = base / 4u + i / 2u;
+    let c = 2u * (i & 1u);
+    state[v][c] = pair.x;
+    state[v][c + 1u] = pair.y;
+}
+
+// Word `w` of the segment's state binding.
+fn state_word(w: u32) -> u32 {
+    return state[w / 4u][w % 4u];
+}
+
+fn set_state_word(w: u32, value: u32) {
+    state[w / 4u][w % 4u] = value;
+}
+
 // Parameters of vec4 i into the 16-bit copy (PARAM_COPY), two per u32.
 fn store_param_copy(i: u32, param: Lanes) {
     var halves: vec4<u32>;
@@ -543,16 +628,15 @@ fn store_param_copy(i: u32, param: Lanes) {
     } else {
         halves = f16_from_lanes(param);
     }
-    param_copy[i] = vec2(halves.x | (halves.y << 16u), halves.z | (halves.w << 16u));
+    set_state_pair(segment.param_copy, i, pack_halves(halves));
 }
 
 // Raw gradient of vec4 i, as f32 lanes, in the variant's GRADIENT_DTYPE.
 fn load_gradient(i: u32) -> Lanes {
     if GRADIENT_DTYPE == 0u {
-        return grads[i];
+        return bitcast<Lanes>(grads[i]);
     }
-    let pair = grads_16[i];
-    let halves = vec4(pair.x & 0xffffu, pair.x >> 16u, pair.y & 0xffffu, pair.y >> 16u);
+    let halves = unpack_halves(pair_of(grads[i / 2u], i));
     if GRADIENT_DTYPE == 1u {
         return bf16_lanes(halves);
     }
@@ -570,11 +654,11 @@ fn pack_halves(halves: vec4<u32>) -> vec2<u32> {
 
 fn load_param(i: u32) -> Lanes {
     if PARAM_DTYPE == 0u {
-        return params[i];
+        return bitcast<Lanes>(params[i]);
     }
-    let halves = unpack_halves(params_16[i]);
+    let halves = unpack_halves(pair_of(params[i / 2u], i));
     if PARAM_DTYPE == 3u {
-        let remainders = unpack_halves(param_remainders[i]);
+        let remainders = unpack_halves(state_pair(segment.remainders, i));
         return bitcast<Lanes>((halves << vec4(16u)) + remainders - vec4(0x7fffu));
     }
     if PARAM_DTYPE == 1u {
@@ -585,7 +669,7 @@ fn load_param(i: u32) -> Lanes {
 
 fn write_param(i: u32, p: Lanes) {
     if PARAM_DTYPE == 0u {
-        params[i] = p;
+        params[i] = bitcast<vec4<u32>>(p);
         return;
     }
     var halves: vec4<u32>;
@@ -596,13 +680,47 @@ fn write_param(i: u32, p: Lanes) {
         let nan = lanes_nan(p);
         halves = select((b + vec4(0x7fffu)) >> vec4(16u), (b >> vec4(16u)) | vec4(0x40u), nan);
         let remainders = select((b - (halves << vec4(16u)) + vec4(0x7fffu)) & vec4(0xffffu), vec4(0x7fffu), nan);
-        param_remainders[i] = pack_halves(remainders);
+        set_state_pair(segment.remainders, i, pack_halves(remainders));
     } else if PARAM_DTYPE == 1u {
         halves = bf16_from_lanes(p);
     } else {
         halves = f16_from_lanes(p);
     }
-    params_16[i] = pack_halves(halves);
+    let pair = pack_halves(halves);
+    let v = i / 2u;
+    let c = 2u * (i & 1u);
+    params[v][c] = pair.x;
+    params[v][c + 1u] = pair.y;
+}
+
+// ---- control tables ------------------------------------------------------------
+
+// Row `c` of the model-wide chunk table.
+fn chunk_row(c: u32) -> ChunkRow {
+    let at = segment.chunk_rows + c * CHUNK_ROW_WORDS;
+    let w = &control.words;
+    return ChunkRow(w[at], w[at + 1u], w[at + 2u], w[at + 3u], w[at + 4u], w[at + 5u]);
+}
+
+fn tensor_row(t: u32) -> TensorRow {
+    let at = segment.tensor_rows + t * TENSOR_ROW_WORDS;
+    let w = &control.words;
+    return TensorRow(w[at], w[at + 1u], w[at + 2u], w[at + 3u]);
+}
+
+fn clip_factors(t: u32) -> ClipFactors {
+    let at = segment.clips + 2u * t;
+    return ClipFactors(bitcast<f32>(control.words[at]), bitcast<f32>(control.words[at + 1u]));
+}
+
+fn set_clip_factors(t: u32, f: ClipFactors) {
+    let at = segment.clips + 2u * t;
+    control.words[at] = bitcast<u32>(f.numerator);
+    control.words[at + 1u] = bitcast<u32>(f.denominator);
+}
+
+fn code_map(i: u32) -> u32 {
+    return control.words[segment.code_maps + i];
 }
 
 // ---- slots ---------------------------------------------------------------------
@@ -646,7 +764,7 @@ fn map_inf_index(id: u32) -> u32 {
 }
 
 fn map_lanes(at: vec4<u32>) -> Lanes {
-    return bitcast<Lanes>(vec4(code_maps[at.x], code_maps[at.y], code_maps[at.z], code_maps[at.w]));
+    return bitcast<Lanes>(vec4(code_map(at.x), code_map(at.y), code_map(at.z), code_map(at.w)));
 }
 
 // quant::block_absmax of four lanes.
@@ -691,7 +809,7 @@ fn encode_int8_fast(x: Lanes, absmax: f32, id: u32) -> vec4<u32> {
     let y = bitcast<vec4<u32>>(abs(x) * (1.0 / absmax)) >> vec4(12u);
     let key = clamp(y, vec4(GUESS_LOW), vec4(GUESS_HIGH)) - vec4(GUESS_LOW);
     let words = vec4(GUESSES + select(GUESS_WORDS, 0u, id == SLOT_VELOCITY)) + key / vec4(4u);
-    let packed = vec4(code_maps[words.x], code_maps[words.y], code_maps[words.z], code_maps[words.w]);
+    let packed = vec4(code_map(words.x), code_map(words.y), code_map(words.z), code_map(words.w));
     let guess = (packed >> ((key % vec4(4u)) * vec4(8u))) & vec4(0xffu);
     var around = guess;
     if id != SLOT_VELOCITY {
@@ -740,55 +858,52 @@ fn state_key(tensor: u32, element: u32) -> vec4<u32> {
 }
 
 // Runs (vec4s of `slots`, words of `state_codes`) per kept slot.
-fn f32_run() -> u32 {
-    return arrayLength(&slots) / SLOT_COUNT;
+// The first word of slot run `run` in the f32 and in the compact region.
+fn f32_run_at(run: u32) -> u32 {
+    return segment.f32_slots + run * segment.f32_run;
 }
 
-fn code_run() -> u32 {
-    return arrayLength(&state_codes) / SLOT_COUNT;
+fn code_run_at(run: u32) -> u32 {
+    return segment.codes + run * segment.code_run;
 }
 
-// The scale of the int8 block holding the chunk's vec4 k, in slot run `run`.
-fn scale_index(run: u32, row: ChunkRow, k: u32) -> u32 {
-    return run * (arrayLength(&state_absmax) / SLOT_COUNT) + (row.state_at + 4u * k) / BLOCK_SIZE;
+// The word holding the scale of the int8 block of the chunk's vec4 k, in slot run `run`.
+fn scale_word(run: u32, row: ChunkRow, k: u32) -> u32 {
+    return segment.absmax + run * segment.absmax_run + (row.state_at + 4u * k) / BLOCK_SIZE;
 }
 
 // Slot `id` (kept as run `run`) of the chunk's vec4 k, as f32 lanes.
 fn load_slot(run: u32, id: u32, row: ChunkRow, k: u32) -> Lanes {
     if STATE_DTYPE == 0u || row.state_format == FORMAT_F32 {
-        return slots[run * f32_run() + row.state_at / 4u + k];
+        return bitcast<Lanes>(state[f32_run_at(run) / 4u + row.state_at / 4u + k]);
     }
     if STATE_DTYPE == 1u {
-        let w = run * code_run() + row.state_at / 2u + 2u * k;
-        return bf16_lanes(unpack_halves(vec2(state_codes[w], state_codes[w + 1u])));
+        return bf16_lanes(unpack_halves(state_pair(code_run_at(run), row.state_at / 4u + k)));
     }
-    let w = run * code_run() + row.state_at / 4u + k;
-    return decode_int8(unpack_bytes(state_codes[w]), state_absmax[scale_index(run, row, k)], id);
+    let codes = state_word(code_run_at(run) + row.state_at / 4u + k);
+    return decode_int8(unpack_bytes(codes), bitcast<f32>(state_word(scale_word(run, row, k))), id);
 }
 
 // Stores slot `id` of the chunk's vec4 k as f32 or bf16 (rounded to nearest, or
 // stochastically from the state key `key`); int8 goes through store_slot_int8.
 fn store_slot(run: u32, id: u32, row: ChunkRow, k: u32, x: Lanes, key: vec4<u32>) {
     if STATE_DTYPE == 0u || row.state_format == FORMAT_F32 {
-        slots[run * f32_run() + row.state_at / 4u + k] = x;
+        state[f32_run_at(run) / 4u + row.state_at / 4u + k] = bitcast<vec4<u32>>(x);
         return;
     }
     var bits = bf16_from_lanes(x);
     if STATE_ROUNDING == 1u {
         bits = bitcast<vec4<u32>>(stochastic_bf16(x, assignment_bits(key, 8u + id))) >> vec4(16u);
     }
-    let w = run * code_run() + row.state_at / 2u + 2u * k;
-    let pair = pack_halves(bits);
-    state_codes[w] = pair.x;
-    state_codes[w + 1u] = pair.y;
+    set_state_pair(code_run_at(run), row.state_at / 4u + k, pack_halves(bits));
 }
 
 // Stores slot `id` of the chunk's vec4 k as int8 codes of its block's new `absmax`;
 // the block's first invocation stores the scale.
 fn store_slot_int8(run: u32, id: u32, row: ChunkRow, k: u32, x: Lanes, absmax: f32) {
-    state_codes[run * code_run() + row.state_at / 4u + k] = pack_bytes(encode_int8_fast(x, absmax, id));
+    set_state_word(code_run_at(run) + row.state_at / 4u + k, pack_bytes(encode_int8_fast(x, absmax, id)));
     if ((row.state_at + 4u * k) % BLOCK_SIZE) == 0u {
-        state_absmax[scale_index(run, row, k)] = absmax;
+        set_state_word(scale_word(run, row, k), bitcast<u32>(absmax));
     }
 }
 
@@ -799,10 +914,10 @@ fn lanes_in_chunk(k: u32, len: u32) -> vec4<bool> {
 
 // What a tensor does this step (math::TensorStep), from its row and the plan.
 fn tensor_step(tensor: u32) -> TensorStep {
-    let flags = tensors[tensor].flags;
+    let flags = tensor_row(tensor).flags;
     var clip = ClipFactors(1.0, 1.0);
     if CLIP_KIND == 1u || CLIP_KIND == 2u {
-        clip = clips[tensor];
+        clip = clip_factors(tensor);
     }
     let decay = WEIGHT_DECAY && (flags & FLAG_DECAY) != 0u;
     return TensorStep(phase_of((flags & FLAG_HAS_GRADIENT) != 0u), decay, clip);
@@ -980,35 +1095,47 @@ fn increment(lo_hi: vec2<u32>) -> vec2<u32> {
     return vec2(lo, lo_hi.y + select(0u, 1u, lo == 0u));
 }
 
-// The guard's decision, made once per step by one invocation: apply the plan for the
-// device's counter and advance it, or skip the step and count the skip. With loss
-// scaling, the update divides by the scale as it is now, and the scale moves on by
-// next_loss_scale.
-fn settle_guard() {
-    let non_finite = atomicExchange(&step_state.non_finite, 0u) != 0u;
+// The guard's decision, made once per step by one invocation (`non_finite`: whether
+// any chunk saw a gradient that is not finite): apply the plan for the device's
+// counter and advance it, or skip the step and count the skip. With loss scaling, the
+// update divides by the scale as it is now, and the scale moves on by next_loss_scale.
+fn settle_guard(non_finite: bool) {
+    let st = &control.step_state;
     if LOSS_SCALING {
-        let now = LossScaleState(bitcast<f32>(step_state.loss_scale), step_state.growth_counter);
+        let now = LossScaleState(bitcast<f32>((*st).loss_scale), (*st).growth_counter);
         let next = next_loss_scale(now, !non_finite, step.growth_steps);
-        step_state.active_scale = step_state.loss_scale;
-        step_state.loss_scale = bitcast<u32>(next.scale);
-        step_state.growth_counter = next.counter;
+        (*st).active_scale = (*st).loss_scale;
+        (*st).loss_scale = bitcast<u32>(next.scale);
+        (*st).growth_counter = next.counter;
     }
-    let index = step_state.counter_lo - step.base_lo;
+    let index = (*st).counter_lo - step.base_lo;
     if index >= step.len {
-        step_state.fault = 1u;
-        step_state.skip = 1u;
+        (*st).fault = 1u;
+        (*st).skip = 1u;
     } else if non_finite {
-        step_state.skip = 1u;
-        let skipped = increment(vec2(step_state.skipped_lo, step_state.skipped_hi));
-        step_state.skipped_lo = skipped.x;
-        step_state.skipped_hi = skipped.y;
+        (*st).skip = 1u;
+        let skipped = increment(vec2((*st).skipped_lo, (*st).skipped_hi));
+        (*st).skipped_lo = skipped.x;
+        (*st).skipped_hi = skipped.y;
     } else {
-        step_state.skip = 0u;
-        step_state.active_plan = index;
-        let counter = increment(vec2(step_state.counter_lo, step_state.counter_hi));
-        step_state.counter_lo = counter.x;
-        step_state.counter_hi = counter.y;
+        (*st).skip = 0u;
+        (*st).active_plan = index;
+        let counter = increment(vec2((*st).counter_lo, (*st).counter_hi));
+        (*st).counter_lo = counter.x;
+        (*st).counter_hi = counter.y;
     }
+}
+
+// Whether any invocation of the workgroup passed `flag` true; every invocation gets
+// the answer. Call from uniform control flow only.
+fn workgroup_any(flag: bool) -> bool {
+    if flag {
+        atomicOr(&any_flag, 1u);
+    }
+    workgroupBarrier();
+    let found = atomicLoad(&any_flag) != 0u;
+    workgroupBarrier();
+    return found;
 }
 
 @compute @workgroup_size(WORKGROUP_SIZE)
@@ -1017,20 +1144,22 @@ fn norm_partials(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
     // only step-invariant fields are read here (loss scale, accumulation steps)
     s = step.plans[0];
     // non-finite is judged on the gradient divided by loss_scale_factor (1 with loss
     // scaling: Keras checks what arrives); the norm on it divided by the dynamic scale
     let check_scale = s.loss_scale;
     if LOSS_SCALING {
-        s.loss_scale = bitcast<f32>(step_state.loss_scale);
+        s.loss_scale = bitcast<f32>(control.step_state.loss_scale);
     }
     let c = workgroup_linear(wid, nwg);
-    let valid = c < arrayLength(&chunks);
-    let chunk = chunks[min(c, arrayLength(&chunks) - 1u)];
+    let valid = c < segment.chunk_count;
+    let global = segment.first_chunk + min(c, segment.chunk_count - 1u);
+    let chunk = chunk_row(global);
     var sum = 0.0;
     var non_finite = false;
-    if valid && (tensors[chunk.tensor].flags & FLAG_HAS_GRADIENT) != 0u {
+    if valid && (tensor_row(chunk.tensor).flags & FLAG_HAS_GRADIENT) != 0u {
         let first = chunk.start / 4u;
         for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
             let i = first + k;
@@ -1045,33 +1174,37 @@ fn norm_partials(
             }
         }
     }
-    // rare (a bad step), so one atomic per invocation that saw one is cheap enough
-    if non_finite {
-        atomicOr(&step_state.non_finite, 1u);
+    // one flag per chunk (no storage atomics): norm_finalize ORs them
+    if GUARD || LOSS_SCALING {
+        let found = workgroup_any(non_finite);
+        if valid && lid == 0u {
+            control.words[segment.non_finite + global] = select(0u, 1u, found);
+        }
     }
-    // without norm clipping (the guard alone) there is nothing to sum: no barriers
+    // without norm clipping (the guard alone) there is nothing to sum
     if CLIP_KIND == 1u || CLIP_KIND == 2u {
         let total = workgroup_sum(lid, sum);
         if valid && lid == 0u {
-            partials[chunk.global_index] = total;
+            control.words[segment.partials + global] = bitcast<u32>(total);
         }
     }
 }
 
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
+    _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
     // only step-invariant fields are read here (clip thresholds)
     s = step.plans[0];
     if CLIP_KIND == 1u || CLIP_KIND == 2u {
         var present_sum = 0.0;
         for (var t = lid; t < step.tensor_count; t += WORKGROUP_SIZE) {
-            let row = tensors[t];
+            let row = tensor_row(t);
             var sum = 0.0;
             for (var k = 0u; k < row.chunk_count; k++) {
-                sum += partials[row.first_chunk + k];
+                sum += bitcast<f32>(control.words[segment.partials + row.first_chunk + k]);
             }
             if CLIP_KIND == 1u {
-                clips[t] = clipnorm_factors(sum, s.clip_norm);
+                set_clip_factors(t, clipnorm_factors(sum, s.clip_norm));
             }
             if (row.flags & FLAG_HAS_GRADIENT) != 0u {
                 present_sum += sum;
@@ -1081,12 +1214,19 @@ fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
             let total = workgroup_sum(lid, present_sum);
             let factors = global_clipnorm_factors(total, s.clip_norm, s.inv_clip_norm);
             for (var t = lid; t < step.tensor_count; t += WORKGROUP_SIZE) {
-                clips[t] = factors;
+                set_clip_factors(t, factors);
             }
         }
     }
-    if (GUARD || LOSS_SCALING) && lid == 0u {
-        settle_guard();
+    if GUARD || LOSS_SCALING {
+        var non_finite = false;
+        for (var c = lid; c < step.chunk_count; c += WORKGROUP_SIZE) {
+            non_finite = non_finite || control.words[segment.non_finite + c] != 0u;
+        }
+        let found = workgroup_any(non_finite);
+        if lid == 0u {
+            settle_guard(found);
+        }
     }
 }
 
@@ -1096,26 +1236,27 @@ fn update(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
     let c = workgroup_linear(wid, nwg);
-    if c >= arrayLength(&chunks) {
+    if c >= segment.chunk_count {
         return;
     }
     if GUARD || LOSS_SCALING {
         // the device's decision, read as uniform (int8 blocks reduce with barriers)
         if lid == 0u {
-            uniform_word = step_state.skip;
+            uniform_word = control.step_state.skip;
         }
         if workgroupUniformLoad(&uniform_word) != 0u {
             return;
         }
-        s = step.plans[step_state.active_plan];
+        s = step.plans[control.step_state.active_plan];
     } else {
         s = step.plans[0];
     }
     if LOSS_SCALING {
-        s.loss_scale = bitcast<f32>(step_state.active_scale);
+        s.loss_scale = bitcast<f32>(control.step_state.active_scale);
     }
-    let chunk = chunks[c];
+    let chunk = chunk_row(segment.first_chunk + c);
     let t = tensor_step(chunk.tensor);
     if lid == 0u {
         uniform_word = t.phase;
@@ -1176,11 +1317,12 @@ fn refresh_param_copy(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
     let c = workgroup_linear(wid, nwg);
-    if PARAM_COPY == 0u || c >= arrayLength(&chunks) {
+    if PARAM_COPY == 0u || c >= segment.chunk_count {
         return;
     }
-    let chunk = chunks[c];
+    let chunk = chunk_row(segment.first_chunk + c);
     let first = chunk.start / 4u;
     for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
         store_param_copy(first + k, load_param(first + k));
@@ -1197,11 +1339,12 @@ fn finalize_params(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
     let c = workgroup_linear(wid, nwg);
-    if !USE_EMA || c >= arrayLength(&chunks) {
+    if !USE_EMA || c >= segment.chunk_count {
         return;
     }
-    let chunk = chunks[c];
+    let chunk = chunk_row(segment.first_chunk + c);
     let first = chunk.start / 4u;
     for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
         let i = first + k;

@@ -146,6 +146,17 @@ pub enum Error {
     /// readback, a validation error reported by wgpu.
     #[error("GPU error: {0}")]
     Gpu(String),
+    /// The device lacks a limit the kernels need (see the README's limits table): a
+    /// device made with lower limits than the mode or the model needs.
+    #[error("the device's `{limit}` is {device}, this optimizer needs {needed}")]
+    DeviceLimit {
+        /// The `wgpu::Limits` field (WebGPU's limit in snake case).
+        limit: &'static str,
+        /// The device's value.
+        device: u64,
+        /// What the mode or the model needs.
+        needed: u64,
+    },
     /// A user-supplied buffer does not meet the documented requirements.
     #[error("buffer `{name}` is unusable: {reason}")]
     InvalidBuffer {

@@ -1,13 +1,15 @@
 //! The GPU arena: parameters, gradients and slots in flat buffers, split into
-//! segments that respect `max_storage_buffer_binding_size`, plus the chunk and
-//! tensor tables the kernels read, and explicit upload and readback.
+//! segments that respect `max_storage_buffer_binding_size`, the control buffer with
+//! the tables the kernels read, and explicit upload and readback.
 //!
-//! Per segment of `len` elements: a `params` buffer (`len` f32), a `grads` buffer
-//! (`len` f32) and a `slots` buffer holding each slot as a run of f32, in the order of
-//! [`Variant::slots`]. Element `e` of the model lives at local index `e - segment.start`
-//! of the segment holding it; its slots where the [`StateLayout`] puts its chunk (with
-//! f32 state, at the same local index; compact slots in the `state_codes` and
-//! `state_absmax` runs).
+//! Per segment of `len` elements: a `params` and a `grads` buffer (the user's, or the
+//! crate's) and a `state` buffer holding the segment's own arrays in [`Regions`]: each
+//! slot as a run of f32 (in [`Variant::slots`] order), compact slots and their scales,
+//! the 16-bit parameter copy and the remainders. Element `e` of the model lives at local
+//! index `e - segment.start` of the segment holding it; its slots where the
+//! [`StateLayout`] puts its chunk (with f32 state, at the same local index of each
+//! run). One `control` buffer per model holds the device's step state and the tables
+//! ([`ControlLayout`]): four storage bindings per dispatch in every mode.
 
 use std::num::NonZeroU64;
 
@@ -15,18 +17,153 @@ use crate::backend::Role;
 use crate::dtype::{combine_master, split_master, Dtype, GradSlice};
 use crate::error::{Error, Result};
 use crate::gpu::binding::{
-    align_elements, dtype_bytes, f32_bytes, TensorView, UserBuffers, ARENA_USAGES, F32,
+    align_elements, dtype_bytes, TensorView, UserBuffers, ARENA_USAGES, F32,
 };
 use crate::gpu::context::GpuContext;
+use crate::gpu::contract;
+use crate::gpu::limits::{check_binding, check_workgroups};
 use crate::gpu::nonfinite::STEP_STATE_BYTES;
 use crate::gpu::pipelines::Pipelines;
-use crate::gpu::shader::{binding, ChunkRow, StepUniform, TensorRow, GPU_CHUNK_LEN};
+use crate::gpu::shader::{ChunkRow, SegmentUniform, StepUniform, TensorRow, GPU_CHUNK_LEN};
 use crate::layout::Layout;
+use crate::math::ClipFactors;
 use crate::quant::CodeMap;
 use crate::state::{StateDtype, StateStorage};
 use crate::state_layout::{check_raw, RawSlot, StateLayout};
 use crate::variable::VariableSpec;
 use crate::variant::{Slot, Variant};
+
+/// Where a segment's own arrays live in its `state` buffer, in u32 words (each region
+/// starts at a multiple of the device's storage-binding alignment, so f32 slots and the
+/// parameter copy can be bound as views).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Regions {
+    /// f32 slots: one run of `f32_run` words per kept slot.
+    pub f32_slots: usize,
+    pub f32_run: usize,
+    /// Compact slots (bf16 two per word, int8 four): one run of `code_run` words per slot.
+    pub codes: usize,
+    pub code_run: usize,
+    /// int8 blocks' scales: one run of `absmax_run` per slot.
+    pub absmax: usize,
+    pub absmax_run: usize,
+    /// The 16-bit parameter copy, two per word.
+    pub param_copy: usize,
+    /// The remainders of bf16 parameters, two per word.
+    pub remainders: usize,
+    /// Words of the whole buffer.
+    pub total: usize,
+}
+
+impl Regions {
+    /// The regions of a segment of `len` elements whose slots take `f32_len` f32 and
+    /// `compact_len` compact elements, each region at a multiple of `align` words.
+    fn new(
+        variant: &Variant,
+        len: usize,
+        (f32_len, compact_len): (usize, usize),
+        align: usize,
+    ) -> Self {
+        let slots = variant.slots().len();
+        let up = |n: usize, to: usize| n.next_multiple_of(to);
+        let f32_run = up(f32_len, align);
+        let (code_run, absmax_run) = match variant.state {
+            StateDtype::F32 => (0, 0),
+            StateDtype::Bf16 => (up(compact_len / 2, 4), 0),
+            StateDtype::Int8 => (
+                up(compact_len / 4, 4),
+                up(compact_len.div_ceil(variant.block_size as usize), 4),
+            ),
+        };
+        // 16-bit arrays: two per word, whole vec4s
+        let halves = up(len.div_ceil(2), 4);
+        let codes = up(slots * f32_run, align);
+        let absmax = up(codes + slots * code_run, align);
+        let param_copy = up(absmax + slots * absmax_run, align);
+        let copy_words = if variant.param_copy.is_some() {
+            halves
+        } else {
+            0
+        };
+        let remainders = up(param_copy + copy_words, align);
+        let remainder_words = if variant.param_remainders { halves } else { 0 };
+        Regions {
+            f32_slots: 0,
+            f32_run,
+            codes,
+            code_run,
+            absmax,
+            absmax_run,
+            param_copy,
+            remainders,
+            // never an empty binding
+            total: up(remainders + remainder_words, 4).max(4),
+        }
+    }
+
+    /// The word of f32 slot run `k` holding slot element `at`.
+    pub(crate) fn f32_word(&self, k: usize, at: usize) -> usize {
+        self.f32_slots + k * self.f32_run + at
+    }
+
+    /// The first word of compact slot run `k`.
+    pub(crate) fn code_word(&self, k: usize) -> usize {
+        self.codes + k * self.code_run
+    }
+
+    /// The word of scale `block` of int8 slot run `k`.
+    pub(crate) fn absmax_word(&self, k: usize, block: usize) -> usize {
+        self.absmax + k * self.absmax_run + block
+    }
+
+    /// Bytes of slot storage (what `state_bytes` counts): the slot runs and scales.
+    pub(crate) fn slot_bytes(&self, slots: usize) -> u64 {
+        (slots * (self.f32_run + self.code_run + self.absmax_run)) as u64 * F32
+    }
+}
+
+/// Where the tables live in the control buffer, in u32 words after the step state.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ControlLayout {
+    pub tensor_rows: usize,
+    pub chunk_rows: usize,
+    pub clips: usize,
+    pub partials: usize,
+    pub non_finite: usize,
+    pub code_maps: usize,
+    /// Words of the tables.
+    pub words: usize,
+}
+
+impl ControlLayout {
+    fn new(tensors: usize, chunks: usize, code_map_words: usize) -> Self {
+        let tensor_rows = 0;
+        let chunk_rows = tensor_rows + tensors * std::mem::size_of::<TensorRow>() / 4;
+        let clips = chunk_rows + chunks * std::mem::size_of::<ChunkRow>() / 4;
+        let partials = clips + 2 * tensors;
+        let non_finite = partials + chunks;
+        let code_maps = non_finite + chunks;
+        ControlLayout {
+            tensor_rows,
+            chunk_rows,
+            clips,
+            partials,
+            non_finite,
+            code_maps,
+            words: (code_maps + code_map_words).next_multiple_of(4).max(4),
+        }
+    }
+
+    /// Byte offset of table word `word` in the control buffer.
+    pub(crate) fn byte(word: usize) -> u64 {
+        STEP_STATE_BYTES + word as u64 * F32
+    }
+
+    /// Bytes of the control buffer.
+    fn bytes(&self) -> u64 {
+        Self::byte(self.words)
+    }
+}
 
 /// One segment of the GPU arena: a run of whole tensors (or a piece of one tensor longer
 /// than a binding), small enough for one storage binding, with its buffers.
@@ -42,20 +179,10 @@ pub(crate) struct Segment {
     /// Gradients, from byte `grads_base` on.
     pub grads: wgpu::Buffer,
     pub grads_base: u64,
-    /// f32 slots, one run of `f32_run` elements per slot.
-    pub slots: wgpu::Buffer,
-    pub f32_run: usize,
-    /// Compact slots (bf16 or int8 packed in words), one run of `code_run` words per
-    /// slot; int8 blocks' scales, one run of `absmax_run` per slot (16-byte
-    /// placeholders without).
-    pub state_codes: wgpu::Buffer,
-    pub code_run: usize,
-    pub state_absmax: wgpu::Buffer,
-    pub absmax_run: usize,
-    /// The 16-bit parameter copy (a 16-byte placeholder without one).
-    pub param_copy: wgpu::Buffer,
-    /// The remainders of bf16 parameters (a 16-byte placeholder without them).
-    pub param_remainders: wgpu::Buffer,
+    /// The segment's own arrays (slots, compact slots, scales, the parameter copy, the
+    /// remainders), in `regions`.
+    pub state: wgpu::Buffer,
+    pub regions: Regions,
     pub chunk_count: usize,
     pub bind_group: wgpu::BindGroup,
 }
@@ -87,12 +214,10 @@ pub(crate) struct GpuArena {
     pub(crate) state: StateLayout,
     pub(crate) variant: Variant,
     pub(crate) segments: Vec<Segment>,
-    pub(crate) tensors: wgpu::Buffer,
     pub(crate) uniform: wgpu::Buffer,
-    /// Per-tensor clip factors (`ClipFactors`), written by `norm_finalize` or the host.
-    pub(crate) clips: wgpu::Buffer,
-    /// The device's [`crate::gpu::shader::StepState`] (the non-finite guard's counters).
-    pub(crate) step_state: wgpu::Buffer,
+    /// The step state ([`crate::gpu::shader::StepState`], at byte 0) and the tables.
+    pub(crate) control: wgpu::Buffer,
+    pub(crate) control_layout: ControlLayout,
     pub(crate) tensor_flags: Vec<u32>,
 }
 
@@ -130,15 +255,26 @@ fn range(buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BindingResource
     })
 }
 
-/// Largest segment length the device allows for this variant: every binding
-/// (the slots buffer holds all slots) must fit `max_storage_buffer_binding_size`.
+/// Bytes per element of a segment's `state` buffer for `variant` (every slot in f32,
+/// the 16-bit copy and remainders), a bound on what any state dtype takes.
+fn state_bytes_per_element(variant: &Variant) -> u64 {
+    let halves = u64::from(variant.param_copy.is_some()) + u64::from(variant.param_remainders);
+    F32 * variant.slots().len() as u64 + 2 * halves
+}
+
+/// Largest segment length the device allows for this variant: every binding (the
+/// `state` buffer holds all slots, the copy and the remainders, each region padded to
+/// the binding alignment) must fit `max_storage_buffer_binding_size`.
 fn max_segment_len(ctx: &GpuContext, variant: &Variant) -> usize {
     let limits = ctx.device.limits();
     let max_bytes = limits
         .max_storage_buffer_binding_size
         .min(limits.max_buffer_size);
-    let per_element = F32 * variant.slots().len() as u64;
-    let len = (max_bytes / per_element) as usize;
+    // region padding: five regions, each up to one alignment (and one int8 block's
+    // scale words), per slot
+    let padding = 8 * u64::from(limits.min_storage_buffer_offset_alignment.max(16)) * 6;
+    let per_element = state_bytes_per_element(variant).max(F32);
+    let len = (max_bytes.saturating_sub(padding) / per_element) as usize;
     let len = len.min(u32::MAX as usize / 2);
     if len >= GPU_CHUNK_LEN {
         len / GPU_CHUNK_LEN * GPU_CHUNK_LEN
@@ -201,7 +337,8 @@ fn check_user_buffers(
 
 impl GpuArena {
     /// Allocates the arena for `specs` (zeroed), or uses `user` buffers for parameters
-    /// and gradients (checked as [`UserBuffers`] documents).
+    /// and gradients (checked as [`UserBuffers`] documents). Every buffer is checked
+    /// against the device's limits first ([`Error::DeviceLimit`]).
     pub(crate) fn new(
         ctx: &GpuContext,
         pipelines: &Pipelines,
@@ -211,6 +348,7 @@ impl GpuArena {
         segment_len: Option<usize>,
         user: Option<UserBuffers>,
     ) -> Result<Self> {
+        let limits = ctx.device.limits();
         let max_len = max_segment_len(ctx, &variant);
         let segment_len = segment_len.map_or(max_len, |s| s.clamp(1, max_len));
         // compact state: a tensor split across segments splits at whole int8 blocks
@@ -219,8 +357,9 @@ impl GpuArena {
         } else {
             segment_len.max(256) / 256 * 256
         };
-        let layout = Layout::new(specs, GPU_CHUNK_LEN, segment_len, align_elements(ctx))?;
-        let state = StateLayout::new(&layout, storage, align_elements(ctx));
+        let align = align_elements(ctx);
+        let layout = Layout::new(specs, GPU_CHUNK_LEN, segment_len, align)?;
+        let state = StateLayout::new(&layout, storage, align);
         if let Some(u) = &user {
             check_user_buffers(
                 ctx,
@@ -231,42 +370,81 @@ impl GpuArena {
                 u,
             )?;
         }
-        let slot_count = variant.slots().len();
         let n_tensors = layout.tensors().len();
         let n_chunks = layout.chunks().len();
-        let storage_ro = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
-        let row = std::mem::size_of::<TensorRow>() / 4;
-        let tensors = make_buffer(ctx, "tensors", f32_bytes(row * n_tensors), storage_ro)?;
-        let partials = make_buffer(
-            ctx,
-            "partials",
-            f32_bytes(n_chunks),
-            wgpu::BufferUsages::STORAGE,
-        )?;
-        let clips = make_buffer(
-            ctx,
-            "clips",
-            f32_bytes(2 * n_tensors.max(1)),
-            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-        )?;
+        let maps = if variant.state == StateDtype::Int8 {
+            CodeMap::gpu_table()
+        } else {
+            Vec::new()
+        };
+        let control_layout = ControlLayout::new(n_tensors, n_chunks, maps.len());
+        // words per binding-alignment step of the state regions
+        let align_words = (limits.min_storage_buffer_offset_alignment as usize / 4).max(4);
+        let regions: Vec<Regions> = layout
+            .segments()
+            .iter()
+            .enumerate()
+            .map(|(s, e)| Regions::new(&variant, e.len().max(4), state.sizes(s), align_words))
+            .collect();
+        // the limits, before any allocation
+        check_binding(&limits, control_layout.bytes())?;
+        for (r, e) in regions.iter().zip(layout.segments()) {
+            check_binding(&limits, r.total as u64 * F32)?;
+            check_binding(&limits, dtype_bytes(e.len(), variant.params))?;
+            check_binding(&limits, dtype_bytes(e.len(), variant.gradients))?;
+        }
+        for s in 0..layout.segments().len() {
+            check_workgroups(
+                &limits,
+                layout.chunks().iter().filter(|c| c.segment == s).count(),
+            )?;
+        }
+
         let uniform = make_buffer(
             ctx,
             "step uniform",
             std::mem::size_of::<StepUniform>() as u64,
             wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         )?;
-        let step_state = make_buffer(
+        let control = make_buffer(
             ctx,
-            "step state",
-            STEP_STATE_BYTES,
+            "control",
+            control_layout.bytes(),
             wgpu::BufferUsages::STORAGE
                 | wgpu::BufferUsages::COPY_SRC
                 | wgpu::BufferUsages::COPY_DST,
         )?;
-        let maps = CodeMap::gpu_table();
-        let code_maps = make_buffer(ctx, "code maps", f32_bytes(maps.len()), storage_ro)?;
-        ctx.queue
-            .write_buffer(&code_maps, 0, bytemuck::cast_slice(&maps));
+        let rows: Vec<ChunkRow> = layout
+            .chunks()
+            .iter()
+            .enumerate()
+            .map(|(g, c)| ChunkRow {
+                tensor: c.tensor as u32,
+                start: (c.offset - layout.segments()[c.segment].start) as u32,
+                len: c.len as u32,
+                tensor_start: (c.offset - layout.tensors()[c.tensor].offset) as u32,
+                state_at: state.place(g).at as u32,
+                state_format: state.place(g).dtype.code(),
+            })
+            .collect();
+        let write_words = |word: usize, bytes: &[u8]| {
+            if !bytes.is_empty() {
+                ctx.queue
+                    .write_buffer(&control, ControlLayout::byte(word), bytes);
+            }
+        };
+        write_words(control_layout.chunk_rows, bytemuck::cast_slice(&rows));
+        write_words(control_layout.code_maps, bytemuck::cast_slice(&maps));
+        // one segment uniform per segment, at the uniform offset alignment
+        let stride = (std::mem::size_of::<SegmentUniform>() as u64)
+            .next_multiple_of(u64::from(limits.min_uniform_buffer_offset_alignment));
+        let n_segments = layout.segments().len() as u64;
+        let segment_uniforms = make_buffer(
+            ctx,
+            "segment uniforms",
+            stride * n_segments.max(1),
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        )?;
         let mut segments = Vec::with_capacity(layout.segments().len());
         for (s, elements) in layout.segments().iter().enumerate() {
             let start = elements.start;
@@ -274,165 +452,78 @@ impl GpuArena {
             // an empty model still binds one vec4 per buffer
             let cap = len.max(4);
             let grad_bytes = dtype_bytes(cap, variant.gradients);
+            let param_bytes = dtype_bytes(cap, variant.params);
             let (params, params_base, grads, grads_base) = match &user {
                 Some(u) => (u.params.clone(), u.offset, u.grads.clone(), u.offset),
                 None => (
-                    make_buffer(
-                        ctx,
-                        "params",
-                        dtype_bytes(cap, variant.params),
-                        ARENA_USAGES,
-                    )?,
+                    make_buffer(ctx, "params", param_bytes, ARENA_USAGES)?,
                     0,
                     make_buffer(ctx, "grads", grad_bytes, ARENA_USAGES)?,
                     0,
                 ),
             };
-            let (f32_len, compact_len) = state.sizes(s);
-            let f32_run = f32_len.max(4);
-            let slots = make_buffer(ctx, "slots", f32_bytes(f32_run * slot_count), ARENA_USAGES)?;
-            let (code_run, absmax_run) = match variant.state {
-                StateDtype::F32 => (4, 4),
-                StateDtype::Bf16 => ((compact_len / 2).max(4), 4),
-                StateDtype::Int8 => (
-                    (compact_len / 4).max(4),
-                    (compact_len / variant.block_size as usize).max(4),
-                ),
-            };
-            let state_codes = make_buffer(
-                ctx,
-                "state codes",
-                f32_bytes(code_run * slot_count),
-                ARENA_USAGES,
-            )?;
-            let state_absmax = make_buffer(
-                ctx,
-                "state scales",
-                f32_bytes(absmax_run * slot_count),
-                ARENA_USAGES,
-            )?;
-            let copy_bytes = match variant.param_copy {
-                Some(dtype) => dtype_bytes(cap, dtype),
-                None => 16,
-            };
-            let param_copy = make_buffer(ctx, "param copy", copy_bytes, ARENA_USAGES)?;
-            // the parameters bind as f32 lanes or as 16-bit pairs; the other binding
-            // gets this placeholder
-            let unused_params = make_buffer(ctx, "unused params", 16, wgpu::BufferUsages::STORAGE)?;
-            let remainder_bytes = if variant.param_remainders {
-                dtype_bytes(cap, Dtype::Bf16)
-            } else {
-                16
-            };
-            let param_remainders =
-                make_buffer(ctx, "param remainders", remainder_bytes, ARENA_USAGES)?;
-            // 0x7fff: no remainder, the master is the bf16 value (user parameter buffers
-            // hold bf16 values to start from)
-            let exact: Vec<u8> = [0xff, 0x7f].repeat(remainder_bytes as usize / 2);
-            ctx.queue.write_buffer(&param_remainders, 0, &exact);
-            let (params_f32, params_16) = if variant.params == Dtype::F32 {
-                (
-                    range(&params, params_base, cap as u64 * F32),
-                    unused_params.as_entire_binding(),
-                )
-            } else {
-                (
-                    unused_params.as_entire_binding(),
-                    range(&params, params_base, cap as u64 * 2),
-                )
-            };
-            let table: Vec<ChunkRow> = layout
-                .chunks()
+            let r = regions[s];
+            let state_buffer = make_buffer(ctx, "state", r.total as u64 * F32, ARENA_USAGES)?;
+            if variant.param_remainders {
+                // 0x7fff: no remainder, the master is the bf16 value (user parameter
+                // buffers hold bf16 values to start from)
+                let words = r.total - r.remainders;
+                ctx.queue.write_buffer(
+                    &state_buffer,
+                    r.remainders as u64 * F32,
+                    &[0xff, 0x7f].repeat(2 * words),
+                );
+            }
+            let first_chunk = layout.chunks().partition_point(|c| c.segment < s);
+            let chunk_count = layout.chunks()[first_chunk..]
                 .iter()
-                .enumerate()
-                .filter(|(_, c)| c.segment == s)
-                .map(|(g, c)| ChunkRow {
-                    tensor: c.tensor as u32,
-                    start: (c.offset - start) as u32,
-                    len: c.len as u32,
-                    global_index: g as u32,
-                    tensor_start: (c.offset - layout.tensors()[c.tensor].offset) as u32,
-                    state_at: state.place(g).at as u32,
-                    state_format: state.place(g).dtype.code(),
-                })
-                .collect();
-            let table_bytes = f32_bytes(std::mem::size_of_val(table.as_slice()) / 4);
-            let chunks = make_buffer(ctx, "chunks", table_bytes, storage_ro)?;
-            ctx.queue
-                .write_buffer(&chunks, 0, bytemuck::cast_slice(&table));
+                .take_while(|c| c.segment == s)
+                .count();
+            let info = SegmentUniform {
+                first_chunk: first_chunk as u32,
+                chunk_count: chunk_count as u32,
+                tensor_rows: control_layout.tensor_rows as u32,
+                chunk_rows: control_layout.chunk_rows as u32,
+                clips: control_layout.clips as u32,
+                partials: control_layout.partials as u32,
+                non_finite: control_layout.non_finite as u32,
+                code_maps: control_layout.code_maps as u32,
+                f32_slots: r.f32_slots as u32,
+                f32_run: r.f32_run as u32,
+                codes: r.codes as u32,
+                code_run: r.code_run as u32,
+                absmax: r.absmax as u32,
+                absmax_run: r.absmax_run as u32,
+                param_copy: r.param_copy as u32,
+                remainders: r.remainders as u32,
+            };
+            ctx.queue.write_buffer(
+                &segment_uniforms,
+                s as u64 * stride,
+                bytemuck::bytes_of(&info),
+            );
+            let entry = |b: contract::Binding, resource| wgpu::BindGroupEntry {
+                binding: b.number,
+                resource,
+            };
             let bind_group = ctx.scoped("creating bind group", || {
                 ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: Some("rmsprop segment"),
                     layout: &pipelines.layout,
                     entries: &[
-                        wgpu::BindGroupEntry {
-                            binding: binding::UNIFORM,
-                            resource: uniform.as_entire_binding(),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: binding::CHUNKS,
-                            resource: range(&chunks, 0, table_bytes),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: binding::TENSORS,
-                            resource: tensors.as_entire_binding(),
-                        },
-                        // exact sizes: the shader derives the segment length from params
-                        wgpu::BindGroupEntry {
-                            binding: binding::PARAMS,
-                            resource: params_f32,
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: binding::PARAMS_16,
-                            resource: params_16,
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: binding::PARAM_REMAINDERS,
-                            resource: param_remainders.as_entire_binding(),
-                        },
-                        // the gradients twice: as f32 lanes and as 16-bit pairs (the
-                        // variant's GRADIENT_DTYPE picks the one the kernels read)
-                        wgpu::BindGroupEntry {
-                            binding: binding::GRADS,
-                            resource: range(&grads, grads_base, grad_bytes),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: binding::GRADS_16,
-                            resource: range(&grads, grads_base, grad_bytes),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: binding::PARAM_COPY,
-                            resource: param_copy.as_entire_binding(),
-                        },
-                        // exact sizes: the shader derives the runs from them
-                        wgpu::BindGroupEntry {
-                            binding: binding::SLOTS,
-                            resource: slots.as_entire_binding(),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: binding::STATE_CODES,
-                            resource: state_codes.as_entire_binding(),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: binding::STATE_ABSMAX,
-                            resource: state_absmax.as_entire_binding(),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: binding::CODE_MAPS,
-                            resource: code_maps.as_entire_binding(),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: binding::PARTIALS,
-                            resource: partials.as_entire_binding(),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: binding::CLIPS,
-                            resource: clips.as_entire_binding(),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: binding::STEP_STATE,
-                            resource: step_state.as_entire_binding(),
-                        },
+                        entry(contract::STEP, uniform.as_entire_binding()),
+                        entry(
+                            contract::SEGMENT,
+                            range(
+                                &segment_uniforms,
+                                s as u64 * stride,
+                                std::mem::size_of::<SegmentUniform>() as u64,
+                            ),
+                        ),
+                        entry(contract::CONTROL, control.as_entire_binding()),
+                        entry(contract::PARAMS, range(&params, params_base, param_bytes)),
+                        entry(contract::GRADS, range(&grads, grads_base, grad_bytes)),
+                        entry(contract::STATE, state_buffer.as_entire_binding()),
                     ],
                 })
             })?;
@@ -443,15 +534,9 @@ impl GpuArena {
                 params_base,
                 grads,
                 grads_base,
-                slots,
-                f32_run,
-                state_codes,
-                code_run,
-                state_absmax,
-                absmax_run,
-                param_copy,
-                param_remainders,
-                chunk_count: table.len(),
+                state: state_buffer,
+                regions: r,
+                chunk_count,
                 bind_group,
             });
         }
@@ -462,10 +547,9 @@ impl GpuArena {
             state,
             variant,
             segments,
-            tensors,
             uniform,
-            clips,
-            step_state,
+            control,
+            control_layout,
             tensor_flags,
         })
     }
@@ -488,10 +572,24 @@ impl GpuArena {
             })
             .collect();
         if !rows.is_empty() {
-            ctx.queue
-                .write_buffer(&self.tensors, 0, bytemuck::cast_slice(&rows));
+            ctx.queue.write_buffer(
+                &self.control,
+                ControlLayout::byte(self.control_layout.tensor_rows),
+                bytemuck::cast_slice(&rows),
+            );
         }
         self.tensor_flags = flags;
+    }
+
+    /// Queues clip factors given from outside (one per tensor) into the clip table.
+    pub(crate) fn write_clips(&self, ctx: &GpuContext, clips: &[ClipFactors]) {
+        if !clips.is_empty() {
+            ctx.queue.write_buffer(
+                &self.control,
+                ControlLayout::byte(self.control_layout.clips),
+                bytemuck::cast_slice(clips),
+            );
+        }
     }
 
     /// Splits the arena range `start .. start + len` by segment.
@@ -529,9 +627,9 @@ impl GpuArena {
         match target {
             Target::Params => Ok((&s.params, s.params_base)),
             Target::Grads => Ok((&s.grads, s.grads_base)),
-            Target::ParamRemainders => Ok((&s.param_remainders, 0)),
+            Target::ParamRemainders => Ok((&s.state, s.regions.remainders as u64 * F32)),
             Target::ParamCopy => match self.variant.param_copy {
-                Some(_) => Ok((&s.param_copy, 0)),
+                Some(_) => Ok((&s.state, s.regions.param_copy as u64 * F32)),
                 None => Err(Error::NoParamCopy),
             },
             Target::Slot(slot) => {
@@ -539,7 +637,7 @@ impl GpuArena {
                     .variant
                     .slot_index(slot)
                     .ok_or(Error::SlotNotKept(slot))?;
-                Ok((&s.slots, (k * s.f32_run) as u64 * F32))
+                Ok((&s.state, s.regions.f32_word(k, 0) as u64 * F32))
             }
         }
     }
@@ -626,10 +724,10 @@ impl GpuArena {
                 }
                 ctx.queue
                     .write_buffer(buffer, offset, bytemuck::cast_slice(&hi));
-                let (remainders, _) = self.target(Target::ParamRemainders, p.segment)?;
+                let (remainders, base) = self.target(Target::ParamRemainders, p.segment)?;
                 ctx.queue.write_buffer(
                     remainders,
-                    p.local as u64 * element,
+                    base + p.local as u64 * element,
                     bytemuck::cast_slice(&rem),
                 );
             } else {
@@ -765,27 +863,22 @@ impl GpuArena {
         let (mut values, mut bits, mut codes, mut absmax) = (vec![], vec![], vec![], vec![]);
         for (segment, place, len, _) in pieces {
             let seg = &self.segments[segment];
-            let words = (k * seg.code_run) as u64 * F32;
+            let r = &seg.regions;
+            let words = r.code_word(k) as u64 * F32;
             match place.dtype {
                 StateDtype::F32 => {
-                    let offset = (k * seg.f32_run + place.at) as u64 * F32;
-                    let raw = read_bytes(ctx, &seg.slots, offset, 4 * len)?;
+                    let offset = r.f32_word(k, place.at) as u64 * F32;
+                    let raw = read_bytes(ctx, &seg.state, offset, 4 * len)?;
                     values.extend(bytemuck::pod_collect_to_vec::<u8, f32>(&raw));
                 }
                 StateDtype::Bf16 => {
-                    let raw =
-                        read_bytes(ctx, &seg.state_codes, words + place.at as u64 * 2, 2 * len)?;
+                    let raw = read_bytes(ctx, &seg.state, words + place.at as u64 * 2, 2 * len)?;
                     bits.extend(bytemuck::pod_collect_to_vec::<u8, u16>(&raw));
                 }
                 StateDtype::Int8 => {
-                    codes.extend(read_bytes(
-                        ctx,
-                        &seg.state_codes,
-                        words + place.at as u64,
-                        len,
-                    )?);
-                    let offset = (k * seg.absmax_run + place.at / block) as u64 * F32;
-                    let raw = read_bytes(ctx, &seg.state_absmax, offset, 4 * len.div_ceil(block))?;
+                    codes.extend(read_bytes(ctx, &seg.state, words + place.at as u64, len)?);
+                    let offset = r.absmax_word(k, place.at / block) as u64 * F32;
+                    let raw = read_bytes(ctx, &seg.state, offset, 4 * len.div_ceil(block))?;
                     absmax.extend(bytemuck::pod_collect_to_vec::<u8, f32>(&raw));
                 }
             }
@@ -822,13 +915,14 @@ impl GpuArena {
         check_raw(slot, t, self.slot_dtype(t), len, raw, block)?;
         for (segment, place, len, at) in self.state.pieces(&self.layout, t) {
             let seg = &self.segments[segment];
-            let words = (k * seg.code_run) as u64 * F32;
+            let r = &seg.regions;
+            let words = r.code_word(k) as u64 * F32;
             // writes are whole words: a piece's padding (zero) completes the last one
             match raw {
                 RawSlot::F32(v) => {
-                    let offset = (k * seg.f32_run + place.at) as u64 * F32;
+                    let offset = r.f32_word(k, place.at) as u64 * F32;
                     ctx.queue.write_buffer(
-                        &seg.slots,
+                        &seg.state,
                         offset,
                         bytemuck::cast_slice(&v[at..at + len]),
                     );
@@ -838,17 +932,17 @@ impl GpuArena {
                     bits.resize(len.next_multiple_of(2), 0);
                     let offset = words + place.at as u64 * 2;
                     ctx.queue
-                        .write_buffer(&seg.state_codes, offset, bytemuck::cast_slice(&bits));
+                        .write_buffer(&seg.state, offset, bytemuck::cast_slice(&bits));
                 }
                 RawSlot::Int8 { codes, absmax } => {
                     let mut piece = codes[at..at + len].to_vec();
                     piece.resize(len.next_multiple_of(4), 0);
                     ctx.queue
-                        .write_buffer(&seg.state_codes, words + place.at as u64, &piece);
+                        .write_buffer(&seg.state, words + place.at as u64, &piece);
                     let scales = &absmax[at / block..(at + len).div_ceil(block)];
-                    let offset = (k * seg.absmax_run + place.at / block) as u64 * F32;
+                    let offset = r.absmax_word(k, place.at / block) as u64 * F32;
                     ctx.queue
-                        .write_buffer(&seg.state_absmax, offset, bytemuck::cast_slice(scales));
+                        .write_buffer(&seg.state, offset, bytemuck::cast_slice(scales));
                 }
             }
         }

@@ -22,12 +22,6 @@ pub const ARENA_USAGES: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 /// Bytes in one f32.
 pub(crate) const F32: u64 = 4;
 
-/// Bytes of a buffer holding `n` f32 (at least 16: one `vec4`, and never a zero-sized
-/// binding). Arena buffers and [`UserBuffers::required_size`] both use it.
-pub(crate) fn f32_bytes(n: usize) -> u64 {
-    dtype_bytes(n, Dtype::F32)
-}
-
 /// Bytes of a buffer holding `n` elements of `dtype`, rounded up to a whole `vec4<f32>`
 /// (16 bytes, and never a zero-sized binding): the kernels read a 16-bit gradient
 /// buffer as `vec4<f32>` and as pairs of `u32`.

@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+use crate::gpu::limits;
 use crate::gpu::pipelines::PipelineCache;
 
 /// Environment variable that lets [`crate::Backend::Auto`] pick a software adapter
@@ -49,9 +50,13 @@ fn is_software(info: &wgpu::AdapterInfo) -> bool {
 }
 
 impl GpuContext {
-    /// Finds an adapter and creates a device with the adapter's own limits.
-    /// Hardware adapters come first (Vulkan, Metal and DX12 before GL); a software
-    /// adapter is taken only when `allow_software` is true.
+    /// Finds an adapter and creates a device with WebGPU's default limits (what a
+    /// browser gives), the storage-binding and buffer sizes raised to the adapter's
+    /// (large models then need fewer segments). Hardware adapters come first (Vulkan,
+    /// Metal and DX12 before GL); a software adapter is taken only when
+    /// `allow_software` is true. `WGPU_BACKEND` (e.g. `gl`, `vulkan`) limits the
+    /// backends searched. An adapter below what the kernels need is refused with
+    /// [`Error::DeviceLimit`].
     pub fn new(allow_software: bool) -> Result<Self> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
@@ -95,15 +100,17 @@ impl GpuContext {
             return Err(Error::NoAdapter(why));
         };
         let info = adapter.get_info();
+        let required_limits = limits::requested(&adapter.limits());
+        limits::check_device(&required_limits)?;
         let desc = wgpu::DeviceDescriptor {
             label: Some("fused-rmsprop"),
             required_features: wgpu::Features::empty(),
-            required_limits: adapter.limits(),
+            required_limits,
             ..Default::default()
         };
         let (device, queue) = pollster::block_on(adapter.request_device(&desc))
             .map_err(|e| Error::Gpu(format!("cannot create a device on {}: {e}", info.name)))?;
-        let mut ctx = Self::wrap(device, queue, Some(info));
+        let mut ctx = Self::wrap(device, queue, Some(info))?;
         ctx.instance = Some(instance);
         Ok(ctx)
     }
@@ -112,11 +119,43 @@ impl GpuContext {
     /// device that records errors (they are returned by the next optimizer call)
     /// instead of wgpu's default, which panics, and a device-lost callback that makes
     /// every later optimizer call fail (both replace handlers you set before).
-    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+    ///
+    /// Every mode runs on a device made with `wgpu::Limits::downlevel_defaults()` (4
+    /// storage buffers per stage, 16 KiB uniforms, 256 invocations per workgroup) or
+    /// anything above it; a device below that is refused here with
+    /// [`Error::DeviceLimit`], naming the limit (before any wgpu call could fail).
+    ///
+    /// ```
+    /// use fused_rmsprop::{Error, GpuContext};
+    /// # fn main() -> fused_rmsprop::Result<()> {
+    /// let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    /// let adapter = match pollster::block_on(instance.request_adapter(&Default::default())) {
+    ///     Ok(a) => a,
+    ///     Err(e) if std::env::var_os("CI").is_none() => {
+    ///         eprintln!("!!!!!! EXAMPLE SKIPPED: no GPU adapter ({e}) !!!!!!");
+    ///         return Ok(());
+    ///     }
+    ///     Err(e) => panic!("CI is set but no GPU adapter: {e}"),
+    /// };
+    /// // the limits a wgpu program usually asks for: WebGPU's defaults
+    /// let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+    ///     required_limits: wgpu::Limits::default(),
+    ///     ..Default::default()
+    /// })).expect("a device with WebGPU's default limits");
+    /// let ctx = GpuContext::from_device(device, queue)?;
+    /// # let _ = ctx;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
         Self::wrap(device, queue, None)
     }
 
-    fn wrap(device: wgpu::Device, queue: wgpu::Queue, info: Option<wgpu::AdapterInfo>) -> Self {
+    fn wrap(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: Option<wgpu::AdapterInfo>,
+    ) -> Result<Self> {
+        limits::check_device(&device.limits())?;
         let errors: Arc<Mutex<Vec<String>>> = Arc::default();
         let sink = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -131,7 +170,7 @@ impl GpuContext {
                 l.get_or_insert(format!("the device was lost ({reason:?}): {message}"));
             }
         });
-        GpuContext {
+        Ok(GpuContext {
             device,
             queue,
             info,
@@ -139,7 +178,7 @@ impl GpuContext {
             pipelines: Arc::default(),
             errors,
             lost,
-        }
+        })
     }
 
     /// The adapter's name, or `"user device"` for a wrapped device.

@@ -318,6 +318,10 @@ impl GpuEngine {
             len: len as u32,
             tensor_count: self.arena.layout.tensors().len() as u32,
             growth_steps: counters.loss_scaling().map_or(0, |ls| ls.growth_steps),
+            chunk_count: self.arena.layout.chunks().len() as u32,
+            _pad0: 0,
+            _pad1: 0,
+            _pad2: 0,
             plans: [StepScalars::default(); PLAN_WINDOW],
         };
         for (k, plan) in uniform.plans[..len].iter_mut().enumerate() {
@@ -338,9 +342,7 @@ impl GpuEngine {
                 && uniform.plans[0].is_update_step != 0
                 && self.external_clips.is_none());
         if let (Some(clips), true) = (&self.external_clips, variant.clip.needs_norm()) {
-            self.ctx
-                .queue
-                .write_buffer(&self.arena.clips, 0, bytemuck::cast_slice(clips));
+            self.arena.write_clips(&self.ctx, clips);
         }
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -365,7 +367,7 @@ impl GpuEngine {
             }
             per_chunk(&mut pass, &self.pipelines.update);
         }
-        counters.record_readback(&self.ctx, encoder, &self.arena.step_state)
+        counters.record_readback(&self.ctx, encoder, &self.arena.control)
     }
 
     /// One step in its own submission.
@@ -411,7 +413,7 @@ impl GpuEngine {
         let pipelines = pipelines_for(&self.ctx, &variant)?;
         let counters = self.counters.get_mut().map_err(|_| poisoned())?;
         match (variant.skips_non_finite(), counters.device_decides()) {
-            (true, false) => counters.enable_guard(&self.ctx, &self.arena.step_state)?,
+            (true, false) => counters.enable_guard(&self.ctx, &self.arena.control)?,
             (false, true) => counters.disable_guard(&self.ctx)?,
             _ => {}
         }
@@ -546,18 +548,11 @@ impl Engine for GpuEngine {
     }
 
     fn state_bytes(&self) -> u64 {
-        let compact = self.variant.state != StateDtype::F32;
+        let slots = self.variant.slots().len();
         self.arena
             .segments
             .iter()
-            .map(|s| {
-                let codes = if compact {
-                    s.state_codes.size() + s.state_absmax.size()
-                } else {
-                    0
-                };
-                s.slots.size() + codes
-            })
+            .map(|s| s.regions.slot_bytes(slots))
             .sum()
     }
 
@@ -576,7 +571,7 @@ impl Engine for GpuEngine {
 
     fn set_counters(&mut self, raw: u64, skipped: u64) -> Result<()> {
         let counters = self.counters.get_mut().map_err(|_| poisoned())?;
-        counters.reset(&self.ctx, &self.arena.step_state, raw, skipped)
+        counters.reset(&self.ctx, &self.arena.control, raw, skipped)
     }
 
     fn set_non_finite_guard(&mut self, enabled: bool) -> Result<()> {
@@ -596,7 +591,7 @@ impl Engine for GpuEngine {
 
     fn set_loss_scaling(&mut self, scaling: Option<LossScaling>) -> Result<()> {
         let counters = self.counters.get_mut().map_err(|_| poisoned())?;
-        counters.set_loss_scaling(&self.ctx, &self.arena.step_state, scaling)?;
+        counters.set_loss_scaling(&self.ctx, &self.arena.control, scaling)?;
         let variant = Variant {
             loss_scaling: scaling.is_some(),
             ..self.variant

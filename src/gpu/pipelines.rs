@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
-use crate::gpu::shader::{binding, SHADER_SOURCE};
+use crate::gpu::contract::{self, BindingKind};
+use crate::gpu::shader::SHADER_SOURCE;
 use crate::variant::{Slot, Variant};
 
 /// The three pipelines of one variant, and the bind group layout that every variant on
@@ -27,40 +28,47 @@ pub(crate) struct Pipelines {
     pub(crate) finalize_params: wgpu::ComputePipeline,
 }
 
-fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
+/// The override values of `variant`, named through the contract (every override of
+/// [`contract::OVERRIDES`], in its order; a unit test checks both).
+pub(crate) fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
     let b = |x: bool| if x { 1.0 } else { 0.0 };
     let slot = |s: Slot| variant.slot_index(s).unwrap_or(0) as f64;
     vec![
-        ("CENTERED", b(variant.centered)),
-        ("USE_MOMENTUM", b(variant.momentum)),
-        ("USE_EMA", b(variant.ema)),
-        ("ACCUMULATE", b(variant.accumulate)),
-        ("WEIGHT_DECAY", b(variant.weight_decay)),
-        ("GUARD", b(variant.guard)),
-        ("LOSS_SCALING", b(variant.loss_scaling)),
-        ("CLIP_KIND", f64::from(variant.clip.code())),
-        ("GRADIENT_DTYPE", f64::from(variant.gradients.code())),
+        (contract::CENTERED.name, b(variant.centered)),
+        (contract::USE_MOMENTUM.name, b(variant.momentum)),
+        (contract::USE_EMA.name, b(variant.ema)),
+        (contract::ACCUMULATE.name, b(variant.accumulate)),
+        (contract::WEIGHT_DECAY.name, b(variant.weight_decay)),
+        (contract::GUARD.name, b(variant.guard)),
+        (contract::LOSS_SCALING.name, b(variant.loss_scaling)),
+        (contract::CLIP_KIND.name, f64::from(variant.clip.code())),
         (
-            "PARAM_COPY",
+            contract::GRADIENT_DTYPE.name,
+            f64::from(variant.gradients.code()),
+        ),
+        (
+            contract::PARAM_COPY.name,
             f64::from(variant.param_copy.map_or(0, |d| d.code())),
         ),
-        ("PARAM_DTYPE", f64::from(variant.param_dtype_code())),
         (
-            "PARAM_ROUNDING",
-            if variant.stochastic_rounding {
-                1.0
-            } else {
-                0.0
-            },
+            contract::PARAM_DTYPE.name,
+            f64::from(variant.param_dtype_code()),
         ),
-        ("MOMENTUM_SLOT", slot(Slot::Momentum)),
-        ("AVERAGE_GRADIENT_SLOT", slot(Slot::AverageGradient)),
-        ("EMA_SLOT", slot(Slot::Ema)),
-        ("ACCUMULATOR_SLOT", slot(Slot::Accumulator)),
-        ("SLOT_COUNT", variant.slots().len() as f64),
-        ("STATE_DTYPE", f64::from(variant.state.code())),
-        ("STATE_ROUNDING", b(variant.state_stochastic)),
-        ("BLOCK_SIZE", f64::from(variant.block_size)),
+        (
+            contract::PARAM_ROUNDING.name,
+            b(variant.stochastic_rounding),
+        ),
+        (contract::MOMENTUM_SLOT.name, slot(Slot::Momentum)),
+        (
+            contract::AVERAGE_GRADIENT_SLOT.name,
+            slot(Slot::AverageGradient),
+        ),
+        (contract::EMA_SLOT.name, slot(Slot::Ema)),
+        (contract::ACCUMULATOR_SLOT.name, slot(Slot::Accumulator)),
+        (contract::SLOT_COUNT.name, variant.slots().len() as f64),
+        (contract::STATE_DTYPE.name, f64::from(variant.state.code())),
+        (contract::STATE_ROUNDING.name, b(variant.state_stochastic)),
+        (contract::BLOCK_SIZE.name, f64::from(variant.block_size)),
     ]
 }
 
@@ -72,12 +80,18 @@ pub(crate) struct PipelineCache {
     by_variant: HashMap<Variant, Arc<Pipelines>>,
 }
 
-fn storage(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+/// The layout entry of one contract binding.
+fn layout_entry(b: contract::Binding) -> wgpu::BindGroupLayoutEntry {
+    let ty = match b.kind {
+        BindingKind::Uniform => wgpu::BufferBindingType::Uniform,
+        BindingKind::ReadOnlyStorage => wgpu::BufferBindingType::Storage { read_only: true },
+        BindingKind::Storage => wgpu::BufferBindingType::Storage { read_only: false },
+    };
     wgpu::BindGroupLayoutEntry {
-        binding,
+        binding: b.number,
         visibility: wgpu::ShaderStages::COMPUTE,
         ty: wgpu::BindingType::Buffer {
-            ty: wgpu::BufferBindingType::Storage { read_only },
+            ty,
             has_dynamic_offset: false,
             min_binding_size: None,
         },
@@ -111,33 +125,7 @@ pub(crate) fn pipelines_for(ctx: &GpuContext, variant: &Variant) -> Result<Arc<P
         let layouts = ctx.scoped("building the bind group layout", || {
             let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
                 label: Some("rmsprop group 0"),
-                entries: &[
-                    wgpu::BindGroupLayoutEntry {
-                        binding: binding::UNIFORM,
-                        visibility: wgpu::ShaderStages::COMPUTE,
-                        ty: wgpu::BindingType::Buffer {
-                            ty: wgpu::BufferBindingType::Uniform,
-                            has_dynamic_offset: false,
-                            min_binding_size: None,
-                        },
-                        count: None,
-                    },
-                    storage(binding::CHUNKS, true),
-                    storage(binding::TENSORS, true),
-                    storage(binding::PARAMS, false),
-                    storage(binding::GRADS, true),
-                    storage(binding::SLOTS, false),
-                    storage(binding::PARTIALS, false),
-                    storage(binding::CLIPS, false),
-                    storage(binding::STEP_STATE, false),
-                    storage(binding::GRADS_16, true),
-                    storage(binding::PARAM_COPY, false),
-                    storage(binding::PARAMS_16, false),
-                    storage(binding::PARAM_REMAINDERS, false),
-                    storage(binding::STATE_CODES, false),
-                    storage(binding::STATE_ABSMAX, false),
-                    storage(binding::CODE_MAPS, true),
-                ],
+                entries: &contract::BINDINGS.map(layout_entry),
             });
             let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
                 label: Some("rmsprop"),

@@ -13,6 +13,11 @@ pub(crate) const SHADER_SOURCE: &str = include_str!("../../shaders/rmsprop.wgsl"
 /// Threads per workgroup (`WORKGROUP_SIZE` in the shader).
 pub(crate) const WORKGROUP_SIZE: usize = 256;
 
+/// Bytes of workgroup memory the shader declares (a test sums its `var<workgroup>`s
+/// through naga's reflection); checked against the device's
+/// `max_compute_workgroup_storage_size`.
+pub(crate) const WORKGROUP_MEMORY_BYTES: u64 = 5192;
+
 /// Elements per chunk on the GPU: 32 per thread of one workgroup (eight `vec4<f32>`);
 /// larger chunks amortize each workgroup's setup (its rows, its plan), which software
 /// adapters pay dearly for.
@@ -26,26 +31,6 @@ pub(crate) const PLAN_WINDOW: usize = 64;
 pub(crate) const FLAG_HAS_GRADIENT: u32 = 1;
 pub(crate) const FLAG_DECAY: u32 = 2;
 
-/// Binding numbers of group 0, as declared in the shader.
-pub(crate) mod binding {
-    pub const UNIFORM: u32 = 0;
-    pub const CHUNKS: u32 = 1;
-    pub const TENSORS: u32 = 2;
-    pub const PARAMS: u32 = 3;
-    pub const GRADS: u32 = 4;
-    pub const SLOTS: u32 = 5;
-    pub const PARTIALS: u32 = 6;
-    pub const CLIPS: u32 = 7;
-    pub const STEP_STATE: u32 = 8;
-    pub const GRADS_16: u32 = 9;
-    pub const PARAM_COPY: u32 = 10;
-    pub const PARAMS_16: u32 = 11;
-    pub const PARAM_REMAINDERS: u32 = 12;
-    pub const STATE_CODES: u32 = 13;
-    pub const STATE_ABSMAX: u32 = 14;
-    pub const CODE_MAPS: u32 = 15;
-}
-
 /// The step uniform: `plans[k]` is the plan for step counter `base + k` (low 32 bits:
 /// `base_lo`); without the non-finite guard only `plans[0]` is written and used.
 #[repr(C)]
@@ -56,6 +41,11 @@ pub(crate) struct StepUniform {
     pub tensor_count: u32,
     /// `dynamic_growth_steps` of loss scaling (unused without it).
     pub growth_steps: u32,
+    /// Rows of the model-wide chunk table.
+    pub chunk_count: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
     pub plans: [StepScalars; PLAN_WINDOW],
 }
 
@@ -68,6 +58,33 @@ impl StepUniform {
     }
 }
 
+/// One segment's view of the model: where its chunk rows are, and the word offsets of
+/// the tables in the control buffer (after [`StepState`]) and of the regions in its
+/// `state` buffer. Written once, when the arena is built.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+pub(crate) struct SegmentUniform {
+    /// This segment's chunks: rows `first_chunk .. first_chunk + chunk_count`.
+    pub first_chunk: u32,
+    pub chunk_count: u32,
+    /// Control tables, in words from the end of the step state.
+    pub tensor_rows: u32,
+    pub chunk_rows: u32,
+    pub clips: u32,
+    pub partials: u32,
+    pub non_finite: u32,
+    pub code_maps: u32,
+    /// State regions, in words from the start of the segment's `state` binding.
+    pub f32_slots: u32,
+    pub f32_run: u32,
+    pub codes: u32,
+    pub code_run: u32,
+    pub absmax: u32,
+    pub absmax_run: u32,
+    pub param_copy: u32,
+    pub remainders: u32,
+}
+
 /// One row of the chunk table: a piece of one tensor inside one segment.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -76,8 +93,6 @@ pub(crate) struct ChunkRow {
     /// First element, local to the segment.
     pub start: u32,
     pub len: u32,
-    /// Index in the model-wide chunk table (for the norm partials).
-    pub global_index: u32,
     /// Index of the first element in its tensor (stochastic rounding's keys).
     pub tensor_start: u32,
     /// First element in the segment's store of its state format.
@@ -106,8 +121,6 @@ pub(crate) struct StepState {
     pub counter_hi: u32,
     pub skipped_lo: u32,
     pub skipped_hi: u32,
-    /// Set by `norm_partials` when a gradient is not finite, cleared by `norm_finalize`.
-    pub non_finite: u32,
     /// The plan the update uses this step.
     pub active_plan: u32,
     /// 1 when this step is skipped.
@@ -120,7 +133,8 @@ pub(crate) struct StepState {
     pub growth_counter: u32,
     /// Loss scaling: the scale (f32 bits) this step's update divides by.
     pub active_scale: u32,
-    pub _pad: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
 }
 
 impl StepState {
@@ -242,6 +256,10 @@ mod tests {
                 len,
                 tensor_count,
                 growth_steps,
+                chunk_count,
+                _pad0,
+                _pad1,
+                _pad2,
                 plans
             }),
         );
@@ -252,7 +270,6 @@ mod tests {
                 tensor,
                 start,
                 len,
-                global_index,
                 tensor_start,
                 state_at,
                 state_format
@@ -276,14 +293,36 @@ mod tests {
                 counter_hi,
                 skipped_lo,
                 skipped_hi,
-                non_finite,
                 active_plan,
                 skip,
                 fault,
                 loss_scale,
                 growth_counter,
                 active_scale,
-                _pad,
+                _pad0,
+                _pad1,
+            }),
+        );
+        assert_same(
+            &m,
+            "SegmentUniform",
+            host_layout!(SegmentUniform {
+                first_chunk,
+                chunk_count,
+                tensor_rows,
+                chunk_rows,
+                clips,
+                partials,
+                non_finite,
+                code_maps,
+                f32_slots,
+                f32_run,
+                codes,
+                code_run,
+                absmax,
+                absmax_run,
+                param_copy,
+                remainders,
             }),
         );
         assert_same(
@@ -325,6 +364,67 @@ mod tests {
                 ep.name
             );
         }
+    }
+
+    /// The workgroup memory the shader declares, the row sizes of its control tables,
+    /// and its bindings, as the host has them (`contract::BINDINGS`).
+    #[test]
+    fn workgroup_memory_rows_and_bindings_match_the_host() {
+        use crate::gpu::contract::{BindingKind, BINDINGS};
+        let m = shader();
+        let mut layouter = naga::proc::Layouter::default();
+        layouter.update(m.to_ctx()).unwrap();
+        let workgroup: u64 = m
+            .global_variables
+            .iter()
+            .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+            .map(|(_, g)| u64::from(layouter[g.ty].size))
+            .sum();
+        assert_eq!(workgroup, WORKGROUP_MEMORY_BYTES);
+        let constant = |name: &str| -> u32 {
+            let (_, c) = m
+                .constants
+                .iter()
+                .find(|(_, c)| c.name.as_deref() == Some(name))
+                .unwrap_or_else(|| panic!("no const {name}"));
+            match m.global_expressions[c.init] {
+                naga::Expression::Literal(naga::Literal::U32(v)) => v,
+                ref e => panic!("{name} = {e:?}"),
+            }
+        };
+        assert_eq!(
+            constant("CHUNK_ROW_WORDS") as usize,
+            size_of::<ChunkRow>() / 4
+        );
+        assert_eq!(
+            constant("TENSOR_ROW_WORDS") as usize,
+            size_of::<TensorRow>() / 4
+        );
+        let mut bound: Vec<(u32, String, BindingKind)> = m
+            .global_variables
+            .iter()
+            .filter_map(|(_, g)| {
+                let b = g.binding.as_ref()?;
+                assert_eq!(b.group, 0, "{:?}", g.name);
+                let kind = match g.space {
+                    naga::AddressSpace::Uniform => BindingKind::Uniform,
+                    naga::AddressSpace::Storage { access }
+                        if access.contains(naga::StorageAccess::STORE) =>
+                    {
+                        BindingKind::Storage
+                    }
+                    naga::AddressSpace::Storage { .. } => BindingKind::ReadOnlyStorage,
+                    other => panic!("{:?} in {other:?}", g.name),
+                };
+                Some((b.binding, g.name.clone().unwrap_or_default(), kind))
+            })
+            .collect();
+        bound.sort_by_key(|b| b.0);
+        let host: Vec<(u32, String, BindingKind)> = BINDINGS
+            .iter()
+            .map(|b| (b.number, b.name.to_string(), b.kind))
+            .collect();
+        assert_eq!(bound, host);
     }
 
     #[test]
