@@ -274,6 +274,7 @@ var<workgroup> scratch: array<f32, WORKGROUP_SIZE>;
 var<workgroup> block_scales: array<vec4<f32>, WORKGROUP_SIZE>;
 var<workgroup> uniform_word: u32;
 var<workgroup> any_flag: atomic<u32>;
+var<workgroup> shared_chunk: ChunkRow;
 // WORKGROUP_SIZE = REDUCE_WIDTH * REDUCE_WIDTH
 const REDUCE_WIDTH: u32 = 16u;
 var<workgroup> scratch_partials: array<f32, REDUCE_WIDTH>;
@@ -1256,7 +1257,12 @@ fn update(
     if LOSS_SCALING {
         s.loss_scale = bitcast<f32>(control.step_state.active_scale);
     }
-    let chunk = chunk_row(segment.first_chunk + c);
+    // uniform (read once, through workgroup memory): the int8 path's passes and their
+    // barriers depend on it, and values read from a read_write buffer are not uniform
+    if lid == 0u {
+        shared_chunk = chunk_row(segment.first_chunk + c);
+    }
+    let chunk = workgroupUniformLoad(&shared_chunk);
     let t = tensor_step(chunk.tensor);
     if lid == 0u {
         uniform_word = t.phase;

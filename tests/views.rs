@@ -173,25 +173,36 @@ fn padded_arena_matches_cpu_and_keeps_padding_zero() {
 #[test]
 fn a_tensor_longer_than_a_segment_is_split_and_not_bindable() {
     let Some(ctx) = common::gpu() else { return };
+    // segments are whole multiples of the binding alignment (in 16-bit elements): the
+    // smallest is one of them
+    let a = (ctx.device.limits().min_storage_buffer_offset_alignment as usize / 2).max(8);
     let tiny = GpuOptions {
-        max_segment_len: Some(64),
+        max_segment_len: Some(a),
         ..common::on(&ctx)
+    };
+    let sizes = [3, a + 1, a, 2 * a + 5, 7];
+    let model = |rng: &mut Rng| -> Vec<Variable> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Variable::new(format!("t{i}/kernel"), &[n], rng.vec(n)).unwrap())
+            .collect()
     };
     let opt = RmsProp::with_options(combo(0), model(&mut Rng(2)), Backend::Gpu, &tiny).unwrap();
     let gpu = opt.gpu().unwrap();
-    let e = gpu.gradient_view(7).unwrap_err();
+    let e = gpu.gradient_view(1).unwrap_err();
     assert!(
         matches!(
             e,
             Error::NotBindable {
-                index: 7,
-                len: 65,
+                index: 1,
+                len,
                 segments: 2
-            }
+            } if len == a + 1
         ),
         "{e:?}"
     );
-    assert!(gpu.param_view(6).is_ok(), "64 elements fit one segment");
+    assert!(gpu.param_view(2).is_ok(), "{a} elements fit one segment");
     // one update dispatch per segment; with a norm, partials per segment and a finalize
     let segments = gpu.segment_count();
     assert!(segments > 2);

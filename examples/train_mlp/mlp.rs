@@ -349,54 +349,18 @@ mod gpu {
                 mapped_at_creation: false,
             });
             let half = opt.precision().param_copy.is_some();
-            let dummy_read = storage(&device, "unused input", 4);
-            // one per writable binding: writable bindings of a group must not alias
-            let dummy_writes: Vec<wgpu::Buffer> = (0..3)
-                .map(|_| storage(&device, "unused output", 4))
-                .collect();
-            let dummy_write = &dummy_writes[0];
 
             let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some("mlp.wgsl"),
                 source: wgpu::ShaderSource::Wgsl(SHADER.into()),
             });
-            let entry = |binding, ty| wgpu::BindGroupLayoutEntry {
-                binding,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty,
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                },
-                count: None,
-            };
-            let read = wgpu::BufferBindingType::Storage { read_only: true };
-            let write = wgpu::BufferBindingType::Storage { read_only: false };
-            let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                label: Some("mlp"),
-                entries: &[
-                    entry(0, wgpu::BufferBindingType::Uniform),
-                    entry(1, read),
-                    entry(2, read),
-                    entry(3, read),
-                    entry(4, write),
-                    entry(5, write),
-                    entry(6, read),
-                    entry(7, read),
-                    entry(8, write),
-                    entry(9, write),
-                ],
-            });
-            let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: Some("mlp"),
-                bind_group_layouts: &[Some(&layout)],
-                immediate_size: 0,
-            });
+            // layout `auto`: each pipeline binds only what its entry point uses (at most
+            // four storage buffers, so the model runs on downlevel devices too)
             let constants = [("BF16", if half { 1.0 } else { 0.0 })];
             let pipeline = |entry_point: &'static str| {
                 device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(entry_point),
-                    layout: Some(&pipeline_layout),
+                    layout: None,
                     module: &module,
                     entry_point: Some(entry_point),
                     compilation_options: wgpu::PipelineCompilationOptions {
@@ -426,38 +390,21 @@ mod gpu {
                 _pad: [0; 2],
             };
             let mut dispatches = Vec::new();
-            // bindings 6..9 (bf16 kernel, bias, kernel and bias gradients): placeholders
-            // unless a dispatch passes its own
-            let unused_16 = || -> [wgpu::BindingResource<'_>; 4] {
-                [
-                    whole(&dummy_read),
-                    whole(&dummy_read),
-                    whole(&dummy_writes[1]),
-                    whole(&dummy_writes[2]),
-                ]
-            };
+            // bindings: 0 the layer uniform, then (binding, resource) of what the entry
+            // point reads and writes
             let mut add = |entry_point: &'static str,
                            u: &wgpu::Buffer,
-                           inputs: [wgpu::BindingResource<'_>; 3],
-                           outputs: [wgpu::BindingResource<'_>; 2],
-                           halves: [wgpu::BindingResource<'_>; 4],
+                           bindings: Vec<(u32, wgpu::BindingResource<'_>)>,
                            invocations: usize,
                            workgroup: u32| {
-                let [a, b, c] = inputs;
-                let [d, e] = outputs;
-                let [f, g, h, i] = halves;
-                let entries: Vec<wgpu::BindGroupEntry<'_>> = [whole(u), a, b, c, d, e, f, g, h, i]
-                    .into_iter()
-                    .enumerate()
-                    .map(|(k, resource)| wgpu::BindGroupEntry {
-                        binding: k as u32,
-                        resource,
-                    })
+                let entries: Vec<wgpu::BindGroupEntry<'_>> = std::iter::once((0, whole(u)))
+                    .chain(bindings)
+                    .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
                     .collect();
                 let pipeline = pipeline(entry_point);
                 let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: Some(entry_point),
-                    layout: &layout,
+                    layout: &pipeline.get_bind_group_layout(0),
                     entries: &entries,
                 });
                 dispatches.push(Dispatch {
@@ -481,43 +428,42 @@ mod gpu {
             add(
                 "gather",
                 &gather,
-                [whole(&x_data), whole(&y_data), whole(&dummy_read)],
-                [whole(&acts[0]), whole(&target)],
-                unused_16(),
+                vec![
+                    (1, whole(&x_data)),
+                    (2, whole(&y_data)),
+                    (4, whole(&acts[0])),
+                    (5, whole(&target)),
+                ],
                 batch * WIDTHS[0],
                 64,
             );
             let uniforms: Vec<wgpu::Buffer> = (0..layers).map(|l| uniform(dims(l))).collect();
             // the layer's kernel and bias as the forward pass reads them: f32, or the
-            // bf16 copy (then the f32 bindings get placeholders)
+            // bf16 copy
             let weights = |l: usize| -> Result<_, fused_rmsprop::Error> {
                 Ok(if half {
-                    (
-                        [whole(&dummy_read), whole(&dummy_read)],
-                        [
-                            view(engine.param_copy_view(2 * l)?),
-                            view(engine.param_copy_view(2 * l + 1)?),
-                        ],
-                    )
+                    [
+                        view(engine.param_copy_view(2 * l)?),
+                        view(engine.param_copy_view(2 * l + 1)?),
+                    ]
                 } else {
-                    (
-                        [
-                            view(engine.param_view(2 * l)?),
-                            view(engine.param_view(2 * l + 1)?),
-                        ],
-                        [whole(&dummy_read), whole(&dummy_read)],
-                    )
+                    [
+                        view(engine.param_view(2 * l)?),
+                        view(engine.param_view(2 * l + 1)?),
+                    ]
                 })
             };
             for l in 0..layers {
-                let ([kernel, bias], [kernel_16, bias_16]) = weights(l)?;
-                let [_, _, w1, w2] = unused_16();
+                let [kernel, bias] = weights(l)?;
                 add(
                     "forward",
                     &uniforms[l],
-                    [whole(&acts[l]), kernel, bias],
-                    [whole(&acts[l + 1]), whole(dummy_write)],
-                    [kernel_16, bias_16, w1, w2],
+                    vec![
+                        (1, whole(&acts[l])),
+                        (2, kernel),
+                        (3, bias),
+                        (4, whole(&acts[l + 1])),
+                    ],
                     batch * WIDTHS[l + 1],
                     64,
                 );
@@ -525,47 +471,44 @@ mod gpu {
             add(
                 "loss_gradient",
                 &uniforms[layers - 1],
-                [whole(&acts[layers]), whole(&target), whole(&dummy_read)],
-                [whole(&deltas[layers - 1]), whole(&loss)],
-                unused_16(),
+                vec![
+                    (1, whole(&acts[layers])),
+                    (2, whole(&target)),
+                    (4, whole(&deltas[layers - 1])),
+                    (5, whole(&loss)),
+                ],
                 256,
                 256,
             );
             for l in (0..layers).rev() {
-                let gradients = [
-                    view(engine.gradient_view(2 * l)?),
-                    view(engine.gradient_view(2 * l + 1)?),
-                ];
-                let [r1, r2, w1, w2] = unused_16();
-                let (outputs, halves, invocations) = if half {
-                    let [kernel, bias] = gradients;
-                    let pairs = (WIDTHS[l] * WIDTHS[l + 1]).div_ceil(2) + WIDTHS[l + 1].div_ceil(2);
-                    (
-                        [whole(dummy_write), whole(&dummy_writes[1])],
-                        [r1, r2, kernel, bias],
-                        pairs,
-                    )
+                let invocations = if half {
+                    (WIDTHS[l] * WIDTHS[l + 1]).div_ceil(2) + WIDTHS[l + 1].div_ceil(2)
                 } else {
-                    (gradients, [r1, r2, w1, w2], (WIDTHS[l] + 1) * WIDTHS[l + 1])
+                    (WIDTHS[l] + 1) * WIDTHS[l + 1]
                 };
                 add(
                     "parameter_gradients",
                     &uniforms[l],
-                    [whole(&acts[l]), whole(&deltas[l]), whole(&dummy_read)],
-                    outputs,
-                    halves,
+                    vec![
+                        (1, whole(&acts[l])),
+                        (2, whole(&deltas[l])),
+                        (4, view(engine.gradient_view(2 * l)?)),
+                        (5, view(engine.gradient_view(2 * l + 1)?)),
+                    ],
                     invocations,
                     64,
                 );
                 if l > 0 {
-                    let ([kernel, _], [kernel_16, _]) = weights(l)?;
-                    let [_, r2, w1, w2] = unused_16();
+                    let [kernel, _] = weights(l)?;
                     add(
                         "input_gradient",
                         &uniforms[l],
-                        [whole(&deltas[l]), kernel, whole(&acts[l])],
-                        [whole(&deltas[l - 1]), whole(dummy_write)],
-                        [kernel_16, r2, w1, w2],
+                        vec![
+                            (1, whole(&deltas[l])),
+                            (2, kernel),
+                            (3, whole(&acts[l])),
+                            (4, whole(&deltas[l - 1])),
+                        ],
                         batch * WIDTHS[l],
                         64,
                     );

@@ -5,8 +5,8 @@
 // gradients to write), so the gradients land where the optimizer steps them.
 //
 // With BF16 (mixed precision), the kernels and biases are read from the optimizer's
-// bf16 parameter copy (in1_16, in2_16: two per u32) and the parameter gradients are
-// written in bf16 (out0_16, out1_16), rounded to nearest, ties to even, one pair of
+// bf16 parameter copy (in1, in2: two per u32) and the parameter gradients are
+// written in bf16 (out0, out1), rounded to nearest, ties to even, one pair of
 // elements per invocation; activations and sums stay f32.
 
 override BF16: bool = false;
@@ -25,15 +25,22 @@ struct Layer {
 }
 
 @group(0) @binding(0) var<uniform> layer: Layer;
+// in1, in2, out0 and out1 hold f32 bits, or bf16 pairs (the kernel and bias, their
+// gradients) with BF16, so one binding serves both and every entry point binds at most
+// four storage buffers (WebGPU's downlevel limit; the host uses layout `auto`).
 @group(0) @binding(1) var<storage, read> in0: array<f32>;
-@group(0) @binding(2) var<storage, read> in1: array<f32>;
-@group(0) @binding(3) var<storage, read> in2: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out0: array<f32>;
-@group(0) @binding(5) var<storage, read_write> out1: array<f32>;
-@group(0) @binding(6) var<storage, read> in1_16: array<u32>;
-@group(0) @binding(7) var<storage, read> in2_16: array<u32>;
-@group(0) @binding(8) var<storage, read_write> out0_16: array<u32>;
-@group(0) @binding(9) var<storage, read_write> out1_16: array<u32>;
+@group(0) @binding(2) var<storage, read> in1: array<u32>;
+@group(0) @binding(3) var<storage, read> in2: array<u32>;
+@group(0) @binding(4) var<storage, read_write> out0: array<u32>;
+@group(0) @binding(5) var<storage, read_write> out1: array<u32>;
+
+fn f(bits: u32) -> f32 {
+    return bitcast<f32>(bits);
+}
+
+fn u(x: f32) -> u32 {
+    return bitcast<u32>(x);
+}
 
 // Element k of a bf16 array held two per u32 (little end first), as f32.
 fn bf16_at(word: u32, k: u32) -> f32 {
@@ -49,16 +56,16 @@ fn bf16_bits(x: f32) -> u32 {
 // The layer's kernel element k and bias element j (in1 / in2, or their bf16 copies).
 fn kernel(k: u32) -> f32 {
     if BF16 {
-        return bf16_at(in1_16[k / 2u], k);
+        return bf16_at(in1[k / 2u], k);
     }
-    return in1[k];
+    return f(in1[k]);
 }
 
 fn bias(j: u32) -> f32 {
     if BF16 {
-        return bf16_at(in2_16[j / 2u], j);
+        return bf16_at(in2[j / 2u], j);
     }
-    return in2[j];
+    return f(in2[j]);
 }
 
 const GROUP: u32 = 64u;
@@ -78,7 +85,7 @@ fn gather(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups)
     }
     let row = (layer.start + r) % layer.samples;
     let i = n % layer.inputs;
-    out0[n] = in0[row * layer.inputs + i];
+    out0[n] = u(in0[row * layer.inputs + i]);
     if i < layer.outputs {
         out1[r * layer.outputs + i] = in1[row * layer.outputs + i];
     }
@@ -100,7 +107,7 @@ fn forward(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups
     if layer.hidden != 0u {
         z = tanh(z);
     }
-    out0[n] = z;
+    out0[n] = u(z);
 }
 
 var<workgroup> partial: array<f32, 256>;
@@ -113,8 +120,8 @@ fn loss_gradient(@builtin(local_invocation_index) lid: u32) {
     let scale = 2.0 / f32(count);
     var sum = 0.0;
     for (var n = lid; n < count; n += 256u) {
-        let d = in0[n] - in1[n];
-        out0[n] = scale * d;
+        let d = in0[n] - f(in1[n]);
+        out0[n] = u(scale * d);
         sum += d * d;
     }
     partial[lid] = sum;
@@ -126,7 +133,7 @@ fn loss_gradient(@builtin(local_invocation_index) lid: u32) {
         workgroupBarrier();
     }
     if lid == 0u {
-        out1[0] = partial[0] / f32(count);
+        out1[0] = u(partial[0] / f32(count));
     }
 }
 
@@ -136,7 +143,7 @@ fn kernel_gradient(k: u32) -> f32 {
     let j = k % layer.outputs;
     var g = 0.0;
     for (var r = 0u; r < layer.batch; r++) {
-        g += in0[r * layer.inputs + i] * in1[r * layer.outputs + j];
+        g += in0[r * layer.inputs + i] * f(in1[r * layer.outputs + j]);
     }
     return g;
 }
@@ -144,14 +151,14 @@ fn kernel_gradient(k: u32) -> f32 {
 fn bias_gradient(j: u32) -> f32 {
     var g = 0.0;
     for (var r = 0u; r < layer.batch; r++) {
-        g += in1[r * layer.outputs + j];
+        g += f(in1[r * layer.outputs + j]);
     }
     return g;
 }
 
 // in0: a_in [batch, inputs], in1: delta [batch, outputs] (d loss / d pre-activation);
 // out0: kernel gradient [inputs, outputs], out1: bias gradient [outputs] (with BF16,
-// out0_16 and out1_16: invocation n writes the pair of elements 2n, 2n + 1, first of
+// as bf16 pairs: invocation n writes the pair of elements 2n, 2n + 1, first of
 // the kernel, then of the bias).
 @compute @workgroup_size(GROUP)
 fn parameter_gradients(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -162,18 +169,18 @@ fn parameter_gradients(@builtin(global_invocation_id) id: vec3<u32>, @builtin(nu
         if n < kernel_pairs {
             let k = 2u * n;
             let hi = select(0u, bf16_bits(kernel_gradient(k + 1u)), k + 1u < kernel_len);
-            out0_16[n] = bf16_bits(kernel_gradient(k)) | (hi << 16u);
+            out0[n] = bf16_bits(kernel_gradient(k)) | (hi << 16u);
         } else if n < kernel_pairs + (layer.outputs + 1u) / 2u {
             let j = 2u * (n - kernel_pairs);
             let hi = select(0u, bf16_bits(bias_gradient(j + 1u)), j + 1u < layer.outputs);
-            out1_16[n - kernel_pairs] = bf16_bits(bias_gradient(j)) | (hi << 16u);
+            out1[n - kernel_pairs] = bf16_bits(bias_gradient(j)) | (hi << 16u);
         }
         return;
     }
     if n < kernel_len {
-        out0[n] = kernel_gradient(n);
+        out0[n] = u(kernel_gradient(n));
     } else if n < kernel_len + layer.outputs {
-        out1[n - kernel_len] = bias_gradient(n - kernel_len);
+        out1[n - kernel_len] = u(bias_gradient(n - kernel_len));
     }
 }
 
@@ -191,6 +198,6 @@ fn input_gradient(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_wor
     for (var j = 0u; j < layer.outputs; j++) {
         s += in0[r * layer.outputs + j] * kernel(i * layer.outputs + j);
     }
-    let a = in2[n];
-    out0[n] = s * (1.0 - a * a);
+    let a = f(in2[n]);
+    out0[n] = u(s * (1.0 - a * a));
 }

@@ -23,6 +23,8 @@ mod limits;
 mod nonfinite;
 mod pipelines;
 mod shader;
+#[cfg(test)]
+mod tint;
 
 pub use binding::{TensorView, UserBuffers, ARENA_USAGES};
 pub use context::GpuContext;
