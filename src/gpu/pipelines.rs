@@ -167,3 +167,62 @@ pub(crate) fn pipelines_for(ctx: &GpuContext, variant: &Variant) -> Result<Arc<P
     cache.by_variant.insert(*variant, p.clone());
     Ok(p)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RmsPropConfig;
+    use crate::dtype::Dtype;
+    use crate::state::{StateDtype, StateStorage};
+
+    /// The host gives every override of the contract, in its order, with one of the
+    /// values the contract lists (which build.rs and the Tint check compile), for the
+    /// variants of many configs.
+    #[test]
+    fn constants_follow_the_contract() {
+        let mut variants = Vec::new();
+        for k in 0..128usize {
+            let mut c = RmsPropConfig::default().with_centered(k & 1 != 0);
+            if k & 2 != 0 {
+                c = c.with_momentum(0.5);
+            }
+            c = match (k >> 2) & 3 {
+                1 => c.with_clipnorm(1.0),
+                2 => c.with_global_clipnorm(1.0),
+                3 => c.with_clipvalue(1.0),
+                _ => c,
+            };
+            if k & 16 != 0 {
+                c = c.with_use_ema(true);
+            }
+            if k & 32 != 0 {
+                c = c.with_gradient_accumulation_steps(2);
+            }
+            if k & 64 != 0 {
+                c = c.with_weight_decay(0.1);
+                c.state = StateStorage::new(StateDtype::Int8).with_block_size(32);
+            }
+            let v = Variant::of(&c);
+            variants.push(v);
+            variants.push(Variant {
+                guard: true,
+                loss_scaling: true,
+                gradients: Dtype::F16,
+                params: Dtype::Bf16,
+                param_remainders: true,
+                param_copy: Some(Dtype::Bf16),
+                stochastic_rounding: true,
+                ..v
+            });
+        }
+        for v in variants {
+            let given = constants(&v);
+            let names: Vec<&str> = given.iter().map(|(n, _)| *n).collect();
+            let expected: Vec<&str> = contract::OVERRIDES.iter().map(|o| o.name).collect();
+            assert_eq!(names, expected);
+            for ((name, value), o) in given.iter().zip(contract::OVERRIDES) {
+                assert!(o.values.contains(value), "{name} = {value} for {v:?}");
+            }
+        }
+    }
+}

@@ -44,12 +44,22 @@ fn rmsprop_job() -> Value {
             )
         })
         .collect();
+    // a code just past each override's values: Tint must refuse it (CODES_HANDLED)
+    let refused: Vec<Value> = contract::OVERRIDES
+        .iter()
+        .filter(|o| o.values != [0.0, 1.0])
+        .map(|o| {
+            let past = o.values.iter().fold(0.0f64, |m, &v| m.max(v)) + 1.0;
+            json!({ o.name: past })
+        })
+        .collect();
     json!({
         "name": "shaders/rmsprop.wgsl",
         "code": SHADER_SOURCE,
         "entryPoints": contract::ENTRY_POINTS,
         "bindings": bindings,
         "specializations": specializations,
+        "refused": refused,
     })
 }
 

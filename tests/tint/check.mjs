@@ -8,7 +8,8 @@
 //   [{ "name", "code", "entryPoints": [...],
 //      "bindings": [{ "binding", "kind": "uniform" | "read-only-storage" | "storage" }]
 //                  (absent: layout 'auto'),
-//      "specializations": [{ "OVERRIDE": value, ... }, ...] }]
+//      "specializations": [{ "OVERRIDE": value, ... }, ...],
+//      "refused": [{ ... }, ...] (specializations pipeline creation must refuse) }]
 // Prints one line per shader and a closing "N passed, M failed" line; exits non-zero
 // on any error (shader creation, uniformity, override evaluation, limits).
 import { readFileSync } from 'node:fs';
@@ -73,6 +74,22 @@ for (const job of jobs) {
           }
         }
       }
+    }
+  }
+  // specializations that must fail (codes the shader does not handle)
+  for (const constants of job.refused ?? []) {
+    let refused = false;
+    device.pushErrorScope('validation');
+    await device.createComputePipelineAsync({
+      layout,
+      compute: { module, entryPoint: job.entryPoints[0], constants },
+    }).catch(() => { refused = true; });
+    if (await device.popErrorScope()) {
+      refused = true;
+    }
+    if (!refused) {
+      jobFailed += 1;
+      console.error(`${job.name}: ${JSON.stringify(constants)} was accepted; the shader must refuse it`);
     }
   }
   const total = job.specializations.length * job.entryPoints.length;
