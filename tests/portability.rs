@@ -132,7 +132,7 @@ fn every_mode_runs_under_webgpu_default_limits() {
     for k in (0..128).step_by(9) {
         for (mode, precision, state) in &modes {
             let config = RmsPropConfig {
-                state: state.clone(),
+                state: *state,
                 ..common::combo(k)
             };
             let build = |backend, options: &GpuOptions| {

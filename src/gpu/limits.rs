@@ -61,7 +61,7 @@ pub(crate) fn check_device(limits: &wgpu::Limits) -> Result<()> {
     )?;
     need(
         "max_uniform_buffer_binding_size",
-        limits.max_uniform_buffer_binding_size.into(),
+        limits.max_uniform_buffer_binding_size,
         std::mem::size_of::<StepUniform>() as u64,
     )?;
     need(

@@ -420,6 +420,20 @@ mod tests {
             })
             .collect();
         bound.sort_by_key(|b| b.0);
+        // the overrides: the contract's and the derived ones (build.rs checks it too)
+        let mut declared: Vec<&str> = m
+            .overrides
+            .iter()
+            .filter_map(|(_, o)| o.name.as_deref())
+            .collect();
+        let mut contract: Vec<&str> = crate::gpu::contract::OVERRIDES
+            .iter()
+            .map(|o| o.name)
+            .chain(crate::gpu::contract::DERIVED_OVERRIDES)
+            .collect();
+        declared.sort_unstable();
+        contract.sort_unstable();
+        assert_eq!(declared, contract);
         let host: Vec<(u32, String, BindingKind)> = BINDINGS
             .iter()
             .map(|b| (b.number, b.name.to_string(), b.kind))
