@@ -136,11 +136,6 @@ struct StepUniform {
     tensor_count: u32,
     // dynamic_growth_steps of loss scaling
     growth_steps: u32,
-    // rows of the model-wide chunk table
-    chunk_count: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
     plans: array<StepScalars, PLAN_WINDOW>,
 }
 
@@ -160,11 +155,12 @@ struct StepState {
     loss_scale: u32,
     growth_counter: u32,
     active_scale: u32,
-    _pad0: u32,
-    _pad1: u32,
+    // set by norm_partials when a gradient is not finite, cleared by norm_finalize
+    non_finite: atomic<u32>,
+    _pad: u32,
 }
 
-// gpu::shader::ChunkRow: a piece of one tensor inside this segment.
+// gpu::shader::ChunkRow: a piece of one tensor inside this seg.
 struct ChunkRow {
     tensor: u32,
     start: u32,        // first element, local to the segment
@@ -229,8 +225,8 @@ struct SegmentUniform {
     chunk_rows: u32,
     clips: u32,
     partials: u32,
-    non_finite: u32,
     code_maps: u32,
+    _pad: u32,
     // f32 slots: SLOT_COUNT runs of f32_run words (a multiple of 4)
     f32_slots: u32,
     f32_run: u32,
@@ -247,8 +243,8 @@ struct SegmentUniform {
 }
 
 // The control buffer, one per model: the device's step state, then the tables (chunk
-// rows, tensor rows, clip factors, norm partials and non-finite flags per chunk, the
-// code maps) at the word offsets the segment uniform gives.
+// rows, tensor rows, clip factors, norm partials per chunk, the code maps) at the word
+// offsets the segment uniform gives.
 struct Control {
     step_state: StepState,
     words: array<u32>,
@@ -269,12 +265,21 @@ struct Control {
 
 // This invocation's plan, loaded from `step` at the start of each entry point.
 var<private> s: StepScalars;
+// The segment uniform, copied at the start of each entry point: a private copy is
+// known not to alias the storage buffers the loops write, so compilers keep its
+// offsets in registers (reading the uniform inside the loops cost lavapipe ~5%).
+var<private> seg: SegmentUniform;
 
 var<workgroup> scratch: array<f32, WORKGROUP_SIZE>;
 var<workgroup> block_scales: array<vec4<f32>, WORKGROUP_SIZE>;
-var<workgroup> uniform_word: u32;
-var<workgroup> any_flag: atomic<u32>;
-var<workgroup> shared_chunk: ChunkRow;
+// update's workgroup-uniform facts: the chunk's row, its phase, whether the device
+// skips the step
+struct ChunkWork {
+    row: ChunkRow,
+    phase: u32,
+    skip: u32,
+}
+var<workgroup> chunk_work: ChunkWork;
 // WORKGROUP_SIZE = REDUCE_WIDTH * REDUCE_WIDTH
 const REDUCE_WIDTH: u32 = 16u;
 var<workgroup> scratch_partials: array<f32, REDUCE_WIDTH>;
@@ -629,7 +634,7 @@ fn store_param_copy(i: u32, param: Lanes) {
     } else {
         halves = f16_from_lanes(param);
     }
-    set_state_pair(segment.param_copy, i, pack_halves(halves));
+    set_state_pair(seg.param_copy, i, pack_halves(halves));
 }
 
 // Raw gradient of vec4 i, as f32 lanes, in the variant's GRADIENT_DTYPE.
@@ -659,7 +664,7 @@ fn load_param(i: u32) -> Lanes {
     }
     let halves = unpack_halves(pair_of(params[i / 2u], i));
     if PARAM_DTYPE == 3u {
-        let remainders = unpack_halves(state_pair(segment.remainders, i));
+        let remainders = unpack_halves(state_pair(seg.remainders, i));
         return bitcast<Lanes>((halves << vec4(16u)) + remainders - vec4(0x7fffu));
     }
     if PARAM_DTYPE == 1u {
@@ -681,7 +686,7 @@ fn write_param(i: u32, p: Lanes) {
         let nan = lanes_nan(p);
         halves = select((b + vec4(0x7fffu)) >> vec4(16u), (b >> vec4(16u)) | vec4(0x40u), nan);
         let remainders = select((b - (halves << vec4(16u)) + vec4(0x7fffu)) & vec4(0xffffu), vec4(0x7fffu), nan);
-        set_state_pair(segment.remainders, i, pack_halves(remainders));
+        set_state_pair(seg.remainders, i, pack_halves(remainders));
     } else if PARAM_DTYPE == 1u {
         halves = bf16_from_lanes(p);
     } else {
@@ -698,30 +703,30 @@ fn write_param(i: u32, p: Lanes) {
 
 // Row `c` of the model-wide chunk table.
 fn chunk_row(c: u32) -> ChunkRow {
-    let at = segment.chunk_rows + c * CHUNK_ROW_WORDS;
+    let at = seg.chunk_rows + c * CHUNK_ROW_WORDS;
     let w = &control.words;
     return ChunkRow(w[at], w[at + 1u], w[at + 2u], w[at + 3u], w[at + 4u], w[at + 5u]);
 }
 
 fn tensor_row(t: u32) -> TensorRow {
-    let at = segment.tensor_rows + t * TENSOR_ROW_WORDS;
+    let at = seg.tensor_rows + t * TENSOR_ROW_WORDS;
     let w = &control.words;
     return TensorRow(w[at], w[at + 1u], w[at + 2u], w[at + 3u]);
 }
 
 fn clip_factors(t: u32) -> ClipFactors {
-    let at = segment.clips + 2u * t;
+    let at = seg.clips + 2u * t;
     return ClipFactors(bitcast<f32>(control.words[at]), bitcast<f32>(control.words[at + 1u]));
 }
 
 fn set_clip_factors(t: u32, f: ClipFactors) {
-    let at = segment.clips + 2u * t;
+    let at = seg.clips + 2u * t;
     control.words[at] = bitcast<u32>(f.numerator);
     control.words[at + 1u] = bitcast<u32>(f.denominator);
 }
 
 fn code_map(i: u32) -> u32 {
-    return control.words[segment.code_maps + i];
+    return control.words[seg.code_maps + i];
 }
 
 // ---- slots ---------------------------------------------------------------------
@@ -861,16 +866,16 @@ fn state_key(tensor: u32, element: u32) -> vec4<u32> {
 // Runs (vec4s of `slots`, words of `state_codes`) per kept slot.
 // The first word of slot run `run` in the f32 and in the compact region.
 fn f32_run_at(run: u32) -> u32 {
-    return segment.f32_slots + run * segment.f32_run;
+    return seg.f32_slots + run * seg.f32_run;
 }
 
 fn code_run_at(run: u32) -> u32 {
-    return segment.codes + run * segment.code_run;
+    return seg.codes + run * seg.code_run;
 }
 
 // The word holding the scale of the int8 block of the chunk's vec4 k, in slot run `run`.
 fn scale_word(run: u32, row: ChunkRow, k: u32) -> u32 {
-    return segment.absmax + run * segment.absmax_run + (row.state_at + 4u * k) / BLOCK_SIZE;
+    return seg.absmax + run * seg.absmax_run + (row.state_at + 4u * k) / BLOCK_SIZE;
 }
 
 // Slot `id` (kept as run `run`) of the chunk's vec4 k, as f32 lanes.
@@ -1096,12 +1101,12 @@ fn increment(lo_hi: vec2<u32>) -> vec2<u32> {
     return vec2(lo, lo_hi.y + select(0u, 1u, lo == 0u));
 }
 
-// The guard's decision, made once per step by one invocation (`non_finite`: whether
-// any chunk saw a gradient that is not finite): apply the plan for the device's
+// The guard's decision, made once per step by one invocation: apply the plan for the device's
 // counter and advance it, or skip the step and count the skip. With loss scaling, the
 // update divides by the scale as it is now, and the scale moves on by next_loss_scale.
-fn settle_guard(non_finite: bool) {
+fn settle_guard() {
     let st = &control.step_state;
+    let non_finite = atomicExchange(&(*st).non_finite, 0u) != 0u;
     if LOSS_SCALING {
         let now = LossScaleState(bitcast<f32>((*st).loss_scale), (*st).growth_counter);
         let next = next_loss_scale(now, !non_finite, step.growth_steps);
@@ -1127,18 +1132,6 @@ fn settle_guard(non_finite: bool) {
     }
 }
 
-// Whether any invocation of the workgroup passed `flag` true; every invocation gets
-// the answer. Call from uniform control flow only.
-fn workgroup_any(flag: bool) -> bool {
-    if flag {
-        atomicOr(&any_flag, 1u);
-    }
-    workgroupBarrier();
-    let found = atomicLoad(&any_flag) != 0u;
-    workgroupBarrier();
-    return found;
-}
-
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn norm_partials(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -1146,6 +1139,7 @@ fn norm_partials(
     @builtin(local_invocation_index) lid: u32,
 ) {
     _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
+    seg = segment;
     // only step-invariant fields are read here (loss scale, accumulation steps)
     s = step.plans[0];
     // non-finite is judged on the gradient divided by loss_scale_factor (1 with loss
@@ -1156,7 +1150,7 @@ fn norm_partials(
     }
     let c = workgroup_linear(wid, nwg);
     let valid = c < segment.chunk_count;
-    let global = segment.first_chunk + min(c, segment.chunk_count - 1u);
+    let global = seg.first_chunk + min(c, segment.chunk_count - 1u);
     let chunk = chunk_row(global);
     var sum = 0.0;
     var non_finite = false;
@@ -1175,18 +1169,15 @@ fn norm_partials(
             }
         }
     }
-    // one flag per chunk (no storage atomics): norm_finalize ORs them
-    if GUARD || LOSS_SCALING {
-        let found = workgroup_any(non_finite);
-        if valid && lid == 0u {
-            control.words[segment.non_finite + global] = select(0u, 1u, found);
-        }
+    // rare (a bad step), so one atomic per invocation that saw one is cheap enough
+    if non_finite {
+        atomicOr(&control.step_state.non_finite, 1u);
     }
     // without norm clipping (the guard alone) there is nothing to sum
     if CLIP_KIND == 1u || CLIP_KIND == 2u {
         let total = workgroup_sum(lid, sum);
         if valid && lid == 0u {
-            control.words[segment.partials + global] = bitcast<u32>(total);
+            control.words[seg.partials + global] = bitcast<u32>(total);
         }
     }
 }
@@ -1194,6 +1185,7 @@ fn norm_partials(
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
     _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
+    seg = segment;
     // only step-invariant fields are read here (clip thresholds)
     s = step.plans[0];
     if CLIP_KIND == 1u || CLIP_KIND == 2u {
@@ -1202,7 +1194,7 @@ fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
             let row = tensor_row(t);
             var sum = 0.0;
             for (var k = 0u; k < row.chunk_count; k++) {
-                sum += bitcast<f32>(control.words[segment.partials + row.first_chunk + k]);
+                sum += bitcast<f32>(control.words[seg.partials + row.first_chunk + k]);
             }
             if CLIP_KIND == 1u {
                 set_clip_factors(t, clipnorm_factors(sum, s.clip_norm));
@@ -1219,15 +1211,8 @@ fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
             }
         }
     }
-    if GUARD || LOSS_SCALING {
-        var non_finite = false;
-        for (var c = lid; c < step.chunk_count; c += WORKGROUP_SIZE) {
-            non_finite = non_finite || control.words[segment.non_finite + c] != 0u;
-        }
-        let found = workgroup_any(non_finite);
-        if lid == 0u {
-            settle_guard(found);
-        }
+    if (GUARD || LOSS_SCALING) && lid == 0u {
+        settle_guard();
     }
 }
 
@@ -1238,18 +1223,12 @@ fn update(
     @builtin(local_invocation_index) lid: u32,
 ) {
     _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
+    seg = segment;
     let c = workgroup_linear(wid, nwg);
     if c >= segment.chunk_count {
         return;
     }
     if GUARD || LOSS_SCALING {
-        // the device's decision, read as uniform (int8 blocks reduce with barriers)
-        if lid == 0u {
-            uniform_word = control.step_state.skip;
-        }
-        if workgroupUniformLoad(&uniform_word) != 0u {
-            return;
-        }
         s = step.plans[control.step_state.active_plan];
     } else {
         s = step.plans[0];
@@ -1257,17 +1236,25 @@ fn update(
     if LOSS_SCALING {
         s.loss_scale = bitcast<f32>(control.step_state.active_scale);
     }
-    // uniform (read once, through workgroup memory): the int8 path's passes and their
-    // barriers depend on it, and values read from a read_write buffer are not uniform
+    // what the whole workgroup branches on (the device's skip, the chunk's row, its
+    // phase), read by one invocation and shared through workgroup memory: values read
+    // from a read_write buffer are not uniform, and the int8 path's passes hold
+    // barriers. One barrier per workgroup (what a barrier costs on software adapters).
     if lid == 0u {
-        shared_chunk = chunk_row(segment.first_chunk + c);
+        var skip = 0u;
+        if GUARD || LOSS_SCALING {
+            skip = control.step_state.skip;
+        }
+        let row = chunk_row(seg.first_chunk + c);
+        chunk_work = ChunkWork(row, tensor_step(row.tensor).phase, skip);
     }
-    let chunk = workgroupUniformLoad(&shared_chunk);
+    let work = workgroupUniformLoad(&chunk_work);
+    if (GUARD || LOSS_SCALING) && work.skip != 0u {
+        return;
+    }
+    let chunk = work.row;
+    let phase = work.phase;
     let t = tensor_step(chunk.tensor);
-    if lid == 0u {
-        uniform_word = t.phase;
-    }
-    let phase = workgroupUniformLoad(&uniform_word);
     if phase == PHASE_NO_GRADIENT && !USE_EMA {
         return;
     }
@@ -1324,11 +1311,12 @@ fn refresh_param_copy(
     @builtin(local_invocation_index) lid: u32,
 ) {
     _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
+    seg = segment;
     let c = workgroup_linear(wid, nwg);
     if PARAM_COPY == 0u || c >= segment.chunk_count {
         return;
     }
-    let chunk = chunk_row(segment.first_chunk + c);
+    let chunk = chunk_row(seg.first_chunk + c);
     let first = chunk.start / 4u;
     for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
         store_param_copy(first + k, load_param(first + k));
@@ -1346,11 +1334,12 @@ fn finalize_params(
     @builtin(local_invocation_index) lid: u32,
 ) {
     _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
+    seg = segment;
     let c = workgroup_linear(wid, nwg);
     if !USE_EMA || c >= segment.chunk_count {
         return;
     }
-    let chunk = chunk_row(segment.first_chunk + c);
+    let chunk = chunk_row(seg.first_chunk + c);
     let first = chunk.start / 4u;
     for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
         let i = first + k;

@@ -129,7 +129,6 @@ pub(crate) struct ControlLayout {
     pub chunk_rows: usize,
     pub clips: usize,
     pub partials: usize,
-    pub non_finite: usize,
     pub code_maps: usize,
     /// Words of the tables.
     pub words: usize,
@@ -141,14 +140,12 @@ impl ControlLayout {
         let chunk_rows = tensor_rows + tensors * std::mem::size_of::<TensorRow>() / 4;
         let clips = chunk_rows + chunks * std::mem::size_of::<ChunkRow>() / 4;
         let partials = clips + 2 * tensors;
-        let non_finite = partials + chunks;
-        let code_maps = non_finite + chunks;
+        let code_maps = partials + chunks;
         ControlLayout {
             tensor_rows,
             chunk_rows,
             clips,
             partials,
-            non_finite,
             code_maps,
             words: (code_maps + code_map_words).next_multiple_of(4).max(4),
         }
@@ -486,8 +483,8 @@ impl GpuArena {
                 chunk_rows: control_layout.chunk_rows as u32,
                 clips: control_layout.clips as u32,
                 partials: control_layout.partials as u32,
-                non_finite: control_layout.non_finite as u32,
                 code_maps: control_layout.code_maps as u32,
+                _pad: 0,
                 f32_slots: r.f32_slots as u32,
                 f32_run: r.f32_run as u32,
                 codes: r.codes as u32,

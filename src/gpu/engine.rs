@@ -318,10 +318,6 @@ impl GpuEngine {
             len: len as u32,
             tensor_count: self.arena.layout.tensors().len() as u32,
             growth_steps: counters.loss_scaling().map_or(0, |ls| ls.growth_steps),
-            chunk_count: self.arena.layout.chunks().len() as u32,
-            _pad0: 0,
-            _pad1: 0,
-            _pad2: 0,
             plans: [StepScalars::default(); PLAN_WINDOW],
         };
         for (k, plan) in uniform.plans[..len].iter_mut().enumerate() {

@@ -41,11 +41,6 @@ pub(crate) struct StepUniform {
     pub tensor_count: u32,
     /// `dynamic_growth_steps` of loss scaling (unused without it).
     pub growth_steps: u32,
-    /// Rows of the model-wide chunk table.
-    pub chunk_count: u32,
-    pub _pad0: u32,
-    pub _pad1: u32,
-    pub _pad2: u32,
     pub plans: [StepScalars; PLAN_WINDOW],
 }
 
@@ -72,8 +67,8 @@ pub(crate) struct SegmentUniform {
     pub chunk_rows: u32,
     pub clips: u32,
     pub partials: u32,
-    pub non_finite: u32,
     pub code_maps: u32,
+    pub _pad: u32,
     /// State regions, in words from the start of the segment's `state` binding.
     pub f32_slots: u32,
     pub f32_run: u32,
@@ -133,8 +128,9 @@ pub(crate) struct StepState {
     pub growth_counter: u32,
     /// Loss scaling: the scale (f32 bits) this step's update divides by.
     pub active_scale: u32,
-    pub _pad0: u32,
-    pub _pad1: u32,
+    /// Set by `norm_partials` when a gradient is not finite, cleared by `norm_finalize`.
+    pub non_finite: u32,
+    pub _pad: u32,
 }
 
 impl StepState {
@@ -256,10 +252,6 @@ mod tests {
                 len,
                 tensor_count,
                 growth_steps,
-                chunk_count,
-                _pad0,
-                _pad1,
-                _pad2,
                 plans
             }),
         );
@@ -299,8 +291,8 @@ mod tests {
                 loss_scale,
                 growth_counter,
                 active_scale,
-                _pad0,
-                _pad1,
+                non_finite,
+                _pad,
             }),
         );
         assert_same(
@@ -313,8 +305,8 @@ mod tests {
                 chunk_rows,
                 clips,
                 partials,
-                non_finite,
                 code_maps,
+                _pad,
                 f32_slots,
                 f32_run,
                 codes,
