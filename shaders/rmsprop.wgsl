@@ -160,7 +160,8 @@ struct StepState {
     _pad: u32,
 }
 
-// gpu::shader::ChunkRow: a piece of one tensor inside this seg.
+// gpu::shader::ChunkRow: a piece of one tensor inside this segment (a row of the
+// chunk table in `control`).
 struct ChunkRow {
     tensor: u32,
     start: u32,        // first element, local to the segment
@@ -170,9 +171,26 @@ struct ChunkRow {
     state_format: u32, // 0 f32 (the f32 slot runs), 1 bf16 or 2 int8 (the code runs)
 }
 
+// A chunk as the kernels use it: its row, and the segment's regions in vec4s of
+// `state` (from the segment uniform, read once per invocation into the value the
+// element loops pass around, which compilers keep in registers).
+struct Chunk {
+    tensor: u32,
+    start: u32,
+    len: u32,
+    tensor_start: u32,
+    state_at: u32,
+    state_format: u32,
+    slot_run: u32,      // vec4s per f32 slot run (the f32 runs start the buffer)
+    copy_at: u32,       // the 16-bit parameter copy
+    remainders_at: u32, // the remainders
+}
+
 // The number of u32 words of a chunk row and a tensor row in the control tables.
 const CHUNK_ROW_WORDS: u32 = 6u;
 const TENSOR_ROW_WORDS: u32 = 4u;
+// The word of TensorRow::flags in its row.
+const TENSOR_FLAGS_WORD: u32 = 2u;
 
 // gpu::shader::TensorRow: one row of the offset table.
 struct TensorRow {
@@ -227,19 +245,18 @@ struct SegmentUniform {
     partials: u32,
     code_maps: u32,
     _pad: u32,
-    // f32 slots: SLOT_COUNT runs of f32_run words (a multiple of 4)
-    f32_slots: u32,
-    f32_run: u32,
+    // vec4s per f32 slot run (the f32 runs start `state`), the 16-bit parameter copy
+    // and the remainders (their first vec4)
+    slot_run: u32,
+    copy_at: u32,
+    remainders_at: u32,
+    _pad1: u32,
     // compact slots: SLOT_COUNT runs of code_run words (bf16 two per word, int8 four)
     codes: u32,
     code_run: u32,
     // int8 blocks' scales (f32 bits): SLOT_COUNT runs of absmax_run words
     absmax: u32,
     absmax_run: u32,
-    // the 16-bit parameter copy (PARAM_COPY) and the remainders (PARAM_DTYPE 3): two
-    // elements per word
-    param_copy: u32,
-    remainders: u32,
 }
 
 // The control buffer, one per model: the device's step state, then the tables (chunk
@@ -265,21 +282,9 @@ struct Control {
 
 // This invocation's plan, loaded from `step` at the start of each entry point.
 var<private> s: StepScalars;
-// The segment uniform, copied at the start of each entry point: a private copy is
-// known not to alias the storage buffers the loops write, so compilers keep its
-// offsets in registers (reading the uniform inside the loops cost lavapipe ~5%).
-var<private> seg: SegmentUniform;
-
 var<workgroup> scratch: array<f32, WORKGROUP_SIZE>;
 var<workgroup> block_scales: array<vec4<f32>, WORKGROUP_SIZE>;
-// update's workgroup-uniform facts: the chunk's row, its phase, whether the device
-// skips the step
-struct ChunkWork {
-    row: ChunkRow,
-    phase: u32,
-    skip: u32,
-}
-var<workgroup> chunk_work: ChunkWork;
+var<workgroup> uniform_word: u32;
 // WORKGROUP_SIZE = REDUCE_WIDTH * REDUCE_WIDTH
 const REDUCE_WIDTH: u32 = 16u;
 var<workgroup> scratch_partials: array<f32, REDUCE_WIDTH>;
@@ -292,10 +297,11 @@ const F32_EXPONENT_BITS: u32 = 0x7f800000u;
 // The WGSL spec makes a NaN computed by a const-expression a shader-creation error
 // (Tint enforces it; naga does not), so the quiet NaN is built at run time from a
 // private variable's value.
-var<private> quiet_nan_bits: u32 = 0x7fc00000u;
+const F32_QUIET_NAN_BITS: u32 = 0x7fc00000u;
 
 fn quiet_nan() -> f32 {
-    return bitcast<f32>(quiet_nan_bits);
+    // `& 0u` of a run-time value: not a const-expression, and no private variable
+    return bitcast<f32>(F32_QUIET_NAN_BITS | (s.is_update_step & 0u));
 }
 
 fn is_nan(x: f32) -> bool {
@@ -604,14 +610,14 @@ fn pair_of(v: vec4<u32>, i: u32) -> vec2<u32> {
     return select(v.xy, v.zw, (i & 1u) == 1u);
 }
 
-// The 16-bit Lanes group `i` of the state region starting at word `base` (a multiple
-// of 4), as its two words.
+// The 16-bit Lanes group `i` of the state region starting at vec4 `base`, as its two
+// words.
 fn state_pair(base: u32, i: u32) -> vec2<u32> {
-    return pair_of(state[base / 4u + i / 2u], i);
+    return pair_of(state[base + i / 2u], i);
 }
 
 fn set_state_pair(base: u32, i: u32, pair: vec2<u32>) {
-    let v = base / 4u + i / 2u;
+    let v = base + i / 2u;
     let c = 2u * (i & 1u);
     state[v][c] = pair.x;
     state[v][c + 1u] = pair.y;
@@ -627,14 +633,14 @@ fn set_state_word(w: u32, value: u32) {
 }
 
 // Parameters of vec4 i into the 16-bit copy (PARAM_COPY), two per u32.
-fn store_param_copy(i: u32, param: Lanes) {
+fn store_param_copy(i: u32, row: Chunk, param: Lanes) {
     var halves: vec4<u32>;
     if PARAM_COPY == 1u {
         halves = bf16_from_lanes(param);
     } else {
         halves = f16_from_lanes(param);
     }
-    set_state_pair(seg.param_copy, i, pack_halves(halves));
+    set_state_pair(row.copy_at, i, pack_halves(halves));
 }
 
 // Raw gradient of vec4 i, as f32 lanes, in the variant's GRADIENT_DTYPE.
@@ -658,13 +664,13 @@ fn pack_halves(halves: vec4<u32>) -> vec2<u32> {
     return vec2(halves.x | (halves.y << 16u), halves.z | (halves.w << 16u));
 }
 
-fn load_param(i: u32) -> Lanes {
+fn load_param(i: u32, row: Chunk) -> Lanes {
     if PARAM_DTYPE == 0u {
         return bitcast<Lanes>(params[i]);
     }
     let halves = unpack_halves(pair_of(params[i / 2u], i));
     if PARAM_DTYPE == 3u {
-        let remainders = unpack_halves(state_pair(seg.remainders, i));
+        let remainders = unpack_halves(state_pair(row.remainders_at, i));
         return bitcast<Lanes>((halves << vec4(16u)) + remainders - vec4(0x7fffu));
     }
     if PARAM_DTYPE == 1u {
@@ -673,7 +679,7 @@ fn load_param(i: u32) -> Lanes {
     return f16_lanes(halves);
 }
 
-fn write_param(i: u32, p: Lanes) {
+fn write_param(i: u32, row: Chunk, p: Lanes) {
     if PARAM_DTYPE == 0u {
         params[i] = bitcast<vec4<u32>>(p);
         return;
@@ -686,7 +692,7 @@ fn write_param(i: u32, p: Lanes) {
         let nan = lanes_nan(p);
         halves = select((b + vec4(0x7fffu)) >> vec4(16u), (b >> vec4(16u)) | vec4(0x40u), nan);
         let remainders = select((b - (halves << vec4(16u)) + vec4(0x7fffu)) & vec4(0xffffu), vec4(0x7fffu), nan);
-        set_state_pair(seg.remainders, i, pack_halves(remainders));
+        set_state_pair(row.remainders_at, i, pack_halves(remainders));
     } else if PARAM_DTYPE == 1u {
         halves = bf16_from_lanes(p);
     } else {
@@ -701,32 +707,38 @@ fn write_param(i: u32, p: Lanes) {
 
 // ---- control tables ------------------------------------------------------------
 
-// Row `c` of the model-wide chunk table.
-fn chunk_row(c: u32) -> ChunkRow {
-    let at = seg.chunk_rows + c * CHUNK_ROW_WORDS;
+// Chunk `c` of the model-wide chunk table, with its segment's regions.
+fn chunk_row(c: u32) -> Chunk {
+    let at = segment.chunk_rows + c * CHUNK_ROW_WORDS;
     let w = &control.words;
-    return ChunkRow(w[at], w[at + 1u], w[at + 2u], w[at + 3u], w[at + 4u], w[at + 5u]);
+    return Chunk(w[at], w[at + 1u], w[at + 2u], w[at + 3u], w[at + 4u], w[at + 5u],
+        segment.slot_run, segment.copy_at, segment.remainders_at);
+}
+
+// TensorRow::flags of tensor `t` (one load: every invocation of a chunk reads it).
+fn tensor_flags(t: u32) -> u32 {
+    return control.words[segment.tensor_rows + t * TENSOR_ROW_WORDS + TENSOR_FLAGS_WORD];
 }
 
 fn tensor_row(t: u32) -> TensorRow {
-    let at = seg.tensor_rows + t * TENSOR_ROW_WORDS;
+    let at = segment.tensor_rows + t * TENSOR_ROW_WORDS;
     let w = &control.words;
     return TensorRow(w[at], w[at + 1u], w[at + 2u], w[at + 3u]);
 }
 
 fn clip_factors(t: u32) -> ClipFactors {
-    let at = seg.clips + 2u * t;
+    let at = segment.clips + 2u * t;
     return ClipFactors(bitcast<f32>(control.words[at]), bitcast<f32>(control.words[at + 1u]));
 }
 
 fn set_clip_factors(t: u32, f: ClipFactors) {
-    let at = seg.clips + 2u * t;
+    let at = segment.clips + 2u * t;
     control.words[at] = bitcast<u32>(f.numerator);
     control.words[at + 1u] = bitcast<u32>(f.denominator);
 }
 
 fn code_map(i: u32) -> u32 {
-    return control.words[seg.code_maps + i];
+    return control.words[segment.code_maps + i];
 }
 
 // ---- slots ---------------------------------------------------------------------
@@ -740,6 +752,7 @@ const SLOT_EMA: u32 = 3u;
 const SLOT_ACCUMULATOR: u32 = 4u;
 
 const FORMAT_F32: u32 = 0u;
+const FORMAT_INT8: u32 = 2u;
 
 // quant::CodeMap::gpu_table: values at 0 (unsigned) and 256 (signed), thresholds 512
 // further (f32 bits), then the guesses (four per word) at GUESSES, the signed map's
@@ -864,27 +877,23 @@ fn state_key(tensor: u32, element: u32) -> vec4<u32> {
 }
 
 // Runs (vec4s of `slots`, words of `state_codes`) per kept slot.
-// The first word of slot run `run` in the f32 and in the compact region.
-fn f32_run_at(run: u32) -> u32 {
-    return seg.f32_slots + run * seg.f32_run;
-}
-
+// The first word of compact slot run `run`.
 fn code_run_at(run: u32) -> u32 {
-    return seg.codes + run * seg.code_run;
+    return segment.codes + run * segment.code_run;
 }
 
 // The word holding the scale of the int8 block of the chunk's vec4 k, in slot run `run`.
-fn scale_word(run: u32, row: ChunkRow, k: u32) -> u32 {
-    return seg.absmax + run * seg.absmax_run + (row.state_at + 4u * k) / BLOCK_SIZE;
+fn scale_word(run: u32, row: Chunk, k: u32) -> u32 {
+    return segment.absmax + run * segment.absmax_run + (row.state_at + 4u * k) / BLOCK_SIZE;
 }
 
 // Slot `id` (kept as run `run`) of the chunk's vec4 k, as f32 lanes.
-fn load_slot(run: u32, id: u32, row: ChunkRow, k: u32) -> Lanes {
+fn load_slot(run: u32, id: u32, row: Chunk, k: u32) -> Lanes {
     if STATE_DTYPE == 0u || row.state_format == FORMAT_F32 {
-        return bitcast<Lanes>(state[f32_run_at(run) / 4u + row.state_at / 4u + k]);
+        return bitcast<Lanes>(state[run * row.slot_run + row.state_at / 4u + k]);
     }
     if STATE_DTYPE == 1u {
-        return bf16_lanes(unpack_halves(state_pair(code_run_at(run), row.state_at / 4u + k)));
+        return bf16_lanes(unpack_halves(state_pair(code_run_at(run) / 4u, row.state_at / 4u + k)));
     }
     let codes = state_word(code_run_at(run) + row.state_at / 4u + k);
     return decode_int8(unpack_bytes(codes), bitcast<f32>(state_word(scale_word(run, row, k))), id);
@@ -892,21 +901,21 @@ fn load_slot(run: u32, id: u32, row: ChunkRow, k: u32) -> Lanes {
 
 // Stores slot `id` of the chunk's vec4 k as f32 or bf16 (rounded to nearest, or
 // stochastically from the state key `key`); int8 goes through store_slot_int8.
-fn store_slot(run: u32, id: u32, row: ChunkRow, k: u32, x: Lanes, key: vec4<u32>) {
+fn store_slot(run: u32, id: u32, row: Chunk, k: u32, x: Lanes, key: vec4<u32>) {
     if STATE_DTYPE == 0u || row.state_format == FORMAT_F32 {
-        state[f32_run_at(run) / 4u + row.state_at / 4u + k] = bitcast<vec4<u32>>(x);
+        state[run * row.slot_run + row.state_at / 4u + k] = bitcast<vec4<u32>>(x);
         return;
     }
     var bits = bf16_from_lanes(x);
     if STATE_ROUNDING == 1u {
         bits = bitcast<vec4<u32>>(stochastic_bf16(x, assignment_bits(key, 8u + id))) >> vec4(16u);
     }
-    set_state_pair(code_run_at(run), row.state_at / 4u + k, pack_halves(bits));
+    set_state_pair(code_run_at(run) / 4u, row.state_at / 4u + k, pack_halves(bits));
 }
 
 // Stores slot `id` of the chunk's vec4 k as int8 codes of its block's new `absmax`;
 // the block's first invocation stores the scale.
-fn store_slot_int8(run: u32, id: u32, row: ChunkRow, k: u32, x: Lanes, absmax: f32) {
+fn store_slot_int8(run: u32, id: u32, row: Chunk, k: u32, x: Lanes, absmax: f32) {
     set_state_word(code_run_at(run) + row.state_at / 4u + k, pack_bytes(encode_int8_fast(x, absmax, id)));
     if ((row.state_at + 4u * k) % BLOCK_SIZE) == 0u {
         set_state_word(scale_word(run, row, k), bitcast<u32>(absmax));
@@ -920,7 +929,7 @@ fn lanes_in_chunk(k: u32, len: u32) -> vec4<bool> {
 
 // What a tensor does this step (math::TensorStep), from its row and the plan.
 fn tensor_step(tensor: u32) -> TensorStep {
-    let flags = tensor_row(tensor).flags;
+    let flags = tensor_flags(tensor);
     var clip = ClipFactors(1.0, 1.0);
     if CLIP_KIND == 1u || CLIP_KIND == 2u {
         clip = clip_factors(tensor);
@@ -930,9 +939,9 @@ fn tensor_step(tensor: u32) -> TensorStep {
 }
 
 // vec4 i (the chunk's vec4 k) as `phase` reads it (what it does not read stays 0).
-fn load_element(i: u32, phase: u32, row: ChunkRow, k: u32) -> ElementState {
+fn load_element(i: u32, phase: u32, row: Chunk, k: u32) -> ElementState {
     let zero = Lanes(0.0);
-    var e = ElementState(load_param(i), zero, zero, zero, zero, zero);
+    var e = ElementState(load_param(i, row), zero, zero, zero, zero, zero);
     if phase == PHASE_UPDATE {
         e.velocity = load_slot(0u, SLOT_VELOCITY, row, k);
         if USE_MOMENTUM {
@@ -964,18 +973,18 @@ fn keep_lanes(before: ElementState, after: ElementState, keep: vec4<bool>) -> El
 }
 
 // The parameters of vec4 i, and the copy, after `phase` (when it assigns them).
-fn store_params(i: u32, phase: u32, param: Lanes) {
+fn store_params(i: u32, phase: u32, row: Chunk, param: Lanes) {
     if phase == PHASE_UPDATE || USE_EMA {
-        write_param(i, param);
+        write_param(i, row, param);
         if PARAM_COPY != 0u {
-            store_param_copy(i, param);
+            store_param_copy(i, row, param);
         }
     }
 }
 
 // Stores what `phase` wrote (exactly the fields load_element read), slots in f32 or
 // bf16 (`key`: the state key of stochastic rounding).
-fn store_element(i: u32, phase: u32, e: ElementState, row: ChunkRow, k: u32, key: vec4<u32>) {
+fn store_element(i: u32, phase: u32, e: ElementState, row: Chunk, k: u32, key: vec4<u32>) {
     if phase == PHASE_UPDATE {
         store_slot(0u, SLOT_VELOCITY, row, k, e.velocity, key);
         if USE_MOMENTUM {
@@ -991,7 +1000,7 @@ fn store_element(i: u32, phase: u32, e: ElementState, row: ChunkRow, k: u32, key
     if USE_EMA {
         store_slot(EMA_SLOT, SLOT_EMA, row, k, e.ema, key);
     }
-    store_params(i, phase, e.param);
+    store_params(i, phase, row, e.param);
 }
 
 // The new scales of the int8 blocks of one pass over 4 * WORKGROUP_SIZE elements:
@@ -1037,7 +1046,7 @@ fn block_scales_of(lid: u32, e: ElementState, live: bool) -> BlockScales {
 }
 
 // store_element for int8 slots, with their blocks' new scales.
-fn store_element_int8(i: u32, phase: u32, e: ElementState, row: ChunkRow, k: u32, scales: BlockScales) {
+fn store_element_int8(i: u32, phase: u32, e: ElementState, row: Chunk, k: u32, scales: BlockScales) {
     if phase == PHASE_UPDATE {
         store_slot_int8(0u, SLOT_VELOCITY, row, k, e.velocity, scales.slots.x);
         if USE_MOMENTUM {
@@ -1053,12 +1062,12 @@ fn store_element_int8(i: u32, phase: u32, e: ElementState, row: ChunkRow, k: u32
     if USE_EMA {
         store_slot_int8(EMA_SLOT, SLOT_EMA, row, k, e.ema, scales.slots.w);
     }
-    store_params(i, phase, e.param);
+    store_params(i, phase, row, e.param);
 }
 
 // The gradient the norm passes square: math::effective_gradient of vec4 i (the
 // chunk's vec4 k).
-fn effective_gradient_at(i: u32, row: ChunkRow, k: u32) -> Lanes {
+fn effective_gradient_at(i: u32, row: Chunk, k: u32) -> Lanes {
     var accumulator = Lanes(0.0);
     if ACCUMULATE {
         accumulator = load_slot(ACCUMULATOR_SLOT, SLOT_ACCUMULATOR, row, k);
@@ -1139,7 +1148,6 @@ fn norm_partials(
     @builtin(local_invocation_index) lid: u32,
 ) {
     _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
-    seg = segment;
     // only step-invariant fields are read here (loss scale, accumulation steps)
     s = step.plans[0];
     // non-finite is judged on the gradient divided by loss_scale_factor (1 with loss
@@ -1150,11 +1158,11 @@ fn norm_partials(
     }
     let c = workgroup_linear(wid, nwg);
     let valid = c < segment.chunk_count;
-    let global = seg.first_chunk + min(c, segment.chunk_count - 1u);
+    let global = segment.first_chunk + min(c, segment.chunk_count - 1u);
     let chunk = chunk_row(global);
     var sum = 0.0;
     var non_finite = false;
-    if valid && (tensor_row(chunk.tensor).flags & FLAG_HAS_GRADIENT) != 0u {
+    if valid && (tensor_flags(chunk.tensor) & FLAG_HAS_GRADIENT) != 0u {
         let first = chunk.start / 4u;
         for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
             let i = first + k;
@@ -1177,7 +1185,7 @@ fn norm_partials(
     if CLIP_KIND == 1u || CLIP_KIND == 2u {
         let total = workgroup_sum(lid, sum);
         if valid && lid == 0u {
-            control.words[seg.partials + global] = bitcast<u32>(total);
+            control.words[segment.partials + global] = bitcast<u32>(total);
         }
     }
 }
@@ -1185,7 +1193,6 @@ fn norm_partials(
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
     _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
-    seg = segment;
     // only step-invariant fields are read here (clip thresholds)
     s = step.plans[0];
     if CLIP_KIND == 1u || CLIP_KIND == 2u {
@@ -1194,7 +1201,7 @@ fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
             let row = tensor_row(t);
             var sum = 0.0;
             for (var k = 0u; k < row.chunk_count; k++) {
-                sum += bitcast<f32>(control.words[seg.partials + row.first_chunk + k]);
+                sum += bitcast<f32>(control.words[segment.partials + row.first_chunk + k]);
             }
             if CLIP_KIND == 1u {
                 set_clip_factors(t, clipnorm_factors(sum, s.clip_norm));
@@ -1216,18 +1223,9 @@ fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
     }
 }
 
-@compute @workgroup_size(WORKGROUP_SIZE)
-fn update(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
-    seg = segment;
-    let c = workgroup_linear(wid, nwg);
-    if c >= segment.chunk_count {
-        return;
-    }
+// update's plan: the device's choice under the guard or loss scaling (with the scale
+// this step divides by), else the first.
+fn load_plan() {
     if GUARD || LOSS_SCALING {
         s = step.plans[control.step_state.active_plan];
     } else {
@@ -1236,35 +1234,56 @@ fn update(
     if LOSS_SCALING {
         s.loss_scale = bitcast<f32>(control.step_state.active_scale);
     }
-    // what the whole workgroup branches on (the device's skip, the chunk's row, its
-    // phase), read by one invocation and shared through workgroup memory: values read
-    // from a read_write buffer are not uniform, and the int8 path's passes hold
-    // barriers. One barrier per workgroup (what a barrier costs on software adapters).
+}
+
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn update(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
+    let c = workgroup_linear(wid, nwg);
+    if c >= segment.chunk_count {
+        return;
+    }
+    // what the whole workgroup branches on (the device's skip, the chunk's row, what
+    // its tensor does), read by one invocation and shared through workgroup memory:
+    // values read from a read_write buffer are not uniform, the int8 path's passes hold
+    // barriers, and on software adapters every load each invocation makes costs once
+    // per workgroup. One barrier per workgroup.
+    load_plan();
+    let chunk = chunk_row(segment.first_chunk + c);
+    let t = tensor_step(chunk.tensor);
+    // what the whole workgroup branches on, read as uniform (values read from a
+    // read_write buffer are not; the int8 path's passes hold barriers): the phase, the
+    // device's skip, whether the chunk's slots are int8, its length. One word, because
+    // a struct through workgroupUniformLoad costs software adapters dearly.
     if lid == 0u {
         var skip = 0u;
         if GUARD || LOSS_SCALING {
             skip = control.step_state.skip;
         }
-        let row = chunk_row(seg.first_chunk + c);
-        chunk_work = ChunkWork(row, tensor_step(row.tensor).phase, skip);
+        let int8 = select(0u, 1u, chunk.state_format == FORMAT_INT8);
+        uniform_word = t.phase | (skip << 2u) | (int8 << 3u) | (chunk.len << 4u);
     }
-    let work = workgroupUniformLoad(&chunk_work);
-    if (GUARD || LOSS_SCALING) && work.skip != 0u {
+    let word = workgroupUniformLoad(&uniform_word);
+    if (GUARD || LOSS_SCALING) && (word & 4u) != 0u {
         return;
     }
-    let chunk = work.row;
-    let phase = work.phase;
-    let t = tensor_step(chunk.tensor);
+    let phase = word & 3u;
+    let int8_chunk = (word & 8u) != 0u;
+    let len = word >> 4u;
     if phase == PHASE_NO_GRADIENT && !USE_EMA {
         return;
     }
     let first = chunk.start / 4u;
-    if STATE_DTYPE == 2u && chunk.state_format == 2u {
+    if STATE_DTYPE == 2u && int8_chunk {
         // int8 slots: every invocation runs every pass (the blocks' scales reduce
         // across invocations), those past the chunk's end with nothing to store
-        for (var base = 0u; base < chunk.len; base += 4u * WORKGROUP_SIZE) {
+        for (var base = 0u; base < len; base += 4u * WORKGROUP_SIZE) {
             let k = base / 4u + lid;
-            let live = 4u * k < chunk.len;
+            let live = 4u * k < len;
             var after = ElementState(Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0));
             if live {
                 after = step_lanes(chunk, t, phase, k);
@@ -1287,7 +1306,7 @@ fn update(
 
 // The chunk's vec4 k after this step: loaded, through update_element, the padding
 // lanes as loaded.
-fn step_lanes(chunk: ChunkRow, t: TensorStep, phase: u32, k: u32) -> ElementState {
+fn step_lanes(chunk: Chunk, t: TensorStep, phase: u32, k: u32) -> ElementState {
     let i = chunk.start / 4u + k;
     var raw = Lanes(0.0);
     if phase != PHASE_NO_GRADIENT {
@@ -1311,15 +1330,14 @@ fn refresh_param_copy(
     @builtin(local_invocation_index) lid: u32,
 ) {
     _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
-    seg = segment;
     let c = workgroup_linear(wid, nwg);
     if PARAM_COPY == 0u || c >= segment.chunk_count {
         return;
     }
-    let chunk = chunk_row(seg.first_chunk + c);
+    let chunk = chunk_row(segment.first_chunk + c);
     let first = chunk.start / 4u;
     for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
-        store_param_copy(first + k, load_param(first + k));
+        store_param_copy(first + k, chunk, load_param(first + k, chunk));
     }
 }
 
@@ -1334,17 +1352,16 @@ fn finalize_params(
     @builtin(local_invocation_index) lid: u32,
 ) {
     _ = CODES_HANDLED; // refuses unhandled codes (see its declaration)
-    seg = segment;
     let c = workgroup_linear(wid, nwg);
     if !USE_EMA || c >= segment.chunk_count {
         return;
     }
-    let chunk = chunk_row(seg.first_chunk + c);
+    let chunk = chunk_row(segment.first_chunk + c);
     let first = chunk.start / 4u;
     for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
         let i = first + k;
         let ema = load_slot(EMA_SLOT, SLOT_EMA, chunk, k);
         // padding lanes: the EMA's padding is zero, as the parameters' is
-        write_param(i, nearest_param(ema));
+        write_param(i, chunk, nearest_param(ema));
     }
 }

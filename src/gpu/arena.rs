@@ -38,8 +38,7 @@ use crate::variant::{Slot, Variant};
 /// parameter copy can be bound as views).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Regions {
-    /// f32 slots: one run of `f32_run` words per kept slot.
-    pub f32_slots: usize,
+    /// f32 slots: one run of `f32_run` words per kept slot, from word 0.
     pub f32_run: usize,
     /// Compact slots (bf16 two per word, int8 four): one run of `code_run` words per slot.
     pub codes: usize,
@@ -88,7 +87,6 @@ impl Regions {
         let remainders = up(param_copy + copy_words, align);
         let remainder_words = if variant.param_remainders { halves } else { 0 };
         Regions {
-            f32_slots: 0,
             f32_run,
             codes,
             code_run,
@@ -103,7 +101,7 @@ impl Regions {
 
     /// The word of f32 slot run `k` holding slot element `at`.
     pub(crate) fn f32_word(&self, k: usize, at: usize) -> usize {
-        self.f32_slots + k * self.f32_run + at
+        k * self.f32_run + at
     }
 
     /// The first word of compact slot run `k`.
@@ -485,14 +483,14 @@ impl GpuArena {
                 partials: control_layout.partials as u32,
                 code_maps: control_layout.code_maps as u32,
                 _pad: 0,
-                f32_slots: r.f32_slots as u32,
-                f32_run: r.f32_run as u32,
+                slot_run: (r.f32_run / 4) as u32,
+                copy_at: (r.param_copy / 4) as u32,
+                remainders_at: (r.remainders / 4) as u32,
+                _pad1: 0,
                 codes: r.codes as u32,
                 code_run: r.code_run as u32,
                 absmax: r.absmax as u32,
                 absmax_run: r.absmax_run as u32,
-                param_copy: r.param_copy as u32,
-                remainders: r.remainders as u32,
             };
             ctx.queue.write_buffer(
                 &segment_uniforms,

@@ -16,7 +16,7 @@ pub(crate) const WORKGROUP_SIZE: usize = 256;
 /// Bytes of workgroup memory the shader declares (a test sums its `var<workgroup>`s
 /// through naga's reflection); checked against the device's
 /// `max_compute_workgroup_storage_size`.
-pub(crate) const WORKGROUP_MEMORY_BYTES: u64 = 5216;
+pub(crate) const WORKGROUP_MEMORY_BYTES: u64 = 5188;
 
 /// Elements per chunk on the GPU: 32 per thread of one workgroup (eight `vec4<f32>`);
 /// larger chunks amortize each workgroup's setup (its rows, its plan), which software
@@ -69,15 +69,17 @@ pub(crate) struct SegmentUniform {
     pub partials: u32,
     pub code_maps: u32,
     pub _pad: u32,
-    /// State regions, in words from the start of the segment's `state` binding.
-    pub f32_slots: u32,
-    pub f32_run: u32,
+    /// The segment's regions in vec4s of its `state` binding: the length of an f32
+    /// slot run (the runs start the buffer), the parameter copy, the remainders.
+    pub slot_run: u32,
+    pub copy_at: u32,
+    pub remainders_at: u32,
+    pub _pad1: u32,
+    /// Compact state regions, in words from the start of the segment's `state` binding.
     pub codes: u32,
     pub code_run: u32,
     pub absmax: u32,
     pub absmax_run: u32,
-    pub param_copy: u32,
-    pub remainders: u32,
 }
 
 /// One row of the chunk table: a piece of one tensor inside one segment.
@@ -307,14 +309,14 @@ mod tests {
                 partials,
                 code_maps,
                 _pad,
-                f32_slots,
-                f32_run,
+                slot_run,
+                copy_at,
+                remainders_at,
+                _pad1,
                 codes,
                 code_run,
                 absmax,
                 absmax_run,
-                param_copy,
-                remainders,
             }),
         );
         assert_same(
@@ -391,6 +393,10 @@ mod tests {
         assert_eq!(
             constant("TENSOR_ROW_WORDS") as usize,
             size_of::<TensorRow>() / 4
+        );
+        assert_eq!(
+            constant("TENSOR_FLAGS_WORD") as usize,
+            offset_of!(TensorRow, flags) / 4
         );
         let mut bound: Vec<(u32, String, BindingKind)> = m
             .global_variables
