@@ -18,7 +18,7 @@
 //
 // Bindings (the Rust side: src/gpu/contract.rs): two uniforms and four storage buffers
 // in every mode, within WebGPU's downlevel limits. The per-step and per-tensor tables
-// (chunk and tensor rows, clip factors, norm partials, non-finite flags, code maps) and
+// (chunk and tensor rows, clip factors, norm partials, code maps) and
 // the device's step state share one `control` buffer; the parameters and gradients are
 // read as words whatever their dtype; a segment's own arrays (f32 slots, compact
 // slots, scales, the 16-bit copy, remainders) share one `state` buffer, in regions the
@@ -71,7 +71,7 @@ override PARAM_DTYPE: u32 = 0u;
 // 16-bit parameters: 0 round to nearest (ties to even), 1 round stochastically (keys from
 // the plan's seed and step, the tensor and the element: math::element_key).
 override PARAM_ROUNDING: u32 = 0u;
-// Slot runs (SegmentUniform::f32_slots, codes): velocity is run 0, then these.
+// Slot runs (Chunk::slot_run, SegmentUniform::codes): velocity is run 0, then these.
 override MOMENTUM_SLOT: u32 = 1u;
 override AVERAGE_GRADIENT_SLOT: u32 = 2u;
 override EMA_SLOT: u32 = 3u;
@@ -233,8 +233,9 @@ struct ElementState {
 }
 
 // gpu::shader::SegmentUniform: what one segment's dispatches need to find their
-// rows and regions, in u32 words: the tables from the start of `control.words`, the
-// regions from the start of the segment's `state` binding. Written once per arena.
+// rows and regions: the tables in u32 words from the start of `control.words`, the
+// regions from the start of the segment's `state` binding (in vec4s for the f32 runs,
+// the copy and the remainders, in words for the compact runs). Written once per arena.
 struct SegmentUniform {
     // this segment's chunks: chunk rows first_chunk .. first_chunk + chunk_count
     first_chunk: u32,
