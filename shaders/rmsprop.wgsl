@@ -171,9 +171,9 @@ struct ChunkRow {
     state_format: u32, // 0 f32 (the f32 slot runs), 1 bf16 or 2 int8 (the code runs)
 }
 
-// A chunk as the kernels use it: its row, and the segment's regions in vec4s of
-// `state` (from the segment uniform, read once per invocation into the value the
-// element loops pass around, which compilers keep in registers).
+// A chunk as the kernels use it: its row, and the segment's regions in `state` (from
+// the segment uniform, read once per invocation into the value the element loops pass
+// around, which compilers keep in registers).
 struct Chunk {
     tensor: u32,
     start: u32,
@@ -184,6 +184,10 @@ struct Chunk {
     slot_run: u32,      // vec4s per f32 slot run (the f32 runs start the buffer)
     copy_at: u32,       // the 16-bit parameter copy
     remainders_at: u32, // the remainders
+    codes: u32,         // compact runs and scales, in words (SegmentUniform)
+    code_run: u32,
+    absmax: u32,
+    absmax_run: u32,
 }
 
 // The number of u32 words of a chunk row and a tensor row in the control tables.
@@ -713,7 +717,8 @@ fn chunk_row(c: u32) -> Chunk {
     let at = segment.chunk_rows + c * CHUNK_ROW_WORDS;
     let w = &control.words;
     return Chunk(w[at], w[at + 1u], w[at + 2u], w[at + 3u], w[at + 4u], w[at + 5u],
-        segment.slot_run, segment.copy_at, segment.remainders_at);
+        segment.slot_run, segment.copy_at, segment.remainders_at,
+        segment.codes, segment.code_run, segment.absmax, segment.absmax_run);
 }
 
 // TensorRow::flags of tensor `t` (one load: every invocation of a chunk reads it).
@@ -879,13 +884,13 @@ fn state_key(tensor: u32, element: u32) -> vec4<u32> {
 
 // Runs (vec4s of `slots`, words of `state_codes`) per kept slot.
 // The first word of compact slot run `run`.
-fn code_run_at(run: u32) -> u32 {
-    return segment.codes + run * segment.code_run;
+fn code_run_at(run: u32, row: Chunk) -> u32 {
+    return row.codes + run * row.code_run;
 }
 
 // The word holding the scale of the int8 block of the chunk's vec4 k, in slot run `run`.
 fn scale_word(run: u32, row: Chunk, k: u32) -> u32 {
-    return segment.absmax + run * segment.absmax_run + (row.state_at + 4u * k) / BLOCK_SIZE;
+    return row.absmax + run * row.absmax_run + (row.state_at + 4u * k) / BLOCK_SIZE;
 }
 
 // Slot `id` (kept as run `run`) of the chunk's vec4 k, as f32 lanes.
@@ -894,9 +899,9 @@ fn load_slot(run: u32, id: u32, row: Chunk, k: u32) -> Lanes {
         return bitcast<Lanes>(state[run * row.slot_run + row.state_at / 4u + k]);
     }
     if STATE_DTYPE == 1u {
-        return bf16_lanes(unpack_halves(state_pair(code_run_at(run) / 4u, row.state_at / 4u + k)));
+        return bf16_lanes(unpack_halves(state_pair(code_run_at(run, row) / 4u, row.state_at / 4u + k)));
     }
-    let codes = state_word(code_run_at(run) + row.state_at / 4u + k);
+    let codes = state_word(code_run_at(run, row) + row.state_at / 4u + k);
     return decode_int8(unpack_bytes(codes), bitcast<f32>(state_word(scale_word(run, row, k))), id);
 }
 
@@ -911,13 +916,13 @@ fn store_slot(run: u32, id: u32, row: Chunk, k: u32, x: Lanes, key: vec4<u32>) {
     if STATE_ROUNDING == 1u {
         bits = bitcast<vec4<u32>>(stochastic_bf16(x, assignment_bits(key, 8u + id))) >> vec4(16u);
     }
-    set_state_pair(code_run_at(run) / 4u, row.state_at / 4u + k, pack_halves(bits));
+    set_state_pair(code_run_at(run, row) / 4u, row.state_at / 4u + k, pack_halves(bits));
 }
 
 // Stores slot `id` of the chunk's vec4 k as int8 codes of its block's new `absmax`;
 // the block's first invocation stores the scale.
 fn store_slot_int8(run: u32, id: u32, row: Chunk, k: u32, x: Lanes, absmax: f32) {
-    set_state_word(code_run_at(run) + row.state_at / 4u + k, pack_bytes(encode_int8_fast(x, absmax, id)));
+    set_state_word(code_run_at(run, row) + row.state_at / 4u + k, pack_bytes(encode_int8_fast(x, absmax, id)));
     if ((row.state_at + 4u * k) % BLOCK_SIZE) == 0u {
         set_state_word(scale_word(run, row, k), bitcast<u32>(absmax));
     }
