@@ -639,13 +639,15 @@ fn set_state_word(w: u32, value: u32) {
 
 // Parameters of vec4 i into the 16-bit copy (PARAM_COPY), two per u32.
 fn store_param_copy(i: u32, row: Chunk, param: Lanes) {
-    var halves: vec4<u32>;
+    set_state_pair(row.copy_at, i, copy_words(param));
+}
+
+// Four parameters as their 16-bit copy (PARAM_COPY), two per u32.
+fn copy_words(param: Lanes) -> vec2<u32> {
     if PARAM_COPY == 1u {
-        halves = bf16_from_lanes(param);
-    } else {
-        halves = f16_from_lanes(param);
+        return pack_halves(bf16_from_lanes(param));
     }
-    set_state_pair(row.copy_at, i, pack_halves(halves));
+    return pack_halves(f16_from_lanes(param));
 }
 
 // Raw gradient of vec4 i, as f32 lanes, in the variant's GRADIENT_DTYPE.
@@ -684,30 +686,61 @@ fn load_param(i: u32, row: Chunk) -> Lanes {
     return f16_lanes(halves);
 }
 
-fn write_param(i: u32, row: Chunk, p: Lanes) {
-    if PARAM_DTYPE == 0u {
-        params[i] = bitcast<vec4<u32>>(p);
-        return;
-    }
-    var halves: vec4<u32>;
+// Four parameters stored in 16 bits (PARAM_DTYPE 1 to 3): their halves, and with
+// remainders (3) the remainders, each two per u32.
+struct ParamWords {
+    halves: vec2<u32>,
+    remainders: vec2<u32>,
+}
+
+fn param_words(p: Lanes) -> ParamWords {
     if PARAM_DTYPE == 3u {
         // the master split exactly: its top 16 bits rounded to nearest (exact ties
         // toward zero) and the signed rest, offset by 0x7fff; a NaN keeps a quiet NaN
         let b = bitcast<vec4<u32>>(p);
         let nan = lanes_nan(p);
-        halves = select((b + vec4(0x7fffu)) >> vec4(16u), (b >> vec4(16u)) | vec4(0x40u), nan);
+        let halves = select((b + vec4(0x7fffu)) >> vec4(16u), (b >> vec4(16u)) | vec4(0x40u), nan);
         let remainders = select((b - (halves << vec4(16u)) + vec4(0x7fffu)) & vec4(0xffffu), vec4(0x7fffu), nan);
-        set_state_pair(row.remainders_at, i, pack_halves(remainders));
+        return ParamWords(pack_halves(halves), pack_halves(remainders));
     } else if PARAM_DTYPE == 1u {
-        halves = bf16_from_lanes(p);
-    } else {
-        halves = f16_from_lanes(p);
+        return ParamWords(pack_halves(bf16_from_lanes(p)), vec2(0u));
     }
-    let pair = pack_halves(halves);
+    return ParamWords(pack_halves(f16_from_lanes(p)), vec2(0u));
+}
+
+fn write_param(i: u32, row: Chunk, p: Lanes) {
+    if PARAM_DTYPE == 0u {
+        params[i] = bitcast<vec4<u32>>(p);
+        return;
+    }
+    let w = param_words(p);
+    if PARAM_DTYPE == 3u {
+        set_state_pair(row.remainders_at, i, w.remainders);
+    }
     let v = i / 2u;
     let c = 2u * (i & 1u);
-    params[v][c] = pair.x;
-    params[v][c + 1u] = pair.y;
+    params[v][c] = w.halves.x;
+    params[v][c + 1u] = w.halves.y;
+}
+
+// write_param and store_param_copy of Lanes groups i (even) and i + 1 at once: each
+// 16-bit array gets one whole vec4, where one group alone writes half of one (two
+// 4-byte stores, which software adapters pay for).
+fn write_param_pair(i: u32, row: Chunk, p0: Lanes, p1: Lanes) {
+    if PARAM_DTYPE == 0u {
+        params[i] = bitcast<vec4<u32>>(p0);
+        params[i + 1u] = bitcast<vec4<u32>>(p1);
+    } else {
+        let a = param_words(p0);
+        let b = param_words(p1);
+        params[i / 2u] = vec4(a.halves, b.halves);
+        if PARAM_DTYPE == 3u {
+            state[row.remainders_at + i / 2u] = vec4(a.remainders, b.remainders);
+        }
+    }
+    if PARAM_COPY != 0u {
+        state[row.copy_at + i / 2u] = vec4(copy_words(p0), copy_words(p1));
+    }
 }
 
 // ---- control tables ------------------------------------------------------------
@@ -991,6 +1024,12 @@ fn store_params(i: u32, phase: u32, row: Chunk, param: Lanes) {
 // Stores what `phase` wrote (exactly the fields load_element read), slots in f32 or
 // bf16 (`key`: the state key of stochastic rounding).
 fn store_element(i: u32, phase: u32, e: ElementState, row: Chunk, k: u32, key: vec4<u32>) {
+    store_slots(phase, e, row, k, key);
+    store_params(i, phase, row, e.param);
+}
+
+// The slots store_element stores.
+fn store_slots(phase: u32, e: ElementState, row: Chunk, k: u32, key: vec4<u32>) {
     if phase == PHASE_UPDATE {
         store_slot(0u, SLOT_VELOCITY, row, k, e.velocity, key);
         if USE_MOMENTUM {
@@ -1006,7 +1045,6 @@ fn store_element(i: u32, phase: u32, e: ElementState, row: Chunk, k: u32, key: v
     if USE_EMA {
         store_slot(EMA_SLOT, SLOT_EMA, row, k, e.ema, key);
     }
-    store_params(i, phase, row, e.param);
 }
 
 // The new scales of the int8 blocks of one pass over 4 * WORKGROUP_SIZE elements:
@@ -1301,13 +1339,36 @@ fn update(
         }
         return;
     }
-    for (var k = lid; 4u * k < chunk.len; k += WORKGROUP_SIZE) {
-        var slot_key = vec4(0u);
-        if STATE_ROUNDING == 1u {
-            slot_key = state_key(chunk.tensor, chunk.tensor_start + 4u * k);
+    if PARAM_DTYPE != 0u || PARAM_COPY != 0u {
+        // 16-bit parameter arrays: two Lanes groups per invocation, so that their
+        // stores are whole vec4s (first is even: chunks start at multiples of 8)
+        let assigns = phase == PHASE_UPDATE || USE_EMA;
+        for (var k = 2u * lid; 4u * k < len; k += 2u * WORKGROUP_SIZE) {
+            let a = step_lanes(chunk, t, phase, k);
+            store_slots(phase, a, chunk, k, slot_key(chunk, k));
+            if 4u * (k + 1u) < len {
+                let b = step_lanes(chunk, t, phase, k + 1u);
+                store_slots(phase, b, chunk, k + 1u, slot_key(chunk, k + 1u));
+                if assigns {
+                    write_param_pair(first + k, chunk, a.param, b.param);
+                }
+            } else {
+                store_params(first + k, phase, chunk, a.param);
+            }
         }
-        store_element(first + k, phase, step_lanes(chunk, t, phase, k), chunk, k, slot_key);
+        return;
     }
+    for (var k = lid; 4u * k < len; k += WORKGROUP_SIZE) {
+        store_element(first + k, phase, step_lanes(chunk, t, phase, k), chunk, k, slot_key(chunk, k));
+    }
+}
+
+// The state key of stochastic bf16 slot rounding for the chunk's vec4 k (zero without).
+fn slot_key(chunk: Chunk, k: u32) -> vec4<u32> {
+    if STATE_ROUNDING == 1u {
+        return state_key(chunk.tensor, chunk.tensor_start + 4u * k);
+    }
+    return vec4(0u);
 }
 
 // The chunk's vec4 k after this step: loaded, through update_element, the padding
