@@ -98,13 +98,15 @@ pub(crate) fn check_binding(limits: &wgpu::Limits, bytes: u64) -> Result<()> {
     need("max_buffer_size", limits.max_buffer_size, bytes)
 }
 
-/// `workgroups` workgroups in one dispatch, on a 2D grid.
+/// `workgroups` workgroups in one dispatch, on a 2D grid (`x` up to the limit, then
+/// rows of it).
 pub(crate) fn check_workgroups(limits: &wgpu::Limits, workgroups: usize) -> Result<()> {
     let per_dimension = u64::from(limits.max_compute_workgroups_per_dimension);
-    let needed = (workgroups as f64).sqrt().ceil() as u64;
-    if (workgroups as u64) <= per_dimension {
+    let rows = (workgroups as u64).div_ceil(per_dimension.max(1));
+    if rows <= per_dimension {
         return Ok(());
     }
+    let needed = (workgroups as f64).sqrt().ceil() as u64;
     need(
         "max_compute_workgroups_per_dimension",
         per_dimension,
@@ -143,6 +145,10 @@ mod tests {
             ..wgpu::Limits::default()
         };
         assert!(check_device(&small).is_err());
+        // a 2D grid: 65,535 x 65,535 workgroups fit, one more row does not
+        let grid = wgpu::Limits::default();
+        check_workgroups(&grid, 65_535 * 65_535).unwrap();
+        assert!(check_workgroups(&grid, 65_535 * 65_535 + 1).is_err());
         let e = check_binding(&wgpu::Limits::default(), 200 << 20).unwrap_err();
         assert!(
             e.to_string().contains("max_storage_buffer_binding_size"),
