@@ -126,7 +126,7 @@ impl GpuContext {
     /// [`Error::DeviceLimit`], naming the limit (before any wgpu call could fail).
     ///
     /// ```
-    /// use fused_rmsprop::{Error, GpuContext};
+    /// use fused_rmsprop::GpuContext;
     /// # fn main() -> fused_rmsprop::Result<()> {
     /// let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     /// let adapter = match pollster::block_on(instance.request_adapter(&Default::default())) {
