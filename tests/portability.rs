@@ -315,3 +315,57 @@ fn a_device_below_the_kernels_needs_is_refused_with_the_limit_named() {
         .to_string()
         .contains("max_storage_buffers_per_shader_stage"));
 }
+
+/// A device whose storage bindings hold 1 MiB: the arena splits the model into
+/// segments that fit it (every region of the `state` buffer included), and the steps
+/// match the CPU path.
+#[test]
+fn a_small_storage_binding_splits_the_model_into_segments_that_fit() {
+    let Some((ctx, name)) = context_with(wgpu::Limits {
+        max_storage_buffer_binding_size: 1 << 20,
+        ..wgpu::Limits::default()
+    }) else {
+        return;
+    };
+    let sizes = [300_000usize, 5, 200_001];
+    let mut rng = Rng(21);
+    let start: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n)).collect();
+    let vars = || -> Vec<Variable> {
+        start
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Variable::new(format!("t{i}"), &[v.len()], v.clone()).unwrap())
+            .collect()
+    };
+    let config = common::combo(1 + 2 + 16 + 32);
+    let precision = Precision::default().with_param_copy(fused_rmsprop::Dtype::Bf16);
+    let options = GpuOptions {
+        context: Some(ctx),
+        ..GpuOptions::default()
+    };
+    let mut gpu =
+        RmsProp::with_precision(config.clone(), vars(), Backend::Gpu, &options, precision).unwrap();
+    let segments = gpu.gpu().unwrap().segment_count();
+    assert!(segments >= 6, "{segments} segments on {name}");
+    let mut cpu = RmsProp::with_precision(
+        config,
+        vars(),
+        Backend::Cpu,
+        &GpuOptions::default(),
+        precision,
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let g: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n)).collect();
+        let refs: Vec<Option<&[f32]>> = g.iter().map(|g| Some(g.as_slice())).collect();
+        gpu.apply_gradients(&refs).unwrap();
+        cpu.apply_gradients(&refs).unwrap();
+    }
+    let (a, b) = (gpu.variables().unwrap(), cpu.variables().unwrap());
+    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+        assert!(
+            (x - y).abs() as f64 <= 1e-5 + 1e-4 * f64::from(y.abs()),
+            "{name}: {x} vs {y}"
+        );
+    }
+}

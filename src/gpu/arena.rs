@@ -265,9 +265,12 @@ fn max_segment_len(ctx: &GpuContext, variant: &Variant) -> usize {
     let max_bytes = limits
         .max_storage_buffer_binding_size
         .min(limits.max_buffer_size);
-    // region padding: five regions, each up to one alignment (and one int8 block's
-    // scale words), per slot
-    let padding = 8 * u64::from(limits.min_storage_buffer_offset_alignment.max(16)) * 6;
+    // what `Regions::new` may add to the elements' bytes: each f32 run and each of the
+    // four later regions rounded up to the alignment, each compact run and scale run
+    // to a vec4 (anything past this is refused by `check_binding`, never miscounted)
+    let align = u64::from(limits.min_storage_buffer_offset_alignment.max(16));
+    let slots = variant.slots().len() as u64;
+    let padding = (slots + 4) * align + slots * 32;
     let per_element = state_bytes_per_element(variant).max(F32);
     let len = (max_bytes.saturating_sub(padding) / per_element) as usize;
     let len = len.min(u32::MAX as usize / 2);
