@@ -38,6 +38,20 @@ fn device_with(limits: wgpu::Limits) -> Option<(wgpu::Device, wgpu::Queue, Strin
     Some((device, queue, format!("{} ({:?})", info.name, info.backend)))
 }
 
+/// Variables `t0`, `t1`, ... holding `start`.
+fn model(start: &[Vec<f32>]) -> Vec<Variable> {
+    start
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Variable::new(format!("t{i}"), &[v.len()], v.clone()).unwrap())
+        .collect()
+}
+
+/// `x` (device) within `1e-5 + relative * |y|` of `y` (CPU).
+fn close(x: f32, y: f32, relative: f64) -> bool {
+    (x - y).abs() as f64 <= 1e-5 + relative * f64::from(y.abs())
+}
+
 fn context_with(limits: wgpu::Limits) -> Option<(GpuContext, String)> {
     let (device, queue, name) = device_with(limits)?;
     eprintln!("portability tests run on: {name}");
@@ -117,13 +131,7 @@ fn every_mode_runs_under_webgpu_default_limits() {
     let sizes = [3usize, 700, 129, 4100];
     let mut rng = Rng(11);
     let start: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n)).collect();
-    let vars = || -> Vec<Variable> {
-        start
-            .iter()
-            .enumerate()
-            .map(|(i, v)| Variable::new(format!("t{i}"), &[v.len()], v.clone()).unwrap())
-            .collect()
-    };
+    let vars = || model(&start);
     let options = GpuOptions {
         context: Some(ctx),
         ..GpuOptions::default()
@@ -176,11 +184,12 @@ fn every_mode_runs_under_webgpu_default_limits() {
                 typed(&mut cpu).unwrap();
             }
             let (a, b) = (gpu.variables().unwrap(), cpu.variables().unwrap());
-            let close = a.iter().flatten().zip(b.iter().flatten()).all(|(x, y)| {
-                (x.is_nan() && y.is_nan())
-                    || (x - y).abs() as f64 <= 1e-5 + 2e-3 * f64::from(y.abs())
-            });
-            if !close {
+            let agree = a
+                .iter()
+                .flatten()
+                .zip(b.iter().flatten())
+                .all(|(&x, &y)| (x.is_nan() && y.is_nan()) || close(x, y, 2e-3));
+            if !agree {
                 failures.push(format!("combo {k}, {mode}"));
             }
         }
@@ -280,9 +289,9 @@ fn a_wgpu_application_steps_in_its_own_encoder_under_default_limits() {
         cpu.apply_gradients(&[Some(&g)]).unwrap();
     }
     let (a, b) = (opt.variable(0).unwrap(), cpu.variable(0).unwrap());
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+    for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
         assert!(
-            (x - y).abs() as f64 <= 1e-5 + 1e-4 * f64::from(y.abs()),
+            close(x, y, 1e-4),
             "{name}: element {i}: device {x}, CPU {y}"
         );
     }
@@ -330,13 +339,7 @@ fn a_small_storage_binding_splits_the_model_into_segments_that_fit() {
     let sizes = [300_000usize, 5, 200_001];
     let mut rng = Rng(21);
     let start: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n)).collect();
-    let vars = || -> Vec<Variable> {
-        start
-            .iter()
-            .enumerate()
-            .map(|(i, v)| Variable::new(format!("t{i}"), &[v.len()], v.clone()).unwrap())
-            .collect()
-    };
+    let vars = || model(&start);
     let config = common::combo(1 + 2 + 16 + 32);
     let precision = Precision::default().with_param_copy(fused_rmsprop::Dtype::Bf16);
     let options = GpuOptions {
@@ -362,10 +365,7 @@ fn a_small_storage_binding_splits_the_model_into_segments_that_fit() {
         cpu.apply_gradients(&refs).unwrap();
     }
     let (a, b) = (gpu.variables().unwrap(), cpu.variables().unwrap());
-    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
-        assert!(
-            (x - y).abs() as f64 <= 1e-5 + 1e-4 * f64::from(y.abs()),
-            "{name}: {x} vs {y}"
-        );
+    for (&x, &y) in a.iter().flatten().zip(b.iter().flatten()) {
+        assert!(close(x, y, 1e-4), "{name}: {x} vs {y}");
     }
 }
