@@ -391,11 +391,20 @@ impl GpuArena {
             check_binding(&limits, dtype_bytes(e.len(), variant.params))?;
             check_binding(&limits, dtype_bytes(e.len(), variant.gradients))?;
         }
-        for s in 0..layout.segments().len() {
-            check_workgroups(
-                &limits,
-                layout.chunks().iter().filter(|c| c.segment == s).count(),
-            )?;
+        // each segment's chunks, `first .. first + count` of the chunk table (in segment
+        // order): one workgroup each
+        let segment_chunks: Vec<(usize, usize)> = (0..layout.segments().len())
+            .map(|s| {
+                let first = layout.chunks().partition_point(|c| c.segment < s);
+                let count = layout.chunks()[first..]
+                    .iter()
+                    .take_while(|c| c.segment == s)
+                    .count();
+                (first, count)
+            })
+            .collect();
+        for &(_, count) in &segment_chunks {
+            check_workgroups(&limits, count)?;
         }
 
         let uniform = make_buffer(
@@ -472,11 +481,7 @@ impl GpuArena {
                     &[0xff, 0x7f].repeat(2 * words),
                 );
             }
-            let first_chunk = layout.chunks().partition_point(|c| c.segment < s);
-            let chunk_count = layout.chunks()[first_chunk..]
-                .iter()
-                .take_while(|c| c.segment == s)
-                .count();
+            let (first_chunk, chunk_count) = segment_chunks[s];
             let info = SegmentUniform {
                 first_chunk: first_chunk as u32,
                 chunk_count: chunk_count as u32,
