@@ -3,6 +3,8 @@
 //! [`crate::RmsProp`] only validates input and dispatches.
 
 use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
 
 use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
@@ -125,17 +127,17 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
     fn finalize(&mut self) -> Result<()>;
 
     /// Every variable's part of `role`, in variable order (a GPU reads it back at once).
-    fn read(&self, role: Role) -> Result<Vec<Vec<f32>>>;
+    fn read(&self, role: Role) -> Result<Staged<Vec<Vec<f32>>>>;
 
     /// One variable's part of `role`.
-    fn read_tensor(&self, role: Role, tensor: usize) -> Result<Vec<f32>>;
+    fn read_tensor(&self, role: Role, tensor: usize) -> Result<Staged<Vec<f32>>>;
 
     /// The 16-bit parameter copy of every variable, upcast to f32 (exact), in variable
     /// order; [`Error::NoParamCopy`] without one.
-    fn read_param_copy(&self) -> Result<Vec<Vec<f32>>>;
+    fn read_param_copy(&self) -> Result<Staged<Vec<Vec<f32>>>>;
 
     /// One variable's `slot` as it is stored.
-    fn read_slot_raw(&self, slot: Slot, tensor: usize) -> Result<RawSlot>;
+    fn read_slot_raw(&self, slot: Slot, tensor: usize) -> Result<Staged<RawSlot>>;
 
     /// Replaces one variable's `slot` with `raw` (its format and length checked).
     fn write_slot_raw(&mut self, slot: Slot, tensor: usize, raw: &RawSlot) -> Result<()>;
@@ -177,7 +179,12 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
     fn loss_scaling(&self) -> Option<LossScaling>;
 
     /// Waits for everything submitted; reports a lost device or a GPU error.
+    #[cfg(not(target_arch = "wasm32"))]
     fn synchronize(&self) -> Result<()>;
+
+    /// Like [`Engine::synchronize`], awaiting the device instead of blocking (the one
+    /// way in a browser).
+    fn synchronize_async(&self) -> Pin<Box<dyn Future<Output = Result<()>> + '_>>;
 
     /// The instruction-set level the CPU loops run at; `None` on the GPU.
     fn cpu_level(&self) -> Option<CpuLevel> {
@@ -191,4 +198,66 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
 
     /// The concrete engine, for what only one backend offers (the GPU's buffers).
     fn as_any(&self) -> &dyn Any;
+}
+
+/// The bytes of a readback, one `Vec` per copy, once they arrive.
+pub(crate) type Arriving = Pin<Box<dyn Future<Output = Result<Vec<Vec<u8>>>>>>;
+
+/// Bytes a device delivers later: the GPU driver's readbacks in flight, one `Vec` per
+/// copy, in the order they were asked for.
+pub(crate) trait Arrival {
+    /// Blocks until the bytes are there (native callers; a browser cannot block).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn wait(self: Box<Self>) -> Result<Vec<Vec<u8>>>;
+
+    /// The bytes, once the device has delivered them.
+    fn arrive(self: Box<Self>) -> Arriving;
+}
+
+/// A read whose data may still be on its way from the device: already there on the
+/// CPU path, copied into staging buffers on the GPU path. [`Staged::wait`] blocks for
+/// it (native only), [`Staged::get`] awaits it (everywhere).
+pub(crate) struct Staged<T> {
+    arrival: Option<Box<dyn Arrival>>,
+    finish: Box<dyn FnOnce(Vec<Vec<u8>>) -> Result<T>>,
+}
+
+impl<T: 'static> Staged<T> {
+    /// A value already at hand.
+    pub(crate) fn ready(value: T) -> Self {
+        Staged {
+            arrival: None,
+            finish: Box::new(move |_| Ok(value)),
+        }
+    }
+
+    /// The value `finish` makes of the bytes `arrival` delivers.
+    pub(crate) fn new(
+        arrival: Box<dyn Arrival>,
+        finish: impl FnOnce(Vec<Vec<u8>>) -> Result<T> + 'static,
+    ) -> Self {
+        Staged {
+            arrival: Some(arrival),
+            finish: Box::new(finish),
+        }
+    }
+
+    /// Blocks until the value is there.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn wait(self) -> Result<T> {
+        let bytes = match self.arrival {
+            Some(a) => a.wait()?,
+            None => Vec::new(),
+        };
+        (self.finish)(bytes)
+    }
+
+    /// The value, once the device has delivered it.
+    pub(crate) async fn get(self) -> Result<T> {
+        let bytes = match self.arrival {
+            Some(a) => a.arrive().await?,
+            None => Vec::new(),
+        };
+        (self.finish)(bytes)
+    }
 }

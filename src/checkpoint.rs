@@ -5,7 +5,6 @@
 //! checkpoint. A restore validates everything before it changes anything.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -282,8 +281,12 @@ pub(crate) fn specs_from_json(path: &Path, v: &Value) -> Result<Vec<VariableSpec
         .collect()
 }
 
+/// What errors call a checkpoint given as bytes.
+const BYTES_LABEL: &str = "<checkpoint bytes>";
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced,
 /// then renamed over `path` (removed again if anything fails).
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let file_name = path
         .file_name()
@@ -291,6 +294,7 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .to_string_lossy();
     let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
     let write = || -> std::io::Result<()> {
+        use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
@@ -310,14 +314,37 @@ fn read(path: &Path) -> Result<Parsed> {
 impl RmsProp {
     /// Saves the whole optimizer state to `path` (safetensors; the Keras config JSON,
     /// step counter, variable names and shapes and the weight-decay exclusions in its
-    /// metadata). Atomic: the previous file at `path` survives a crash mid-save.
+    /// metadata). Atomic: the previous file at `path` survives a crash mid-save. Native
+    /// only; in a browser, await [`RmsProp::checkpoint_bytes_async`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
+        let bytes = pollster::block_on(self.checkpoint_bytes(path))?;
+        write_atomically(path, &bytes)
+    }
+
+    /// The checkpoint [`RmsProp::save_checkpoint`] writes, as bytes, awaiting the GPU's
+    /// readbacks instead of blocking (a browser keeps them where it likes: a download,
+    /// IndexedDB); [`RmsProp::restore_checkpoint_bytes`] reads them back.
+    pub async fn checkpoint_bytes_async(&self) -> Result<Vec<u8>> {
+        self.checkpoint_bytes(Path::new(BYTES_LABEL)).await
+    }
+
+    /// Restores a checkpoint from its bytes, as [`RmsProp::restore_checkpoint`] does
+    /// from a file.
+    pub fn restore_checkpoint_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        let label = Path::new(BYTES_LABEL);
+        let p = parse(label, bytes)?;
+        self.restore_parsed(label, p)
+    }
+
+    /// The checkpoint's bytes (`path` names it in errors).
+    async fn checkpoint_bytes(&self, path: &Path) -> Result<Vec<u8>> {
         let config = self.config().to_keras_json()?;
         let specs = specs_to_json(self.specs());
         // (key, dtype, bytes, shape): the variables, then each slot as it is stored
         let mut data: Vec<(String, Dtype, Vec<u8>, Vec<usize>)> = Vec::new();
-        for (i, v) in self.variables()?.iter().enumerate() {
+        for (i, v) in self.variables_async().await?.iter().enumerate() {
             let shape = self.specs()[i].shape.clone();
             data.push((
                 tensor_key(Stored::Variables, i),
@@ -330,7 +357,7 @@ impl RmsProp {
             for i in 0..self.specs().len() {
                 let key = tensor_key(Stored::Slot(slot), i);
                 let shape = self.specs()[i].shape.clone();
-                match self.slot_raw(slot, i)? {
+                match self.slot_raw_async(slot, i).await? {
                     RawSlot::F32(v) => data.push((key, Dtype::F32, le_bytes(&v), shape)),
                     RawSlot::Bf16(bits) => {
                         let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
@@ -387,7 +414,7 @@ impl RmsProp {
             meta.insert("param_copy".to_string(), copy.as_str().to_string());
         }
         // the variables were read back above, so the steps they show have settled
-        self.synchronize()?;
+        self.synchronize_async().await?;
         if let Some(ls) = self.loss_scaling() {
             let v = json!({
                 "scale": f64::from(ls.state.scale),
@@ -401,9 +428,7 @@ impl RmsProp {
             "exclude_from_weight_decay".to_string(),
             Value::from(self.excluded().to_vec()).to_string(),
         );
-        let bytes =
-            safetensors::serialize(views, Some(meta)).map_err(|e| corrupt(path, e.to_string()))?;
-        write_atomically(path, &bytes)
+        safetensors::serialize(views, Some(meta)).map_err(|e| corrupt(path, e.to_string()))
     }
 
     /// Restores a checkpoint saved from an optimizer with the same variables (names and
@@ -413,6 +438,11 @@ impl RmsProp {
     pub fn restore_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let p = read(path)?;
+        self.restore_parsed(path, p)
+    }
+
+    /// Restores a parsed checkpoint (`path` names it in errors).
+    fn restore_parsed(&mut self, path: &Path, p: Parsed) -> Result<()> {
         if p.specs != self.specs() {
             return Err(corrupt(
                 path,

@@ -146,6 +146,10 @@ pub enum Error {
     /// readback, a validation error reported by wgpu.
     #[error("GPU error: {0}")]
     Gpu(String),
+    /// A call would have to block the thread until the GPU answers, which a browser
+    /// forbids (wasm): await [`crate::RmsProp::synchronize_async`] first.
+    #[error("{0}: waiting for them would block the browser's thread; await RmsProp::synchronize_async() first")]
+    WouldBlock(String),
     /// The device lacks a limit the kernels need (see the README's limits table): a
     /// device made with lower limits than the mode or the model needs.
     #[error("the device's `{limit}` is {device}, this optimizer needs {needed}")]

@@ -17,8 +17,13 @@ use std::ops::Range;
 use crate::error::{Error, Result};
 use crate::variable::VariableSpec;
 
-/// Largest model (in elements) this crate accepts: 2^34, i.e. 64 GiB per f32 array.
-pub(crate) const MAX_ELEMENTS: usize = 1 << 34;
+/// Largest model (in elements) this crate accepts: 2^34, i.e. 64 GiB per f32 array
+/// (2^28, 1 GiB, where addresses have 32 bits: wasm32).
+pub(crate) const MAX_ELEMENTS: usize = if usize::BITS >= 64 {
+    (1u64 << 34) as usize
+} else {
+    1 << 28
+};
 
 /// One tensor's place in the arena and its run of chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -175,7 +175,9 @@ impl LossScaleOptimizer {
     }
 
     /// Saves the inner optimizer's state and the loss scale (see
-    /// [`RmsProp::save_checkpoint`]).
+    /// [`RmsProp::save_checkpoint`]; native only: in a browser, await
+    /// [`RmsProp::checkpoint_bytes_async`] on [`LossScaleOptimizer::inner`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn save_checkpoint(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         self.inner.save_checkpoint(path)
     }

@@ -2,7 +2,9 @@
 //! weight-decay exclusions, and hands each step to its backend's [`Engine`], which owns
 //! the variables, the slots and the counters.
 
-use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use ndarray::ArrayViewD;
+#[cfg(not(target_arch = "wasm32"))]
+use ndarray::{ArrayD, IxDyn};
 
 use crate::backend::{Backend, BackendKind, Engine, Gradients, LossScaling, Role};
 use crate::config::RmsPropConfig;
@@ -305,9 +307,18 @@ impl RmsProp {
 
     /// Waits for every step submitted to the GPU (a no-op on the CPU path); reports a
     /// lost device or a GPU error. With the non-finite guard on, the skip count is exact
-    /// afterwards.
+    /// afterwards. Native only: in a browser, await [`RmsProp::synchronize_async`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn synchronize(&self) -> Result<()> {
         self.engine.synchronize()
+    }
+
+    /// [`RmsProp::synchronize`] without blocking the thread: a browser's way (its GPU
+    /// answers through promises). With the non-finite guard or loss scaling on, a
+    /// browser must await it at least once every 64 steps; a step that would have to
+    /// wait is refused with [`Error::WouldBlock`].
+    pub async fn synchronize_async(&self) -> Result<()> {
+        self.engine.synchronize_async().await
     }
 
     /// Checks a step's gradients: one per variable, of the optimizer's gradient dtype,
@@ -430,13 +441,22 @@ impl RmsProp {
         self.specs.get(i).ok_or(Error::NoSuchVariable(i))
     }
 
-    /// Variable `i`'s values, flat (a GPU path reads them back).
+    /// Variable `i`'s values, flat (a GPU path reads them back, waiting for it; in a
+    /// browser, await [`RmsProp::variable_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn variable(&self, i: usize) -> Result<Vec<f32>> {
         self.index(i)?;
-        self.engine.read_tensor(Role::Params, i)
+        self.engine.read_tensor(Role::Params, i)?.wait()
     }
 
-    /// Variable `i` as an `ndarray` array of its shape.
+    /// [`RmsProp::variable`], awaiting the GPU's readback instead of blocking.
+    pub async fn variable_async(&self, i: usize) -> Result<Vec<f32>> {
+        self.index(i)?;
+        self.engine.read_tensor(Role::Params, i)?.get().await
+    }
+
+    /// Variable `i` as an `ndarray` array of its shape (native only).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn variable_array(&self, i: usize) -> Result<ArrayD<f32>> {
         let spec = self.index(i)?;
         let values = self.variable(i)?;
@@ -449,18 +469,35 @@ impl RmsProp {
         })
     }
 
-    /// Every variable's values, flat, in order (one readback on the GPU path).
+    /// Every variable's values, flat, in order (one readback on the GPU path, waited
+    /// for; in a browser, await [`RmsProp::variables_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn variables(&self) -> Result<Vec<Vec<f32>>> {
-        self.engine.read(Role::Params)
+        self.engine.read(Role::Params)?.wait()
+    }
+
+    /// [`RmsProp::variables`], awaiting the GPU's readback instead of blocking.
+    pub async fn variables_async(&self) -> Result<Vec<Vec<f32>>> {
+        self.engine.read(Role::Params)?.get().await
     }
 
     /// A slot of every variable (one `Vec` per variable, in order); `None` when this
-    /// config keeps no such slot.
+    /// config keeps no such slot. Native only; in a browser, await
+    /// [`RmsProp::slot_async`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn slot(&self, slot: Slot) -> Result<Option<Vec<Vec<f32>>>> {
         if !self.engine.variant().keeps(slot) {
             return Ok(None);
         }
-        Ok(Some(self.engine.read(Role::Slot(slot))?))
+        Ok(Some(self.engine.read(Role::Slot(slot))?.wait()?))
+    }
+
+    /// [`RmsProp::slot`], awaiting the GPU's readback instead of blocking.
+    pub async fn slot_async(&self, slot: Slot) -> Result<Option<Vec<Vec<f32>>>> {
+        if !self.engine.variant().keeps(slot) {
+            return Ok(None);
+        }
+        Ok(Some(self.engine.read(Role::Slot(slot))?.get().await?))
     }
 
     /// Replaces `slot` of variable `i` (e.g. to restore a checkpoint).
@@ -481,9 +518,9 @@ impl RmsProp {
     }
 
     /// Variable `i`'s `slot` as it is stored (checkpoints keep it so).
-    pub(crate) fn slot_raw(&self, slot: Slot, i: usize) -> Result<RawSlot> {
+    pub(crate) async fn slot_raw_async(&self, slot: Slot, i: usize) -> Result<RawSlot> {
         self.index(i)?;
-        self.engine.read_slot_raw(slot, i)
+        self.engine.read_slot_raw(slot, i)?.get().await
     }
 
     /// Replaces variable `i`'s `slot` with `raw`, as stored (format and length checked).
@@ -501,8 +538,15 @@ impl RmsProp {
 
     /// The 16-bit parameter copy of every variable (see [`Precision::param_copy`]), its
     /// values upcast to f32 (exactly), in order; [`Error::NoParamCopy`] without one.
+    /// Native only; in a browser, await [`RmsProp::variable_copies_async`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn variable_copies(&self) -> Result<Vec<Vec<f32>>> {
-        self.engine.read_param_copy()
+        self.engine.read_param_copy()?.wait()
+    }
+
+    /// [`RmsProp::variable_copies`], awaiting the GPU's readback instead of blocking.
+    pub async fn variable_copies_async(&self) -> Result<Vec<Vec<f32>>> {
+        self.engine.read_param_copy()?.get().await
     }
 
     /// Replaces variable `i`'s values (slots are left as they are).

@@ -15,9 +15,12 @@ mod isa;
 mod kernels;
 mod slots;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use rayon::prelude::*;
 
-use crate::backend::{BackendKind, Engine, Gradients, LossScaling, Role};
+use crate::backend::{BackendKind, Engine, Gradients, LossScaling, Role, Staged};
 use crate::config::RmsPropConfig;
 use crate::counters::{SkippedSteps, StepCounters};
 use crate::cpu_level::CpuLevel;
@@ -134,7 +137,11 @@ impl CpuEngine {
         match (role, &self.params_16) {
             (Role::Params, Some(p)) => Ok(p.range_to_f32(range)),
             (Role::Params, None) => Ok(self.params[range].to_vec()),
-            (Role::Slot(s), _) => Ok(self.read_slot_raw(s, t)?.decode(s, self.state.block_size())),
+            (Role::Slot(s), _) => {
+                let (place, len) = self.slot_place(s, t)?;
+                let block = self.state.block_size();
+                Ok(self.slots[s as usize].read_raw(place, len, block).decode(s, block))
+            }
         }
     }
 
@@ -388,14 +395,15 @@ impl Engine for CpuEngine {
         Ok(())
     }
 
-    fn read(&self, role: Role) -> Result<Vec<Vec<f32>>> {
-        (0..self.layout.tensors().len())
+    fn read(&self, role: Role) -> Result<Staged<Vec<Vec<f32>>>> {
+        let values = (0..self.layout.tensors().len())
             .map(|t| self.tensor_values(role, t))
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok(Staged::ready(values))
     }
 
-    fn read_tensor(&self, role: Role, tensor: usize) -> Result<Vec<f32>> {
-        self.tensor_values(role, tensor)
+    fn read_tensor(&self, role: Role, tensor: usize) -> Result<Staged<Vec<f32>>> {
+        Ok(Staged::ready(self.tensor_values(role, tensor)?))
     }
 
     fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()> {
@@ -416,16 +424,18 @@ impl Engine for CpuEngine {
         Ok(())
     }
 
-    fn read_param_copy(&self) -> Result<Vec<Vec<f32>>> {
+    fn read_param_copy(&self) -> Result<Staged<Vec<Vec<f32>>>> {
         let copy = self.param_copy.as_ref().ok_or(Error::NoParamCopy)?;
-        Ok(self
-            .layout
-            .split(&copy.range_to_f32(0..self.layout.total())))
+        Ok(Staged::ready(
+            self.layout
+                .split(&copy.range_to_f32(0..self.layout.total())),
+        ))
     }
 
-    fn read_slot_raw(&self, slot: Slot, tensor: usize) -> Result<RawSlot> {
+    fn read_slot_raw(&self, slot: Slot, tensor: usize) -> Result<Staged<RawSlot>> {
         let (place, len) = self.slot_place(slot, tensor)?;
-        Ok(self.slots[slot as usize].read_raw(place, len, self.state.block_size()))
+        let raw = self.slots[slot as usize].read_raw(place, len, self.state.block_size());
+        Ok(Staged::ready(raw))
     }
 
     fn write_slot_raw(&mut self, slot: Slot, tensor: usize, raw: &RawSlot) -> Result<()> {
@@ -475,8 +485,13 @@ impl Engine for CpuEngine {
         self.loss_scaling
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn synchronize_async(&self) -> Pin<Box<dyn Future<Output = Result<()>> + '_>> {
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn cpu_level(&self) -> Option<CpuLevel> {

@@ -24,6 +24,7 @@ use crate::gpu::contract;
 use crate::gpu::limits::{check_binding, check_workgroups};
 use crate::gpu::nonfinite::STEP_STATE_BYTES;
 use crate::gpu::pipelines::Pipelines;
+use crate::gpu::readback::Reads;
 use crate::gpu::shader::{ChunkRow, SegmentUniform, StepUniform, TensorRow, GPU_CHUNK_LEN};
 use crate::layout::Layout;
 use crate::math::ClipFactors;
@@ -801,61 +802,49 @@ impl GpuArena {
         Ok(())
     }
 
-    /// Reads `role` back for the arena range `start .. start + len` as f32 (waits for the
-    /// GPU): 16-bit parameters upcast, bf16 parameters with remainders combined into
-    /// their f32 masters.
-    pub(crate) fn read(
-        &self,
-        ctx: &GpuContext,
-        role: Target,
-        start: usize,
-        len: usize,
-    ) -> Result<Vec<f32>> {
-        let raw = self.read_raw(ctx, role, start, len)?;
+    /// Reads `role` back for the arena range `start .. start + len` as f32: 16-bit
+    /// parameters upcast, bf16 parameters with remainders combined into their f32
+    /// masters.
+    pub(crate) fn read(&self, role: Target, start: usize, len: usize) -> Result<Reads<Vec<f32>>> {
+        let raw = self.read_raw(role, start, len)?;
         if self.element_bytes(role) == F32 {
-            return Ok(bytemuck::pod_collect_to_vec(&raw));
+            return Ok(raw.map(|raw| Ok(bytemuck::pod_collect_to_vec(&raw))));
         }
-        let bits: Vec<u16> = bytemuck::pod_collect_to_vec(&raw);
         if role == Target::Params && self.variant.param_remainders {
-            let rem: Vec<u16> = bytemuck::pod_collect_to_vec(&self.read_raw(
-                ctx,
-                Target::ParamRemainders,
-                start,
-                len,
-            )?);
-            return Ok(bits
-                .iter()
-                .zip(&rem)
-                .map(|(&h, &r)| combine_master(h, r))
-                .collect());
+            let rem = self.read_raw(Target::ParamRemainders, start, len)?;
+            return Ok(raw.and(rem).map(|(raw, rem)| {
+                let bits: Vec<u16> = bytemuck::pod_collect_to_vec(&raw);
+                let rem: Vec<u16> = bytemuck::pod_collect_to_vec(&rem);
+                Ok(bits
+                    .iter()
+                    .zip(&rem)
+                    .map(|(&h, &r)| combine_master(h, r))
+                    .collect())
+            }));
         }
         let dtype = self.variant.params;
-        Ok(bits.iter().map(|&b| dtype.upcast_bits(b)).collect())
+        Ok(raw.map(move |raw| {
+            let bits: Vec<u16> = bytemuck::pod_collect_to_vec(&raw);
+            Ok(bits.iter().map(|&b| dtype.upcast_bits(b)).collect())
+        }))
     }
 
-    /// The bytes of `role` for the arena range `start .. start + len`, one staging buffer
-    /// per segment piece so no buffer exceeds the device's limits.
-    fn read_raw(
-        &self,
-        ctx: &GpuContext,
-        role: Target,
-        start: usize,
-        len: usize,
-    ) -> Result<Vec<u8>> {
-        let element = self.element_bytes(role);
-        let mut out = vec![0u8; len * element as usize];
+    /// The bytes of `role` for the arena range `start .. start + len`, one copy per
+    /// segment piece.
+    fn read_raw(&self, role: Target, start: usize, len: usize) -> Result<Reads<Vec<u8>>> {
+        let element = self.element_bytes(role) as usize;
+        let mut pieces = Vec::new();
         for p in self.pieces(start, len) {
             let (buffer, base) = self.target(role, p.segment)?;
-            let bytes = p.len * element as usize;
-            let view = read_bytes(ctx, buffer, base + p.local as u64 * element, bytes)?;
-            out[p.at * element as usize..][..bytes].copy_from_slice(&view);
+            let offset = base + (p.local * element) as u64;
+            pieces.push(Reads::copy(buffer, offset, p.len * element));
         }
-        Ok(out)
+        Ok(Reads::all(pieces).map(|pieces| Ok(pieces.concat())))
     }
 
-    /// Slot `slot` of tensor `t` as it is stored (waits for the GPU): its pieces'
-    /// values, bits or codes and scales, one after the other.
-    pub(crate) fn read_slot_raw(&self, ctx: &GpuContext, slot: Slot, t: usize) -> Result<RawSlot> {
+    /// Slot `slot` of tensor `t` as it is stored: its pieces' values, bits or codes
+    /// and scales, one after the other.
+    pub(crate) fn read_slot_raw(&self, slot: Slot, t: usize) -> Result<Reads<RawSlot>> {
         let k = self
             .variant
             .slot_index(slot)
@@ -863,7 +852,8 @@ impl GpuArena {
         let block = self.state.block_size();
         let pieces = self.state.pieces(&self.layout, t);
         let dtype = pieces.first().map_or(StateDtype::F32, |p| p.1.dtype);
-        let (mut values, mut bits, mut codes, mut absmax) = (vec![], vec![], vec![], vec![]);
+        // per piece: its values, bits or codes, then (int8) its scales
+        let mut reads = Vec::new();
         for (segment, place, len, _) in pieces {
             let seg = &self.segments[segment];
             let r = &seg.regions;
@@ -871,26 +861,32 @@ impl GpuArena {
             match place.dtype {
                 StateDtype::F32 => {
                     let offset = r.f32_word(k, place.at) as u64 * F32;
-                    let raw = read_bytes(ctx, &seg.state, offset, 4 * len)?;
-                    values.extend(bytemuck::pod_collect_to_vec::<u8, f32>(&raw));
+                    reads.push(Reads::copy(&seg.state, offset, 4 * len));
                 }
                 StateDtype::Bf16 => {
-                    let raw = read_bytes(ctx, &seg.state, words + place.at as u64 * 2, 2 * len)?;
-                    bits.extend(bytemuck::pod_collect_to_vec::<u8, u16>(&raw));
+                    reads.push(Reads::copy(&seg.state, words + place.at as u64 * 2, 2 * len));
                 }
                 StateDtype::Int8 => {
-                    codes.extend(read_bytes(ctx, &seg.state, words + place.at as u64, len)?);
+                    reads.push(Reads::copy(&seg.state, words + place.at as u64, len));
                     let offset = r.absmax_word(k, place.at / block) as u64 * F32;
-                    let raw = read_bytes(ctx, &seg.state, offset, 4 * len.div_ceil(block))?;
-                    absmax.extend(bytemuck::pod_collect_to_vec::<u8, f32>(&raw));
+                    reads.push(Reads::copy(&seg.state, offset, 4 * len.div_ceil(block)));
                 }
             }
         }
-        Ok(match dtype {
-            StateDtype::F32 => RawSlot::F32(values),
-            StateDtype::Bf16 => RawSlot::Bf16(bits),
-            StateDtype::Int8 => RawSlot::Int8 { codes, absmax },
-        })
+        Ok(Reads::all(reads).map(move |parts| {
+            Ok(match dtype {
+                StateDtype::F32 => RawSlot::F32(bytemuck::pod_collect_to_vec(&parts.concat())),
+                StateDtype::Bf16 => RawSlot::Bf16(bytemuck::pod_collect_to_vec(&parts.concat())),
+                StateDtype::Int8 => {
+                    let (mut codes, mut absmax) = (Vec::new(), Vec::new());
+                    for pair in parts.chunks(2) {
+                        codes.extend_from_slice(&pair[0]);
+                        absmax.extend(bytemuck::pod_collect_to_vec::<u8, f32>(&pair[1]));
+                    }
+                    RawSlot::Int8 { codes, absmax }
+                }
+            })
+        }))
     }
 
     /// The format of tensor `t`'s slots.
@@ -953,52 +949,11 @@ impl GpuArena {
     }
 }
 
-/// `len` bytes of `buffer` from byte `offset` (a multiple of 4), through one staging
-/// buffer (waits for the GPU).
-fn read_bytes(ctx: &GpuContext, buffer: &wgpu::Buffer, offset: u64, len: usize) -> Result<Vec<u8>> {
-    // copies are whole words
-    let size = (len as u64).next_multiple_of(4).max(4);
-    {
-        {
-            let staging = make_buffer(
-                ctx,
-                "readback",
-                size,
-                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            )?;
-            let mut encoder = ctx
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("readback"),
-                });
-            encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
-            ctx.queue.submit([encoder.finish()]);
-            let slice = staging.slice(..);
-            let (tx, rx) = std::sync::mpsc::channel();
-            slice.map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r);
-            });
-            ctx.wait()?;
-            // Another thread polling the same device may be the one that fires our
-            // callback, so wait for it (a lost device drops it: disconnected, not a hang).
-            rx.recv_timeout(std::time::Duration::from_secs(120))
-                .map_err(|e| Error::Gpu(format!("readback did not complete: {e}")))?
-                .map_err(|e| Error::Gpu(format!("mapping the readback buffer: {e}")))?;
-            let out = slice
-                .get_mapped_range()
-                .map_err(|e| Error::Gpu(format!("reading the readback buffer: {e}")))?[..len]
-                .to_vec();
-            staging.unmap();
-            Ok(out)
-        }
-    }
-}
-
 impl GpuArena {
-    /// The 16-bit parameter copy of the whole arena, as stored (waits for the GPU).
-    pub(crate) fn read_param_copy(&self, ctx: &GpuContext) -> Result<Vec<u16>> {
-        let raw = self.read_raw(ctx, Target::ParamCopy, 0, self.layout.total())?;
-        Ok(bytemuck::pod_collect_to_vec(&raw))
+    /// The 16-bit parameter copy of the whole arena, as stored.
+    pub(crate) fn read_param_copy(&self) -> Result<Reads<Vec<u16>>> {
+        let raw = self.read_raw(Target::ParamCopy, 0, self.layout.total())?;
+        Ok(raw.map(|raw| Ok(bytemuck::pod_collect_to_vec(&raw))))
     }
 
     /// Copies the EMA slot over the parameters in every segment (one submit).

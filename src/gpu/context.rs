@@ -56,11 +56,21 @@ impl GpuContext {
     /// Metal and DX12 before GL); a software adapter is taken only when
     /// `allow_software` is true. `WGPU_BACKEND` (e.g. `gl`, `vulkan`) limits the
     /// backends searched. An adapter below what the kernels need is refused with
-    /// [`Error::DeviceLimit`].
+    /// [`Error::DeviceLimit`]. Blocks until the device exists (native only; in a
+    /// browser, await [`GpuContext::new_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new(allow_software: bool) -> Result<Self> {
+        pollster::block_on(Self::new_async(allow_software))
+    }
+
+    /// [`GpuContext::new`] without blocking: what a browser needs (it creates devices
+    /// through promises), and native code may await it too. In a browser the adapter is
+    /// the page's WebGPU adapter (`navigator.gpu`); without WebGPU it is
+    /// [`Error::NoAdapter`].
+    pub async fn new_async(allow_software: bool) -> Result<Self> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
         let rank = |a: &wgpu::Adapter| {
             let info = a.get_info();
             let kind = match info.device_type {
@@ -108,7 +118,9 @@ impl GpuContext {
             required_limits,
             ..Default::default()
         };
-        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+        let (device, queue) = adapter
+            .request_device(&desc)
+            .await
             .map_err(|e| Error::Gpu(format!("cannot create a device on {}: {e}", info.name)))?;
         let mut ctx = Self::wrap(device, queue, Some(info))?;
         ctx.instance = Some(instance);
@@ -192,8 +204,14 @@ impl GpuContext {
     /// Number of live wgpu buffers on this context's instance (for leak checks), when the
     /// context created its own instance; `None` for a wrapped device.
     pub fn live_buffers(&self) -> Option<usize> {
-        let report = self.instance.as_ref()?.generate_report()?;
-        Some(report.hub.buffers.num_allocated)
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let report = self.instance.as_ref()?.generate_report()?;
+            Some(report.hub.buffers.num_allocated)
+        }
+        // the browser's WebGPU keeps no such report
+        #[cfg(target_arch = "wasm32")]
+        None
     }
 
     /// True when the adapter runs on the CPU (lavapipe, llvmpipe, WARP).
@@ -221,7 +239,20 @@ impl GpuContext {
     }
 
     /// Runs `make` inside out-of-memory and validation error scopes, so that a buffer
+    /// the device cannot hold comes back as an error. In a browser the scopes answer
+    /// through promises, which cannot be waited for here: errors reach the
+    /// uncaptured-error log instead, and the next readback or check reports them.
+    #[cfg(target_arch = "wasm32")]
+    pub(crate) fn scoped<T>(&self, what: &str, make: impl FnOnce() -> T) -> Result<T> {
+        let value = make();
+        self.take_error()
+            .map_err(|e| Error::Gpu(format!("{what}: {e}")))?;
+        Ok(value)
+    }
+
+    /// Runs `make` inside out-of-memory and validation error scopes, so that a buffer
     /// the device cannot hold comes back as an error.
+    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn scoped<T>(&self, what: &str, make: impl FnOnce() -> T) -> Result<T> {
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -234,7 +265,9 @@ impl GpuContext {
         Ok(value)
     }
 
-    /// Waits for submitted work; a lost device or timeout becomes an error.
+    /// Waits for submitted work; a lost device or timeout becomes an error (native
+    /// only: a browser's device runs on its own, and its readbacks are awaited).
+    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())

@@ -3,11 +3,13 @@
 //! inside a step. With the non-finite guard, the step also copies 32 bytes of counters
 //! into a staging buffer that is mapped in the background.
 
+use std::future::Future;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{BackendKind, Engine, Gradients, LossScaling, Role};
+use crate::backend::{BackendKind, Engine, Gradients, LossScaling, Role, Staged};
 use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
 use crate::dtype::Dtype;
@@ -17,6 +19,7 @@ use crate::gpu::binding::{TensorView, UserBuffers};
 use crate::gpu::context::{software_allowed_by_env, GpuContext};
 use crate::gpu::nonfinite::GpuCounters;
 use crate::gpu::pipelines::{pipelines_for, Pipelines};
+use crate::gpu::readback::Reads;
 use crate::gpu::shader::{StepUniform, FLAG_DECAY, FLAG_HAS_GRADIENT, PLAN_WINDOW};
 use crate::math::{ClipFactors, StepScalars};
 use crate::plan::plan_step;
@@ -93,7 +96,15 @@ impl GpuEngine {
         };
         let ctx = match &options.context {
             Some(c) => c.clone(),
+            #[cfg(not(target_arch = "wasm32"))]
             None => GpuContext::new(required || allow_software())?,
+            // a browser creates devices through promises: the caller awaits one
+            #[cfg(target_arch = "wasm32")]
+            None => {
+                return Err(Error::NoAdapter(
+                    "in a browser, create the device with GpuContext::new_async and pass it as GpuOptions::context".into(),
+                ))
+            }
         };
         if !required && ctx.is_software() && !allow_software() {
             return Err(Error::NoAdapter(format!(
@@ -487,24 +498,31 @@ impl Engine for GpuEngine {
         Ok(())
     }
 
-    fn read(&self, role: Role) -> Result<Vec<Vec<f32>>> {
+    fn read(&self, role: Role) -> Result<Staged<Vec<Vec<f32>>>> {
         let layout = &self.arena.layout;
-        if let (Role::Slot(_), false) = (role, self.variant.state == StateDtype::F32) {
-            return (0..layout.tensors().len())
-                .map(|t| self.read_tensor(role, t))
-                .collect();
-        }
-        let flat = self.arena.read(&self.ctx, role.into(), 0, layout.total())?;
-        Ok(layout.split(&flat))
+        let reads = if let (Role::Slot(slot), false) = (role, self.variant.state == StateDtype::F32) {
+            let block = self.arena.state.block_size();
+            let tensors = (0..layout.tensors().len())
+                .map(|t| Ok(self.arena.read_slot_raw(slot, t)?.map(move |raw| Ok(raw.decode(slot, block)))))
+                .collect::<Result<Vec<_>>>()?;
+            Reads::all(tensors)
+        } else {
+            let layout = layout.clone();
+            self.arena
+                .read(role.into(), 0, layout.total())?
+                .map(move |flat| Ok(layout.split(&flat)))
+        };
+        reads.start(&self.ctx)
     }
 
-    fn read_tensor(&self, role: Role, tensor: usize) -> Result<Vec<f32>> {
+    fn read_tensor(&self, role: Role, tensor: usize) -> Result<Staged<Vec<f32>>> {
         let t = self.arena.layout.tensor(tensor)?;
         if let (Role::Slot(slot), false) = (role, self.variant.state == StateDtype::F32) {
-            let raw = self.arena.read_slot_raw(&self.ctx, slot, tensor)?;
-            return Ok(raw.decode(slot, self.arena.state.block_size()));
+            let block = self.arena.state.block_size();
+            let raw = self.arena.read_slot_raw(slot, tensor)?;
+            return raw.map(move |raw| Ok(raw.decode(slot, block))).start(&self.ctx);
         }
-        self.arena.read(&self.ctx, role.into(), t.offset, t.len)
+        self.arena.read(role.into(), t.offset, t.len)?.start(&self.ctx)
     }
 
     fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()> {
@@ -523,16 +541,20 @@ impl Engine for GpuEngine {
         Ok(())
     }
 
-    fn read_param_copy(&self) -> Result<Vec<Vec<f32>>> {
+    fn read_param_copy(&self) -> Result<Staged<Vec<Vec<f32>>>> {
         let dtype = self.variant.param_copy.ok_or(Error::NoParamCopy)?;
         self.refresh_param_copy()?;
-        let bits = self.arena.read_param_copy(&self.ctx)?;
-        let values: Vec<f32> = bits.iter().map(|&b| dtype.upcast_bits(b)).collect();
-        Ok(self.arena.layout.split(&values))
+        let layout = self.arena.layout.clone();
+        let bits = self.arena.read_param_copy()?;
+        bits.map(move |bits| {
+            let values: Vec<f32> = bits.iter().map(|&b| dtype.upcast_bits(b)).collect();
+            Ok(layout.split(&values))
+        })
+        .start(&self.ctx)
     }
 
-    fn read_slot_raw(&self, slot: Slot, tensor: usize) -> Result<RawSlot> {
-        self.arena.read_slot_raw(&self.ctx, slot, tensor)
+    fn read_slot_raw(&self, slot: Slot, tensor: usize) -> Result<Staged<RawSlot>> {
+        self.arena.read_slot_raw(slot, tensor)?.start(&self.ctx)
     }
 
     fn write_slot_raw(&mut self, slot: Slot, tensor: usize, raw: &RawSlot) -> Result<()> {
@@ -601,9 +623,30 @@ impl Engine for GpuEngine {
         c.loss_scaling()
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     fn synchronize(&self) -> Result<()> {
         self.ctx.wait()?;
         self.counters()?.settle_all(&self.ctx)
+    }
+
+    fn synchronize_async(&self) -> Pin<Box<dyn Future<Output = Result<()>> + '_>> {
+        Box::pin(async move {
+            // a readback of the step state is a fence: it arrives after every step
+            // submitted before it, and their counter readbacks arrive before it
+            for _ in 0..3 {
+                Reads::copy(&self.arena.control, 0, 4)
+                    .start(&self.ctx)?
+                    .get()
+                    .await?;
+                if self.counters()?.settle_arrived(&self.ctx)? {
+                    return Ok(());
+                }
+            }
+            Err(Error::Gpu(
+                "non-finite guard: counter readbacks did not arrive after the device went idle"
+                    .into(),
+            ))
+        })
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

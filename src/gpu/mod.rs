@@ -10,6 +10,7 @@
 //! - `binding`: tensor views for user bind groups, and user-supplied buffers;
 //! - `arena`: parameters, gradients and slots in GPU buffers with offset and chunk tables;
 //! - `nonfinite`: the step counters, decided on the device under the non-finite guard;
+//! - `readback`: buffers read back in one submission, waited for or awaited;
 //! - `engine`: one step = one uniform write + one submit.
 
 mod arena;
@@ -22,6 +23,7 @@ mod engine;
 mod limits;
 mod nonfinite;
 mod pipelines;
+mod readback;
 mod shader;
 #[cfg(test)]
 mod tint;

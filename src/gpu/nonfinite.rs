@@ -16,8 +16,8 @@
 //! are not caught: they are applied with Keras' result.
 
 use std::collections::VecDeque;
-use std::sync::mpsc;
-use std::time::Duration;
+
+use futures_channel::oneshot;
 
 use crate::backend::LossScaling;
 use crate::counters::{SkippedSteps, StepCounters};
@@ -33,7 +33,7 @@ pub(crate) const STEP_STATE_BYTES: u64 = std::mem::size_of::<StepState>() as u64
 struct Readback {
     buffer: wgpu::Buffer,
     submission: u64,
-    mapped: mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+    mapped: oneshot::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
 }
 
 /// The readbacks of device-decided steps (the guard is on).
@@ -183,7 +183,7 @@ impl GpuCounters {
             return;
         };
         let submission = self.counters.submit();
-        let (tx, mapped) = mpsc::channel();
+        let (tx, mapped) = oneshot::channel();
         buffer.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
@@ -208,7 +208,9 @@ impl GpuCounters {
         self.check()
     }
 
-    /// Reads the readbacks that have arrived, in order; with `wait`, waits for all.
+    /// Reads the readbacks that have arrived, in order; with `wait`, waits for all
+    /// (natively; a browser cannot block, so there the readbacks still in flight are
+    /// [`Error::WouldBlock`] and [`GpuCounters::settle_arrived`] is what to await on).
     fn harvest(&mut self, ctx: &GpuContext, wait: bool) -> Result<()> {
         if self.guard.as_ref().is_none_or(|g| g.in_flight.is_empty()) {
             return self.check();
@@ -218,26 +220,23 @@ impl GpuCounters {
         } else {
             ctx.device.poll(wgpu::PollType::Poll)
         };
+        let must_wait = wait;
         // a device that cannot be polled will not fire the callbacks: do not wait on them
-        let wait = wait && polled.is_ok();
+        let wait = wait && polled.is_ok() && cfg!(not(target_arch = "wasm32"));
         if let Err(e) = polled {
             self.fail(format!("non-finite guard: waiting for the device: {e}"))
                 .ok();
         }
         while let Some(g) = self.guard.as_mut() {
-            let Some(front) = g.in_flight.front() else {
+            let Some(front) = g.in_flight.front_mut() else {
                 break;
             };
             let arrived = if wait {
-                // another thread polling the device may be the one firing the callback
-                front
-                    .mapped
-                    .recv_timeout(Duration::from_secs(120))
-                    .map_err(|e| e.to_string())
+                block_on_map(&mut front.mapped)
             } else {
                 match front.mapped.try_recv() {
-                    Ok(r) => Ok(r),
-                    Err(mpsc::TryRecvError::Empty) => break,
+                    Ok(Some(r)) => Ok(r),
+                    Ok(None) => break,
                     Err(e) => Err(e.to_string()),
                 }
             };
@@ -250,7 +249,21 @@ impl GpuCounters {
                 Err(e) => self.fail(format!("non-finite guard: readback lost: {e}"))?,
             }
         }
-        self.check()
+        self.check()?;
+        let left = self.guard.as_ref().map_or(0, |g| g.in_flight.len());
+        if must_wait && left > 0 {
+            return Err(Error::WouldBlock(format!(
+                "{left} device-decided steps are in flight (the non-finite guard or loss scaling)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads the readbacks that have arrived (never waits); true when none is left in
+    /// flight, so that the counters are exact.
+    pub(crate) fn settle_arrived(&mut self, ctx: &GpuContext) -> Result<bool> {
+        self.harvest(ctx, false)?;
+        Ok(self.guard.as_ref().is_none_or(|g| g.in_flight.is_empty()))
     }
 
     fn read(&mut self, readback: Readback) -> Result<()> {
@@ -328,4 +341,21 @@ fn write_state(
     );
     let words = StepState::new(counters.raw(), counters.skipped(), scale);
     ctx.queue.write_buffer(state, 0, bytemuck::bytes_of(&words));
+}
+
+/// Blocks until a mapping callback has fired (another thread polling the device may be
+/// the one firing it); a dropped callback (a lost device) is an error, not a hang.
+#[cfg(not(target_arch = "wasm32"))]
+fn block_on_map(
+    rx: &mut oneshot::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+) -> std::result::Result<std::result::Result<(), wgpu::BufferAsyncError>, String> {
+    pollster::block_on(rx).map_err(|e| e.to_string())
+}
+
+/// A browser never blocks (`harvest` does not ask it to).
+#[cfg(target_arch = "wasm32")]
+fn block_on_map(
+    _rx: &mut oneshot::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+) -> std::result::Result<std::result::Result<(), wgpu::BufferAsyncError>, String> {
+    Err("a browser cannot wait for a readback".into())
 }
