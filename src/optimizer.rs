@@ -252,7 +252,9 @@ impl RmsProp {
     /// `gradient_accumulation_steps`, floored).
     ///
     /// With the non-finite guard on a GPU, the device keeps the counter: this waits for
-    /// the steps in flight (use [`skipped_steps`](RmsProp::skipped_steps) in a hot loop).
+    /// the steps in flight (use [`skipped_steps`](RmsProp::skipped_steps) in a hot loop);
+    /// in a browser, which cannot wait, it is the count as last read back: exact after
+    /// [`RmsProp::synchronize_async`].
     pub fn iterations(&self) -> u64 {
         iterations(&self.config, self.raw_iterations())
     }

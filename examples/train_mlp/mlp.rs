@@ -5,6 +5,7 @@
 //! passes in host code with ndarray).
 #![allow(dead_code)]
 
+#[cfg(not(target_arch = "wasm32"))]
 use std::time::Instant;
 
 use fused_rmsprop::half::bf16;
@@ -120,6 +121,7 @@ pub fn config() -> RmsPropConfig {
 }
 
 /// Trains with `options`, calling `progress(step, loss)` at every loss readback.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn train(
     options: &TrainOptions,
     mut progress: impl FnMut(usize, f64),
@@ -149,7 +151,13 @@ pub fn train(
     let (adapter, dispatches) = match opt.backend() {
         BackendKind::Cpu => {
             for step in 0..steps {
-                let loss = cpu_step(&mut opt, &x, &y, step * options.batch, options.batch)?;
+                // mixed precision: the forward pass reads the bf16 copy
+                let vars = if opt.precision().param_copy.is_some() {
+                    opt.variable_copies()?
+                } else {
+                    opt.variables()?
+                };
+                let loss = cpu_step(&mut opt, &vars, &x, &y, step * options.batch, options.batch)?;
                 if report_at(step) {
                     losses.push((step, loss));
                     progress(step, loss);
@@ -197,21 +205,18 @@ fn batch_rows(data: &Array2<f32>, start: usize, batch: usize) -> Array2<f32> {
     data.select(Axis(0), &rows)
 }
 
-/// One step in host code: forward, loss, backward, `apply_gradients`. Returns the loss.
-fn cpu_step(
+/// One step in host code from the variables `vars` as the forward pass reads them
+/// (the bf16 copy in mixed precision): forward, loss, backward, `apply_gradients`.
+/// Returns the loss.
+pub fn cpu_step(
     opt: &mut RmsProp,
+    vars: &[Vec<f32>],
     x: &Array2<f32>,
     y: &Array2<f32>,
     start: usize,
     batch: usize,
 ) -> Result<f64, Box<dyn std::error::Error>> {
-    // mixed precision: the forward pass reads the bf16 copy
     let half = opt.precision().param_copy.is_some();
-    let vars = if half {
-        opt.variable_copies()?
-    } else {
-        opt.variables()?
-    };
     let layers = WIDTHS.len() - 1;
     let kernel = |l: usize| -> ArrayView2<'_, f32> {
         ArrayView2::from_shape((WIDTHS[l], WIDTHS[l + 1]), &vars[2 * l]).unwrap()
@@ -256,7 +261,7 @@ fn cpu_step(
 }
 
 /// The GPU side: buffers, pipelines and bind groups built once; a step is one encoder.
-mod gpu {
+pub mod gpu {
     use super::*;
     use fused_rmsprop::gpu::TensorView;
 
@@ -530,8 +535,19 @@ mod gpu {
 
         /// One training step in one submission: the batch at row `start`, forward,
         /// backward into the optimizer's gradient views, the optimizer's step. With
-        /// `read_loss`, copies the loss out and waits for it.
+        /// `read_loss`, copies the loss out and waits for it (native).
+        #[cfg(not(target_arch = "wasm32"))]
         pub fn step(
+            &mut self,
+            opt: &mut RmsProp,
+            start: usize,
+            read_loss: bool,
+        ) -> Result<Option<f64>, Box<dyn std::error::Error>> {
+            pollster::block_on(self.step_async(opt, start, read_loss))
+        }
+
+        /// [`GpuModel::step`], awaiting the loss instead of blocking (a browser's way).
+        pub async fn step_async(
             &mut self,
             opt: &mut RmsProp,
             start: usize,
@@ -560,12 +576,14 @@ mod gpu {
                 return Ok(None);
             }
             let slice = self.staging.slice(..);
-            let (tx, rx) = std::sync::mpsc::channel();
+            let (tx, rx) = futures_channel::oneshot::channel();
             slice.map_async(wgpu::MapMode::Read, move |r| {
                 let _ = tx.send(r);
             });
+            // a native device delivers when polled; a browser's on its own
+            #[cfg(not(target_arch = "wasm32"))]
             self.device.poll(wgpu::PollType::wait_indefinitely())?;
-            rx.recv()??;
+            rx.await??;
             let loss = {
                 let bytes = slice.get_mapped_range()?;
                 bytemuck::cast_slice::<u8, f32>(&bytes)[0]

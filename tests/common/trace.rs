@@ -123,8 +123,8 @@ fn shape(v: &Value, what: &str) -> Result<Vec<usize>, TraceError> {
         .iter()
         .map(|x| {
             x.as_u64()
-                .and_then(|n| usize::try_from(n).ok())
                 .filter(|&n| n <= 1 << 40)
+                .and_then(|n| usize::try_from(n).ok())
                 .ok_or_else(|| bad(format!("{what} holds a bad size: {x}")))
         })
         .collect()
@@ -311,6 +311,7 @@ impl Trace {
     }
 
     /// Replays the trace on `backend`; returns what ran and the outcome.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn replay(
         &self,
         backend: Backend,
@@ -338,6 +339,7 @@ impl Trace {
 
     /// Replays the trace with its gradients rounded to `dtype` (nearest, ties to even)
     /// and fed in it.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn replay_in(
         &self,
         backend: Backend,
@@ -349,7 +351,21 @@ impl Trace {
 
     /// Replays the trace with the element types of `precision`: gradients rounded to
     /// its gradient dtype and fed in it; the parameter copy, if any, in the outcome.
+    /// Blocks on the GPU's readbacks (native).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn replay_with(
+        &self,
+        backend: Backend,
+        gpu: &GpuOptions,
+        precision: Precision,
+    ) -> fused_rmsprop::Result<(BackendKind, Outcome)> {
+        pollster::block_on(self.replay_async(backend, gpu, precision))
+    }
+
+    /// [`Trace::replay_with`] awaiting the GPU instead of blocking (what a browser
+    /// runs): with steps the device decides (loss scaling), it awaits them after each
+    /// step, so that no step has to wait.
+    pub async fn replay_async(
         &self,
         backend: Backend,
         gpu: &GpuOptions,
@@ -386,11 +402,14 @@ impl Trace {
                 Dtype::F16 => feed(&mut opt, step, f16::from_f32)?,
                 Dtype::F32 => feed(&mut opt, step, |x| x)?,
             }
+            if let Stepper::Scaled(o) = &opt {
+                o.inner().synchronize_async().await?;
+            }
         }
         let (inner, loss_scale) = match &mut opt {
             Stepper::Plain(o) => (o, None),
             Stepper::Scaled(o) => {
-                o.inner().synchronize()?;
+                o.inner().synchronize_async().await?;
                 let scale = o.loss_scale();
                 (o.inner_mut(), Some(scale))
             }
@@ -401,11 +420,11 @@ impl Trace {
         Ok((
             inner.backend(),
             Outcome {
-                variables: inner.variables()?,
+                variables: inner.variables_async().await?,
                 iterations: inner.iterations(),
                 loss_scale,
                 param_copy: match precision.param_copy {
-                    Some(_) => Some(inner.variable_copies()?),
+                    Some(_) => Some(inner.variable_copies_async().await?),
                     None => None,
                 },
             },
