@@ -3,7 +3,7 @@
 // `?autostart` starts training at once and sets `window.__done` when it ends (the
 // README's screenshot is taken so, by `node web/run.mjs screenshot`).
 import init, { init_gpu, gpu_limits, Trainer, replay_trace } from './pkg/fused_rmsprop_web.js';
-import { drawLoss } from './plot.js';
+import { drawLoss, describeAdapter } from './common.js';
 
 const $ = (id) => document.getElementById(id);
 const form = $('options');
@@ -41,7 +41,7 @@ async function train() {
     showError(e);
     return;
   }
-  $('adapter').textContent = trainer.adapter();
+  $('adapter').textContent = trainer.backend() === 'gpu' ? gpuName : trainer.adapter();
   $('backend').textContent = trainer.backend();
   $('state').textContent = `${o.state}, ${(trainer.state_bytes() / 1024).toFixed(0)} KiB of slots`;
   running = true;
@@ -94,7 +94,7 @@ async function main() {
   await init();
   drawLoss($('plot'), []);
   try {
-    gpuName = await init_gpu();
+    gpuName = await describeAdapter(await init_gpu());
     $('adapter').textContent = `${gpuName} (${gpu_limits()})`;
   } catch (e) {
     $('note').hidden = false;

@@ -25,7 +25,7 @@ if ! wasm-bindgen --version 2>/dev/null | grep -qx "wasm-bindgen $version"; then
   cargo install wasm-bindgen-cli --version "$version"
 fi
 
-cargo build -p fused-rmsprop-web --target wasm32-unknown-unknown --profile dist
+cargo build -p fused-rmsprop-web --target wasm32-unknown-unknown --profile wasm
 wasm-bindgen --target web --no-typescript --out-dir web/pkg \
-  target/wasm32-unknown-unknown/dist/fused_rmsprop_web.wasm
+  target/wasm32-unknown-unknown/wasm/fused_rmsprop_web.wasm
 echo "web/pkg: $(du -h web/pkg/fused_rmsprop_web_bg.wasm | cut -f1) of wasm"

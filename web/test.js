@@ -1,8 +1,8 @@
 // The browser test run (web/run.mjs loads this page in headless Chromium and reads
 // `window.__result`): traces, bad input, the MLP. Every check records a failure
 // instead of stopping, so one run reports everything.
-import init, { init_gpu, replay_trace, refuse_low_limits, Trainer } from './pkg/fused_rmsprop_web.js';
-import { drawLoss } from './plot.js';
+import init, { init_gpu, replay_trace, wrap_new_device, Trainer } from './pkg/fused_rmsprop_web.js';
+import { drawLoss, describeAdapter } from './common.js';
 
 const MLP_STEPS = 150;
 const log = document.getElementById('log');
@@ -31,23 +31,36 @@ async function run() {
   if (!gpu || !navigator.gpu) fail('this browser has no navigator.gpu');
 
   try {
-    result.adapter = await init_gpu();
+    result.adapter = await describeAdapter(await init_gpu());
     say(`adapter: ${result.adapter}`);
   } catch (e) {
     fail(`init_gpu: ${message(e)}`);
   }
 
-  // a device below the kernels' limits
+  // a device below the kernels' limits: WebGPU raises any limit a page asks for to its
+  // default (8 storage buffers per stage, above the 4 the kernels need), so the device
+  // is made to report 3, as a lesser implementation would
   if (result.adapter) {
+    const real = Object.getOwnPropertyDescriptor(GPUDevice.prototype, 'limits');
+    Object.defineProperty(GPUDevice.prototype, 'limits', {
+      configurable: true,
+      get() {
+        const limits = real.get.call(this);
+        return new Proxy(limits, { get: (t, k) => (k === 'maxStorageBuffersPerShaderStage' ? 3 : t[k]) });
+      },
+    });
     try {
-      result.errors.device_limit = await refuse_low_limits();
-      if (!/max_storage_buffers_per_shader_stage/.test(result.errors.device_limit)) {
-        fail(`low limits refused without naming the limit: ${result.errors.device_limit}`);
-      } else {
-        say(`3 storage buffers: ${result.errors.device_limit}`);
-      }
+      const accepted = await wrap_new_device();
+      fail(`a device reporting 3 storage buffers per stage was accepted (${accepted})`);
     } catch (e) {
-      fail(`low limits: ${message(e)}`);
+      result.errors.device_limit = message(e);
+      if (trapped(e) || !/max_storage_buffers_per_shader_stage/.test(message(e))) {
+        fail(`a device reporting 3 storage buffers: ${message(e)}`);
+      } else {
+        say(`a device reporting 3 storage buffers: ${message(e)}`);
+      }
+    } finally {
+      Object.defineProperty(GPUDevice.prototype, 'limits', real);
     }
   }
 
@@ -91,7 +104,7 @@ async function run() {
       }
       const seconds = (performance.now() - started) / 1000;
       const [first, last] = [points[0][1], points[points.length - 1][1]];
-      result.mlp[backend] = { steps, first, last, fell: first / last, steps_per_second: (steps - 1) / seconds, adapter: trainer.adapter() };
+      result.mlp[backend] = { steps, first, last, fell: first / last, steps_per_second: (steps - 1) / seconds, adapter: backend === 'gpu' ? result.adapter : trainer.adapter() };
       trainer.free();
       if (backend === 'gpu') drawLoss(document.getElementById('plot'), points);
       say(`MLP on ${backend}: loss ${first.toExponential(3)} -> ${last.toExponential(3)} (${(first / last).toFixed(1)}x) in ${steps} steps, ${((steps - 1) / seconds).toFixed(1)} steps/s`);

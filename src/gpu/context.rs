@@ -49,6 +49,15 @@ fn is_software(info: &wgpu::AdapterInfo) -> bool {
     info.device_type == wgpu::DeviceType::Cpu
 }
 
+/// Why no adapter was found, where the crate runs.
+#[cfg(not(target_arch = "wasm32"))]
+const NO_ADAPTER: &str =
+    "wgpu found no adapter (on Linux, install a Vulkan driver, e.g. mesa-vulkan-drivers)";
+/// Why no adapter was found, where the crate runs.
+#[cfg(target_arch = "wasm32")]
+const NO_ADAPTER: &str =
+    "this browser offers no WebGPU adapter (navigator.gpu is missing, or gave none)";
+
 impl GpuContext {
     /// Finds an adapter and creates a device with WebGPU's default limits (what a
     /// browser gives), the storage-binding and buffer sizes raised to the adapter's
@@ -100,7 +109,7 @@ impl GpuContext {
         usable.sort_by_key(|a| rank(a));
         let Some(adapter) = usable.into_iter().next() else {
             let why = if found.is_empty() {
-                "wgpu found no adapter (on Linux, install a Vulkan driver, e.g. mesa-vulkan-drivers)".to_string()
+                NO_ADAPTER.to_string()
             } else {
                 format!(
                     "only software adapters found ({}); allow them with {ALLOW_SOFTWARE_ENV}=1 or GpuOptions::allow_software",

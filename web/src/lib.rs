@@ -115,33 +115,24 @@ fn options_for(backend: &str) -> Result<(Backend, GpuOptions), JsError> {
     }
 }
 
-/// Asks the browser for a device with 3 storage buffers per stage (below the kernels'
-/// 4) and hands it to the crate; returns the crate's refusal ([`fused_rmsprop::Error::DeviceLimit`]'s
-/// text), and throws if the crate accepted it.
+/// Requests a device with WebGPU's default limits and hands it to the crate
+/// ([`GpuContext::from_device`], which checks its limits); returns the adapter's name,
+/// or throws the crate's refusal ([`fused_rmsprop::Error::DeviceLimit`] names the limit
+/// and both numbers).
 #[wasm_bindgen]
-pub async fn refuse_low_limits() -> Result<String, JsError> {
+pub async fn wrap_new_device() -> Result<String, JsError> {
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapter = instance
         .request_adapter(&wgpu::RequestAdapterOptions::default())
         .await
         .map_err(js)?;
-    let limits = wgpu::Limits {
-        max_storage_buffers_per_shader_stage: 3,
-        ..wgpu::Limits::downlevel_defaults()
-    };
     let (device, queue) = adapter
-        .request_device(&wgpu::DeviceDescriptor {
-            required_limits: limits,
-            ..Default::default()
-        })
+        .request_device(&wgpu::DeviceDescriptor::default())
         .await
         .map_err(js)?;
-    match GpuContext::from_device(device, queue) {
-        Err(e @ fused_rmsprop::Error::DeviceLimit { .. }) => Ok(e.to_string()),
-        Err(other) => Err(js(format!("refused, but not as a device limit: {other}"))),
-        Ok(_) => Err(js("a device with 3 storage buffers per stage was accepted")),
-    }
+    let ctx = GpuContext::from_device(device, queue).map_err(js)?;
+    Ok(ctx.adapter_name())
 }
 
 /// What the page's option controls choose (JSON).

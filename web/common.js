@@ -1,3 +1,5 @@
+// What the pages share: the loss plot, the adapter's description.
+
 // The loss curve, drawn on a canvas with a log-scale y axis.
 export function drawLoss(canvas, points) {
   const ctx = canvas.getContext('2d');
@@ -34,4 +36,12 @@ export function drawLoss(canvas, points) {
   finite.forEach(([s, l], i) => (i ? ctx.lineTo(x(s), y(l)) : ctx.moveTo(x(s), y(l))));
   ctx.stroke();
   ctx.lineWidth = 1;
+}
+
+// The adapter as the browser describes it (wgpu's name for a browser adapter is the
+// often empty `info.description`): vendor, architecture and description.
+export async function describeAdapter(fallback) {
+  const info = (await navigator.gpu?.requestAdapter())?.info;
+  const parts = info ? [info.vendor, info.architecture, info.description].filter(Boolean) : [];
+  return parts.length ? `${parts.join(' ')} (WebGPU)` : fallback;
 }
