@@ -140,7 +140,9 @@ impl CpuEngine {
             (Role::Slot(s), _) => {
                 let (place, len) = self.slot_place(s, t)?;
                 let block = self.state.block_size();
-                Ok(self.slots[s as usize].read_raw(place, len, block).decode(s, block))
+                Ok(self.slots[s as usize]
+                    .read_raw(place, len, block)
+                    .decode(s, block))
             }
         }
     }

@@ -864,7 +864,11 @@ impl GpuArena {
                     reads.push(Reads::copy(&seg.state, offset, 4 * len));
                 }
                 StateDtype::Bf16 => {
-                    reads.push(Reads::copy(&seg.state, words + place.at as u64 * 2, 2 * len));
+                    reads.push(Reads::copy(
+                        &seg.state,
+                        words + place.at as u64 * 2,
+                        2 * len,
+                    ));
                 }
                 StateDtype::Int8 => {
                     reads.push(Reads::copy(&seg.state, words + place.at as u64, len));

@@ -500,10 +500,16 @@ impl Engine for GpuEngine {
 
     fn read(&self, role: Role) -> Result<Staged<Vec<Vec<f32>>>> {
         let layout = &self.arena.layout;
-        let reads = if let (Role::Slot(slot), false) = (role, self.variant.state == StateDtype::F32) {
+        let reads = if let (Role::Slot(slot), false) = (role, self.variant.state == StateDtype::F32)
+        {
             let block = self.arena.state.block_size();
             let tensors = (0..layout.tensors().len())
-                .map(|t| Ok(self.arena.read_slot_raw(slot, t)?.map(move |raw| Ok(raw.decode(slot, block)))))
+                .map(|t| {
+                    Ok(self
+                        .arena
+                        .read_slot_raw(slot, t)?
+                        .map(move |raw| Ok(raw.decode(slot, block))))
+                })
                 .collect::<Result<Vec<_>>>()?;
             Reads::all(tensors)
         } else {
@@ -520,9 +526,13 @@ impl Engine for GpuEngine {
         if let (Role::Slot(slot), false) = (role, self.variant.state == StateDtype::F32) {
             let block = self.arena.state.block_size();
             let raw = self.arena.read_slot_raw(slot, tensor)?;
-            return raw.map(move |raw| Ok(raw.decode(slot, block))).start(&self.ctx);
+            return raw
+                .map(move |raw| Ok(raw.decode(slot, block)))
+                .start(&self.ctx);
         }
-        self.arena.read(role.into(), t.offset, t.len)?.start(&self.ctx)
+        self.arena
+            .read(role.into(), t.offset, t.len)?
+            .start(&self.ctx)
     }
 
     fn write_tensor(&mut self, role: Role, tensor: usize, values: &[f32]) -> Result<()> {

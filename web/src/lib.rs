@@ -12,8 +12,8 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use fused_rmsprop::{
-    Backend, BackendKind, GpuContext, GpuOptions, Precision, RmsProp, RmsPropConfig,
-    StateDtype, StateStorage, Variable,
+    Backend, BackendKind, GpuContext, GpuOptions, Precision, RmsProp, RmsPropConfig, StateDtype,
+    StateStorage, Variable,
 };
 use ndarray::Array2;
 use serde_json::{json, Value};
@@ -246,9 +246,10 @@ impl Trainer {
             BackendKind::Gpu => Some(mlp::gpu::GpuModel::new(&opt, &x, &y, o.batch).map_err(js)?),
             BackendKind::Cpu => None,
         };
-        let adapter = opt
-            .gpu()
-            .map_or_else(|| "CPU (wasm, one thread)".to_string(), |g| g.adapter_name());
+        let adapter = opt.gpu().map_or_else(
+            || "CPU (wasm, one thread)".to_string(),
+            |g| g.adapter_name(),
+        );
         Ok(Trainer {
             backend: opt.backend(),
             state_bytes: opt.state_bytes(),
@@ -281,7 +282,10 @@ impl Trainer {
 
     /// Trainable parameters.
     pub fn params(&self) -> usize {
-        mlp::initial_variables(0).iter().map(|v| v.values.len()).sum()
+        mlp::initial_variables(0)
+            .iter()
+            .map(|v| v.values.len())
+            .sum()
     }
 
     /// Runs `steps` training steps; resolves to the last step's loss (one readback).
@@ -328,7 +332,9 @@ impl OptimizerBench {
         }
         let config = RmsPropConfig::default().with_learning_rate(1e-3);
         let opt = RmsProp::with_options(config, vars, backend, &options).map_err(js)?;
-        let engine = opt.gpu().ok_or_else(|| js("the optimizer is not on the GPU"))?;
+        let engine = opt
+            .gpu()
+            .ok_or_else(|| js("the optimizer is not on the GPU"))?;
         let queue = &engine.context().queue;
         for t in 0..tensors {
             let view = engine.gradient_view(t).map_err(js)?;
@@ -360,7 +366,9 @@ impl OptimizerBench {
     pub fn first_value(&self) -> js_sys::Promise {
         let opt = self.opt.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let opt = opt.try_borrow().map_err(|_| js("the benchmark is running"))?;
+            let opt = opt
+                .try_borrow()
+                .map_err(|_| js("the benchmark is running"))?;
             let v = opt.variable_async(0).await.map_err(js)?;
             Ok(JsValue::from_f64(f64::from(v[0])))
         })
