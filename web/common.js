@@ -26,7 +26,7 @@ export function drawLoss(canvas, points) {
     ctx.beginPath(); ctx.moveTo(pad.left, yy); ctx.lineTo(w - pad.right, yy); ctx.stroke();
     ctx.fillText(`1e${e}`, 8, yy + 4);
   }
-  ctx.fillText('step', w - pad.right - 28, h - 8);
+  ctx.fillText('step', (pad.left + w - pad.right) / 2 - 12, h - 8);
   ctx.fillText('0', pad.left, h - 8);
   ctx.fillText(String(lastStep), x(lastStep) - 24, h - 8);
   ctx.fillText('batch loss (log scale)', pad.left + 8, pad.top + 12);
