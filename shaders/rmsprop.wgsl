@@ -1280,6 +1280,17 @@ fn load_plan() {
     }
 }
 
+// What `update` branches on, packed: the phase (bits 0-1), the device's skip (bit 2),
+// whether the chunk's slots are int8 (bit 3), the chunk's length (bits 4-31).
+fn branch_word(t: TensorStep, chunk: Chunk) -> u32 {
+    var skip = 0u;
+    if GUARD || LOSS_SCALING {
+        skip = control.step_state.skip;
+    }
+    let int8 = select(0u, 1u, chunk.state_format == FORMAT_INT8);
+    return t.phase | (skip << 2u) | (int8 << 3u) | (chunk.len << 4u);
+}
+
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn update(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -1291,52 +1302,56 @@ fn update(
     if c >= segment.chunk_count {
         return;
     }
-    // what the whole workgroup branches on (the device's skip, the chunk's row, what
-    // its tensor does), read by one invocation and shared through workgroup memory:
-    // values read from a read_write buffer are not uniform, the int8 path's passes hold
-    // barriers, and on software adapters every load each invocation makes costs once
-    // per workgroup. One barrier per workgroup.
     load_plan();
     let chunk = chunk_row(segment.first_chunk + c);
     let t = tensor_step(chunk.tensor);
-    // what the whole workgroup branches on, read as uniform (values read from a
-    // read_write buffer are not; the int8 path's passes hold barriers): the phase, the
-    // device's skip, whether the chunk's slots are int8, its length. One word, because
-    // a struct through workgroupUniformLoad costs software adapters dearly.
-    if lid == 0u {
-        var skip = 0u;
-        if GUARD || LOSS_SCALING {
-            skip = control.step_state.skip;
+    let first = chunk.start / 4u;
+    if STATE_DTYPE == 2u {
+        // int8 slots: the passes below hold barriers, so what the workgroup branches on
+        // (the phase, the device's skip, whether the chunk's slots are int8, its
+        // length) must be uniform, and values read from a read_write buffer are not:
+        // one invocation packs them into one word, shared through
+        // workgroupUniformLoad (one word, because a struct through it costs software
+        // adapters dearly). Only this variant has a barrier: software adapters (
+        // SwiftShader in Chrome) run a shader with barriers far slower per workgroup.
+        if lid == 0u {
+            uniform_word = branch_word(t, chunk);
         }
-        let int8 = select(0u, 1u, chunk.state_format == FORMAT_INT8);
-        uniform_word = t.phase | (skip << 2u) | (int8 << 3u) | (chunk.len << 4u);
+        let word = workgroupUniformLoad(&uniform_word);
+        if (word & 8u) != 0u {
+            if (GUARD || LOSS_SCALING) && (word & 4u) != 0u {
+                return;
+            }
+            let phase = word & 3u;
+            if phase == PHASE_NO_GRADIENT && !USE_EMA {
+                return;
+            }
+            let len = word >> 4u;
+            // every invocation runs every pass (the blocks' scales reduce across
+            // invocations), those past the chunk's end with nothing to store
+            for (var base = 0u; base < len; base += 4u * WORKGROUP_SIZE) {
+                let k = base / 4u + lid;
+                let live = 4u * k < len;
+                var after = ElementState(Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0));
+                if live {
+                    after = step_lanes(chunk, t, phase, k);
+                }
+                let scales = block_scales_of(lid, after, live);
+                if live {
+                    store_element_int8(first + k, phase, after, chunk, k, scales);
+                }
+            }
+            return;
+        }
     }
-    let word = workgroupUniformLoad(&uniform_word);
+    // every other chunk: no barrier, so each invocation reads what it branches on
+    let word = branch_word(t, chunk);
     if (GUARD || LOSS_SCALING) && (word & 4u) != 0u {
         return;
     }
     let phase = word & 3u;
-    let int8_chunk = (word & 8u) != 0u;
     let len = word >> 4u;
     if phase == PHASE_NO_GRADIENT && !USE_EMA {
-        return;
-    }
-    let first = chunk.start / 4u;
-    if STATE_DTYPE == 2u && int8_chunk {
-        // int8 slots: every invocation runs every pass (the blocks' scales reduce
-        // across invocations), those past the chunk's end with nothing to store
-        for (var base = 0u; base < len; base += 4u * WORKGROUP_SIZE) {
-            let k = base / 4u + lid;
-            let live = 4u * k < len;
-            var after = ElementState(Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0), Lanes(0.0));
-            if live {
-                after = step_lanes(chunk, t, phase, k);
-            }
-            let scales = block_scales_of(lid, after, live);
-            if live {
-                store_element_int8(first + k, phase, after, chunk, k, scales);
-            }
-        }
         return;
     }
     if PARAM_DTYPE != 0u || PARAM_COPY != 0u {

@@ -1,6 +1,7 @@
 // Times one optimizer step of this crate and of TF.js's tf.train.rmsprop on the same
 // WebGPU adapter (web/bench.html; `node web/run.mjs bench` reads `window.__bench`).
 import init, { init_gpu, OptimizerBench, Trainer } from './pkg/fused_rmsprop_web.js';
+import { describeAdapter } from './common.js';
 
 const TOTAL = 1 << 20;
 const LR = 1e-3, RHO = 0.9, EPS = 1e-7;
@@ -91,9 +92,12 @@ async function oursMlpStep() {
   return ms;
 }
 
+// `?only=ours` skips TF.js (a quick look at this crate alone)
+const oursOnly = new URLSearchParams(location.search).get('only') === 'ours';
+
 async function run() {
   await init();
-  const adapter = await init_gpu();
+  const adapter = await describeAdapter(await init_gpu());
   await tf.setBackend('webgpu');
   await tf.ready();
   say(`adapter: ${adapter}; TF.js ${tf.version.tfjs} on ${tf.getBackend()}`);
@@ -101,12 +105,12 @@ async function run() {
   for (const tensors of [1, 100, 1000]) {
     const name = `optimizer step, 1M parameters in ${tensors} tensor${tensors > 1 ? 's' : ''}`;
     const ours = await oursOptimizerStep(tensors);
-    const tfjs = await tfjsOptimizerStep(tensors);
+    const tfjs = oursOnly ? NaN : await tfjsOptimizerStep(tensors);
     rows.push({ name, tensors, ours, tfjs });
     say(`${name}: ${ours.toFixed(2)} ms vs TF.js ${tfjs.toFixed(2)} ms (${(tfjs / ours).toFixed(1)}x)`);
   }
   const ours = await oursMlpStep();
-  const tfjs = await tfjsMlpStep();
+  const tfjs = oursOnly ? NaN : await tfjsMlpStep();
   rows.push({ name: 'train_mlp training step (batch 32)', ours, tfjs });
   say(`MLP step: ${ours.toFixed(2)} ms vs TF.js ${tfjs.toFixed(2)} ms (${(tfjs / ours).toFixed(1)}x)`);
   const table = document.getElementById('table');

@@ -153,14 +153,15 @@ async function bench(browser, url) {
   if (!fs.existsSync(path.join(root, 'web/node_modules/@tensorflow/tfjs-backend-webgpu'))) {
     throw new Error('TensorFlow.js is missing: npm ci --prefix web');
   }
-  await browser.open(`${url}/web/bench.html?auto`);
+  await browser.open(`${url}/web/bench.html?auto${process.env.BENCH_ONLY ? `&only=${process.env.BENCH_ONLY}` : ''}`);
   const r = await browser.until('window.__bench', 3600);
   if (r.error) throw new Error(r.error);
   console.log(`adapter: ${r.adapter}; ${r.userAgent}`);
   console.log('| workload | fused-rmsprop ms/step | TF.js ms/step | speed-up |');
   console.log('| --- | ---: | ---: | ---: |');
   for (const row of r.rows) {
-    console.log(`| ${row.name} | ${row.ours.toFixed(2)} | ${row.tfjs.toFixed(2)} | ${(row.tfjs / row.ours).toFixed(1)}x |`);
+    const tfjs = row.tfjs ?? NaN; // skipped: null in JSON
+    console.log(`| ${row.name} | ${row.ours.toFixed(2)} | ${tfjs.toFixed(2)} | ${(tfjs / row.ours).toFixed(1)}x |`);
   }
   fs.mkdirSync(path.join(root, 'web/results'), { recursive: true });
   const out = path.join(root, 'web/results', `bench-${new Date().toISOString().slice(0, 10)}.json`);
