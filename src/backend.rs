@@ -184,7 +184,7 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
 
     /// Like [`Engine::synchronize`], awaiting the device instead of blocking (the one
     /// way in a browser).
-    fn synchronize_async(&self) -> Pin<Box<dyn Future<Output = Result<()>> + '_>>;
+    fn synchronize_async(&self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>;
 
     /// The instruction-set level the CPU loops run at; `None` on the GPU.
     fn cpu_level(&self) -> Option<CpuLevel> {
@@ -201,11 +201,11 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
 }
 
 /// The bytes of a readback, one `Vec` per copy, once they arrive.
-pub(crate) type Arriving = Pin<Box<dyn Future<Output = Result<Vec<Vec<u8>>>>>>;
+pub(crate) type Arriving = Pin<Box<dyn Future<Output = Result<Vec<Vec<u8>>>> + Send>>;
 
 /// Bytes a device delivers later: the GPU driver's readbacks in flight, one `Vec` per
 /// copy, in the order they were asked for.
-pub(crate) trait Arrival {
+pub(crate) trait Arrival: Send {
     /// Blocks until the bytes are there (native callers; a browser cannot block).
     #[cfg(not(target_arch = "wasm32"))]
     fn wait(self: Box<Self>) -> Result<Vec<Vec<u8>>>;
@@ -219,10 +219,10 @@ pub(crate) trait Arrival {
 /// it (native only), [`Staged::get`] awaits it (everywhere).
 pub(crate) struct Staged<T> {
     arrival: Option<Box<dyn Arrival>>,
-    finish: Box<dyn FnOnce(Vec<Vec<u8>>) -> Result<T>>,
+    finish: Box<dyn FnOnce(Vec<Vec<u8>>) -> Result<T> + Send>,
 }
 
-impl<T: 'static> Staged<T> {
+impl<T: Send + 'static> Staged<T> {
     /// A value already at hand.
     pub(crate) fn ready(value: T) -> Self {
         Staged {
@@ -234,7 +234,7 @@ impl<T: 'static> Staged<T> {
     /// The value `finish` makes of the bytes `arrival` delivers.
     pub(crate) fn new(
         arrival: Box<dyn Arrival>,
-        finish: impl FnOnce(Vec<Vec<u8>>) -> Result<T> + 'static,
+        finish: impl FnOnce(Vec<Vec<u8>>) -> Result<T> + Send + 'static,
     ) -> Self {
         Staged {
             arrival: Some(arrival),

@@ -101,7 +101,11 @@ fn async_parameter_copy_equals_the_blocking_one() {
         train(&mut opt, &mut rng, 3);
         let copies = block_on(opt.variable_copies_async()).unwrap();
         assert_eq!(copies, opt.variable_copies().unwrap(), "{name}");
-        assert_ne!(copies, opt.variables().unwrap(), "{name}: the copy is rounded");
+        assert_ne!(
+            copies,
+            opt.variables().unwrap(),
+            "{name}: the copy is rounded"
+        );
     }
 }
 
@@ -109,9 +113,13 @@ fn async_parameter_copy_equals_the_blocking_one() {
 fn synchronize_async_settles_device_decided_steps() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(3);
-    let mut opt =
-        RmsProp::with_options(config(), variables(&mut rng), Backend::Gpu, &common::on(&ctx))
-            .unwrap();
+    let mut opt = RmsProp::with_options(
+        config(),
+        variables(&mut rng),
+        Backend::Gpu,
+        &common::on(&ctx),
+    )
+    .unwrap();
     opt.set_non_finite_guard(true).unwrap();
     let sizes: Vec<usize> = opt.specs().iter().map(|s| s.len()).collect();
     // more steps than the plan window, every third one non-finite
@@ -140,8 +148,8 @@ fn checkpoint_bytes_round_trip() {
         train(&mut opt, &mut rng, 4);
         let bytes = block_on(opt.checkpoint_bytes_async()).unwrap();
 
-        let mut other = RmsProp::with_options(config, variables(&mut Rng(99)), backend, &gpu)
-            .unwrap();
+        let mut other =
+            RmsProp::with_options(config, variables(&mut Rng(99)), backend, &gpu).unwrap();
         let before = other.variables().unwrap();
         // a truncated checkpoint is refused and changes nothing
         let err = other
@@ -155,7 +163,11 @@ fn checkpoint_bytes_round_trip() {
 
         other.restore_checkpoint_bytes(&bytes).unwrap();
         assert_eq!(other.iterations(), 4, "{name}");
-        assert_eq!(other.variables().unwrap(), opt.variables().unwrap(), "{name}");
+        assert_eq!(
+            other.variables().unwrap(),
+            opt.variables().unwrap(),
+            "{name}"
+        );
         for slot in Slot::ALL {
             assert_eq!(other.slot(slot).unwrap(), opt.slot(slot).unwrap(), "{name}");
         }
@@ -164,7 +176,11 @@ fn checkpoint_bytes_round_trip() {
         let mut b = Rng(8);
         train(&mut opt, &mut a, 2);
         train(&mut other, &mut b, 2);
-        assert_eq!(other.variables().unwrap(), opt.variables().unwrap(), "{name}");
+        assert_eq!(
+            other.variables().unwrap(),
+            opt.variables().unwrap(),
+            "{name}"
+        );
     }
 }
 
@@ -173,4 +189,30 @@ fn new_async_finds_the_same_adapter() {
     let Some(ctx) = common::gpu() else { return };
     let other = block_on(GpuContext::new_async(true)).unwrap();
     assert_eq!(other.adapter_name(), ctx.adapter_name());
+}
+
+/// The futures can move between threads (a native async runtime's worker pool): this
+/// test is checked by the compiler, and then awaits them.
+#[test]
+fn async_readbacks_are_send() {
+    fn send<F: std::future::Future + Send>(f: F) -> F {
+        f
+    }
+    let mut rng = Rng(2);
+    let opt = RmsProp::with_options(
+        config(),
+        variables(&mut rng),
+        Backend::Cpu,
+        &GpuOptions::default(),
+    )
+    .unwrap();
+    let vars = block_on(send(opt.variables_async())).unwrap();
+    assert_eq!(block_on(send(opt.variable_async(0))).unwrap(), vars[0]);
+    assert!(block_on(send(opt.slot_async(Slot::Velocity)))
+        .unwrap()
+        .is_some());
+    block_on(send(opt.synchronize_async())).unwrap();
+    assert!(!block_on(send(opt.checkpoint_bytes_async()))
+        .unwrap()
+        .is_empty());
 }

@@ -98,7 +98,7 @@ async function main() {
     $('adapter').textContent = `${gpuName} (${gpu_limits()})`;
   } catch (e) {
     $('note').hidden = false;
-    $('note').textContent = `No WebGPU here, so the optimizer runs on its CPU path (wasm, one thread): ${e.message ?? e}`;
+    $('note').textContent = `WebGPU is not usable here, so the optimizer runs on its CPU path (wasm, one thread). Why: ${e.message ?? e}`;
     $('adapter').textContent = 'none (CPU path)';
   }
   form.addEventListener('submit', (ev) => { ev.preventDefault(); if (!running) train(); });

@@ -492,7 +492,7 @@ impl Engine for CpuEngine {
         Ok(())
     }
 
-    fn synchronize_async(&self) -> Pin<Box<dyn Future<Output = Result<()>> + '_>> {
+    fn synchronize_async(&self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
         Box::pin(std::future::ready(Ok(())))
     }
 

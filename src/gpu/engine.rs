@@ -639,7 +639,7 @@ impl Engine for GpuEngine {
         self.counters()?.settle_all(&self.ctx)
     }
 
-    fn synchronize_async(&self) -> Pin<Box<dyn Future<Output = Result<()>> + '_>> {
+    fn synchronize_async(&self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
         Box::pin(async move {
             // a readback of the step state is a fence: it arrives after every step
             // submitted before it, and their counter readbacks arrive before it

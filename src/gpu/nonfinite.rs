@@ -210,7 +210,8 @@ impl GpuCounters {
 
     /// Reads the readbacks that have arrived, in order; with `wait`, waits for all
     /// (natively; a browser cannot block, so there the readbacks still in flight are
-    /// [`Error::WouldBlock`] and [`GpuCounters::settle_arrived`] is what to await on).
+    /// [`Error::WouldBlock`]: `synchronize_async` awaits a fence, then
+    /// [`GpuCounters::settle_arrived`]).
     fn harvest(&mut self, ctx: &GpuContext, wait: bool) -> Result<()> {
         if self.guard.as_ref().is_none_or(|g| g.in_flight.is_empty()) {
             return self.check();

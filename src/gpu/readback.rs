@@ -21,7 +21,7 @@ struct Copy {
 type Bytes = std::vec::IntoIter<Vec<u8>>;
 
 /// What a [`Reads`] makes of its copies' bytes (taking its own, in order).
-type Finish<T> = Box<dyn FnOnce(&mut Bytes) -> Result<T>>;
+type Finish<T> = Box<dyn FnOnce(&mut Bytes) -> Result<T> + Send>;
 
 /// Ranges of device buffers to read back, and the value their bytes make.
 pub(crate) struct Reads<T> {
@@ -47,9 +47,12 @@ impl Reads<Vec<u8>> {
     }
 }
 
-impl<T: 'static> Reads<T> {
+impl<T: Send + 'static> Reads<T> {
     /// The value transformed by `f`.
-    pub(crate) fn map<U: 'static>(self, f: impl FnOnce(T) -> Result<U> + 'static) -> Reads<U> {
+    pub(crate) fn map<U: Send + 'static>(
+        self,
+        f: impl FnOnce(T) -> Result<U> + Send + 'static,
+    ) -> Reads<U> {
         let finish = self.finish;
         Reads {
             copies: self.copies,
@@ -58,7 +61,7 @@ impl<T: 'static> Reads<T> {
     }
 
     /// Both values, read in the same submission.
-    pub(crate) fn and<U: 'static>(mut self, other: Reads<U>) -> Reads<(T, U)> {
+    pub(crate) fn and<U: Send + 'static>(mut self, other: Reads<U>) -> Reads<(T, U)> {
         let (first, second) = (self.finish, other.finish);
         self.copies.extend(other.copies);
         Reads {
