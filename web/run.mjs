@@ -143,6 +143,10 @@ async function test(browser, url) {
   for (const [backend, m] of Object.entries(r.mlp)) {
     console.log(`MLP on ${backend} (${m.adapter}): ${m.first.toExponential(3)} -> ${m.last.toExponential(3)} in ${m.steps} steps, ${m.steps_per_second.toFixed(1)} steps/s`);
   }
+  for (const o of r.options ?? []) {
+    const { gpu, cpu, ...combo } = o;
+    console.log(`options ${JSON.stringify(combo)}: gpu ${gpu[0].toExponential(3)} -> ${gpu[1].toExponential(3)}, cpu ${cpu[0].toExponential(3)} -> ${cpu[1].toExponential(3)}`);
+  }
   const matched = r.traces.filter((t) => t.matches).length;
   const fell = r.mlp.gpu ? `${r.mlp.gpu.fell.toFixed(1)}x` : 'not at all (no WebGPU)';
   console.log(`browser: ${matched}/${r.traces.length} traces match, MLP loss fell ${fell} on ${r.adapter ?? 'no adapter'}`);

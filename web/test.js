@@ -5,6 +5,7 @@ import init, { init_gpu, replay_trace, wrap_new_device, Trainer } from './pkg/fu
 import { drawLoss, describeAdapter } from './common.js';
 
 const MLP_STEPS = 150;
+const OPTION_STEPS = 40;
 const log = document.getElementById('log');
 const lines = [];
 const say = (s) => { lines.push(s); log.textContent = lines.join('\n'); };
@@ -112,6 +113,35 @@ async function run() {
     } catch (e) {
       fail(`MLP on ${backend}: ${message(e)}`);
     }
+  }
+  // the page's option controls: each combination trains on WebGPU and on the CPU path
+  // from the same start, and both must make the loss fall alike
+  result.options = [];
+  const combos = [
+    { momentum: 0.9, centered: true, clipping: 'global_clipnorm', state: 'int8' },
+    { momentum: 0.0, centered: false, clipping: 'clipnorm', state: 'bf16' },
+    { momentum: 0.5, centered: true, clipping: 'clipvalue', state: 'f32' },
+  ];
+  for (const combo of result.adapter ? combos : []) {
+    const losses = {};
+    for (const backend of ['gpu', 'cpu']) {
+      try {
+        const trainer = new Trainer(JSON.stringify({ backend, batch: 32, ...combo }));
+        losses[backend] = [await trainer.run(1), await trainer.run(OPTION_STEPS - 1)];
+        trainer.free();
+      } catch (e) {
+        fail(`options ${JSON.stringify(combo)} on ${backend}: ${message(e)}`);
+      }
+    }
+    if (!losses.gpu || !losses.cpu) continue;
+    const [g0, g1] = losses.gpu;
+    const [c0, c1] = losses.cpu;
+    result.options.push({ ...combo, gpu: losses.gpu, cpu: losses.cpu });
+    const line = `options ${JSON.stringify(combo)}: gpu ${g0.toExponential(3)} -> ${g1.toExponential(3)}, cpu ${c0.toExponential(3)} -> ${c1.toExponential(3)}`;
+    // the same data and start: the first losses agree to float rounding, and after
+    // OPTION_STEPS steps both fell at least 3x and lie within 5% of each other
+    if (Math.abs(g0 - c0) > 1e-4 * c0 || !(g0 / g1 >= 3 && c0 / c1 >= 3) || Math.abs(g1 - c1) > 0.05 * c1) fail(line);
+    else say(line);
   }
   return result;
 }
