@@ -4,14 +4,15 @@
 //! then renamed over the target), so a crash mid-save never destroys the previous
 //! checkpoint. A restore validates everything before it changes anything.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 
 use crate::backend::{Backend, LossScaling};
+use crate::checkpoint_file::{self, Refusal, Tensor};
 use crate::config::RmsPropConfig;
 use crate::dtype::Precision;
 use crate::error::{Error, Result};
@@ -23,8 +24,25 @@ use crate::state_layout::RawSlot;
 use crate::variable::VariableSpec;
 use crate::variant::{Slot, Variant};
 
-/// The `format` metadata value of checkpoints this crate writes.
-pub(crate) const CHECKPOINT_FORMAT: &str = "fused-rmsprop-checkpoint/1";
+/// The `format` metadata value of checkpoints this crate writes (with digests).
+pub(crate) const CHECKPOINT_FORMAT: &str = "fused-rmsprop-checkpoint/2";
+/// The format before digests: still read, unverified.
+const UNVERIFIED_FORMAT: &str = "fused-rmsprop-checkpoint/1";
+/// The metadata fields a checkpoint may have (besides the digests).
+const FIELDS: [&str; 12] = [
+    "format",
+    "keras_config",
+    "raw_iterations",
+    "skipped_steps",
+    "variables",
+    "gradient_dtype",
+    "param_dtype",
+    "param_remainders",
+    "stochastic_rounding",
+    "param_copy",
+    "loss_scaling",
+    "exclude_from_weight_decay",
+];
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> Error {
     Error::Checkpoint {
@@ -81,18 +99,27 @@ struct Parsed {
 }
 
 fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(path, e.to_string()))?;
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| corrupt(path, e.to_string()))?;
-    let meta = meta
-        .metadata()
-        .clone()
-        .ok_or_else(|| corrupt(path, "no metadata"))?;
+    let file = checkpoint_file::read(bytes).map_err(|r| match r {
+        Refusal::Corrupt(why) => corrupt(path, why),
+        Refusal::Mismatch(what) => Error::ChecksumMismatch {
+            path: path.display().to_string(),
+            what,
+        },
+    })?;
+    let (st, meta) = (file.tensors, file.metadata);
     let get = |k: &str| {
         meta.get(k)
             .ok_or_else(|| corrupt(path, format!("metadata `{k}` missing")))
     };
-    if get("format")? != CHECKPOINT_FORMAT {
-        return Err(corrupt(path, format!("format is not {CHECKPOINT_FORMAT}")));
+    match get("format")?.as_str() {
+        CHECKPOINT_FORMAT if file.verified => {}
+        CHECKPOINT_FORMAT => return Err(corrupt(path, "the digests are missing")),
+        // written before digests: read as it is (unverified)
+        UNVERIFIED_FORMAT => {}
+        other => return Err(corrupt(path, format!("unknown format `{other}`"))),
+    }
+    if let Some(k) = meta.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(corrupt(path, format!("unknown metadata `{k}`")));
     }
     let config = RmsPropConfig::from_keras_json_str(get("keras_config")?)?;
     let raw_iterations: u64 = get("raw_iterations")?
@@ -284,15 +311,20 @@ pub(crate) fn specs_from_json(path: &Path, v: &Value) -> Result<Vec<VariableSpec
 /// What errors call a checkpoint given as bytes.
 const BYTES_LABEL: &str = "<checkpoint bytes>";
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced,
-/// then renamed over `path` (removed again if anything fails).
+/// Writes `bytes` to `path` atomically and durably: a temporary file of its own in the
+/// same folder (process id and a per-process count: concurrent saves never share one),
+/// synced, renamed over `path` (removed again if anything fails), then the folder
+/// synced so that the rename survives a power loss (on Unix; elsewhere the platform
+/// offers no such sync).
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let file_name = path
         .file_name()
         .ok_or_else(|| corrupt(path, "not a file path"))?
         .to_string_lossy();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+    let save = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}-{save}", std::process::id()));
     let write = || -> std::io::Result<()> {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;
@@ -303,7 +335,18 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io(path, e)
-    })
+    })?;
+    #[cfg(unix)]
+    {
+        let folder = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(folder)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(folder, e))?;
+    }
+    Ok(())
 }
 
 fn read(path: &Path) -> Result<Parsed> {
@@ -342,11 +385,17 @@ impl RmsProp {
     async fn checkpoint_bytes(&self, path: &Path) -> Result<Vec<u8>> {
         let config = self.config().to_keras_json()?;
         let specs = specs_to_json(self.specs());
-        // (key, dtype, bytes, shape): the variables, then each slot as it is stored
-        let mut data: Vec<(String, Dtype, Vec<u8>, Vec<usize>)> = Vec::new();
+        // the variables, then each slot as it is stored
+        let mut data: Vec<Tensor> = Vec::new();
+        let tensor = |name: String, dtype: Dtype, bytes: Vec<u8>, shape: Vec<usize>| Tensor {
+            name,
+            dtype,
+            shape,
+            bytes,
+        };
         for (i, v) in self.variables_async().await?.iter().enumerate() {
             let shape = self.specs()[i].shape.clone();
-            data.push((
+            data.push(tensor(
                 tensor_key(Stored::Variables, i),
                 Dtype::F32,
                 le_bytes(v),
@@ -358,33 +407,25 @@ impl RmsProp {
                 let key = tensor_key(Stored::Slot(slot), i);
                 let shape = self.specs()[i].shape.clone();
                 match self.slot_raw_async(slot, i).await? {
-                    RawSlot::F32(v) => data.push((key, Dtype::F32, le_bytes(&v), shape)),
+                    RawSlot::F32(v) => data.push(tensor(key, Dtype::F32, le_bytes(&v), shape)),
                     RawSlot::Bf16(bits) => {
                         let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
-                        data.push((key, Dtype::BF16, bytes, shape));
+                        data.push(tensor(key, Dtype::BF16, bytes, shape));
                     }
                     RawSlot::Int8 { codes, absmax } => {
                         let blocks = vec![absmax.len()];
-                        data.push((
+                        data.push(tensor(
                             format!("{key}/absmax"),
                             Dtype::F32,
                             le_bytes(&absmax),
                             blocks,
                         ));
-                        data.push((key, Dtype::U8, codes, shape));
+                        data.push(tensor(key, Dtype::U8, codes, shape));
                     }
                 }
             }
         }
-        let views = data
-            .iter()
-            .map(|(k, dtype, b, shape)| {
-                TensorView::new(*dtype, shape.clone(), b)
-                    .map(|v| (k.clone(), v))
-                    .map_err(|e| corrupt(path, e.to_string()))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut meta = HashMap::new();
+        let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
         meta.insert("keras_config".to_string(), config.to_string());
         meta.insert(
@@ -428,7 +469,7 @@ impl RmsProp {
             "exclude_from_weight_decay".to_string(),
             Value::from(self.excluded().to_vec()).to_string(),
         );
-        safetensors::serialize(views, Some(meta)).map_err(|e| corrupt(path, e.to_string()))
+        checkpoint_file::write(&data, meta).map_err(|e| corrupt(path, e))
     }
 
     /// Restores a checkpoint saved from an optimizer with the same variables (names and

@@ -211,6 +211,17 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A checkpoint's bytes do not match the CRC32C it records for them: a tensor or a
+    /// metadata field was corrupted after it was written. Nothing was restored.
+    #[error(
+        "checkpoint `{path}`: the CRC32C of {what} does not match its bytes (the file is corrupt)"
+    )]
+    ChecksumMismatch {
+        /// The file.
+        path: String,
+        /// The tensor or metadata field whose bytes changed.
+        what: String,
+    },
     /// Reading or writing a file failed.
     #[error("I/O error on `{path}`: {source}")]
     Io {

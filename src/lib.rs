@@ -37,6 +37,7 @@
 
 mod backend;
 mod checkpoint;
+mod checkpoint_file;
 mod config;
 mod counters;
 mod cpu;
