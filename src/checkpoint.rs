@@ -361,9 +361,16 @@ impl RmsProp {
     /// only; in a browser, await [`RmsProp::checkpoint_bytes_async`].
     #[cfg(not(target_arch = "wasm32"))]
     pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
+        self.save_checkpoint_digest(path.as_ref()).map(|_| ())
+    }
+
+    /// [`RmsProp::save_checkpoint`], returning the CRC32C of the file's bytes (a sharded
+    /// checkpoint's manifest records its shards').
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn save_checkpoint_digest(&self, path: &Path) -> Result<u32> {
         let bytes = pollster::block_on(self.checkpoint_bytes(path))?;
-        write_atomically(path, &bytes)
+        write_atomically(path, &bytes)?;
+        Ok(crc32c::crc32c(&bytes))
     }
 
     /// The checkpoint [`RmsProp::save_checkpoint`] writes, as bytes, awaiting the GPU's
@@ -480,6 +487,12 @@ impl RmsProp {
         let path = path.as_ref();
         let p = read(path)?;
         self.restore_parsed(path, p)
+    }
+
+    /// Restores the checkpoint `bytes` read from `path` (which errors name).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    pub(crate) fn restore_checkpoint_read(&mut self, path: &Path, bytes: &[u8]) -> Result<()> {
+        self.restore_parsed(path, parse(path, bytes)?)
     }
 
     /// Restores a parsed checkpoint (`path` names it in errors).
@@ -614,7 +627,25 @@ impl RmsProp {
         backend: Backend,
         gpu: &GpuOptions,
     ) -> Result<(Self, Option<LossScaling>)> {
-        let p = read(path)?;
+        Self::load_parts_from(read(path)?, backend, gpu)
+    }
+
+    /// [`RmsProp::load_parts`] from the checkpoint `bytes` read from `path`.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    pub(crate) fn load_parts_read(
+        path: &Path,
+        bytes: &[u8],
+        backend: Backend,
+        gpu: &GpuOptions,
+    ) -> Result<(Self, Option<LossScaling>)> {
+        Self::load_parts_from(parse(path, bytes)?, backend, gpu)
+    }
+
+    fn load_parts_from(
+        p: Parsed,
+        backend: Backend,
+        gpu: &GpuOptions,
+    ) -> Result<(Self, Option<LossScaling>)> {
         let scaling = p.loss_scaling;
         let mut opt = RmsProp::with_specs_and_precision(
             p.config.clone(),

@@ -13,7 +13,8 @@
 //! - `compact`: int8 slots sharded (pieces of whole blocks) step as one process's: the
 //!   same bits on the CPU path with two ranks, within tolerance on the GPU;
 //! - `checkpoint`: a sharded checkpoint resumes bit for bit; merged into one process it
-//!   goes on as one process does; split again for the same ranks it resumes bit for bit.
+//!   goes on as one process does; split again for the same ranks it resumes bit for bit;
+//!   every flipped bit of its manifest and a flipped bit of any shard file are refused.
 //!
 //! Without `mpirun` it fails under CI (`CI` set) and says so loudly elsewhere.
 
@@ -300,6 +301,17 @@ fn faults<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> Resu
     Ok(())
 }
 
+/// `mine` on this rank, made an error on every rank when any rank has one.
+fn agreed<C: Communicator>(comm: &C, mine: Result<(), String>) -> Result<(), String> {
+    let mut all = vec![0u8; comm.size() as usize];
+    comm.all_gather_into(&[u8::from(mine.is_err())], &mut all[..]);
+    match (mine, all.iter().position(|&f| f == 1)) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Some(r)) => Err(format!("rank {r} failed")),
+        (Ok(()), None) => Ok(()),
+    }
+}
+
 fn checkpoint<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> Result<(), String> {
     let dir = std::path::PathBuf::from(std::env::var(DIR).map_err(|e| e.to_string())?);
     let e = |e: fused_rmsprop::Error| e.to_string();
@@ -369,6 +381,74 @@ fn checkpoint<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> 
             return Err(format!("resumed from the split checkpoint: {y} vs {x}"));
         }
     }
+    // integrity: rank 0 flips every bit of the manifest, then one bit of each shard
+    // file; merging refuses each with a typed error
+    let sharded = dir.join("sharded");
+    let shard_file =
+        |r: usize| sharded.join(format!("shard-{r:05}-of-{:05}.safetensors", comm.size()));
+    let io = |e: std::io::Error| e.to_string();
+    let merges = || -> Result<(), String> {
+        let out = dir.join("flipped.safetensors");
+        let refused = |r: Result<(), Error>| {
+            matches!(
+                r,
+                Err(Error::Checkpoint { .. } | Error::ChecksumMismatch { .. })
+            )
+        };
+        let manifest = sharded.join("manifest.json");
+        let original = std::fs::read(&manifest).map_err(io)?;
+        for bit in 0..original.len() * 8 {
+            let mut m = original.clone();
+            m[bit / 8] ^= 1 << (bit % 8);
+            std::fs::write(&manifest, &m).map_err(io)?;
+            if !refused(merge_sharded_checkpoint(&sharded, &out)) {
+                return Err(format!("manifest bit {bit} flipped, and the merge went on"));
+            }
+        }
+        std::fs::write(&manifest, &original).map_err(io)?;
+        for r in (0..comm.size() as usize).filter(|&r| shard_file(r).exists()) {
+            let original = std::fs::read(shard_file(r)).map_err(io)?;
+            let mut m = original.clone();
+            let middle = m.len() / 2;
+            m[middle] ^= 4;
+            std::fs::write(shard_file(r), &m).map_err(io)?;
+            match merge_sharded_checkpoint(&sharded, &out) {
+                Err(Error::ChecksumMismatch { .. }) => {}
+                other => return Err(format!("shard {r} with a flipped bit: {other:?}")),
+            }
+            std::fs::write(shard_file(r), &original).map_err(io)?;
+        }
+        merge_sharded_checkpoint(&sharded, &out).map_err(e)?;
+        Ok(())
+    };
+    // rank 0 merges; every rank learns whether it failed (no rank waits for one gone)
+    agreed(comm, if comm.rank() == 0 { merges() } else { Ok(()) })?;
+    comm.barrier();
+    // a restore with rank 0's shard corrupted fails on every rank and changes nothing
+    let original = std::fs::read(shard_file(0)).map_err(io)?;
+    comm.barrier();
+    if comm.rank() == 0 {
+        let mut m = original.clone();
+        let middle = m.len() / 2;
+        m[middle] ^= 1;
+        std::fs::write(shard_file(0), &m).map_err(io)?;
+    }
+    comm.barrier();
+    let mut d = ShardedRmsProp::new(comm, config(), model(), backend, gpu).map_err(e)?;
+    let before = d.variables().to_vec();
+    let restored = d.restore_checkpoint(&sharded);
+    agreed(
+        comm,
+        match restored {
+            Ok(()) => Err("a sharded checkpoint with a corrupted shard was restored".into()),
+            Err(_) if d.variables() != before => Err("a refused restore changed the state".into()),
+            Err(_) => Ok(()),
+        },
+    )?;
+    if comm.rank() == 0 {
+        std::fs::write(shard_file(0), &original).map_err(io)?;
+    }
+    comm.barrier();
     // another number of ranks is refused, with a typed error, on every rank
     let mut other = ShardedRmsProp::new(comm, config(), model(), backend, gpu).map_err(e)?;
     if comm.rank() == 0 {

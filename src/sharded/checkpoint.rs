@@ -1,7 +1,10 @@
 //! Sharded checkpoints: a folder holding one checkpoint per rank (its shard's
 //! optimizer, written atomically as any checkpoint) and `manifest.json` (written by
 //! rank 0 once every shard is on disk, atomically): the config, the variables, the
-//! number of ranks, the counters and the loss scale.
+//! number of ranks, the counters, the loss scale, the CRC32C of every shard file, and
+//! its own CRC32C (of its compact JSON without the `digest` field). Restores, merges
+//! and splits check them all before they change anything; manifests written before the
+//! digests (`fused-rmsprop-sharded/1`) are read unverified.
 //!
 //! A sharded checkpoint restores into the same number of ranks
 //! ([`ShardedRmsProp::restore_checkpoint`]). [`merge_sharded_checkpoint`] turns it into
@@ -29,8 +32,14 @@ use crate::optimizer::RmsProp;
 use crate::variable::{Variable, VariableSpec};
 use crate::variant::Variant;
 
-/// The `format` of a manifest.
-const MANIFEST_FORMAT: &str = "fused-rmsprop-sharded/1";
+/// The `format` of a manifest (with digests).
+const MANIFEST_FORMAT: &str = "fused-rmsprop-sharded/2";
+/// The format before digests: read unverified.
+const UNVERIFIED_FORMAT: &str = "fused-rmsprop-sharded/1";
+
+fn hex(digest: u32) -> String {
+    format!("{digest:08x}")
+}
 
 fn io(path: &Path, e: std::io::Error) -> Error {
     Error::Io {
@@ -46,9 +55,31 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
+/// The file name of rank `r` of `ranks` in a sharded checkpoint.
+fn shard_name(r: usize, ranks: usize) -> String {
+    format!("shard-{r:05}-of-{ranks:05}.safetensors")
+}
+
 /// The file of rank `r` of `ranks` in a sharded checkpoint.
 fn shard_file(dir: &Path, r: usize, ranks: usize) -> PathBuf {
-    dir.join(format!("shard-{r:05}-of-{ranks:05}.safetensors"))
+    dir.join(shard_name(r, ranks))
+}
+
+impl Manifest {
+    /// Rank `r`'s shard file, read and checked against the manifest's digest.
+    fn read_shard(&self, dir: &Path, r: usize) -> Result<(PathBuf, Vec<u8>)> {
+        let path = shard_file(dir, r, self.ranks);
+        let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
+        if let Some(expected) = self.shards.get(r).copied().flatten() {
+            if crc32c::crc32c(&bytes) != expected {
+                return Err(Error::ChecksumMismatch {
+                    path: path.display().to_string(),
+                    what: "the shard file (the manifest's record of it)".into(),
+                });
+            }
+        }
+        Ok((path, bytes))
+    }
 }
 
 /// What a manifest says.
@@ -60,11 +91,20 @@ struct Manifest {
     skipped: u64,
     excluded: Vec<String>,
     loss_scaling: Option<(LossScaleConfig, LossScaleState)>,
+    /// The CRC32C of each rank's shard file (`None` for a rank without a shard, and for
+    /// every rank in a manifest from before the digests).
+    shards: Vec<Option<u32>>,
 }
 
 impl Manifest {
     fn to_json(&self) -> Result<Value> {
-        Ok(json!({
+        let shards: serde_json::Map<String, Value> = self
+            .shards
+            .iter()
+            .enumerate()
+            .filter_map(|(r, d)| Some((shard_name(r, self.ranks), Value::from(hex((*d)?)))))
+            .collect();
+        let mut v = json!({
             "format": MANIFEST_FORMAT,
             "keras_config": self.config.to_keras_json()?,
             "variables": specs_to_json(&self.specs),
@@ -78,15 +118,63 @@ impl Manifest {
                 "scale": f64::from(s.scale),
                 "counter": s.counter,
             })),
-        }))
+            "shards": shards,
+        });
+        let digest = hex(crc32c::crc32c(v.to_string().as_bytes()));
+        v["digest"] = Value::from(digest);
+        Ok(v)
     }
 
     fn read(dir: &Path) -> Result<Manifest> {
         let path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| corrupt(&path, e.to_string()))?;
-        if v["format"] != MANIFEST_FORMAT {
-            return Err(corrupt(&path, format!("format is not {MANIFEST_FORMAT}")));
+        let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
+        let text = String::from_utf8(bytes).map_err(|e| corrupt(&path, e.to_string()))?;
+        let mut v: Value =
+            serde_json::from_str(&text).map_err(|e| corrupt(&path, e.to_string()))?;
+        let verified = match v["format"].as_str() {
+            Some(MANIFEST_FORMAT) => true,
+            Some(UNVERIFIED_FORMAT) => false,
+            _ => return Err(corrupt(&path, "unknown format")),
+        };
+        let ranks = v["ranks"]
+            .as_u64()
+            .ok_or_else(|| corrupt(&path, "`ranks` is not a count"))? as usize;
+        let mut shards = vec![None; ranks];
+        if verified {
+            // written as `write` writes it, byte for byte: whitespace is bytes too
+            let canonical =
+                serde_json::to_string_pretty(&v).map_err(|e| corrupt(&path, e.to_string()))?;
+            if text != canonical {
+                return Err(corrupt(
+                    &path,
+                    "not as written (changed whitespace or order)",
+                ));
+            }
+            let digest = match v.as_object_mut().and_then(|o| o.remove("digest")) {
+                Some(Value::String(d)) => d,
+                _ => return Err(corrupt(&path, "no digest")),
+            };
+            if hex(crc32c::crc32c(v.to_string().as_bytes())) != digest {
+                return Err(Error::ChecksumMismatch {
+                    path: path.display().to_string(),
+                    what: "the manifest".into(),
+                });
+            }
+            let listed = v["shards"]
+                .as_object()
+                .ok_or_else(|| corrupt(&path, "no shard digests"))?;
+            for (r, slot) in shards.iter_mut().enumerate() {
+                if let Some(d) = listed.get(&shard_name(r, ranks)) {
+                    let d = d
+                        .as_str()
+                        .and_then(|d| u32::from_str_radix(d, 16).ok())
+                        .ok_or_else(|| corrupt(&path, "a shard digest is not hex"))?;
+                    *slot = Some(d);
+                }
+            }
+            if shards.iter().flatten().count() != listed.len() {
+                return Err(corrupt(&path, "the shard digests name other files"));
+            }
         }
         let count = |k: &str| {
             v[k].as_u64()
@@ -125,7 +213,8 @@ impl Manifest {
         Ok(Manifest {
             config: RmsPropConfig::from_keras_json(&v["keras_config"])?,
             specs,
-            ranks: count("ranks")? as usize,
+            ranks,
+            shards,
             raw: count("raw_iterations")?,
             skipped: count("skipped_steps")?,
             excluded,
@@ -151,19 +240,29 @@ impl ShardedRmsProp {
         let saved = std::fs::create_dir_all(dir)
             .map_err(|e| io(dir, e))
             .and_then(|()| match &self.shard {
-                Some(shard) => shard.save_checkpoint(shard_file(dir, self.rank, ranks)),
-                None => Ok(()),
+                Some(shard) => shard
+                    .save_checkpoint_digest(&shard_file(dir, self.rank, ranks))
+                    .map(Some),
+                None => Ok(None),
             });
-        self.agree(saved)?;
+        let digest = self.agree(saved)?;
+        // every rank's digest (a flag byte, then the CRC32C), for the manifest
+        let mut mine = vec![u8::from(digest.is_some())];
+        mine.extend(digest.unwrap_or(0).to_le_bytes());
+        let all = super::comm::all_gather_bytes(&self.comm, &mine);
+        let shards = all
+            .chunks_exact(5)
+            .map(|c| (c[0] == 1).then(|| u32::from_le_bytes([c[1], c[2], c[3], c[4]])))
+            .collect();
         let written = if self.rank == 0 {
-            self.manifest().write(dir)
+            self.manifest(shards).write(dir)
         } else {
             Ok(())
         };
         self.agree(written)
     }
 
-    fn manifest(&self) -> Manifest {
+    fn manifest(&self, shards: Vec<Option<u32>>) -> Manifest {
         Manifest {
             config: self.config.clone(),
             specs: self.specs.clone(),
@@ -172,6 +271,7 @@ impl ShardedRmsProp {
             skipped: self.skipped,
             excluded: self.excluded.clone(),
             loss_scaling: self.loss_scaling,
+            shards,
         }
     }
 
@@ -202,7 +302,8 @@ impl ShardedRmsProp {
         });
         let restored = manifest.and_then(|m| {
             if let Some(shard) = &mut self.shard {
-                shard.restore_checkpoint(shard_file(dir, self.rank, ranks))?;
+                let (path, bytes) = m.read_shard(dir, self.rank)?;
+                shard.restore_checkpoint_read(&path, &bytes)?;
             }
             Ok(m)
         });
@@ -242,8 +343,9 @@ pub fn merge_sharded_checkpoint(dir: impl AsRef<Path>, out: impl AsRef<Path>) ->
         if pieces.is_empty() {
             continue;
         }
-        let path = shard_file(dir, r, m.ranks);
-        let (shard, _) = RmsProp::load_parts(&path, Backend::Cpu, &GpuOptions::default())?;
+        let (path, bytes) = m.read_shard(dir, r)?;
+        let (shard, _) =
+            RmsProp::load_parts_read(&path, &bytes, Backend::Cpu, &GpuOptions::default())?;
         if shard.specs().len() != pieces.len() || shard.raw_iterations() != m.raw {
             return Err(corrupt(
                 &path,
@@ -297,7 +399,8 @@ pub fn split_checkpoint(path: impl AsRef<Path>, ranks: usize, dir: impl AsRef<Pa
     let (single, scaling) = RmsProp::load_parts(path, Backend::Cpu, &GpuOptions::default())?;
     let specs = single.specs().to_vec();
     let config = single.config().clone();
-    let m = Manifest {
+    let mut m = Manifest {
+        shards: Vec::new(),
         config: config.clone(),
         specs: specs.clone(),
         ranks: ranks.max(1),
@@ -339,7 +442,10 @@ pub fn split_checkpoint(path: impl AsRef<Path>, ranks: usize, dir: impl AsRef<Pa
             }
         }
         shard.set_counters(m.raw, 0)?;
-        shard.save_checkpoint(shard_file(dir, r, m.ranks))?;
+        let digest = shard.save_checkpoint_digest(&shard_file(dir, r, m.ranks))?;
+        m.shards.resize(r, None);
+        m.shards.push(Some(digest));
     }
+    m.shards.resize(m.ranks, None);
     m.write(dir)
 }
