@@ -324,3 +324,45 @@ fn concurrent_saves_to_one_path_leave_one_complete_file() {
     assert_eq!(left.len(), 1, "{left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A checkpoint from before the digests (format `/1`, metadata in hash order, no
+/// digest fields) still restores, to the same state.
+#[test]
+fn checkpoints_from_before_the_digests_still_restore() {
+    use safetensors::tensor::SafeTensors;
+    let mut saved = RmsProp::with_options(
+        config(StateDtype::Int8),
+        model(),
+        Backend::Cpu,
+        &GpuOptions::default(),
+    )
+    .unwrap();
+    train(&mut saved, 3, 6);
+    let bytes = block_on(saved.checkpoint_bytes_async()).unwrap();
+    // the same content written as the crate wrote it before: safetensors' own header
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+    let mut metadata = header.metadata().clone().unwrap();
+    metadata.remove("digests");
+    metadata.remove("digest");
+    metadata.insert("format".into(), "fused-rmsprop-checkpoint/1".into());
+    let old = safetensors::serialize(st.tensors(), Some(metadata)).unwrap();
+    let mut live = RmsProp::with_options(
+        config(StateDtype::Int8),
+        model(),
+        Backend::Cpu,
+        &GpuOptions::default(),
+    )
+    .unwrap();
+    live.restore_checkpoint_bytes(&old).unwrap();
+    assert_eq!(state(&live), state(&saved));
+    // a file claiming the new format without its digests is refused
+    let mut metadata = header.metadata().clone().unwrap();
+    metadata.remove("digests");
+    metadata.remove("digest");
+    let stripped = safetensors::serialize(st.tensors(), Some(metadata)).unwrap();
+    assert!(matches!(
+        live.restore_checkpoint_bytes(&stripped),
+        Err(Error::Checkpoint { .. })
+    ));
+}
