@@ -136,8 +136,9 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
     /// order; [`Error::NoParamCopy`] without one.
     fn read_param_copy(&self) -> Result<Staged<Vec<Vec<f32>>>>;
 
-    /// One variable's `slot` as it is stored.
-    fn read_slot_raw(&self, slot: Slot, tensor: usize) -> Result<Staged<RawSlot>>;
+    /// Every variable's `slot` as it is stored, in variable order (a GPU reads them back
+    /// at once).
+    fn read_slots_raw(&self, slot: Slot) -> Result<Staged<Vec<RawSlot>>>;
 
     /// Replaces one variable's `slot` with `raw` (its format and length checked).
     fn write_slot_raw(&mut self, slot: Slot, tensor: usize, raw: &RawSlot) -> Result<()>;

@@ -410,10 +410,10 @@ impl RmsProp {
             ));
         }
         for slot in Variant::of(self.config()).slots() {
-            for i in 0..self.specs().len() {
+            for (i, raw) in self.slots_raw_async(slot).await?.into_iter().enumerate() {
                 let key = tensor_key(Stored::Slot(slot), i);
                 let shape = self.specs()[i].shape.clone();
-                match self.slot_raw_async(slot, i).await? {
+                match raw {
                     RawSlot::F32(v) => data.push(tensor(key, Dtype::F32, le_bytes(&v), shape)),
                     RawSlot::Bf16(bits) => {
                         let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();

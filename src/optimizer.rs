@@ -519,10 +519,10 @@ impl RmsProp {
         self.engine.set_external_clips(clips);
     }
 
-    /// Variable `i`'s `slot` as it is stored (checkpoints keep it so).
-    pub(crate) async fn slot_raw_async(&self, slot: Slot, i: usize) -> Result<RawSlot> {
-        self.index(i)?;
-        self.engine.read_slot_raw(slot, i)?.get().await
+    /// Every variable's `slot` as it is stored (checkpoints keep it so), in one
+    /// readback.
+    pub(crate) async fn slots_raw_async(&self, slot: Slot) -> Result<Vec<RawSlot>> {
+        self.engine.read_slots_raw(slot)?.get().await
     }
 
     /// Replaces variable `i`'s `slot` with `raw`, as stored (format and length checked).

@@ -434,10 +434,14 @@ impl Engine for CpuEngine {
         ))
     }
 
-    fn read_slot_raw(&self, slot: Slot, tensor: usize) -> Result<Staged<RawSlot>> {
-        let (place, len) = self.slot_place(slot, tensor)?;
-        let raw = self.slots[slot as usize].read_raw(place, len, self.state.block_size());
-        Ok(Staged::ready(raw))
+    fn read_slots_raw(&self, slot: Slot) -> Result<Staged<Vec<RawSlot>>> {
+        let raws = (0..self.layout.tensors().len())
+            .map(|t| {
+                let (place, len) = self.slot_place(slot, t)?;
+                Ok(self.slots[slot as usize].read_raw(place, len, self.state.block_size()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Staged::ready(raws))
     }
 
     fn write_slot_raw(&mut self, slot: Slot, tensor: usize, raw: &RawSlot) -> Result<()> {

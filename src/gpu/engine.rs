@@ -563,8 +563,11 @@ impl Engine for GpuEngine {
         .start(&self.ctx)
     }
 
-    fn read_slot_raw(&self, slot: Slot, tensor: usize) -> Result<Staged<RawSlot>> {
-        self.arena.read_slot_raw(slot, tensor)?.start(&self.ctx)
+    fn read_slots_raw(&self, slot: Slot) -> Result<Staged<Vec<RawSlot>>> {
+        let tensors = (0..self.arena.layout.tensors().len())
+            .map(|t| self.arena.read_slot_raw(slot, t))
+            .collect::<Result<Vec<_>>>()?;
+        Reads::all(tensors).start(&self.ctx)
     }
 
     fn write_slot_raw(&mut self, slot: Slot, tensor: usize, raw: &RawSlot) -> Result<()> {
