@@ -432,6 +432,9 @@ impl RmsProp {
                 }
             }
         }
+        // the counters and the loss scale of the steps the tensors show: every readback
+        // of a device-decided step settled (a browser cannot wait for them below)
+        self.synchronize_async().await?;
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
         meta.insert("keras_config".to_string(), config.to_string());
@@ -461,8 +464,6 @@ impl RmsProp {
         if let Some(copy) = self.precision().param_copy {
             meta.insert("param_copy".to_string(), copy.as_str().to_string());
         }
-        // the variables were read back above, so the steps they show have settled
-        self.synchronize_async().await?;
         if let Some(ls) = self.loss_scaling() {
             let v = json!({
                 "scale": f64::from(ls.state.scale),
