@@ -41,7 +41,8 @@ fn tensor_digest(dtype: Dtype, shape: &[usize], bytes: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(head.as_bytes()), bytes)
 }
 
-fn hex(digest: u32) -> String {
+/// A digest as the files write it: 8 hex digits.
+pub(crate) fn hex(digest: u32) -> String {
     format!("{digest:08x}")
 }
 

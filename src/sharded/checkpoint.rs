@@ -23,6 +23,7 @@ use super::layout::ShardLayout;
 use super::ShardedRmsProp;
 use crate::backend::{Backend, LossScaling};
 use crate::checkpoint::{specs_from_json, specs_to_json, write_atomically};
+use crate::checkpoint_file::hex;
 use crate::config::RmsPropConfig;
 use crate::error::{Error, Result};
 use crate::gpu::GpuOptions;
@@ -37,9 +38,6 @@ const MANIFEST_FORMAT: &str = "fused-rmsprop-sharded/2";
 /// The format before digests: read unverified.
 const UNVERIFIED_FORMAT: &str = "fused-rmsprop-sharded/1";
 
-fn hex(digest: u32) -> String {
-    format!("{digest:08x}")
-}
 
 fn io(path: &Path, e: std::io::Error) -> Error {
     Error::Io {
