@@ -27,6 +27,11 @@ fn config(state: StateDtype) -> RmsPropConfig {
         )
 }
 
+/// An optimizer of `model()` on the CPU path with `state` slots.
+fn cpu(state: StateDtype) -> RmsProp {
+    RmsProp::with_options(config(state), model(), Backend::Cpu, &GpuOptions::default()).unwrap()
+}
+
 fn model() -> Vec<Variable> {
     let mut rng = Rng(17);
     vec![
@@ -203,31 +208,19 @@ fn random_mutations_are_refused_and_change_nothing() {
 
 #[test]
 fn the_same_state_saves_to_the_same_bytes_on_both_paths() {
-    let mut cpu = RmsProp::with_options(
-        config(StateDtype::Int8),
-        model(),
-        Backend::Cpu,
-        &GpuOptions::default(),
-    )
-    .unwrap();
-    train(&mut cpu, 4, 9);
-    let first = block_on(cpu.checkpoint_bytes_async()).unwrap();
-    assert_eq!(block_on(cpu.checkpoint_bytes_async()).unwrap(), first);
+    let mut saved = cpu(StateDtype::Int8);
+    train(&mut saved, 4, 9);
+    let first = block_on(saved.checkpoint_bytes_async()).unwrap();
+    assert_eq!(block_on(saved.checkpoint_bytes_async()).unwrap(), first);
     // another optimizer restored to that state
-    let mut other = RmsProp::with_options(
-        config(StateDtype::Int8),
-        model(),
-        Backend::Cpu,
-        &GpuOptions::default(),
-    )
-    .unwrap();
+    let mut other = cpu(StateDtype::Int8);
     other.restore_checkpoint_bytes(&first).unwrap();
     assert_eq!(block_on(other.checkpoint_bytes_async()).unwrap(), first);
     // a file on disk holds the same bytes
     let dir = std::env::temp_dir().join(format!("fused-rmsprop-same-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("a.safetensors");
-    cpu.save_checkpoint(&path).unwrap();
+    saved.save_checkpoint(&path).unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), first);
     std::fs::remove_dir_all(&dir).unwrap();
     if let Some(ctx) = common::gpu() {
@@ -250,13 +243,7 @@ fn checkpoint_child_process() {
     let Some(path) = std::env::var_os("FUSED_RMSPROP_CHECKPOINT_CHILD") else {
         return;
     };
-    let mut opt = RmsProp::with_options(
-        config(StateDtype::Bf16),
-        model(),
-        Backend::Cpu,
-        &GpuOptions::default(),
-    )
-    .unwrap();
+    let mut opt = cpu(StateDtype::Bf16);
     train(&mut opt, 3, 4);
     opt.save_checkpoint(path).unwrap();
 }
@@ -272,13 +259,7 @@ fn another_process_writes_the_same_bytes() {
         .status()
         .unwrap();
     assert!(status.success());
-    let mut opt = RmsProp::with_options(
-        config(StateDtype::Bf16),
-        model(),
-        Backend::Cpu,
-        &GpuOptions::default(),
-    )
-    .unwrap();
+    let mut opt = cpu(StateDtype::Bf16);
     train(&mut opt, 3, 4);
     opt.save_checkpoint(&ours).unwrap();
     assert_eq!(
@@ -294,13 +275,7 @@ fn concurrent_saves_to_one_path_leave_one_complete_file() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("shared.safetensors");
     let make = |steps: usize| {
-        let mut opt = RmsProp::with_options(
-            config(StateDtype::F32),
-            model(),
-            Backend::Cpu,
-            &GpuOptions::default(),
-        )
-        .unwrap();
+        let mut opt = cpu(StateDtype::F32);
         train(&mut opt, steps, 3);
         opt
     };
@@ -330,13 +305,7 @@ fn concurrent_saves_to_one_path_leave_one_complete_file() {
 #[test]
 fn checkpoints_from_before_the_digests_still_restore() {
     use safetensors::tensor::SafeTensors;
-    let mut saved = RmsProp::with_options(
-        config(StateDtype::Int8),
-        model(),
-        Backend::Cpu,
-        &GpuOptions::default(),
-    )
-    .unwrap();
+    let mut saved = cpu(StateDtype::Int8);
     train(&mut saved, 3, 6);
     let bytes = block_on(saved.checkpoint_bytes_async()).unwrap();
     // the same content written as the crate wrote it before: safetensors' own header
@@ -347,13 +316,7 @@ fn checkpoints_from_before_the_digests_still_restore() {
     metadata.remove("digest");
     metadata.insert("format".into(), "fused-rmsprop-checkpoint/1".into());
     let old = safetensors::serialize(st.tensors(), Some(metadata)).unwrap();
-    let mut live = RmsProp::with_options(
-        config(StateDtype::Int8),
-        model(),
-        Backend::Cpu,
-        &GpuOptions::default(),
-    )
-    .unwrap();
+    let mut live = cpu(StateDtype::Int8);
     live.restore_checkpoint_bytes(&old).unwrap();
     assert_eq!(state(&live), state(&saved));
     // a file claiming the new format without its digests is refused

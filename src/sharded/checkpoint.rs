@@ -38,7 +38,6 @@ const MANIFEST_FORMAT: &str = "fused-rmsprop-sharded/2";
 /// The format before digests: read unverified.
 const UNVERIFIED_FORMAT: &str = "fused-rmsprop-sharded/1";
 
-
 fn io(path: &Path, e: std::io::Error) -> Error {
     Error::Io {
         path: path.display().to_string(),
