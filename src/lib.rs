@@ -15,7 +15,8 @@
 //!
 //! Around it, in Keras' order: loss-scale unscaling, gradient accumulation, clipping
 //! (`clipnorm`, `global_clipnorm`, `clipvalue`), decoupled weight decay, and the EMA
-//! of the variables with optional overwrite. See [`math`] for the exact expressions.
+//! of the variables with optional overwrite. `src/math.rs` holds the exact expressions
+//! (every stage, in Keras' float32 order), and `ARCHITECTURE.md` where each one runs.
 //!
 //! ```
 //! use fused_rmsprop::{Backend, RmsProp, RmsPropConfig, Variable};
@@ -48,10 +49,10 @@ pub mod gpu;
 mod json;
 mod layout;
 mod loss_scale;
-pub mod math;
+mod math;
 mod optimizer;
 mod plan;
-pub mod quant;
+mod quant;
 mod schedule;
 #[cfg(feature = "mpi")]
 mod sharded;
@@ -71,10 +72,12 @@ pub use gpu::{GpuContext, GpuOptions};
 /// The 16-bit float types gradients can arrive in ([`half::bf16`], [`half::f16`]).
 pub use half;
 pub use loss_scale::{LossScaleConfig, LossScaleOptimizer};
+pub use math::LossScaleState;
 /// The MPI bindings (rsmpi) the sharded optimizer runs on (feature `mpi`).
 #[cfg(feature = "mpi")]
 pub use mpi;
 pub use optimizer::RmsProp;
+pub use quant::CodeMap;
 pub use schedule::{
     CosineDecay, CosineDecayRestarts, ExponentialDecay, InverseTimeDecay, KerasSchedule,
     LearningRate, LearningRateSchedule, PiecewiseConstantDecay, PolynomialDecay,

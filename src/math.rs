@@ -697,4 +697,102 @@ mod tests {
         assert_eq!(e.accumulator, start.accumulator);
         assert_eq!(e.ema, 0.9 * 1.5 + (1.0 - 0.9) * 2.0);
     }
+
+    #[test]
+    fn each_draw_is_a_neighbour_and_the_mean_error_vanishes() {
+        use crate::dtype::Dtype;
+        let draws = 200_000u32;
+        let cases: [(Dtype, f32); 8] = [
+            (Dtype::Bf16, 1.0 + 1.0 / 300.0),
+            (Dtype::Bf16, -3.3e-3),
+            (Dtype::Bf16, 12345.678),
+            (Dtype::F16, 1.0 + 1.0 / 3000.0),
+            (Dtype::F16, -0.1),
+            (Dtype::F16, 3.0e-6),
+            (Dtype::F16, -7.7e-8),
+            (Dtype::F16, 60010.3),
+        ];
+        for (dtype, x) in cases {
+            let round = |bits| match dtype {
+                Dtype::Bf16 => stochastic_bf16(x, bits),
+                _ => stochastic_f16(x, bits),
+            };
+            let nearest = match dtype {
+                Dtype::Bf16 => half::bf16::from_f32(x).to_f32(),
+                _ => half::f16::from_f32(x).to_f32(),
+            };
+            let (lo, hi) = {
+                // the neighbours: round toward zero and away from it
+                let mut seen = std::collections::BTreeSet::new();
+                for k in 0..2000 {
+                    seen.insert(round(hash32(k)).to_bits());
+                }
+                let v: Vec<f32> = seen.into_iter().map(f32::from_bits).collect();
+                assert!(v.len() <= 2, "{dtype} {x}: more than two results {v:?}");
+                let (a, b) = (v[0], v[v.len() - 1]);
+                (a.min(b), a.max(b))
+            };
+            assert!(lo <= x && x <= hi, "{dtype} {x}: {lo} .. {hi}");
+            assert!(nearest == lo || nearest == hi);
+            let step = f64::from(hi - lo);
+            let mean_error: f64 = (0..draws)
+                .map(|k| f64::from(round(hash32(k ^ 0x5bd1_e995))) - f64::from(x))
+                .sum::<f64>()
+                / f64::from(draws);
+            // a two-point distribution: standard deviation at most step / 2
+            let sigma = step / 2.0 / f64::from(draws).sqrt();
+            assert!(
+                mean_error.abs() <= 5.0 * sigma,
+                "{dtype} {x}: mean error {mean_error:e}, 5 sigma {:e}",
+                5.0 * sigma
+            );
+            let nearest_error = f64::from(nearest) - f64::from(x);
+            assert!(
+                nearest_error.abs() > 20.0 * sigma,
+                "{dtype} {x}: the case does not separate the two"
+            );
+        }
+    }
+
+    #[test]
+    fn next_loss_scale_is_keras_rule() {
+        let s = |scale, counter| LossScaleState { scale, counter };
+        assert_eq!(next_loss_scale(s(8.0, 5), false, 3), s(4.0, 0));
+        assert_eq!(next_loss_scale(s(8.0, 0), true, 3), s(8.0, 1));
+        assert_eq!(next_loss_scale(s(8.0, 2), true, 3), s(16.0, 0));
+        assert_eq!(next_loss_scale(s(8.0, 0), true, 1), s(16.0, 0));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn clipped_gradients_never_exceed_the_clip(
+            grads in proptest::collection::vec(proptest::collection::vec(-1e4f32..1e4, 0..50), 1..5),
+            clip in 0.01f32..10.0,
+        ) {
+            let s = StepScalars {
+                learning_rate: 0.1, rho: 0.9, one_minus_rho: 0.1, epsilon: 1e-7, momentum: 0.0,
+                weight_decay: 0.0, loss_scale: 1.0, accumulation_steps: 1.0, clip_value: clip,
+                ema_momentum: 0.0, ema_overwrite: 0.0, ema_overwrite_enabled: 0, is_update_step: 1,
+                ..StepScalars::default()
+            };
+            let tol = 1.0 + 1e-5;
+            // clipvalue
+            for g in grads.iter().flatten() {
+                proptest::prop_assert!(clip_gradient(*g, ClipFactors::NONE, &s).abs() <= clip);
+            }
+            let open = StepScalars { clip_value: f32::INFINITY, ..s };
+            // clipnorm, per tensor
+            for g in &grads {
+                let ss: f32 = g.iter().map(|x| x * x).sum();
+                let f = clipnorm_factors(ss, clip);
+                let norm: f64 = g.iter().map(|x| (clip_gradient(*x, f, &open) as f64).powi(2)).sum::<f64>().sqrt();
+                proptest::prop_assert!(norm <= clip as f64 * tol, "norm {} > clip {}", norm, clip);
+            }
+            // global_clipnorm, across tensors
+            let total: f32 = grads.iter().flatten().map(|x| x * x).sum();
+            let f = global_clipnorm_factors(total, clip, (1.0 / clip as f64) as f32);
+            let norm: f64 = grads.iter().flatten().map(|x| (clip_gradient(*x, f, &open) as f64).powi(2)).sum::<f64>().sqrt();
+            proptest::prop_assert!(norm <= clip as f64 * tol, "global norm {} > clip {}", norm, clip);
+        }
+    }
 }

@@ -128,7 +128,7 @@ impl CodeMap {
     }
 
     /// The stored byte of 0.0.
-    pub fn zero_code(&self) -> u8 {
+    pub(crate) fn zero_code(&self) -> u8 {
         let zero = self.values.iter().position(|&v| v == 0.0).unwrap_or(0) as u32;
         (zero ^ self.flip) as u8
     }
@@ -137,7 +137,7 @@ impl CodeMap {
     /// signed values, the unsigned thresholds, the signed thresholds (256 f32 each, as
     /// bits), then the unsigned and the signed guesses ([`GUESS_WORDS`] each, four per
     /// word, little end first).
-    pub fn gpu_table() -> Vec<u32> {
+    pub(crate) fn gpu_table() -> Vec<u32> {
         let (u, s) = (CodeMap::unsigned(), CodeMap::signed());
         let floats = [u.values, s.values, u.thresholds, s.thresholds].concat();
         let mut words: Vec<u32> = floats.iter().map(|x| x.to_bits()).collect();

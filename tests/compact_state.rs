@@ -8,9 +8,9 @@
 mod common;
 
 use common::{combo, Rng};
-use fused_rmsprop::quant::CodeMap;
 use fused_rmsprop::{
-    Backend, Error, GpuOptions, RmsProp, RmsPropConfig, Slot, StateDtype, StateStorage, Variable,
+    Backend, CodeMap, Error, GpuOptions, RmsProp, RmsPropConfig, Slot, StateDtype, StateStorage,
+    Variable,
 };
 use proptest::prelude::*;
 
