@@ -471,17 +471,8 @@ pub fn rmsprop_element<const CENTERED: bool, const MOMENTUM: bool, const STORAGE
 /// ([`store_param`]); `key` is the element's [`element_key`] when they are rounded
 /// stochastically (ignored otherwise).
 ///
-/// ```
-/// use fused_rmsprop::math::{update_element, ClipFactors, ElementState, Phase, StepScalars, TensorStep};
-/// // Keras' docstring example: var = 10, grad = var, lr = 0.1 gives 9.683772.
-/// let s = StepScalars { learning_rate: 0.1, rho: 0.9, one_minus_rho: 0.1, epsilon: 1e-7,
-///     loss_scale: 1.0, accumulation_steps: 1.0, clip_value: f32::INFINITY,
-///     is_update_step: 1, ..StepScalars::default() };
-/// let t = TensorStep { phase: Phase::Update, decay: false, clip: ClipFactors::NONE };
-/// let e = ElementState { param: 10.0, ..ElementState::default() };
-/// let e = update_element::<false, false, false, false, 0>(10.0, e, &t, &s, 0);
-/// assert!((e.param - 9.683772).abs() < 1e-5);
-/// ```
+/// Keras' docstring example (var = 10, grad = var, lr = 0.1 gives 9.683772) is the
+/// unit test `keras_docstring_example`.
 #[inline(always)]
 pub fn update_element<
     const CENTERED: bool,
@@ -794,5 +785,31 @@ mod tests {
             let norm: f64 = grads.iter().flatten().map(|x| (clip_gradient(*x, f, &open) as f64).powi(2)).sum::<f64>().sqrt();
             proptest::prop_assert!(norm <= clip as f64 * tol, "global norm {} > clip {}", norm, clip);
         }
+    }
+
+    #[test]
+    fn keras_docstring_example() {
+        let s = StepScalars {
+            learning_rate: 0.1,
+            rho: 0.9,
+            one_minus_rho: 0.1,
+            epsilon: 1e-7,
+            loss_scale: 1.0,
+            accumulation_steps: 1.0,
+            clip_value: f32::INFINITY,
+            is_update_step: 1,
+            ..StepScalars::default()
+        };
+        let t = TensorStep {
+            phase: Phase::Update,
+            decay: false,
+            clip: ClipFactors::NONE,
+        };
+        let e = ElementState {
+            param: 10.0,
+            ..ElementState::default()
+        };
+        let e = update_element::<false, false, false, false, 0>(10.0, e, &t, &s, 0);
+        assert!((e.param - 9.683772).abs() < 1e-5);
     }
 }
