@@ -789,27 +789,14 @@ mod tests {
 
     #[test]
     fn keras_docstring_example() {
-        let s = StepScalars {
-            learning_rate: 0.1,
-            rho: 0.9,
-            one_minus_rho: 0.1,
-            epsilon: 1e-7,
-            loss_scale: 1.0,
-            accumulation_steps: 1.0,
-            clip_value: f32::INFINITY,
-            is_update_step: 1,
-            ..StepScalars::default()
-        };
+        // the same step through the whole element update
         let t = TensorStep {
             phase: Phase::Update,
             decay: false,
             clip: ClipFactors::NONE,
         };
-        let e = ElementState {
-            param: 10.0,
-            ..ElementState::default()
-        };
-        let e = update_element::<false, false, false, false, 0>(10.0, e, &t, &s, 0);
+        let e =
+            update_element::<false, false, false, false, 0>(10.0, param(10.0), &t, &scalars(), 0);
         assert!((e.param - 9.683772).abs() < 1e-5);
     }
 }
