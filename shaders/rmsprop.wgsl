@@ -43,10 +43,16 @@
 // counter it read back); norm_finalize picks the plan for the device's counter, or
 // skips the step (parameters, slots and counter untouched) and counts it.
 
+// The structural flags (math::kernel, paired with these names in math::KERNEL_FLAGS).
 override CENTERED: bool = false;
 override USE_MOMENTUM: bool = false;
+// optax's nesterov (with USE_MOMENTUM): the parameter moves by increment + momentum * buffer.
+override NESTEROV: bool = false;
 override USE_EMA: bool = false;
 override ACCUMULATE: bool = false;
+// Weight decay as an L2 term of the gradient (PyTorch, Burn, optax) instead of Keras'
+// decoupled decay of the parameter.
+override COUPLED_DECAY: bool = false;
 override WEIGHT_DECAY: bool = false;
 // Skip steps whose gradients hold NaN or an infinity (see the header).
 override GUARD: bool = false;
@@ -125,7 +131,11 @@ struct StepScalars {
     rounding_seed: u32,
     rounding_step: u32,
     state_seed: u32,
-    _pad1: u32,
+    increment_scale: f32,
+    update_scale: f32,
+    epsilon_outside: f32,
+    bias_correction: f32,
+    gradient_sign: f32,
 }
 
 // gpu::shader::StepUniform: plans[k] is the plan for step counter `base + k` (low 32
@@ -391,8 +401,16 @@ fn clip_gradient(gradient: Lanes, clip: ClipFactors) -> Lanes {
     return g;
 }
 
+fn orient_gradient(gradient: Lanes) -> Lanes {
+    return gradient * s.gradient_sign;
+}
+
 fn decay_weight(param: Lanes) -> Lanes {
     return param - param * s.weight_decay * s.learning_rate;
+}
+
+fn decay_gradient(gradient: Lanes, param: Lanes) -> Lanes {
+    return gradient + s.weight_decay * param;
 }
 
 fn rmsprop_velocity(velocity: Lanes, gradient: Lanes) -> Lanes {
@@ -404,18 +422,30 @@ fn rmsprop_average_gradient(average: Lanes, gradient: Lanes) -> Lanes {
 }
 
 fn rmsprop_denominator(velocity: Lanes, average: Lanes) -> Lanes {
+    let v = velocity / s.bias_correction;
     if CENTERED {
-        return velocity - average * average + s.epsilon;
+        let a = average / s.bias_correction;
+        return v - a * a + s.epsilon;
     }
-    return velocity + s.epsilon;
+    return v + s.epsilon;
 }
 
 fn rmsprop_increment(gradient: Lanes, denominator: Lanes) -> Lanes {
-    return (s.learning_rate * gradient) / sqrt(denominator);
+    return (s.increment_scale * gradient) / (sqrt(denominator) + s.epsilon_outside);
 }
 
 fn rmsprop_momentum(momentum: Lanes, increment: Lanes) -> Lanes {
     return s.momentum * momentum + increment;
+}
+
+fn rmsprop_update(momentum: Lanes, increment: Lanes) -> Lanes {
+    var moved = increment;
+    if NESTEROV {
+        moved = increment + s.momentum * momentum;
+    } else if USE_MOMENTUM {
+        moved = momentum;
+    }
+    return moved * s.update_scale;
 }
 
 fn ema_update(ema: Lanes, param: Lanes) -> Lanes {
@@ -513,10 +543,8 @@ fn rmsprop_element(before: ElementState, gradient: Lanes, key: vec4<u32>) -> Ele
     let increment = rmsprop_increment(gradient, denominator);
     if USE_MOMENTUM {
         e.momentum = rmsprop_momentum(e.momentum, increment);
-        e.param = store_param(e.param - e.momentum, bits);
-    } else {
-        e.param = store_param(e.param - increment, bits);
     }
+    e.param = store_param(e.param - rmsprop_update(e.momentum, increment), bits);
     return e;
 }
 
@@ -529,8 +557,10 @@ fn update_element(raw_gradient: Lanes, before: ElementState, t: TensorStep, key:
         if ACCUMULATE {
             e.accumulator = Lanes(0.0);
         }
-        let clipped = clip_gradient(g, t.clip);
-        if t.decay {
+        var clipped = orient_gradient(clip_gradient(g, t.clip));
+        if t.decay && COUPLED_DECAY {
+            clipped = decay_gradient(clipped, e.param);
+        } else if t.decay {
             e.param = store_param(decay_weight(e.param), rounding_bits(key, 0u));
         }
         e = rmsprop_element(e, clipped, key);

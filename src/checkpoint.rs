@@ -121,7 +121,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     if let Some(k) = meta.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(corrupt(path, format!("unknown metadata `{k}`")));
     }
-    let config = RmsPropConfig::from_keras_json_str(get("keras_config")?)?;
+    let config = RmsPropConfig::from_json_str(get("keras_config")?)?;
     let raw_iterations: u64 = get("raw_iterations")?
         .parse()
         .map_err(|_| corrupt(path, "raw_iterations is not a number"))?;
@@ -390,7 +390,7 @@ impl RmsProp {
 
     /// The checkpoint's bytes (`path` names it in errors).
     async fn checkpoint_bytes(&self, path: &Path) -> Result<Vec<u8>> {
-        let config = self.config().to_keras_json()?;
+        let config = self.config().to_json()?;
         let specs = specs_to_json(self.specs());
         // the variables, then each slot as it is stored
         let mut data: Vec<Tensor> = Vec::new();
@@ -592,7 +592,7 @@ impl RmsProp {
                 describe(ours)
             )));
         }
-        if p.config.to_keras_json()? != self.config().to_keras_json()? {
+        if p.config.to_json()? != self.config().to_json()? {
             return Err(corrupt(
                 path,
                 "the checkpoint was saved with other optimizer options",

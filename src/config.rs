@@ -7,7 +7,64 @@ use crate::json::{float, opt_float, parse, Fields};
 use crate::schedule::{KerasSchedule, LearningRate};
 use crate::state::StateStorage;
 
-/// Every argument of `keras.optimizers.RMSprop`, with Keras 3's defaults.
+/// Whose RMSprop formula and defaults a config follows (see [`RmsPropConfig::torch`],
+/// [`RmsPropConfig::optax`], [`RmsPropConfig::burn`]).
+///
+/// | | epsilon | weight decay | learning rate multiplies |
+/// | --- | --- | --- | --- |
+/// | Keras | inside the root | decoupled: `p -= p * wd * lr` first | the gradient (and so the momentum buffer) |
+/// | PyTorch, Burn | outside: `sqrt(v) + eps` | L2: `g += wd * p` | the buffer: `p -= lr * buf` |
+/// | optax | `eps_in_sqrt` (default inside) | L2 (`add_decayed_weights` chained before) | the gradient |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Dialect {
+    /// `keras.optimizers.RMSprop` (the default).
+    #[default]
+    Keras,
+    /// `torch.optim.RMSprop`.
+    Torch,
+    /// `optax.rmsprop`.
+    Optax,
+    /// Burn's `RmsPropConfig` (PyTorch's formula with Burn's defaults).
+    Burn,
+}
+
+impl Dialect {
+    /// The name in JSON (`"dialect"`): `keras`, `torch`, `optax`, `burn`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::Keras => "keras",
+            Dialect::Torch => "torch",
+            Dialect::Optax => "optax",
+            Dialect::Burn => "burn",
+        }
+    }
+
+    /// The dialect named `name` in JSON.
+    pub fn from_name(name: &str) -> Option<Dialect> {
+        [
+            Dialect::Keras,
+            Dialect::Torch,
+            Dialect::Optax,
+            Dialect::Burn,
+        ]
+        .into_iter()
+        .find(|d| d.as_str() == name)
+    }
+
+    /// True when weight decay is an L2 term of the gradient (every dialect but Keras).
+    pub(crate) fn coupled_decay(self) -> bool {
+        self != Dialect::Keras
+    }
+
+    /// True when the learning rate multiplies the momentum buffer (or the increment)
+    /// at the end, not the gradient before the division (PyTorch, Burn).
+    pub(crate) fn scales_update(self) -> bool {
+        matches!(self, Dialect::Torch | Dialect::Burn)
+    }
+}
+
+/// Every argument of `keras.optimizers.RMSprop`, with Keras 3's defaults, and those of
+/// the other [`Dialect`]s.
 ///
 /// `ema_overwrite_frequency` defaults to `None` as in Keras 3 (the TensorFlow doc page
 /// shows 100, which is Keras 2's default). `jit_compile` is not part of Keras 3's
@@ -64,6 +121,22 @@ pub struct RmsPropConfig {
     /// How the slots are stored (not a Keras option; see [`StateStorage`]). Default
     /// f32.
     pub state: StateStorage,
+    /// Whose formula: Keras (default), PyTorch, optax or Burn. The fields below are
+    /// other dialects' arguments; [`RmsPropConfig::validate`] refuses one set where
+    /// its dialect has no such argument.
+    pub dialect: Dialect,
+    /// PyTorch's `maximize`: ascend the gradient. Default false.
+    pub maximize: bool,
+    /// optax's `nesterov` (with `momentum`). Default false.
+    pub nesterov: bool,
+    /// optax's `bias_correction`: the moments are divided by `1 - rho^count`.
+    /// Default false.
+    pub bias_correction: bool,
+    /// optax's `initial_scale`: the velocity's starting value. Default 0.
+    pub initial_scale: f64,
+    /// Epsilon inside the square root (Keras; optax's default `eps_in_sqrt=True`) or
+    /// outside it (PyTorch, Burn). Default true.
+    pub eps_in_sqrt: bool,
 }
 
 impl Default for RmsPropConfig {
@@ -86,6 +159,61 @@ impl Default for RmsPropConfig {
             name: "rmsprop".to_string(),
             state: StateStorage::default(),
             jit_compile: true,
+            dialect: Dialect::Keras,
+            maximize: false,
+            nesterov: false,
+            bias_correction: false,
+            initial_scale: 0.0,
+            eps_in_sqrt: true,
+        }
+    }
+}
+
+impl RmsPropConfig {
+    /// `torch.optim.RMSprop`'s defaults: `lr=0.01, alpha=0.99, eps=1e-8,
+    /// weight_decay=0, momentum=0, centered=False, maximize=False` (`alpha` is `rho`
+    /// here; epsilon outside the root; weight decay added to the gradient).
+    ///
+    /// ```
+    /// use fused_rmsprop::{Dialect, RmsPropConfig};
+    /// let c = RmsPropConfig::torch().with_momentum(0.9).with_weight_decay(1e-4);
+    /// assert_eq!((c.dialect, c.rho, c.epsilon), (Dialect::Torch, 0.99, 1e-8));
+    /// c.validate().unwrap();
+    /// ```
+    pub fn torch() -> Self {
+        RmsPropConfig {
+            learning_rate: LearningRate::Constant(0.01),
+            rho: 0.99,
+            epsilon: 1e-8,
+            dialect: Dialect::Torch,
+            eps_in_sqrt: false,
+            ..RmsPropConfig::default()
+        }
+    }
+
+    /// `optax.rmsprop(learning_rate)`'s defaults: `decay=0.9, eps=1e-8,
+    /// initial_scale=0, eps_in_sqrt=True, centered=False, momentum=None,
+    /// nesterov=False, bias_correction=False` (`decay` is `rho` here, `momentum=None`
+    /// is 0).
+    pub fn optax(learning_rate: impl Into<LearningRate>) -> Self {
+        RmsPropConfig {
+            learning_rate: learning_rate.into(),
+            rho: 0.9,
+            epsilon: 1e-8,
+            dialect: Dialect::Optax,
+            ..RmsPropConfig::default()
+        }
+    }
+
+    /// Burn's `RmsPropConfig` defaults: `alpha=0.99, momentum=0.9, epsilon=1e-5,
+    /// centered=false` (PyTorch's formula; Burn gives the learning rate at each step,
+    /// here the config's, 0.01 unless set).
+    pub fn burn() -> Self {
+        RmsPropConfig {
+            momentum: 0.9,
+            epsilon: 1e-5,
+            dialect: Dialect::Burn,
+            ..RmsPropConfig::torch()
         }
     }
 }
@@ -167,6 +295,16 @@ builder! {
     with_jit_compile(jit_compile: bool) => jit_compile;
     /// Sets how the slots are stored ([`StateStorage`]).
     with_state(state: StateStorage) => state;
+    /// Sets PyTorch's `maximize`.
+    with_maximize(maximize: bool) => maximize;
+    /// Sets optax's `nesterov`.
+    with_nesterov(nesterov: bool) => nesterov;
+    /// Sets optax's `bias_correction`.
+    with_bias_correction(bias_correction: bool) => bias_correction;
+    /// Sets optax's `initial_scale`.
+    with_initial_scale(initial_scale: f64) => initial_scale;
+    /// Sets optax's `eps_in_sqrt`.
+    with_eps_in_sqrt(eps_in_sqrt: bool) => eps_in_sqrt;
 }
 
 fn finite(field: &str, v: f64) -> Result<()> {
@@ -236,7 +374,57 @@ impl RmsPropConfig {
         if self.loss_scale_factor == Some(0.0) {
             return Err(Error::invalid("loss_scale_factor", "must not be 0"));
         }
+        self.validate_dialect()?;
         self.state.validate()
+    }
+
+    /// Refuses an argument the dialect does not have, and what its library refuses.
+    fn validate_dialect(&self) -> Result<()> {
+        finite("initial_scale", self.initial_scale)?;
+        let d = self.dialect;
+        let foreign = [
+            ("maximize", self.maximize, d == Dialect::Torch),
+            ("nesterov", self.nesterov, d == Dialect::Optax),
+            ("bias_correction", self.bias_correction, d == Dialect::Optax),
+            (
+                "initial_scale",
+                self.initial_scale != 0.0,
+                d == Dialect::Optax,
+            ),
+            // epsilon's place is fixed except in optax
+            (
+                "eps_in_sqrt",
+                self.eps_in_sqrt != (d == Dialect::Keras),
+                d == Dialect::Optax,
+            ),
+        ];
+        for (field, set, allowed) in foreign {
+            if set && !allowed {
+                return Err(Error::invalid(
+                    field,
+                    format!("is not an argument of {}'s RMSprop", d.as_str()),
+                ));
+            }
+        }
+        if d != Dialect::Keras {
+            // torch.optim.RMSprop raises ValueError for these; optax and Burn agree
+            let lr = match self.learning_rate {
+                LearningRate::Constant(lr) => lr,
+                _ => 0.0,
+            };
+            for (field, v) in [
+                ("learning_rate", lr),
+                ("rho", self.rho),
+                ("epsilon", self.epsilon),
+                ("momentum", self.momentum),
+                ("weight_decay", self.weight_decay.unwrap_or(0.0)),
+            ] {
+                if v < 0.0 {
+                    return Err(Error::invalid(field, format!("must be >= 0, got {v}")));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The clipping Keras applies: `clipnorm` if > 0, else `global_clipnorm` if > 0,
@@ -258,6 +446,14 @@ impl RmsPropConfig {
     /// Reads Keras' `get_config()` JSON (a `serde_json::Value`); absent keys take
     /// Keras' defaults, unknown keys and wrong types are errors, and the result is validated.
     pub fn from_keras_json(v: &Value) -> Result<Self> {
+        let config = Self::keras_fields(v)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The config Keras' keys describe, not yet validated (the other dialects' JSON
+    /// is read through it, renamed).
+    pub(crate) fn keras_fields(v: &Value) -> Result<Self> {
         let f = Fields::new(v, "", &KEYS)?;
         let d = RmsPropConfig::default();
         let learning_rate = match f.value("learning_rate") {
@@ -300,8 +496,8 @@ impl RmsPropConfig {
                 None => d.state,
                 Some(v) => StateStorage::from_json(v)?,
             },
+            ..d
         };
-        config.validate()?;
         Ok(config)
     }
 
@@ -315,6 +511,15 @@ impl RmsPropConfig {
     /// variable: 0.05 becomes 0.05000000074505806). A custom schedule without a Keras
     /// serialization is refused.
     pub fn to_keras_json(&self) -> Result<Value> {
+        if self.dialect != Dialect::Keras {
+            return Err(Error::invalid(
+                "dialect",
+                format!(
+                    "a {} config has no Keras get_config(); write it with to_json",
+                    self.dialect.as_str()
+                ),
+            ));
+        }
         let lr = match &self.learning_rate {
             LearningRate::Constant(x) => float(*x as f32 as f64),
             LearningRate::Keras(s) => s.to_keras_json(),

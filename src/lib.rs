@@ -43,6 +43,7 @@ mod config;
 mod counters;
 mod cpu;
 mod cpu_level;
+mod dialects;
 mod dtype;
 mod error;
 pub mod gpu;
@@ -63,7 +64,7 @@ mod variable;
 mod variant;
 
 pub use backend::{Backend, BackendKind};
-pub use config::RmsPropConfig;
+pub use config::{Dialect, RmsPropConfig};
 pub use counters::SkippedSteps;
 pub use cpu_level::CpuLevel;
 pub use dtype::{Dtype, GradientElement, Precision};

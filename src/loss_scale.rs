@@ -63,7 +63,7 @@ impl LossScaleConfig {
             "inner_optimizer": {
                 "module": "keras.optimizers",
                 "class_name": "RMSprop",
-                "config": inner.to_keras_json()?,
+                "config": inner.to_json()?,
                 "registered_name": null,
             },
             "initial_scale": float(f64::from(self.initial_scale)),
@@ -92,7 +92,7 @@ impl LossScaleConfig {
                 ))
             }
         };
-        let inner = RmsPropConfig::from_keras_json(inner)?;
+        let inner = RmsPropConfig::from_json(inner)?;
         let steps = f
             .opt_i64("dynamic_growth_steps")?
             .unwrap_or(i64::from(d.dynamic_growth_steps));

@@ -9,26 +9,36 @@
 //! acc       = g + acc                                     accumulate_gradient (accumulation-only step)
 //! g         = (g + acc) / accumulation_steps; acc = 0     average_accumulated (update step)
 //! g         = clamp(g * numerator / denominator, -clipvalue, clipvalue)    clip_gradient
-//! p         = p - p * weight_decay * lr                   decay_weight (before the update)
+//! g         = g * sign                                    orient_gradient (-1: PyTorch's maximize)
+//! p         = p - p * weight_decay * lr                   decay_weight (Keras: before the update)
+//! g         = g + weight_decay * p                        decay_gradient (COUPLED_DECAY: PyTorch, Burn, optax)
 //! velocity  = rho * velocity + (1 - rho) * g^2            rmsprop_velocity
 //! avg_grad  = rho * avg_grad + (1 - rho) * g              rmsprop_average_gradient (centered)
-//! denom     = velocity - avg_grad^2 + epsilon             rmsprop_denominator (else velocity + epsilon)
-//! increment = lr * g / sqrt(denom)                        rmsprop_increment (epsilon inside the root)
-//! momentum  = momentum_coef * momentum + increment; p -= momentum    rmsprop_momentum (momentum > 0)
-//! p        -= increment                                              (otherwise)
+//! denom     = velocity/bc - (avg_grad/bc)^2 + epsilon     rmsprop_denominator (else velocity/bc + epsilon;
+//!                                                         bc: optax's bias correction, else 1)
+//! increment = (a * g) / (sqrt(denom) + epsilon_outside)   rmsprop_increment (Keras, optax: a = lr,
+//!                                                         outside 0; PyTorch: a = 1, inside 0)
+//! momentum  = momentum_coef * momentum + increment        rmsprop_momentum (momentum > 0)
+//! p        -= b * (momentum | increment + momentum_coef * momentum | increment)
+//!                                                         rmsprop_update (momentum, NESTEROV, none;
+//!                                                         b = lr for PyTorch, else 1)
 //! ema       = m * ema + (1 - m) * p                       ema_update (m = 0 on the first iteration)
 //! p         = ema * s + p * (1 - s)                       ema_overwrite (s in {0, 1})
 //! ```
 //!
-//! Unlike PyTorch, epsilon sits inside the square root and the learning rate multiplies
-//! the gradient before the division.
+//! That is Keras' formula, and with the step's numbers (`plan`) and two structural flags
+//! (`COUPLED_DECAY`, `NESTEROV`) also PyTorch's, Burn's and optax's: every dialect
+//! is this one path. Where a dialect's numbers are 1 or 0 (Keras' `update_scale`,
+//! `epsilon_outside`, `bias_correction`, `gradient_sign`), multiplying, dividing or
+//! adding them is exact, so Keras' results keep their bits.
 //!
 //! `shaders/rmsprop.wgsl` mirrors every function here name for name and stage for
 //! stage (`update_element`, `effective_gradient`, `rmsprop_element`, ...); the CPU
 //! driver calls these functions in its inner loop, and the parity tests
 //! (`tests/backend_parity.rs`, the Keras traces on both backends) hold the two
-//! together. Options that change the code path are const generics here and `override`
-//! constants there, so no element branches on them. Apart from `bytemuck`'s derives
+//! together. Options that change the code path are one const word of [`kernel`] flags
+//! here and `override` constants there ([`KERNEL_FLAGS`] pairs them), so no element
+//! branches on them. Apart from `bytemuck`'s derives
 //! (the GPU reads [`StepScalars`] as it is), this module depends on nothing.
 
 use bytemuck::{Pod, Zeroable};
@@ -79,9 +89,66 @@ pub struct StepScalars {
     pub rounding_step: u32,
     /// Stochastic rounding of bf16 slots: the seed, mixed to 32 bits (0 otherwise).
     pub state_seed: u32,
-    /// Zero.
-    pub _pad1: u32,
+    /// Multiplies the gradient before the division by the root: the learning rate where
+    /// the dialect scales the increment (Keras, optax), else 1.
+    pub increment_scale: f32,
+    /// Multiplies what is subtracted from the parameter (the increment, or the
+    /// momentum buffer): the learning rate where the dialect scales the buffer
+    /// (PyTorch, Burn), else 1.
+    pub update_scale: f32,
+    /// Epsilon added after the square root (PyTorch, Burn, optax's `eps_in_sqrt=False`),
+    /// else 0 (then `epsilon` is the one inside the root, and the other is 0).
+    pub epsilon_outside: f32,
+    /// optax's `bias_correction`: `1 - decay^count` the moments are divided by, else 1.
+    pub bias_correction: f32,
+    /// -1 with PyTorch's `maximize`, else 1.
+    pub gradient_sign: f32,
 }
+
+/// The structure of the update as one word of flags (the const parameter `K` of
+/// [`update_element`] and the CPU loops): each flag is a WGSL `override` of the same
+/// meaning, named in [`KERNEL_FLAGS`], so one table carries a structural option from
+/// the config to both backends.
+pub mod kernel {
+    /// `centered`: the average-gradient slot, and its square under the root.
+    pub const CENTERED: u32 = 1 << 0;
+    /// A momentum slot (`momentum > 0`; optax's `momentum` set).
+    pub const MOMENTUM: u32 = 1 << 1;
+    /// optax's `nesterov`: the parameter moves by `increment + momentum * buffer`.
+    pub const NESTEROV: u32 = 1 << 2;
+    /// `use_ema`: the EMA slot, updated every step.
+    pub const EMA: u32 = 1 << 3;
+    /// `gradient_accumulation_steps`: the accumulator slot.
+    pub const ACCUMULATE: u32 = 1 << 4;
+    /// Weight decay as an L2 term of the gradient (`g + weight_decay * p`: PyTorch,
+    /// Burn, optax's `add_decayed_weights`), instead of Keras' decoupled decay.
+    pub const COUPLED_DECAY: u32 = 1 << 5;
+    /// Every flag.
+    pub const ALL: u32 = (1 << 6) - 1;
+
+    /// True when `k` has `flag`.
+    #[inline(always)]
+    pub const fn has(k: u32, flag: u32) -> bool {
+        k & flag != 0
+    }
+
+    /// True when `k` is a word the kernels are built for (nesterov needs momentum).
+    pub const fn is_valid(k: u32) -> bool {
+        k & !ALL == 0 && (!has(k, NESTEROV) || has(k, MOMENTUM))
+    }
+}
+
+/// Each [`kernel`] flag and the boolean WGSL `override` of the same meaning: the one
+/// table that takes a structural option to both backends (`gpu::pipelines` sets the
+/// overrides from it; a test checks it against the shader's contract).
+pub(crate) const KERNEL_FLAGS: [(u32, &str); 6] = [
+    (kernel::CENTERED, "CENTERED"),
+    (kernel::MOMENTUM, "USE_MOMENTUM"),
+    (kernel::NESTEROV, "NESTEROV"),
+    (kernel::EMA, "USE_EMA"),
+    (kernel::ACCUMULATE, "ACCUMULATE"),
+    (kernel::COUPLED_DECAY, "COUPLED_DECAY"),
+];
 
 /// Parameters stored as f32 (`STORAGE` of [`store_param`]; `Dtype::code`).
 pub const STORE_F32: u8 = 0;
@@ -378,10 +445,23 @@ pub fn clip_gradient(gradient: f32, clip: ClipFactors, s: &StepScalars) -> f32 {
     g.clamp(-s.clip_value, s.clip_value)
 }
 
+/// PyTorch's `maximize`: `g * sign` (`-g` when maximizing; times 1 is exact).
+#[inline(always)]
+pub fn orient_gradient(gradient: f32, s: &StepScalars) -> f32 {
+    gradient * s.gradient_sign
+}
+
 /// Decoupled weight decay: `p - p * weight_decay * lr`.
 #[inline(always)]
 pub fn decay_weight(param: f32, s: &StepScalars) -> f32 {
     param - param * s.weight_decay * s.learning_rate
+}
+
+/// Weight decay as an L2 term of the gradient (PyTorch's `grad.add(param, alpha=wd)`,
+/// optax's `add_decayed_weights`): `g + weight_decay * p`.
+#[inline(always)]
+pub fn decay_gradient(gradient: f32, param: f32, s: &StepScalars) -> f32 {
+    gradient + s.weight_decay * param
 }
 
 /// The velocity (mean square) update: `rho * v + (1 - rho) * g^2`.
@@ -396,30 +476,47 @@ pub fn rmsprop_average_gradient(average: f32, gradient: f32, s: &StepScalars) ->
     s.rho * average + s.one_minus_rho * gradient
 }
 
-/// The denominator under the root: `v - a^2 + eps` (`CENTERED`) or `v + eps`.
+/// The denominator under the root: `v - a^2 + eps` (centered) or `v + eps`, each
+/// moment divided by the bias correction first (optax; dividing by 1 is exact).
 #[inline(always)]
-pub fn rmsprop_denominator<const CENTERED: bool>(
-    velocity: f32,
-    average: f32,
-    s: &StepScalars,
-) -> f32 {
-    if CENTERED {
+pub fn rmsprop_denominator<const K: u32>(velocity: f32, average: f32, s: &StepScalars) -> f32 {
+    let velocity = velocity / s.bias_correction;
+    if kernel::has(K, kernel::CENTERED) {
+        let average = average / s.bias_correction;
         velocity - average * average + s.epsilon
     } else {
         velocity + s.epsilon
     }
 }
 
-/// The step: `lr * g / sqrt(denominator)`.
+/// The increment: `(scale * g) / (sqrt(denominator) + epsilon_outside)`: Keras' and
+/// optax's `lr * g / sqrt(v + eps)` (the outside epsilon 0), PyTorch's
+/// `g / (sqrt(v) + eps)` (the scale 1, the inside epsilon 0). Adding 0 and
+/// multiplying by 1 are exact, so each dialect gets its own expression's bits.
 #[inline(always)]
 pub fn rmsprop_increment(gradient: f32, denominator: f32, s: &StepScalars) -> f32 {
-    (s.learning_rate * gradient) / denominator.sqrt()
+    (s.increment_scale * gradient) / (denominator.sqrt() + s.epsilon_outside)
 }
 
 /// The momentum trace: `momentum_coef * m + increment`.
 #[inline(always)]
 pub fn rmsprop_momentum(momentum: f32, increment: f32, s: &StepScalars) -> f32 {
     s.momentum * momentum + increment
+}
+
+/// What the parameter moves by: the momentum buffer, or with nesterov (optax's
+/// `trace(nesterov=True)`) `increment + momentum_coef * buffer`, or the increment
+/// without momentum; times `update_scale` (PyTorch's `lr * buf`; 1 elsewhere).
+#[inline(always)]
+pub fn rmsprop_update<const K: u32>(momentum: f32, increment: f32, s: &StepScalars) -> f32 {
+    let moved = if kernel::has(K, kernel::NESTEROV) {
+        increment + s.momentum * momentum
+    } else if kernel::has(K, kernel::MOMENTUM) {
+        momentum
+    } else {
+        increment
+    };
+    moved * s.update_scale
 }
 
 /// EMA of a variable: `m * ema + (1 - m) * p`.
@@ -435,11 +532,11 @@ pub fn ema_overwrite(param: f32, ema: f32, s: &StepScalars) -> f32 {
     ema * s.ema_overwrite + param * (1.0 - s.ema_overwrite)
 }
 
-/// The RMSprop stages of one element whose gradient is already clipped and whose
-/// parameter is already decayed: velocity, average gradient (`CENTERED`), increment,
-/// momentum (`MOMENTUM`), and the new parameter.
+/// The RMSprop stages of one element whose gradient is already clipped and decayed
+/// (and whose parameter is): velocity, average gradient (centered), increment,
+/// momentum, and the new parameter.
 #[inline(always)]
-pub fn rmsprop_element<const CENTERED: bool, const MOMENTUM: bool, const STORAGE: u8>(
+pub fn rmsprop_element<const K: u32, const STORAGE: u8>(
     mut e: ElementState,
     gradient: f32,
     s: &StepScalars,
@@ -447,17 +544,18 @@ pub fn rmsprop_element<const CENTERED: bool, const MOMENTUM: bool, const STORAGE
 ) -> ElementState {
     let bits = rounding_bits::<STORAGE>(key, 1);
     e.velocity = rmsprop_velocity(e.velocity, gradient, s);
-    if CENTERED {
+    if kernel::has(K, kernel::CENTERED) {
         e.average_gradient = rmsprop_average_gradient(e.average_gradient, gradient, s);
     }
-    let denominator = rmsprop_denominator::<CENTERED>(e.velocity, e.average_gradient, s);
+    let denominator = rmsprop_denominator::<K>(e.velocity, e.average_gradient, s);
     let increment = rmsprop_increment(gradient, denominator, s);
-    if MOMENTUM {
+    if kernel::has(K, kernel::MOMENTUM) {
         e.momentum = rmsprop_momentum(e.momentum, increment, s);
-        e.param = store_param::<STORAGE>(e.param - e.momentum, bits);
-    } else {
-        e.param = store_param::<STORAGE>(e.param - increment, bits);
     }
+    e.param = store_param::<STORAGE>(
+        e.param - rmsprop_update::<K>(e.momentum, increment, s),
+        bits,
+    );
     e
 }
 
@@ -466,21 +564,15 @@ pub fn rmsprop_element<const CENTERED: bool, const MOMENTUM: bool, const STORAGE
 /// decay, RMSprop, EMA and overwrite. `raw_gradient` is ignored in
 /// [`Phase::NoGradient`].
 ///
-/// The const parameters are the structural options: `centered`, `momentum > 0`,
-/// `use_ema`, `gradient_accumulation_steps` set, and how the parameters are stored
-/// ([`store_param`]); `key` is the element's [`element_key`] when they are rounded
-/// stochastically (ignored otherwise).
+/// The const parameters are the structural options: `K` the [`kernel`] flags
+/// (centered, momentum, nesterov, EMA, accumulation, coupled decay), and how the
+/// parameters are stored ([`store_param`]); `key` is the element's [`element_key`] when
+/// they are rounded stochastically (ignored otherwise).
 ///
 /// Keras' docstring example (var = 10, grad = var, lr = 0.1 gives 9.683772) is the
 /// unit test `keras_docstring_example`.
 #[inline(always)]
-pub fn update_element<
-    const CENTERED: bool,
-    const MOMENTUM: bool,
-    const EMA: bool,
-    const ACCUMULATE: bool,
-    const STORAGE: u8,
->(
+pub fn update_element<const K: u32, const STORAGE: u8>(
     raw_gradient: f32,
     mut e: ElementState,
     t: &TensorStep,
@@ -493,19 +585,26 @@ pub fn update_element<
             e.accumulator = accumulate_gradient(unscale_gradient(raw_gradient, s), e.accumulator);
         }
         Phase::Update => {
-            let g = effective_gradient::<ACCUMULATE>(raw_gradient, e.accumulator, s);
-            if ACCUMULATE {
+            let accumulate = kernel::has(K, kernel::ACCUMULATE);
+            let g = if accumulate {
+                effective_gradient::<true>(raw_gradient, e.accumulator, s)
+            } else {
+                effective_gradient::<false>(raw_gradient, e.accumulator, s)
+            };
+            if accumulate {
                 e.accumulator = 0.0;
             }
-            let g = clip_gradient(g, t.clip, s);
-            if t.decay {
+            let mut g = orient_gradient(clip_gradient(g, t.clip, s), s);
+            if t.decay && kernel::has(K, kernel::COUPLED_DECAY) {
+                g = decay_gradient(g, e.param, s);
+            } else if t.decay {
                 let bits = rounding_bits::<STORAGE>(key, 0);
                 e.param = store_param::<STORAGE>(decay_weight(e.param, s), bits);
             }
-            e = rmsprop_element::<CENTERED, MOMENTUM, STORAGE>(e, g, s, key);
+            e = rmsprop_element::<K, STORAGE>(e, g, s, key);
         }
     }
-    if EMA {
+    if kernel::has(K, kernel::EMA) {
         e.ema = ema_update(e.ema, e.param, s);
         if s.ema_overwrite_enabled != 0 {
             let bits = rounding_bits::<STORAGE>(key, 2);
@@ -562,9 +661,16 @@ mod tests {
             accumulation_steps: 1.0,
             clip_value: f32::INFINITY,
             is_update_step: 1,
+            increment_scale: 0.1,
+            update_scale: 1.0,
+            bias_correction: 1.0,
+            gradient_sign: 1.0,
             ..StepScalars::default()
         }
     }
+
+    /// Every Keras option on: centered, momentum, EMA, accumulation.
+    const ALL_KERAS: u32 = kernel::CENTERED | kernel::MOMENTUM | kernel::EMA | kernel::ACCUMULATE;
 
     fn param(p: f32) -> ElementState {
         ElementState {
@@ -577,7 +683,7 @@ mod tests {
     fn keras_doc_example_one_step() {
         // Keras' docstring: var = 10, loss = var^2 / 2, lr = 0.1: one step gives 9.683772.
         let s = scalars();
-        let p = rmsprop_element::<false, false, 0>(param(10.0), 10.0, &s, 0).param;
+        let p = rmsprop_element::<0, 0>(param(10.0), 10.0, &s, 0).param;
         // closed form: 10 - 0.1 * 10 / sqrt(0.1 * 100 + 1e-7)
         let expected = 10.0 - 0.1 * 10.0 / (0.1f64 * 100.0 + 1e-7).sqrt();
         assert!((p as f64 - expected).abs() < 1e-5, "{p} vs {expected}");
@@ -588,8 +694,8 @@ mod tests {
     fn centered_with_zero_mean_equals_plain() {
         let s = scalars();
         // with a zero gradient mean kept at zero, centered == plain
-        let p1 = rmsprop_element::<true, false, 0>(param(1.0), 0.0, &s, 0).param;
-        let p2 = rmsprop_element::<false, false, 0>(param(1.0), 0.0, &s, 0).param;
+        let p1 = rmsprop_element::<{ kernel::CENTERED }, 0>(param(1.0), 0.0, &s, 0).param;
+        let p2 = rmsprop_element::<0, 0>(param(1.0), 0.0, &s, 0).param;
         assert_eq!(p1, p2);
     }
 
@@ -659,7 +765,7 @@ mod tests {
             ema: 1.5,
             accumulator: 0.75,
         };
-        let e = update_element::<true, true, true, true, 0>(6.0, start, &t, &s, 0);
+        let e = update_element::<ALL_KERAS, 0>(6.0, start, &t, &s, 0);
         let g = ((6.0f32 / 4.0 + 0.75) / 2.0 * 0.5 / 2.0).clamp(-0.3, 0.3);
         let p = 2.0 - 2.0 * 0.1 * 0.1;
         let v = 0.9 * 0.25 + s.one_minus_rho * (g * g);
@@ -675,7 +781,7 @@ mod tests {
             phase: Phase::Accumulate,
             ..t
         };
-        let e = update_element::<true, true, true, true, 0>(6.0, start, &acc, &s, 0);
+        let e = update_element::<ALL_KERAS, 0>(6.0, start, &acc, &s, 0);
         assert_eq!(e.accumulator, 6.0 / 4.0 + 0.75);
         assert_eq!((e.velocity, e.momentum), (start.velocity, start.momentum));
         assert_eq!(e.ema, 0.9 * 1.5 + (1.0 - 0.9) * 2.0);
@@ -684,7 +790,7 @@ mod tests {
             phase: Phase::NoGradient,
             ..t
         };
-        let e = update_element::<true, true, true, true, 0>(f32::NAN, start, &none, &s, 0);
+        let e = update_element::<ALL_KERAS, 0>(f32::NAN, start, &none, &s, 0);
         assert_eq!(e.accumulator, start.accumulator);
         assert_eq!(e.ema, 0.9 * 1.5 + (1.0 - 0.9) * 2.0);
     }
@@ -795,8 +901,7 @@ mod tests {
             decay: false,
             clip: ClipFactors::NONE,
         };
-        let e =
-            update_element::<false, false, false, false, 0>(10.0, param(10.0), &t, &scalars(), 0);
+        let e = update_element::<0, 0>(10.0, param(10.0), &t, &scalars(), 0);
         assert!((e.param - 9.683772).abs() < 1e-5);
     }
 }

@@ -64,11 +64,22 @@ pub(crate) fn plan_step(config: &RmsPropConfig, raw: u64) -> StepScalars {
         (Clipping::GlobalNorm(_), Some(c)) => (1.0 / c) as f32,
         _ => 0.0,
     };
+    let epsilon = config.epsilon as f32;
+    let (epsilon, epsilon_outside) = if config.eps_in_sqrt {
+        (epsilon, 0.0)
+    } else {
+        (0.0, epsilon)
+    };
+    let (increment_scale, update_scale) = if config.dialect.scales_update() {
+        (1.0, learning_rate)
+    } else {
+        (learning_rate, 1.0)
+    };
     StepScalars {
         learning_rate,
         rho: config.rho as f32,
         one_minus_rho: (1.0 - config.rho) as f32,
-        epsilon: config.epsilon as f32,
+        epsilon,
         momentum: config.momentum as f32,
         weight_decay: config.weight_decay.unwrap_or(0.0) as f32,
         loss_scale: config.loss_scale_factor.unwrap_or(1.0) as f32,
@@ -84,8 +95,23 @@ pub(crate) fn plan_step(config: &RmsPropConfig, raw: u64) -> StepScalars {
         rounding_seed: 0,
         rounding_step: raw as u32,
         state_seed: config.state.rounding_seed(),
-        _pad1: 0,
+        increment_scale,
+        update_scale,
+        epsilon_outside,
+        bias_correction: bias_correction(config, iters),
+        gradient_sign: if config.maximize { -1.0 } else { 1.0 },
     }
+}
+
+/// optax's bias correction after `iterations` updates: the moments are divided by
+/// `1 - decay^count` (count = iterations + 1, optax's `safe_increment`ed int32 count),
+/// computed in f32 as JAX does; 1 without it.
+fn bias_correction(config: &RmsPropConfig, iterations: u64) -> f32 {
+    if !config.bias_correction {
+        return 1.0;
+    }
+    let count = (iterations + 1).min(i32::MAX as u64) as f32;
+    1.0 - (config.rho as f32).powf(count)
 }
 
 /// Whether variable `name` takes weight decay, given `exclude_from_weight_decay`

@@ -4,6 +4,7 @@
 
 use crate::config::{Clipping, RmsPropConfig};
 use crate::dtype::Dtype;
+use crate::math::kernel;
 pub(crate) use crate::slot::Slot;
 use crate::state::StateDtype;
 
@@ -44,6 +45,11 @@ pub(crate) struct Variant {
     pub centered: bool,
     /// `momentum > 0`.
     pub momentum: bool,
+    /// optax's `nesterov` (with momentum).
+    pub nesterov: bool,
+    /// Weight decay added to the gradient (every dialect but Keras, when
+    /// `weight_decay` is set).
+    pub coupled_decay: bool,
     /// `use_ema`.
     pub ema: bool,
     /// `gradient_accumulation_steps` set.
@@ -83,6 +89,8 @@ impl Variant {
         Variant {
             centered: config.centered,
             momentum: config.uses_momentum(),
+            nesterov: config.nesterov && config.uses_momentum(),
+            coupled_decay: config.dialect.coupled_decay() && config.weight_decay.is_some(),
             ema: config.use_ema,
             accumulate: config.gradient_accumulation_steps.is_some(),
             weight_decay: config.weight_decay.is_some(),
@@ -103,6 +111,31 @@ impl Variant {
             state_stochastic: config.state.stochastic_rounding.is_some(),
             block_size: config.state.block_size as u32,
         }
+    }
+
+    /// The [`kernel`] flags of the update: the const word the CPU loops are
+    /// instantiated for, and (through `math::KERNEL_FLAGS`) the shader's boolean
+    /// overrides.
+    pub(crate) fn kernel(&self) -> u32 {
+        [
+            (self.centered, kernel::CENTERED),
+            (self.momentum, kernel::MOMENTUM),
+            (self.nesterov, kernel::NESTEROV),
+            (self.ema, kernel::EMA),
+            (self.accumulate, kernel::ACCUMULATE),
+            (self.coupled_decay, kernel::COUPLED_DECAY),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |k, (_, flag)| k | flag)
+    }
+
+    /// [`Variant::kernel`], checked: nesterov only with momentum (a config's
+    /// `nesterov` without momentum has no effect, so it never gets here).
+    pub(crate) fn checked_kernel(&self) -> u32 {
+        let k = self.kernel();
+        debug_assert!(kernel::is_valid(k), "kernel flags {k:#x}");
+        k
     }
 
     /// True when a step with a non-finite gradient is skipped (the non-finite guard, or

@@ -67,19 +67,15 @@ impl Isa {
 }
 
 /// [`kernels::run_chunk`] at `isa`'s level.
-pub(crate) fn run_chunk<const C: bool, const M: bool, const E: bool, const A: bool>(
-    isa: Isa,
-    job: ChunkJob<'_>,
-    s: &StepScalars,
-) {
+pub(crate) fn run_chunk<const K: u32>(isa: Isa, job: ChunkJob<'_>, s: &StepScalars) {
     match isa.0 {
         // SAFETY: an `Isa` holds only a level whose features were detected (`Isa::new`).
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx512 => unsafe { x86::run_chunk_avx512::<C, M, E, A>(job, s) },
+        CpuLevel::Avx512 => unsafe { x86::run_chunk_avx512::<K>(job, s) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx2 => unsafe { x86::run_chunk_avx2::<C, M, E, A>(job, s) },
-        _ => kernels::run_chunk::<C, M, E, A>(job, s),
+        CpuLevel::Avx2 => unsafe { x86::run_chunk_avx2::<K>(job, s) },
+        _ => kernels::run_chunk::<K>(job, s),
     }
 }
 
@@ -121,19 +117,13 @@ mod x86 {
     use crate::math::StepScalars;
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn run_chunk_avx2<const C: bool, const M: bool, const E: bool, const A: bool>(
-        job: ChunkJob<'_>,
-        s: &StepScalars,
-    ) {
-        kernels::run_chunk::<C, M, E, A>(job, s)
+    pub(super) fn run_chunk_avx2<const K: u32>(job: ChunkJob<'_>, s: &StepScalars) {
+        kernels::run_chunk::<K>(job, s)
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-    pub(super) fn run_chunk_avx512<const C: bool, const M: bool, const E: bool, const A: bool>(
-        job: ChunkJob<'_>,
-        s: &StepScalars,
-    ) {
-        kernels::run_chunk::<C, M, E, A>(job, s)
+    pub(super) fn run_chunk_avx512<const K: u32>(job: ChunkJob<'_>, s: &StepScalars) {
+        kernels::run_chunk::<K>(job, s)
     }
 
     #[target_feature(enable = "avx2,fma")]

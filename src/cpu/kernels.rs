@@ -5,7 +5,7 @@
 use crate::cpu::slots::{SlotKeys, SlotPiece};
 use crate::dtype::{GradSlice, HalfSliceMut};
 use crate::math::{
-    effective_gradient, element_key, unscale_gradient, update_element, ElementState, Phase,
+    effective_gradient, element_key, kernel, unscale_gradient, update_element, ElementState, Phase,
     StepScalars, TensorStep, STORE_BF16, STORE_BF16_STOCHASTIC, STORE_F16, STORE_F16_STOCHASTIC,
     STORE_F32,
 };
@@ -198,17 +198,27 @@ pub(crate) fn sum_of_squares<const A: bool>(g: &[f32], acc: &[f32], s: &StepScal
     total
 }
 
-/// The fused pass over one chunk: its [`Phase`] picked once, then the loop.
-/// `C` centered, `M` momentum, `E` EMA, `A` accumulation.
+/// The fused pass over one chunk: its [`Phase`] picked once, then the loop. `K`: the
+/// [`kernel`] flags. A phase without an update reads only the EMA and accumulation
+/// flags, so its loops are instantiated for those alone (shared by every `K`).
 #[inline(always)]
-pub(crate) fn run_chunk<const C: bool, const M: bool, const E: bool, const A: bool>(
-    job: ChunkJob<'_>,
-    s: &StepScalars,
-) {
+pub(crate) fn run_chunk<const K: u32>(job: ChunkJob<'_>, s: &StepScalars) {
+    const E: u32 = kernel::EMA;
+    const A: u32 = kernel::ACCUMULATE;
+    macro_rules! no_update {
+        ($p:expr) => {
+            match (kernel::has(K, E), kernel::has(K, A)) {
+                (false, false) => sweep::<0, { $p }>(job, s),
+                (false, true) => sweep::<A, { $p }>(job, s),
+                (true, false) => sweep::<E, { $p }>(job, s),
+                (true, true) => sweep::<{ E | A }, { $p }>(job, s),
+            }
+        };
+    }
     match job.step.phase {
-        Phase::NoGradient => sweep::<C, M, E, A, NO_GRADIENT>(job, s),
-        Phase::Accumulate => sweep::<C, M, E, A, ACCUMULATE>(job, s),
-        Phase::Update => sweep::<C, M, E, A, UPDATE>(job, s),
+        Phase::NoGradient => no_update!(NO_GRADIENT),
+        Phase::Accumulate => no_update!(ACCUMULATE),
+        Phase::Update => sweep::<K, UPDATE>(job, s),
     }
 }
 
@@ -220,10 +230,15 @@ const UPDATE: u8 = 2;
 /// Every element of a chunk through [`update_element`] in phase `P`: loads what the
 /// phase reads, stores what it writes.
 #[inline(always)]
-fn sweep<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8>(
-    job: ChunkJob<'_>,
-    s: &StepScalars,
-) {
+fn sweep<const K: u32, const P: u8>(job: ChunkJob<'_>, s: &StepScalars) {
+    let (c, m) = (
+        kernel::has(K, kernel::CENTERED),
+        kernel::has(K, kernel::MOMENTUM),
+    );
+    let (e, a) = (
+        kernel::has(K, kernel::EMA),
+        kernel::has(K, kernel::ACCUMULATE),
+    );
     let t = TensorStep {
         phase: match P {
             NO_GRADIENT => Phase::NoGradient,
@@ -245,18 +260,18 @@ fn sweep<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8
         } else {
             &mut []
         },
-        momentum: if update && M {
+        momentum: if update && m {
             &mut all.momentum[..n]
         } else {
             &mut []
         },
-        average_gradient: if update && C {
+        average_gradient: if update && c {
             &mut all.average_gradient[..n]
         } else {
             &mut []
         },
-        ema: if E { &mut all.ema[..n] } else { &mut [] },
-        accumulator: if A && has_gradient {
+        ema: if e { &mut all.ema[..n] } else { &mut [] },
+        accumulator: if a && has_gradient {
             &mut all.accumulator[..n]
         } else {
             &mut []
@@ -265,7 +280,7 @@ fn sweep<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8
     // One copy of the loop per value of the per-tensor decay flag (update steps only)
     // and of the per-step EMA overwrite flag (EMA only), so that inside each they are
     // constants: LLVM does not reliably take both out of the vectorized loop by itself.
-    let overwrite = E && s.ema_overwrite_enabled != 0;
+    let overwrite = e && s.ema_overwrite_enabled != 0;
     let s_with = |overwrite: bool| StepScalars {
         ema_overwrite_enabled: overwrite as u32,
         ..*s
@@ -276,7 +291,7 @@ fn sweep<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8
     let key_of = (job.tensor, job.first);
     macro_rules! storage {
         ($s:expr) => {
-            by_flags::<C, M, E, A, P, { $s }>(&mut arrays, t_with, s_with, decay, overwrite, key_of)
+            by_flags::<K, P, { $s }>(&mut arrays, t_with, s_with, decay, overwrite, key_of)
         };
     }
     match s.param_storage as u8 {
@@ -290,14 +305,7 @@ fn sweep<const C: bool, const M: bool, const E: bool, const A: bool, const P: u8
 
 /// [`each_element`] with the decay and overwrite flags as constants.
 #[inline(always)]
-fn by_flags<
-    const C: bool,
-    const M: bool,
-    const E: bool,
-    const A: bool,
-    const P: u8,
-    const S: u8,
->(
+fn by_flags<const K: u32, const P: u8, const S: u8>(
     arrays: &mut ChunkArrays<'_>,
     t_with: impl Fn(bool) -> TensorStep,
     s_with: impl Fn(bool) -> StepScalars,
@@ -307,18 +315,10 @@ fn by_flags<
 ) {
     // one call per arm, so that inside each the flags are constants
     match (decay, overwrite) {
-        (false, false) => {
-            each_element::<C, M, E, A, P, S>(arrays, t_with(false), &s_with(false), key_of)
-        }
-        (false, true) => {
-            each_element::<C, M, E, A, P, S>(arrays, t_with(false), &s_with(true), key_of)
-        }
-        (true, false) => {
-            each_element::<C, M, E, A, P, S>(arrays, t_with(true), &s_with(false), key_of)
-        }
-        (true, true) => {
-            each_element::<C, M, E, A, P, S>(arrays, t_with(true), &s_with(true), key_of)
-        }
+        (false, false) => each_element::<K, P, S>(arrays, t_with(false), &s_with(false), key_of),
+        (false, true) => each_element::<K, P, S>(arrays, t_with(false), &s_with(true), key_of),
+        (true, false) => each_element::<K, P, S>(arrays, t_with(true), &s_with(false), key_of),
+        (true, true) => each_element::<K, P, S>(arrays, t_with(true), &s_with(true), key_of),
     }
 }
 
@@ -326,14 +326,7 @@ fn by_flags<
 /// empty): load, [`update_element`], store. `(tensor, first)`: the chunk's tensor and
 /// the index in it of its first element, for stochastic rounding's keys.
 #[inline(always)]
-fn each_element<
-    const C: bool,
-    const M: bool,
-    const E: bool,
-    const A: bool,
-    const P: u8,
-    const S: u8,
->(
+fn each_element<const K: u32, const P: u8, const S: u8>(
     arrays: &mut ChunkArrays<'_>,
     t: TensorStep,
     s: &StepScalars,
@@ -341,6 +334,14 @@ fn each_element<
 ) {
     let update = P == UPDATE;
     let has_gradient = P != NO_GRADIENT;
+    let (c, m) = (
+        kernel::has(K, kernel::CENTERED),
+        kernel::has(K, kernel::MOMENTUM),
+    );
+    let (e, a) = (
+        kernel::has(K, kernel::EMA),
+        kernel::has(K, kernel::ACCUMULATE),
+    );
     let ChunkArrays {
         param,
         grad,
@@ -354,10 +355,10 @@ fn each_element<
         let before = ElementState {
             param: param[i],
             velocity: if update { vel[i] } else { 0.0 },
-            momentum: if update && M { mom[i] } else { 0.0 },
-            average_gradient: if update && C { avg[i] } else { 0.0 },
-            ema: if E { ema[i] } else { 0.0 },
-            accumulator: if A && has_gradient { acc[i] } else { 0.0 },
+            momentum: if update && m { mom[i] } else { 0.0 },
+            average_gradient: if update && c { avg[i] } else { 0.0 },
+            ema: if e { ema[i] } else { 0.0 },
+            accumulator: if a && has_gradient { acc[i] } else { 0.0 },
         };
         let raw = if has_gradient { grad[i] } else { 0.0 };
         let key = if S >= STORE_BF16_STOCHASTIC {
@@ -365,23 +366,23 @@ fn each_element<
         } else {
             0
         };
-        let after = update_element::<C, M, E, A, S>(raw, before, &t, s, key);
-        if update || E {
+        let after = update_element::<K, S>(raw, before, &t, s, key);
+        if update || e {
             param[i] = after.param;
         }
         if update {
             vel[i] = after.velocity;
         }
-        if update && M {
+        if update && m {
             mom[i] = after.momentum;
         }
-        if update && C {
+        if update && c {
             avg[i] = after.average_gradient;
         }
-        if E {
+        if e {
             ema[i] = after.ema;
         }
-        if A && has_gradient {
+        if a && has_gradient {
             acc[i] = after.accumulator;
         }
     }

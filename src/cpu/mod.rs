@@ -38,6 +38,19 @@ use isa::Isa;
 use kernels::{ChunkArrays, PendingJob, SlotCoding};
 use slots::{SlotPiece, SlotStore};
 
+/// Calls `$m!` with every valid word of `math::kernel` flags (`kernel::is_valid`:
+/// nesterov only with momentum), the words the CPU loops are instantiated for; a
+/// unit test checks the list.
+macro_rules! kernel_words {
+    ($m:ident) => {
+        $m!(
+            0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 14, 15, 16, 17, 18, 19, 22, 23, 24, 25, 26, 27, 30,
+            31, 32, 33, 34, 35, 38, 39, 40, 41, 42, 43, 46, 47, 48, 49, 50, 51, 54, 55, 56, 57,
+            58, 59, 62, 63
+        )
+    };
+}
+
 /// Elements per chunk on the CPU: 128 KiB of each array, large enough to amortize
 /// scheduling, small enough to balance across threads.
 pub(crate) const CPU_CHUNK_LEN: usize = 1 << 15;
@@ -317,33 +330,18 @@ impl CpuEngine {
             stochastic: v.state_stochastic,
         };
         macro_rules! go {
-            ($c:literal, $m:literal, $e:literal, $a:literal) => {
-                jobs.into_par_iter()
-                    .for_each_init(Default::default, |buffers, job| {
-                        job.run(buffers, s, coding, |job| {
-                            isa::run_chunk::<$c, $m, $e, $a>(isa, job, s)
-                        })
-                    })
+            ($($k:literal),*) => {
+                match v.checked_kernel() {
+                    $($k => jobs.into_par_iter().for_each_init(Default::default, |buffers, job| {
+                        job.run(buffers, s, coding, |job| isa::run_chunk::<$k>(isa, job, s))
+                    }),)*
+                    // `Variant::kernel` makes only valid words (`kernel::is_valid`), and
+                    // a test checks `kernel_words!` against them
+                    other => unreachable!("no CPU loops for kernel flags {other:#x}"),
+                }
             };
         }
-        match (v.centered, v.momentum, v.ema, v.accumulate) {
-            (false, false, false, false) => go!(false, false, false, false),
-            (false, false, false, true) => go!(false, false, false, true),
-            (false, false, true, false) => go!(false, false, true, false),
-            (false, false, true, true) => go!(false, false, true, true),
-            (false, true, false, false) => go!(false, true, false, false),
-            (false, true, false, true) => go!(false, true, false, true),
-            (false, true, true, false) => go!(false, true, true, false),
-            (false, true, true, true) => go!(false, true, true, true),
-            (true, false, false, false) => go!(true, false, false, false),
-            (true, false, false, true) => go!(true, false, false, true),
-            (true, false, true, false) => go!(true, false, true, false),
-            (true, false, true, true) => go!(true, false, true, true),
-            (true, true, false, false) => go!(true, true, false, false),
-            (true, true, false, true) => go!(true, true, false, true),
-            (true, true, true, false) => go!(true, true, true, false),
-            (true, true, true, true) => go!(true, true, true, true),
-        }
+        kernel_words!(go);
         true
     }
 }
@@ -552,6 +550,18 @@ mod tests {
     }
 
     /// The accumulator-aware norm equals the sum written out element by element.
+    #[test]
+    fn kernel_words_are_every_valid_word() {
+        macro_rules! list {
+            ($($k:literal),*) => { [$($k),*] };
+        }
+        let listed: Vec<u32> = kernel_words!(list).to_vec();
+        let valid: Vec<u32> = (0..=crate::math::kernel::ALL)
+            .filter(|&k| crate::math::kernel::is_valid(k))
+            .collect();
+        assert_eq!(listed, valid);
+    }
+
     #[test]
     fn sum_of_squares_matches_the_effective_gradients() {
         let c = RmsPropConfig::default()

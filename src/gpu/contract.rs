@@ -96,6 +96,14 @@ pub(crate) const USE_MOMENTUM: Override = Override {
     name: "USE_MOMENTUM",
     values: BOOL,
 };
+pub(crate) const NESTEROV: Override = Override {
+    name: "NESTEROV",
+    values: BOOL,
+};
+pub(crate) const COUPLED_DECAY: Override = Override {
+    name: "COUPLED_DECAY",
+    values: BOOL,
+};
 pub(crate) const USE_EMA: Override = Override {
     name: "USE_EMA",
     values: BOOL,
@@ -179,11 +187,13 @@ pub(crate) const BLOCK_SIZE: Override = Override {
 };
 
 /// Every override the host sets, in the order `pipelines.rs` gives them.
-pub(crate) const OVERRIDES: [Override; 20] = [
+pub(crate) const OVERRIDES: [Override; 22] = [
     CENTERED,
     USE_MOMENTUM,
+    NESTEROV,
     USE_EMA,
     ACCUMULATE,
+    COUPLED_DECAY,
     WEIGHT_DECAY,
     GUARD,
     LOSS_SCALING,
@@ -224,6 +234,8 @@ pub(crate) const ENTRY_POINTS: [&str; 5] = [
 ///   with the options all off and all on;
 /// - compact state (bf16, bf16 rounded stochastically, int8, int8 with the smallest
 ///   block, int8 with bf16 parameters rounded stochastically), options off and on;
+/// - the other dialects' structure (nesterov, weight decay in the gradient), options
+///   off and on;
 /// - every value of every override alone (the slot runs and counts included).
 pub(crate) fn specializations() -> Vec<Vec<(&'static str, f64)>> {
     let bools = [
@@ -265,6 +277,17 @@ pub(crate) fn specializations() -> Vec<Vec<(&'static str, f64)>> {
             })
             .collect();
     }
+    // the other dialects' structure: nesterov momentum, weight decay in the gradient
+    let dialects: [&[(&'static str, f64)]; 3] = [
+        &[(USE_MOMENTUM.name, 1.0), (NESTEROV.name, 1.0)],
+        &[(WEIGHT_DECAY.name, 1.0), (COUPLED_DECAY.name, 1.0)],
+        &[
+            (USE_MOMENTUM.name, 1.0),
+            (NESTEROV.name, 1.0),
+            (WEIGHT_DECAY.name, 1.0),
+            (COUPLED_DECAY.name, 1.0),
+        ],
+    ];
     let state: [&[(&'static str, f64)]; 5] = [
         &[(STATE_DTYPE.name, 1.0)],
         &[(STATE_DTYPE.name, 1.0), (STATE_ROUNDING.name, 1.0)],
@@ -279,10 +302,12 @@ pub(crate) fn specializations() -> Vec<Vec<(&'static str, f64)>> {
     let extra = codes
         .into_iter()
         .filter(|c| c.iter().any(|&(_, v)| v != 0.0))
-        .chain(state.iter().map(|s| s.to_vec()));
+        .chain(state.iter().map(|s| s.to_vec()))
+        .chain(dialects.iter().map(|s| s.to_vec()));
     for e in extra {
         for mask in [0, all] {
             let mut s = options(mask);
+            s.retain(|(name, _)| !e.iter().any(|(given, _)| given == name));
             s.extend(e.iter().copied());
             out.push(s);
         }

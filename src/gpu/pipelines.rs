@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
 use crate::gpu::contract::{self, BindingKind};
 use crate::gpu::shader::SHADER_SOURCE;
+use crate::math::KERNEL_FLAGS;
 use crate::variant::{Slot, Variant};
 
 /// The three pipelines of one variant, and the bind group layout that every variant on
@@ -33,43 +34,46 @@ pub(crate) struct Pipelines {
 pub(crate) fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
     let b = |x: bool| if x { 1.0 } else { 0.0 };
     let slot = |s: Slot| variant.slot_index(s).unwrap_or(0) as f64;
-    vec![
-        (contract::CENTERED.name, b(variant.centered)),
-        (contract::USE_MOMENTUM.name, b(variant.momentum)),
-        (contract::USE_EMA.name, b(variant.ema)),
-        (contract::ACCUMULATE.name, b(variant.accumulate)),
-        (contract::WEIGHT_DECAY.name, b(variant.weight_decay)),
-        (contract::GUARD.name, b(variant.guard)),
-        (contract::LOSS_SCALING.name, b(variant.loss_scaling)),
-        (contract::CLIP_KIND.name, f64::from(variant.clip.code())),
-        (
-            contract::GRADIENT_DTYPE.name,
-            f64::from(variant.gradients.code()),
-        ),
-        (
-            contract::PARAM_COPY.name,
-            f64::from(variant.param_copy.map_or(0, |d| d.code())),
-        ),
-        (
-            contract::PARAM_DTYPE.name,
-            f64::from(variant.param_dtype_code()),
-        ),
-        (
-            contract::PARAM_ROUNDING.name,
-            b(variant.stochastic_rounding),
-        ),
-        (contract::MOMENTUM_SLOT.name, slot(Slot::Momentum)),
-        (
-            contract::AVERAGE_GRADIENT_SLOT.name,
-            slot(Slot::AverageGradient),
-        ),
-        (contract::EMA_SLOT.name, slot(Slot::Ema)),
-        (contract::ACCUMULATOR_SLOT.name, slot(Slot::Accumulator)),
-        (contract::SLOT_COUNT.name, variant.slots().len() as f64),
-        (contract::STATE_DTYPE.name, f64::from(variant.state.code())),
-        (contract::STATE_ROUNDING.name, b(variant.state_stochastic)),
-        (contract::BLOCK_SIZE.name, f64::from(variant.block_size)),
-    ]
+    let kernel = variant.kernel();
+    // the structural flags, named once in math::KERNEL_FLAGS (in the contract's order)
+    let flags = KERNEL_FLAGS
+        .iter()
+        .map(|&(bit, name)| (name, b(kernel & bit != 0)));
+    flags
+        .chain([
+            (contract::WEIGHT_DECAY.name, b(variant.weight_decay)),
+            (contract::GUARD.name, b(variant.guard)),
+            (contract::LOSS_SCALING.name, b(variant.loss_scaling)),
+            (contract::CLIP_KIND.name, f64::from(variant.clip.code())),
+            (
+                contract::GRADIENT_DTYPE.name,
+                f64::from(variant.gradients.code()),
+            ),
+            (
+                contract::PARAM_COPY.name,
+                f64::from(variant.param_copy.map_or(0, |d| d.code())),
+            ),
+            (
+                contract::PARAM_DTYPE.name,
+                f64::from(variant.param_dtype_code()),
+            ),
+            (
+                contract::PARAM_ROUNDING.name,
+                b(variant.stochastic_rounding),
+            ),
+            (contract::MOMENTUM_SLOT.name, slot(Slot::Momentum)),
+            (
+                contract::AVERAGE_GRADIENT_SLOT.name,
+                slot(Slot::AverageGradient),
+            ),
+            (contract::EMA_SLOT.name, slot(Slot::Ema)),
+            (contract::ACCUMULATOR_SLOT.name, slot(Slot::Accumulator)),
+            (contract::SLOT_COUNT.name, variant.slots().len() as f64),
+            (contract::STATE_DTYPE.name, f64::from(variant.state.code())),
+            (contract::STATE_ROUNDING.name, b(variant.state_stochastic)),
+            (contract::BLOCK_SIZE.name, f64::from(variant.block_size)),
+        ])
+        .collect()
 }
 
 /// Shader module, layouts and pipelines of one device.
@@ -203,6 +207,15 @@ mod tests {
                 c.state = StateStorage::new(StateDtype::Int8).with_block_size(32);
             }
             let v = Variant::of(&c);
+            if c.momentum > 0.0 && c.weight_decay.is_some() {
+                // the other dialects' structure: nesterov, decay in the gradient
+                let mut optax = c.clone();
+                optax.dialect = crate::config::Dialect::Optax;
+                optax.nesterov = true;
+                let o = Variant::of(&optax);
+                assert!(o.nesterov && o.coupled_decay);
+                variants.push(o);
+            }
             variants.push(v);
             variants.push(Variant {
                 guard: true,

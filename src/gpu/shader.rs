@@ -243,7 +243,11 @@ mod tests {
                 rounding_seed,
                 rounding_step,
                 state_seed,
-                _pad1,
+                increment_scale,
+                update_scale,
+                epsilon_outside,
+                bias_correction,
+                gradient_sign,
             }),
         );
         assert_same(

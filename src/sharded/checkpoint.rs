@@ -103,7 +103,7 @@ impl Manifest {
             .collect();
         let mut v = json!({
             "format": MANIFEST_FORMAT,
-            "keras_config": self.config.to_keras_json()?,
+            "keras_config": self.config.to_json()?,
             "variables": specs_to_json(&self.specs),
             "ranks": self.ranks,
             "raw_iterations": self.raw,
@@ -208,7 +208,7 @@ impl Manifest {
             }
         };
         Ok(Manifest {
-            config: RmsPropConfig::from_keras_json(&v["keras_config"])?,
+            config: RmsPropConfig::from_json(&v["keras_config"])?,
             specs,
             ranks,
             shards,
@@ -289,7 +289,7 @@ impl ShardedRmsProp {
                     ),
                 ));
             }
-            if m.specs != self.specs || m.config.to_keras_json()? != self.config.to_keras_json()? {
+            if m.specs != self.specs || m.config.to_json()? != self.config.to_json()? {
                 return Err(corrupt(dir, "saved with other variables or options"));
             }
             if m.loss_scaling.is_some() != self.loss_scaling.is_some() {

@@ -531,7 +531,7 @@ fn model_digest(config: &RmsPropConfig, variables: &[Variable]) -> u64 {
     };
     // the Keras JSON (with our state key); a custom schedule without one: its Debug
     let text = config
-        .to_keras_json()
+        .to_json()
         .map(|v| v.to_string())
         .unwrap_or_else(|_| format!("{config:?}"));
     eat(text.as_bytes());
