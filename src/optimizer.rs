@@ -161,6 +161,13 @@ impl RmsProp {
         };
         let mut engine = open_engine(backend, &specs, variant, gpu, &config.state)?;
         engine.set_rounding_seed(precision.rounding_seed());
+        if config.initial_scale != 0.0 {
+            // optax's `initial_scale`: the velocity starts there, not at 0
+            for (i, spec) in specs.iter().enumerate() {
+                let start = vec![config.initial_scale as f32; spec.len()];
+                engine.write_tensor(Role::Slot(Slot::Velocity), i, &start)?;
+            }
+        }
         let decay = vec![true; specs.len()];
         Ok(RmsProp {
             config,

@@ -16,8 +16,23 @@ pub fn trace_paths() -> Vec<PathBuf> {
 }
 
 fn paths_in(folder: &str) -> Vec<PathBuf> {
+    paths_under("tests/keras", folder)
+}
+
+/// The traces of another dialect (`torch`, `optax`), recorded by
+/// `tests/dialects/record_traces.py`.
+pub fn dialect_trace_paths(dialect: &str) -> Vec<PathBuf> {
+    paths_under("tests/dialects", dialect)
+}
+
+/// [`dialect_trace_paths`], parsed.
+pub fn dialect_traces(dialect: &str) -> Vec<(String, Trace)> {
+    parse_all(dialect_trace_paths(dialect))
+}
+
+fn paths_under(root: &str, folder: &str) -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/keras")
+        .join(root)
         .join(folder);
     let entries = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("conformance traces missing at {}: {e}", dir.display()));

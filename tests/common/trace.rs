@@ -1,4 +1,5 @@
-//! Keras traces (`rmsprop-trace/1`, see `tests/keras/FORMAT.md`): parse, replay on any
+//! Traces (`rmsprop-trace/1`, see `tests/keras/FORMAT.md`; Keras', and PyTorch's and
+//! optax's in `tests/dialects/`): parse, replay on any
 //! backend, and compare with FORMAT.md's tolerance. Test and example support, not part
 //! of the library: `tests/` use it as `common::trace`, `examples/replay.rs` through a
 //! `#[path]` module.
@@ -155,8 +156,9 @@ impl Trace {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
+        // any dialect's JSON: Keras' get_config(), or {"dialect": "torch", ...}
         let config =
-            RmsPropConfig::from_keras_json(obj.get("config").ok_or_else(|| bad("no `config`"))?)?;
+            RmsPropConfig::from_json(obj.get("config").ok_or_else(|| bad("no `config`"))?)?;
         let vars = obj
             .get("variables")
             .and_then(Value::as_array)
