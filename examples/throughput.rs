@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo run --release --example throughput -- --backend cpu|gpu --variant NAME
-//!     --params N [--tensors K] [--samples S] [--guard] [--cpu-level L] [--json]
+//!     --params N [--tensors K] [--samples S] [--guard] [--cpu-level L]
+//!     [--dialect keras|torch|optax|burn] [--json]
 //! ```
 //!
 //! `--guard` turns the non-finite guard on; `bytes_per_step` stays the unguarded
@@ -27,8 +28,8 @@ mod workload;
 
 use fused_rmsprop::half::{bf16, f16};
 use fused_rmsprop::{
-    Backend, CpuLevel, Dtype, GpuOptions, GradientElement, Precision, RmsProp, StateDtype,
-    StateStorage,
+    Backend, CpuLevel, Dialect, Dtype, GpuOptions, GradientElement, Precision, RmsProp,
+    RmsPropConfig, StateDtype, StateStorage,
 };
 use serde_json::json;
 use workload::{
@@ -82,9 +83,17 @@ struct Args {
     /// Run the CPU loops at this level (baseline, avx2, avx512) instead of the best one.
     #[arg(long)]
     cpu_level: Option<CpuLevel>,
+    /// Whose formula: keras, torch, optax or burn (same hyperparameters; torch's and
+    /// Burn's epsilon outside the root).
+    #[arg(long, default_value = "keras", value_parser = parse_dialect)]
+    dialect: Dialect,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_dialect(name: &str) -> Result<Dialect, String> {
+    Dialect::from_name(name).ok_or_else(|| format!("unknown dialect `{name}` (keras, torch, optax, burn)"))
 }
 
 /// The synthetic gradients in the dtype asked for.
@@ -181,10 +190,16 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(copy) = args.param_copy {
         precision = precision.with_param_copy(copy);
     }
+    let config = variant
+        .config()
+        .with_state(StateStorage::new(args.state_dtype));
+    let config = RmsPropConfig {
+        dialect: args.dialect,
+        eps_in_sqrt: matches!(args.dialect, Dialect::Keras | Dialect::Optax),
+        ..config
+    };
     let mut opt = RmsProp::with_precision(
-        variant
-            .config()
-            .with_state(StateStorage::new(args.state_dtype)),
+        config,
         model,
         args.backend,
         &GpuOptions::default(),
@@ -301,6 +316,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut out = json!({
         "backend": backend.as_str(),
         "variant": name,
+        "dialect": args.dialect.as_str(),
         "gradient_dtype": args.gradient_dtype.as_str(),
         "param_copy": args.param_copy.map(Dtype::as_str),
         "param_dtype": args.param_dtype.as_str(),
