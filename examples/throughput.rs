@@ -93,7 +93,8 @@ struct Args {
 }
 
 fn parse_dialect(name: &str) -> Result<Dialect, String> {
-    Dialect::from_name(name).ok_or_else(|| format!("unknown dialect `{name}` (keras, torch, optax, burn)"))
+    Dialect::from_name(name)
+        .ok_or_else(|| format!("unknown dialect `{name}` (keras, torch, optax, burn)"))
 }
 
 /// The synthetic gradients in the dtype asked for.

@@ -199,3 +199,59 @@ fn large_tensors_reduced_cooperatively_match_cpu() {
         compare(combo(k), vars.clone(), &options(&ctx), 3, 5, 29).unwrap();
     }
 }
+
+/// PyTorch's, optax's and Burn's formulas with the options the dialects share with
+/// Keras (clipping, EMA, accumulation, compact state, loss scale factor): the same
+/// results on both backends.
+#[test]
+fn every_dialect_with_the_shared_options_matches_cpu() {
+    use fused_rmsprop::{StateDtype, StateStorage};
+    let Some(ctx) = common::gpu() else { return };
+    let dialects = [
+        RmsPropConfig::torch()
+            .with_momentum(0.9)
+            .with_centered(true)
+            .with_weight_decay(0.05)
+            .with_maximize(true),
+        RmsPropConfig::optax(0.01)
+            .with_momentum(0.8)
+            .with_nesterov(true)
+            .with_centered(true)
+            .with_bias_correction(true)
+            .with_initial_scale(0.5)
+            .with_weight_decay(0.01),
+        RmsPropConfig::optax(0.01).with_eps_in_sqrt(false),
+        RmsPropConfig::burn().with_weight_decay(0.05),
+    ];
+    let shared: [fn(RmsPropConfig) -> RmsPropConfig; 7] = [
+        |c| c,
+        |c| c.with_clipnorm(0.5),
+        |c| c.with_global_clipnorm(1.0),
+        |c| c.with_use_ema(true).with_ema_overwrite_frequency(2),
+        |c| {
+            c.with_gradient_accumulation_steps(2)
+                .with_loss_scale_factor(4.0)
+        },
+        |c| c.with_state(StateStorage::new(StateDtype::Int8).with_min_size(64)),
+        |c| c.with_state(StateStorage::new(StateDtype::Bf16).with_min_size(64)),
+    ];
+    let mut rng = Rng(17);
+    let mut failures = Vec::new();
+    for (d, dialect) in dialects.iter().enumerate() {
+        for (k, with) in shared.iter().enumerate() {
+            let config = with(dialect.clone());
+            let vars = random_model(&mut rng, 6, 3000);
+            if let Err(e) = compare(
+                config,
+                vars,
+                &options(&ctx),
+                6,
+                4,
+                500 + 10 * d as u64 + k as u64,
+            ) {
+                failures.push(format!("dialect {d}, shared option {k}: {e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

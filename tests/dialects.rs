@@ -95,3 +95,82 @@ fn epsilon_placement_changes_the_tiny_velocity_traces() {
         );
     }
 }
+
+/// A checkpoint keeps the dialect: a PyTorch-dialect run saved, restored into a fresh
+/// optimizer and continued is the uninterrupted run bit for bit (optax's
+/// `initial_scale` and bias correction included), and a restore into another dialect
+/// is refused with the optimizer unchanged.
+#[test]
+fn checkpoints_keep_the_dialect() {
+    use fused_rmsprop::{RmsProp, Variable};
+    let vars = vec![
+        Variable::new(
+            "w",
+            &[3, 5],
+            (0..15).map(|i| i as f32 * 0.1 - 0.7).collect(),
+        )
+        .unwrap(),
+        Variable::new("b", &[5], vec![0.5; 5]).unwrap(),
+    ];
+    let grads = |k: usize| -> Vec<Vec<f32>> {
+        vars.iter()
+            .map(|v| {
+                (0..v.values.len())
+                    .map(|i| ((i * 7 + k * 13) % 11) as f32 * 0.1 - 0.5)
+                    .collect()
+            })
+            .collect()
+    };
+    let step = |opt: &mut RmsProp, k: usize| {
+        let g = grads(k);
+        let refs: Vec<Option<&[f32]>> = g.iter().map(|g| Some(g.as_slice())).collect();
+        opt.apply_gradients(&refs).unwrap();
+    };
+    let dir = std::env::temp_dir().join(format!("dialect-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for config in [
+        RmsPropConfig::torch()
+            .with_momentum(0.9)
+            .with_weight_decay(0.1)
+            .with_maximize(true),
+        RmsPropConfig::optax(0.05)
+            .with_bias_correction(true)
+            .with_initial_scale(1.0)
+            .with_momentum(0.5)
+            .with_nesterov(true),
+    ] {
+        let mut whole = RmsProp::with_backend(config.clone(), vars.clone(), Backend::Cpu).unwrap();
+        let mut first = RmsProp::with_backend(config.clone(), vars.clone(), Backend::Cpu).unwrap();
+        for k in 0..3 {
+            step(&mut whole, k);
+            step(&mut first, k);
+        }
+        let path = dir.join(format!("{}.safetensors", config.dialect.as_str()));
+        first.save_checkpoint(&path).unwrap();
+        let mut resumed =
+            RmsProp::with_backend(config.clone(), vars.clone(), Backend::Cpu).unwrap();
+        resumed.restore_checkpoint(&path).unwrap();
+        for k in 3..6 {
+            step(&mut whole, k);
+            step(&mut resumed, k);
+        }
+        assert_eq!(resumed.variables().unwrap(), whole.variables().unwrap());
+        assert_ne!(whole.variables().unwrap()[0], vars[0].values);
+        // into Keras' formula with the same numbers: refused, nothing changed
+        let keras = RmsPropConfig {
+            dialect: Dialect::Keras,
+            eps_in_sqrt: true,
+            maximize: false,
+            nesterov: false,
+            bias_correction: false,
+            initial_scale: 0.0,
+            ..config.clone()
+        };
+        let mut other = RmsProp::with_backend(keras, vars.clone(), Backend::Cpu).unwrap();
+        let before = other.variables().unwrap();
+        assert!(other.restore_checkpoint(&path).is_err());
+        assert_eq!(other.variables().unwrap(), before);
+        assert_eq!(other.iterations(), 0);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
