@@ -135,6 +135,10 @@ struct StepScalars {
     update_scale: f32,
     epsilon_outside: f32,
     bias_correction: f32,
+    inverse_bias_correction: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
     gradient_sign: f32,
 }
 
@@ -422,12 +426,12 @@ fn rmsprop_average_gradient(average: Lanes, gradient: Lanes) -> Lanes {
 }
 
 fn rmsprop_denominator(velocity: Lanes, average: Lanes) -> Lanes {
-    let v = velocity / s.bias_correction;
     if CENTERED {
+        let v = velocity / s.bias_correction;
         let a = average / s.bias_correction;
         return v - a * a + s.epsilon;
     }
-    return v + s.epsilon;
+    return velocity * s.inverse_bias_correction + s.epsilon;
 }
 
 fn rmsprop_increment(gradient: Lanes, denominator: Lanes) -> Lanes {

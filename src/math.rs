@@ -14,8 +14,8 @@
 //! g         = g + weight_decay * p                        decay_gradient (COUPLED_DECAY: PyTorch, Burn, optax)
 //! velocity  = rho * velocity + (1 - rho) * g^2            rmsprop_velocity
 //! avg_grad  = rho * avg_grad + (1 - rho) * g              rmsprop_average_gradient (centered)
-//! denom     = velocity/bc - (avg_grad/bc)^2 + epsilon     rmsprop_denominator (else velocity/bc + epsilon;
-//!                                                         bc: optax's bias correction, else 1)
+//! denom     = velocity/c - (avg_grad/c)^2 + epsilon       rmsprop_denominator (else velocity*(1/c) + epsilon;
+//!                                                         c: optax's bias correction, else 1)
 //! increment = (a * g) / (sqrt(denom) + epsilon_outside)   rmsprop_increment (Keras, optax: a = lr,
 //!                                                         outside 0; PyTorch: a = 1, inside 0)
 //! momentum  = momentum_coef * momentum + increment        rmsprop_momentum (momentum > 0)
@@ -29,7 +29,7 @@
 //! That is Keras' formula, and with the step's numbers (`plan`) and two structural flags
 //! (`COUPLED_DECAY`, `NESTEROV`) also PyTorch's, Burn's and optax's: every dialect
 //! is this one path. Where a dialect's numbers are 1 or 0 (Keras' `update_scale`,
-//! `epsilon_outside`, `bias_correction`, `gradient_sign`), multiplying, dividing or
+//! `epsilon_outside`, `inverse_bias_correction`, `gradient_sign`), multiplying, dividing or
 //! adding them is exact, so Keras' results keep their bits.
 //!
 //! `shaders/rmsprop.wgsl` mirrors every function here name for name and stage for
@@ -99,8 +99,19 @@ pub struct StepScalars {
     /// Epsilon added after the square root (PyTorch, Burn, optax's `eps_in_sqrt=False`),
     /// else 0 (then `epsilon` is the one inside the root, and the other is 0).
     pub epsilon_outside: f32,
-    /// optax's `bias_correction`: `1 - decay^count` the moments are divided by, else 1.
+    /// optax's `bias_correction`: `1 - decay^count`, what the centered moments are
+    /// divided by (their difference cancels: the division keeps optax's bits), else 1.
     pub bias_correction: f32,
+    /// `1 / (1 - decay^count)`: what the velocity alone is multiplied by (a multiply,
+    /// within an ulp of optax's division, where a divide would slow every dialect's
+    /// plain loop), else 1.
+    pub inverse_bias_correction: f32,
+    /// Zero.
+    pub _pad0: u32,
+    /// Zero.
+    pub _pad1: u32,
+    /// Zero.
+    pub _pad2: u32,
     /// -1 with PyTorch's `maximize`, else 1.
     pub gradient_sign: f32,
 }
@@ -476,16 +487,17 @@ pub fn rmsprop_average_gradient(average: f32, gradient: f32, s: &StepScalars) ->
     s.rho * average + s.one_minus_rho * gradient
 }
 
-/// The denominator under the root: `v - a^2 + eps` (centered) or `v + eps`, each
-/// moment divided by the bias correction first (optax; dividing by 1 is exact).
+/// The denominator under the root: `v - a^2 + eps` (centered, each moment divided
+/// by the bias correction) or `v + eps` (the velocity times its inverse); both are 1
+/// without optax's bias correction, and dividing or multiplying by 1 is exact.
 #[inline(always)]
 pub fn rmsprop_denominator<const K: u32>(velocity: f32, average: f32, s: &StepScalars) -> f32 {
-    let velocity = velocity / s.bias_correction;
     if kernel::has(K, kernel::CENTERED) {
+        let velocity = velocity / s.bias_correction;
         let average = average / s.bias_correction;
         velocity - average * average + s.epsilon
     } else {
-        velocity + s.epsilon
+        velocity * s.inverse_bias_correction + s.epsilon
     }
 }
 
@@ -664,6 +676,7 @@ mod tests {
             increment_scale: 0.1,
             update_scale: 1.0,
             bias_correction: 1.0,
+            inverse_bias_correction: 1.0,
             gradient_sign: 1.0,
             ..StepScalars::default()
         }

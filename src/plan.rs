@@ -75,6 +75,7 @@ pub(crate) fn plan_step(config: &RmsPropConfig, raw: u64) -> StepScalars {
     } else {
         (learning_rate, 1.0)
     };
+    let bias = bias_correction(config, iters);
     StepScalars {
         learning_rate,
         rho: config.rho as f32,
@@ -98,14 +99,18 @@ pub(crate) fn plan_step(config: &RmsPropConfig, raw: u64) -> StepScalars {
         increment_scale,
         update_scale,
         epsilon_outside,
-        bias_correction: bias_correction(config, iters),
+        bias_correction: bias,
+        inverse_bias_correction: 1.0 / bias,
+        _pad0: 0,
+        _pad1: 0,
+        _pad2: 0,
         gradient_sign: if config.maximize { -1.0 } else { 1.0 },
     }
 }
 
 /// optax's bias correction after `iterations` updates: the moments are divided by
-/// `1 - decay^count` (count = iterations + 1, optax's `safe_increment`ed int32 count),
-/// computed in f32 as JAX does; 1 without it.
+/// `1 - decay^count` (count = iterations + 1, its `safe_increment`ed int32 count,
+/// computed in f32 as JAX does); exactly 1 without it.
 fn bias_correction(config: &RmsPropConfig, iterations: u64) -> f32 {
     if !config.bias_correction {
         return 1.0;

@@ -247,6 +247,10 @@ mod tests {
                 update_scale,
                 epsilon_outside,
                 bias_correction,
+                inverse_bias_correction,
+                _pad0,
+                _pad1,
+                _pad2,
                 gradient_sign,
             }),
         );
