@@ -227,18 +227,23 @@ const NO_GRADIENT: u8 = 0;
 const ACCUMULATE: u8 = 1;
 const UPDATE: u8 = 2;
 
+/// Which optional slots the [`kernel`] flags `k` keep: the average gradient (centered),
+/// momentum, EMA, accumulator.
+#[inline(always)]
+const fn slots_kept(k: u32) -> [bool; 4] {
+    [
+        kernel::has(k, kernel::CENTERED),
+        kernel::has(k, kernel::MOMENTUM),
+        kernel::has(k, kernel::EMA),
+        kernel::has(k, kernel::ACCUMULATE),
+    ]
+}
+
 /// Every element of a chunk through [`update_element`] in phase `P`: loads what the
 /// phase reads, stores what it writes.
 #[inline(always)]
 fn sweep<const K: u32, const P: u8>(job: ChunkJob<'_>, s: &StepScalars) {
-    let (c, m) = (
-        kernel::has(K, kernel::CENTERED),
-        kernel::has(K, kernel::MOMENTUM),
-    );
-    let (e, a) = (
-        kernel::has(K, kernel::EMA),
-        kernel::has(K, kernel::ACCUMULATE),
-    );
+    let [c, m, e, a] = slots_kept(K);
     let t = TensorStep {
         phase: match P {
             NO_GRADIENT => Phase::NoGradient,
@@ -334,14 +339,7 @@ fn each_element<const K: u32, const P: u8, const S: u8>(
 ) {
     let update = P == UPDATE;
     let has_gradient = P != NO_GRADIENT;
-    let (c, m) = (
-        kernel::has(K, kernel::CENTERED),
-        kernel::has(K, kernel::MOMENTUM),
-    );
-    let (e, a) = (
-        kernel::has(K, kernel::EMA),
-        kernel::has(K, kernel::ACCUMULATE),
-    );
+    let [c, m, e, a] = slots_kept(K);
     let ChunkArrays {
         param,
         grad,
