@@ -520,6 +520,12 @@ impl RmsPropConfig {
                 ),
             ));
         }
+        self.keras_keys()
+    }
+
+    /// Keras' keys of this config, whatever its dialect (the other dialects' JSON
+    /// takes its shared options and schedule from them).
+    pub(crate) fn keras_keys(&self) -> Result<Value> {
         let lr = match &self.learning_rate {
             LearningRate::Constant(x) => float(*x as f32 as f64),
             LearningRate::Keras(s) => s.to_keras_json(),

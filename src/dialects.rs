@@ -224,23 +224,15 @@ impl RmsPropConfig {
             return self.to_keras_json();
         };
         // the shared options, as Keras writes them, when not at their default
-        let neutral = RmsPropConfig {
-            dialect: Dialect::Keras,
-            maximize: false,
-            nesterov: false,
-            bias_correction: false,
-            initial_scale: 0.0,
-            eps_in_sqrt: true,
-            learning_rate: LearningRate::Constant(0.0),
-            ..self.clone()
-        };
-        let keras = neutral.to_keras_json()?;
+        let keras = self.keras_keys()?;
         let defaults = RmsPropConfig::default().to_keras_json()?;
         let mut m = Map::new();
         m.insert("dialect".into(), Value::from(self.dialect.as_str()));
+        // a float as given (Keras alone keeps it in float32); a schedule as Keras
+        // serializes it
         let lr = match &self.learning_rate {
             LearningRate::Constant(x) => float(*x),
-            _ => keras_learning_rate(self)?,
+            _ => keras["learning_rate"].clone(),
         };
         let wd = self.weight_decay.unwrap_or(0.0);
         for (key, _) in renames.keys {
@@ -293,16 +285,6 @@ impl RmsPropConfig {
         }
         Ok(Value::Object(m))
     }
-}
-
-/// A schedule's Keras serialization (a custom one without one is refused).
-fn keras_learning_rate(c: &RmsPropConfig) -> Result<Value> {
-    let keras = RmsPropConfig {
-        dialect: Dialect::Keras,
-        learning_rate: c.learning_rate.clone(),
-        ..RmsPropConfig::default()
-    };
-    Ok(keras.to_keras_json()?["learning_rate"].clone())
 }
 
 #[cfg(test)]
