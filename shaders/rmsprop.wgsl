@@ -104,10 +104,12 @@ const PLAN_WINDOW: u32 = 64u;
 // TensorRow::flags bits
 const FLAG_HAS_GRADIENT: u32 = 1u;
 const FLAG_DECAY: u32 = 2u;
+const FLAG_FROZEN: u32 = 4u;
 // math::Phase
 const PHASE_NO_GRADIENT: u32 = 0u;
 const PHASE_ACCUMULATE: u32 = 1u;
 const PHASE_UPDATE: u32 = 2u;
+const PHASE_FROZEN: u32 = 3u;
 
 // math::StepScalars
 struct StepScalars {
@@ -207,14 +209,35 @@ struct Chunk {
 // The number of u32 words of a chunk row and a tensor row in the control tables.
 const CHUNK_ROW_WORDS: u32 = 6u;
 const TENSOR_ROW_WORDS: u32 = 4u;
-// The word of TensorRow::flags in its row.
+// The words of TensorRow::flags and TensorRow::group in their row.
 const TENSOR_FLAGS_WORD: u32 = 2u;
+const TENSOR_GROUP_WORD: u32 = 3u;
+// The number of u32 words of a row of the group table.
+const GROUP_ROW_WORDS: u32 = 12u;
 
 // gpu::shader::TensorRow: one row of the offset table.
 struct TensorRow {
     first_chunk: u32,
     chunk_count: u32,
     flags: u32,
+    // 0: the plan's numbers; g: the group table's row g - 1
+    group: u32,
+}
+
+// math::GroupScalars: the numbers a param group changes (with_group puts them into
+// the plan), read from the group table.
+struct GroupScalars {
+    learning_rate: f32,
+    rho: f32,
+    one_minus_rho: f32,
+    epsilon: f32,
+    epsilon_outside: f32,
+    momentum: f32,
+    weight_decay: f32,
+    increment_scale: f32,
+    update_scale: f32,
+    bias_correction: f32,
+    inverse_bias_correction: f32,
     _pad: u32,
 }
 
@@ -263,13 +286,15 @@ struct SegmentUniform {
     clips: u32,
     partials: u32,
     code_maps: u32,
-    _pad: u32,
+    // the group table: PLAN_WINDOW rows of group_count GroupScalars
+    groups: u32,
     // vec4s per f32 slot run (the f32 runs start `state`), the 16-bit parameter copy
     // and the remainders (their first vec4)
     slot_run: u32,
     copy_at: u32,
     remainders_at: u32,
-    _pad1: u32,
+    // param groups with a row (group 0, the plan's own numbers, has none)
+    group_count: u32,
     // compact slots: SLOT_COUNT runs of code_run words (bf16 two per word, int8 four)
     codes: u32,
     code_run: u32,
@@ -370,11 +395,31 @@ fn next_loss_scale(state: LossScaleState, finite: bool, growth_steps: u32) -> Lo
     return LossScaleState(state.scale, state.counter + 1u);
 }
 
-fn phase_of(has_gradient: bool) -> u32 {
+fn phase_of(has_gradient: bool, frozen: bool) -> u32 {
+    if frozen {
+        return PHASE_FROZEN;
+    }
     if !has_gradient {
         return PHASE_NO_GRADIENT;
     }
     return select(PHASE_UPDATE, PHASE_ACCUMULATE, s.is_update_step == 0u);
+}
+
+// The plan for a tensor of a param group: the plan with the group's numbers.
+fn with_group(plan: StepScalars, g: GroupScalars) -> StepScalars {
+    var out = plan;
+    out.learning_rate = g.learning_rate;
+    out.rho = g.rho;
+    out.one_minus_rho = g.one_minus_rho;
+    out.epsilon = g.epsilon;
+    out.epsilon_outside = g.epsilon_outside;
+    out.momentum = g.momentum;
+    out.weight_decay = g.weight_decay;
+    out.increment_scale = g.increment_scale;
+    out.update_scale = g.update_scale;
+    out.bias_correction = g.bias_correction;
+    out.inverse_bias_correction = g.inverse_bias_correction;
+    return out;
 }
 
 fn unscale_gradient(raw: Lanes) -> Lanes {
@@ -554,6 +599,9 @@ fn rmsprop_element(before: ElementState, gradient: Lanes, key: vec4<u32>) -> Ele
 
 fn update_element(raw_gradient: Lanes, before: ElementState, t: TensorStep, key: vec4<u32>) -> ElementState {
     var e = before;
+    if t.phase == PHASE_FROZEN {
+        return e;
+    }
     if t.phase == PHASE_ACCUMULATE {
         e.accumulator = accumulate_gradient(unscale_gradient(raw_gradient), e.accumulator);
     } else if t.phase == PHASE_UPDATE {
@@ -793,6 +841,22 @@ fn tensor_flags(t: u32) -> u32 {
     return control.words[segment.tensor_rows + t * TENSOR_ROW_WORDS + TENSOR_FLAGS_WORD];
 }
 
+// TensorRow::group of tensor `t`.
+fn tensor_group(t: u32) -> u32 {
+    return control.words[segment.tensor_rows + t * TENSOR_ROW_WORDS + TENSOR_GROUP_WORD];
+}
+
+// Row `group - 1` of the group table for plan `plan`.
+fn group_scalars(plan: u32, group: u32) -> GroupScalars {
+    let at = segment.groups + (plan * segment.group_count + group - 1u) * GROUP_ROW_WORDS;
+    let w = &control.words;
+    return GroupScalars(
+        bitcast<f32>(w[at]), bitcast<f32>(w[at + 1u]), bitcast<f32>(w[at + 2u]),
+        bitcast<f32>(w[at + 3u]), bitcast<f32>(w[at + 4u]), bitcast<f32>(w[at + 5u]),
+        bitcast<f32>(w[at + 6u]), bitcast<f32>(w[at + 7u]), bitcast<f32>(w[at + 8u]),
+        bitcast<f32>(w[at + 9u]), bitcast<f32>(w[at + 10u]), w[at + 11u]);
+}
+
 fn tensor_row(t: u32) -> TensorRow {
     let at = segment.tensor_rows + t * TENSOR_ROW_WORDS;
     let w = &control.words;
@@ -1008,7 +1072,8 @@ fn tensor_step(tensor: u32) -> TensorStep {
         clip = clip_factors(tensor);
     }
     let decay = WEIGHT_DECAY && (flags & FLAG_DECAY) != 0u;
-    return TensorStep(phase_of((flags & FLAG_HAS_GRADIENT) != 0u), decay, clip);
+    let phase = phase_of((flags & FLAG_HAS_GRADIENT) != 0u, (flags & FLAG_FROZEN) != 0u);
+    return TensorStep(phase, decay, clip);
 }
 
 // vec4 i (the chunk's vec4 k) as `phase` reads it (what it does not read stays 0).
@@ -1302,15 +1367,20 @@ fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
 }
 
 // update's plan: the device's choice under the guard or loss scaling (with the scale
-// this step divides by), else the first.
-fn load_plan() {
+// this step divides by), else the first; for a tensor of a param group, with the
+// group's numbers for that plan.
+fn load_plan(tensor: u32) {
+    var plan = 0u;
     if GUARD || LOSS_SCALING {
-        s = step.plans[control.step_state.active_plan];
-    } else {
-        s = step.plans[0];
+        plan = control.step_state.active_plan;
     }
+    s = step.plans[plan];
     if LOSS_SCALING {
         s.loss_scale = bitcast<f32>(control.step_state.active_scale);
+    }
+    let group = tensor_group(tensor);
+    if group != 0u {
+        s = with_group(s, group_scalars(plan, group));
     }
 }
 
@@ -1336,8 +1406,8 @@ fn update(
     if c >= segment.chunk_count {
         return;
     }
-    load_plan();
     let chunk = chunk_row(segment.first_chunk + c);
+    load_plan(chunk.tensor);
     let t = tensor_step(chunk.tensor);
     let first = chunk.start / 4u;
     if STATE_DTYPE == 2u {
@@ -1357,7 +1427,7 @@ fn update(
                 return;
             }
             let phase = word & 3u;
-            if phase == PHASE_NO_GRADIENT && !USE_EMA {
+            if phase == PHASE_FROZEN || (phase == PHASE_NO_GRADIENT && !USE_EMA) {
                 return;
             }
             let len = word >> 4u;
@@ -1385,7 +1455,7 @@ fn update(
     }
     let phase = word & 3u;
     let len = word >> 4u;
-    if phase == PHASE_NO_GRADIENT && !USE_EMA {
+    if phase == PHASE_FROZEN || (phase == PHASE_NO_GRADIENT && !USE_EMA) {
         return;
     }
     if PARAM_DTYPE != 0u || PARAM_COPY != 0u {

@@ -11,6 +11,7 @@ use crate::counters::SkippedSteps;
 use crate::cpu_level::CpuLevel;
 use crate::dtype::GradSlice;
 use crate::error::{Error, Result};
+use crate::groups::TensorTable;
 use crate::math::{ClipFactors, LossScaleState};
 use crate::state_layout::RawSlot;
 use crate::variant::{Slot, Variant};
@@ -107,9 +108,15 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
     /// The structural variant the engine runs (the guard included).
     fn variant(&self) -> Variant;
 
-    /// One step with the config's plans, `decay[t]` saying whether tensor `t` takes
-    /// weight decay. Advances the step counter, or (non-finite guard) the skip count.
-    fn step(&mut self, config: &RmsPropConfig, grads: Gradients<'_>, decay: &[bool]) -> Result<()>;
+    /// One step with the config's plans, `table` saying each tensor's group, weight
+    /// decay and whether it is frozen (the caller has dropped frozen tensors'
+    /// gradients). Advances the step counter, or (non-finite guard) the skip count.
+    fn step(
+        &mut self,
+        config: &RmsPropConfig,
+        grads: Gradients<'_>,
+        table: &TensorTable,
+    ) -> Result<()>;
 
     /// One step on gradients already on the device, recorded into the caller's encoder
     /// (submitted by the caller). GPU only, without the non-finite guard.
@@ -117,7 +124,7 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + Any {
         &mut self,
         _config: &RmsPropConfig,
         _present: &[bool],
-        _decay: &[bool],
+        _table: &TensorTable,
         _encoder: &mut wgpu::CommandEncoder,
     ) -> Result<()> {
         Err(Error::NeedsGpuBackend("record_device_step"))

@@ -628,33 +628,34 @@ impl RmsProp {
         backend: Backend,
         gpu: &GpuOptions,
     ) -> Result<(Self, Option<LossScaling>)> {
-        Self::load_parts_from(read(path)?, backend, gpu)
+        Self::load_parts_from(read(path)?, backend, gpu, true)
     }
 
-    /// [`RmsProp::load_parts`] from the checkpoint `bytes` read from `path`.
+    /// [`RmsProp::load_parts`] of a shard's checkpoint, whose `bytes` were read from
+    /// `path` (its param groups may name variables of other shards).
     #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
-    pub(crate) fn load_parts_read(
+    pub(crate) fn load_shard_parts(
         path: &Path,
         bytes: &[u8],
         backend: Backend,
         gpu: &GpuOptions,
     ) -> Result<(Self, Option<LossScaling>)> {
-        Self::load_parts_from(parse(path, bytes)?, backend, gpu)
+        Self::load_parts_from(parse(path, bytes)?, backend, gpu, false)
     }
 
     fn load_parts_from(
         p: Parsed,
         backend: Backend,
         gpu: &GpuOptions,
+        whole_model: bool,
     ) -> Result<(Self, Option<LossScaling>)> {
         let scaling = p.loss_scaling;
-        let mut opt = RmsProp::with_specs_and_precision(
-            p.config.clone(),
-            p.specs.clone(),
-            backend,
-            gpu,
-            p.precision,
-        )?;
+        let build = if whole_model {
+            RmsProp::with_specs_and_precision
+        } else {
+            RmsProp::build
+        };
+        let mut opt = build(p.config.clone(), p.specs.clone(), backend, gpu, p.precision)?;
         opt.apply_parsed(p)?;
         Ok((opt, scaling))
     }

@@ -3,6 +3,7 @@
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::groups::{check_disjoint, ParamGroup};
 use crate::json::{float, opt_float, parse, Fields};
 use crate::schedule::{KerasSchedule, LearningRate};
 use crate::state::StateStorage;
@@ -137,6 +138,9 @@ pub struct RmsPropConfig {
     /// Epsilon inside the square root (Keras; optax's default `eps_in_sqrt=True`) or
     /// outside it (PyTorch, Burn). Default true.
     pub eps_in_sqrt: bool,
+    /// Groups of variables with hyperparameters of their own (PyTorch's
+    /// `param_groups`); variables in none take the numbers above. Default none.
+    pub param_groups: Vec<ParamGroup>,
 }
 
 impl Default for RmsPropConfig {
@@ -165,6 +169,7 @@ impl Default for RmsPropConfig {
             bias_correction: false,
             initial_scale: 0.0,
             eps_in_sqrt: true,
+            param_groups: Vec::new(),
         }
     }
 }
@@ -307,6 +312,23 @@ builder! {
     with_eps_in_sqrt(eps_in_sqrt: bool) => eps_in_sqrt;
 }
 
+impl RmsPropConfig {
+    /// Adds a [`ParamGroup`]: variables with hyperparameters of their own.
+    pub fn with_param_group(mut self, group: ParamGroup) -> Self {
+        self.param_groups.push(group);
+        self
+    }
+
+    /// True when some tensor may take weight decay: the config's, or a group's.
+    pub(crate) fn any_weight_decay(&self) -> bool {
+        self.weight_decay.is_some()
+            || self
+                .param_groups
+                .iter()
+                .any(|g| g.weight_decay_or(self.weight_decay).is_some())
+    }
+}
+
 fn finite(field: &str, v: f64) -> Result<()> {
     if v.is_finite() {
         Ok(())
@@ -375,6 +397,10 @@ impl RmsPropConfig {
             return Err(Error::invalid("loss_scale_factor", "must not be 0"));
         }
         self.validate_dialect()?;
+        for (i, group) in self.param_groups.iter().enumerate() {
+            group.validate(i, self.momentum, self.dialect == Dialect::Keras)?;
+        }
+        check_disjoint(&self.param_groups)?;
         self.state.validate()
     }
 
@@ -446,9 +472,11 @@ impl RmsPropConfig {
     /// Reads Keras' `get_config()` JSON (a `serde_json::Value`); absent keys take
     /// Keras' defaults, unknown keys and wrong types are errors, and the result is validated.
     pub fn from_keras_json(v: &Value) -> Result<Self> {
-        let config = Self::keras_fields(v)?;
-        config.validate()?;
-        Ok(config)
+        if v.get("dialect").is_some() {
+            return Err(Error::UnknownConfigKey("dialect".into()));
+        }
+        // the Keras dialect's JSON: Keras' keys, and the param groups
+        Self::from_json(v)
     }
 
     /// The config Keras' keys describe, not yet validated (the other dialects' JSON
@@ -520,7 +548,14 @@ impl RmsPropConfig {
                 ),
             ));
         }
-        self.keras_keys()
+        let mut keys = self.keras_keys()?;
+        if let (false, Value::Object(m)) = (self.param_groups.is_empty(), &mut keys) {
+            m.insert(
+                crate::dialects::PARAM_GROUPS.into(),
+                crate::dialects::groups_to_json(&self.param_groups, Dialect::Keras)?,
+            );
+        }
+        Ok(keys)
     }
 
     /// Keras' keys of this config, whatever its dialect (the other dialects' JSON

@@ -7,6 +7,15 @@
 //! | `optax` | `learning_rate` (required), `decay` (0.9), `eps` (1e-8), `initial_scale` (0), `eps_in_sqrt` (true), `centered` (false), `momentum` (null), `nesterov` (false), `bias_correction` (false); `weight_decay` (null: `optax.add_decayed_weights` chained before) |
 //! | `burn` | `alpha` (0.99), `momentum` (0.9), `epsilon` (1e-5), `centered` (false), `weight_decay` (`{"penalty": x}` or null), `grad_clipping` (`{"Value": x}`, `{"Norm": x}` or null); `learning_rate` (0.01: Burn gives it per step) |
 //!
+//! Every dialect writes its [`ParamGroup`]s under `param_groups` (when there are any),
+//! each `{"variables": [names], ...}` with the numbers the group sets under the
+//! dialect's names (Keras: `learning_rate`, `rho`, `epsilon`, `momentum`,
+//! `weight_decay`; PyTorch: `lr`, `alpha`, `eps`, `momentum`, `weight_decay`; optax:
+//! `learning_rate`, `decay`, `eps`, `momentum`, `weight_decay`; Burn: `learning_rate`,
+//! `alpha`, `epsilon`, `momentum`, `weight_decay`, a number here), plus
+//! `learning_rate_multiplier` and `frozen` (true) when set. A key absent or null takes
+//! the config's value.
+//!
 //! The options no dialect but Keras names (`clipnorm`, `clipvalue`,
 //! `global_clipnorm`, `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
 //! `loss_scale_factor`, `gradient_accumulation_steps`, `name`, `jit_compile`, `state`)
@@ -16,8 +25,134 @@ use serde_json::{Map, Value};
 
 use crate::config::{Dialect, RmsPropConfig};
 use crate::error::{Error, Result};
+use crate::groups::ParamGroup;
 use crate::json::{float, opt_float, Fields};
-use crate::schedule::LearningRate;
+use crate::schedule::{KerasSchedule, LearningRate};
+
+/// The key of the param groups, in every dialect.
+pub(crate) const PARAM_GROUPS: &str = "param_groups";
+
+/// A param group's keys for the learning rate, `rho`, epsilon, momentum and weight
+/// decay in dialect `d`.
+fn group_keys(d: Dialect) -> [&'static str; 5] {
+    match d {
+        Dialect::Keras => [
+            "learning_rate",
+            "rho",
+            "epsilon",
+            "momentum",
+            "weight_decay",
+        ],
+        Dialect::Torch => ["lr", "alpha", "eps", "momentum", "weight_decay"],
+        Dialect::Optax => ["learning_rate", "decay", "eps", "momentum", "weight_decay"],
+        Dialect::Burn => [
+            "learning_rate",
+            "alpha",
+            "epsilon",
+            "momentum",
+            "weight_decay",
+        ],
+    }
+}
+
+/// The param groups as dialect `d` writes them (see the module docs).
+pub(crate) fn groups_to_json(groups: &[ParamGroup], d: Dialect) -> Result<Value> {
+    let [lr, rho, eps, momentum, wd] = group_keys(d);
+    let mut out = Vec::with_capacity(groups.len());
+    for g in groups {
+        let mut m = Map::new();
+        m.insert("variables".into(), Value::from(g.variables.clone()));
+        match &g.learning_rate {
+            None => {}
+            Some(LearningRate::Constant(x)) => {
+                m.insert(lr.into(), float(*x));
+            }
+            Some(LearningRate::Keras(s)) => {
+                m.insert(lr.into(), s.to_keras_json());
+            }
+            Some(LearningRate::Custom(s)) => {
+                let v = s.keras_config().ok_or_else(|| {
+                    Error::invalid(
+                        "param_groups.learning_rate",
+                        "this custom schedule has no Keras serialization",
+                    )
+                })?;
+                m.insert(lr.into(), v);
+            }
+        }
+        let numbers = [
+            ("learning_rate_multiplier", g.learning_rate_multiplier),
+            (rho, g.rho),
+            (eps, g.epsilon),
+            (momentum, g.momentum),
+            (wd, g.weight_decay),
+        ];
+        for (key, v) in numbers {
+            if let Some(v) = v {
+                m.insert(key.into(), float(v));
+            }
+        }
+        if g.frozen {
+            m.insert("frozen".into(), Value::from(true));
+        }
+        out.push(Value::Object(m));
+    }
+    Ok(Value::Array(out))
+}
+
+/// Reads the param groups dialect `d` wrote.
+pub(crate) fn groups_from_json(v: &Value, d: Dialect) -> Result<Vec<ParamGroup>> {
+    let [lr, rho, eps, momentum, wd] = group_keys(d);
+    let items = v.as_array().ok_or_else(|| Error::WrongType {
+        field: PARAM_GROUPS.into(),
+        expected: "a list of objects",
+        found: crate::json::describe(v),
+    })?;
+    let allowed = [
+        "variables",
+        lr,
+        "learning_rate_multiplier",
+        rho,
+        eps,
+        momentum,
+        wd,
+        "frozen",
+    ];
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let ctx = format!("{PARAM_GROUPS}[{i}]");
+            let f = Fields::new(item, &ctx, &allowed)?;
+            let learning_rate = match f.value(lr) {
+                None => None,
+                Some(Value::Number(n)) => {
+                    Some(LearningRate::Constant(n.as_f64().unwrap_or(f64::NAN)))
+                }
+                Some(s @ Value::Object(_)) => {
+                    Some(LearningRate::Keras(KerasSchedule::from_keras_json(s)?))
+                }
+                Some(other) => {
+                    return Err(Error::WrongType {
+                        field: f.name(lr),
+                        expected: "a number or a serialized schedule",
+                        found: crate::json::describe(other),
+                    })
+                }
+            };
+            Ok(ParamGroup {
+                variables: f.req_string_list("variables")?,
+                learning_rate,
+                learning_rate_multiplier: f.opt_f64("learning_rate_multiplier")?,
+                rho: f.opt_f64(rho)?,
+                epsilon: f.opt_f64(eps)?,
+                momentum: f.opt_f64(momentum)?,
+                weight_decay: f.opt_f64(wd)?,
+                frozen: f.bool_or("frozen", false)?,
+            })
+        })
+        .collect()
+}
 
 /// Keras' names of the options every dialect shares, with their default values in
 /// Keras' JSON (an option at its default is not written).
@@ -127,8 +262,15 @@ impl RmsPropConfig {
         };
         let mut rest = map.clone();
         rest.remove("dialect");
+        let groups = match rest.remove(PARAM_GROUPS) {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => groups_from_json(&v, dialect)?,
+        };
         let Some(renames) = Renames::of(dialect) else {
-            return Self::from_keras_json(&Value::Object(rest));
+            let mut c = Self::keras_fields(&Value::Object(rest))?;
+            c.param_groups = groups;
+            c.validate()?;
+            return Ok(c);
         };
         let own: Vec<&str> = renames.keys.iter().map(|(k, _)| *k).collect();
         let allowed: Vec<&str> = own.iter().copied().chain(SHARED).collect();
@@ -186,7 +328,8 @@ impl RmsPropConfig {
                 c.nesterov = f.bool_or("nesterov", false)?;
                 c.bias_correction = f.bool_or("bias_correction", false)?;
             }
-            _ => {
+            Dialect::Keras => {}
+            Dialect::Burn => {
                 if let Some(wd) = f.value("weight_decay") {
                     let w = Fields::new(wd, "weight_decay", &["penalty"])?;
                     c.weight_decay = Some(w.req_f64("penalty")?).filter(|&p| p != 0.0);
@@ -206,6 +349,7 @@ impl RmsPropConfig {
                 }
             }
         }
+        c.param_groups = groups;
         c.validate()?;
         Ok(c)
     }
@@ -282,6 +426,12 @@ impl RmsPropConfig {
                 }
                 _ => {}
             }
+        }
+        if !self.param_groups.is_empty() {
+            m.insert(
+                PARAM_GROUPS.into(),
+                groups_to_json(&self.param_groups, self.dialect)?,
+            );
         }
         Ok(Value::Object(m))
     }

@@ -128,6 +128,19 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A list of strings that must be present.
+    pub(crate) fn req_string_list(&self, key: &str) -> Result<Vec<String>> {
+        let v = self
+            .value(key)
+            .ok_or_else(|| Error::MissingKey(self.name(key)))?;
+        let wrong = || self.wrong(key, "a list of strings", v);
+        v.as_array()
+            .ok_or_else(wrong)?
+            .iter()
+            .map(|x| x.as_str().map(str::to_string).ok_or_else(wrong))
+            .collect()
+    }
+
     /// A list of numbers that must be present.
     pub(crate) fn req_f64_list(&self, key: &str) -> Result<Vec<f64>> {
         let v = self

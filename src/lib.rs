@@ -47,6 +47,7 @@ mod dialects;
 mod dtype;
 mod error;
 pub mod gpu;
+mod groups;
 mod json;
 mod layout;
 mod loss_scale;
@@ -70,6 +71,7 @@ pub use cpu_level::CpuLevel;
 pub use dtype::{Dtype, GradientElement, Precision};
 pub use error::{Error, Result};
 pub use gpu::{GpuContext, GpuOptions};
+pub use groups::ParamGroup;
 /// The 16-bit float types gradients can arrive in ([`half::bf16`], [`half::f16`]).
 pub use half;
 pub use loss_scale::{LossScaleConfig, LossScaleOptimizer};

@@ -116,6 +116,78 @@ pub struct StepScalars {
     pub gradient_sign: f32,
 }
 
+/// The numbers of one step that a [`ParamGroup`](crate::ParamGroup) may change: the
+/// plan computes them per group (`plan::plan_groups`), and [`with_group`] puts them
+/// into the step's [`StepScalars`] once per chunk (`GroupScalars` in the shader, field
+/// for field; the shader reads it from the group table).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Pod, Zeroable)]
+pub struct GroupScalars {
+    /// [`StepScalars::learning_rate`].
+    pub learning_rate: f32,
+    /// [`StepScalars::rho`].
+    pub rho: f32,
+    /// [`StepScalars::one_minus_rho`].
+    pub one_minus_rho: f32,
+    /// [`StepScalars::epsilon`].
+    pub epsilon: f32,
+    /// [`StepScalars::epsilon_outside`].
+    pub epsilon_outside: f32,
+    /// [`StepScalars::momentum`].
+    pub momentum: f32,
+    /// [`StepScalars::weight_decay`].
+    pub weight_decay: f32,
+    /// [`StepScalars::increment_scale`].
+    pub increment_scale: f32,
+    /// [`StepScalars::update_scale`].
+    pub update_scale: f32,
+    /// [`StepScalars::bias_correction`].
+    pub bias_correction: f32,
+    /// [`StepScalars::inverse_bias_correction`].
+    pub inverse_bias_correction: f32,
+    /// Zero.
+    pub _pad: u32,
+}
+
+impl GroupScalars {
+    /// The group's fields of a plan.
+    pub fn of(s: &StepScalars) -> GroupScalars {
+        GroupScalars {
+            learning_rate: s.learning_rate,
+            rho: s.rho,
+            one_minus_rho: s.one_minus_rho,
+            epsilon: s.epsilon,
+            epsilon_outside: s.epsilon_outside,
+            momentum: s.momentum,
+            weight_decay: s.weight_decay,
+            increment_scale: s.increment_scale,
+            update_scale: s.update_scale,
+            bias_correction: s.bias_correction,
+            inverse_bias_correction: s.inverse_bias_correction,
+            _pad: 0,
+        }
+    }
+}
+
+/// The step's numbers for a tensor of group `g`: the step's, with the group's fields.
+#[inline(always)]
+pub fn with_group(s: &StepScalars, g: &GroupScalars) -> StepScalars {
+    StepScalars {
+        learning_rate: g.learning_rate,
+        rho: g.rho,
+        one_minus_rho: g.one_minus_rho,
+        epsilon: g.epsilon,
+        epsilon_outside: g.epsilon_outside,
+        momentum: g.momentum,
+        weight_decay: g.weight_decay,
+        increment_scale: g.increment_scale,
+        update_scale: g.update_scale,
+        bias_correction: g.bias_correction,
+        inverse_bias_correction: g.inverse_bias_correction,
+        ..*s
+    }
+}
+
 /// The structure of the update as one word of flags (the const parameter `K` of
 /// [`update_element`] and the CPU loops): each flag is a WGSL `override` of the same
 /// meaning, named in [`KERNEL_FLAGS`], so one table carries a structural option from
@@ -320,18 +392,22 @@ impl ClipFactors {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// The tensor has no gradient this step: only its EMA moves (as in Keras).
-    NoGradient,
+    NoGradient = 0,
     /// An accumulation-only step: the unscaled gradient is added to the accumulator.
-    Accumulate,
+    Accumulate = 1,
     /// An update step.
-    Update,
+    Update = 2,
+    /// The tensor is frozen ([`ParamGroup::frozen`](crate::ParamGroup)): nothing moves.
+    Frozen = 3,
 }
 
 impl Phase {
     /// The phase of a tensor with or without a gradient in the step `s`.
     #[inline(always)]
-    pub fn of(has_gradient: bool, s: &StepScalars) -> Phase {
-        if !has_gradient {
+    pub fn of(has_gradient: bool, frozen: bool, s: &StepScalars) -> Phase {
+        if frozen {
+            Phase::Frozen
+        } else if !has_gradient {
             Phase::NoGradient
         } else if s.is_update_step == 0 {
             Phase::Accumulate
@@ -592,6 +668,7 @@ pub fn update_element<const K: u32, const STORAGE: u8>(
     key: u32,
 ) -> ElementState {
     match t.phase {
+        Phase::Frozen => return e,
         Phase::NoGradient => {}
         Phase::Accumulate => {
             e.accumulator = accumulate_gradient(unscale_gradient(raw_gradient, s), e.accumulator);

@@ -14,8 +14,8 @@ use crate::cpu_level::CpuLevel;
 use crate::dtype::{GradSlice, GradientElement, Precision};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuEngine, GpuOptions};
-use crate::plan::{iterations, takes_weight_decay};
-use crate::state::StateStorage;
+use crate::groups::{check_names, TensorTable};
+use crate::plan::iterations;
 use crate::state_layout::RawSlot;
 use crate::variable::{check_gradients, check_len, Variable, VariableSpec};
 use crate::variant::{Slot, Variant};
@@ -26,12 +26,14 @@ fn open_engine(
     specs: &[VariableSpec],
     variant: Variant,
     gpu: &GpuOptions,
-    state: &StateStorage,
+    config: &RmsPropConfig,
 ) -> Result<Box<dyn Engine>> {
+    let state = &config.state;
+    let groups = config.param_groups.len();
     Ok(match backend {
         Backend::Cpu => Box::new(CpuEngine::new(specs, variant, state)?),
-        Backend::Gpu => Box::new(GpuEngine::new(gpu, specs, variant, state, true)?),
-        Backend::Auto => match GpuEngine::new(gpu, specs, variant, state, false) {
+        Backend::Gpu => Box::new(GpuEngine::new(gpu, specs, variant, state, true, groups)?),
+        Backend::Auto => match GpuEngine::new(gpu, specs, variant, state, false, groups) {
             Ok(e) => {
                 log::info!("fused-rmsprop: backend auto -> gpu ({})", e.adapter_name());
                 Box::new(e)
@@ -66,8 +68,9 @@ pub struct RmsProp {
     precision: Precision,
     specs: Vec<VariableSpec>,
     excluded: Vec<String>,
-    /// Per variable: whether weight decay applies (from `excluded`).
-    decay: Vec<bool>,
+    /// Per variable: its group, weight decay and whether it is frozen (from the
+    /// config's groups and `excluded`).
+    table: TensorTable,
     engine: Box<dyn Engine>,
 }
 
@@ -144,6 +147,36 @@ impl RmsProp {
         gpu: &GpuOptions,
         precision: Precision,
     ) -> Result<Self> {
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        check_names(&config.param_groups, &names)?;
+        Self::build(config, specs, backend, gpu, precision)
+    }
+
+    /// A shard of a model (`ShardedRmsProp`): its variables are pieces of some of the
+    /// model's, so a param group may name variables it does not hold.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    pub(crate) fn for_shard(
+        config: RmsPropConfig,
+        variables: Vec<Variable>,
+        backend: Backend,
+        gpu: &GpuOptions,
+    ) -> Result<Self> {
+        let specs = variables.iter().map(|v| v.spec.clone()).collect();
+        let mut opt = Self::build(config, specs, backend, gpu, Precision::default())?;
+        for (i, v) in variables.iter().enumerate() {
+            opt.set_variable(i, &v.values)?;
+        }
+        Ok(opt)
+    }
+
+    /// The optimizer for `specs`, their values zero (the param groups' names unchecked).
+    pub(crate) fn build(
+        config: RmsPropConfig,
+        specs: Vec<VariableSpec>,
+        backend: Backend,
+        gpu: &GpuOptions,
+        precision: Precision,
+    ) -> Result<Self> {
         config.validate()?;
         precision.validate()?;
         let variant = Variant {
@@ -159,7 +192,7 @@ impl RmsProp {
         } else {
             backend
         };
-        let mut engine = open_engine(backend, &specs, variant, gpu, &config.state)?;
+        let mut engine = open_engine(backend, &specs, variant, gpu, &config)?;
         engine.set_rounding_seed(precision.rounding_seed());
         if config.initial_scale != 0.0 {
             // optax's `initial_scale`: the velocity starts there, not at 0
@@ -168,15 +201,16 @@ impl RmsProp {
                 engine.write_tensor(Role::Slot(Slot::Velocity), i, &start)?;
             }
         }
-        let decay = vec![true; specs.len()];
-        Ok(RmsProp {
+        let mut opt = RmsProp {
             config,
             precision,
             specs,
             excluded: Vec::new(),
-            decay,
+            table: TensorTable::default(),
             engine,
-        })
+        };
+        opt.set_exclusions(Vec::new());
+        Ok(opt)
     }
 
     /// Turns loss scaling on from a state, or off (for [`crate::LossScaleOptimizer`]).
@@ -243,11 +277,31 @@ impl RmsProp {
 
     pub(crate) fn set_exclusions(&mut self, excluded: Vec<String>) {
         self.excluded = excluded;
-        self.decay = self
-            .specs
+        let names: Vec<&str> = self.specs.iter().map(|s| s.name.as_str()).collect();
+        self.table = TensorTable::resolve(
+            self.config.weight_decay,
+            &self.config.param_groups,
+            &names,
+            &self.excluded,
+        );
+    }
+
+    /// The step's host gradients, a frozen tensor's dropped (it takes no part).
+    fn unfrozen<'a>(&self, grads: Vec<Option<GradSlice<'a>>>) -> Vec<Option<GradSlice<'a>>> {
+        grads
+            .into_iter()
+            .enumerate()
+            .map(|(t, g)| g.filter(|_| self.table.present(t, true)))
+            .collect()
+    }
+
+    /// Which tensors take part in a step on device gradients (`present`, not frozen).
+    fn unfrozen_flags(&self, present: &[bool]) -> Vec<bool> {
+        present
             .iter()
-            .map(|s| takes_weight_decay(&s.name, &self.excluded))
-            .collect();
+            .enumerate()
+            .map(|(t, &p)| self.table.present(t, p))
+            .collect()
     }
 
     /// Sets the step counter and the guard's skip count (restoring a checkpoint).
@@ -359,9 +413,9 @@ impl RmsProp {
         grads: &[Option<&[T]>],
     ) -> Result<()> {
         self.check_gradients(grads)?;
-        let slices: Vec<Option<GradSlice<'_>>> = grads.iter().map(|g| g.map(T::slice)).collect();
+        let slices = self.unfrozen(grads.iter().map(|g| g.map(T::slice)).collect());
         self.engine
-            .step(&self.config, Gradients::Host(&slices), &self.decay)
+            .step(&self.config, Gradients::Host(&slices), &self.table)
     }
 
     /// A step of a shard of a model (`ShardedRmsProp`): as
@@ -374,9 +428,9 @@ impl RmsProp {
             Ok(()) | Err(Error::NoGradients) => {}
             Err(e) => return Err(e),
         }
-        let slices: Vec<Option<GradSlice<'_>>> = grads.iter().map(|g| g.map(f32::slice)).collect();
+        let slices = self.unfrozen(grads.iter().map(|g| g.map(f32::slice)).collect());
         self.engine
-            .step(&self.config, Gradients::Host(&slices), &self.decay)
+            .step(&self.config, Gradients::Host(&slices), &self.table)
     }
 
     /// [`apply_gradients`](RmsProp::apply_gradients) with `ndarray` gradients, taken in
@@ -403,8 +457,9 @@ impl RmsProp {
     /// [`Error::NeedsGpuBackend`] on the CPU path.
     pub fn apply_device_gradients(&mut self, present: &[bool]) -> Result<()> {
         self.check_device_gradients("apply_device_gradients", present)?;
+        let present = self.unfrozen_flags(present);
         self.engine
-            .step(&self.config, Gradients::Device(present), &self.decay)
+            .step(&self.config, Gradients::Device(&present), &self.table)
     }
 
     /// [`apply_device_gradients`](RmsProp::apply_device_gradients) recorded into your own
@@ -419,8 +474,9 @@ impl RmsProp {
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<()> {
         self.check_device_gradients("record_device_step", present)?;
+        let present = self.unfrozen_flags(present);
         self.engine
-            .record_step(&self.config, present, &self.decay, encoder)
+            .record_step(&self.config, &present, &self.table, encoder)
     }
 
     fn check_device_gradients(&self, what: &'static str, present: &[bool]) -> Result<()> {

@@ -11,7 +11,11 @@
 //!   `(iterations + 1) % ema_overwrite_frequency == 0`.
 
 use crate::config::{Clipping, RmsPropConfig};
-use crate::math::{clipnorm_factors, global_clipnorm_factors, ClipFactors, StepScalars};
+use crate::groups::ParamGroup;
+use crate::math::{
+    clipnorm_factors, global_clipnorm_factors, ClipFactors, GroupScalars, StepScalars,
+};
+use crate::schedule::LearningRate;
 use crate::variant::ClipKind;
 
 /// Keras' `optimizer.iterations` for a raw counter.
@@ -38,9 +42,70 @@ pub(crate) fn clip_factors(clip: ClipKind, sums: &[f64], s: &StepScalars) -> Vec
     }
 }
 
+/// The numbers a [`ParamGroup`] may change, as the plan reads them.
+struct Hyper {
+    learning_rate: f32,
+    rho: f64,
+    epsilon: f64,
+    momentum: f64,
+    weight_decay: Option<f64>,
+}
+
+impl Hyper {
+    /// The config's own numbers at raw step `raw`.
+    fn of(config: &RmsPropConfig, raw: u64) -> Hyper {
+        Hyper {
+            learning_rate: config.learning_rate.at(raw),
+            rho: config.rho,
+            epsilon: config.epsilon,
+            momentum: config.momentum,
+            weight_decay: config.weight_decay,
+        }
+    }
+
+    /// `group`'s numbers at raw step `raw` (the config's where it sets none).
+    fn of_group(config: &RmsPropConfig, group: &ParamGroup, raw: u64) -> Hyper {
+        let learning_rate = match (&group.learning_rate, group.learning_rate_multiplier) {
+            (Some(own), _) => own.at(raw),
+            (None, Some(m)) => (learning_rate_f64(&config.learning_rate, raw) * m) as f32,
+            (None, None) => config.learning_rate.at(raw),
+        };
+        Hyper {
+            learning_rate,
+            rho: group.rho.unwrap_or(config.rho),
+            epsilon: group.epsilon.unwrap_or(config.epsilon),
+            momentum: group.momentum.unwrap_or(config.momentum),
+            weight_decay: group.weight_decay_or(config.weight_decay),
+        }
+    }
+}
+
+/// The learning rate at `raw` before its rounding to f32 (a multiplier scales this).
+fn learning_rate_f64(rate: &LearningRate, raw: u64) -> f64 {
+    match rate {
+        LearningRate::Constant(x) => *x,
+        LearningRate::Keras(s) => s.at(raw),
+        LearningRate::Custom(s) => s.learning_rate(raw),
+    }
+}
+
 /// The numbers of the step taken when the raw counter is `raw`.
 pub(crate) fn plan_step(config: &RmsPropConfig, raw: u64) -> StepScalars {
-    let learning_rate = config.learning_rate.at(raw);
+    plan_with(config, raw, Hyper::of(config, raw))
+}
+
+/// Each param group's numbers for the step taken when the raw counter is `raw`
+/// (`param_groups` order: group `g` of the tensor table is entry `g - 1`).
+pub(crate) fn plan_groups(config: &RmsPropConfig, raw: u64) -> Vec<GroupScalars> {
+    config
+        .param_groups
+        .iter()
+        .map(|g| GroupScalars::of(&plan_with(config, raw, Hyper::of_group(config, g, raw))))
+        .collect()
+}
+
+fn plan_with(config: &RmsPropConfig, raw: u64, hyper: Hyper) -> StepScalars {
+    let learning_rate = hyper.learning_rate;
     let is_update_step = match config.gradient_accumulation_steps {
         Some(n) if n > 0 => (raw + 1).is_multiple_of(n),
         _ => true,
@@ -64,7 +129,7 @@ pub(crate) fn plan_step(config: &RmsPropConfig, raw: u64) -> StepScalars {
         (Clipping::GlobalNorm(_), Some(c)) => (1.0 / c) as f32,
         _ => 0.0,
     };
-    let epsilon = config.epsilon as f32;
+    let epsilon = hyper.epsilon as f32;
     let (epsilon, epsilon_outside) = if config.eps_in_sqrt {
         (epsilon, 0.0)
     } else {
@@ -75,14 +140,14 @@ pub(crate) fn plan_step(config: &RmsPropConfig, raw: u64) -> StepScalars {
     } else {
         (learning_rate, 1.0)
     };
-    let bias = bias_correction(config, iters);
+    let bias = bias_correction(config, hyper.rho, iters);
     StepScalars {
         learning_rate,
-        rho: config.rho as f32,
-        one_minus_rho: (1.0 - config.rho) as f32,
+        rho: hyper.rho as f32,
+        one_minus_rho: (1.0 - hyper.rho) as f32,
         epsilon,
-        momentum: config.momentum as f32,
-        weight_decay: config.weight_decay.unwrap_or(0.0) as f32,
+        momentum: hyper.momentum as f32,
+        weight_decay: hyper.weight_decay.unwrap_or(0.0) as f32,
         loss_scale: config.loss_scale_factor.unwrap_or(1.0) as f32,
         accumulation_steps: config.gradient_accumulation_steps.unwrap_or(1) as f32,
         clip_value,
@@ -111,12 +176,12 @@ pub(crate) fn plan_step(config: &RmsPropConfig, raw: u64) -> StepScalars {
 /// optax's bias correction after `iterations` updates: the moments are divided by
 /// `1 - decay^count` (count = iterations + 1, its `safe_increment`ed int32 count,
 /// computed in f32 as JAX does); exactly 1 without it.
-fn bias_correction(config: &RmsPropConfig, iterations: u64) -> f32 {
+fn bias_correction(config: &RmsPropConfig, rho: f64, iterations: u64) -> f32 {
     if !config.bias_correction {
         return 1.0;
     }
     let count = (iterations + 1).min(i32::MAX as u64) as f32;
-    1.0 - (config.rho as f32).powf(count)
+    1.0 - (rho as f32).powf(count)
 }
 
 /// Whether variable `name` takes weight decay, given `exclude_from_weight_decay`
@@ -147,6 +212,38 @@ mod tests {
         assert_eq!(plan_step(&c, 1).ema_momentum, 0.9f32);
         let ow: Vec<f32> = (0..6).map(|r| plan_step(&c, r).ema_overwrite).collect();
         assert_eq!(ow, [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn a_group_changes_only_its_numbers() {
+        use crate::math::with_group;
+        let c = RmsPropConfig::torch()
+            .with_learning_rate(0.01)
+            .with_momentum(0.9)
+            .with_param_group(ParamGroup::new(["a"]))
+            .with_param_group(
+                ParamGroup::new(["b"])
+                    .with_learning_rate_multiplier(0.1)
+                    .with_rho(0.5)
+                    .with_epsilon(1e-3)
+                    .with_momentum(0.5)
+                    .with_weight_decay(0.25),
+            )
+            .with_param_group(ParamGroup::new(["c"]).with_learning_rate(0.002));
+        let s = plan_step(&c, 4);
+        let g = plan_groups(&c, 4);
+        // a group that changes nothing is the step's plan, bit for bit
+        assert_eq!(with_group(&s, &g[0]), s);
+        let b = with_group(&s, &g[1]);
+        assert_eq!(
+            (b.rho, b.one_minus_rho, b.epsilon_outside),
+            (0.5, 0.5, 1e-3)
+        );
+        assert_eq!((b.momentum, b.weight_decay), (0.5, 0.25));
+        assert_eq!(b.update_scale, (0.01f64 * 0.1) as f32); // PyTorch scales the buffer
+        assert_eq!(b.learning_rate, b.update_scale);
+        assert_eq!(with_group(&s, &g[2]).learning_rate, 0.002f32);
+        assert_eq!(GroupScalars::of(&b), g[1]);
     }
 
     #[test]

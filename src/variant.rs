@@ -90,10 +90,10 @@ impl Variant {
             centered: config.centered,
             momentum: config.uses_momentum(),
             nesterov: config.nesterov && config.uses_momentum(),
-            coupled_decay: config.dialect.coupled_decay() && config.weight_decay.is_some(),
+            coupled_decay: config.dialect.coupled_decay() && config.any_weight_decay(),
             ema: config.use_ema,
             accumulate: config.gradient_accumulation_steps.is_some(),
-            weight_decay: config.weight_decay.is_some(),
+            weight_decay: config.any_weight_decay(),
             clip: match config.clipping() {
                 Clipping::None => ClipKind::None,
                 Clipping::Norm(_) => ClipKind::Norm,

@@ -38,6 +38,8 @@ pub(crate) struct PendingJob<'a> {
     pub params_16: Option<HalfSliceMut<'a>>,
     pub tensor: u32,
     pub first: u32,
+    /// The tensor's group in the per-tensor table (which plan the chunk runs with).
+    pub group: u32,
 }
 
 /// A task's f32 buffers for the chunks it runs: the gradient, the parameters and each
@@ -61,8 +63,8 @@ pub(crate) struct SlotCoding {
 fn touches(slot: Slot, phase: Phase) -> bool {
     match slot {
         Slot::Velocity | Slot::Momentum | Slot::AverageGradient => phase == Phase::Update,
-        Slot::Ema => true,
-        Slot::Accumulator => phase != Phase::NoGradient,
+        Slot::Ema => phase != Phase::Frozen,
+        Slot::Accumulator => matches!(phase, Phase::Accumulate | Phase::Update),
     }
 }
 
@@ -88,6 +90,7 @@ impl PendingJob<'_> {
             params_16,
             tensor,
             first,
+            group: _,
         } = self;
         let TaskBuffers {
             grad: buffer,
@@ -219,6 +222,8 @@ pub(crate) fn run_chunk<const K: u32>(job: ChunkJob<'_>, s: &StepScalars) {
         Phase::NoGradient => no_update!(NO_GRADIENT),
         Phase::Accumulate => no_update!(ACCUMULATE),
         Phase::Update => sweep::<K, UPDATE>(job, s),
+        // nothing moves (the driver makes no job for a frozen chunk)
+        Phase::Frozen => {}
     }
 }
 

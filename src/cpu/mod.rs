@@ -26,9 +26,12 @@ use crate::counters::{SkippedSteps, StepCounters};
 use crate::cpu_level::CpuLevel;
 use crate::dtype::{GradSlice, HalfVec};
 use crate::error::{Error, Result};
+use crate::groups::TensorTable;
 use crate::layout::{Chunk, Layout};
-use crate::math::{next_loss_scale, ClipFactors, Phase, StepScalars, TensorStep};
-use crate::plan::{clip_factors, plan_step};
+use crate::math::{
+    next_loss_scale, with_group, ClipFactors, GroupScalars, Phase, StepScalars, TensorStep,
+};
+use crate::plan::{clip_factors, plan_groups, plan_step};
 use crate::state::StateDtype;
 use crate::state::StateStorage;
 use crate::state_layout::{check_raw, RawSlot, StateLayout, StatePlace};
@@ -243,16 +246,18 @@ impl CpuEngine {
         clip_factors(self.variant.clip, sums, s)
     }
 
-    /// One step with the numbers `s`; `false` when the non-finite guard or loss scaling
+    /// One step with the numbers `s` (a tensor of group `g > 0` with
+    /// `with_group(s, groups[g - 1])`); `false` when the non-finite guard or loss scaling
     /// skips it (nothing changes then): a gradient is non-finite when it is after
     /// dividing by `check.loss_scale` (`loss_scale_factor`; with loss scaling, 1: Keras
     /// checks the gradients as they arrive, before the dynamic scale divides them).
     fn run_step(
         &mut self,
         s: &StepScalars,
+        groups: &[GroupScalars],
         check: &StepScalars,
         grads: &[Option<GradSlice<'_>>],
-        decay: &[bool],
+        table: &TensorTable,
     ) -> bool {
         let sums = self.norm_sums(s, grads);
         if self.variant.skips_non_finite() {
@@ -292,19 +297,30 @@ impl CpuEngine {
             .param_copy
             .as_mut()
             .map(|c| c.split(chunks.iter().map(|c| c.len)).into_iter());
+        let plans: Vec<StepScalars> = std::iter::once(*s)
+            .chain(groups.iter().map(|g| with_group(s, g)))
+            .collect();
         let mut jobs = Vec::with_capacity(chunks.len());
         for c in chunks {
             let t = &tensors[c.tensor];
             let Some(param) = params.next() else { break };
             let slots: [SlotPiece<'_>; 5] =
                 std::array::from_fn(|k| pieces[k].next().unwrap_or_default());
+            let param_copy = copies.as_mut().and_then(Iterator::next);
+            let chunk_params_16 = params_16.as_mut().and_then(Iterator::next);
+            let rule = table.rule(c.tensor);
+            if rule.frozen {
+                // Phase::Frozen: nothing moves, so no job
+                continue;
+            }
             let start = c.offset - t.offset;
             let grad = grads[c.tensor].map(|g| g.range(start..start + c.len));
             jobs.push(PendingJob {
                 tensor: c.tensor as u32,
                 first: (c.offset - t.offset) as u32,
-                param_copy: copies.as_mut().and_then(Iterator::next),
-                params_16: params_16.as_mut().and_then(Iterator::next),
+                group: rule.group,
+                param_copy,
+                params_16: chunk_params_16,
                 grad: grad.unwrap_or_default(),
                 slots,
                 arrays: ChunkArrays {
@@ -317,8 +333,8 @@ impl CpuEngine {
                     accumulator: &mut [],
                 },
                 step: TensorStep {
-                    phase: Phase::of(grad.is_some(), s),
-                    decay: self.variant.weight_decay && decay[c.tensor],
+                    phase: Phase::of(grad.is_some(), false, s),
+                    decay: self.variant.weight_decay && rule.decay,
                     clip: clips[c.tensor],
                 },
             });
@@ -333,6 +349,7 @@ impl CpuEngine {
             ($($k:literal),*) => {
                 match v.checked_kernel() {
                     $($k => jobs.into_par_iter().for_each_init(Default::default, |buffers, job| {
+                        let s = &plans[job.group as usize];
                         job.run(buffers, s, coding, |job| isa::run_chunk::<$k>(isa, job, s))
                     }),)*
                     // `Variant::kernel` makes only valid words (`kernel::is_valid`), and
@@ -355,7 +372,12 @@ impl Engine for CpuEngine {
         self.variant
     }
 
-    fn step(&mut self, config: &RmsPropConfig, grads: Gradients<'_>, decay: &[bool]) -> Result<()> {
+    fn step(
+        &mut self,
+        config: &RmsPropConfig,
+        grads: Gradients<'_>,
+        table: &TensorTable,
+    ) -> Result<()> {
         let Gradients::Host(grads) = grads else {
             return Err(Error::NeedsGpuBackend("apply_device_gradients"));
         };
@@ -364,15 +386,16 @@ impl Engine for CpuEngine {
             rounding_seed: self.rounding_seed,
             ..plan_step(config, self.counters.raw())
         };
+        let groups = plan_groups(config, self.counters.raw());
         let applied = match self.loss_scaling {
-            None => self.run_step(&s, &s, grads, decay),
+            None => self.run_step(&s, &groups, &s, grads, table),
             Some(ls) => {
                 // divided by the dynamic scale as it is before this step
                 let scaled = StepScalars {
                     loss_scale: ls.state.scale,
                     ..s
                 };
-                let applied = self.run_step(&scaled, &s, grads, decay);
+                let applied = self.run_step(&scaled, &groups, &s, grads, table);
                 self.loss_scaling = Some(LossScaling {
                     state: next_loss_scale(ls.state, applied, ls.growth_steps),
                     ..ls

@@ -25,9 +25,11 @@ use crate::gpu::limits::{check_binding, check_workgroups};
 use crate::gpu::nonfinite::STEP_STATE_BYTES;
 use crate::gpu::pipelines::Pipelines;
 use crate::gpu::readback::Reads;
-use crate::gpu::shader::{ChunkRow, SegmentUniform, StepUniform, TensorRow, GPU_CHUNK_LEN};
+use crate::gpu::shader::{
+    ChunkRow, SegmentUniform, StepUniform, TensorRow, GPU_CHUNK_LEN, GROUP_ROW_WORDS, PLAN_WINDOW,
+};
 use crate::layout::Layout;
-use crate::math::ClipFactors;
+use crate::math::{ClipFactors, GroupScalars};
 use crate::quant::CodeMap;
 use crate::state::{StateDtype, StateStorage};
 use crate::state_layout::{check_raw, RawSlot, StateLayout};
@@ -129,24 +131,31 @@ pub(crate) struct ControlLayout {
     pub clips: usize,
     pub partials: usize,
     pub code_maps: usize,
+    /// The group table: `PLAN_WINDOW` rows of `group_count` group rows.
+    pub groups: usize,
+    pub group_count: usize,
     /// Words of the tables.
     pub words: usize,
 }
 
 impl ControlLayout {
-    fn new(tensors: usize, chunks: usize, code_map_words: usize) -> Self {
+    fn new(tensors: usize, chunks: usize, code_map_words: usize, group_count: usize) -> Self {
         let tensor_rows = 0;
         let chunk_rows = tensor_rows + tensors * std::mem::size_of::<TensorRow>() / 4;
         let clips = chunk_rows + chunks * std::mem::size_of::<ChunkRow>() / 4;
         let partials = clips + 2 * tensors;
         let code_maps = partials + chunks;
+        let groups = code_maps + code_map_words;
+        let group_words = PLAN_WINDOW * group_count * GROUP_ROW_WORDS;
         ControlLayout {
             tensor_rows,
             chunk_rows,
             clips,
             partials,
             code_maps,
-            words: (code_maps + code_map_words).next_multiple_of(4).max(4),
+            groups,
+            group_count,
+            words: (groups + group_words).next_multiple_of(4).max(4),
         }
     }
 
@@ -214,7 +223,8 @@ pub(crate) struct GpuArena {
     /// The step state ([`crate::gpu::shader::StepState`], at byte 0) and the tables.
     pub(crate) control: wgpu::Buffer,
     pub(crate) control_layout: ControlLayout,
-    pub(crate) tensor_flags: Vec<u32>,
+    /// Each tensor's `(flags, group)` as last written to the tensor table.
+    pub(crate) tensor_rows: Vec<(u32, u32)>,
 }
 
 /// A piece of an arena range inside one segment.
@@ -346,6 +356,7 @@ impl GpuArena {
         storage: &StateStorage,
         segment_len: Option<usize>,
         user: Option<UserBuffers>,
+        group_count: usize,
     ) -> Result<Self> {
         let limits = ctx.device.limits();
         let max_len = max_segment_len(ctx, &variant);
@@ -376,7 +387,7 @@ impl GpuArena {
         } else {
             Vec::new()
         };
-        let control_layout = ControlLayout::new(n_tensors, n_chunks, maps.len());
+        let control_layout = ControlLayout::new(n_tensors, n_chunks, maps.len(), group_count);
         // words per binding-alignment step of the state regions
         let align_words = (limits.min_storage_buffer_offset_alignment as usize / 4).max(4);
         let regions: Vec<Regions> = layout
@@ -491,11 +502,11 @@ impl GpuArena {
                 clips: control_layout.clips as u32,
                 partials: control_layout.partials as u32,
                 code_maps: control_layout.code_maps as u32,
-                _pad: 0,
+                groups: control_layout.groups as u32,
                 slot_run: (r.f32_run / 4) as u32,
                 copy_at: (r.param_copy / 4) as u32,
                 remainders_at: (r.remainders / 4) as u32,
-                _pad1: 0,
+                group_count: group_count as u32,
                 codes: r.codes as u32,
                 code_run: r.code_run as u32,
                 absmax: r.absmax as u32,
@@ -544,7 +555,7 @@ impl GpuArena {
                 bind_group,
             });
         }
-        let tensor_flags = vec![u32::MAX; n_tensors];
+        let tensor_rows = vec![(u32::MAX, 0); n_tensors];
         ctx.take_error()?;
         Ok(GpuArena {
             layout,
@@ -554,13 +565,14 @@ impl GpuArena {
             uniform,
             control,
             control_layout,
-            tensor_flags,
+            tensor_rows,
         })
     }
 
-    /// Writes the tensor table with new per-step flags, only when they changed.
-    pub(crate) fn set_flags(&mut self, ctx: &GpuContext, flags: Vec<u32>) {
-        if flags == self.tensor_flags {
+    /// Writes the tensor table with new per-step `(flags, group)`s, only when they
+    /// changed.
+    pub(crate) fn set_rows(&mut self, ctx: &GpuContext, flags: Vec<(u32, u32)>) {
+        if flags == self.tensor_rows {
             return;
         }
         let rows: Vec<TensorRow> = self
@@ -568,11 +580,11 @@ impl GpuArena {
             .tensors()
             .iter()
             .zip(&flags)
-            .map(|(t, &flags)| TensorRow {
+            .map(|(t, &(flags, group))| TensorRow {
                 first_chunk: t.first_chunk as u32,
                 chunk_count: t.chunk_count as u32,
                 flags,
-                _pad: 0,
+                group,
             })
             .collect();
         if !rows.is_empty() {
@@ -582,7 +594,29 @@ impl GpuArena {
                 bytemuck::cast_slice(&rows),
             );
         }
-        self.tensor_flags = flags;
+        self.tensor_rows = flags;
+    }
+
+    /// Queues the group table's rows for the plans in use (`group_count` per plan).
+    pub(crate) fn write_groups(&self, ctx: &GpuContext, rows: &[GroupScalars]) -> Result<()> {
+        let capacity = PLAN_WINDOW * self.control_layout.group_count;
+        if rows.len() > capacity {
+            return Err(Error::invalid(
+                "param_groups",
+                format!(
+                    "{} group rows do not fit the {capacity} the arena was built for (param groups are fixed when the optimizer is built)",
+                    rows.len()
+                ),
+            ));
+        }
+        if !rows.is_empty() {
+            ctx.queue.write_buffer(
+                &self.control,
+                ControlLayout::byte(self.control_layout.groups),
+                bytemuck::cast_slice(rows),
+            );
+        }
+        Ok(())
     }
 
     /// Queues clip factors given from outside (one per tensor) into the clip table.

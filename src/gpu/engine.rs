@@ -20,9 +20,10 @@ use crate::gpu::context::{software_allowed_by_env, GpuContext};
 use crate::gpu::nonfinite::GpuCounters;
 use crate::gpu::pipelines::{pipelines_for, Pipelines};
 use crate::gpu::readback::Reads;
-use crate::gpu::shader::{StepUniform, FLAG_DECAY, FLAG_HAS_GRADIENT, PLAN_WINDOW};
-use crate::math::{ClipFactors, StepScalars};
-use crate::plan::plan_step;
+use crate::gpu::shader::{StepUniform, FLAG_DECAY, FLAG_FROZEN, FLAG_HAS_GRADIENT, PLAN_WINDOW};
+use crate::groups::TensorTable;
+use crate::math::{ClipFactors, GroupScalars, StepScalars};
+use crate::plan::{plan_groups, plan_step};
 use crate::state::{StateDtype, StateStorage};
 use crate::state_layout::RawSlot;
 use crate::variable::VariableSpec;
@@ -88,6 +89,7 @@ impl GpuEngine {
         variant: Variant,
         state: &StateStorage,
         required: bool,
+        group_count: usize,
     ) -> Result<Self> {
         let allow_software = || {
             options
@@ -121,6 +123,7 @@ impl GpuEngine {
             state,
             options.max_segment_len,
             options.buffers.clone(),
+            group_count,
         )?;
         let max_groups = ctx.device.limits().max_compute_workgroups_per_dimension;
         Ok(GpuEngine {
@@ -301,24 +304,23 @@ impl GpuEngine {
         &mut self,
         config: &RmsPropConfig,
         present: &[bool],
-        decay: &[bool],
+        table: &TensorTable,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<Option<wgpu::Buffer>> {
         let variant = self.variant;
-        let flags: Vec<u32> = present
+        let rows: Vec<(u32, u32)> = present
             .iter()
-            .zip(decay)
-            .map(|(&p, &d)| {
-                let has_gradient = if p { FLAG_HAS_GRADIENT } else { 0 };
-                let decay = if d && variant.weight_decay {
-                    FLAG_DECAY
-                } else {
-                    0
-                };
-                has_gradient | decay
+            .enumerate()
+            .map(|(t, &p)| {
+                let rule = table.rule(t);
+                let flag = |on: bool, flag: u32| if on { flag } else { 0 };
+                let flags = flag(p, FLAG_HAS_GRADIENT)
+                    | flag(rule.decay && variant.weight_decay, FLAG_DECAY)
+                    | flag(rule.frozen, FLAG_FROZEN);
+                (flags, rule.group)
             })
             .collect();
-        self.arena.set_flags(&self.ctx, flags);
+        self.arena.set_rows(&self.ctx, rows);
 
         let mut counters = self.counters()?;
         // Without the guard the window is the host's counter alone; with it, every
@@ -340,6 +342,13 @@ impl GpuEngine {
         self.ctx
             .queue
             .write_buffer(&self.arena.uniform, 0, uniform.used_bytes());
+        if !config.param_groups.is_empty() {
+            // each plan's row of the group table
+            let groups: Vec<GroupScalars> = (0..len)
+                .flat_map(|k| plan_groups(config, base + k as u64))
+                .collect();
+            self.arena.write_groups(&self.ctx, &groups)?;
+        }
 
         // Without the guard the host knows whether this is an update step; with it, the
         // device decides, so the reduction always runs (it also finds non-finite
@@ -382,7 +391,7 @@ impl GpuEngine {
         &mut self,
         config: &RmsPropConfig,
         present: &[bool],
-        decay: &[bool],
+        table: &TensorTable,
     ) -> Result<()> {
         let mut encoder = self
             .ctx
@@ -390,7 +399,7 @@ impl GpuEngine {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("rmsprop step"),
             });
-        let readback = self.encode_step(config, present, decay, &mut encoder)?;
+        let readback = self.encode_step(config, present, table, &mut encoder)?;
         self.ctx.queue.submit([encoder.finish()]);
         self.counters()?.submitted(readback);
         Ok(())
@@ -453,21 +462,28 @@ impl Engine for GpuEngine {
         self.variant
     }
 
-    fn step(&mut self, config: &RmsPropConfig, grads: Gradients<'_>, decay: &[bool]) -> Result<()> {
+    fn step(
+        &mut self,
+        config: &RmsPropConfig,
+        grads: Gradients<'_>,
+        table: &TensorTable,
+    ) -> Result<()> {
         self.ctx.take_error()?;
         self.refresh_param_copy()?;
         if let Gradients::Host(host) = grads {
             self.arena.write_gradients(&self.ctx, host)?;
         }
-        let present: Vec<bool> = (0..decay.len()).map(|i| grads.present(i)).collect();
-        self.submit_step(config, &present, decay)
+        let present: Vec<bool> = (0..self.arena.layout.tensors().len())
+            .map(|i| grads.present(i))
+            .collect();
+        self.submit_step(config, &present, table)
     }
 
     fn record_step(
         &mut self,
         config: &RmsPropConfig,
         present: &[bool],
-        decay: &[bool],
+        table: &TensorTable,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<()> {
         if self.variant.skips_non_finite() {
@@ -475,7 +491,7 @@ impl Engine for GpuEngine {
         }
         self.ctx.take_error()?;
         self.refresh_param_copy()?;
-        let readback = self.encode_step(config, present, decay, encoder)?;
+        let readback = self.encode_step(config, present, table, encoder)?;
         // no guard: no readback, and the host-decided step counts as applied
         self.counters()?.submitted(readback);
         Ok(())

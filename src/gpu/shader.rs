@@ -5,7 +5,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::math::{LossScaleState, StepScalars};
+use crate::math::{GroupScalars, LossScaleState, StepScalars};
 
 /// The WGSL source, validated for every specialization by `build.rs`.
 pub(crate) const SHADER_SOURCE: &str = include_str!("../../shaders/rmsprop.wgsl");
@@ -30,6 +30,11 @@ pub(crate) const PLAN_WINDOW: usize = 64;
 /// `TensorRow::flags` bits.
 pub(crate) const FLAG_HAS_GRADIENT: u32 = 1;
 pub(crate) const FLAG_DECAY: u32 = 2;
+/// The tensor is frozen (`Phase::Frozen`: nothing moves).
+pub(crate) const FLAG_FROZEN: u32 = 4;
+
+/// Words of one row of the group table (`GroupScalars`).
+pub(crate) const GROUP_ROW_WORDS: usize = std::mem::size_of::<GroupScalars>() / 4;
 
 /// The step uniform: `plans[k]` is the plan for step counter `base + k` (low 32 bits:
 /// `base_lo`); without the non-finite guard only `plans[0]` is written and used.
@@ -68,13 +73,16 @@ pub(crate) struct SegmentUniform {
     pub clips: u32,
     pub partials: u32,
     pub code_maps: u32,
-    pub _pad: u32,
+    /// The group table: `PLAN_WINDOW` rows of `group_count` [`GroupScalars`] (the
+    /// param groups' numbers for each plan of the window).
+    pub groups: u32,
     /// The segment's regions in vec4s of its `state` binding: the length of an f32
     /// slot run (the runs start the buffer), the parameter copy, the remainders.
     pub slot_run: u32,
     pub copy_at: u32,
     pub remainders_at: u32,
-    pub _pad1: u32,
+    /// The param groups (group 0, the config's own numbers, has no row).
+    pub group_count: u32,
     /// Compact state regions, in words from the start of the segment's `state` binding.
     pub codes: u32,
     pub code_run: u32,
@@ -104,9 +112,10 @@ pub(crate) struct ChunkRow {
 pub(crate) struct TensorRow {
     pub first_chunk: u32,
     pub chunk_count: u32,
-    /// [`FLAG_HAS_GRADIENT`] and [`FLAG_DECAY`].
+    /// [`FLAG_HAS_GRADIENT`], [`FLAG_DECAY`] and [`FLAG_FROZEN`].
     pub flags: u32,
-    pub _pad: u32,
+    /// The tensor's group (0: the config's numbers; `g`: the group table's row `g - 1`).
+    pub group: u32,
 }
 
 /// The device's step state: the step and skip counters the non-finite guard keeps on the
@@ -284,7 +293,7 @@ mod tests {
                 first_chunk,
                 chunk_count,
                 flags,
-                _pad
+                group
             }),
         );
         assert_same(
@@ -316,15 +325,33 @@ mod tests {
                 clips,
                 partials,
                 code_maps,
-                _pad,
+                groups,
                 slot_run,
                 copy_at,
                 remainders_at,
-                _pad1,
+                group_count,
                 codes,
                 code_run,
                 absmax,
                 absmax_run,
+            }),
+        );
+        assert_same(
+            &m,
+            "GroupScalars",
+            host_layout!(GroupScalars {
+                learning_rate,
+                rho,
+                one_minus_rho,
+                epsilon,
+                epsilon_outside,
+                momentum,
+                weight_decay,
+                increment_scale,
+                update_scale,
+                bias_correction,
+                inverse_bias_correction,
+                _pad,
             }),
         );
         assert_same(
@@ -406,6 +433,27 @@ mod tests {
             constant("TENSOR_FLAGS_WORD") as usize,
             offset_of!(TensorRow, flags) / 4
         );
+        assert_eq!(
+            constant("TENSOR_GROUP_WORD") as usize,
+            offset_of!(TensorRow, group) / 4
+        );
+        assert_eq!(constant("GROUP_ROW_WORDS") as usize, GROUP_ROW_WORDS);
+        for (name, host) in [
+            ("FLAG_HAS_GRADIENT", FLAG_HAS_GRADIENT),
+            ("FLAG_DECAY", FLAG_DECAY),
+            ("FLAG_FROZEN", FLAG_FROZEN),
+        ] {
+            assert_eq!(constant(name), host, "{name}");
+        }
+        use crate::math::Phase;
+        for (name, phase) in [
+            ("PHASE_NO_GRADIENT", Phase::NoGradient),
+            ("PHASE_ACCUMULATE", Phase::Accumulate),
+            ("PHASE_UPDATE", Phase::Update),
+            ("PHASE_FROZEN", Phase::Frozen),
+        ] {
+            assert_eq!(constant(name), phase as u32, "{name}");
+        }
         let mut bound: Vec<(u32, String, BindingKind)> = m
             .global_variables
             .iter()

@@ -342,7 +342,7 @@ pub fn merge_sharded_checkpoint(dir: impl AsRef<Path>, out: impl AsRef<Path>) ->
         }
         let (path, bytes) = m.read_shard(dir, r)?;
         let (shard, _) =
-            RmsProp::load_parts_read(&path, &bytes, Backend::Cpu, &GpuOptions::default())?;
+            RmsProp::load_shard_parts(&path, &bytes, Backend::Cpu, &GpuOptions::default())?;
         if shard.specs().len() != pieces.len() || shard.raw_iterations() != m.raw {
             return Err(corrupt(
                 &path,
@@ -367,7 +367,12 @@ pub fn merge_sharded_checkpoint(dir: impl AsRef<Path>, out: impl AsRef<Path>) ->
         .zip(values)
         .map(|(s, v)| Variable::new(s.name.clone(), &s.shape, v))
         .collect::<Result<Vec<_>>>()?;
-    let mut opt = RmsProp::with_backend(shard_config(&m), variables, Backend::Cpu)?;
+    let mut opt = RmsProp::for_shard(
+        shard_config(&m),
+        variables,
+        Backend::Cpu,
+        &GpuOptions::default(),
+    )?;
     opt.exclude_from_weight_decay(&m.excluded);
     for (k, &slot) in slots.iter().enumerate() {
         for (i, v) in slot_values[k].iter().enumerate() {
@@ -431,7 +436,8 @@ pub fn split_checkpoint(path: impl AsRef<Path>, ranks: usize, dir: impl AsRef<Pa
             .iter()
             .map(|p| p.variable(&specs[p.tensor].name, &values[p.tensor]))
             .collect::<Result<Vec<_>>>()?;
-        let mut shard = RmsProp::with_backend(shard_config(&m), vars, Backend::Cpu)?;
+        let mut shard =
+            RmsProp::for_shard(shard_config(&m), vars, Backend::Cpu, &GpuOptions::default())?;
         shard.exclude_from_weight_decay(&m.excluded);
         for (k, &slot) in slots.iter().enumerate() {
             for (i, p) in pieces.iter().enumerate() {

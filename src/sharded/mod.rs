@@ -34,6 +34,7 @@ use crate::backend::Backend;
 use crate::config::RmsPropConfig;
 use crate::error::{Error, Result};
 use crate::gpu::GpuOptions;
+use crate::groups::{check_names, TensorTable};
 use crate::loss_scale::LossScaleConfig;
 use crate::math::{effective_gradient, next_loss_scale, ClipFactors, LossScaleState};
 use crate::optimizer::RmsProp;
@@ -153,7 +154,9 @@ impl ShardedRmsProp {
         let specs: Vec<VariableSpec> = variables.iter().map(|v| v.spec.clone()).collect();
         let layout = ShardLayout::new(&specs, ranks);
         let pieces = layout.pieces(rank);
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         let local = config.validate().and_then(|()| {
+            check_names(&config.param_groups, &names)?;
             pieces
                 .iter()
                 .map(|p| {
@@ -168,7 +171,7 @@ impl ShardedRmsProp {
             if vars.is_empty() {
                 Ok(None)
             } else {
-                RmsProp::with_options(inner_config.clone(), vars, backend, gpu).map(Some)
+                RmsProp::for_shard(inner_config.clone(), vars, backend, gpu).map(Some)
             }
         });
         let status = match &shard {
@@ -318,6 +321,15 @@ impl ShardedRmsProp {
         }));
         let all = comm::all_gather_bytes(&self.comm, &record);
         settle(self.rank, &all, record.len(), local)?;
+        // a frozen tensor's gradient takes no part (in no norm, no non-finite check)
+        let names: Vec<&str> = self.specs.iter().map(|s| s.name.as_str()).collect();
+        let table = TensorTable::resolve(None, &self.config.param_groups, &names, &[]);
+        let unfrozen: Vec<Option<&[f32]>> = grads
+            .iter()
+            .enumerate()
+            .map(|(t, g)| g.filter(|_| table.present(t, true)))
+            .collect();
+        let grads = &unfrozen[..];
         if let Some(r) = all
             .chunks(record.len())
             .position(|rec| rec[1..] != record[1..])
