@@ -99,7 +99,7 @@ impl ParamGroup {
     /// The group's weight decay as the kernels see it: its own, else the config's.
     pub(crate) fn weight_decay_or(&self, config: Option<f64>) -> Option<f64> {
         match self.weight_decay {
-            Some(wd) if wd == 0.0 => None,
+            Some(0.0) => None,
             Some(wd) => Some(wd),
             None => config,
         }

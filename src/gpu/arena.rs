@@ -344,20 +344,32 @@ fn check_user_buffers(
     Ok(())
 }
 
+/// What an arena holds: the variables, the structure, how slots are stored, and how
+/// many param groups the group table has rows for.
+pub(crate) struct ArenaModel<'a> {
+    pub specs: &'a [VariableSpec],
+    pub variant: Variant,
+    pub storage: &'a StateStorage,
+    pub group_count: usize,
+}
+
 impl GpuArena {
-    /// Allocates the arena for `specs` (zeroed), or uses `user` buffers for parameters
+    /// Allocates the arena for `model` (zeroed), or uses `user` buffers for parameters
     /// and gradients (checked as [`UserBuffers`] documents). Every buffer is checked
     /// against the device's limits first ([`Error::DeviceLimit`]).
     pub(crate) fn new(
         ctx: &GpuContext,
         pipelines: &Pipelines,
-        specs: &[VariableSpec],
-        variant: Variant,
-        storage: &StateStorage,
+        model: ArenaModel<'_>,
         segment_len: Option<usize>,
         user: Option<UserBuffers>,
-        group_count: usize,
     ) -> Result<Self> {
+        let ArenaModel {
+            specs,
+            variant,
+            storage,
+            group_count,
+        } = model;
         let limits = ctx.device.limits();
         let max_len = max_segment_len(ctx, &variant);
         let segment_len = segment_len.map_or(max_len, |s| s.clamp(1, max_len));

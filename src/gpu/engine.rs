@@ -14,7 +14,7 @@ use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::gpu::arena::{GpuArena, Target};
+use crate::gpu::arena::{ArenaModel, GpuArena, Target};
 use crate::gpu::binding::{TensorView, UserBuffers};
 use crate::gpu::context::{software_allowed_by_env, GpuContext};
 use crate::gpu::nonfinite::GpuCounters;
@@ -115,15 +115,18 @@ impl GpuEngine {
             )));
         }
         let pipelines = pipelines_for(&ctx, &variant)?;
+        let model = ArenaModel {
+            specs,
+            variant,
+            storage: state,
+            group_count,
+        };
         let arena = GpuArena::new(
             &ctx,
             &pipelines,
-            specs,
-            variant,
-            state,
+            model,
             options.max_segment_len,
             options.buffers.clone(),
-            group_count,
         )?;
         let max_groups = ctx.device.limits().max_compute_workgroups_per_dimension;
         Ok(GpuEngine {
