@@ -82,7 +82,7 @@ fn alone(config: &RmsPropConfig, group: usize) -> RmsPropConfig {
     c.epsilon = g.epsilon.unwrap_or(c.epsilon);
     c.momentum = g.momentum.unwrap_or(c.momentum);
     match g.weight_decay {
-        Some(wd) if wd == 0.0 => c.weight_decay = None,
+        Some(0.0) => c.weight_decay = None,
         Some(wd) => c.weight_decay = Some(wd),
         None => {}
     }
@@ -100,7 +100,8 @@ fn gradients(
         .iter()
         .enumerate()
         .map(|(t, v)| {
-            ((t + k) % 5 != 0).then(|| rng.vec(v.values.len()).iter().map(|x| 2.0 * x).collect())
+            (!(t + k).is_multiple_of(5))
+                .then(|| rng.vec(v.values.len()).iter().map(|x| 2.0 * x).collect())
         })
         .collect();
     for g in groups {
@@ -514,7 +515,7 @@ fn groups_round_trip_through_every_dialects_json() {
     let keras = RmsPropConfig::default().with_param_group(group());
     let json = keras.to_keras_json().unwrap();
     assert_eq!(
-        json.as_object().unwrap().keys().last().unwrap(),
+        json.as_object().unwrap().keys().next_back().unwrap(),
         "param_groups"
     );
     assert_eq!(json["param_groups"][0]["learning_rate"], 0.25);
