@@ -5,7 +5,10 @@ The same format as the Keras traces (tests/keras/FORMAT.md), with the dialect's 
 config: `{"dialect": "torch"}` or `{"dialect": "optax"}` plus that library's
 constructor keyword arguments under its own names, every one written (optax's
 `momentum=None` is `null`; `weight_decay` for optax is `optax.add_decayed_weights`
-chained before the rmsprop, with `exclude_from_weight_decay` as its mask). Gradients
+chained before the rmsprop, with `exclude_from_weight_decay` as its mask) and
+`param_groups`: `[{"variables": [names], <arguments that differ>}]` (PyTorch: one param
+group per entry, the ungrouped tensors in a first group with the constructor's
+arguments; optax: `optax.partition` of one rmsprop per group). Gradients
 are data, so the Rust tests (tests/dialects.rs) replay them without autodiff.
 
 Regenerate the committed traces (byte for byte) from the repository root:
@@ -33,6 +36,7 @@ import optax  # noqa: E402
 torch.set_num_threads(1)
 
 KERNEL_AND_BIAS = ((3, 4), (4,))
+FOUR = ((3, 4), (4,), (4, 2), (2,))
 MANY = ((5, 3), (3,), (), (2, 2, 2), (7,), (1, 6), (4, 4), (2,), (3, 1), (9,), (6, 2), (1,))
 
 
@@ -51,6 +55,7 @@ class Case:
     missing: frozenset = frozenset()  # (step, variable) pairs with no gradient
     plant: object = None  # (step, variable, gradient) -> gradient, to plant special values
     exclude: list = None  # optax: no weight decay on variables whose name contains these
+    groups: list = None  # param groups: {"variables": [indices], keyword arguments that differ}
 
 
 TORCH_DEFAULTS = {"lr": 0.01, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0,
@@ -78,24 +83,51 @@ def variable_names(shapes):
     return [f"layer{i}/{'bias' if len(s) == 1 else 'kernel'}" for i, s in enumerate(shapes)]
 
 
+def number(v):
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
 def full_config(case):
-    """Every constructor argument, defaults filled in, in the signature's order."""
+    """Every constructor argument, defaults filled in, in the signature's order, and the
+    param groups (`variables` by name, then the arguments that differ)."""
     defaults = TORCH_DEFAULTS if case.dialect == "torch" else OPTAX_DEFAULTS
     unknown = set(case.config) - set(defaults)
     assert not unknown, unknown
     config = {"dialect": case.dialect}
     for k, d in defaults.items():
-        v = case.config.get(k, d)
-        config[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        config[k] = number(case.config.get(k, d))
+    if case.groups:
+        names = variable_names(case.shapes)
+        config["param_groups"] = []
+        for g in case.groups:
+            assert not set(g) - set(defaults) - {"variables"}, g
+            entry = {"variables": [names[i] for i in g["variables"]]}
+            entry.update({k: number(v) for k, v in g.items() if k != "variables"})
+            config["param_groups"].append(entry)
     return config
+
+
+def group_indices(config, names):
+    """Each param group's tensor indices and its own arguments (the config's, then the
+    group's), the ungrouped tensors first with the config's."""
+    base = {k: v for k, v in config.items() if k not in ("dialect", "param_groups")}
+    groups = config.get("param_groups", [])
+    grouped = {n for g in groups for n in g["variables"]}
+    out = [([i for i, n in enumerate(names) if n not in grouped], base)]
+    for g in groups:
+        own = dict(base)
+        own.update({k: v for k, v in g.items() if k != "variables"})
+        out.append(([names.index(n) for n in g["variables"]], own))
+    return [(idx, kw) for idx, kw in out if idx]
 
 
 class TorchRun:
     def __init__(self, config, start, names, exclude):
         assert not exclude, "torch excludes through param groups"
         self.params = [torch.nn.Parameter(torch.tensor(v)) for v in start]
-        kwargs = {k: v for k, v in config.items() if k != "dialect"}
-        self.opt = torch.optim.RMSprop(self.params, foreach=False, **kwargs)
+        groups = [dict(kw, params=[self.params[i] for i in idx])
+                  for idx, kw in group_indices(config, names)]
+        self.opt = torch.optim.RMSprop(groups, foreach=False)
 
     def step(self, grads):
         for p, g in zip(self.params, grads):
@@ -108,12 +140,24 @@ class TorchRun:
 
 class OptaxRun:
     def __init__(self, config, start, names, exclude):
-        kwargs = {k: v for k, v in config.items() if k not in ("dialect", "weight_decay")}
-        inner = optax.rmsprop(**kwargs)
-        if config["weight_decay"] is not None:
-            mask = [not any(e in n for e in (exclude or [])) for n in names]
-            inner = optax.chain(optax.add_decayed_weights(config["weight_decay"], mask=mask), inner)
-        self.tx = inner
+        def transform(kw):
+            inner = optax.rmsprop(**{k: v for k, v in kw.items() if k != "weight_decay"})
+            if kw["weight_decay"] is not None:
+                mask = [not any(e in n for e in (exclude or [])) for n in names]
+                inner = optax.chain(optax.add_decayed_weights(kw["weight_decay"], mask=mask), inner)
+            return inner
+        groups = group_indices(config, names)
+        if len(groups) == 1:
+            self.tx = transform(groups[0][1])
+        else:
+            # one rmsprop per group, each on its own tensors: optax.partition
+            assert not exclude, "a mask inside a partition sees only its group"
+            labels = [None] * len(names)
+            for g, (idx, _) in enumerate(groups):
+                for i in idx:
+                    labels[i] = f"group{g}"
+            self.tx = optax.partition({f"group{g}": transform(kw) for g, (_, kw) in enumerate(groups)},
+                                      labels)
         self.params = [jnp.asarray(v) for v in start]
         self.state = self.tx.init(self.params)
 
@@ -149,6 +193,9 @@ def record(case):
         run.step(grads)
     reference = (f"torch {torch.__version__} (CPU, foreach=False), float32" if case.dialect == "torch"
                  else f"optax {optax.__version__}, jax {jax.__version__} (CPU), float32")
+    if case.groups:
+        reference += (", one param group per entry (the ungrouped tensors first)" if case.dialect == "torch"
+                      else ", optax.partition of one rmsprop per group")
     trace = {
         "format": "rmsprop-trace/1",
         "name": case.name,
@@ -203,6 +250,17 @@ def torch_set():
              missing=frozenset({(1, 0), (2, 1), (4, 0)}),
              description="A parameter whose .grad is None is not stepped."),
         Case("torch_large_gradients", t, {"lr": 0.1, "alpha": 0.5}, steps=5, seed=112, grad_scale=1e3),
+        Case("torch_param_groups", t, {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01}, steps=6,
+             seed=113, shapes=FOUR,
+             groups=[{"variables": [1, 3], "lr": 0.05, "weight_decay": 0.0},
+                     {"variables": [2], "alpha": 0.8, "eps": 1e-4, "momentum": 0.5}],
+             description="Param groups: the biases with their own lr and no decay, one kernel "
+             "with its own alpha, eps and momentum."),
+        Case("torch_param_groups_centered", t, {"centered": True, "maximize": True, "alpha": 0.9},
+             steps=6, seed=114, shapes=FOUR, missing=frozenset({(2, 0), (3, 2)}),
+             groups=[{"variables": [0], "lr": 0.001, "eps": 1e-3},
+                     {"variables": [1, 2], "alpha": 0.5, "weight_decay": 0.1}],
+             description="Param groups with centered, maximize and missing gradients."),
     ]
 
 
@@ -239,6 +297,13 @@ def optax_set():
              "no decay on the bias."),
         Case("optax_large_gradients", o, {"learning_rate": 0.1, "decay": 0.5, "bias_correction": True},
              steps=5, seed=214, grad_scale=1e3),
+        Case("optax_param_groups", o, {"learning_rate": 0.01, "momentum": 0.9, "bias_correction": True},
+             steps=6, seed=215, shapes=FOUR,
+             groups=[{"variables": [1, 3], "learning_rate": 0.05, "decay": 0.7},
+                     {"variables": [2], "eps": 1e-3, "momentum": 0.5, "weight_decay": 0.1}],
+             description="optax.partition of three rmsprops: the biases with their own learning "
+             "rate and decay (their own bias correction), one kernel with its own eps, momentum "
+             "and add_decayed_weights."),
     ]
 
 
