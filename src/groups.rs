@@ -10,7 +10,6 @@
 //! takes no decay whatever its group.
 
 use crate::error::{Error, Result};
-use crate::plan::takes_weight_decay;
 use crate::schedule::LearningRate;
 
 /// Variables with hyperparameters of their own: every field left `None` takes the
@@ -157,6 +156,12 @@ fn number(field: &str, v: f64, keras: bool) -> Result<()> {
         return Err(Error::invalid(field, format!("must be >= 0, got {v}")));
     }
     Ok(())
+}
+
+/// Whether variable `name` takes weight decay, given `exclude_from_weight_decay`
+/// substrings (Keras searches them as a regular expression; plain names match the same).
+pub(crate) fn takes_weight_decay(name: &str, excluded: &[String]) -> bool {
+    !excluded.iter().any(|s| name.contains(s.as_str()))
 }
 
 /// Refuses a variable named in two groups.
@@ -326,5 +331,12 @@ mod tests {
         assert!(both.validate(0, 0.0, true).is_err());
         let negative = ParamGroup::new(["a"]).with_rho(-0.1);
         assert!(negative.validate(0, 0.0, false).is_err());
+    }
+
+    #[test]
+    fn exclusion_by_substring() {
+        let ex = vec!["bias".to_string()];
+        assert!(!takes_weight_decay("layer1/bias", &ex));
+        assert!(takes_weight_decay("layer0/kernel", &ex));
     }
 }

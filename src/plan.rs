@@ -184,12 +184,6 @@ fn bias_correction(config: &RmsPropConfig, rho: f64, iterations: u64) -> f32 {
     1.0 - (rho as f32).powf(count)
 }
 
-/// Whether variable `name` takes weight decay, given `exclude_from_weight_decay`
-/// substrings (Keras searches them as a regular expression; plain names match the same).
-pub(crate) fn takes_weight_decay(name: &str, excluded: &[String]) -> bool {
-    !excluded.iter().any(|s| name.contains(s.as_str()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,12 +238,5 @@ mod tests {
         assert_eq!(b.learning_rate, b.update_scale);
         assert_eq!(with_group(&s, &g[2]).learning_rate, 0.002f32);
         assert_eq!(GroupScalars::of(&b), g[1]);
-    }
-
-    #[test]
-    fn exclusion_by_substring() {
-        let ex = vec!["bias".to_string()];
-        assert!(!takes_weight_decay("layer1/bias", &ex));
-        assert!(takes_weight_decay("layer0/kernel", &ex));
     }
 }
