@@ -534,7 +534,8 @@ impl RmsPropConfig {
         Self::from_keras_json(&parse(text)?)
     }
 
-    /// Writes exactly what Keras' `get_config()` writes, in its key order. A constant
+    /// Writes exactly what Keras' `get_config()` writes, in its key order (then
+    /// `param_groups`, not a Keras key, when the config has any). A constant
     /// learning rate is written as its float32 value (Keras keeps it in a float32
     /// variable: 0.05 becomes 0.05000000074505806). A custom schedule without a Keras
     /// serialization is refused.
