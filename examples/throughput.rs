@@ -4,8 +4,12 @@
 //! ```text
 //! cargo run --release --example throughput -- --backend cpu|gpu --variant NAME
 //!     --params N [--tensors K] [--samples S] [--guard] [--cpu-level L]
-//!     [--dialect keras|torch|optax|burn] [--json]
+//!     [--dialect keras|torch|optax|burn] [--groups G] [--json]
 //! ```
+//!
+//! `--groups G` puts the tensors round-robin into `G` param groups, each with its own
+//! learning-rate multiplier and `rho` (every tensor in one: the path that patches a
+//! group's numbers into the step's).
 //!
 //! `--guard` turns the non-finite guard on; `bytes_per_step` stays the unguarded
 //! step's minimum traffic, so the ratio shows what the guard costs.
@@ -28,7 +32,7 @@ mod workload;
 
 use fused_rmsprop::half::{bf16, f16};
 use fused_rmsprop::{
-    Backend, CpuLevel, Dialect, Dtype, GpuOptions, GradientElement, Precision, RmsProp,
+    Backend, CpuLevel, Dialect, Dtype, GpuOptions, GradientElement, ParamGroup, Precision, RmsProp,
     RmsPropConfig, StateDtype, StateStorage,
 };
 use serde_json::json;
@@ -87,6 +91,9 @@ struct Args {
     /// Burn's epsilon outside the root).
     #[arg(long, default_value = "keras", value_parser = parse_dialect)]
     dialect: Dialect,
+    /// Param groups (tensors round-robin), each with its own numbers; 0: none.
+    #[arg(long, default_value_t = 0)]
+    groups: usize,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -194,11 +201,23 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let config = variant
         .config()
         .with_state(StateStorage::new(args.state_dtype));
-    let config = RmsPropConfig {
+    let mut config = RmsPropConfig {
         dialect: args.dialect,
         eps_in_sqrt: matches!(args.dialect, Dialect::Keras | Dialect::Optax),
         ..config
     };
+    for g in 0..args.groups {
+        let names = model
+            .iter()
+            .enumerate()
+            .filter(|(t, _)| t % args.groups == g)
+            .map(|(_, v)| v.spec.name.clone());
+        config = config.with_param_group(
+            ParamGroup::new(names)
+                .with_learning_rate_multiplier(1.0 / (g + 1) as f64)
+                .with_rho(0.95),
+        );
+    }
     let mut opt = RmsProp::with_precision(
         config,
         model,
@@ -318,6 +337,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "backend": backend.as_str(),
         "variant": name,
         "dialect": args.dialect.as_str(),
+        "groups": args.groups,
         "gradient_dtype": args.gradient_dtype.as_str(),
         "param_copy": args.param_copy.map(Dtype::as_str),
         "param_dtype": args.param_dtype.as_str(),

@@ -61,6 +61,7 @@ mod sharded;
 mod slot;
 mod state;
 mod state_layout;
+mod surface;
 mod variable;
 mod variant;
 
@@ -89,6 +90,7 @@ pub use schedule::{
 pub use sharded::{merge_sharded_checkpoint, split_checkpoint, ShardedRmsProp};
 pub use slot::Slot;
 pub use state::{StateDtype, StateStorage};
+pub use surface::Optimizer;
 pub use variable::{Variable, VariableSpec};
 
 /// The README's Rust examples, compiled as doc tests.

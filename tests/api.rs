@@ -6,8 +6,8 @@ mod common;
 
 use fused_rmsprop::gpu::{UserBuffers, ARENA_USAGES};
 use fused_rmsprop::{
-    Backend, BackendKind, Dtype, Error, GpuOptions, RmsProp, RmsPropConfig, Slot, Variable,
-    VariableSpec,
+    Backend, BackendKind, Dtype, Error, GpuOptions, LossScaleConfig, LossScaleOptimizer, Optimizer,
+    RmsProp, RmsPropConfig, Slot, Variable, VariableSpec,
 };
 
 fn model() -> Vec<Variable> {
@@ -466,4 +466,46 @@ fn a_gpu_optimizer_has_no_cpu_level() {
         opt.set_cpu_level(fused_rmsprop::CpuLevel::Baseline),
         Err(Error::NeedsCpuBackend("set_cpu_level"))
     ));
+}
+
+/// Steps `opt` through the shared surface only, and returns what it reads back.
+fn through_the_surface(opt: &mut impl Optimizer, scale: f32) -> Snapshot {
+    assert_eq!(opt.specs().len(), 2);
+    opt.exclude_from_weight_decay(&["w"]);
+    opt.exclude_from_weight_decay(&["b"]);
+    assert_eq!(opt.excluded(), ["w", "b"], "exclusions add");
+    for k in 0..4 {
+        let g: Vec<Vec<f32>> = opt
+            .variables()
+            .unwrap()
+            .iter()
+            .map(|v| v.iter().map(|x| scale * (x + k as f32)).collect())
+            .collect();
+        opt.apply_gradients(&[Some(&g[0]), (k % 2 == 0).then_some(&g[1][..])])
+            .unwrap();
+    }
+    opt.finalize_variable_values().unwrap();
+    let vars = opt.variables().unwrap();
+    assert_eq!(opt.variable(1).unwrap(), vars[1]);
+    assert!(matches!(opt.variable(2), Err(Error::NoSuchVariable(2))));
+    let slots = Slot::ALL.iter().map(|&s| opt.slot(s).unwrap()).collect();
+    (vars, slots, opt.iterations())
+}
+
+/// `RmsProp` and `LossScaleOptimizer` (a power-of-two scale divides exactly) give the
+/// same outcome through the `Optimizer` trait (`ShardedRmsProp`'s is checked under MPI).
+#[test]
+fn every_optimizer_shares_one_surface() {
+    let config = config().with_weight_decay(0.1);
+    let mut plain = RmsProp::with_backend(config.clone(), model(), Backend::Cpu).unwrap();
+    let a = through_the_surface(&mut plain, 1.0);
+    let inner = RmsProp::with_backend(config, model(), Backend::Cpu).unwrap();
+    let scaling = LossScaleConfig {
+        initial_scale: 64.0,
+        ..LossScaleConfig::default()
+    };
+    let mut scaled = LossScaleOptimizer::new(inner, scaling).unwrap();
+    let b = through_the_surface(&mut scaled, 64.0);
+    assert_eq!(a, b);
+    assert_eq!(a.2, 4);
 }

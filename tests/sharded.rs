@@ -266,7 +266,7 @@ fn faults<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> Resu
     let g = gradients(0);
     let all: Vec<Option<&[f32]>> = g.iter().map(|g| Some(&g[..])).collect();
     opt.apply_gradients(&all).map_err(|e| e.to_string())?;
-    let before = opt.variables().to_vec();
+    let before = opt.model().to_vec();
     // bad input on rank 1 only: everyone errs, nothing changes
     let short = &g[0][..10];
     let mut bad = all.clone();
@@ -286,7 +286,7 @@ fn faults<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> Resu
     if !matches!(opt.apply_gradients(&missing), Err(Error::Sharded { .. })) {
         return Err("disagreeing missing gradients were accepted".into());
     }
-    if opt.variables() != before.as_slice() || opt.raw_iterations() != 1 {
+    if opt.model() != before.as_slice() || opt.raw_iterations() != 1 {
         return Err("a refused step changed the state".into());
     }
     // the ranks are still in step: a good step goes through
@@ -294,14 +294,14 @@ fn faults<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> Resu
         .map_err(|e| format!("after the faults: {e}"))?;
     // the non-finite guard: a NaN on one rank skips the step on every rank
     opt.set_non_finite_guard(true);
-    let before = (opt.variables().to_vec(), opt.raw_iterations());
+    let before = (opt.model().to_vec(), opt.raw_iterations());
     let mut poisoned = g.clone();
     if rank == comm.size() - 1 {
         poisoned[2][5] = f32::NAN;
     }
     let refs: Vec<Option<&[f32]>> = poisoned.iter().map(|g| Some(&g[..])).collect();
     opt.apply_gradients(&refs).map_err(|e| e.to_string())?;
-    if opt.skipped_steps() != 1 || (opt.variables().to_vec(), opt.raw_iterations()) != before {
+    if opt.skipped_steps() != 1 || (opt.model().to_vec(), opt.raw_iterations()) != before {
         return Err(format!(
             "rank {rank}: a NaN on the last rank did not skip the step everywhere"
         ));
@@ -357,7 +357,7 @@ fn checkpoint<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> 
         return Err(format!("restored at step {}", b.raw_iterations()));
     }
     steps(&mut b, 4..7)?;
-    if a.variables() != b.variables() {
+    if a.model() != b.model() {
         return Err("the resumed run differs".into());
     }
     // merged into one process (rank 0 writes, everyone reads): goes on as one process
@@ -378,7 +378,7 @@ fn checkpoint<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> 
         one.apply_gradients(&refs).map_err(e)?;
     }
     for (x, y) in a
-        .variables()
+        .model()
         .iter()
         .flatten()
         .zip(one.variables().map_err(e)?.iter().flatten())
@@ -393,12 +393,7 @@ fn checkpoint<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> 
     let mut c = ShardedRmsProp::new(comm, config(), model(), backend, gpu).map_err(e)?;
     c.restore_checkpoint(dir.join("resplit")).map_err(e)?;
     steps(&mut c, 4..7)?;
-    for (x, y) in a
-        .variables()
-        .iter()
-        .flatten()
-        .zip(c.variables().iter().flatten())
-    {
+    for (x, y) in a.model().iter().flatten().zip(c.model().iter().flatten()) {
         if !values_match(*x, *y) {
             return Err(format!("resumed from the split checkpoint: {y} vs {x}"));
         }
@@ -457,13 +452,13 @@ fn checkpoint<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> 
     }
     comm.barrier();
     let mut d = ShardedRmsProp::new(comm, config(), model(), backend, gpu).map_err(e)?;
-    let before = d.variables().to_vec();
+    let before = d.model().to_vec();
     let restored = d.restore_checkpoint(&sharded);
     agreed(
         comm,
         match restored {
             Ok(()) => Err("a sharded checkpoint with a corrupted shard was restored".into()),
-            Err(_) if d.variables() != before => Err("a refused restore changed the state".into()),
+            Err(_) if d.model() != before => Err("a refused restore changed the state".into()),
             Err(_) => Ok(()),
         },
     )?;
@@ -487,7 +482,7 @@ fn checkpoint<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> 
 }
 
 fn compact<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> Result<(), String> {
-    use fused_rmsprop::{Slot, StateDtype, StateStorage};
+    use fused_rmsprop::{Optimizer, Slot, StateDtype, StateStorage};
     let e = |e: fused_rmsprop::Error| e.to_string();
     let config = RmsPropConfig::default()
         .with_learning_rate(0.01)
@@ -503,12 +498,23 @@ fn compact<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> Res
     let mut sharded =
         ShardedRmsProp::new(comm, config.clone(), vars.clone(), backend, gpu).map_err(e)?;
     let mut one = RmsProp::with_backend(config, vars, Backend::Cpu).map_err(e)?;
-    for k in 0..6 {
-        let g: Vec<f32> = (0..16384)
-            .map(|i| ((i * 3 + k * 7) as f32 * 0.013).cos())
-            .collect();
-        sharded.apply_gradients(&[Some(&g)]).map_err(e)?;
-        one.apply_gradients(&[Some(&g)]).map_err(e)?;
+    // both through the surface they share
+    fn six_steps(opt: &mut impl Optimizer) -> fused_rmsprop::Result<()> {
+        opt.exclude_from_weight_decay(&["bias"]);
+        for k in 0..6 {
+            let g: Vec<f32> = (0..16384)
+                .map(|i| ((i * 3 + k * 7) as f32 * 0.013).cos())
+                .collect();
+            opt.apply_gradients(&[Some(&g)])?;
+        }
+        Ok(())
+    }
+    six_steps(&mut sharded).map_err(e)?;
+    six_steps(&mut one).map_err(e)?;
+    if Optimizer::variables(&sharded).map_err(e)? != sharded.model()
+        || Optimizer::excluded(&sharded) != ["bias"]
+    {
+        return Err("the Optimizer surface of ShardedRmsProp".into());
     }
     // each rank's share, give or take the GPU's 16-byte placeholder buffers
     let ranks = comm.size() as u64;
@@ -520,7 +526,7 @@ fn compact<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> Res
         ));
     }
     let (a, b) = (
-        sharded.variables()[0].clone(),
+        sharded.model()[0].clone(),
         one.variables().map_err(e)?.remove(0),
     );
     let (va, vb) = (

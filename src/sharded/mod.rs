@@ -62,7 +62,7 @@ pub use checkpoint::{merge_sharded_checkpoint, split_checkpoint};
 /// let mut opt = ShardedRmsProp::new(&world, config, vec![w], Backend::Cpu, &GpuOptions::default()).unwrap();
 /// let my_gradient = vec![0.1f32; 1000]; // this rank's batch
 /// opt.apply_gradients(&[Some(&my_gradient)]).unwrap(); // averaged over the ranks
-/// assert!(opt.variables()[0][0] < 0.5);
+/// assert!(opt.model()[0][0] < 0.5);
 /// ```
 pub struct ShardedRmsProp {
     comm: SimpleCommunicator,
@@ -231,12 +231,20 @@ impl ShardedRmsProp {
         self.averaged = averaged;
     }
 
-    /// Keras' `exclude_from_weight_decay(var_names=...)`, by variable name.
+    /// Keras' `exclude_from_weight_decay(var_names=...)`: adds substrings (as
+    /// [`RmsProp::exclude_from_weight_decay`]); a variable whose name contains any of
+    /// them takes no weight decay.
     pub fn exclude_from_weight_decay<S: AsRef<str>>(&mut self, var_names: &[S]) {
-        self.excluded = var_names.iter().map(|s| s.as_ref().to_string()).collect();
+        self.excluded
+            .extend(var_names.iter().map(|s| s.as_ref().to_string()));
         if let Some(shard) = &mut self.shard {
             shard.exclude_from_weight_decay(var_names);
         }
+    }
+
+    /// The weight-decay exclusion substrings given so far.
+    pub fn excluded(&self) -> &[String] {
+        &self.excluded
     }
 
     /// This rank (0-based) and the number of ranks.
@@ -283,17 +291,20 @@ impl ShardedRmsProp {
         self.loss_scaling.map(|(_, s)| s.scale)
     }
 
-    /// The whole model as of the last step, on every rank.
-    pub fn variables(&self) -> &[Vec<f32>] {
-        &self.model
+    /// The whole model as of the last step, on every rank (a copy, as
+    /// [`RmsProp::variables`] returns; [`ShardedRmsProp::model`] lends it).
+    pub fn variables(&self) -> Result<Vec<Vec<f32>>> {
+        Ok(self.model.clone())
     }
 
-    /// One variable of the whole model.
-    pub fn variable(&self, i: usize) -> Result<&[f32]> {
-        self.model
-            .get(i)
-            .map(Vec::as_slice)
-            .ok_or(Error::NoSuchVariable(i))
+    /// One variable of the whole model (a copy).
+    pub fn variable(&self, i: usize) -> Result<Vec<f32>> {
+        self.model.get(i).cloned().ok_or(Error::NoSuchVariable(i))
+    }
+
+    /// The whole model as of the last step, on every rank, without copying it.
+    pub fn model(&self) -> &[Vec<f32>] {
+        &self.model
     }
 
     /// The variables' names and shapes.

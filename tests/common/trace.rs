@@ -488,7 +488,7 @@ impl Trace {
             opt.finalize_variable_values()?;
         }
         Ok(Outcome {
-            variables: opt.variables().to_vec(),
+            variables: opt.model().to_vec(),
             iterations: opt.iterations(),
             loss_scale: opt.loss_scale(),
             param_copy: None,
