@@ -7,7 +7,8 @@
 //!     [--dialect keras|torch|optax|burn] [--groups G] [--json]
 //! ```
 //!
-//! `--groups G` puts the tensors round-robin into `G` param groups, each with its own
+//! `--groups G` puts the tensors round-robin into `G` param groups (at most one per
+//! tensor), each with its own
 //! learning-rate multiplier and `rho` (every tensor in one: the path that patches a
 //! group's numbers into the step's).
 //!
@@ -206,11 +207,13 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         eps_in_sqrt: matches!(args.dialect, Dialect::Keras | Dialect::Optax),
         ..config
     };
-    for g in 0..args.groups {
+    // a group names at least one tensor
+    let groups = args.groups.min(model.len());
+    for g in 0..groups {
         let names = model
             .iter()
             .enumerate()
-            .filter(|(t, _)| t % args.groups == g)
+            .filter(|(t, _)| t % groups == g)
             .map(|(_, v)| v.spec.name.clone());
         config = config.with_param_group(
             ParamGroup::new(names)
@@ -337,7 +340,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "backend": backend.as_str(),
         "variant": name,
         "dialect": args.dialect.as_str(),
-        "groups": args.groups,
+        "groups": groups,
         "gradient_dtype": args.gradient_dtype.as_str(),
         "param_copy": args.param_copy.map(Dtype::as_str),
         "param_dtype": args.param_dtype.as_str(),

@@ -56,6 +56,9 @@ override COUPLED_DECAY: bool = false;
 override WEIGHT_DECAY: bool = false;
 // Skip steps whose gradients hold NaN or an infinity (see the header).
 override GUARD: bool = false;
+// Param groups: `update` reads each tensor's group and patches its numbers into the
+// plan (without, it reads nothing).
+override PARAM_GROUPS: bool = false;
 // Keras' dynamic loss scaling (LossScaleOptimizer): skips non-finite steps as GUARD does,
 // and divides the gradients by the device's dynamic scale (see the header).
 override LOSS_SCALING: bool = false;
@@ -1378,9 +1381,11 @@ fn load_plan(tensor: u32) {
     if LOSS_SCALING {
         s.loss_scale = bitcast<f32>(control.step_state.active_scale);
     }
-    let group = tensor_group(tensor);
-    if group != 0u {
-        s = with_group(s, group_scalars(plan, group));
+    if PARAM_GROUPS {
+        let group = tensor_group(tensor);
+        if group != 0u {
+            s = with_group(s, group_scalars(plan, group));
+        }
     }
 }
 

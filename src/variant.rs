@@ -81,6 +81,8 @@ pub(crate) struct Variant {
     pub state_stochastic: bool,
     /// Elements per int8 block.
     pub block_size: u32,
+    /// Param groups: the GPU reads each tensor's group (without, it never does).
+    pub param_groups: bool,
 }
 
 impl Variant {
@@ -108,6 +110,7 @@ impl Variant {
             stochastic_rounding: false,
             param_remainders: false,
             state: config.state.dtype,
+            param_groups: !config.param_groups.is_empty(),
             state_stochastic: config.state.stochastic_rounding.is_some(),
             block_size: config.state.block_size as u32,
         }

@@ -120,6 +120,11 @@ pub(crate) const GUARD: Override = Override {
     name: "GUARD",
     values: BOOL,
 };
+/// Param groups: `update` reads each tensor's group and patches its numbers.
+pub(crate) const PARAM_GROUPS: Override = Override {
+    name: "PARAM_GROUPS",
+    values: BOOL,
+};
 pub(crate) const LOSS_SCALING: Override = Override {
     name: "LOSS_SCALING",
     values: BOOL,
@@ -187,7 +192,7 @@ pub(crate) const BLOCK_SIZE: Override = Override {
 };
 
 /// Every override the host sets, in the order `pipelines.rs` gives them.
-pub(crate) const OVERRIDES: [Override; 22] = [
+pub(crate) const OVERRIDES: [Override; 23] = [
     CENTERED,
     USE_MOMENTUM,
     NESTEROV,
@@ -210,6 +215,7 @@ pub(crate) const OVERRIDES: [Override; 22] = [
     STATE_DTYPE,
     STATE_ROUNDING,
     BLOCK_SIZE,
+    PARAM_GROUPS,
 ];
 
 /// Overrides the shader derives from the others (the host never sets them).
@@ -234,8 +240,8 @@ pub(crate) const ENTRY_POINTS: [&str; 5] = [
 ///   with the options all off and all on;
 /// - compact state (bf16, bf16 rounded stochastically, int8, int8 with the smallest
 ///   block, int8 with bf16 parameters rounded stochastically), options off and on;
-/// - the other dialects' structure (nesterov, weight decay in the gradient), options
-///   off and on;
+/// - the other dialects' structure (nesterov, weight decay in the gradient) and param
+///   groups, options off and on;
 /// - every value of every override alone (the slot runs and counts included).
 pub(crate) fn specializations() -> Vec<Vec<(&'static str, f64)>> {
     let bools = [
@@ -278,7 +284,8 @@ pub(crate) fn specializations() -> Vec<Vec<(&'static str, f64)>> {
             .collect();
     }
     // the other dialects' structure: nesterov momentum, weight decay in the gradient
-    let dialects: [&[(&'static str, f64)]; 3] = [
+    let dialects: [&[(&'static str, f64)]; 4] = [
+        &[(PARAM_GROUPS.name, 1.0)],
         &[(USE_MOMENTUM.name, 1.0), (NESTEROV.name, 1.0)],
         &[(WEIGHT_DECAY.name, 1.0), (COUPLED_DECAY.name, 1.0)],
         &[

@@ -72,6 +72,7 @@ pub(crate) fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
             (contract::STATE_DTYPE.name, f64::from(variant.state.code())),
             (contract::STATE_ROUNDING.name, b(variant.state_stochastic)),
             (contract::BLOCK_SIZE.name, f64::from(variant.block_size)),
+            (contract::PARAM_GROUPS.name, b(variant.param_groups)),
         ])
         .collect()
 }
