@@ -602,9 +602,9 @@ fn rmsprop_element(before: ElementState, gradient: Lanes, key: vec4<u32>) -> Ele
 
 fn update_element(raw_gradient: Lanes, before: ElementState, t: TensorStep, key: vec4<u32>) -> ElementState {
     var e = before;
-    if t.phase == PHASE_FROZEN {
-        return e;
-    }
+    // a frozen tensor: nothing moves (no branch of this chain, and no EMA; `update`
+    // returns before it reaches a frozen chunk's elements, so this costs no compare
+    // per element in variants without EMA)
     if t.phase == PHASE_ACCUMULATE {
         e.accumulator = accumulate_gradient(unscale_gradient(raw_gradient), e.accumulator);
     } else if t.phase == PHASE_UPDATE {
@@ -620,7 +620,7 @@ fn update_element(raw_gradient: Lanes, before: ElementState, t: TensorStep, key:
         }
         e = rmsprop_element(e, clipped, key);
     }
-    if USE_EMA {
+    if USE_EMA && !(PARAM_GROUPS && t.phase == PHASE_FROZEN) {
         e.ema = ema_update(e.ema, e.param);
         if s.ema_overwrite_enabled != 0u {
             e.param = store_param(ema_overwrite(e.param, e.ema), rounding_bits(key, 2u));
@@ -1075,7 +1075,10 @@ fn tensor_step(tensor: u32) -> TensorStep {
         clip = clip_factors(tensor);
     }
     let decay = WEIGHT_DECAY && (flags & FLAG_DECAY) != 0u;
-    let phase = phase_of((flags & FLAG_HAS_GRADIENT) != 0u, (flags & FLAG_FROZEN) != 0u);
+    // only a param group is frozen: without PARAM_GROUPS the flag is never read (and
+    // the phase test below folds away; software adapters pay for it per invocation)
+    let frozen = PARAM_GROUPS && (flags & FLAG_FROZEN) != 0u;
+    let phase = phase_of((flags & FLAG_HAS_GRADIENT) != 0u, frozen);
     return TensorStep(phase, decay, clip);
 }
 
@@ -1370,22 +1373,28 @@ fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
 }
 
 // update's plan: the device's choice under the guard or loss scaling (with the scale
-// this step divides by), else the first; for a tensor of a param group, with the
-// group's numbers for that plan.
-fn load_plan(tensor: u32) {
-    var plan = 0u;
+// this step divides by), else the first.
+fn load_plan() {
     if GUARD || LOSS_SCALING {
-        plan = control.step_state.active_plan;
+        s = step.plans[control.step_state.active_plan];
+    } else {
+        s = step.plans[0];
     }
-    s = step.plans[plan];
     if LOSS_SCALING {
         s.loss_scale = bitcast<f32>(control.step_state.active_scale);
     }
-    if PARAM_GROUPS {
-        let group = tensor_group(tensor);
-        if group != 0u {
-            s = with_group(s, group_scalars(plan, group));
+}
+
+// With PARAM_GROUPS, for a tensor of group g > 0: the plan with the group's numbers for
+// the same plan of the window.
+fn load_group(tensor: u32) {
+    let group = tensor_group(tensor);
+    if group != 0u {
+        var plan = 0u;
+        if GUARD || LOSS_SCALING {
+            plan = control.step_state.active_plan;
         }
+        s = with_group(s, group_scalars(plan, group));
     }
 }
 
@@ -1411,8 +1420,11 @@ fn update(
     if c >= segment.chunk_count {
         return;
     }
+    load_plan();
     let chunk = chunk_row(segment.first_chunk + c);
-    load_plan(chunk.tensor);
+    if PARAM_GROUPS {
+        load_group(chunk.tensor);
+    }
     let t = tensor_step(chunk.tensor);
     let first = chunk.start / 4u;
     if STATE_DTYPE == 2u {
@@ -1432,7 +1444,7 @@ fn update(
                 return;
             }
             let phase = word & 3u;
-            if phase == PHASE_FROZEN || (phase == PHASE_NO_GRADIENT && !USE_EMA) {
+            if (PARAM_GROUPS && phase == PHASE_FROZEN) || (phase == PHASE_NO_GRADIENT && !USE_EMA) {
                 return;
             }
             let len = word >> 4u;
@@ -1460,7 +1472,7 @@ fn update(
     }
     let phase = word & 3u;
     let len = word >> 4u;
-    if phase == PHASE_FROZEN || (phase == PHASE_NO_GRADIENT && !USE_EMA) {
+    if (PARAM_GROUPS && phase == PHASE_FROZEN) || (phase == PHASE_NO_GRADIENT && !USE_EMA) {
         return;
     }
     if PARAM_DTYPE != 0u || PARAM_COPY != 0u {
