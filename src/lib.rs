@@ -61,6 +61,8 @@ mod sharded;
 mod slot;
 mod state;
 mod state_layout;
+// the blocking readers it names are native only (a browser awaits them)
+#[cfg(not(target_arch = "wasm32"))]
 mod surface;
 mod variable;
 mod variant;
@@ -90,6 +92,7 @@ pub use schedule::{
 pub use sharded::{merge_sharded_checkpoint, split_checkpoint, ShardedRmsProp};
 pub use slot::Slot;
 pub use state::{StateDtype, StateStorage};
+#[cfg(not(target_arch = "wasm32"))]
 pub use surface::Optimizer;
 pub use variable::{Variable, VariableSpec};
 

@@ -1,6 +1,8 @@
 //! [`Optimizer`]: what [`RmsProp`], [`LossScaleOptimizer`] and (feature `mpi`)
 //! `ShardedRmsProp` all do, with one signature each, so training code can take any of
 //! them. Each type keeps the same methods as inherent ones, with the same signatures.
+//! Native only: in a browser the readers are `async` (`RmsProp::variables_async`), so
+//! the trait, whose readers block, is not compiled for `wasm32`.
 
 use crate::error::Result;
 use crate::loss_scale::LossScaleOptimizer;
