@@ -45,6 +45,7 @@ impl Dtype {
     }
 
     /// 16 bits of this type, as f32 (exact).
+    #[inline(always)]
     pub(crate) fn upcast_bits(self, bits: u16) -> f32 {
         match self {
             Dtype::F16 => f16::from_bits(bits).to_f32(),

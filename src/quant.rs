@@ -245,6 +245,7 @@ pub fn decode_int8(code: u8, absmax: f32, map: &CodeMap) -> f32 {
 
 /// Encodes `values` as blocks of `block` elements (the last may be short): each block's
 /// [`block_absmax`] into `absmax`, each element's byte into `codes`.
+#[inline(always)]
 pub fn encode_blocks(
     values: &[f32],
     codes: &mut [u8],
@@ -276,6 +277,7 @@ pub fn encode_blocks(
 }
 
 /// Decodes blocks of `block` codes into `out` (as many values as `out` holds).
+#[inline(always)]
 pub fn decode_blocks(codes: &[u8], absmax: &[f32], out: &mut [f32], block: usize, map: &CodeMap) {
     for ((o, c), &a) in out.chunks_mut(block).zip(codes.chunks(block)).zip(absmax) {
         for (x, &code) in o.iter_mut().zip(c) {

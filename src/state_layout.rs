@@ -219,11 +219,18 @@ pub(crate) enum SlotRef<'a> {
 impl SlotRef<'_> {
     /// The values as f32 into `out` (resized to them): bf16 upcast as the kernels do
     /// (`Dtype::upcast_bits`), int8 blocks of `block` through `slot`'s code map.
+    #[inline(always)]
     pub(crate) fn decode_into(self, slot: Slot, block: usize, out: &mut Vec<f32>) {
         out.clear();
         match self {
             SlotRef::F32(v) => out.extend_from_slice(v),
-            SlotRef::Bf16(bits) => out.extend(bits.iter().map(|&b| Dtype::Bf16.upcast_bits(b))),
+            SlotRef::Bf16(bits) => {
+                // indexed stores into a sized buffer: the loop vectorizes
+                out.resize(bits.len(), 0.0);
+                for (x, &b) in out.iter_mut().zip(bits) {
+                    *x = Dtype::Bf16.upcast_bits(b);
+                }
+            }
             SlotRef::Int8 { codes, absmax } => {
                 out.resize(codes.len(), 0.0);
                 decode_blocks(codes, absmax, out, block, CodeMap::for_slot(slot));

@@ -19,8 +19,10 @@
 use std::sync::OnceLock;
 
 use super::kernels::{self, ChunkJob};
+use super::slots::{SlotKeys, SlotPiece};
 use crate::cpu_level::CpuLevel;
 use crate::math::StepScalars;
+use crate::slot::Slot;
 
 /// The environment variable that caps the process's default level.
 pub(crate) const LEVEL_ENV: &str = "FUSED_RMSPROP_CPU_LEVEL";
@@ -79,6 +81,46 @@ pub(crate) fn run_chunk<const K: u32>(isa: Isa, job: ChunkJob<'_>, s: &StepScala
     }
 }
 
+/// [`SlotPiece::decode`] at `isa`'s level: the 8-bit and bf16 decoders vectorize there
+/// as the loops do (the same values at every level).
+pub(crate) fn decode_piece(
+    isa: Isa,
+    piece: &SlotPiece<'_>,
+    slot: Slot,
+    block: usize,
+    out: &mut Vec<f32>,
+) {
+    match isa.0 {
+        // SAFETY: an `Isa` holds only a level whose features were detected (`Isa::new`).
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx512 => unsafe { x86::decode_piece_avx512(piece, slot, block, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx2 => unsafe { x86::decode_piece_avx2(piece, slot, block, out) },
+        _ => piece.decode(slot, block, out),
+    }
+}
+
+/// [`SlotPiece::store`] at `isa`'s level (the same bytes at every level).
+pub(crate) fn store_piece(
+    isa: Isa,
+    piece: SlotPiece<'_>,
+    slot: Slot,
+    values: &[f32],
+    block: usize,
+    keys: Option<SlotKeys<'_>>,
+) {
+    match isa.0 {
+        // SAFETY: an `Isa` holds only a level whose features were detected (`Isa::new`).
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx512 => unsafe { x86::store_piece_avx512(piece, slot, values, block, keys) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx2 => unsafe { x86::store_piece_avx2(piece, slot, values, block, keys) },
+        _ => piece.store(slot, values, block, keys),
+    }
+}
+
 /// [`kernels::sum_of_squares`] at `isa`'s level.
 pub(crate) fn sum_of_squares<const A: bool>(
     isa: Isa,
@@ -114,7 +156,51 @@ pub(crate) fn any_non_finite(isa: Isa, chunk: &[f32], s: &StepScalars) -> bool {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::kernels::{self, ChunkJob};
+    use crate::cpu::slots::{SlotKeys, SlotPiece};
     use crate::math::StepScalars;
+    use crate::slot::Slot;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn decode_piece_avx2(
+        piece: &SlotPiece<'_>,
+        slot: Slot,
+        block: usize,
+        out: &mut Vec<f32>,
+    ) {
+        piece.decode(slot, block, out)
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    pub(super) fn decode_piece_avx512(
+        piece: &SlotPiece<'_>,
+        slot: Slot,
+        block: usize,
+        out: &mut Vec<f32>,
+    ) {
+        piece.decode(slot, block, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn store_piece_avx2(
+        piece: SlotPiece<'_>,
+        slot: Slot,
+        values: &[f32],
+        block: usize,
+        keys: Option<SlotKeys<'_>>,
+    ) {
+        piece.store(slot, values, block, keys)
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    pub(super) fn store_piece_avx512(
+        piece: SlotPiece<'_>,
+        slot: Slot,
+        values: &[f32],
+        block: usize,
+        keys: Option<SlotKeys<'_>>,
+    ) {
+        piece.store(slot, values, block, keys)
+    }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn run_chunk_avx2<const K: u32>(job: ChunkJob<'_>, s: &StepScalars) {

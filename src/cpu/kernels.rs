@@ -2,6 +2,7 @@
 //! non-finite scan. All are `#[inline(always)]`, so that `isa` compiles each into one
 //! clone per instruction-set level; none of them branches on an option per element.
 
+use crate::cpu::isa::{self, Isa};
 use crate::cpu::slots::{SlotKeys, SlotPiece};
 use crate::dtype::{GradSlice, HalfSliceMut};
 use crate::math::{
@@ -51,12 +52,26 @@ pub(crate) struct TaskBuffers {
     slots: [Vec<f32>; 5],
 }
 
+thread_local! {
+    /// Each thread's buffers, kept from step to step: made afresh per task, each
+    /// step allocated and freed blocks of 128 KiB, which the allocator maps and unmaps
+    /// (page faults and TLB shootdowns that cost compact state more than its coding).
+    static TASK_BUFFERS: std::cell::RefCell<TaskBuffers> = std::cell::RefCell::default();
+}
+
+/// Runs `f` with this thread's [`TaskBuffers`] (a task never starts another inside).
+pub(crate) fn with_task_buffers<R>(f: impl FnOnce(&mut TaskBuffers) -> R) -> R {
+    TASK_BUFFERS.with(|b| f(&mut b.borrow_mut()))
+}
+
 /// What compact slots need besides the step: int8 block size, and whether bf16 slots
 /// round stochastically.
 #[derive(Clone, Copy)]
 pub(crate) struct SlotCoding {
     pub block: usize,
     pub stochastic: bool,
+    /// The level the decoders and encoders run at (the loops' own).
+    pub isa: Isa,
 }
 
 /// True when a chunk in `phase` reads and writes `slot` (as [`sweep`] cuts them).
@@ -113,7 +128,7 @@ impl PendingJob<'_> {
                 .map(|((piece, buf), slot)| match piece {
                     SlotPiece::F32(values) => &mut **values,
                     compact if compact.is_compact() && touches(slot, step.phase) => {
-                        compact.decode(slot, coding.block, buf);
+                        isa::decode_piece(coding.isa, compact, slot, coding.block, buf);
                         &mut buf[..n]
                     }
                     _ => &mut [],
@@ -144,7 +159,7 @@ impl PendingJob<'_> {
         let keys = coding.stochastic.then_some(SlotKeys { s, tensor, first });
         for ((piece, buf), slot) in slots.into_iter().zip(slot_buffers.iter()).zip(Slot::ALL) {
             if piece.is_compact() && touches(slot, step.phase) {
-                piece.store(slot, &buf[..n], coding.block, keys);
+                isa::store_piece(coding.isa, piece, slot, &buf[..n], coding.block, keys);
             }
         }
         if let Some(copy) = param_copy {

@@ -344,13 +344,16 @@ impl CpuEngine {
         let coding = SlotCoding {
             block,
             stochastic: v.state_stochastic,
+            isa,
         };
         macro_rules! go {
             ($($k:literal),*) => {
                 match v.checked_kernel() {
-                    $($k => jobs.into_par_iter().for_each_init(Default::default, |buffers, job| {
+                    $($k => jobs.into_par_iter().for_each(|job| {
                         let s = &plans[job.group as usize];
-                        job.run(buffers, s, coding, |job| isa::run_chunk::<$k>(isa, job, s))
+                        kernels::with_task_buffers(|buffers| {
+                            job.run(buffers, s, coding, |job| isa::run_chunk::<$k>(isa, job, s))
+                        })
                     }),)*
                     // `Variant::kernel` makes only valid words (`kernel::is_valid`), and
                     // a test checks `kernel_words!` against them

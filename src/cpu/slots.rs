@@ -186,6 +186,8 @@ impl SlotPiece<'_> {
     }
 
     /// Decodes the piece into `out` (its elements; nothing for an unused slot).
+    /// Inlined, so that `isa::decode_piece` compiles it at each level.
+    #[inline(always)]
     pub(crate) fn decode(&self, slot: Slot, block: usize, out: &mut Vec<f32>) {
         let view = match self {
             SlotPiece::Unused => SlotRef::F32(&[]),
@@ -197,7 +199,9 @@ impl SlotPiece<'_> {
     }
 
     /// Stores `values` into the piece: f32 as they are, bf16 rounded (stochastically
-    /// with `keys`), int8 as blocks with their new scales.
+    /// with `keys`), int8 as blocks with their new scales. Inlined, so that
+    /// `isa::store_piece` compiles it at each level.
+    #[inline(always)]
     pub(crate) fn store(
         self,
         slot: Slot,
