@@ -12,7 +12,9 @@
 mod common;
 
 use common::{combo, Rng};
-use fused_rmsprop::{Backend, CpuLevel, Error, RmsProp, RmsPropConfig, Slot, Variable};
+use fused_rmsprop::{
+    Backend, CpuLevel, Error, RmsProp, RmsPropConfig, Slot, StateDtype, StateStorage, Variable,
+};
 
 /// Odd lengths around the vector widths and the CPU chunk (32,768), empty, scalar.
 fn model(rng: &mut Rng) -> Vec<Variable> {
@@ -136,6 +138,41 @@ fn every_supported_level_gives_the_same_bits() {
         }
     }
     eprintln!("{compared} runs compared bit for bit with the baseline");
+}
+
+/// Compact slots are decoded and encoded at the loops' level too: bf16 (to nearest and
+/// stochastically) and int8 (two block sizes) give the baseline's bits at every level.
+#[test]
+fn compact_state_gives_the_same_bits_at_every_level() {
+    let levels: Vec<CpuLevel> = CpuLevel::ALL
+        .into_iter()
+        .filter(|l| l.is_supported())
+        .collect();
+    let storages = [
+        StateStorage::new(StateDtype::Bf16).with_min_size(16),
+        StateStorage::new(StateDtype::Bf16)
+            .with_min_size(16)
+            .with_stochastic_rounding(7),
+        StateStorage::new(StateDtype::Int8).with_min_size(16),
+        StateStorage::new(StateDtype::Int8)
+            .with_min_size(16)
+            .with_block_size(32),
+    ];
+    let mut compared = 0;
+    for (n, storage) in storages.into_iter().enumerate() {
+        for k in (0..128).step_by(9) {
+            let config = combo(k).with_state(storage.clone());
+            let reference = run(&config, CpuLevel::Baseline, k % 2 == 0, 300 + k as u64);
+            for &level in &levels[1..] {
+                let got = run(&config, level, k % 2 == 0, 300 + k as u64);
+                if let Some(at) = first_difference(&reference, &got) {
+                    panic!("{level} differs from baseline, storage {n}, combo {k}, at {at}");
+                }
+                compared += 1;
+            }
+        }
+    }
+    eprintln!("{compared} compact-state runs compared bit for bit with the baseline");
 }
 
 #[test]
