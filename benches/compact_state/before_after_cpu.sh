@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Compact state on the CPU before and after its slots were coded at the loops' level with
+# per-thread buffers (issue 26, first part): the `throughput` example of commit 71b81d6
+# (OLD, built elsewhere) and of this tree, interleaved, 16M parameters in one tensor,
+# f32 / bf16 / int8 state. One JSON object per run.
+#
+#   git worktree add /tmp/before26 71b81d6
+#   (cd /tmp/before26 && CARGO_TARGET_DIR=/tmp/before26-target cargo build --release --example throughput)
+#   OLD=/tmp/before26-target/release/examples/throughput bash benches/compact_state/before_after_cpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --example throughput >&2
+NEW=target/release/examples/throughput
+for round in 1 2; do
+  for variant in plain centered-momentum; do
+    for state in f32 bf16 int8; do
+      for which in OLD NEW; do
+        bin=${!which}
+        "$bin" --backend cpu --variant "$variant" --params 16777216 --tensors 1 \
+          --state-dtype "$state" --samples 5 --json | sed "s/^{/{\"build\":\"$which\",/"
+      done
+    done
+  done
+done
