@@ -161,7 +161,7 @@ fn compact_state_gives_the_same_bits_at_every_level() {
     let mut compared = 0;
     for (n, storage) in storages.into_iter().enumerate() {
         for k in (0..128).step_by(9) {
-            let config = combo(k).with_state(storage.clone());
+            let config = combo(k).with_state(storage);
             let reference = run(&config, CpuLevel::Baseline, k % 2 == 0, 300 + k as u64);
             for &level in &levels[1..] {
                 let got = run(&config, level, k % 2 == 0, 300 + k as u64);
