@@ -41,13 +41,16 @@ pub struct CodeMap {
     /// Sorted index of NaN.
     pub nan_index: u32,
     /// For [`encode_int8_fast`]: the sorted index of each magnitude `y` from 2^-27 to
-    /// 1, keyed by its top 20 bits (buckets narrower than any gap between thresholds).
+    /// 1, keyed by its top 20 bits (buckets narrower than any gap between thresholds);
+    /// then 3 zero bytes, so that a 4-byte load at any key stays inside.
     guesses: Vec<u8>,
 }
 
 /// The keys of [`CodeMap::guesses`]: the top 20 bits of 2^-27 and of 1.0.
-const GUESS_LOW: u32 = 0x3200_0000 >> 12;
-const GUESS_HIGH: u32 = 0x3f80_0000 >> 12;
+pub(crate) const GUESS_LOW: u32 = 0x3200_0000 >> 12;
+pub(crate) const GUESS_HIGH: u32 = 0x3f80_0000 >> 12;
+/// Keys of the guess table.
+pub(crate) const GUESS_KEYS: usize = (GUESS_HIGH - GUESS_LOW) as usize + 1;
 /// Words of one map's guesses in [`CodeMap::gpu_table`].
 pub const GUESS_WORDS: usize = (GUESS_HIGH - GUESS_LOW) as usize / 4 + 1;
 
@@ -88,8 +91,14 @@ impl CodeMap {
         };
         map.guesses = (GUESS_LOW..=GUESS_HIGH)
             .map(|b| (u32::from(encode_int8(f32::from_bits(b << 12), 1.0, &map)) ^ flip) as u8)
+            .chain([0; 3])
             .collect();
         map
+    }
+
+    /// The guess table: [`GUESS_KEYS`] sorted indices, then 3 zero bytes.
+    pub(crate) fn guess_table(&self) -> &[u8] {
+        &self.guesses
     }
 
     /// The map of never-negative slots (the velocity).
@@ -202,7 +211,7 @@ pub fn encode_int8(x: f32, absmax: f32, map: &CodeMap) -> u8 {
 /// two independent comparisons around the guess settle it, and a check that the
 /// comparisons hold there falls back to walking when they do not.
 #[inline(always)]
-fn encode_scaled(x: f32, inverse: f32, scaled: &[f32; 256], map: &CodeMap) -> u8 {
+pub(crate) fn encode_scaled(x: f32, inverse: f32, scaled: &[f32; 256], map: &CodeMap) -> u8 {
     if !x.is_finite() {
         return encode_int8(x, 1.0, map);
     }
@@ -253,6 +262,22 @@ pub fn encode_blocks(
     block: usize,
     map: &CodeMap,
 ) {
+    encode_blocks_with(values, codes, absmax, block, map, |_, _, _, _| false)
+}
+
+/// [`encode_blocks`], with `guessed` trying each block of nonzero scale first: it gets
+/// the block's values, its codes, `1 / absmax` and the scaled thresholds, writes the
+/// bytes [`encode_scaled`] would and returns true, or returns false (then the block is
+/// encoded element by element). `cpu::isa` passes a vectorized one.
+#[inline(always)]
+pub(crate) fn encode_blocks_with(
+    values: &[f32],
+    codes: &mut [u8],
+    absmax: &mut [f32],
+    block: usize,
+    map: &CodeMap,
+    mut guessed: impl FnMut(&[f32], &mut [u8], f32, &[f32; 256]) -> bool,
+) {
     for ((v, c), a) in values
         .chunks(block)
         .zip(codes.chunks_mut(block))
@@ -270,6 +295,9 @@ pub fn encode_blocks(
         // the block's thresholds, the same products encode_int8 compares with
         let scaled: [f32; 256] = std::array::from_fn(|k| m * map.thresholds[k]);
         let inverse = 1.0 / m;
+        if guessed(v, c, inverse, &scaled) {
+            continue;
+        }
         for (x, code) in v.iter().zip(c.iter_mut()) {
             *code = encode_scaled(*x, inverse, &scaled, map);
         }

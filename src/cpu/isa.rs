@@ -158,6 +158,9 @@ mod x86 {
     use super::kernels::{self, ChunkJob};
     use crate::cpu::slots::{SlotKeys, SlotPiece};
     use crate::math::StepScalars;
+    use crate::quant::{
+        encode_blocks_with, encode_scaled, CodeMap, GUESS_HIGH, GUESS_KEYS, GUESS_LOW,
+    };
     use crate::slot::Slot;
 
     #[target_feature(enable = "avx2,fma")]
@@ -199,7 +202,118 @@ mod x86 {
         block: usize,
         keys: Option<SlotKeys<'_>>,
     ) {
-        piece.store(slot, values, block, keys)
+        match piece {
+            SlotPiece::Int8 { codes, absmax } => {
+                let map = CodeMap::for_slot(slot);
+                encode_blocks_with(
+                    values,
+                    codes,
+                    absmax,
+                    block,
+                    map,
+                    |v, c, inverse, scaled| encode_guessed_avx512(v, c, inverse, scaled, map),
+                )
+            }
+            other => other.store(slot, values, block, keys),
+        }
+    }
+
+    /// `quant::encode_scaled`'s first answer for 16 elements at a time: the guess
+    /// table's index (a gather), the two comparisons around it (two gathers of the
+    /// scaled thresholds), and the check `encode_scaled` makes before it trusts them.
+    /// Writes every byte of `codes` and returns true when every element is finite and
+    /// passes the check (then the bytes are `encode_scaled`'s); false otherwise (the
+    /// caller encodes the block element by element).
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    fn encode_guessed_avx512(
+        values: &[f32],
+        codes: &mut [u8],
+        inverse: f32,
+        scaled: &[f32; 256],
+        map: &CodeMap,
+    ) -> bool {
+        use std::arch::x86_64::*;
+        let guesses = map.guess_table();
+        let n = values.len().min(codes.len());
+        if guesses.len() < GUESS_KEYS + 3 {
+            return false;
+        }
+        let whole = n / 16 * 16;
+        let mut settled = true;
+        // SAFETY: every load and store is inside `values[..whole]` and
+        // `codes[..whole]`; the guess gathers read 4 bytes at keys clamped to
+        // `0 ..= GUESS_KEYS - 1`, inside the table and its 3 padding bytes (checked
+        // above); the threshold gathers read at indices clamped to `0 ..= 255`, inside
+        // `scaled`. The features are this function's own.
+        unsafe {
+            let inv = _mm512_set1_ps(inverse);
+            let zero = _mm512_setzero_ps();
+            let infinity = _mm512_set1_ps(f32::INFINITY);
+            let magnitude = _mm512_set1_epi32(0x7fff_ffff);
+            let low = _mm512_set1_epi32(GUESS_LOW as i32);
+            let high = _mm512_set1_epi32(GUESS_HIGH as i32);
+            let one = _mm512_set1_epi32(1);
+            let byte = _mm512_set1_epi32(0xff);
+            let last = _mm512_set1_epi32(255);
+            let none = _mm512_setzero_si512();
+            let flip = _mm512_set1_epi32(map.flip as i32);
+            let max_finite = _mm512_set1_epi32(map.max_finite as i32);
+            let mut bad: __mmask16 = 0;
+            for i in (0..whole).step_by(16) {
+                let x = _mm512_loadu_ps(values.as_ptr().add(i));
+                let ax = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude));
+                let y = _mm512_castps_si512(_mm512_mul_ps(ax, inv));
+                let key = _mm512_sub_epi32(
+                    _mm512_min_epu32(_mm512_max_epu32(_mm512_srli_epi32::<12>(y), low), high),
+                    low,
+                );
+                let guess = _mm512_and_si512(
+                    _mm512_i32gather_epi32::<1>(key, guesses.as_ptr().cast()),
+                    byte,
+                );
+                // below 0: the guess mirrored in the signed map, 0 in the unsigned one
+                let mirrored = if map.flip != 0 {
+                    _mm512_sub_epi32(max_finite, guess)
+                } else {
+                    none
+                };
+                let negative = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, zero);
+                let around = _mm512_mask_blend_epi32(negative, guess, mirrored);
+                let base =
+                    _mm512_and_si512(_mm512_sub_epi32(_mm512_max_epu32(around, one), one), byte);
+                let next = _mm512_add_epi32(base, one);
+                let s0 = _mm512_i32gather_ps::<4>(base, scaled.as_ptr());
+                let s1 = _mm512_i32gather_ps::<4>(_mm512_min_epu32(next, last), scaled.as_ptr());
+                let index =
+                    _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, s0), base, one);
+                let index = _mm512_mask_add_epi32(
+                    index,
+                    _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, s1),
+                    index,
+                    one,
+                );
+                // encode_scaled's check: x >= scaled[index], or index > 0 and x < scaled[index - 1]
+                let at = _mm512_i32gather_ps::<4>(_mm512_min_epu32(index, last), scaled.as_ptr());
+                let before = _mm512_i32gather_ps::<4>(
+                    _mm512_sub_epi32(_mm512_max_epu32(index, one), one),
+                    scaled.as_ptr(),
+                );
+                let above = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, at);
+                let below = _mm512_cmpgt_epu32_mask(index, none)
+                    & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, before);
+                let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(ax, infinity);
+                let out_of_range =
+                    _mm512_cmpgt_epu32_mask(next, last) | _mm512_cmpgt_epu32_mask(index, last);
+                bad |= above | below | out_of_range | !finite;
+                let stored = _mm512_cvtepi32_epi8(_mm512_xor_si512(index, flip));
+                _mm_storeu_si128(codes.as_mut_ptr().add(i).cast(), stored);
+            }
+            settled &= bad == 0;
+        }
+        for i in whole..n {
+            codes[i] = encode_scaled(values[i], inverse, scaled, map);
+        }
+        settled
     }
 
     #[target_feature(enable = "avx2,fma")]
