@@ -49,7 +49,8 @@ pub struct CodeMap {
 /// The keys of [`CodeMap::guesses`]: the top 20 bits of 2^-27 and of 1.0.
 pub(crate) const GUESS_LOW: u32 = 0x3200_0000 >> 12;
 pub(crate) const GUESS_HIGH: u32 = 0x3f80_0000 >> 12;
-/// Keys of the guess table.
+/// Keys of the guess table (read by the x86-64 vectorized encoder).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const GUESS_KEYS: usize = (GUESS_HIGH - GUESS_LOW) as usize + 1;
 /// Words of one map's guesses in [`CodeMap::gpu_table`].
 pub const GUESS_WORDS: usize = (GUESS_HIGH - GUESS_LOW) as usize / 4 + 1;
@@ -97,6 +98,7 @@ impl CodeMap {
     }
 
     /// The guess table: [`GUESS_KEYS`] sorted indices, then 3 zero bytes.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn guess_table(&self) -> &[u8] {
         &self.guesses
     }
