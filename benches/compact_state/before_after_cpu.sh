@@ -8,7 +8,7 @@
 #   (cd /tmp/before26 && CARGO_TARGET_DIR=/tmp/before26-target cargo build --release --example throughput)
 #   OLD=/tmp/before26-target/release/examples/throughput bash benches/compact_state/before_after_cpu.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 cargo build --release --example throughput >&2
 NEW=target/release/examples/throughput
 for round in 1 2; do
