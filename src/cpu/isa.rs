@@ -196,7 +196,122 @@ mod x86 {
         block: usize,
         keys: Option<SlotKeys<'_>>,
     ) {
-        piece.store(slot, values, block, keys)
+        match piece {
+            SlotPiece::Int8 { codes, absmax } => {
+                let map = CodeMap::for_slot(slot);
+                encode_blocks_with(
+                    values,
+                    codes,
+                    absmax,
+                    block,
+                    map,
+                    |v, c, inverse, scaled| encode_guessed_avx2(v, c, inverse, scaled, map),
+                )
+            }
+            other => other.store(slot, values, block, keys),
+        }
+    }
+
+    /// [`encode_guessed_avx512`] for 8 elements at a time with AVX2's gathers.
+    #[target_feature(enable = "avx2,fma")]
+    fn encode_guessed_avx2(
+        values: &[f32],
+        codes: &mut [u8],
+        inverse: f32,
+        scaled: &[f32; 256],
+        map: &CodeMap,
+    ) -> bool {
+        use std::arch::x86_64::*;
+        let guesses = map.guess_table();
+        let n = values.len().min(codes.len());
+        if guesses.len() < GUESS_KEYS + 3 {
+            return false;
+        }
+        let whole = n / 8 * 8;
+        // SAFETY: as in `encode_guessed_avx512`: loads and stores inside
+        // `values[..whole]` and `codes[..whole]` (the codes through a local array), the
+        // guess gathers at keys clamped to `0 ..= GUESS_KEYS - 1` (4 bytes each, inside
+        // the table's padding), the threshold gathers at indices clamped to `0 ..= 255`.
+        // The features are this function's own.
+        let settled = unsafe {
+            let inv = _mm256_set1_ps(inverse);
+            let zero = _mm256_setzero_ps();
+            let infinity = _mm256_set1_ps(f32::INFINITY);
+            let magnitude = _mm256_set1_epi32(0x7fff_ffff);
+            let low = _mm256_set1_epi32(GUESS_LOW as i32);
+            let high = _mm256_set1_epi32(GUESS_HIGH as i32);
+            let one = _mm256_set1_epi32(1);
+            let byte = _mm256_set1_epi32(0xff);
+            let last = _mm256_set1_epi32(255);
+            let none = _mm256_setzero_si256();
+            let flip = _mm256_set1_epi32(map.flip as i32);
+            let max_finite = _mm256_set1_epi32(map.max_finite as i32);
+            let mut bad = _mm256_setzero_si256();
+            let mut stored = [0u32; 8];
+            for i in (0..whole).step_by(8) {
+                let x = _mm256_loadu_ps(values.as_ptr().add(i));
+                let ax = _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(x), magnitude));
+                let y = _mm256_castps_si256(_mm256_mul_ps(ax, inv));
+                let key = _mm256_sub_epi32(
+                    _mm256_min_epu32(_mm256_max_epu32(_mm256_srli_epi32::<12>(y), low), high),
+                    low,
+                );
+                let guess = _mm256_and_si256(
+                    _mm256_i32gather_epi32::<1>(guesses.as_ptr().cast(), key),
+                    byte,
+                );
+                let mirrored = if map.flip != 0 {
+                    _mm256_sub_epi32(max_finite, guess)
+                } else {
+                    none
+                };
+                let negative = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(x, zero));
+                let around = _mm256_blendv_epi8(guess, mirrored, negative);
+                let base =
+                    _mm256_and_si256(_mm256_sub_epi32(_mm256_max_epu32(around, one), one), byte);
+                let next = _mm256_add_epi32(base, one);
+                let s0 = _mm256_i32gather_ps::<4>(scaled.as_ptr(), base);
+                let s1 = _mm256_i32gather_ps::<4>(scaled.as_ptr(), _mm256_min_epu32(next, last));
+                // a true comparison is all ones (-1): subtracting it adds 1
+                let ge0 = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, s0));
+                let ge1 = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, s1));
+                let index = _mm256_sub_epi32(_mm256_sub_epi32(base, ge0), ge1);
+                let at = _mm256_i32gather_ps::<4>(scaled.as_ptr(), _mm256_min_epu32(index, last));
+                let before = _mm256_i32gather_ps::<4>(
+                    scaled.as_ptr(),
+                    _mm256_sub_epi32(_mm256_max_epu32(index, one), one),
+                );
+                let above = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, at));
+                let below = _mm256_and_si256(
+                    _mm256_cmpgt_epi32(index, none),
+                    _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(x, before)),
+                );
+                let finite = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(ax, infinity));
+                let out_of_range = _mm256_or_si256(
+                    _mm256_cmpgt_epi32(next, last),
+                    _mm256_cmpgt_epi32(index, last),
+                );
+                bad = _mm256_or_si256(
+                    bad,
+                    _mm256_or_si256(
+                        _mm256_or_si256(above, below),
+                        _mm256_or_si256(
+                            out_of_range,
+                            _mm256_andnot_si256(finite, _mm256_set1_epi32(-1)),
+                        ),
+                    ),
+                );
+                _mm256_storeu_si256(stored.as_mut_ptr().cast(), _mm256_xor_si256(index, flip));
+                for (code, &word) in codes[i..i + 8].iter_mut().zip(&stored) {
+                    *code = word as u8;
+                }
+            }
+            _mm256_testz_si256(bad, bad) == 1
+        };
+        for i in whole..n {
+            codes[i] = encode_scaled(values[i], inverse, scaled, map);
+        }
+        settled
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
@@ -402,55 +517,61 @@ mod tests {
     /// NaN or infinities (encoded element by element).
     #[test]
     fn the_vectorized_int8_encoder_writes_the_reference_bytes() {
-        let Some(isa) = Isa::new(CpuLevel::Avx512) else {
+        let isas: Vec<Isa> = [CpuLevel::Avx2, CpuLevel::Avx512]
+            .into_iter()
+            .filter_map(Isa::new)
+            .collect();
+        if isas.len() < 2 {
             eprintln!(
-                "!!!!!! AVX-512 is not available here: the vectorized encoder is not tested !!!!!!"
+                "!!!!!! only {isas:?} of AVX2 and AVX-512 here: the other vectorized encoder is not tested !!!!!!"
             );
-            return;
-        };
-        for slot in [Slot::Velocity, Slot::Momentum] {
-            let map = CodeMap::for_slot(slot);
-            for (seed, scale) in [(1u64, 1.0f32), (2, 3.7e-3), (3, 6.1e4)] {
-                let mut values = hard_values(map, scale, seed);
-                if slot == Slot::Velocity {
-                    values.iter_mut().for_each(|x| *x = x.abs());
-                }
-                for block in [32usize, 64, 256] {
-                    for specials in [false, true] {
-                        let mut values = values.clone();
-                        values.truncate(values.len() / block * block + 7);
-                        // every block's scale is `scale`: its thresholds are the products above
-                        for b in (0..values.len()).step_by(block) {
-                            values[b] = scale;
-                        }
-                        if specials {
-                            for (i, s) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY]
-                                .iter()
-                                .enumerate()
-                            {
-                                let at = (i * 977 + 1) % values.len();
-                                values[at] = *s;
+        }
+        for isa in isas {
+            for slot in [Slot::Velocity, Slot::Momentum] {
+                let map = CodeMap::for_slot(slot);
+                for (seed, scale) in [(1u64, 1.0f32), (2, 3.7e-3), (3, 6.1e4)] {
+                    let mut values = hard_values(map, scale, seed);
+                    if slot == Slot::Velocity {
+                        values.iter_mut().for_each(|x| *x = x.abs());
+                    }
+                    for block in [32usize, 64, 256] {
+                        for specials in [false, true] {
+                            let mut values = values.clone();
+                            values.truncate(values.len() / block * block + 7);
+                            // every block's scale is `scale`: its thresholds are the products above
+                            for b in (0..values.len()).step_by(block) {
+                                values[b] = scale;
                             }
-                        }
-                        let blocks = values.len().div_ceil(block);
-                        let (mut codes, mut absmax) = (vec![0u8; values.len()], vec![0f32; blocks]);
-                        encode_blocks(&values, &mut codes, &mut absmax, block, map);
-                        let (mut fast, mut fast_absmax) =
-                            (vec![0u8; values.len()], vec![0f32; blocks]);
-                        let piece = SlotPiece::Int8 {
-                            codes: &mut fast,
-                            absmax: &mut fast_absmax,
-                        };
-                        store_piece(isa, piece, slot, &values, block, None);
-                        assert_eq!(
-                            absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                            fast_absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-                        );
-                        if let Some(i) = (0..codes.len()).find(|&i| codes[i] != fast[i]) {
-                            panic!(
-                                "{slot:?}, block {block}, scale {scale}: element {i} ({}) is {} here, {} in the reference",
+                            if specials {
+                                for (i, s) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY]
+                                    .iter()
+                                    .enumerate()
+                                {
+                                    let at = (i * 977 + 1) % values.len();
+                                    values[at] = *s;
+                                }
+                            }
+                            let blocks = values.len().div_ceil(block);
+                            let (mut codes, mut absmax) =
+                                (vec![0u8; values.len()], vec![0f32; blocks]);
+                            encode_blocks(&values, &mut codes, &mut absmax, block, map);
+                            let (mut fast, mut fast_absmax) =
+                                (vec![0u8; values.len()], vec![0f32; blocks]);
+                            let piece = SlotPiece::Int8 {
+                                codes: &mut fast,
+                                absmax: &mut fast_absmax,
+                            };
+                            store_piece(isa, piece, slot, &values, block, None);
+                            assert_eq!(
+                                absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                                fast_absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                            );
+                            if let Some(i) = (0..codes.len()).find(|&i| codes[i] != fast[i]) {
+                                panic!(
+                                "{isa:?}: {slot:?}, block {block}, scale {scale}: element {i} ({}) is {} here, {} in the reference",
                                 values[i], fast[i], codes[i]
                             );
+                            }
                         }
                     }
                 }
