@@ -10,11 +10,11 @@
 //! only with an [`Isa`], whose one constructor ([`Isa::new`]) checks at run time, with
 //! `is_x86_feature_detected!`, every feature the clone enables. Nothing else about the
 //! clones is unsafe: they are the same safe Rust as the kernels, except one measured
-//! win: the int8 encoder at AVX-512 (`x86::encode_guessed_avx512`, 2.2x on an int8
-//! step, BENCHMARKS.md), written with intrinsics because LLVM does not vectorize its
-//! table lookups; its loads, stores and gathers stay inside the slices and tables it is
-//! given (its SAFETY comment says how), and a test holds its bytes to
-//! `quant::encode_scaled`'s.
+//! win: the int8 encoder at AVX-512 and AVX2 (`x86::encode_guessed_avx512`,
+//! `encode_guessed_avx2`: 2.2x and 1.8x on an int8 step, BENCHMARKS.md), written with
+//! intrinsics because LLVM does not vectorize its table lookups; their loads, stores
+//! and gathers stay inside the slices and tables they are given (their SAFETY comments
+//! say how), and a test holds their bytes to `quant::encode_scaled`'s.
 //!
 //! The levels and their detection are in [`crate::cpu_level`]; hand-written rather than
 //! the `multiversion` crate because a user must be able to force a lower level
