@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 use crate::groups::{check_disjoint, ParamGroup};
 use crate::json::{float, opt_float, parse, Fields};
-use crate::schedule::{KerasSchedule, LearningRate};
+use crate::schedule::LearningRate;
 use crate::state::StateStorage;
 
 /// Whose RMSprop formula and defaults a config follows (see [`RmsPropConfig::torch`],
@@ -266,7 +266,7 @@ macro_rules! builder {
 }
 
 builder! {
-    /// Sets `learning_rate` (a float or a [`KerasSchedule`]).
+    /// Sets `learning_rate` (a float or a [`KerasSchedule`](crate::KerasSchedule)).
     with_learning_rate(learning_rate: impl Into<LearningRate>) => learning_rate.into();
     /// Sets `rho`.
     with_rho(rho: f64) => rho;
@@ -486,15 +486,7 @@ impl RmsPropConfig {
         let d = RmsPropConfig::default();
         let learning_rate = match f.value("learning_rate") {
             None => d.learning_rate,
-            Some(Value::Number(n)) => LearningRate::Constant(n.as_f64().unwrap_or(f64::NAN)),
-            Some(s @ Value::Object(_)) => LearningRate::Keras(KerasSchedule::from_keras_json(s)?),
-            Some(other) => {
-                return Err(Error::WrongType {
-                    field: "learning_rate".into(),
-                    expected: "a number or a serialized schedule",
-                    found: crate::json::describe(other),
-                })
-            }
+            Some(v) => LearningRate::from_json(v, "learning_rate")?,
         };
         let count = |key: &str| -> Result<Option<u64>> {
             match f.opt_i64(key)? {
@@ -563,14 +555,9 @@ impl RmsPropConfig {
     /// takes its shared options and schedule from them).
     pub(crate) fn keras_keys(&self) -> Result<Value> {
         let lr = match &self.learning_rate {
+            // Keras keeps a float in a float32 variable
             LearningRate::Constant(x) => float(*x as f32 as f64),
-            LearningRate::Keras(s) => s.to_keras_json(),
-            LearningRate::Custom(s) => s.keras_config().ok_or_else(|| {
-                Error::invalid(
-                    "learning_rate",
-                    "this custom schedule has no Keras serialization",
-                )
-            })?,
+            rate => rate.to_json("learning_rate")?,
         };
         let count = |x: Option<u64>| x.map_or(Value::Null, Value::from);
         let mut m = Map::new();

@@ -27,7 +27,7 @@ use crate::config::{Dialect, RmsPropConfig};
 use crate::error::{Error, Result};
 use crate::groups::ParamGroup;
 use crate::json::{float, opt_float, Fields};
-use crate::schedule::{KerasSchedule, LearningRate};
+use crate::schedule::LearningRate;
 
 /// The key of the param groups, in every dialect.
 pub(crate) const PARAM_GROUPS: &str = "param_groups";
@@ -62,23 +62,8 @@ pub(crate) fn groups_to_json(groups: &[ParamGroup], d: Dialect) -> Result<Value>
     for g in groups {
         let mut m = Map::new();
         m.insert("variables".into(), Value::from(g.variables.clone()));
-        match &g.learning_rate {
-            None => {}
-            Some(LearningRate::Constant(x)) => {
-                m.insert(lr.into(), float(*x));
-            }
-            Some(LearningRate::Keras(s)) => {
-                m.insert(lr.into(), s.to_keras_json());
-            }
-            Some(LearningRate::Custom(s)) => {
-                let v = s.keras_config().ok_or_else(|| {
-                    Error::invalid(
-                        "param_groups.learning_rate",
-                        "this custom schedule has no Keras serialization",
-                    )
-                })?;
-                m.insert(lr.into(), v);
-            }
+        if let Some(rate) = &g.learning_rate {
+            m.insert(lr.into(), rate.to_json("param_groups.learning_rate")?);
         }
         let numbers = [
             ("learning_rate_multiplier", g.learning_rate_multiplier),
@@ -124,22 +109,10 @@ pub(crate) fn groups_from_json(v: &Value, d: Dialect) -> Result<Vec<ParamGroup>>
         .map(|(i, item)| {
             let ctx = format!("{PARAM_GROUPS}[{i}]");
             let f = Fields::new(item, &ctx, &allowed)?;
-            let learning_rate = match f.value(lr) {
-                None => None,
-                Some(Value::Number(n)) => {
-                    Some(LearningRate::Constant(n.as_f64().unwrap_or(f64::NAN)))
-                }
-                Some(s @ Value::Object(_)) => {
-                    Some(LearningRate::Keras(KerasSchedule::from_keras_json(s)?))
-                }
-                Some(other) => {
-                    return Err(Error::WrongType {
-                        field: f.name(lr),
-                        expected: "a number or a serialized schedule",
-                        found: crate::json::describe(other),
-                    })
-                }
-            };
+            let learning_rate = f
+                .value(lr)
+                .map(|v| LearningRate::from_json(v, &f.name(lr)))
+                .transpose()?;
             Ok(ParamGroup {
                 variables: f.req_string_list("variables")?,
                 learning_rate,

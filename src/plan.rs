@@ -15,7 +15,6 @@ use crate::groups::ParamGroup;
 use crate::math::{
     clipnorm_factors, global_clipnorm_factors, ClipFactors, GroupScalars, StepScalars,
 };
-use crate::schedule::LearningRate;
 use crate::variant::ClipKind;
 
 /// Keras' `optimizer.iterations` for a raw counter.
@@ -67,7 +66,7 @@ impl Hyper {
     fn of_group(config: &RmsPropConfig, group: &ParamGroup, raw: u64) -> Hyper {
         let learning_rate = match (&group.learning_rate, group.learning_rate_multiplier) {
             (Some(own), _) => own.at(raw),
-            (None, Some(m)) => (learning_rate_f64(&config.learning_rate, raw) * m) as f32,
+            (None, Some(m)) => (config.learning_rate.at_f64(raw) * m) as f32,
             (None, None) => config.learning_rate.at(raw),
         };
         Hyper {
@@ -77,15 +76,6 @@ impl Hyper {
             momentum: group.momentum.unwrap_or(config.momentum),
             weight_decay: group.weight_decay_or(config.weight_decay),
         }
-    }
-}
-
-/// The learning rate at `raw` before its rounding to f32 (a multiplier scales this).
-fn learning_rate_f64(rate: &LearningRate, raw: u64) -> f64 {
-    match rate {
-        LearningRate::Constant(x) => *x,
-        LearningRate::Keras(s) => s.at(raw),
-        LearningRate::Custom(s) => s.learning_rate(raw),
     }
 }
 

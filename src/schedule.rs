@@ -568,10 +568,43 @@ impl PartialEq for LearningRate {
 impl LearningRate {
     /// The learning rate at raw step `step`, rounded to f32 as the kernels use it.
     pub fn at(&self, step: u64) -> f32 {
+        self.at_f64(step) as f32
+    }
+
+    /// The learning rate at raw step `step` before its rounding to f32 (a param group's
+    /// multiplier scales this).
+    pub(crate) fn at_f64(&self, step: u64) -> f64 {
         match self {
-            LearningRate::Constant(x) => *x as f32,
-            LearningRate::Keras(s) => s.at(step) as f32,
-            LearningRate::Custom(s) => s.learning_rate(step) as f32,
+            LearningRate::Constant(x) => *x,
+            LearningRate::Keras(s) => s.at(step),
+            LearningRate::Custom(s) => s.learning_rate(step),
+        }
+    }
+
+    /// Reads a learning rate from JSON: a number, or a serialized Keras schedule
+    /// (`field` names it in errors).
+    pub(crate) fn from_json(v: &Value, field: &str) -> Result<Self> {
+        match v {
+            Value::Number(n) => Ok(LearningRate::Constant(n.as_f64().unwrap_or(f64::NAN))),
+            s @ Value::Object(_) => Ok(LearningRate::Keras(KerasSchedule::from_keras_json(s)?)),
+            other => Err(Error::WrongType {
+                field: field.into(),
+                expected: "a number or a serialized schedule",
+                found: crate::json::describe(other),
+            }),
+        }
+    }
+
+    /// The JSON [`LearningRate::from_json`] reads: a float as given, a schedule as Keras
+    /// serializes it; a custom schedule without a Keras serialization is refused
+    /// (`field` names it).
+    pub(crate) fn to_json(&self, field: &str) -> Result<Value> {
+        match self {
+            LearningRate::Constant(x) => Ok(float(*x)),
+            LearningRate::Keras(s) => Ok(s.to_keras_json()),
+            LearningRate::Custom(s) => s.keras_config().ok_or_else(|| {
+                Error::invalid(field, "this custom schedule has no Keras serialization")
+            }),
         }
     }
 }
