@@ -329,7 +329,8 @@ impl RmsPropConfig {
     }
 }
 
-fn finite(field: &str, v: f64) -> Result<()> {
+/// Refuses a NaN or an infinity, naming `field`.
+pub(crate) fn finite(field: &str, v: f64) -> Result<()> {
     if v.is_finite() {
         Ok(())
     } else {

@@ -9,6 +9,7 @@
 //! chunk. The weight-decay exclusions are one rule of the table: an excluded tensor
 //! takes no decay whatever its group.
 
+use crate::config::finite;
 use crate::error::{Error, Result};
 use crate::schedule::LearningRate;
 
@@ -149,9 +150,7 @@ impl ParamGroup {
 
 /// A group's number: finite, and not negative outside Keras (PyTorch refuses those).
 fn number(field: &str, v: f64, keras: bool) -> Result<()> {
-    if !v.is_finite() {
-        return Err(Error::invalid(field, format!("must be finite, got {v}")));
-    }
+    finite(field, v)?;
     if !keras && v < 0.0 {
         return Err(Error::invalid(field, format!("must be >= 0, got {v}")));
     }

@@ -77,6 +77,9 @@ pub struct ShardedRmsProp {
     /// The shard's optimizer (`None` when the shard holds no element).
     shard: Option<RmsProp>,
     excluded: Vec<String>,
+    /// Each tensor's group and whether it is frozen, from the config's param groups
+    /// (the shards apply the exclusions).
+    table: TensorTable,
     /// The whole model after the last all-gather.
     model: Vec<Vec<f32>>,
     /// Steps applied and skipped (the shard's optimizer counts only applied ones).
@@ -191,6 +194,7 @@ impl ShardedRmsProp {
                 reason: "its config or starting variables differ from rank 0's".into(),
             });
         }
+        let table = TensorTable::resolve(None, &config.param_groups, &names, &[]);
         Ok(ShardedRmsProp {
             comm,
             rank,
@@ -202,6 +206,7 @@ impl ShardedRmsProp {
             pieces,
             shard,
             excluded: Vec::new(),
+            table,
             raw: 0,
             skipped: 0,
             guard: false,
@@ -333,12 +338,10 @@ impl ShardedRmsProp {
         let all = comm::all_gather_bytes(&self.comm, &record);
         settle(self.rank, &all, record.len(), local)?;
         // a frozen tensor's gradient takes no part (in no norm, no non-finite check)
-        let names: Vec<&str> = self.specs.iter().map(|s| s.name.as_str()).collect();
-        let table = TensorTable::resolve(None, &self.config.param_groups, &names, &[]);
         let unfrozen: Vec<Option<&[f32]>> = grads
             .iter()
             .enumerate()
-            .map(|(t, g)| g.filter(|_| table.present(t, true)))
+            .map(|(t, g)| g.filter(|_| self.table.present(t, true)))
             .collect();
         let grads = &unfrozen[..];
         if let Some(r) = all
