@@ -252,6 +252,15 @@ impl TensorTable {
         given && !self.rules.get(t).is_some_and(|r| r.frozen)
     }
 
+    /// A step's gradients in tensor order, a frozen tensor's dropped.
+    pub(crate) fn unfrozen<T>(&self, grads: impl IntoIterator<Item = Option<T>>) -> Vec<Option<T>> {
+        grads
+            .into_iter()
+            .enumerate()
+            .map(|(t, g)| g.filter(|_| self.present(t, true)))
+            .collect()
+    }
+
     /// The rule of tensor `t` (the config's group, decaying, for a table too short:
     /// never, the optimizer resolves one rule per tensor).
     pub(crate) fn rule(&self, t: usize) -> TensorRule {

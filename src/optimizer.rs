@@ -11,7 +11,7 @@ use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
 use crate::cpu::CpuEngine;
 use crate::cpu_level::CpuLevel;
-use crate::dtype::{GradSlice, GradientElement, Precision};
+use crate::dtype::{GradientElement, Precision};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuEngine, GpuOptions};
 use crate::groups::{check_names, TensorTable};
@@ -286,15 +286,6 @@ impl RmsProp {
         );
     }
 
-    /// The step's host gradients, a frozen tensor's dropped (it takes no part).
-    fn unfrozen<'a>(&self, grads: Vec<Option<GradSlice<'a>>>) -> Vec<Option<GradSlice<'a>>> {
-        grads
-            .into_iter()
-            .enumerate()
-            .map(|(t, g)| g.filter(|_| self.table.present(t, true)))
-            .collect()
-    }
-
     /// Which tensors take part in a step on device gradients (`present`, not frozen).
     fn unfrozen_flags(&self, present: &[bool]) -> Vec<bool> {
         present
@@ -413,7 +404,7 @@ impl RmsProp {
         grads: &[Option<&[T]>],
     ) -> Result<()> {
         self.check_gradients(grads)?;
-        let slices = self.unfrozen(grads.iter().map(|g| g.map(T::slice)).collect());
+        let slices = self.table.unfrozen(grads.iter().map(|g| g.map(T::slice)));
         self.engine
             .step(&self.config, Gradients::Host(&slices), &self.table)
     }
@@ -428,7 +419,7 @@ impl RmsProp {
             Ok(()) | Err(Error::NoGradients) => {}
             Err(e) => return Err(e),
         }
-        let slices = self.unfrozen(grads.iter().map(|g| g.map(f32::slice)).collect());
+        let slices = self.table.unfrozen(grads.iter().map(|g| g.map(f32::slice)));
         self.engine
             .step(&self.config, Gradients::Host(&slices), &self.table)
     }

@@ -338,11 +338,7 @@ impl ShardedRmsProp {
         let all = comm::all_gather_bytes(&self.comm, &record);
         settle(self.rank, &all, record.len(), local)?;
         // a frozen tensor's gradient takes no part (in no norm, no non-finite check)
-        let unfrozen: Vec<Option<&[f32]>> = grads
-            .iter()
-            .enumerate()
-            .map(|(t, g)| g.filter(|_| self.table.present(t, true)))
-            .collect();
+        let unfrozen = self.table.unfrozen(grads.iter().copied());
         let grads = &unfrozen[..];
         if let Some(r) = all
             .chunks(record.len())
