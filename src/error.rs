@@ -222,6 +222,16 @@ pub enum Error {
         /// The tensor or metadata field whose bytes changed.
         what: String,
     },
+    /// A Burn module's parameter or gradient cannot be stepped by this optimizer (feature
+    /// `burn`). Nothing was stepped.
+    #[cfg(feature = "burn")]
+    #[error("Burn parameter `{name}`: {problem}")]
+    BurnParam {
+        /// The parameter's module path (`layer.weight`).
+        name: String,
+        /// What is wrong with it.
+        problem: BurnProblem,
+    },
     /// Reading or writing a file failed.
     #[error("I/O error on `{path}`: {source}")]
     Io {
@@ -231,6 +241,50 @@ pub enum Error {
         #[source]
         source: Arc<std::io::Error>,
     },
+}
+
+/// Why a Burn parameter cannot be stepped ([`Error::BurnParam`]).
+#[cfg(feature = "burn")]
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BurnProblem {
+    /// The module's parameters changed since the optimizer first stepped it.
+    #[error("the module changed since the first step: {0}")]
+    ModuleChanged(String),
+    /// A parameter or gradient of an element type the optimizer was not built for.
+    #[error("its {what} is {found}, the optimizer steps {expected}")]
+    Dtype {
+        /// `"parameter"` or `"gradient"`.
+        what: &'static str,
+        /// The element type the optimizer steps.
+        expected: String,
+        /// The tensor's.
+        found: String,
+    },
+    /// A gradient whose shape is not its parameter's.
+    #[error("its gradient has shape {found:?}, the parameter {expected:?}")]
+    GradientShape {
+        /// The parameter's shape.
+        expected: Vec<usize>,
+        /// The gradient's.
+        found: Vec<usize>,
+    },
+    /// A tensor on another device than the optimizer's.
+    #[error("its {what} is on {found}, the optimizer on {expected}")]
+    Device {
+        /// `"parameter"` or `"gradient"`.
+        what: &'static str,
+        /// The optimizer's device.
+        expected: String,
+        /// The tensor's.
+        found: String,
+    },
+    /// A tensor whose elements are not contiguous in row-major order.
+    #[error("its {0} is not contiguous")]
+    NotContiguous(&'static str),
+    /// Burn could not read or resolve a tensor.
+    #[error("Burn refused: {0}")]
+    Backend(String),
 }
 
 /// Shorthand for results of this crate.

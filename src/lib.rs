@@ -37,6 +37,8 @@
 #![deny(unsafe_code)]
 
 mod backend;
+#[cfg(feature = "burn")]
+mod burn_bridge;
 mod checkpoint;
 mod checkpoint_file;
 mod config;
@@ -68,10 +70,14 @@ mod variable;
 mod variant;
 
 pub use backend::{Backend, BackendKind};
+#[cfg(feature = "burn")]
+pub use burn_bridge::{BurnRmsProp, Refused, WgpuSetup};
 pub use config::{Dialect, RmsPropConfig};
 pub use counters::SkippedSteps;
 pub use cpu_level::CpuLevel;
 pub use dtype::{Dtype, GradientElement, Precision};
+#[cfg(feature = "burn")]
+pub use error::BurnProblem;
 pub use error::{Error, Result};
 pub use gpu::{GpuContext, GpuOptions};
 pub use groups::ParamGroup;

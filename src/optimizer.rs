@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{GpuEngine, GpuOptions};
 use crate::groups::{check_names, TensorTable};
 use crate::plan::iterations;
+use crate::schedule::LearningRate;
 use crate::state_layout::RawSlot;
 use crate::variable::{check_gradients, check_len, Variable, VariableSpec};
 use crate::variant::{Slot, Variant};
@@ -323,6 +324,26 @@ impl RmsProp {
     /// The learning rate the next step will use.
     pub fn current_learning_rate(&self) -> f32 {
         self.config.learning_rate.at(self.raw_iterations())
+    }
+
+    /// Sets the learning rate of the next steps, as Keras' `optimizer.learning_rate = x`
+    /// (a param group's multiplier scales it; a group with its own learning rate keeps
+    /// that). Refused ([`Error::InvalidConfig`]) where the config would be.
+    ///
+    /// ```
+    /// use fused_rmsprop::{Backend, RmsProp, RmsPropConfig, Variable};
+    /// let var = Variable::new("w", &[1], vec![1.0]).unwrap();
+    /// let mut opt = RmsProp::with_backend(RmsPropConfig::default(), vec![var], Backend::Cpu).unwrap();
+    /// opt.set_learning_rate(0.5).unwrap();
+    /// assert_eq!(opt.current_learning_rate(), 0.5);
+    /// assert!(opt.set_learning_rate(f64::NAN).is_err());
+    /// ```
+    pub fn set_learning_rate(&mut self, learning_rate: impl Into<LearningRate>) -> Result<()> {
+        let mut config = self.config.clone();
+        config.learning_rate = learning_rate.into();
+        config.validate()?;
+        self.config = config;
+        Ok(())
     }
 
     /// Turns the opt-in non-finite guard on or off (off by default, which is Keras'

@@ -1,0 +1,309 @@
+//! Trains a Burn MLP twice in one run, from the same initialization on the same data:
+//! with `BurnRmsProp` (this crate's fused step, Burn's dialect) and with Burn's own
+//! `RmsProp` (the same settings), and prints both loss curves, steps per second and the
+//! optimizer step's own time.
+//!
+//! ```text
+//! cargo run --release --features burn --example burn_mlp -- [--backend auto|cpu|gpu]
+//!     [--steps N] [--tensors N] [--inputs D] [--hidden H] [--json] [--plot loss.svg]
+//! ```
+//!
+//! The model is `x -> relu(x W1 + b1) W2 + b2`, regressing `sin` of a projection of `x`
+//! on generated rows. `W1` (`D x H`) is kept as `--tensors - 3` column blocks, joined
+//! in the forward pass, so that `--tensors` changes how many parameter tensors the
+//! optimizers step and not how many parameters there are.
+//!
+//! `--backend gpu` runs Burn's wgpu backend (a software adapter included) and
+//! `BurnRmsProp::wgpu` on Burn's own device; `cpu` runs Burn's ndarray backend and
+//! this crate's CPU path through the host; `auto` takes wgpu when Burn finds an
+//! adapter. The optimizer step's time is measured from finished gradients (the device
+//! synchronized) to the stepped parameters (synchronized again), for both optimizers.
+//!
+//! Exits non-zero unless both losses fall and the two curves end within 1% of each
+//! other.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use burn::module::{Module, Param};
+use burn::optim::{GradientsParams, RmsPropConfig as BurnConfig};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Distribution, Tensor};
+use clap::Parser;
+use fused_rmsprop::{BurnRmsProp, RmsPropConfig};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(about = "A Burn MLP trained with BurnRmsProp and with Burn's RmsProp")]
+struct Args {
+    /// auto (wgpu when Burn finds an adapter, else ndarray), cpu (ndarray) or gpu (wgpu).
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Training steps for each optimizer.
+    #[arg(long, default_value_t = 60)]
+    steps: usize,
+    /// Parameter tensors in the model (at least 4).
+    #[arg(long, default_value_t = 10)]
+    tensors: usize,
+    /// Input width D.
+    #[arg(long, default_value_t = 64)]
+    inputs: usize,
+    /// Hidden width H (at least `--tensors - 3`).
+    #[arg(long, default_value_t = 16384)]
+    hidden: usize,
+    /// Rows per step.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// One JSON line instead of the text report.
+    #[arg(long)]
+    json: bool,
+    /// Write both loss curves to this SVG file.
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
+}
+
+#[derive(Module, Debug)]
+struct Model {
+    /// `W1`'s column blocks.
+    w1: Vec<Param<Tensor<2>>>,
+    b1: Param<Tensor<1>>,
+    w2: Param<Tensor<2>>,
+    b2: Param<Tensor<1>>,
+}
+
+impl Model {
+    fn new(args: &Args, device: &Device) -> Self {
+        device.seed(11);
+        let blocks = args.tensors - 3;
+        let (d, h) = (args.inputs, args.hidden);
+        let bound = (1.0 / d as f64).sqrt();
+        let w1 = (0..blocks)
+            .map(|k| {
+                let width = h / blocks + usize::from(k < h % blocks);
+                let w = Tensor::random([d, width], Distribution::Uniform(-bound, bound), device);
+                Param::from_tensor(w)
+            })
+            .collect();
+        let bound2 = (1.0 / h as f64).sqrt();
+        Model {
+            w1,
+            b1: Param::from_tensor(Tensor::zeros([h], device)),
+            w2: Param::from_tensor(Tensor::random(
+                [h, 1],
+                Distribution::Uniform(-bound2, bound2),
+                device,
+            )),
+            b2: Param::from_tensor(Tensor::zeros([1], device)),
+        }
+    }
+
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let w1 = Tensor::cat(self.w1.iter().map(|w| w.val()).collect(), 1);
+        let h = relu(x.matmul(w1) + self.b1.val().unsqueeze());
+        h.matmul(self.w2.val()) + self.b2.val().unsqueeze()
+    }
+
+    fn parameters(&self) -> usize {
+        self.num_params()
+    }
+}
+
+/// Rows `x` and targets `sin(3 x . v)` for a fixed direction `v`; the same for both runs.
+fn batches(args: &Args, device: &Device) -> Vec<(Tensor<2>, Tensor<2>)> {
+    device.seed(5);
+    let v = Tensor::<2>::random([args.inputs, 1], Distribution::Normal(0.0, 1.0), device)
+        / (args.inputs as f64).sqrt();
+    (0..8)
+        .map(|_| {
+            let x = Tensor::<2>::random(
+                [args.batch, args.inputs],
+                Distribution::Uniform(-1.0, 1.0),
+                device,
+            );
+            let y = (x.clone().matmul(v.clone()) * 3.0).sin();
+            (x, y)
+        })
+        .collect()
+}
+
+/// One training run: per-step losses, total time, and the optimizer steps' time.
+struct Run {
+    losses: Vec<f64>,
+    total: Duration,
+    step: Duration,
+}
+
+fn train(
+    args: &Args,
+    device: &Device,
+    mut model: Model,
+    data: &[(Tensor<2>, Tensor<2>)],
+    mut step: impl FnMut(Model, GradientsParams) -> Model,
+) -> Run {
+    let mut losses = Vec::with_capacity(args.steps);
+    let mut step_time = Duration::ZERO;
+    let start = Instant::now();
+    for i in 0..args.steps {
+        let (x, y) = &data[i % data.len()];
+        let loss = (model.forward(x.clone()) - y.clone())
+            .powf_scalar(2.0)
+            .mean();
+        let grads = GradientsParams::from_grads(loss.clone().backward(), &model);
+        losses.push(loss.into_scalar::<f32>() as f64);
+        device.sync().expect("the gradients");
+        let t = Instant::now();
+        model = step(model, grads);
+        device.sync().expect("the step");
+        step_time += t.elapsed();
+    }
+    Run {
+        losses,
+        total: start.elapsed(),
+        step: step_time,
+    }
+}
+
+fn plot(
+    path: &std::path::Path,
+    fused: &[f64],
+    theirs: &[f64],
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let all = fused.iter().chain(theirs);
+    let lo = all
+        .clone()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .max(1e-12);
+    let hi = all.copied().fold(0.0, f64::max).max(lo * 10.0);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Burn MLP: BurnRmsProp and Burn's RmsProp",
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0..fused.len().max(1), (lo..hi).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("batch loss (log scale)")
+        .draw()?;
+    for (losses, color, label) in [
+        (fused, BLUE, "BurnRmsProp (fused)"),
+        (theirs, RED, "burn::optim::RmsProp"),
+    ] {
+        chart
+            .draw_series(LineSeries::new(
+                losses.iter().enumerate().map(|(s, &l)| (s, l.max(lo))),
+                color,
+            ))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE)
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+// Burn 0.22 deprecates its ndarray backend for flex; the CPU run uses ndarray, which
+// issue 25 names.
+#[allow(deprecated)]
+fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    if args.tensors < 4 || args.hidden < args.tensors - 3 {
+        return Err("--tensors must be at least 4 and at most --hidden + 3".into());
+    }
+    let config = RmsPropConfig::burn();
+    let (device, mut fused, backend) = match args.backend.as_str() {
+        "cpu" => (Device::ndarray(), BurnRmsProp::new(config)?, "cpu"),
+        "gpu" | "auto" => match Device::wgpu_options().init_with_setup() {
+            Ok((device, setup)) => {
+                let optim = BurnRmsProp::wgpu(config, &device, &setup)?;
+                if !args.json {
+                    println!("Burn's wgpu device: {}", setup.adapter.get_info().name);
+                }
+                (device, optim, "gpu")
+            }
+            Err(e) if args.backend == "gpu" => return Err(e.into()),
+            Err(_) => (Device::ndarray(), BurnRmsProp::new(config)?, "cpu"),
+        },
+        other => return Err(format!("unknown --backend {other}: auto, cpu or gpu").into()),
+    };
+    let device = device.autodiff();
+    let data = batches(&args, &device);
+    let model = Model::new(&args, &device);
+    let params = model.parameters();
+    let reference = model.clone();
+
+    let ours = train(&args, &device, model, &data, |m, g| {
+        fused.step(args.lr, m, g).expect("the fused step")
+    });
+    let mut burn_optim = BurnConfig::new().init();
+    let theirs = train(&args, &device, reference, &data, |m, g| {
+        burn_optim.step(args.lr, m, g)
+    });
+
+    let per_step = |d: Duration| d.as_secs_f64() * 1e3 / args.steps as f64;
+    let (fused_ms, burn_ms) = (per_step(ours.step), per_step(theirs.step));
+    let first = ours.losses[0];
+    let (fused_final, burn_final) = (*ours.losses.last().unwrap(), *theirs.losses.last().unwrap());
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "backend": backend,
+                "params": params,
+                "tensors": args.tensors,
+                "steps": args.steps,
+                "fused_first_loss": first,
+                "fused_final_loss": fused_final,
+                "burn_final_loss": burn_final,
+                "fused_step_ms": fused_ms,
+                "burn_step_ms": burn_ms,
+                "fused_steps_per_s": args.steps as f64 / ours.total.as_secs_f64(),
+                "burn_steps_per_s": args.steps as f64 / theirs.total.as_secs_f64(),
+            })
+        );
+    } else {
+        println!(
+            "{backend}: {params} parameters in {} tensors, {} steps",
+            args.tensors, args.steps
+        );
+        println!(
+            "BurnRmsProp: loss {first:.5} -> {fused_final:.5}, optimizer step {fused_ms:.3} ms, {:.1} steps/s",
+            args.steps as f64 / ours.total.as_secs_f64()
+        );
+        println!(
+            "Burn RmsProp: loss {:.5} -> {burn_final:.5}, optimizer step {burn_ms:.3} ms, {:.1} steps/s",
+            theirs.losses[0],
+            args.steps as f64 / theirs.total.as_secs_f64()
+        );
+        println!("optimizer step: fused {:.2}x faster", burn_ms / fused_ms);
+    }
+    if let Some(path) = &args.plot {
+        plot(path, &ours.losses, &theirs.losses)?;
+        if !args.json {
+            println!("plot: {}", path.display());
+        }
+    }
+    let fell = fused_final < first && burn_final < theirs.losses[0];
+    let agree = (fused_final - burn_final).abs() <= 0.01 * burn_final.abs() + 1e-6;
+    if !(fell && agree) {
+        eprintln!(
+            "FAILED: losses fell: {fell}; final losses within 1%: {agree} ({fused_final} against {burn_final})"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}

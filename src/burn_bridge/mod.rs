@@ -1,0 +1,470 @@
+//! Burn integration (feature `burn`): [`BurnRmsProp`] steps every parameter of a Burn
+//! module in this crate's fused kernels, on Burn's own wgpu device, or on the host
+//! through the CPU path for Burn's CPU backends.
+//!
+//! - `module`: a module's float parameters and gradients taken out and put back, named
+//!   by their module paths;
+//! - `buffers`: the `wgpu::Buffer` behind a tensor of Burn's wgpu backend.
+
+mod buffers;
+mod module;
+
+use ::burn::module::{Module, ParamId};
+use ::burn::optim::GradientsParams;
+use ::burn::tensor::{DType, Device, TensorData};
+
+use crate::backend::Backend;
+use crate::config::RmsPropConfig;
+use crate::error::{BurnProblem, Error, Result};
+use crate::gpu::{GpuContext, GpuOptions};
+use crate::optimizer::RmsProp;
+use crate::variable::VariableSpec;
+
+use self::buffers::HeldBuffer;
+use self::module::{ErasedTensor, NewValue, Taken};
+
+/// Burn's wgpu device and the handles it runs on (from
+/// `Device::wgpu_options().init_with_setup()`), re-exported so that callers name the
+/// exact type [`BurnRmsProp::wgpu`] takes.
+pub use ::burn::tensor::wgpu::WgpuSetup;
+
+/// RMSprop for a whole Burn module in one fused step: every parameter's update in this
+/// crate's kernels, in any [`crate::Dialect`] (Burn's own with [`RmsPropConfig::burn`]).
+///
+/// On Burn's wgpu backend ([`BurnRmsProp::wgpu`]) the step runs on Burn's own device
+/// and queue: the parameters and gradients are copied on the device into the
+/// optimizer's arena, stepped, and copied into new tensors of Burn's pool, all in one
+/// submission, with no host copy. On any other backend ([`BurnRmsProp::new`], for
+/// Burn's ndarray or flex backends) the values go through the host and this crate's
+/// CPU path.
+///
+/// The parameters are the module's float parameters in Burn's visiting order, named by
+/// their module paths (`layers.0.weight`): param groups and weight-decay exclusions
+/// name them so. The optimizer is built at the first step and keeps its state (and
+/// its [checkpoints](RmsProp::save_checkpoint), through [`BurnRmsProp::optimizer`])
+/// keyed by those names; Burn's records do not hold it.
+///
+/// ```no_run
+/// use burn::module::Module;
+/// use burn::nn::{Linear, LinearConfig};
+/// use burn::optim::GradientsParams;
+/// use burn::tensor::{Device, Tensor};
+/// use fused_rmsprop::{BurnRmsProp, RmsPropConfig};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let (device, setup) = Device::wgpu_options().init_with_setup()?;
+/// let device = device.autodiff();
+/// let mut model: Linear = LinearConfig::new(4, 2).init(&device);
+/// let mut optim = BurnRmsProp::wgpu(RmsPropConfig::burn(), &device, &setup)?;
+/// for _ in 0..10 {
+///     let x = Tensor::<2>::ones([8, 4], &device);
+///     let loss = model.forward(x).powf_scalar(2.0).mean();
+///     let grads = GradientsParams::from_grads(loss.backward(), &model);
+///     model = optim.step(0.01, model, grads)?;
+/// }
+/// # Ok(()) }
+/// ```
+pub struct BurnRmsProp {
+    config: RmsPropConfig,
+    target: Target,
+    bound: Option<Bound>,
+}
+
+/// Where the steps run.
+enum Target {
+    /// Through the host, on this crate's CPU path.
+    Host,
+    /// On Burn's wgpu device, shared.
+    Wgpu { device: Device, context: GpuContext },
+}
+
+/// The optimizer built at the first step, and the parameters it was built for.
+struct Bound {
+    optimizer: RmsProp,
+    params: Vec<(ParamId, String, Vec<usize>)>,
+}
+
+/// A step [`BurnRmsProp::step`] refused: why, and the module, unchanged.
+///
+/// `?` turns it into its [`Error`].
+pub struct Refused<M> {
+    /// Why the step was refused.
+    pub error: Error,
+    /// The module, as it was.
+    pub module: M,
+}
+
+impl<M> std::fmt::Debug for Refused<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refused")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M> std::fmt::Display for Refused<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the step was refused: {}", self.error)
+    }
+}
+
+impl<M> std::error::Error for Refused<M> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl<M> From<Refused<M>> for Error {
+    fn from(refused: Refused<M>) -> Error {
+        refused.error
+    }
+}
+
+impl BurnRmsProp {
+    /// Steps modules of any Burn backend through the host, on this crate's CPU path:
+    /// the one for Burn's CPU backends (ndarray, flex).
+    pub fn new(config: RmsPropConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(BurnRmsProp {
+            config,
+            target: Target::Host,
+            bound: None,
+        })
+    }
+
+    /// Steps modules on Burn's wgpu `device`, sharing its wgpu device and queue
+    /// (`setup`, as `Device::wgpu_options().init_with_setup()` returns them). The
+    /// device needs the limits the kernels need ([`Error::DeviceLimit`] names one it
+    /// lacks).
+    pub fn wgpu(config: RmsPropConfig, device: &Device, setup: &WgpuSetup) -> Result<Self> {
+        config.validate()?;
+        let context = GpuContext::from_device(setup.device.clone(), setup.queue.clone())?;
+        Ok(BurnRmsProp {
+            config,
+            target: Target::Wgpu {
+                device: device.clone().inner(),
+                context,
+            },
+            bound: None,
+        })
+    }
+
+    /// The optimizer inside, once the first step (or [`BurnRmsProp::bind`]) built it:
+    /// its iterations, slots, and checkpoints.
+    pub fn optimizer(&self) -> Option<&RmsProp> {
+        self.bound.as_ref().map(|b| &b.optimizer)
+    }
+
+    /// [`BurnRmsProp::optimizer`], to restore a checkpoint into or change its settings.
+    pub fn optimizer_mut(&mut self) -> Option<&mut RmsProp> {
+        self.bound.as_mut().map(|b| &mut b.optimizer)
+    }
+
+    /// Builds the optimizer for `module`'s parameters without stepping (so that a
+    /// checkpoint can be restored before the first step). Refused when it was already
+    /// built for other parameters.
+    pub fn bind<M: Module>(&mut self, module: &M) -> Result<()> {
+        let taken = module::gather(module, &mut GradientsParams::new(), false);
+        self.bind_taken(&taken)
+    }
+
+    /// Burn's `optimizer.step(lr, module, grads)`: updates every parameter of `module`
+    /// that has a gradient in `grads`, with learning rate `lr` (it replaces the
+    /// config's learning rate, or the base a param group's multiplier scales). A
+    /// refused step ([`Refused`]) gives the module back unchanged and changes no state.
+    pub fn step<M: Module>(
+        &mut self,
+        lr: f64,
+        module: M,
+        mut grads: GradientsParams,
+    ) -> std::result::Result<M, Refused<M>> {
+        let on_device = matches!(self.target, Target::Wgpu { .. });
+        let taken = module::gather(&module, &mut grads, on_device);
+        match self.step_taken(lr, taken) {
+            Ok(new) => Ok(module::install(module, new)),
+            Err(error) => Err(Refused { error, module }),
+        }
+    }
+
+    fn bind_taken(&mut self, taken: &[Taken]) -> Result<()> {
+        let params: Vec<(ParamId, String, Vec<usize>)> = taken
+            .iter()
+            .map(|t| (t.id, t.name.clone(), t.shape.clone()))
+            .collect();
+        if let Some(bound) = &self.bound {
+            return check_same_params(&bound.params, &params);
+        }
+        let specs: Vec<VariableSpec> = params
+            .iter()
+            .map(|(_, name, shape)| VariableSpec::new(name.clone(), shape))
+            .collect();
+        let optimizer = match &self.target {
+            Target::Host => RmsProp::with_specs(
+                self.config.clone(),
+                specs,
+                Backend::Cpu,
+                &GpuOptions::default(),
+            )?,
+            Target::Wgpu { context, .. } => RmsProp::with_specs(
+                self.config.clone(),
+                specs,
+                Backend::Gpu,
+                &GpuOptions {
+                    context: Some(context.clone()),
+                    ..GpuOptions::default()
+                },
+            )?,
+        };
+        self.bound = Some(Bound { optimizer, params });
+        Ok(())
+    }
+
+    fn step_taken(&mut self, lr: f64, taken: Vec<Taken>) -> Result<Vec<Option<NewValue>>> {
+        for t in &taken {
+            check_taken(t, &self.target)?;
+        }
+        if !taken.iter().any(|t| t.grad.is_some()) {
+            return Err(Error::NoGradients);
+        }
+        self.bind_taken(&taken)?;
+        let bound = self.bound.as_mut().expect("bound above");
+        let before = bound.optimizer.config().learning_rate.clone();
+        bound.optimizer.set_learning_rate(lr)?;
+        let stepped = match &self.target {
+            Target::Host => step_on_host(&mut bound.optimizer, taken),
+            Target::Wgpu { device, context } => {
+                step_on_device(&mut bound.optimizer, device, context, taken)
+            }
+        };
+        if stepped.is_err() {
+            bound.optimizer.set_learning_rate(before)?;
+        }
+        stepped
+    }
+}
+
+/// The parameters the optimizer was built for against those of the module now.
+fn check_same_params(
+    built: &[(ParamId, String, Vec<usize>)],
+    now: &[(ParamId, String, Vec<usize>)],
+) -> Result<()> {
+    let changed = |what: String| Error::BurnParam {
+        name: what.clone(),
+        problem: BurnProblem::ModuleChanged(what),
+    };
+    if built.len() != now.len() {
+        return Err(Error::BurnParam {
+            name: "(module)".into(),
+            problem: BurnProblem::ModuleChanged(format!(
+                "it had {} float parameters, it has {}",
+                built.len(),
+                now.len()
+            )),
+        });
+    }
+    for ((id, name, shape), (id_now, name_now, shape_now)) in built.iter().zip(now) {
+        if name != name_now || id != id_now {
+            return Err(changed(format!(
+                "parameter `{name}` ({id}) is now `{name_now}` ({id_now})"
+            )));
+        }
+        if shape != shape_now {
+            return Err(Error::BurnParam {
+                name: name.clone(),
+                problem: BurnProblem::ModuleChanged(format!(
+                    "its shape was {shape:?}, it is {shape_now:?}"
+                )),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// One parameter's element types, gradient shape and device.
+fn check_taken(t: &Taken, target: &Target) -> Result<()> {
+    let refuse = |problem| Error::BurnParam {
+        name: t.name.clone(),
+        problem,
+    };
+    let dtype = |what, found: DType| {
+        if found == DType::F32 {
+            Ok(())
+        } else {
+            Err(refuse(BurnProblem::Dtype {
+                what,
+                expected: "f32".into(),
+                found: format!("{found:?}"),
+            }))
+        }
+    };
+    dtype("parameter", t.dtype)?;
+    if let Some(g) = &t.grad {
+        dtype("gradient", g.dtype)?;
+        if g.shape != t.shape {
+            return Err(refuse(BurnProblem::GradientShape {
+                expected: t.shape.clone(),
+                found: g.shape.clone(),
+            }));
+        }
+    }
+    if let Target::Wgpu { device, .. } = target {
+        let on = |what, found: &Device| {
+            if found.clone().inner() == *device {
+                Ok(())
+            } else {
+                Err(refuse(BurnProblem::Device {
+                    what,
+                    expected: format!("{device:?}"),
+                    found: format!("{found:?}"),
+                }))
+            }
+        };
+        on("parameter", &t.device)?;
+        if let Some(g) = &t.grad {
+            on("gradient", &g.device)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a rank-erased tensor's f32 elements to the host.
+fn host_values(tensor: ErasedTensor, name: &str) -> Result<Vec<f32>> {
+    let backend = |e: String| Error::BurnParam {
+        name: name.to_string(),
+        problem: BurnProblem::Backend(e),
+    };
+    let data = tensor
+        .into_tensor::<1>()
+        .try_into_data()
+        .map_err(|e| backend(e.to_string()))?;
+    data.try_into_vec::<f32>()
+        .map_err(|e| backend(format!("{e:?}")))
+}
+
+/// One step through the host: values and gradients read, this crate's CPU path, the
+/// new values written as tensor data for Burn to upload.
+fn step_on_host(optimizer: &mut RmsProp, taken: Vec<Taken>) -> Result<Vec<Option<NewValue>>> {
+    let mut values = Vec::with_capacity(taken.len());
+    let mut grads = Vec::with_capacity(taken.len());
+    let mut shapes = Vec::with_capacity(taken.len());
+    for t in taken {
+        values.push(host_values(t.value, &t.name)?);
+        grads.push(match t.grad {
+            Some(g) => Some(host_values(g, &t.name)?),
+            None => None,
+        });
+        shapes.push((t.shape, t.device));
+    }
+    // The module's values are the truth: Burn's code may have changed them.
+    for (i, v) in values.iter().enumerate() {
+        optimizer.set_variable(i, v)?;
+    }
+    let refs: Vec<Option<&[f32]>> = grads.iter().map(|g| g.as_deref()).collect();
+    optimizer.apply_gradients(&refs)?;
+    let rewrite_all = optimizer.config().use_ema;
+    let mut new = Vec::with_capacity(values.len());
+    for (i, (shape, device)) in shapes.into_iter().enumerate() {
+        if grads[i].is_none() && !rewrite_all {
+            new.push(None);
+            continue;
+        }
+        let data = TensorData::new(optimizer.variable(i)?, shape);
+        new.push(Some(NewValue::Data(data, device)));
+    }
+    Ok(new)
+}
+
+/// One step on Burn's wgpu device: parameters and gradients copied into the arena, the
+/// fused step, the parameters copied into new tensors of Burn's pool; one submission.
+fn step_on_device(
+    optimizer: &mut RmsProp,
+    device: &Device,
+    context: &GpuContext,
+    taken: Vec<Taken>,
+) -> Result<Vec<Option<NewValue>>> {
+    let mut held: Vec<HeldBuffer> = Vec::new();
+    let present: Vec<bool> = taken.iter().map(|t| t.grad.is_some()).collect();
+    let rewrite_all = optimizer.config().use_ema;
+    let mut copy_in = context
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("fused-rmsprop burn: in"),
+        });
+    let mut outputs: Vec<Option<(HeldBuffer, ErasedTensor)>> = Vec::with_capacity(taken.len());
+    {
+        let engine = optimizer
+            .gpu()
+            .ok_or(Error::NeedsGpuBackend("BurnRmsProp::wgpu"))?;
+        for (i, t) in taken.into_iter().enumerate() {
+            let value = buffers::hold(&t.value, &t.name, "parameter")?;
+            let view = engine.param_view(i)?;
+            copy_in.copy_buffer_to_buffer(
+                &value.buffer,
+                value.offset,
+                view.buffer,
+                view.offset,
+                value.size,
+            );
+            held.push(value);
+            if let Some(g) = &t.grad {
+                let grad = buffers::hold(g, &t.name, "gradient")?;
+                let view = engine.gradient_view(i)?;
+                copy_in.copy_buffer_to_buffer(
+                    &grad.buffer,
+                    grad.offset,
+                    view.buffer,
+                    view.offset,
+                    grad.size,
+                );
+                held.push(grad);
+            }
+            outputs.push(match t.output {
+                Some(out) if present[i] || rewrite_all => {
+                    Some((buffers::hold(&out, &t.name, "new value")?, out))
+                }
+                _ => None,
+            });
+        }
+    }
+    // Burn's queued work (the gradients) goes to the queue before the step.
+    device.flush().map_err(|e| Error::Gpu(e.to_string()))?;
+    let guard = optimizer.non_finite_guard();
+    let mut encoder = copy_in;
+    if guard {
+        // The guard decides on the device in its own submissions.
+        context.queue.submit([encoder.finish()]);
+        optimizer.apply_device_gradients(&present)?;
+        encoder = context
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("fused-rmsprop burn: out"),
+            });
+    } else {
+        optimizer.record_device_step(&present, &mut encoder)?;
+    }
+    let engine = optimizer
+        .gpu()
+        .ok_or(Error::NeedsGpuBackend("BurnRmsProp::wgpu"))?;
+    let mut new = Vec::with_capacity(outputs.len());
+    for (i, out) in outputs.into_iter().enumerate() {
+        new.push(match out {
+            Some((buffer, tensor)) => {
+                let view = engine.param_view(i)?;
+                encoder.copy_buffer_to_buffer(
+                    view.buffer,
+                    view.offset,
+                    &buffer.buffer,
+                    buffer.offset,
+                    buffer.size,
+                );
+                held.push(buffer);
+                Some(NewValue::Tensor(tensor))
+            }
+            None => None,
+        });
+    }
+    context.queue.submit([encoder.finish()]);
+    drop(held);
+    context.take_error()?;
+    Ok(new)
+}

@@ -1,0 +1,155 @@
+//! A Burn module's float parameters in visiting order: taken out with their gradients
+//! ([`gather`]), and put back with their new values ([`install`]).
+//!
+//! Both walk the module with Burn's own visitor and mapper, which visit the parameters
+//! in the same order, and name each parameter by its module path joined with `.`
+//! (`layers.0.weight`), as Burn's param groups do.
+
+use ::burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use ::burn::optim::GradientsParams;
+use ::burn::tensor::{DType, Device, GradientCheckpointingStrategy, Tensor, TensorData};
+
+/// One float parameter as the step sees it: its identity, its current value (on the
+/// inner, non-autodiff backend) and its gradient, both rank-erased.
+pub(crate) struct Taken {
+    pub(crate) id: ParamId,
+    pub(crate) name: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) dtype: DType,
+    pub(crate) device: Device,
+    pub(crate) value: ErasedTensor,
+    pub(crate) grad: Option<ErasedTensor>,
+    /// An uninitialized tensor like the value, for the new value to be copied into on
+    /// the device (made where the rank is known).
+    pub(crate) output: Option<ErasedTensor>,
+}
+
+/// A parameter's new value: tensor data for Burn to upload, or a tensor already holding it.
+pub(crate) enum NewValue {
+    Data(TensorData, Device),
+    Tensor(ErasedTensor),
+}
+
+/// A tensor whose rank lives in a field rather than in its type.
+pub(crate) struct ErasedTensor {
+    pub(crate) dispatch: burn::backend::DispatchTensor,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) dtype: DType,
+    pub(crate) device: Device,
+}
+
+impl ErasedTensor {
+    fn of<const D: usize>(tensor: Tensor<D>) -> Self {
+        ErasedTensor {
+            shape: tensor.shape().to_vec(),
+            dtype: tensor.dtype(),
+            device: tensor.device(),
+            dispatch: tensor.into_dispatch(),
+        }
+    }
+
+    /// The tensor again, at the rank it had.
+    pub(crate) fn into_tensor<const D: usize>(self) -> Tensor<D> {
+        Tensor::from_dispatch(self.dispatch)
+    }
+}
+
+/// Every float parameter of `module`, with the gradient `grads` holds for it (removed
+/// from `grads`), and with `outputs`, an uninitialized tensor like each value.
+pub(crate) fn gather<M: Module>(
+    module: &M,
+    grads: &mut GradientsParams,
+    outputs: bool,
+) -> Vec<Taken> {
+    let mut visitor = Gatherer {
+        grads,
+        outputs,
+        path: Vec::new(),
+        taken: Vec::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.taken
+}
+
+struct Gatherer<'a> {
+    grads: &'a mut GradientsParams,
+    outputs: bool,
+    path: Vec<String>,
+    taken: Vec<Taken>,
+}
+
+impl ModuleVisitor for Gatherer<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val().inner();
+        let name = if self.path.is_empty() {
+            format!("{}", param.id)
+        } else {
+            self.path.join(".")
+        };
+        let grad = self.grads.remove::<D>(param.id).map(ErasedTensor::of);
+        let output = self.outputs.then(|| ErasedTensor::of(value.empty_like()));
+        let value = ErasedTensor::of(value);
+        self.taken.push(Taken {
+            id: param.id,
+            name,
+            shape: value.shape.clone(),
+            dtype: value.dtype,
+            device: value.device.clone(),
+            value,
+            grad,
+            output,
+        });
+    }
+}
+
+/// `module` with parameter `i` (in [`gather`]'s order) set to `new[i]` where it is
+/// `Some`; the others are left as they are. Each new value keeps the autodiff state
+/// its parameter had (gradient required, checkpointing strategy, distributed), as
+/// Burn's own optimizers keep it.
+pub(crate) fn install<M: Module>(module: M, new: Vec<Option<NewValue>>) -> M {
+    let mut mapper = Installer {
+        new: new.into_iter(),
+    };
+    module.map(&mut mapper)
+}
+
+struct Installer {
+    new: std::vec::IntoIter<Option<NewValue>>,
+}
+
+impl ModuleMapper for Installer {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some(Some(new)) = self.new.next() else {
+            return param;
+        };
+        let (id, tensor, mapper) = param.consume();
+        let require_grad = tensor.is_require_grad();
+        let distributed = tensor.is_distributed();
+        let checkpointing: Option<GradientCheckpointingStrategy> =
+            tensor.gradient_checkpointing_strategy();
+        drop(tensor);
+        let new: Tensor<D> = match new {
+            NewValue::Data(data, device) => Tensor::from_data(data, &device),
+            NewValue::Tensor(tensor) => tensor.into_tensor(),
+        };
+        let mut value = Tensor::from_inner(new);
+        if let Some(strategy) = checkpointing {
+            value = value.with_gradient_checkpointing_strategy(strategy);
+        }
+        if require_grad {
+            value = value.require_grad();
+        }
+        if distributed {
+            value = value.set_distributed(id);
+        }
+        Param::from_mapped_value(id, value, mapper)
+    }
+}

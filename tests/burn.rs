@@ -1,0 +1,446 @@
+//! `BurnRmsProp` (feature `burn`) on a Burn MLP: on Burn's wgpu backend (lavapipe in
+//! CI) and on its ndarray backend through the host.
+//!
+//! - against this crate's CPU path fed the same gradients, within the conformance
+//!   tolerance, for several dialects and options;
+//! - with the Burn dialect, against Burn's own `RmsProp`: the same loss curve;
+//! - bad input: a changed module, a wrong element type, a wrong device, no gradient;
+//!   each refused with the module given back unchanged.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::{GradientsParams, RmsPropConfig as BurnConfig};
+use burn::tensor::activation::relu;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use common::trace::values_match;
+use common::Rng;
+use fused_rmsprop::{
+    Backend, BurnProblem, BurnRmsProp, Error, RmsProp, RmsPropConfig, StateDtype, StateStorage,
+    Variable, WgpuSetup,
+};
+
+#[derive(Module, Debug)]
+struct Mlp {
+    layers: Vec<Linear>,
+}
+
+impl Mlp {
+    fn new(widths: &[usize], device: &Device) -> Self {
+        device.seed(7);
+        let layers = widths
+            .windows(2)
+            .map(|w| LinearConfig::new(w[0], w[1]).init(device))
+            .collect();
+        Mlp { layers }
+    }
+
+    fn forward(&self, mut x: Tensor<2>) -> Tensor<2> {
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x);
+            if i < last {
+                x = relu(x);
+            }
+        }
+        x
+    }
+}
+
+const WIDTHS: [usize; 4] = [8, 16, 16, 1];
+const BATCH: usize = 32;
+
+/// A regression batch: `y = sin(sum of x)`.
+fn batch(device: &Device, seed: u64) -> (Tensor<2>, Tensor<2>) {
+    let mut rng = Rng(seed);
+    let x: Vec<f32> = (0..BATCH * WIDTHS[0]).map(|_| rng.unit()).collect();
+    let y: Vec<f32> = x
+        .chunks(WIDTHS[0])
+        .map(|r| r.iter().sum::<f32>().sin())
+        .collect();
+    (
+        Tensor::from_data(TensorData::new(x, [BATCH, WIDTHS[0]]), device),
+        Tensor::from_data(TensorData::new(y, [BATCH, 1]), device),
+    )
+}
+
+fn loss(model: &Mlp, x: Tensor<2>, y: Tensor<2>) -> Tensor<1> {
+    (model.forward(x) - y).powf_scalar(2.0).mean()
+}
+
+/// Every float parameter's values (or, with `grads`, its gradient's), in visiting order.
+fn host_values(model: &Mlp, grads: Option<&GradientsParams>) -> Vec<Option<Vec<f32>>> {
+    struct Reader<'a> {
+        grads: Option<&'a GradientsParams>,
+        out: Vec<Option<Vec<f32>>>,
+    }
+    impl ModuleVisitor for Reader<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let tensor = match self.grads {
+                Some(g) => g.get::<D>(param.id),
+                None => Some(param.val()),
+            };
+            self.out
+                .push(tensor.map(|t| t.into_data().try_into_vec::<f32>().unwrap()));
+        }
+    }
+    let mut reader = Reader {
+        grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut reader);
+    reader.out
+}
+
+fn params(model: &Mlp) -> Vec<Vec<f32>> {
+    host_values(model, None).into_iter().flatten().collect()
+}
+
+/// Burn's wgpu runtime, registered once per process (Burn refuses a second
+/// registration). `None` without an adapter: a failure under CI, loud elsewhere.
+fn wgpu() -> Option<&'static (Device, WgpuSetup)> {
+    static RUNTIME: OnceLock<Option<(Device, WgpuSetup)>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| match Device::wgpu_options().init_with_setup() {
+            Ok((device, setup)) => {
+                eprintln!("Burn's wgpu runs on: {}", setup.adapter.get_info().name);
+                Some((device, setup))
+            }
+            Err(e) => {
+                if std::env::var_os("CI").is_some() {
+                    panic!("CI is set but Burn's wgpu runtime has no adapter: {e}");
+                }
+                eprintln!("\n!!!!!! BURN GPU TEST SKIPPED: no wgpu adapter ({e}) !!!!!!\n");
+                None
+            }
+        })
+        .as_ref()
+}
+
+/// Where a test runs: Burn's ndarray backend through the host, or Burn's wgpu device.
+#[derive(Clone, Copy, Debug)]
+enum On {
+    Ndarray,
+    Wgpu,
+}
+
+fn device_and_optimizer(on: On, config: RmsPropConfig) -> Option<(Device, BurnRmsProp)> {
+    match on {
+        // Burn 0.22 deprecates ndarray for flex; the issue this answers names ndarray.
+        #[allow(deprecated)]
+        On::Ndarray => Some((
+            Device::ndarray().autodiff(),
+            BurnRmsProp::new(config).unwrap(),
+        )),
+        On::Wgpu => {
+            let (device, setup) = wgpu()?;
+            let optim = BurnRmsProp::wgpu(config, device, setup).unwrap();
+            Some((device.clone().autodiff(), optim))
+        }
+    }
+}
+
+const STEPS: usize = 12;
+
+/// Trains with `BurnRmsProp` and, fed the same gradients at every step, this crate's
+/// CPU path; the parameters must agree within the conformance tolerance at the end.
+fn fused_matches_cpu_path(on: On, config: RmsPropConfig, lr: f64) {
+    let Some((device, mut optim)) = device_and_optimizer(on, config.clone()) else {
+        return;
+    };
+    let mut model = Mlp::new(&WIDTHS, &device);
+    let names = ["layers.0.weight", "layers.0.bias", "layers.1.weight"];
+    let mut shapes = Vec::new();
+    model.visit(&mut ShapeReader(&mut shapes));
+    let variables: Vec<Variable> = params(&model)
+        .into_iter()
+        .zip(&shapes)
+        .enumerate()
+        .map(|(i, (values, (name, shape)))| {
+            if i < names.len() {
+                assert_eq!(name, names[i], "Burn's module paths name the parameters");
+            }
+            Variable::new(name.clone(), shape, values).unwrap()
+        })
+        .collect();
+    let mut cpu = RmsProp::with_backend(config, variables, Backend::Cpu).unwrap();
+    let mut first = None;
+    let mut last = 0.0;
+    for step in 0..STEPS {
+        let (x, y) = batch(&device, 1 + step as u64);
+        let l = loss(&model, x, y);
+        let value: f32 = l.clone().into_scalar();
+        first.get_or_insert(value);
+        last = value;
+        let grads = GradientsParams::from_grads(l.backward(), &model);
+        let host_grads = host_values(&model, Some(&grads));
+        let refs: Vec<Option<&[f32]>> = host_grads.iter().map(|g| g.as_deref()).collect();
+        cpu.set_learning_rate(lr).unwrap();
+        cpu.apply_gradients(&refs).unwrap();
+        model = optim.step(lr, model, grads).unwrap();
+    }
+    let fused = params(&model);
+    let expected = cpu.variables().unwrap();
+    for (i, (f, e)) in fused.iter().zip(&expected).enumerate() {
+        for (j, (a, b)) in f.iter().zip(e).enumerate() {
+            assert!(
+                values_match(*a, *b),
+                "{on:?}: parameter {i} element {j}: fused {a}, CPU path {b}"
+            );
+        }
+    }
+    assert_ne!(
+        fused,
+        params(&Mlp::new(&WIDTHS, &device)),
+        "the model moved"
+    );
+    assert_eq!(optim.optimizer().unwrap().iterations(), STEPS as u64);
+    let first = first.unwrap();
+    assert!(last < first, "{on:?}: the loss fell ({first} -> {last})");
+}
+
+struct ShapeReader<'a>(&'a mut Vec<(String, Vec<usize>)>);
+
+impl ModuleVisitor for ShapeReader<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let name = format!(
+            "layers.{}.{}",
+            self.0.len() / 2,
+            ["weight", "bias"][self.0.len() % 2]
+        );
+        self.0.push((name, param.val().dims().to_vec()));
+    }
+}
+
+fn configs() -> Vec<(&'static str, RmsPropConfig, f64)> {
+    vec![
+        (
+            "burn, weight decay",
+            RmsPropConfig::burn().with_weight_decay(0.01),
+            0.005,
+        ),
+        (
+            "keras, centered momentum, clipnorm",
+            RmsPropConfig::default()
+                .with_momentum(0.5)
+                .with_centered(true)
+                .with_clipnorm(1.0),
+            0.002,
+        ),
+        (
+            "torch, momentum, int8 state",
+            RmsPropConfig::torch()
+                .with_momentum(0.9)
+                .with_state(StateStorage::new(StateDtype::Int8).with_min_size(64)),
+            0.002,
+        ),
+        (
+            "keras, EMA",
+            RmsPropConfig::default().with_use_ema(true),
+            0.003,
+        ),
+    ]
+}
+
+#[test]
+fn ndarray_steps_match_the_cpu_path() {
+    for (name, config, lr) in configs() {
+        eprintln!("ndarray: {name}");
+        fused_matches_cpu_path(On::Ndarray, config, lr);
+    }
+}
+
+#[test]
+fn wgpu_steps_match_the_cpu_path() {
+    for (name, config, lr) in configs() {
+        eprintln!("wgpu: {name}");
+        fused_matches_cpu_path(On::Wgpu, config, lr);
+    }
+}
+
+/// Burn's `RmsProp` (`alpha 0.99, momentum 0.9, epsilon 1e-5`, L2 decay) and ours in
+/// Burn's dialect: the same loss at every step and the same parameters at the end.
+fn burn_dialect_matches_burns_rmsprop(on: On) {
+    let config = RmsPropConfig::burn().with_weight_decay(0.01);
+    let Some((device, mut fused)) = device_and_optimizer(on, config) else {
+        return;
+    };
+    let mut theirs = BurnConfig::new()
+        .with_weight_decay(Some(WeightDecayConfig::new(0.01)))
+        .init();
+    let lr = 0.005;
+    let mut ours = Mlp::new(&WIDTHS, &device);
+    let mut reference = ours.clone();
+    for step in 0..STEPS {
+        let (x, y) = batch(&device, 100 + step as u64);
+        let l_ours = loss(&ours, x.clone(), y.clone());
+        let l_ref = loss(&reference, x, y);
+        let (a, b): (f32, f32) = (l_ours.clone().into_scalar(), l_ref.clone().into_scalar());
+        assert!(
+            values_match(a, b),
+            "{on:?} step {step}: loss {a} with BurnRmsProp, {b} with Burn's RmsProp"
+        );
+        let g_ours = GradientsParams::from_grads(l_ours.backward(), &ours);
+        let g_ref = GradientsParams::from_grads(l_ref.backward(), &reference);
+        ours = fused.step(lr, ours, g_ours).unwrap();
+        reference = theirs.step(lr, reference, g_ref);
+    }
+    for (i, (a, b)) in params(&ours).iter().zip(params(&reference)).enumerate() {
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                values_match(*x, *y),
+                "{on:?}: parameter {i}: {x} against Burn's {y}"
+            );
+        }
+    }
+}
+
+#[test]
+fn burn_dialect_matches_burns_own_rmsprop_on_ndarray() {
+    burn_dialect_matches_burns_rmsprop(On::Ndarray);
+}
+
+#[test]
+fn burn_dialect_matches_burns_own_rmsprop_on_wgpu() {
+    burn_dialect_matches_burns_rmsprop(On::Wgpu);
+}
+
+/// Runs one good step, then hands `step` a module; the step must be refused with
+/// `expect` and give the module back unchanged, and a good step must still work.
+fn refused(on: On, what: &str, bad: impl FnOnce(&Device, &Mlp) -> (Mlp, GradientsParams)) -> Error {
+    let (device, mut optim) = device_and_optimizer(on, RmsPropConfig::burn()).unwrap();
+    let model = Mlp::new(&WIDTHS, &device);
+    let (x, y) = batch(&device, 3);
+    let grads = GradientsParams::from_grads(loss(&model, x, y).backward(), &model);
+    let model = optim.step(0.01, model, grads).unwrap();
+    let iterations = optim.optimizer().unwrap().iterations();
+    let (bad_model, bad_grads) = bad(&device, &model);
+    let before = params(&bad_model);
+    let refusal = optim.step(0.01, bad_model, bad_grads).unwrap_err();
+    assert_eq!(
+        params(&refusal.module),
+        before,
+        "{what}: the module is given back unchanged"
+    );
+    assert_eq!(
+        optim.optimizer().unwrap().iterations(),
+        iterations,
+        "{what}: no step"
+    );
+    let (x, y) = batch(&device, 4);
+    let grads = GradientsParams::from_grads(loss(&model, x, y).backward(), &model);
+    optim.step(0.01, model, grads).unwrap();
+    assert_eq!(optim.optimizer().unwrap().iterations(), iterations + 1);
+    refusal.error
+}
+
+fn bad_input_is_refused(on: On) {
+    if matches!(on, On::Wgpu) && wgpu().is_none() {
+        return;
+    }
+    // Another shape of model.
+    let e = refused(on, "changed module", |device, _| {
+        let other = Mlp::new(&[8, 4, 1], device);
+        let (x, y) = batch(device, 5);
+        let g = GradientsParams::from_grads(loss(&other, x, y).backward(), &other);
+        (other, g)
+    });
+    assert!(
+        matches!(
+            e,
+            Error::BurnParam {
+                problem: BurnProblem::ModuleChanged(_),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // No gradient at all.
+    let e = refused(on, "no gradients", |_, model| {
+        (model.clone(), GradientsParams::new())
+    });
+    assert!(matches!(e, Error::NoGradients), "{e}");
+    // A gradient of another shape.
+    let e = refused(on, "gradient shape", |device, model| {
+        let mut grads = GradientsParams::new();
+        let id = model.layers[0].weight.id;
+        grads.register(id, Tensor::<2>::ones([3, 3], &device.clone().inner()));
+        (model.clone(), grads)
+    });
+    assert!(
+        matches!(
+            e,
+            Error::BurnParam {
+                problem: BurnProblem::GradientShape { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A gradient in another float type (ndarray has no f16).
+    let other = match on {
+        On::Ndarray => DType::F64,
+        On::Wgpu => DType::F16,
+    };
+    let e = refused(on, "gradient dtype", |device, model| {
+        let mut grads = GradientsParams::new();
+        let w = &model.layers[0].weight;
+        let shape = w.val().dims();
+        let g = Tensor::<2>::ones(shape, &device.clone().inner()).cast(other);
+        grads.register(w.id, g);
+        (model.clone(), grads)
+    });
+    assert!(
+        matches!(
+            e,
+            Error::BurnParam {
+                problem: BurnProblem::Dtype { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_on_ndarray() {
+    bad_input_is_refused(On::Ndarray);
+}
+
+#[test]
+fn bad_input_is_refused_on_wgpu() {
+    bad_input_is_refused(On::Wgpu);
+}
+
+/// A model on the ndarray backend handed to a wgpu optimizer.
+#[test]
+fn a_tensor_on_another_device_is_refused() {
+    let Some((device, setup)) = wgpu() else {
+        return;
+    };
+    let mut optim = BurnRmsProp::wgpu(RmsPropConfig::burn(), device, setup).unwrap();
+    #[allow(deprecated)]
+    let cpu = Device::ndarray().autodiff();
+    let model = Mlp::new(&WIDTHS, &cpu);
+    let (x, y) = batch(&cpu, 6);
+    let grads = GradientsParams::from_grads(loss(&model, x, y).backward(), &model);
+    let before = params(&model);
+    let refusal = optim.step(0.01, model, grads).unwrap_err();
+    assert!(
+        matches!(
+            refusal.error,
+            Error::BurnParam {
+                problem: BurnProblem::Device { .. },
+                ..
+            }
+        ),
+        "{}",
+        refusal.error
+    );
+    assert_eq!(params(&refusal.module), before);
+    assert!(optim.optimizer().is_none(), "nothing was built");
+}
