@@ -9,8 +9,8 @@
 //! ```
 //!
 //! The model is `x -> relu(x W1 + b1) W2 + b2`, regressing `sin` of a projection of `x`
-//! on generated rows. `W1` (`D x H`) is kept as `--tensors - 3` column blocks, joined
-//! in the forward pass, so that `--tensors` changes how many parameter tensors the
+//! on generated rows. `W2` (`H x 1`) is kept as `--tensors - 3` row blocks, joined in
+//! the forward pass, so that `--tensors` changes how many parameter tensors the
 //! optimizers step and not how many parameters there are.
 //!
 //! `--backend gpu` runs Burn's wgpu backend (a software adapter included) and
@@ -55,7 +55,7 @@ struct Args {
     #[arg(long, default_value_t = 128)]
     batch: usize,
     /// Learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 3e-5)]
     lr: f64,
     /// One JSON line instead of the text report.
     #[arg(long)]
@@ -67,10 +67,10 @@ struct Args {
 
 #[derive(Module, Debug)]
 struct Model {
-    /// `W1`'s column blocks.
-    w1: Vec<Param<Tensor<2>>>,
+    w1: Param<Tensor<2>>,
     b1: Param<Tensor<1>>,
-    w2: Param<Tensor<2>>,
+    /// `W2`'s row blocks.
+    w2: Vec<Param<Tensor<2>>>,
     b2: Param<Tensor<1>>,
 }
 
@@ -80,30 +80,30 @@ impl Model {
         let blocks = args.tensors - 3;
         let (d, h) = (args.inputs, args.hidden);
         let bound = (1.0 / d as f64).sqrt();
-        let w1 = (0..blocks)
+        let bound2 = (1.0 / h as f64).sqrt();
+        let w2 = (0..blocks)
             .map(|k| {
-                let width = h / blocks + usize::from(k < h % blocks);
-                let w = Tensor::random([d, width], Distribution::Uniform(-bound, bound), device);
+                let rows = h / blocks + usize::from(k < h % blocks);
+                let w = Tensor::random([rows, 1], Distribution::Uniform(-bound2, bound2), device);
                 Param::from_tensor(w)
             })
             .collect();
-        let bound2 = (1.0 / h as f64).sqrt();
         Model {
-            w1,
-            b1: Param::from_tensor(Tensor::zeros([h], device)),
-            w2: Param::from_tensor(Tensor::random(
-                [h, 1],
-                Distribution::Uniform(-bound2, bound2),
+            w1: Param::from_tensor(Tensor::random(
+                [d, h],
+                Distribution::Uniform(-bound, bound),
                 device,
             )),
+            b1: Param::from_tensor(Tensor::zeros([h], device)),
+            w2,
             b2: Param::from_tensor(Tensor::zeros([1], device)),
         }
     }
 
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let w1 = Tensor::cat(self.w1.iter().map(|w| w.val()).collect(), 1);
-        let h = relu(x.matmul(w1) + self.b1.val().unsqueeze());
-        h.matmul(self.w2.val()) + self.b2.val().unsqueeze()
+        let h = relu(x.matmul(self.w1.val()) + self.b1.val().unsqueeze());
+        let w2 = Tensor::cat(self.w2.iter().map(|w| w.val()).collect(), 0);
+        h.matmul(w2) + self.b2.val().unsqueeze()
     }
 
     fn parameters(&self) -> usize {

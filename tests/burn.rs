@@ -148,6 +148,8 @@ const STEPS: usize = 12;
 
 /// Trains with `BurnRmsProp` and, fed the same gradients at every step, this crate's
 /// CPU path; the parameters must agree within the conformance tolerance at the end.
+/// Half way, the first weight is replaced by Burn's code (both runs): the next step must
+/// start from the new values.
 fn fused_matches_cpu_path(on: On, config: RmsPropConfig, lr: f64) {
     let Some((device, mut optim)) = device_and_optimizer(on, config.clone()) else {
         return;
@@ -171,6 +173,13 @@ fn fused_matches_cpu_path(on: On, config: RmsPropConfig, lr: f64) {
     let mut first = None;
     let mut last = 0.0;
     for step in 0..STEPS {
+        if step == STEPS / 2 {
+            let w = &model.layers[0].weight;
+            let dims = w.val().dims();
+            let fresh = Tensor::<2>::full(dims, 0.05, &device).require_grad();
+            model.layers[0].weight = Param::initialized(w.id, fresh);
+            cpu.set_variable(0, &vec![0.05; dims[0] * dims[1]]).unwrap();
+        }
         let (x, y) = batch(&device, 1 + step as u64);
         let l = loss(&model, x, y);
         let value: f32 = l.clone().into_scalar();

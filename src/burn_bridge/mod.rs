@@ -4,14 +4,19 @@
 //!
 //! - `module`: a module's float parameters and gradients taken out and put back, named
 //!   by their module paths;
+//! - `host`: a step through the host (Burn's CPU backends);
+//! - `device`: a step on Burn's wgpu device, in one submission;
 //! - `buffers`: the `wgpu::Buffer` behind a tensor of Burn's wgpu backend.
 
 mod buffers;
+mod device;
+mod host;
 mod module;
 
+use ::burn::backend::ir::TensorId;
 use ::burn::module::{Module, ParamId};
 use ::burn::optim::GradientsParams;
-use ::burn::tensor::{DType, Device, TensorData};
+use ::burn::tensor::{DType, Device};
 
 use crate::backend::Backend;
 use crate::config::RmsPropConfig;
@@ -20,8 +25,7 @@ use crate::gpu::{GpuContext, GpuOptions};
 use crate::optimizer::RmsProp;
 use crate::variable::VariableSpec;
 
-use self::buffers::HeldBuffer;
-use self::module::{ErasedTensor, NewValue, Taken};
+use self::module::{NewValue, Taken};
 
 /// Burn's wgpu device and the handles it runs on (from
 /// `Device::wgpu_options().init_with_setup()`), re-exported so that callers name the
@@ -71,6 +75,8 @@ pub struct BurnRmsProp {
 }
 
 /// Where the steps run.
+// One per optimizer: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Target {
     /// Through the host, on this crate's CPU path.
     Host,
@@ -82,6 +88,8 @@ enum Target {
 struct Bound {
     optimizer: RmsProp,
     params: Vec<(ParamId, String, Vec<usize>)>,
+    /// On Burn's wgpu device: each parameter's value as the last step installed it.
+    installed: Vec<Option<TensorId>>,
 }
 
 /// A step [`BurnRmsProp::step`] refused: why, and the module, unchanged.
@@ -164,7 +172,7 @@ impl BurnRmsProp {
     /// checkpoint can be restored before the first step). Refused when it was already
     /// built for other parameters.
     pub fn bind<M: Module>(&mut self, module: &M) -> Result<()> {
-        let taken = module::gather(module, &mut GradientsParams::new(), false);
+        let taken = module::gather(module, &mut GradientsParams::new());
         self.bind_taken(&taken)
     }
 
@@ -178,12 +186,20 @@ impl BurnRmsProp {
         module: M,
         mut grads: GradientsParams,
     ) -> std::result::Result<M, Refused<M>> {
-        let on_device = matches!(self.target, Target::Wgpu { .. });
-        let taken = module::gather(&module, &mut grads, on_device);
-        match self.step_taken(lr, taken) {
-            Ok(new) => Ok(module::install(module, new)),
-            Err(error) => Err(Refused { error, module }),
+        let taken = module::gather(&module, &mut grads);
+        let new = match self.step_taken(lr, taken) {
+            Ok(new) => new,
+            Err(error) => return Err(Refused { error, module }),
+        };
+        let (module, installed) = module::install(module, new);
+        if let (Target::Wgpu { .. }, Some(bound)) = (&self.target, &mut self.bound) {
+            for (slot, new) in bound.installed.iter_mut().zip(installed) {
+                if let Some(tensor) = new {
+                    *slot = buffers::fusion_id(&tensor);
+                }
+            }
         }
+        Ok(module)
     }
 
     fn bind_taken(&mut self, taken: &[Taken]) -> Result<()> {
@@ -215,7 +231,12 @@ impl BurnRmsProp {
                 },
             )?,
         };
-        self.bound = Some(Bound { optimizer, params });
+        let installed = vec![None; params.len()];
+        self.bound = Some(Bound {
+            optimizer,
+            params,
+            installed,
+        });
         Ok(())
     }
 
@@ -231,10 +252,14 @@ impl BurnRmsProp {
         let before = bound.optimizer.config().learning_rate.clone();
         bound.optimizer.set_learning_rate(lr)?;
         let stepped = match &self.target {
-            Target::Host => step_on_host(&mut bound.optimizer, taken),
-            Target::Wgpu { device, context } => {
-                step_on_device(&mut bound.optimizer, device, context, taken)
-            }
+            Target::Host => host::step(&mut bound.optimizer, taken),
+            Target::Wgpu { device, context } => device::step(
+                &mut bound.optimizer,
+                device,
+                context,
+                &bound.installed,
+                taken,
+            ),
         };
         if stepped.is_err() {
             bound.optimizer.set_learning_rate(before)?;
@@ -325,146 +350,4 @@ fn check_taken(t: &Taken, target: &Target) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Reads a rank-erased tensor's f32 elements to the host.
-fn host_values(tensor: ErasedTensor, name: &str) -> Result<Vec<f32>> {
-    let backend = |e: String| Error::BurnParam {
-        name: name.to_string(),
-        problem: BurnProblem::Backend(e),
-    };
-    let data = tensor
-        .into_tensor::<1>()
-        .try_into_data()
-        .map_err(|e| backend(e.to_string()))?;
-    data.try_into_vec::<f32>()
-        .map_err(|e| backend(format!("{e:?}")))
-}
-
-/// One step through the host: values and gradients read, this crate's CPU path, the
-/// new values written as tensor data for Burn to upload.
-fn step_on_host(optimizer: &mut RmsProp, taken: Vec<Taken>) -> Result<Vec<Option<NewValue>>> {
-    let mut values = Vec::with_capacity(taken.len());
-    let mut grads = Vec::with_capacity(taken.len());
-    let mut shapes = Vec::with_capacity(taken.len());
-    for t in taken {
-        values.push(host_values(t.value, &t.name)?);
-        grads.push(match t.grad {
-            Some(g) => Some(host_values(g, &t.name)?),
-            None => None,
-        });
-        shapes.push((t.shape, t.device));
-    }
-    // The module's values are the truth: Burn's code may have changed them.
-    for (i, v) in values.iter().enumerate() {
-        optimizer.set_variable(i, v)?;
-    }
-    let refs: Vec<Option<&[f32]>> = grads.iter().map(|g| g.as_deref()).collect();
-    optimizer.apply_gradients(&refs)?;
-    let rewrite_all = optimizer.config().use_ema;
-    let mut new = Vec::with_capacity(values.len());
-    for (i, (shape, device)) in shapes.into_iter().enumerate() {
-        if grads[i].is_none() && !rewrite_all {
-            new.push(None);
-            continue;
-        }
-        let data = TensorData::new(optimizer.variable(i)?, shape);
-        new.push(Some(NewValue::Data(data, device)));
-    }
-    Ok(new)
-}
-
-/// One step on Burn's wgpu device: parameters and gradients copied into the arena, the
-/// fused step, the parameters copied into new tensors of Burn's pool; one submission.
-fn step_on_device(
-    optimizer: &mut RmsProp,
-    device: &Device,
-    context: &GpuContext,
-    taken: Vec<Taken>,
-) -> Result<Vec<Option<NewValue>>> {
-    let mut held: Vec<HeldBuffer> = Vec::new();
-    let present: Vec<bool> = taken.iter().map(|t| t.grad.is_some()).collect();
-    let rewrite_all = optimizer.config().use_ema;
-    let mut copy_in = context
-        .device
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("fused-rmsprop burn: in"),
-        });
-    let mut outputs: Vec<Option<(HeldBuffer, ErasedTensor)>> = Vec::with_capacity(taken.len());
-    {
-        let engine = optimizer
-            .gpu()
-            .ok_or(Error::NeedsGpuBackend("BurnRmsProp::wgpu"))?;
-        for (i, t) in taken.into_iter().enumerate() {
-            let value = buffers::hold(&t.value, &t.name, "parameter")?;
-            let view = engine.param_view(i)?;
-            copy_in.copy_buffer_to_buffer(
-                &value.buffer,
-                value.offset,
-                view.buffer,
-                view.offset,
-                value.size,
-            );
-            held.push(value);
-            if let Some(g) = &t.grad {
-                let grad = buffers::hold(g, &t.name, "gradient")?;
-                let view = engine.gradient_view(i)?;
-                copy_in.copy_buffer_to_buffer(
-                    &grad.buffer,
-                    grad.offset,
-                    view.buffer,
-                    view.offset,
-                    grad.size,
-                );
-                held.push(grad);
-            }
-            outputs.push(match t.output {
-                Some(out) if present[i] || rewrite_all => {
-                    Some((buffers::hold(&out, &t.name, "new value")?, out))
-                }
-                _ => None,
-            });
-        }
-    }
-    // Burn's queued work (the gradients) goes to the queue before the step.
-    device.flush().map_err(|e| Error::Gpu(e.to_string()))?;
-    let guard = optimizer.non_finite_guard();
-    let mut encoder = copy_in;
-    if guard {
-        // The guard decides on the device in its own submissions.
-        context.queue.submit([encoder.finish()]);
-        optimizer.apply_device_gradients(&present)?;
-        encoder = context
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("fused-rmsprop burn: out"),
-            });
-    } else {
-        optimizer.record_device_step(&present, &mut encoder)?;
-    }
-    let engine = optimizer
-        .gpu()
-        .ok_or(Error::NeedsGpuBackend("BurnRmsProp::wgpu"))?;
-    let mut new = Vec::with_capacity(outputs.len());
-    for (i, out) in outputs.into_iter().enumerate() {
-        new.push(match out {
-            Some((buffer, tensor)) => {
-                let view = engine.param_view(i)?;
-                encoder.copy_buffer_to_buffer(
-                    view.buffer,
-                    view.offset,
-                    &buffer.buffer,
-                    buffer.offset,
-                    buffer.size,
-                );
-                held.push(buffer);
-                Some(NewValue::Tensor(tensor))
-            }
-            None => None,
-        });
-    }
-    context.queue.submit([encoder.finish()]);
-    drop(held);
-    context.take_error()?;
-    Ok(new)
 }

@@ -19,12 +19,12 @@ pub(crate) struct Taken {
     pub(crate) device: Device,
     pub(crate) value: ErasedTensor,
     pub(crate) grad: Option<ErasedTensor>,
-    /// An uninitialized tensor like the value, for the new value to be copied into on
-    /// the device (made where the rank is known).
-    pub(crate) output: Option<ErasedTensor>,
 }
 
-/// A parameter's new value: tensor data for Burn to upload, or a tensor already holding it.
+/// A parameter's new value: tensor data for Burn to upload, or a tensor holding it.
+// One per parameter per step, moved once into its place: boxing would cost an
+// allocation each.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum NewValue {
     Data(TensorData, Device),
     Tensor(ErasedTensor),
@@ -39,7 +39,7 @@ pub(crate) struct ErasedTensor {
 }
 
 impl ErasedTensor {
-    fn of<const D: usize>(tensor: Tensor<D>) -> Self {
+    pub(crate) fn of<const D: usize>(tensor: Tensor<D>) -> Self {
         ErasedTensor {
             shape: tensor.shape().to_vec(),
             dtype: tensor.dtype(),
@@ -55,15 +55,10 @@ impl ErasedTensor {
 }
 
 /// Every float parameter of `module`, with the gradient `grads` holds for it (removed
-/// from `grads`), and with `outputs`, an uninitialized tensor like each value.
-pub(crate) fn gather<M: Module>(
-    module: &M,
-    grads: &mut GradientsParams,
-    outputs: bool,
-) -> Vec<Taken> {
+/// from `grads`).
+pub(crate) fn gather<M: Module>(module: &M, grads: &mut GradientsParams) -> Vec<Taken> {
     let mut visitor = Gatherer {
         grads,
-        outputs,
         path: Vec::new(),
         taken: Vec::new(),
     };
@@ -73,7 +68,6 @@ pub(crate) fn gather<M: Module>(
 
 struct Gatherer<'a> {
     grads: &'a mut GradientsParams,
-    outputs: bool,
     path: Vec<String>,
     taken: Vec<Taken>,
 }
@@ -95,7 +89,6 @@ impl ModuleVisitor for Gatherer<'_> {
             self.path.join(".")
         };
         let grad = self.grads.remove::<D>(param.id).map(ErasedTensor::of);
-        let output = self.outputs.then(|| ErasedTensor::of(value.empty_like()));
         let value = ErasedTensor::of(value);
         self.taken.push(Taken {
             id: param.id,
@@ -105,7 +98,6 @@ impl ModuleVisitor for Gatherer<'_> {
             device: value.device.clone(),
             value,
             grad,
-            output,
         });
     }
 }
@@ -113,21 +105,29 @@ impl ModuleVisitor for Gatherer<'_> {
 /// `module` with parameter `i` (in [`gather`]'s order) set to `new[i]` where it is
 /// `Some`; the others are left as they are. Each new value keeps the autodiff state
 /// its parameter had (gradient required, checkpointing strategy, distributed), as
-/// Burn's own optimizers keep it.
-pub(crate) fn install<M: Module>(module: M, new: Vec<Option<NewValue>>) -> M {
+/// Burn's own optimizers keep it. Also gives each new value (on the inner backend) for
+/// the caller to recognize it at the next step.
+pub(crate) fn install<M: Module>(
+    module: M,
+    new: Vec<Option<NewValue>>,
+) -> (M, Vec<Option<ErasedTensor>>) {
     let mut mapper = Installer {
         new: new.into_iter(),
+        installed: Vec::new(),
     };
-    module.map(&mut mapper)
+    let module = module.map(&mut mapper);
+    (module, mapper.installed)
 }
 
 struct Installer {
     new: std::vec::IntoIter<Option<NewValue>>,
+    installed: Vec<Option<ErasedTensor>>,
 }
 
 impl ModuleMapper for Installer {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let Some(Some(new)) = self.new.next() else {
+            self.installed.push(None);
             return param;
         };
         let (id, tensor, mapper) = param.consume();
@@ -140,6 +140,7 @@ impl ModuleMapper for Installer {
             NewValue::Data(data, device) => Tensor::from_data(data, &device),
             NewValue::Tensor(tensor) => tensor.into_tensor(),
         };
+        self.installed.push(Some(ErasedTensor::of(new.clone())));
         let mut value = Tensor::from_inner(new);
         if let Some(strategy) = checkpointing {
             value = value.with_gradient_checkpointing_strategy(strategy);

@@ -1,0 +1,134 @@
+//! One step on Burn's wgpu device, in one submission (three under the non-finite guard,
+//! which decides on the device in its own):
+//!
+//! - each gradient, and each parameter whose value is not the one the last step
+//!   installed, is copied into the optimizer's arena;
+//! - the fused step;
+//! - the new values are copied into one flat tensor of Burn's memory pool, and each
+//!   parameter becomes a view of its part of it.
+//!
+//! Each tensor found in Burn's pool costs two round trips to Burn's threads (resolving
+//! the fusion handle, claiming the buffer), so the step resolves the gradients and one
+//! output, and parameters only when Burn's code replaced them.
+
+use ::burn::backend::ir::TensorId;
+use ::burn::tensor::{Device, Tensor};
+
+use crate::burn_bridge::buffers::{self, HeldBuffer};
+use crate::burn_bridge::module::{ErasedTensor, NewValue, Taken};
+use crate::error::{Error, Result};
+use crate::gpu::GpuContext;
+use crate::optimizer::RmsProp;
+
+/// One step; `installed[i]` is the tensor the last step installed as parameter `i`.
+pub(crate) fn step(
+    optimizer: &mut RmsProp,
+    device: &Device,
+    context: &GpuContext,
+    installed: &[Option<TensorId>],
+    taken: Vec<Taken>,
+) -> Result<Vec<Option<NewValue>>> {
+    let mut held: Vec<HeldBuffer> = Vec::new();
+    let present: Vec<bool> = taken.iter().map(|t| t.grad.is_some()).collect();
+    let rewrite_all = optimizer.config().use_ema;
+    let written: Vec<bool> = present.iter().map(|&p| p || rewrite_all).collect();
+    let mut encoder = context
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("fused-rmsprop burn step"),
+        });
+    // The new values' places in one flat output: each part starts and ends on Burn's
+    // memory alignment, so that slicing it is a view, not a copy kernel.
+    let limits = context.device.limits();
+    let align = (limits
+        .min_uniform_buffer_offset_alignment
+        .max(limits.min_storage_buffer_offset_alignment) as usize
+        / 4)
+    .max(1);
+    let mut parts = Vec::with_capacity(taken.len());
+    let mut total = 0usize;
+    for (t, &w) in taken.iter().zip(&written) {
+        let len: usize = t.shape.iter().product();
+        parts.push(w.then_some((total, t.shape.clone())));
+        if w {
+            total += len.next_multiple_of(align);
+        }
+    }
+    let flat = ErasedTensor::of(Tensor::<1>::empty([total.max(align)], device));
+    let out = buffers::hold(&flat, "(the step's output)", "new values")?;
+    {
+        let engine = optimizer
+            .gpu()
+            .ok_or(Error::NeedsGpuBackend("BurnRmsProp::wgpu"))?;
+        for (i, t) in taken.iter().enumerate() {
+            let id = buffers::fusion_id(&t.value);
+            if id.is_none() || id != installed.get(i).copied().flatten() {
+                let value = buffers::hold(&t.value, &t.name, "parameter")?;
+                let view = engine.param_view(i)?;
+                encoder.copy_buffer_to_buffer(
+                    &value.buffer,
+                    value.offset,
+                    view.buffer,
+                    view.offset,
+                    value.size,
+                );
+                held.push(value);
+            }
+            if let Some(g) = &t.grad {
+                let grad = buffers::hold(g, &t.name, "gradient")?;
+                let view = engine.gradient_view(i)?;
+                encoder.copy_buffer_to_buffer(
+                    &grad.buffer,
+                    grad.offset,
+                    view.buffer,
+                    view.offset,
+                    grad.size,
+                );
+                held.push(grad);
+            }
+        }
+    }
+    // Burn's queued work (the gradients) goes to the queue before the step.
+    device.flush().map_err(|e| Error::Gpu(e.to_string()))?;
+    if optimizer.non_finite_guard() {
+        // The guard decides on the device in its own submissions.
+        context.queue.submit([encoder.finish()]);
+        optimizer.apply_device_gradients(&present)?;
+        encoder = context
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("fused-rmsprop burn step: out"),
+            });
+    } else {
+        optimizer.record_device_step(&present, &mut encoder)?;
+    }
+    let engine = optimizer
+        .gpu()
+        .ok_or(Error::NeedsGpuBackend("BurnRmsProp::wgpu"))?;
+    for (i, part) in parts.iter().enumerate() {
+        if let Some((start, shape)) = part {
+            let view = engine.param_view(i)?;
+            let len: usize = shape.iter().product();
+            encoder.copy_buffer_to_buffer(
+                view.buffer,
+                view.offset,
+                &out.buffer,
+                out.offset + (start * 4) as u64,
+                (len * 4) as u64,
+            );
+        }
+    }
+    context.queue.submit([encoder.finish()]);
+    drop((held, out));
+    context.take_error()?;
+    let mut views = buffers::views(
+        flat,
+        parts.iter().flatten().cloned().collect(),
+        "(the step's output)",
+    )?
+    .into_iter();
+    Ok(parts
+        .into_iter()
+        .map(|part| part.and_then(|_| views.next().map(NewValue::Tensor)))
+        .collect())
+}
