@@ -4,7 +4,8 @@
 //! Burn's wgpu backend is `Fusion<CubeBackend>` (the `fusion` feature, which this crate
 //! turns on): a tensor is a fusion handle, resolved to cubecl's tensor (its queued work
 //! drained first), whose memory handle cubecl's wgpu server turns into the buffer. A held
-//! resource is neither freed nor moved by Burn's memory pool. [`views`] turns parts of
+//! resource is neither freed nor moved by Burn's memory pool. [`hold_all`] resolves all
+//! of a step's tensors in one operation on Burn's fusion stream. [`views`] turns parts of
 //! one such buffer into tensors of their own, with no copy.
 
 use std::any::Any;
@@ -17,7 +18,7 @@ use ::burn::backend::ir::{BackendIr, TensorId, TensorStatus};
 use ::burn::backend::wgpu::{AutoCompiler, CubeBackend, CubeTensor};
 use ::burn::cubecl::wgpu::WgpuServer;
 use ::burn::tensor::Tensor;
-use ::burn::tensor::{DType, Shape};
+use ::burn::tensor::{DType, Device, Shape};
 
 use crate::burn_bridge::module::ErasedTensor;
 use crate::error::{BurnProblem, Error, Result};
@@ -36,41 +37,107 @@ pub(crate) struct HeldBuffer {
     _keep: (CubeTensor, Box<dyn Any + Send>),
 }
 
-/// The buffer holding `tensor` (a parameter's, a gradient's or a new value's), for the
-/// parameter `name`; `what` says which, for errors.
-pub(crate) fn hold(tensor: &ErasedTensor, name: &str, what: &'static str) -> Result<HeldBuffer> {
-    let refuse = |problem| Error::BurnParam {
-        name: name.to_string(),
-        problem,
+/// One tensor to hold: the tensor, its parameter's name and what it is (for errors).
+pub(crate) type ToHold<'a> = (&'a ErasedTensor, &'a str, &'static str);
+
+/// The buffers holding `tensors`, all on `device`, resolved in one operation on Burn's
+/// fusion stream (on Burn's own thread, with none of the two round trips per tensor
+/// that [`hold`] costs), after everything Burn queued before; everything Burn queued is
+/// on the wgpu queue when this returns.
+pub(crate) fn hold_all(tensors: &[ToHold<'_>], device: &Device) -> Result<Vec<HeldBuffer>> {
+    let mut inputs = Vec::with_capacity(tensors.len());
+    let mut client = None;
+    for &(tensor, name, what) in tensors {
+        let fusion = fusion_of(tensor, name, what)?;
+        client.get_or_insert_with(|| fusion.client.clone());
+        let elements: usize = tensor.shape.iter().product();
+        inputs.push((fusion.into_ir(), (elements * tensor.dtype.size()) as u64));
+    }
+    let Some(client) = client else {
+        return Ok(Vec::new());
     };
-    let fusion = Tensor::<1>::from_dispatch(tensor.dispatch.clone())
+    // The operation must write an output: a view of its first input, dropped at once.
+    let output = TensorIr {
+        id: client.create_empty_handle(),
+        shape: inputs[0].0.shape.clone(),
+        status: TensorStatus::NotInit,
+        dtype: inputs[0].0.dtype,
+    };
+    let irs: Vec<TensorIr> = inputs.iter().map(|(ir, _)| ir.clone()).collect();
+    let desc = CustomOpIr::new("fused_rmsprop_hold", &irs, std::slice::from_ref(&output));
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let out_id = output.id;
+    let op = OperationFn(
+        move |handles: &mut HandleContainer<<CubeBackend as BackendIr>::Handle>| {
+            let mut held = Vec::with_capacity(inputs.len());
+            for (k, (ir, size)) in inputs.iter().enumerate() {
+                let cube: CubeTensor = handles.get_float_tensor::<CubeBackend>(ir);
+                if k == 0 {
+                    handles.register_float_tensor::<CubeBackend>(&out_id, cube.clone());
+                }
+                held.push(claim(cube, *size));
+            }
+            // The caller waits for this; it is gone only if it already failed.
+            let _ = sender.send(held);
+            Ok(())
+        },
+    );
+    drop(client.register(StreamId::current(), OperationIr::Custom(desc), op));
+    device.flush().map_err(|e| Error::Gpu(e.to_string()))?;
+    let held = receiver
+        .recv()
+        .map_err(|_| Error::Gpu("Burn did not run the step's buffer claims".into()))?;
+    held.into_iter()
+        .zip(tensors)
+        .map(|(h, &(_, name, what))| {
+            h.map_err(|problem| Error::BurnParam {
+                name: name.to_string(),
+                problem: problem.unwrap_or(BurnProblem::NotContiguous(what)),
+            })
+        })
+        .collect()
+}
+
+/// The fusion handle of a tensor of Burn's wgpu backend.
+fn fusion_of(
+    tensor: &ErasedTensor,
+    name: &str,
+    what: &'static str,
+) -> Result<
+    ::burn::backend::fusion::FusionTensor<
+        <CubeBackend as ::burn::backend::fusion::FusionBackend>::FusionRuntime,
+    >,
+> {
+    Tensor::<1>::from_dispatch(tensor.dispatch.clone())
         .try_into_primitive::<BurnWgpu>()
-        .map_err(|_| {
-            refuse(BurnProblem::Device {
+        .map_err(|_| Error::BurnParam {
+            name: name.to_string(),
+            problem: BurnProblem::Device {
                 what,
                 expected: "Burn's wgpu backend".into(),
                 found: format!("{:?}", tensor.device),
-            })
-        })?;
-    let client = fusion.client.clone();
-    let cube: CubeTensor = client.resolve_tensor_float::<CubeBackend>(fusion);
+            },
+        })
+}
+
+/// cubecl's claim on a resolved tensor's memory: `Err(None)` for a tensor that is not
+/// contiguous.
+fn claim(cube: CubeTensor, size: u64) -> std::result::Result<HeldBuffer, Option<BurnProblem>> {
     if !cube.is_contiguous() {
-        return Err(refuse(BurnProblem::NotContiguous(what)));
+        return Err(None);
     }
-    let elements: usize = tensor.shape.iter().product();
-    let size = (elements * tensor.dtype.size()) as u64;
     let managed = cube
         .client
         .get_resource::<WgpuServer<AutoCompiler>>(cube.handle.clone())
-        .map_err(|e| refuse(BurnProblem::Backend(e.to_string())))?;
+        .map_err(|e| Some(BurnProblem::Backend(e.to_string())))?;
     let resource = managed.resource();
-    let (buffer, offset) = (resource.buffer.clone(), resource.offset);
     if resource.size < size {
-        return Err(refuse(BurnProblem::Backend(format!(
-            "its buffer range holds {} bytes, its {elements} elements need {size}",
+        return Err(Some(BurnProblem::Backend(format!(
+            "its buffer range holds {} bytes, its elements need {size}",
             resource.size
         ))));
     }
+    let (buffer, offset) = (resource.buffer.clone(), resource.offset);
     Ok(HeldBuffer {
         buffer,
         offset,
@@ -82,10 +149,7 @@ pub(crate) fn hold(tensor: &ErasedTensor, name: &str, what: &'static str) -> Res
 /// The fusion handle's id of a tensor of Burn's wgpu backend (`None` on another
 /// backend): a tensor keeps it until Burn's code replaces it.
 pub(crate) fn fusion_id(tensor: &ErasedTensor) -> Option<TensorId> {
-    Tensor::<1>::from_dispatch(tensor.dispatch.clone())
-        .try_into_primitive::<BurnWgpu>()
-        .ok()
-        .map(|fusion| fusion.id)
+    fusion_of(tensor, "", "").ok().map(|fusion| fusion.id)
 }
 
 /// Tensors of Burn's wgpu backend viewing `parts` of `flat` (f32, contiguous): `(start,
@@ -100,16 +164,8 @@ pub(crate) fn views(
 ) -> Result<Vec<ErasedTensor>> {
     let device = flat.device.clone();
     let total: usize = flat.shape.iter().product();
-    let fusion = Tensor::<1>::from_dispatch(flat.dispatch)
-        .try_into_primitive::<BurnWgpu>()
-        .map_err(|_| Error::BurnParam {
-            name: name.to_string(),
-            problem: BurnProblem::Device {
-                what: "new values",
-                expected: "Burn's wgpu backend".into(),
-                found: format!("{device:?}"),
-            },
-        })?;
+    let fusion = fusion_of(&flat, name, "new values")?;
+    drop(flat);
     let client = fusion.client.clone();
     let input: TensorIr = fusion.into_ir();
     let outputs: Vec<TensorIr> = parts
@@ -121,7 +177,11 @@ pub(crate) fn views(
             dtype: DType::F32,
         })
         .collect();
-    let desc = CustomOpIr::new("fused_rmsprop_views", std::slice::from_ref(&input), &outputs);
+    let desc = CustomOpIr::new(
+        "fused_rmsprop_views",
+        std::slice::from_ref(&input),
+        &outputs,
+    );
     let outs = outputs.clone();
     let op = OperationFn(
         move |handles: &mut HandleContainer<<CubeBackend as BackendIr>::Handle>| {

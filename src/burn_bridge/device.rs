@@ -28,7 +28,6 @@ pub(crate) fn step(
     installed: &[Option<TensorId>],
     taken: Vec<Taken>,
 ) -> Result<Vec<Option<NewValue>>> {
-    let mut held: Vec<HeldBuffer> = Vec::new();
     let present: Vec<bool> = taken.iter().map(|t| t.grad.is_some()).collect();
     let rewrite_all = optimizer.config().use_ema;
     let written: Vec<bool> = present.iter().map(|&p| p || rewrite_all).collect();
@@ -55,41 +54,44 @@ pub(crate) fn step(
         }
     }
     let flat = ErasedTensor::of(Tensor::<1>::empty([total.max(align)], device));
-    let out = buffers::hold(&flat, "(the step's output)", "new values")?;
+    // The tensors to read or write: the output, the gradients, and the parameters Burn's
+    // code replaced since the last step.
+    let mut wanted: Vec<buffers::ToHold<'_>> = vec![(&flat, "(the step's output)", "new values")];
+    let mut copies = Vec::new();
+    for (i, t) in taken.iter().enumerate() {
+        let id = buffers::fusion_id(&t.value);
+        if id.is_none() || id != installed.get(i).copied().flatten() {
+            wanted.push((&t.value, &t.name, "parameter"));
+            copies.push((i, false));
+        }
+        if let Some(g) = &t.grad {
+            wanted.push((g, &t.name, "gradient"));
+            copies.push((i, true));
+        }
+    }
+    let mut held = buffers::hold_all(&wanted, device)?.into_iter();
+    drop(wanted);
+    let out = held.next().expect("the output is held first");
+    let held: Vec<HeldBuffer> = held.collect();
     {
         let engine = optimizer
             .gpu()
             .ok_or(Error::NeedsGpuBackend("BurnRmsProp::wgpu"))?;
-        for (i, t) in taken.iter().enumerate() {
-            let id = buffers::fusion_id(&t.value);
-            if id.is_none() || id != installed.get(i).copied().flatten() {
-                let value = buffers::hold(&t.value, &t.name, "parameter")?;
-                let view = engine.param_view(i)?;
-                encoder.copy_buffer_to_buffer(
-                    &value.buffer,
-                    value.offset,
-                    view.buffer,
-                    view.offset,
-                    value.size,
-                );
-                held.push(value);
-            }
-            if let Some(g) = &t.grad {
-                let grad = buffers::hold(g, &t.name, "gradient")?;
-                let view = engine.gradient_view(i)?;
-                encoder.copy_buffer_to_buffer(
-                    &grad.buffer,
-                    grad.offset,
-                    view.buffer,
-                    view.offset,
-                    grad.size,
-                );
-                held.push(grad);
-            }
+        for (&(i, gradient), source) in copies.iter().zip(&held) {
+            let view = if gradient {
+                engine.gradient_view(i)?
+            } else {
+                engine.param_view(i)?
+            };
+            encoder.copy_buffer_to_buffer(
+                &source.buffer,
+                source.offset,
+                view.buffer,
+                view.offset,
+                source.size,
+            );
         }
     }
-    // Burn's queued work (the gradients) goes to the queue before the step.
-    device.flush().map_err(|e| Error::Gpu(e.to_string()))?;
     if optimizer.non_finite_guard() {
         // The guard decides on the device in its own submissions.
         context.queue.submit([encoder.finish()]);
