@@ -11,6 +11,7 @@ mod common;
 
 use std::sync::OnceLock;
 
+use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::decay::WeightDecayConfig;
@@ -271,16 +272,24 @@ fn wgpu_steps_match_the_cpu_path() {
     }
 }
 
-/// Burn's `RmsProp` (`alpha 0.99, momentum 0.9, epsilon 1e-5`, L2 decay) and ours in
-/// Burn's dialect: the same loss at every step and the same parameters at the end.
+/// Burn's `RmsProp` (`alpha 0.99, momentum 0.9, epsilon 1e-5`, L2 decay, each
+/// gradient clipped to norm 0.5) and ours built from the same Burn config: the same loss
+/// at every step and the same parameters at the end.
 fn burn_dialect_matches_burns_rmsprop(on: On) {
-    let config = RmsPropConfig::burn().with_weight_decay(0.01);
+    let burn_config = BurnConfig::new()
+        .with_weight_decay(Some(WeightDecayConfig::new(0.01)))
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(0.5)));
+    let config = RmsPropConfig::from_burn_config(&burn_config).unwrap();
+    assert_eq!(
+        config,
+        RmsPropConfig::burn()
+            .with_weight_decay(0.01)
+            .with_clipnorm(0.5)
+    );
     let Some((device, mut fused)) = device_and_optimizer(on, config) else {
         return;
     };
-    let mut theirs = BurnConfig::new()
-        .with_weight_decay(Some(WeightDecayConfig::new(0.01)))
-        .init();
+    let mut theirs = burn_config.init();
     let lr = 0.005;
     let mut ours = Mlp::new(&WIDTHS, &device);
     let mut reference = ours.clone();

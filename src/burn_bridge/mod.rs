@@ -268,6 +268,51 @@ impl BurnRmsProp {
     }
 }
 
+impl RmsPropConfig {
+    /// Burn's own `burn::optim::RmsPropConfig`, in Burn's dialect ([`RmsPropConfig::burn`]
+    /// with its `alpha`, `momentum`, `epsilon`, `centered`, `weight_decay` and
+    /// `grad_clipping`), read from the JSON Burn writes for it: a Burn user keeps the
+    /// config they have. Feature `burn`.
+    ///
+    /// ```
+    /// use burn::optim::{decay::WeightDecayConfig, RmsPropConfig as BurnConfig};
+    /// use fused_rmsprop::RmsPropConfig;
+    /// let theirs = BurnConfig::new()
+    ///     .with_alpha(0.9)
+    ///     .with_weight_decay(Some(WeightDecayConfig::new(0.01)));
+    /// let ours = RmsPropConfig::from_burn_config(&theirs).unwrap();
+    /// assert_eq!(ours, RmsPropConfig::burn().with_rho(0.9).with_weight_decay(0.01));
+    /// ```
+    pub fn from_burn_config(config: &::burn::optim::RmsPropConfig) -> Result<Self> {
+        let mut json = serde_json::to_value(config).map_err(|e| Error::Json(e.to_string()))?;
+        shortest_f32_decimals(&mut json);
+        let map = json
+            .as_object_mut()
+            .ok_or_else(|| Error::Json("Burn's RmsPropConfig is not a JSON object".into()))?;
+        map.insert("dialect".into(), "burn".into());
+        RmsPropConfig::from_json(&json)
+    }
+}
+
+/// Burn keeps its config's numbers in f32, and serde writes them exactly (0.99 as
+/// 0.9900000095367432): each becomes the shortest decimal that is the same f32 (0.99),
+/// the number the user wrote.
+fn shortest_f32_decimals(json: &mut serde_json::Value) {
+    match json {
+        serde_json::Value::Number(n) => {
+            if let Some(x) = n.as_f64().filter(|x| x.fract() != 0.0) {
+                let shortest: f64 = (x as f32).to_string().parse().unwrap_or(x);
+                if let Some(n2) = serde_json::Number::from_f64(shortest) {
+                    *n = n2;
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(shortest_f32_decimals),
+        serde_json::Value::Object(map) => map.values_mut().for_each(shortest_f32_decimals),
+        _ => {}
+    }
+}
+
 /// The parameters the optimizer was built for against those of the module now.
 fn check_same_params(
     built: &[(ParamId, String, Vec<usize>)],
