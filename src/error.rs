@@ -279,9 +279,6 @@ pub enum BurnProblem {
         /// The tensor's.
         found: String,
     },
-    /// A tensor whose elements are not contiguous in row-major order.
-    #[error("its {0} is not contiguous")]
-    NotContiguous(&'static str),
     /// Burn could not read or resolve a tensor.
     #[error("Burn refused: {0}")]
     Backend(String),

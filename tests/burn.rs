@@ -75,26 +75,7 @@ fn loss(model: &Mlp, x: Tensor<2>, y: Tensor<2>) -> Tensor<1> {
 
 /// Every float parameter's values (or, with `grads`, its gradient's), in visiting order.
 fn host_values(model: &Mlp, grads: Option<&GradientsParams>) -> Vec<Option<Vec<f32>>> {
-    struct Reader<'a> {
-        grads: Option<&'a GradientsParams>,
-        out: Vec<Option<Vec<f32>>>,
-    }
-    impl ModuleVisitor for Reader<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let tensor = match self.grads {
-                Some(g) => g.get::<D>(param.id),
-                None => Some(param.val()),
-            };
-            self.out
-                .push(tensor.map(|t| t.into_data().try_into_vec::<f32>().unwrap()));
-        }
-    }
-    let mut reader = Reader {
-        grads,
-        out: Vec::new(),
-    };
-    model.visit(&mut reader);
-    reader.out
+    host_values_of(model, grads)
 }
 
 fn params(model: &Mlp) -> Vec<Vec<f32>> {
@@ -461,4 +442,114 @@ fn a_tensor_on_another_device_is_refused() {
     );
     assert_eq!(params(&refusal.module), before);
     assert!(optim.optimizer().is_none(), "nothing was built");
+}
+
+/// A small convolutional net: two 3x3 convolutions and a linear head.
+#[derive(Module, Debug)]
+struct ConvNet {
+    conv1: burn::nn::conv::Conv2d,
+    conv2: burn::nn::conv::Conv2d,
+    head: Linear,
+}
+
+impl ConvNet {
+    fn new(device: &Device) -> Self {
+        use burn::nn::conv::Conv2dConfig;
+        device.seed(3);
+        ConvNet {
+            conv1: Conv2dConfig::new([1, 4], [3, 3]).init(device),
+            conv2: Conv2dConfig::new([4, 8], [3, 3]).init(device),
+            head: LinearConfig::new(8 * 4 * 4, 1).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let h = relu(self.conv1.forward(x));
+        let h = relu(self.conv2.forward(h));
+        let [n, c, hh, ww] = h.dims();
+        self.head.forward(h.reshape([n, c * hh * ww]))
+    }
+}
+
+/// A convolutional net (its kernels' gradients come from Burn's convolution backward):
+/// `BurnRmsProp` against this crate's CPU path fed the same gradients.
+fn conv_net_matches_the_cpu_path(on: On) {
+    let config = RmsPropConfig::burn().with_weight_decay(0.01);
+    let Some((device, mut optim)) = device_and_optimizer(on, config.clone()) else {
+        return;
+    };
+    let mut model = ConvNet::new(&device);
+    let mut shapes = Vec::new();
+    struct Shapes<'a>(&'a mut Vec<Vec<usize>>);
+    impl ModuleVisitor for Shapes<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.val().dims().to_vec());
+        }
+    }
+    model.visit(&mut Shapes(&mut shapes));
+    let values = host_values_of(&model, None);
+    let variables = values
+        .into_iter()
+        .zip(&shapes)
+        .enumerate()
+        .map(|(i, (v, s))| Variable::new(format!("p{i}"), s, v.unwrap()).unwrap())
+        .collect();
+    let mut cpu = RmsProp::with_backend(config, variables, Backend::Cpu).unwrap();
+    let mut rng = Rng(17);
+    for _ in 0..6 {
+        let x: Vec<f32> = (0..4 * 8 * 8).map(|_| rng.unit()).collect();
+        let y: Vec<f32> = (0..4).map(|_| rng.unit()).collect();
+        let x = Tensor::<4>::from_data(TensorData::new(x, [4, 1, 8, 8]), &device);
+        let y = Tensor::<2>::from_data(TensorData::new(y, [4, 1]), &device);
+        let l = (model.forward(x) - y).powf_scalar(2.0).mean();
+        let grads = GradientsParams::from_grads(l.backward(), &model);
+        let host = host_values_of(&model, Some(&grads));
+        let refs: Vec<Option<&[f32]>> = host.iter().map(|g| g.as_deref()).collect();
+        cpu.set_learning_rate(0.01).unwrap();
+        cpu.apply_gradients(&refs).unwrap();
+        model = optim.step(0.01, model, grads).unwrap();
+    }
+    let fused: Vec<Vec<f32>> = host_values_of(&model, None).into_iter().flatten().collect();
+    for (i, (f, e)) in fused.iter().zip(cpu.variables().unwrap()).enumerate() {
+        for (a, b) in f.iter().zip(&e) {
+            assert!(
+                values_match(*a, *b),
+                "{on:?}: parameter {i}: fused {a}, CPU path {b}"
+            );
+        }
+    }
+}
+
+/// [`host_values`] for any module.
+fn host_values_of<M: Module>(model: &M, grads: Option<&GradientsParams>) -> Vec<Option<Vec<f32>>> {
+    struct Reader<'a> {
+        grads: Option<&'a GradientsParams>,
+        out: Vec<Option<Vec<f32>>>,
+    }
+    impl ModuleVisitor for Reader<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let tensor = match self.grads {
+                Some(g) => g.get::<D>(param.id),
+                None => Some(param.val()),
+            };
+            self.out
+                .push(tensor.map(|t| t.into_data().try_into_vec::<f32>().unwrap()));
+        }
+    }
+    let mut reader = Reader {
+        grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut reader);
+    reader.out
+}
+
+#[test]
+fn a_conv_net_matches_the_cpu_path_on_ndarray() {
+    conv_net_matches_the_cpu_path(On::Ndarray);
+}
+
+#[test]
+fn a_conv_net_matches_the_cpu_path_on_wgpu() {
+    conv_net_matches_the_cpu_path(On::Wgpu);
 }

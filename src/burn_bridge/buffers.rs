@@ -89,10 +89,10 @@ pub(crate) fn hold_all(tensors: &[ToHold<'_>], device: &Device) -> Result<Vec<He
         .map_err(|_| Error::Gpu("Burn did not run the step's buffer claims".into()))?;
     held.into_iter()
         .zip(tensors)
-        .map(|(h, &(_, name, what))| {
+        .map(|(h, &(_, name, _))| {
             h.map_err(|problem| Error::BurnParam {
                 name: name.to_string(),
-                problem: problem.unwrap_or(BurnProblem::NotContiguous(what)),
+                problem,
             })
         })
         .collect()
@@ -120,22 +120,21 @@ fn fusion_of(
         })
 }
 
-/// cubecl's claim on a resolved tensor's memory: `Err(None)` for a tensor that is not
-/// contiguous.
-fn claim(cube: CubeTensor, size: u64) -> std::result::Result<HeldBuffer, Option<BurnProblem>> {
-    if !cube.is_contiguous() {
-        return Err(None);
-    }
+/// cubecl's claim on a resolved tensor's memory. A strided tensor (a convolution's
+/// gradient, a transposed parameter) is first made contiguous by Burn's own kernel, queued
+/// on Burn's stream before the step.
+fn claim(cube: CubeTensor, size: u64) -> std::result::Result<HeldBuffer, BurnProblem> {
+    let cube = burn_cubecl::kernel::into_contiguous(cube);
     let managed = cube
         .client
         .get_resource::<WgpuServer<AutoCompiler>>(cube.handle.clone())
-        .map_err(|e| Some(BurnProblem::Backend(e.to_string())))?;
+        .map_err(|e| BurnProblem::Backend(e.to_string()))?;
     let resource = managed.resource();
     if resource.size < size {
-        return Err(Some(BurnProblem::Backend(format!(
+        return Err(BurnProblem::Backend(format!(
             "its buffer range holds {} bytes, its elements need {size}",
             resource.size
-        ))));
+        )));
     }
     let (buffer, offset) = (resource.buffer.clone(), resource.offset);
     Ok(HeldBuffer {
