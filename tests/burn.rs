@@ -553,3 +553,64 @@ fn a_conv_net_matches_the_cpu_path_on_ndarray() {
 fn a_conv_net_matches_the_cpu_path_on_wgpu() {
     conv_net_matches_the_cpu_path(On::Wgpu);
 }
+
+/// Burn's param groups: Burn's `ModuleOptimizer::with_group` (another alpha and momentum
+/// for the first layer) and `BurnRmsProp::with_burn_group` with the same Burn group: the
+/// same loss at every step and the same parameters at the end.
+fn burn_groups_match_burns_module_optimizer(on: On) {
+    use burn::module::ParamGroup as BurnParamGroup;
+    use fused_rmsprop::ParamGroup;
+    let first = || BurnParamGroup::from_paths(vec!["layers.0.weight", "layers.0.bias"]);
+    let Some((device, fused)) = device_and_optimizer(on, RmsPropConfig::burn()) else {
+        return;
+    };
+    let mut fused = fused.with_burn_group(
+        first(),
+        ParamGroup::new(Vec::<String>::new())
+            .with_rho(0.9)
+            .with_momentum(0.5),
+    );
+    let mut theirs = BurnConfig::new().init().with_group(
+        first(),
+        BurnConfig::new().with_alpha(0.9).with_momentum(0.5).build(),
+        None,
+    );
+    let lr = 0.005;
+    let mut ours = Mlp::new(&WIDTHS, &device);
+    let mut reference = ours.clone();
+    for step in 0..STEPS {
+        let (x, y) = batch(&device, 200 + step as u64);
+        let l_ours = loss(&ours, x.clone(), y.clone());
+        let l_ref = loss(&reference, x, y);
+        let (a, b): (f32, f32) = (l_ours.clone().into_scalar(), l_ref.clone().into_scalar());
+        assert!(
+            values_match(a, b),
+            "{on:?} step {step}: loss {a} against Burn's {b}"
+        );
+        let g_ours = GradientsParams::from_grads(l_ours.backward(), &ours);
+        let g_ref = GradientsParams::from_grads(l_ref.backward(), &reference);
+        ours = fused.step(lr, ours, g_ours).unwrap();
+        reference = theirs.step(lr, reference, g_ref);
+    }
+    let groups = &fused.optimizer().unwrap().config().param_groups;
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0].variables, ["layers.0.weight", "layers.0.bias"]);
+    for (i, (a, b)) in params(&ours).iter().zip(params(&reference)).enumerate() {
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                values_match(*x, *y),
+                "{on:?}: parameter {i}: {x} against Burn's {y}"
+            );
+        }
+    }
+}
+
+#[test]
+fn burn_groups_match_burns_module_optimizer_on_ndarray() {
+    burn_groups_match_burns_module_optimizer(On::Ndarray);
+}
+
+#[test]
+fn burn_groups_match_burns_module_optimizer_on_wgpu() {
+    burn_groups_match_burns_module_optimizer(On::Wgpu);
+}

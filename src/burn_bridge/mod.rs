@@ -14,7 +14,7 @@ mod host;
 mod module;
 
 use ::burn::backend::ir::TensorId;
-use ::burn::module::{Module, ParamId};
+use ::burn::module::{Module, ParamGroup as BurnParamGroup, ParamId};
 use ::burn::optim::GradientsParams;
 use ::burn::tensor::{DType, Device};
 
@@ -22,6 +22,7 @@ use crate::backend::Backend;
 use crate::config::RmsPropConfig;
 use crate::error::{BurnProblem, Error, Result};
 use crate::gpu::{GpuContext, GpuOptions};
+use crate::groups::ParamGroup;
 use crate::optimizer::RmsProp;
 use crate::variable::VariableSpec;
 
@@ -70,6 +71,8 @@ pub use ::burn::tensor::wgpu::WgpuSetup;
 /// ```
 pub struct BurnRmsProp {
     config: RmsPropConfig,
+    /// Burn's parameter groups, each with this crate's numbers for it.
+    burn_groups: Vec<(BurnParamGroup, ParamGroup)>,
     target: Target,
     bound: Option<Bound>,
 }
@@ -135,6 +138,7 @@ impl BurnRmsProp {
         config.validate()?;
         Ok(BurnRmsProp {
             config,
+            burn_groups: Vec::new(),
             target: Target::Host,
             bound: None,
         })
@@ -149,12 +153,24 @@ impl BurnRmsProp {
         let context = GpuContext::from_device(setup.device.clone(), setup.queue.clone())?;
         Ok(BurnRmsProp {
             config,
+            burn_groups: Vec::new(),
             target: Target::Wgpu {
                 device: device.clone().inner(),
                 context,
             },
             bound: None,
         })
+    }
+
+    /// Burn's `ModuleOptimizer::with_group`: the parameters Burn's `parameters` group
+    /// matches (by id or module path) take `group`'s numbers (its `variables` are
+    /// replaced by them). As in Burn, a parameter two groups match takes the last one
+    /// added, and a group that matches nothing is no group. Resolved when the optimizer
+    /// is built (the first step, or [`BurnRmsProp::bind`]), where a group this crate
+    /// refuses (momentum switched off, say) is an [`Error::InvalidConfig`].
+    pub fn with_burn_group(mut self, parameters: BurnParamGroup, group: ParamGroup) -> Self {
+        self.burn_groups.push((parameters, group));
+        self
     }
 
     /// The optimizer inside, once the first step (or [`BurnRmsProp::bind`]) built it:
@@ -214,15 +230,13 @@ impl BurnRmsProp {
             .iter()
             .map(|(_, name, shape)| VariableSpec::new(name.clone(), shape))
             .collect();
+        let config = self.config_for(&params);
         let optimizer = match &self.target {
-            Target::Host => RmsProp::with_specs(
-                self.config.clone(),
-                specs,
-                Backend::Cpu,
-                &GpuOptions::default(),
-            )?,
+            Target::Host => {
+                RmsProp::with_specs(config, specs, Backend::Cpu, &GpuOptions::default())?
+            }
             Target::Wgpu { context, .. } => RmsProp::with_specs(
-                self.config.clone(),
+                config,
                 specs,
                 Backend::Gpu,
                 &GpuOptions {
@@ -238,6 +252,29 @@ impl BurnRmsProp {
             installed,
         });
         Ok(())
+    }
+
+    /// The config with Burn's groups resolved over `params` into param groups.
+    fn config_for(&self, params: &[(ParamId, String, Vec<usize>)]) -> RmsPropConfig {
+        let mut config = self.config.clone();
+        for (k, (matcher, group)) in self.burn_groups.iter().enumerate() {
+            let later = &self.burn_groups[k + 1..];
+            let names: Vec<String> = params
+                .iter()
+                .filter(|(id, name, _)| {
+                    matcher.matches(id, Some(name))
+                        && !later.iter().any(|(m, _)| m.matches(id, Some(name)))
+                })
+                .map(|(_, name, _)| name.clone())
+                .collect();
+            if !names.is_empty() {
+                config.param_groups.push(ParamGroup {
+                    variables: names,
+                    ..group.clone()
+                });
+            }
+        }
+        config
     }
 
     fn step_taken(&mut self, lr: f64, taken: Vec<Taken>) -> Result<Vec<Option<NewValue>>> {
