@@ -604,3 +604,48 @@ fn burn_groups_match_burns_module_optimizer_on_ndarray() {
 fn burn_groups_match_burns_module_optimizer_on_wgpu() {
     burn_groups_match_burns_module_optimizer(On::Wgpu);
 }
+
+/// Under the non-finite guard (three submissions on wgpu), a step with a NaN gradient
+/// changes nothing but the skip counter, and the next step runs.
+fn the_guard_skips_a_nan_step(on: On) {
+    let Some((device, mut optim)) = device_and_optimizer(on, RmsPropConfig::burn()) else {
+        return;
+    };
+    let model = Mlp::new(&WIDTHS, &device);
+    optim.bind(&model).unwrap();
+    optim
+        .optimizer_mut()
+        .unwrap()
+        .set_non_finite_guard(true)
+        .unwrap();
+    let (x, y) = batch(&device, 9);
+    let grads = GradientsParams::from_grads(loss(&model, x.clone(), y.clone()).backward(), &model);
+    let model = optim.step(0.01, model, grads).unwrap();
+    let before = params(&model);
+    let mut grads = GradientsParams::new();
+    let w = &model.layers[1].weight;
+    let nan = Tensor::<2>::full(w.val().dims(), f32::NAN, &device.clone().inner());
+    grads.register(w.id, nan);
+    let model = optim.step(0.01, model, grads).unwrap();
+    assert_eq!(
+        params(&model),
+        before,
+        "{on:?}: the skipped step moved nothing"
+    );
+    let opt = optim.optimizer().unwrap();
+    assert_eq!((opt.iterations(), opt.skipped_steps().skipped), (1, 1));
+    let grads = GradientsParams::from_grads(loss(&model, x, y).backward(), &model);
+    let model = optim.step(0.01, model, grads).unwrap();
+    assert_ne!(params(&model), before);
+    assert_eq!(optim.optimizer().unwrap().iterations(), 2);
+}
+
+#[test]
+fn the_guard_skips_a_nan_step_on_ndarray() {
+    the_guard_skips_a_nan_step(On::Ndarray);
+}
+
+#[test]
+fn the_guard_skips_a_nan_step_on_wgpu() {
+    the_guard_skips_a_nan_step(On::Wgpu);
+}

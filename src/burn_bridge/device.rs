@@ -7,9 +7,9 @@
 //! - the new values are copied into one flat tensor of Burn's memory pool, and each
 //!   parameter becomes a view of its part of it.
 //!
-//! Each tensor found in Burn's pool costs two round trips to Burn's threads (resolving
-//! the fusion handle, claiming the buffer), so the step resolves the gradients and one
-//! output, and parameters only when Burn's code replaced them.
+//! Finding a tensor's buffer takes Burn's threads (resolving the fusion handle, claiming
+//! the memory), so all of a step's tensors are found in one operation on Burn's fusion
+//! stream, and a parameter only when Burn's code replaced it.
 
 use ::burn::backend::ir::TensorId;
 use ::burn::tensor::{Device, Tensor};
@@ -36,8 +36,8 @@ pub(crate) fn step(
         .create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("fused-rmsprop burn step"),
         });
-    // The new values' places in one flat output: each part starts and ends on Burn's
-    // memory alignment, so that slicing it is a view, not a copy kernel.
+    // The new values' places in one flat output: each part starts on Burn's memory
+    // alignment, as the binding offset of a view of it must.
     let limits = context.device.limits();
     let align = (limits
         .min_uniform_buffer_offset_alignment
