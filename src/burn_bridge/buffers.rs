@@ -69,14 +69,30 @@ pub(crate) fn hold_all(tensors: &[ToHold<'_>], device: &Device) -> Result<Vec<He
     let out_id = output.id;
     let op = OperationFn(
         move |handles: &mut HandleContainer<<CubeBackend as BackendIr>::Handle>| {
-            let mut held = Vec::with_capacity(inputs.len());
+            let mut cubes = Vec::with_capacity(inputs.len());
             for (k, (ir, size)) in inputs.iter().enumerate() {
                 let cube: CubeTensor = handles.get_float_tensor::<CubeBackend>(ir);
                 if k == 0 {
                     handles.register_float_tensor::<CubeBackend>(&out_id, cube.clone());
                 }
-                held.push(claim(cube, *size));
+                cubes.push((cube, *size));
             }
+            // One call to cubecl's device thread for all the claims: a claim made there
+            // runs at once instead of being a round trip of its own.
+            let count = cubes.len();
+            let device = cubes[0].0.client.clone();
+            let held = device
+                .exclusive(move || {
+                    cubes
+                        .into_iter()
+                        .map(|(cube, size)| claim(cube, size))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_else(|e| {
+                    (0..count)
+                        .map(|_| Err(BurnProblem::Backend(e.to_string())))
+                        .collect()
+                });
             // The caller waits for this; it is gone only if it already failed.
             let _ = sender.send(held);
             Ok(())
