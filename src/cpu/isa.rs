@@ -196,6 +196,28 @@ mod x86 {
         block: usize,
         keys: Option<SlotKeys<'_>>,
     ) {
+        store_int8_with(
+            piece,
+            slot,
+            values,
+            block,
+            keys,
+            |v, c, inverse, scaled, map| encode_guessed_avx2(v, c, inverse, scaled, map),
+        )
+    }
+
+    /// Stores `piece` as `SlotPiece::store` does, an 8-bit one through `encode` (one
+    /// level's vectorized first guess): the body both levels' `#[target_feature]`
+    /// functions share, inlined into each so that `encode` runs at that level.
+    #[inline(always)]
+    fn store_int8_with(
+        piece: SlotPiece<'_>,
+        slot: Slot,
+        values: &[f32],
+        block: usize,
+        keys: Option<SlotKeys<'_>>,
+        encode: impl Fn(&[f32], &mut [u8], f32, &[f32; 256], &CodeMap) -> bool,
+    ) {
         match piece {
             SlotPiece::Int8 { codes, absmax } => {
                 let map = CodeMap::for_slot(slot);
@@ -205,7 +227,7 @@ mod x86 {
                     absmax,
                     block,
                     map,
-                    |v, c, inverse, scaled| encode_guessed_avx2(v, c, inverse, scaled, map),
+                    |v, c, inverse, scaled| encode(v, c, inverse, scaled, map),
                 )
             }
             other => other.store(slot, values, block, keys),
@@ -322,20 +344,14 @@ mod x86 {
         block: usize,
         keys: Option<SlotKeys<'_>>,
     ) {
-        match piece {
-            SlotPiece::Int8 { codes, absmax } => {
-                let map = CodeMap::for_slot(slot);
-                encode_blocks_with(
-                    values,
-                    codes,
-                    absmax,
-                    block,
-                    map,
-                    |v, c, inverse, scaled| encode_guessed_avx512(v, c, inverse, scaled, map),
-                )
-            }
-            other => other.store(slot, values, block, keys),
-        }
+        store_int8_with(
+            piece,
+            slot,
+            values,
+            block,
+            keys,
+            |v, c, inverse, scaled, map| encode_guessed_avx512(v, c, inverse, scaled, map),
+        )
     }
 
     /// `quant::encode_scaled`'s first answer for 16 elements at a time: the guess
