@@ -20,17 +20,17 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::optimizer::RmsProp;
 
-/// One step; `installed[i]` is the tensor the last step installed as parameter `i`.
+/// One step; `installed[i]` is the tensor the last step installed as parameter `i`, and
+/// `written[i]` says whether parameter `i` gets a new value.
 pub(crate) fn step(
     optimizer: &mut RmsProp,
     device: &Device,
     context: &GpuContext,
     installed: &[Option<TensorId>],
+    written: &[bool],
     taken: Vec<Taken>,
 ) -> Result<Vec<Option<NewValue>>> {
     let present: Vec<bool> = taken.iter().map(|t| t.grad.is_some()).collect();
-    let rewrite_all = optimizer.config().use_ema;
-    let written: Vec<bool> = present.iter().map(|&p| p || rewrite_all).collect();
     let mut encoder = context
         .device
         .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -46,7 +46,7 @@ pub(crate) fn step(
     .max(1);
     let mut parts = Vec::with_capacity(taken.len());
     let mut total = 0usize;
-    for (t, &w) in taken.iter().zip(&written) {
+    for (t, &w) in taken.iter().zip(written) {
         let len: usize = t.shape.iter().product();
         parts.push(w.then_some((total, t.shape.clone())));
         if w {

@@ -58,8 +58,12 @@ impl HostValues {
 }
 
 /// One step through the host: values and gradients read, this crate's CPU path, the
-/// new values written as tensor data for Burn to upload.
-pub(crate) fn step(optimizer: &mut RmsProp, taken: Vec<Taken>) -> Result<Vec<Option<NewValue>>> {
+/// new values (of the parameters `written` marks) as tensor data for Burn to upload.
+pub(crate) fn step(
+    optimizer: &mut RmsProp,
+    written: &[bool],
+    taken: Vec<Taken>,
+) -> Result<Vec<Option<NewValue>>> {
     let mut values = Vec::with_capacity(taken.len());
     let mut grads = Vec::with_capacity(taken.len());
     let mut shapes = Vec::with_capacity(taken.len());
@@ -81,15 +85,15 @@ pub(crate) fn step(optimizer: &mut RmsProp, taken: Vec<Taken>) -> Result<Vec<Opt
         .collect();
     let refs: Vec<Option<&[f32]>> = grads.iter().map(|g| g.as_deref()).collect();
     optimizer.apply_gradients(&refs)?;
-    let rewrite_all = optimizer.config().use_ema;
     let mut new = Vec::with_capacity(values.len());
     for (i, (shape, device)) in shapes.into_iter().enumerate() {
-        if grads[i].is_none() && !rewrite_all {
-            new.push(None);
-            continue;
-        }
-        let data = TensorData::new(optimizer.variable(i)?, shape);
-        new.push(Some(NewValue::Data(data, device)));
+        new.push(match written[i] {
+            true => Some(NewValue::Data(
+                TensorData::new(optimizer.variable(i)?, shape),
+                device,
+            )),
+            false => None,
+        });
     }
     Ok(new)
 }

@@ -288,13 +288,18 @@ impl BurnRmsProp {
         let bound = self.bound.as_mut().expect("bound above");
         let before = bound.optimizer.config().learning_rate.clone();
         bound.optimizer.set_learning_rate(lr)?;
+        // A parameter gets a new value when it has a gradient, or, with the EMA (whose
+        // overwrite may rewrite any), always.
+        let use_ema = bound.optimizer.config().use_ema;
+        let written: Vec<bool> = taken.iter().map(|t| t.grad.is_some() || use_ema).collect();
         let stepped = match &self.target {
-            Target::Host => host::step(&mut bound.optimizer, taken),
+            Target::Host => host::step(&mut bound.optimizer, &written, taken),
             Target::Wgpu { device, context } => device::step(
                 &mut bound.optimizer,
                 device,
                 context,
                 &bound.installed,
+                &written,
                 taken,
             ),
         };
@@ -355,33 +360,32 @@ fn check_same_params(
     built: &[(ParamId, String, Vec<usize>)],
     now: &[(ParamId, String, Vec<usize>)],
 ) -> Result<()> {
-    let changed = |what: String| Error::BurnParam {
-        name: what.clone(),
+    let changed = |name: &str, what: String| Error::BurnParam {
+        name: name.to_string(),
         problem: BurnProblem::ModuleChanged(what),
     };
     if built.len() != now.len() {
-        return Err(Error::BurnParam {
-            name: "(module)".into(),
-            problem: BurnProblem::ModuleChanged(format!(
+        return Err(changed(
+            "(module)",
+            format!(
                 "it had {} float parameters, it has {}",
                 built.len(),
                 now.len()
-            )),
-        });
+            ),
+        ));
     }
     for ((id, name, shape), (id_now, name_now, shape_now)) in built.iter().zip(now) {
         if name != name_now || id != id_now {
-            return Err(changed(format!(
-                "parameter `{name}` ({id}) is now `{name_now}` ({id_now})"
-            )));
+            return Err(changed(
+                name,
+                format!("parameter `{name}` ({id}) is now `{name_now}` ({id_now})"),
+            ));
         }
         if shape != shape_now {
-            return Err(Error::BurnParam {
-                name: name.clone(),
-                problem: BurnProblem::ModuleChanged(format!(
-                    "its shape was {shape:?}, it is {shape_now:?}"
-                )),
-            });
+            return Err(changed(
+                name,
+                format!("its shape was {shape:?}, it is {shape_now:?}"),
+            ));
         }
     }
     Ok(())
