@@ -73,12 +73,8 @@ fn loss(model: &Mlp, x: Tensor<2>, y: Tensor<2>) -> Tensor<1> {
     (model.forward(x) - y).powf_scalar(2.0).mean()
 }
 
-/// Every float parameter's values (or, with `grads`, its gradient's), in visiting order.
-fn host_values(model: &Mlp, grads: Option<&GradientsParams>) -> Vec<Option<Vec<f32>>> {
-    host_values_of(model, grads)
-}
-
-fn params(model: &Mlp) -> Vec<Vec<f32>> {
+/// Every float parameter's values, in visiting order.
+fn params<M: Module>(model: &M) -> Vec<Vec<f32>> {
     host_values(model, None).into_iter().flatten().collect()
 }
 
@@ -137,21 +133,13 @@ fn fused_matches_cpu_path(on: On, config: RmsPropConfig, lr: f64) {
         return;
     };
     let mut model = Mlp::new(&WIDTHS, &device);
-    let names = ["layers.0.weight", "layers.0.bias", "layers.1.weight"];
-    let mut shapes = Vec::new();
-    model.visit(&mut ShapeReader(&mut shapes));
-    let variables: Vec<Variable> = params(&model)
-        .into_iter()
-        .zip(&shapes)
-        .enumerate()
-        .map(|(i, (values, (name, shape)))| {
-            if i < names.len() {
-                assert_eq!(name, names[i], "Burn's module paths name the parameters");
-            }
-            Variable::new(name.clone(), shape, values).unwrap()
-        })
-        .collect();
-    let mut cpu = RmsProp::with_backend(config, variables, Backend::Cpu).unwrap();
+    let mut cpu = cpu_path(&model, config);
+    let names: Vec<&str> = cpu.specs().iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names[..3],
+        ["layers.0.weight", "layers.0.bias", "layers.1.weight"],
+        "Burn's module paths name the parameters"
+    );
     let mut first = None;
     let mut last = 0.0;
     for step in 0..STEPS {
@@ -168,43 +156,18 @@ fn fused_matches_cpu_path(on: On, config: RmsPropConfig, lr: f64) {
         first.get_or_insert(value);
         last = value;
         let grads = GradientsParams::from_grads(l.backward(), &model);
-        let host_grads = host_values(&model, Some(&grads));
-        let refs: Vec<Option<&[f32]>> = host_grads.iter().map(|g| g.as_deref()).collect();
-        cpu.set_learning_rate(lr).unwrap();
-        cpu.apply_gradients(&refs).unwrap();
+        step_cpu_path(&mut cpu, &model, &grads, lr);
         model = optim.step(lr, model, grads).unwrap();
     }
-    let fused = params(&model);
-    let expected = cpu.variables().unwrap();
-    for (i, (f, e)) in fused.iter().zip(&expected).enumerate() {
-        for (j, (a, b)) in f.iter().zip(e).enumerate() {
-            assert!(
-                values_match(*a, *b),
-                "{on:?}: parameter {i} element {j}: fused {a}, CPU path {b}"
-            );
-        }
-    }
+    assert_matches_cpu_path(on, &model, &cpu);
     assert_ne!(
-        fused,
+        params(&model),
         params(&Mlp::new(&WIDTHS, &device)),
         "the model moved"
     );
     assert_eq!(optim.optimizer().unwrap().iterations(), STEPS as u64);
     let first = first.unwrap();
     assert!(last < first, "{on:?}: the loss fell ({first} -> {last})");
-}
-
-struct ShapeReader<'a>(&'a mut Vec<(String, Vec<usize>)>);
-
-impl ModuleVisitor for ShapeReader<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let name = format!(
-            "layers.{}.{}",
-            self.0.len() / 2,
-            ["weight", "bias"][self.0.len() % 2]
-        );
-        self.0.push((name, param.val().dims().to_vec()));
-    }
 }
 
 fn configs() -> Vec<(&'static str, RmsPropConfig, f64)> {
@@ -493,22 +456,7 @@ fn conv_net_matches_the_cpu_path(on: On) {
         return;
     };
     let mut model = ConvNet::new(&device);
-    let mut shapes = Vec::new();
-    struct Shapes<'a>(&'a mut Vec<Vec<usize>>);
-    impl ModuleVisitor for Shapes<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.0.push(param.val().dims().to_vec());
-        }
-    }
-    model.visit(&mut Shapes(&mut shapes));
-    let values = host_values_of(&model, None);
-    let variables = values
-        .into_iter()
-        .zip(&shapes)
-        .enumerate()
-        .map(|(i, (v, s))| Variable::new(format!("p{i}"), s, v.unwrap()).unwrap())
-        .collect();
-    let mut cpu = RmsProp::with_backend(config, variables, Backend::Cpu).unwrap();
+    let mut cpu = cpu_path(&model, config);
     let mut rng = Rng(17);
     for _ in 0..6 {
         let x: Vec<f32> = (0..4 * 8 * 8).map(|_| rng.unit()).collect();
@@ -517,25 +465,65 @@ fn conv_net_matches_the_cpu_path(on: On) {
         let y = Tensor::<2>::from_data(TensorData::new(y, [4, 1]), &device);
         let l = (model.forward(x) - y).powf_scalar(2.0).mean();
         let grads = GradientsParams::from_grads(l.backward(), &model);
-        let host = host_values_of(&model, Some(&grads));
-        let refs: Vec<Option<&[f32]>> = host.iter().map(|g| g.as_deref()).collect();
-        cpu.set_learning_rate(0.01).unwrap();
-        cpu.apply_gradients(&refs).unwrap();
+        step_cpu_path(&mut cpu, &model, &grads, 0.01);
         model = optim.step(0.01, model, grads).unwrap();
     }
-    let fused: Vec<Vec<f32>> = host_values_of(&model, None).into_iter().flatten().collect();
-    for (i, (f, e)) in fused.iter().zip(cpu.variables().unwrap()).enumerate() {
-        for (a, b) in f.iter().zip(&e) {
+    assert_matches_cpu_path(on, &model, &cpu);
+}
+
+/// This crate's CPU path over `model`'s float parameters, each under its module path.
+fn cpu_path<M: Module>(model: &M, config: RmsPropConfig) -> RmsProp {
+    struct Named {
+        path: Vec<String>,
+        out: Vec<Variable>,
+    }
+    impl ModuleVisitor for Named {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let value = param.val();
+            let shape = value.dims();
+            let values = value.into_data().try_into_vec::<f32>().unwrap();
+            let variable = Variable::new(self.path.join("."), &shape, values).unwrap();
+            self.out.push(variable);
+        }
+    }
+    let mut named = Named {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    model.visit(&mut named);
+    RmsProp::with_backend(config, named.out, Backend::Cpu).unwrap()
+}
+
+/// One step of the CPU path with `grads` (Burn's gradients of `model`, read back).
+fn step_cpu_path<M: Module>(cpu: &mut RmsProp, model: &M, grads: &GradientsParams, lr: f64) {
+    let host = host_values(model, Some(grads));
+    let refs: Vec<Option<&[f32]>> = host.iter().map(|g| g.as_deref()).collect();
+    cpu.set_learning_rate(lr).unwrap();
+    cpu.apply_gradients(&refs).unwrap();
+}
+
+/// `model`'s parameters (stepped by `BurnRmsProp`) against the CPU path's, within the
+/// conformance tolerance.
+fn assert_matches_cpu_path<M: Module>(on: On, model: &M, cpu: &RmsProp) {
+    let expected = cpu.variables().unwrap();
+    for (i, (f, e)) in params(model).iter().zip(&expected).enumerate() {
+        for (j, (a, b)) in f.iter().zip(e).enumerate() {
             assert!(
                 values_match(*a, *b),
-                "{on:?}: parameter {i}: fused {a}, CPU path {b}"
+                "{on:?}: parameter {i} element {j}: fused {a}, CPU path {b}"
             );
         }
     }
 }
 
-/// [`host_values`] for any module.
-fn host_values_of<M: Module>(model: &M, grads: Option<&GradientsParams>) -> Vec<Option<Vec<f32>>> {
+/// Every float parameter's values (or, with `grads`, its gradient's), in visiting order.
+fn host_values<M: Module>(model: &M, grads: Option<&GradientsParams>) -> Vec<Option<Vec<f32>>> {
     struct Reader<'a> {
         grads: Option<&'a GradientsParams>,
         out: Vec<Option<Vec<f32>>>,
