@@ -109,12 +109,17 @@ fn first_difference(a: &[Vec<u32>], b: &[Vec<u32>]) -> Option<String> {
     None
 }
 
-#[test]
-fn every_supported_level_gives_the_same_bits() {
-    let levels: Vec<CpuLevel> = CpuLevel::ALL
+/// The levels this processor runs, the baseline first.
+fn supported_levels() -> Vec<CpuLevel> {
+    CpuLevel::ALL
         .into_iter()
         .filter(|l| l.is_supported())
-        .collect();
+        .collect()
+}
+
+#[test]
+fn every_supported_level_gives_the_same_bits() {
+    let levels = supported_levels();
     eprintln!(
         "CPU levels supported here: {levels:?} (best {})",
         CpuLevel::best()
@@ -144,10 +149,7 @@ fn every_supported_level_gives_the_same_bits() {
 /// stochastically) and int8 (two block sizes) give the baseline's bits at every level.
 #[test]
 fn compact_state_gives_the_same_bits_at_every_level() {
-    let levels: Vec<CpuLevel> = CpuLevel::ALL
-        .into_iter()
-        .filter(|l| l.is_supported())
-        .collect();
+    let levels = supported_levels();
     let storages = [
         StateStorage::new(StateDtype::Bf16).with_min_size(16),
         StateStorage::new(StateDtype::Bf16)
