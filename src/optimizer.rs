@@ -11,6 +11,8 @@ use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
 use crate::cpu::CpuEngine;
 use crate::cpu_level::CpuLevel;
+#[cfg(feature = "burn")]
+use crate::dtype::GradSlice;
 use crate::dtype::{GradientElement, Precision};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuEngine, GpuOptions};
@@ -426,6 +428,27 @@ impl RmsProp {
     ) -> Result<()> {
         self.check_gradients(grads)?;
         let slices = self.table.unfrozen(grads.iter().map(|g| g.map(T::slice)));
+        self.engine
+            .step(&self.config, Gradients::Host(&slices), &self.table)
+    }
+
+    /// [`apply_typed_gradients`](RmsProp::apply_typed_gradients) with each gradient's
+    /// element type known at run time (a Burn tensor's): each must be the optimizer's
+    /// [`Precision::gradients`].
+    #[cfg(feature = "burn")]
+    pub(crate) fn apply_grad_slices(&mut self, grads: &[Option<GradSlice<'_>>]) -> Result<()> {
+        let expected = self.precision.gradients;
+        if let Some(found) = grads
+            .iter()
+            .flatten()
+            .map(GradSlice::dtype)
+            .find(|&d| d != expected)
+        {
+            return Err(Error::GradientDtype { expected, found });
+        }
+        let lens: Vec<Option<usize>> = grads.iter().map(|g| g.map(|g| g.len())).collect();
+        crate::variable::check_gradient_lens(&self.specs, &lens)?;
+        let slices = self.table.unfrozen(grads.iter().copied());
         self.engine
             .step(&self.config, Gradients::Host(&slices), &self.table)
     }

@@ -71,25 +71,31 @@ impl Variable {
 /// ([`Error::CountMismatch`]), each of its variable's length ([`Error::GradientLength`]),
 /// at least one present ([`Error::NoGradients`]).
 pub(crate) fn check_gradients<T>(specs: &[VariableSpec], grads: &[Option<&[T]>]) -> Result<()> {
-    if grads.len() != specs.len() {
+    let lens: Vec<Option<usize>> = grads.iter().map(|g| g.map(<[T]>::len)).collect();
+    check_gradient_lens(specs, &lens)
+}
+
+/// [`check_gradients`] on the gradients' lengths (`None`: no gradient).
+pub(crate) fn check_gradient_lens(specs: &[VariableSpec], lens: &[Option<usize>]) -> Result<()> {
+    if lens.len() != specs.len() {
         return Err(Error::CountMismatch {
             what: "gradients",
             expected: specs.len(),
-            found: grads.len(),
+            found: lens.len(),
         });
     }
-    for (g, spec) in grads.iter().zip(specs) {
-        if let Some(g) = g {
-            if g.len() != spec.len() {
+    for (&len, spec) in lens.iter().zip(specs) {
+        if let Some(len) = len {
+            if len != spec.len() {
                 return Err(Error::GradientLength {
                     name: spec.name.clone(),
                     expected: spec.len(),
-                    found: g.len(),
+                    found: len,
                 });
             }
         }
     }
-    if grads.iter().all(Option::is_none) {
+    if lens.iter().all(Option::is_none) {
         return Err(Error::NoGradients);
     }
     Ok(())

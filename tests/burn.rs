@@ -2,7 +2,8 @@
 //! CI) and on its ndarray backend through the host.
 //!
 //! - against this crate's CPU path fed the same gradients, within the conformance
-//!   tolerance, for several dialects and options;
+//!   tolerance, for several dialects and options, and for bf16 and f16 modules (also on
+//!   Burn's flex backend);
 //! - with the Burn dialect, against Burn's own `RmsProp`: the same loss curve;
 //! - bad input: a changed module, a wrong element type, a wrong device, no gradient;
 //!   each refused with the module given back unchanged.
@@ -12,7 +13,7 @@ mod common;
 use std::sync::OnceLock;
 
 use burn::grad_clipping::GradientClippingConfig;
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{GradientsParams, ModuleOptimizer, RmsPropConfig as BurnConfig};
@@ -20,9 +21,10 @@ use burn::tensor::activation::relu;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use common::trace::values_match;
 use common::Rng;
+use fused_rmsprop::half::{bf16, f16};
 use fused_rmsprop::{
-    Backend, BurnProblem, BurnRmsProp, Error, RmsProp, RmsPropConfig, StateDtype, StateStorage,
-    Variable, WgpuSetup,
+    Backend, BurnProblem, BurnRmsProp, Dtype, Error, GpuOptions, Precision, RmsProp, RmsPropConfig,
+    StateDtype, StateStorage, Variable, WgpuSetup,
 };
 
 #[derive(Module, Debug)]
@@ -99,10 +101,12 @@ fn wgpu() -> Option<&'static (Device, WgpuSetup)> {
         .as_ref()
 }
 
-/// Where a test runs: Burn's ndarray backend through the host, or Burn's wgpu device.
+/// Where a test runs: Burn's ndarray or flex backend through the host, or Burn's wgpu
+/// device.
 #[derive(Clone, Copy, Debug)]
 enum On {
     Ndarray,
+    Flex,
     Wgpu,
 }
 
@@ -114,6 +118,7 @@ fn device_and_optimizer(on: On, config: RmsPropConfig) -> Option<(Device, BurnRm
             Device::ndarray().autodiff(),
             BurnRmsProp::new(config).unwrap(),
         )),
+        On::Flex => Some((Device::flex().autodiff(), BurnRmsProp::new(config).unwrap())),
         On::Wgpu => {
             let (device, setup) = wgpu()?;
             let optim = BurnRmsProp::wgpu(config, device, setup).unwrap();
@@ -205,6 +210,14 @@ fn ndarray_steps_match_the_cpu_path() {
     for (name, config, lr) in configs() {
         eprintln!("ndarray: {name}");
         fused_matches_cpu_path(On::Ndarray, config, lr);
+    }
+}
+
+#[test]
+fn flex_steps_match_the_cpu_path() {
+    for (name, config, lr) in configs() {
+        eprintln!("flex: {name}");
+        fused_matches_cpu_path(On::Flex, config, lr);
     }
 }
 
@@ -360,7 +373,7 @@ fn bad_input_is_refused(on: On) {
     // A gradient in another float type (ndarray has no f16).
     let other = match on {
         On::Ndarray => DType::F64,
-        On::Wgpu => DType::F16,
+        On::Flex | On::Wgpu => DType::F16,
     };
     let e = refused(on, "gradient dtype", |device, model| {
         let mut grads = GradientsParams::new();
@@ -385,6 +398,11 @@ fn bad_input_is_refused(on: On) {
 #[test]
 fn bad_input_is_refused_on_ndarray() {
     bad_input_is_refused(On::Ndarray);
+}
+
+#[test]
+fn bad_input_is_refused_on_flex() {
+    bad_input_is_refused(On::Flex);
 }
 
 #[test]
@@ -473,6 +491,11 @@ fn conv_net_matches_the_cpu_path(on: On) {
 
 /// This crate's CPU path over `model`'s float parameters, each under its module path.
 fn cpu_path<M: Module>(model: &M, config: RmsPropConfig) -> RmsProp {
+    cpu_path_in(model, config, Precision::default())
+}
+
+/// [`cpu_path`] in `precision`.
+fn cpu_path_in<M: Module>(model: &M, config: RmsPropConfig, precision: Precision) -> RmsProp {
     struct Named {
         path: Vec<String>,
         out: Vec<Variable>,
@@ -487,7 +510,7 @@ fn cpu_path<M: Module>(model: &M, config: RmsPropConfig) -> RmsProp {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let value = param.val();
             let shape = value.dims();
-            let values = value.into_data().try_into_vec::<f32>().unwrap();
+            let values = f32s(value.into_data());
             let variable = Variable::new(self.path.join("."), &shape, values).unwrap();
             self.out.push(variable);
         }
@@ -497,15 +520,43 @@ fn cpu_path<M: Module>(model: &M, config: RmsPropConfig) -> RmsProp {
         out: Vec::new(),
     };
     model.visit(&mut named);
-    RmsProp::with_backend(config, named.out, Backend::Cpu).unwrap()
+    RmsProp::with_precision(
+        config,
+        named.out,
+        Backend::Cpu,
+        &GpuOptions::default(),
+        precision,
+    )
+    .unwrap()
 }
 
-/// One step of the CPU path with `grads` (Burn's gradients of `model`, read back).
+/// A tensor's elements as f32 (16-bit ones upcast, exactly).
+fn f32s(data: TensorData) -> Vec<f32> {
+    data.convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+/// One step of the CPU path with `grads` (Burn's gradients of `model`, read back, in
+/// the CPU path's gradient type).
 fn step_cpu_path<M: Module>(cpu: &mut RmsProp, model: &M, grads: &GradientsParams, lr: f64) {
+    fn typed<T: fused_rmsprop::GradientElement>(
+        cpu: &mut RmsProp,
+        host: &[Option<Vec<f32>>],
+        from: impl Fn(f32) -> T,
+    ) {
+        let owned: Vec<Option<Vec<T>>> = host
+            .iter()
+            .map(|g| g.as_ref().map(|g| g.iter().map(|&x| from(x)).collect()))
+            .collect();
+        let refs: Vec<Option<&[T]>> = owned.iter().map(|g| g.as_deref()).collect();
+        cpu.apply_typed_gradients(&refs).unwrap();
+    }
     let host = host_values(model, Some(grads));
-    let refs: Vec<Option<&[f32]>> = host.iter().map(|g| g.as_deref()).collect();
     cpu.set_learning_rate(lr).unwrap();
-    cpu.apply_gradients(&refs).unwrap();
+    match cpu.precision().gradients {
+        Dtype::Bf16 => typed(cpu, &host, bf16::from_f32),
+        Dtype::F16 => typed(cpu, &host, f16::from_f32),
+        _ => typed(cpu, &host, |x| x),
+    }
 }
 
 /// `model`'s parameters (stepped by `BurnRmsProp`) against the CPU path's, within the
@@ -534,8 +585,7 @@ fn host_values<M: Module>(model: &M, grads: Option<&GradientsParams>) -> Vec<Opt
                 Some(g) => g.get::<D>(param.id),
                 None => Some(param.val()),
             };
-            self.out
-                .push(tensor.map(|t| t.into_data().try_into_vec::<f32>().unwrap()));
+            self.out.push(tensor.map(|t| f32s(t.into_data())));
         }
     }
     let mut reader = Reader {
@@ -636,4 +686,167 @@ fn the_guard_skips_a_nan_step_on_ndarray() {
 #[test]
 fn the_guard_skips_a_nan_step_on_wgpu() {
     the_guard_skips_a_nan_step(On::Wgpu);
+}
+
+/// `model` with every float parameter cast to `dtype` (Burn 0.22 has no cast of a whole
+/// module: its users configure the device's float type, or load a record in it).
+fn cast_module<M: Module>(model: M, dtype: DType) -> M {
+    struct CastTo(DType);
+    impl ModuleMapper for CastTo {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let (id, tensor, mapper) = param.consume();
+            let cast = Tensor::from_inner(tensor.inner().cast(self.0)).require_grad();
+            Param::from_mapped_value(id, cast, mapper)
+        }
+    }
+    model.map(&mut CastTo(dtype))
+}
+
+/// Every float parameter's element type.
+fn dtypes<M: Module>(model: &M) -> Vec<DType> {
+    struct Types(Vec<DType>);
+    impl ModuleVisitor for Types {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.val().dtype());
+        }
+    }
+    let mut types = Types(Vec::new());
+    model.visit(&mut types);
+    types.0
+}
+
+/// One unit in the last place of `x` in `dtype` (16-bit).
+fn one_ulp(x: f32, dtype: Dtype) -> f32 {
+    let bits = match dtype {
+        Dtype::Bf16 => 8,
+        _ => 11,
+    };
+    let exponent = x.abs().max(f32::MIN_POSITIVE).log2().floor();
+    2f32.powf(exponent - (bits - 1) as f32).max(match dtype {
+        Dtype::F16 => 2f32.powi(-24),
+        _ => 0.0,
+    })
+}
+
+/// A module of 16-bit parameters and gradients (tensors of odd lengths among them):
+/// `BurnRmsProp` with `precision`'s options against this crate's CPU path in the same
+/// precision, fed the same gradients. Through the host (the CPU path itself) bit for bit;
+/// on wgpu within one unit of the 16-bit type per element (parameters rounded from f32
+/// results that may differ in their last bit), as `tests/param_dtypes.rs` holds the GPU.
+/// With remainders, the optimizer's f32 masters too, and the module's values are the
+/// masters rounded.
+fn half_model_matches_the_cpu_path(on: On, dtype: DType, precision: Precision) {
+    let config = RmsPropConfig::burn()
+        .with_momentum(0.5)
+        .with_weight_decay(0.01);
+    let Some((device, optim)) = device_and_optimizer(on, config.clone()) else {
+        return;
+    };
+    let mut optim = optim.with_precision(precision);
+    let element = if dtype == DType::BF16 {
+        Dtype::Bf16
+    } else {
+        Dtype::F16
+    };
+    let widths = [8, 15, 9, 1];
+    let mut model = cast_module(Mlp::new(&widths, &device), dtype);
+    let start = params(&model);
+    let mut cpu = cpu_path_in(
+        &model,
+        config,
+        precision.with_params(element).with_gradients(element),
+    );
+    let lr = 0.01;
+    for step in 0..STEPS {
+        let (x, y) = batch(&device, 60 + step as u64);
+        let l = loss(&model, x.cast(dtype), y.cast(dtype));
+        let grads = GradientsParams::from_grads(l.backward(), &model);
+        step_cpu_path(&mut cpu, &model, &grads, lr);
+        model = optim.step(lr, model, grads).unwrap();
+        assert!(
+            dtypes(&model).iter().all(|&d| d == dtype),
+            "{on:?}: the parameters stay {dtype:?}"
+        );
+    }
+    let exact = !matches!(on, On::Wgpu);
+    let expected = cpu.variables().unwrap();
+    let mut moved = 0;
+    for (i, ((f, e), s)) in params(&model).iter().zip(&expected).zip(&start).enumerate() {
+        for (j, ((&a, &b), &s)) in f.iter().zip(e).zip(s).enumerate() {
+            let ok = if precision.param_remainders {
+                // the module holds the masters rounded to nearest
+                (a - b).abs() <= one_ulp(b, element) / 2.0
+            } else if exact {
+                a.to_bits() == b.to_bits()
+            } else {
+                (a - b).abs() <= one_ulp(b, element)
+            };
+            assert!(
+                ok,
+                "{on:?} {dtype:?} {precision:?}: parameter {i} element {j}: fused {a}, CPU path {b}"
+            );
+            moved += usize::from(a != s);
+        }
+    }
+    assert!(moved > 100, "{on:?} {dtype:?}: only {moved} elements moved");
+    let opt = optim.optimizer().unwrap();
+    assert_eq!(opt.precision().params, element);
+    if precision.param_remainders {
+        let masters = opt.variables().unwrap();
+        assert_eq!(
+            masters, expected,
+            "{on:?}: the f32 masters, kept between steps"
+        );
+        let rounded = masters
+            .iter()
+            .flatten()
+            .filter(|&&m| bf16::from_f32(m).to_f32() != m)
+            .count();
+        assert!(
+            rounded > 100,
+            "the masters hold more than bf16 ({rounded} of them)"
+        );
+    }
+}
+
+#[test]
+fn half_modules_match_the_cpu_path_on_flex() {
+    let precision = Precision::default();
+    half_model_matches_the_cpu_path(On::Flex, DType::BF16, precision);
+    half_model_matches_the_cpu_path(On::Flex, DType::F16, precision);
+    half_model_matches_the_cpu_path(On::Flex, DType::BF16, precision.with_param_remainders());
+    half_model_matches_the_cpu_path(On::Flex, DType::F16, precision.with_stochastic_rounding(5));
+}
+
+/// Burn's wgpu backend compiles WGSL, which has no bf16 (cubecl 0.11 refuses it): f16.
+#[test]
+fn half_modules_match_the_cpu_path_on_wgpu() {
+    let precision = Precision::default();
+    half_model_matches_the_cpu_path(On::Wgpu, DType::F16, precision);
+    half_model_matches_the_cpu_path(On::Wgpu, DType::F16, precision.with_stochastic_rounding(5));
+}
+
+/// A module whose parameters are not all of one type, and an option its type cannot
+/// take: refused, with nothing built.
+#[test]
+fn mixed_types_and_options_they_cannot_take_are_refused() {
+    let (device, mut optim) = device_and_optimizer(On::Flex, RmsPropConfig::burn()).unwrap();
+    let mut model = Mlp::new(&WIDTHS, &device);
+    model.layers[0] = cast_module(model.layers[0].clone(), DType::F16);
+    match &optim.bind(&model).unwrap_err() {
+        Error::BurnParam {
+            name,
+            problem: BurnProblem::Dtype { what, .. },
+        } => assert_eq!((name.as_str(), *what), ("layers.1.weight", "parameter")),
+        e => panic!("{e}"),
+    }
+    assert!(optim.optimizer().is_none(), "nothing was built");
+    let (device, optim) = device_and_optimizer(On::Flex, RmsPropConfig::burn()).unwrap();
+    let mut optim = optim.with_precision(Precision::default().with_param_remainders());
+    let model = cast_module(Mlp::new(&WIDTHS, &device), DType::F16);
+    let e = optim.bind(&model).unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidConfig { field, .. } if field.contains("param_remainders")),
+        "{e}"
+    );
 }

@@ -18,7 +18,7 @@ use ::burn::backend::ir::{BackendIr, TensorId, TensorStatus};
 use ::burn::backend::wgpu::{AutoCompiler, CubeBackend, CubeTensor};
 use ::burn::cubecl::wgpu::WgpuServer;
 use ::burn::tensor::Tensor;
-use ::burn::tensor::{DType, Device, Shape};
+use ::burn::tensor::{Device, Shape};
 
 use crate::burn_bridge::module::ErasedTensor;
 use crate::error::{BurnProblem, Error, Result};
@@ -138,7 +138,8 @@ fn fusion_of(
 
 /// cubecl's claim on a resolved tensor's memory. A strided tensor (a convolution's
 /// gradient, a transposed parameter) is first made contiguous by Burn's own kernel, queued
-/// on Burn's stream before the step.
+/// on Burn's stream before the step. (Burn makes a view only at its memory alignment, so
+/// a tensor's data starts on a 4-byte word, as wgpu's copies need: `device` checks.)
 fn claim(cube: CubeTensor, size: u64) -> std::result::Result<HeldBuffer, BurnProblem> {
     let cube = burn_cubecl::kernel::into_contiguous(cube);
     let managed = cube
@@ -167,8 +168,8 @@ pub(crate) fn fusion_id(tensor: &ErasedTensor) -> Option<TensorId> {
     fusion_of(tensor, "", "").ok().map(|fusion| fusion.id)
 }
 
-/// Tensors of Burn's wgpu backend viewing `parts` of `flat` (f32, contiguous): `(start,
-/// shape)` in elements, each start a multiple of Burn's memory alignment. One operation
+/// Tensors of Burn's wgpu backend viewing `parts` of `flat` (contiguous, of any element
+/// type): `(start, shape)` in elements, each start a multiple of Burn's memory alignment. One operation
 /// on Burn's fusion stream makes them all, each a view of `flat`'s memory (which lives
 /// as long as one of them does). Burn's own `slice` would copy a part whose end is not
 /// aligned too.
@@ -177,7 +178,8 @@ pub(crate) fn views(
     parts: Vec<(usize, Vec<usize>)>,
     name: &str,
 ) -> Result<Vec<ErasedTensor>> {
-    let device = flat.device.clone();
+    let (device, dtype) = (flat.device.clone(), flat.dtype);
+    let element = dtype.size() as u64;
     let total: usize = flat.shape.iter().product();
     let fusion = fusion_of(&flat, name, "new values")?;
     drop(flat);
@@ -189,7 +191,7 @@ pub(crate) fn views(
             id: client.create_empty_handle(),
             shape: Shape::from(shape.clone()),
             status: TensorStatus::NotInit,
-            dtype: DType::F32,
+            dtype,
         })
         .collect();
     let desc = CustomOpIr::new(
@@ -206,14 +208,14 @@ pub(crate) fn views(
                 let handle = flat
                     .handle
                     .clone()
-                    .offset_start((start * 4) as u64)
-                    .offset_end(((total - start - len) * 4) as u64);
+                    .offset_start(*start as u64 * element)
+                    .offset_end((total - start - len) as u64 * element);
                 let view = CubeTensor::new_contiguous(
                     flat.client.clone(),
                     flat.device.clone(),
                     Shape::from(shape.clone()),
                     handle,
-                    DType::F32,
+                    dtype,
                 );
                 handles.register_float_tensor::<CubeBackend>(&out.id, view);
             }
@@ -227,7 +229,7 @@ pub(crate) fn views(
         .map(|(tensor, ir)| ErasedTensor {
             dispatch: Tensor::<1>::from_primitive::<BurnWgpu>(tensor).into_dispatch(),
             shape: ir.shape.to_vec(),
-            dtype: DType::F32,
+            dtype,
             device: device.clone(),
         })
         .collect())

@@ -12,18 +12,27 @@
 //! stream, and a parameter only when Burn's code replaced it.
 
 use ::burn::backend::ir::TensorId;
-use ::burn::tensor::{Device, Tensor};
+use ::burn::tensor::{DType, Device, Tensor};
 
 use crate::burn_bridge::buffers::{self, HeldBuffer};
 use crate::burn_bridge::module::{ErasedTensor, NewValue, Taken};
-use crate::error::{Error, Result};
+use crate::error::{BurnProblem, Error, Result};
 use crate::gpu::GpuContext;
 use crate::optimizer::RmsProp;
 
-/// One step; `installed[i]` is the tensor the last step installed as parameter `i`, and
-/// `written[i]` says whether parameter `i` gets a new value.
+/// One step of parameters (and gradients) of element type `dtype`; `installed[i]` is the
+/// tensor the last step installed as parameter `i`, and `written[i]` says whether
+/// parameter `i` gets a new value.
+///
+/// A copy moves whole 4-byte words, as wgpu's copies must: a 16-bit tensor of odd
+/// length also moves the 2 bytes after it. Those are padding on both sides: the arena's
+/// after each tensor (its kernels mask padding lanes), the output's between its parts,
+/// and a Burn tensor's inside its memory slice (slices start at Burn's memory alignment,
+/// a multiple of 4 bytes; a read there is harmless).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn step(
     optimizer: &mut RmsProp,
+    dtype: DType,
     device: &Device,
     context: &GpuContext,
     installed: &[Option<TensorId>],
@@ -38,12 +47,13 @@ pub(crate) fn step(
         });
     // The new values' places in one flat output: each part starts on Burn's memory
     // alignment, as the binding offset of a view of it must.
+    let element = dtype.size();
     let limits = context.device.limits();
     let align = (limits
         .min_uniform_buffer_offset_alignment
         .max(limits.min_storage_buffer_offset_alignment) as usize
-        / 4)
-    .max(1);
+        / element)
+        .max(4 / element);
     let mut parts = Vec::with_capacity(taken.len());
     let mut total = 0usize;
     for (t, &w) in taken.iter().zip(written) {
@@ -53,7 +63,7 @@ pub(crate) fn step(
             total += len.next_multiple_of(align);
         }
     }
-    let flat = ErasedTensor::of(Tensor::<1>::empty([total.max(align)], device));
+    let flat = ErasedTensor::of(Tensor::<1>::empty([total.max(align)], (device, dtype)));
     // The tensors to read or write: the output, the gradients, and the parameters Burn's
     // code replaced since the last step.
     let mut wanted: Vec<buffers::ToHold<'_>> = vec![(&flat, "(the step's output)", "new values")];
@@ -77,6 +87,23 @@ pub(crate) fn step(
         let engine = optimizer
             .gpu()
             .ok_or(Error::NeedsGpuBackend("BurnRmsProp::wgpu"))?;
+        // Every copy is checked before anything is recorded or written.
+        for (&(i, gradient), source) in copies.iter().zip(&held) {
+            let words = source.size.next_multiple_of(4);
+            if source.offset % 4 != 0 || source.offset + words > source.buffer.size() {
+                return Err(Error::BurnParam {
+                    name: taken[i].name.clone(),
+                    problem: BurnProblem::Backend(format!(
+                        "its {} ({} bytes at byte {} of a buffer of {}) cannot be copied in 4-byte words",
+                        if gradient { "gradient" } else { "value" },
+                        source.size,
+                        source.offset,
+                        source.buffer.size()
+                    )),
+                });
+            }
+        }
+        let remainders = optimizer.precision().param_remainders;
         for (&(i, gradient), source) in copies.iter().zip(&held) {
             let view = if gradient {
                 engine.gradient_view(i)?
@@ -88,8 +115,14 @@ pub(crate) fn step(
                 source.offset,
                 view.buffer,
                 view.offset,
-                source.size,
+                source.size.next_multiple_of(4),
             );
+            if remainders && !gradient {
+                // a new bf16 value is its own master: remainder 0x7fff (dtype::split_master)
+                let rem = engine.param_remainders_view(i)?;
+                let fill: Vec<u8> = [0xff, 0x7f].repeat(rem.size as usize / 2);
+                context.queue.write_buffer(rem.buffer, rem.offset, &fill);
+            }
         }
     }
     if optimizer.non_finite_guard() {
@@ -115,8 +148,8 @@ pub(crate) fn step(
                 view.buffer,
                 view.offset,
                 &out.buffer,
-                out.offset + (start * 4) as u64,
-                (len * 4) as u64,
+                out.offset + (start * element) as u64,
+                ((len * element) as u64).next_multiple_of(4),
             );
         }
     }

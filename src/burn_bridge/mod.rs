@@ -20,6 +20,7 @@ use ::burn::tensor::{DType, Device};
 
 use crate::backend::Backend;
 use crate::config::RmsPropConfig;
+use crate::dtype::{Dtype, Precision};
 use crate::error::{BurnProblem, Error, Result};
 use crate::gpu::{GpuContext, GpuOptions};
 use crate::groups::ParamGroup;
@@ -49,6 +50,11 @@ pub use ::burn::tensor::wgpu::WgpuSetup;
 /// its [checkpoints](RmsProp::save_checkpoint), through [`BurnRmsProp::optimizer`])
 /// keyed by those names; Burn's records do not hold it.
 ///
+/// The module's parameters may be f32, bf16 or f16 (all of one type, their gradients
+/// too): the optimizer steps them in that type, with f32 state and f32 arithmetic
+/// ([`Precision`]; [`BurnRmsProp::with_precision`] adds stochastic rounding, or exact
+/// f32 masters behind bf16 parameters).
+///
 /// ```no_run
 /// use burn::module::Module;
 /// use burn::nn::{Linear, LinearConfig};
@@ -71,6 +77,8 @@ pub use ::burn::tensor::wgpu::WgpuSetup;
 /// ```
 pub struct BurnRmsProp {
     config: RmsPropConfig,
+    /// The 16-bit options; the element types are the module's.
+    precision: Precision,
     /// Burn's parameter groups, each with this crate's numbers for it.
     burn_groups: Vec<(BurnParamGroup, ParamGroup)>,
     target: Target,
@@ -91,6 +99,8 @@ enum Target {
 struct Bound {
     optimizer: RmsProp,
     params: Vec<(ParamId, String, Vec<usize>)>,
+    /// The parameters' (and gradients') element type.
+    dtype: DType,
     /// On Burn's wgpu device: each parameter's value as the last step installed it.
     installed: Vec<Option<TensorId>>,
 }
@@ -138,6 +148,7 @@ impl BurnRmsProp {
         config.validate()?;
         Ok(BurnRmsProp {
             config,
+            precision: Precision::default(),
             burn_groups: Vec::new(),
             target: Target::Host,
             bound: None,
@@ -153,6 +164,7 @@ impl BurnRmsProp {
         let context = GpuContext::from_device(setup.device.clone(), setup.queue.clone())?;
         Ok(BurnRmsProp {
             config,
+            precision: Precision::default(),
             burn_groups: Vec::new(),
             target: Target::Wgpu {
                 device: device.clone().inner(),
@@ -170,6 +182,17 @@ impl BurnRmsProp {
     /// refuses (momentum switched off, say) is an [`Error::InvalidConfig`].
     pub fn with_burn_group(mut self, parameters: BurnParamGroup, group: ParamGroup) -> Self {
         self.burn_groups.push((parameters, group));
+        self
+    }
+
+    /// How 16-bit parameters are stepped: `precision`'s
+    /// [`stochastic_rounding`](Precision::stochastic_rounding) or
+    /// [`param_remainders`](Precision::param_remainders) (bf16 parameters backed by exact
+    /// f32 masters, kept by the optimizer between steps). Its `params` and `gradients`
+    /// are not read: they are the module's element type. Checked when the optimizer is
+    /// built (an option the module's type cannot take is an [`Error::InvalidConfig`]).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
         self
     }
 
@@ -218,7 +241,13 @@ impl BurnRmsProp {
         Ok(module)
     }
 
+    /// Checks the module's parameters (and gradients) and builds the optimizer for
+    /// them, or checks they are those it was built for.
     fn bind_taken(&mut self, taken: &[Taken]) -> Result<()> {
+        let dtype = self.module_dtype(taken)?;
+        for t in taken {
+            check_taken(t, dtype, &self.target)?;
+        }
         let params: Vec<(ParamId, String, Vec<usize>)> = taken
             .iter()
             .map(|t| (t.id, t.name.clone(), t.shape.clone()))
@@ -231,24 +260,28 @@ impl BurnRmsProp {
             .map(|(_, name, shape)| VariableSpec::new(name.clone(), shape))
             .collect();
         let config = self.config_for(&params);
-        let optimizer = match &self.target {
-            Target::Host => {
-                RmsProp::with_specs(config, specs, Backend::Cpu, &GpuOptions::default())?
-            }
-            Target::Wgpu { context, .. } => RmsProp::with_specs(
-                config,
-                specs,
+        let element = crate_dtype(dtype).expect("module_dtype keeps the three");
+        let precision = Precision {
+            params: element,
+            gradients: element,
+            ..self.precision
+        };
+        let (backend, gpu) = match &self.target {
+            Target::Host => (Backend::Cpu, GpuOptions::default()),
+            Target::Wgpu { context, .. } => (
                 Backend::Gpu,
-                &GpuOptions {
+                GpuOptions {
                     context: Some(context.clone()),
                     ..GpuOptions::default()
                 },
-            )?,
+            ),
         };
+        let optimizer = RmsProp::with_specs_and_precision(config, specs, backend, &gpu, precision)?;
         let installed = vec![None; params.len()];
         self.bound = Some(Bound {
             optimizer,
             params,
+            dtype,
             installed,
         });
         Ok(())
@@ -277,10 +310,29 @@ impl BurnRmsProp {
         config
     }
 
-    fn step_taken(&mut self, lr: f64, taken: Vec<Taken>) -> Result<Vec<Option<NewValue>>> {
-        for t in &taken {
-            check_taken(t, &self.target)?;
+    /// The element type the module's parameters are stepped in: the optimizer's once
+    /// built, else the first parameter's (f32, bf16 or f16).
+    fn module_dtype(&self, taken: &[Taken]) -> Result<DType> {
+        if let Some(bound) = &self.bound {
+            return Ok(bound.dtype);
         }
+        let Some(first) = taken.first() else {
+            return Ok(DType::F32);
+        };
+        match crate_dtype(first.dtype) {
+            Some(_) => Ok(first.dtype),
+            None => Err(Error::BurnParam {
+                name: first.name.clone(),
+                problem: BurnProblem::Dtype {
+                    what: "parameter",
+                    expected: "f32, bf16 or f16".into(),
+                    found: format!("{:?}", first.dtype),
+                },
+            }),
+        }
+    }
+
+    fn step_taken(&mut self, lr: f64, taken: Vec<Taken>) -> Result<Vec<Option<NewValue>>> {
         if !taken.iter().any(|t| t.grad.is_some()) {
             return Err(Error::NoGradients);
         }
@@ -293,9 +345,10 @@ impl BurnRmsProp {
         let use_ema = bound.optimizer.config().use_ema;
         let written: Vec<bool> = taken.iter().map(|t| t.grad.is_some() || use_ema).collect();
         let stepped = match &self.target {
-            Target::Host => host::step(&mut bound.optimizer, &written, taken),
+            Target::Host => host::step(&mut bound.optimizer, bound.dtype, &written, taken),
             Target::Wgpu { device, context } => device::step(
                 &mut bound.optimizer,
+                bound.dtype,
                 device,
                 context,
                 &bound.installed,
@@ -391,19 +444,29 @@ fn check_same_params(
     Ok(())
 }
 
-/// One parameter's element types, gradient shape and device.
-fn check_taken(t: &Taken, target: &Target) -> Result<()> {
+/// This crate's element type of Burn's `dtype`, for the three it steps.
+fn crate_dtype(dtype: DType) -> Option<Dtype> {
+    match dtype {
+        DType::F32 => Some(Dtype::F32),
+        DType::BF16 => Some(Dtype::Bf16),
+        DType::F16 => Some(Dtype::F16),
+        _ => None,
+    }
+}
+
+/// One parameter's element types (`expected`, the module's), gradient shape and device.
+fn check_taken(t: &Taken, expected: DType, target: &Target) -> Result<()> {
     let refuse = |problem| Error::BurnParam {
         name: t.name.clone(),
         problem,
     };
     let dtype = |what, found: DType| {
-        if found == DType::F32 {
+        if found == expected {
             Ok(())
         } else {
             Err(refuse(BurnProblem::Dtype {
                 what,
-                expected: "f32".into(),
+                expected: format!("{expected:?} (the module's parameters')"),
                 found: format!("{found:?}"),
             }))
         }

@@ -137,7 +137,11 @@ impl ModuleMapper for Installer {
             tensor.gradient_checkpointing_strategy();
         drop(tensor);
         let new: Tensor<D> = match new {
-            NewValue::Data(data, device) => Tensor::from_data(data, &device),
+            NewValue::Data(data, device) => {
+                // in the data's own type (without one, Burn takes the device's default)
+                let dtype = data.dtype();
+                Tensor::from_data(data, (&device, dtype))
+            }
             NewValue::Tensor(tensor) => tensor.into_tensor(),
         };
         self.installed.push(Some(ErasedTensor::of(new.clone())));

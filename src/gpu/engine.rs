@@ -248,6 +248,14 @@ impl GpuEngine {
         self.arena.view(Target::Grads, i)
     }
 
+    /// Variable `i`'s parameter remainders (bf16 parameters with
+    /// [`Precision::param_remainders`](crate::Precision::param_remainders)), 2 bytes per
+    /// element, the size rounded up to a multiple of 4.
+    #[cfg(feature = "burn")]
+    pub(crate) fn param_remainders_view(&self, i: usize) -> Result<TensorView<'_>> {
+        self.arena.view(Target::ParamRemainders, i)
+    }
+
     /// Variable `i`'s 16-bit parameter copy (see
     /// [`Precision::param_copy`](crate::Precision::param_copy)) as a binding range: 2
     /// bytes per element, two per `u32` (the size rounded up to a multiple of 4), for a
