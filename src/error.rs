@@ -282,6 +282,10 @@ pub enum BurnProblem {
     /// Burn could not read or resolve a tensor.
     #[error("Burn refused: {0}")]
     Backend(String),
+    /// A learning rate (Burn's `ModuleLearningRate`, per parameter) the optimizer's
+    /// param groups cannot give this parameter.
+    #[error("its learning rate: {0}")]
+    LearningRate(String),
 }
 
 /// Shorthand for results of this crate.

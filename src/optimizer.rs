@@ -348,6 +348,28 @@ impl RmsProp {
         Ok(())
     }
 
+    /// The config's learning rate and param groups' own (`groups`: index and rate,
+    /// `None` for the config's) in one change, checked whole before any is set: Burn's
+    /// per-group learning rates.
+    #[cfg(feature = "burn")]
+    pub(crate) fn set_learning_rates(
+        &mut self,
+        base: LearningRate,
+        groups: &[(usize, Option<LearningRate>)],
+    ) -> Result<()> {
+        let mut config = self.config.clone();
+        config.learning_rate = base;
+        for (k, rate) in groups {
+            let group = config.param_groups.get_mut(*k).ok_or_else(|| {
+                Error::invalid("param_groups", format!("there is no param group {k}"))
+            })?;
+            group.learning_rate = rate.clone();
+        }
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+
     /// Turns the opt-in non-finite guard on or off (off by default, which is Keras'
     /// behaviour: NaN and infinity flow into the variables).
     ///

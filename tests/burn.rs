@@ -13,6 +13,9 @@ mod common;
 use std::sync::OnceLock;
 
 use burn::grad_clipping::GradientClippingConfig;
+use burn::lr_scheduler::exponential::ExponentialLrSchedulerConfig;
+use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrSchedulerConfig};
+use burn::lr_scheduler::LrSchedulerConfig;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::decay::WeightDecayConfig;
@@ -247,20 +250,22 @@ fn burn_dialect_matches_burns_rmsprop(on: On) {
         return;
     };
     let mut theirs = burn_config.init();
-    train_alongside_burn(on, &device, &mut fused, &mut theirs, 100);
+    train_alongside_burn(on, &device, &mut fused, &mut theirs, 100, &mut || {
+        0.005.into()
+    });
 }
 
 /// Trains one MLP with `fused` and a copy with Burn's `theirs`, on the same batches
-/// (seeds from `seed`): the losses must agree at every step and the parameters at the
-/// end. Gives back the fused model.
+/// (seeds from `seed`), each step's learning rates from `rates`: the losses must agree
+/// at every step and the parameters at the end. Gives back the fused model.
 fn train_alongside_burn(
     on: On,
     device: &Device,
     fused: &mut BurnRmsProp,
     theirs: &mut ModuleOptimizer,
     seed: u64,
+    rates: &mut dyn FnMut() -> ModuleLearningRate,
 ) -> Mlp {
-    let lr = 0.005;
     let mut ours = Mlp::new(&WIDTHS, device);
     let mut reference = ours.clone();
     for step in 0..STEPS {
@@ -274,7 +279,8 @@ fn train_alongside_burn(
         );
         let g_ours = GradientsParams::from_grads(l_ours.backward(), &ours);
         let g_ref = GradientsParams::from_grads(l_ref.backward(), &reference);
-        ours = fused.step(lr, ours, g_ours).unwrap();
+        let lr = rates();
+        ours = fused.step(lr.clone(), ours, g_ours).unwrap();
         reference = theirs.step(lr, reference, g_ref);
     }
     for (i, (a, b)) in params(&ours).iter().zip(params(&reference)).enumerate() {
@@ -627,7 +633,9 @@ fn burn_groups_match_burns_module_optimizer(on: On) {
         BurnConfig::new().with_alpha(0.9).with_momentum(0.5).build(),
         None,
     );
-    train_alongside_burn(on, &device, &mut fused, &mut theirs, 200);
+    train_alongside_burn(on, &device, &mut fused, &mut theirs, 200, &mut || {
+        0.005.into()
+    });
     let groups = &fused.optimizer().unwrap().config().param_groups;
     assert_eq!(groups.len(), 1);
     assert_eq!(groups[0].variables, ["layers.0.weight", "layers.0.bias"]);
@@ -641,6 +649,67 @@ fn burn_groups_match_burns_module_optimizer_on_ndarray() {
 #[test]
 fn burn_groups_match_burns_module_optimizer_on_wgpu() {
     burn_groups_match_burns_module_optimizer(On::Wgpu);
+}
+
+/// Burn's learning rate per parameter group (a `ModuleLrScheduler`: the first layer on
+/// its own exponential decay, the rest constant), the same at every step for Burn's
+/// `RmsProp` and for `BurnRmsProp`, which has the first layer's Burn group (with no
+/// numbers of its own): the same losses and parameters. Without that group the step is
+/// refused, naming a parameter of the first layer.
+fn burn_group_rates_match_burns_module_optimizer(on: On) {
+    use burn::module::ParamGroup as BurnParamGroup;
+    use fused_rmsprop::ParamGroup;
+    let first = || BurnParamGroup::from_paths(vec!["layers.0.weight", "layers.0.bias"]);
+    let scheduler = || {
+        ModuleLrSchedulerConfig::new(LrSchedulerConfig::Constant(0.005))
+            .with_group(first(), ExponentialLrSchedulerConfig::new(0.02, 0.8))
+            .init()
+            .unwrap()
+    };
+    let Some((device, fused)) = device_and_optimizer(on, RmsPropConfig::burn()) else {
+        return;
+    };
+    let mut fused = fused.with_burn_group(first(), ParamGroup::new(Vec::<String>::new()));
+    let mut theirs = BurnConfig::new().init();
+    let mut rates = scheduler();
+    train_alongside_burn(on, &device, &mut fused, &mut theirs, 300, &mut || {
+        rates.step()
+    });
+    let groups = &fused.optimizer().unwrap().config().param_groups;
+    let rate = f64::from(groups[0].learning_rate.as_ref().unwrap().at(0));
+    let expected = 0.02 * 0.8f64.powi(STEPS as i32 - 1);
+    assert!(
+        (rate - expected).abs() < 1e-6 * expected,
+        "the first layer's rate {rate}"
+    );
+
+    let (device, mut alone) = device_and_optimizer(on, RmsPropConfig::burn()).unwrap();
+    let model = Mlp::new(&WIDTHS, &device);
+    let (x, y) = batch(&device, 10);
+    let grads = GradientsParams::from_grads(loss(&model, x, y).backward(), &model);
+    let refusal = alone.step(scheduler().step(), model, grads).unwrap_err();
+    match &refusal.error {
+        Error::BurnParam {
+            name,
+            problem: BurnProblem::LearningRate(_),
+        } => assert_eq!(name, "layers.0.weight"),
+        e => panic!("{e}"),
+    }
+    assert_eq!(
+        alone.optimizer().unwrap().iterations(),
+        0,
+        "nothing stepped"
+    );
+}
+
+#[test]
+fn burn_group_rates_match_burns_module_optimizer_on_ndarray() {
+    burn_group_rates_match_burns_module_optimizer(On::Ndarray);
+}
+
+#[test]
+fn burn_group_rates_match_burns_module_optimizer_on_wgpu() {
+    burn_group_rates_match_burns_module_optimizer(On::Wgpu);
 }
 
 /// Under the non-finite guard (three submissions on wgpu), a step with a NaN gradient

@@ -6,14 +6,17 @@
 //!   by their module paths;
 //! - `host`: a step through the host (Burn's CPU backends);
 //! - `device`: a step on Burn's wgpu device, in one submission;
-//! - `buffers`: the `wgpu::Buffer` behind a tensor of Burn's wgpu backend.
+//! - `buffers`: the `wgpu::Buffer` behind a tensor of Burn's wgpu backend;
+//! - `rates`: Burn's learning rate per parameter as the config's and param groups'.
 
 mod buffers;
 mod device;
 mod host;
 mod module;
+mod rates;
 
 use ::burn::backend::ir::TensorId;
+use ::burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use ::burn::module::{Module, ParamGroup as BurnParamGroup, ParamId};
 use ::burn::optim::GradientsParams;
 use ::burn::tensor::{DType, Device};
@@ -28,6 +31,7 @@ use crate::optimizer::RmsProp;
 use crate::variable::VariableSpec;
 
 use self::module::{NewValue, Taken};
+use self::rates::RateRule;
 
 /// Burn's wgpu device and the handles it runs on (from
 /// `Device::wgpu_options().init_with_setup()`), re-exported so that callers name the
@@ -101,6 +105,8 @@ struct Bound {
     params: Vec<(ParamId, String, Vec<usize>)>,
     /// The parameters' (and gradients') element type.
     dtype: DType,
+    /// Where each parameter's learning rate comes from.
+    rates: Vec<RateRule>,
     /// On Burn's wgpu device: each parameter's value as the last step installed it.
     installed: Vec<Option<TensorId>>,
 }
@@ -216,17 +222,23 @@ impl BurnRmsProp {
     }
 
     /// Burn's `optimizer.step(lr, module, grads)`: updates every parameter of `module`
-    /// that has a gradient in `grads`, with learning rate `lr` (it replaces the
-    /// config's learning rate, or the base a param group's multiplier scales). A
-    /// refused step ([`Refused`]) gives the module back unchanged and changes no state.
+    /// that has a gradient in `grads`, with learning rate `lr`, one rate or a rate per
+    /// parameter group (Burn's `ModuleLrScheduler::step()`). Burn's base rate replaces
+    /// the config's learning rate (the base a param group's multiplier scales); a param
+    /// group with no rate of its own takes its parameters' rate (add Burn's group with
+    /// [`BurnRmsProp::with_burn_group`], with a default [`ParamGroup`], to give it one).
+    /// A parameter whose rate its group cannot give (another than the base rate outside
+    /// such a group, or two rates in one group) is refused with
+    /// [`BurnProblem::LearningRate`]. A refused step ([`Refused`]) gives the module back
+    /// unchanged and changes no state.
     pub fn step<M: Module>(
         &mut self,
-        lr: f64,
+        lr: impl Into<ModuleLearningRate>,
         module: M,
         mut grads: GradientsParams,
     ) -> std::result::Result<M, Refused<M>> {
         let taken = module::gather(&module, &mut grads);
-        let new = match self.step_taken(lr, taken) {
+        let new = match self.step_taken(&lr.into(), taken) {
             Ok(new) => new,
             Err(error) => return Err(Refused { error, module }),
         };
@@ -278,10 +290,13 @@ impl BurnRmsProp {
         };
         let optimizer = RmsProp::with_specs_and_precision(config, specs, backend, &gpu, precision)?;
         let installed = vec![None; params.len()];
+        let names: Vec<String> = params.iter().map(|(_, name, _)| name.clone()).collect();
+        let rates = rates::rules(optimizer.config(), &names);
         self.bound = Some(Bound {
             optimizer,
             params,
             dtype,
+            rates,
             installed,
         });
         Ok(())
@@ -332,14 +347,26 @@ impl BurnRmsProp {
         }
     }
 
-    fn step_taken(&mut self, lr: f64, taken: Vec<Taken>) -> Result<Vec<Option<NewValue>>> {
+    fn step_taken(
+        &mut self,
+        lr: &ModuleLearningRate,
+        taken: Vec<Taken>,
+    ) -> Result<Vec<Option<NewValue>>> {
         if !taken.iter().any(|t| t.grad.is_some()) {
             return Err(Error::NoGradients);
         }
         self.bind_taken(&taken)?;
         let bound = self.bound.as_mut().expect("bound above");
-        let before = bound.optimizer.config().learning_rate.clone();
-        bound.optimizer.set_learning_rate(lr)?;
+        let rates::StepRates { base, groups } = rates::this_step(lr, &taken, &bound.rates)?;
+        let config = bound.optimizer.config();
+        let before = (
+            config.learning_rate.clone(),
+            groups
+                .iter()
+                .map(|&(k, _)| (k, config.param_groups[k].learning_rate.clone()))
+                .collect::<Vec<_>>(),
+        );
+        bound.optimizer.set_learning_rates(base.into(), &groups)?;
         // A parameter gets a new value when it has a gradient, or, with the EMA (whose
         // overwrite may rewrite any), always.
         let use_ema = bound.optimizer.config().use_ema;
@@ -357,7 +384,7 @@ impl BurnRmsProp {
             ),
         };
         if stepped.is_err() {
-            bound.optimizer.set_learning_rate(before)?;
+            bound.optimizer.set_learning_rates(before.0, &before.1)?;
         }
         stepped
     }
