@@ -1,22 +1,26 @@
-//! Trains a Burn MLP twice in one run, from the same initialization on the same data:
+//! Trains a Burn model twice in one run, from the same initialization on the same data:
 //! with `BurnRmsProp` (this crate's fused step, Burn's dialect) and with Burn's own
 //! `RmsProp` (the same settings), and prints both loss curves, steps per second and the
 //! optimizer step's own time.
 //!
 //! ```text
-//! cargo run --release --features burn --example burn_mlp -- [--backend auto|cpu|gpu]
-//!     [--steps N] [--tensors N] [--inputs D] [--hidden H] [--json] [--plot loss.svg]
+//! cargo run --release --features burn --example burn_mlp -- [--backend auto|cpu|flex|gpu]
+//!     [--model mlp|conv] [--steps N] [--tensors N] [--inputs D] [--hidden H]
+//!     [--channels C] [--json] [--plot loss.svg]
 //! ```
 //!
-//! The model is `x -> relu(x W1 + b1) W2 + b2`, regressing `sin` of a projection of `x`
-//! on generated rows. `W2` (`H x 1`) is kept as `--tensors - 3` row blocks, joined in
-//! the forward pass, so that `--tensors` changes how many parameter tensors the
-//! optimizers step and not how many parameters there are.
+//! Both models regress `sin` of a projection of `x` on generated rows of `--inputs`.
+//! The MLP (the default) is `x -> relu(x W1 + b1) W2 + b2`; `W2` (`H x 1`) is kept as
+//! `--tensors - 3` row blocks, joined in the forward pass, so that `--tensors` changes
+//! how many parameter tensors the optimizers step and not how many parameters there
+//! are. `--model conv` is a small convolutional net over each row as a square image
+//! (`--inputs` a square): two 3x3 convolutions of `--channels` channels with ReLUs and
+//! a linear head (6 tensors).
 //!
 //! `--backend gpu` runs Burn's wgpu backend (a software adapter included) and
 //! `BurnRmsProp::wgpu` on Burn's own device; `cpu` runs Burn's ndarray backend and
-//! this crate's CPU path through the host; `auto` takes wgpu when Burn finds an
-//! adapter. The optimizer step's time is measured from finished gradients (the device
+//! this crate's CPU path through the host, `flex` the same on Burn's flex backend;
+//! `auto` takes wgpu when Burn finds an adapter. The optimizer step's time is measured from finished gradients (the device
 //! synchronized) to the stepped parameters (synchronized again), for both optimizers.
 //!
 //! Exits non-zero unless the two curves end within 1% of each other and, in runs of at
@@ -26,6 +30,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Linear, LinearConfig};
 use burn::optim::{GradientsParams, RmsPropConfig as BurnConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor};
@@ -34,11 +40,15 @@ use fused_rmsprop::{BurnRmsProp, RmsPropConfig};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
-#[command(about = "A Burn MLP trained with BurnRmsProp and with Burn's RmsProp")]
+#[command(about = "A Burn model trained with BurnRmsProp and with Burn's RmsProp")]
 struct Args {
-    /// auto (wgpu when Burn finds an adapter, else ndarray), cpu (ndarray) or gpu (wgpu).
+    /// auto (wgpu when Burn finds an adapter, else ndarray), cpu (ndarray), flex, or gpu
+    /// (wgpu).
     #[arg(long, default_value = "auto")]
     backend: String,
+    /// mlp, or conv (a convolutional net over each row as a square image).
+    #[arg(long, default_value = "mlp")]
+    model: String,
     /// Training steps for each optimizer.
     #[arg(long, default_value_t = 60)]
     steps: usize,
@@ -51,6 +61,9 @@ struct Args {
     /// Hidden width H (at least `--tensors - 3`).
     #[arg(long, default_value_t = 16384)]
     hidden: usize,
+    /// Channels of the convolutional net's two convolutions.
+    #[arg(long, default_value_t = 32)]
+    channels: usize,
     /// Rows per step.
     #[arg(long, default_value_t = 128)]
     batch: usize,
@@ -63,6 +76,11 @@ struct Args {
     /// Write both loss curves to this SVG file.
     #[arg(long)]
     plot: Option<std::path::PathBuf>,
+}
+
+/// A model the example trains: rows in, one prediction per row out.
+trait Net: Module + Clone {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2>;
 }
 
 #[derive(Module, Debug)]
@@ -99,15 +117,44 @@ impl Model {
             b2: Param::from_tensor(Tensor::zeros([1], device)),
         }
     }
+}
 
+impl Net for Model {
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let h = relu(x.matmul(self.w1.val()) + self.b1.val().unsqueeze());
         let w2 = Tensor::cat(self.w2.iter().map(|w| w.val()).collect(), 0);
         h.matmul(w2) + self.b2.val().unsqueeze()
     }
+}
 
-    fn parameters(&self) -> usize {
-        self.num_params()
+/// Two 3x3 convolutions (no padding) and a linear head, over `side x side` images.
+#[derive(Module, Debug)]
+struct ConvNet {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    head: Linear,
+}
+
+impl ConvNet {
+    fn new(side: usize, channels: usize, device: &Device) -> Self {
+        device.seed(11);
+        let out = side - 4;
+        ConvNet {
+            conv1: Conv2dConfig::new([1, channels], [3, 3]).init(device),
+            conv2: Conv2dConfig::new([channels, channels], [3, 3]).init(device),
+            head: LinearConfig::new(channels * out * out, 1).init(device),
+        }
+    }
+}
+
+impl Net for ConvNet {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let [n, d] = x.dims();
+        let side = d.isqrt();
+        let h = relu(self.conv1.forward(x.reshape([n, 1, side, side])));
+        let h = relu(self.conv2.forward(h));
+        let [n, c, hh, ww] = h.dims();
+        self.head.forward(h.reshape([n, c * hh * ww]))
     }
 }
 
@@ -136,12 +183,12 @@ struct Run {
     step: Duration,
 }
 
-fn train(
+fn train<M: Net>(
     args: &Args,
     device: &Device,
-    mut model: Model,
+    mut model: M,
     data: &[(Tensor<2>, Tensor<2>)],
-    mut step: impl FnMut(Model, GradientsParams) -> Model,
+    mut step: impl FnMut(M, GradientsParams) -> M,
 ) -> Run {
     let mut losses = Vec::with_capacity(args.steps);
     let mut step_time = Duration::ZERO;
@@ -183,7 +230,7 @@ fn plot(
     let hi = all.copied().fold(0.0, f64::max).max(lo * 10.0);
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Burn MLP: BurnRmsProp and Burn's RmsProp",
+            "Burn model: BurnRmsProp and Burn's RmsProp",
             ("sans-serif", 22),
         )
         .margin(15)
@@ -221,12 +268,10 @@ fn plot(
 #[allow(deprecated)]
 fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let args = Args::parse();
-    if args.tensors < 4 || args.hidden < args.tensors - 3 {
-        return Err("--tensors must be at least 4 and at most --hidden + 3".into());
-    }
     let config = RmsPropConfig::burn();
-    let (device, mut fused, backend) = match args.backend.as_str() {
+    let (device, fused, backend) = match args.backend.as_str() {
         "cpu" => (Device::ndarray(), BurnRmsProp::new(config)?, "cpu"),
+        "flex" => (Device::flex(), BurnRmsProp::new(config)?, "flex"),
         "gpu" | "auto" => match Device::wgpu_options().init_with_setup() {
             Ok((device, setup)) => {
                 let optim = BurnRmsProp::wgpu(config, &device, &setup)?;
@@ -238,19 +283,50 @@ fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
             Err(e) if args.backend == "gpu" => return Err(e.into()),
             Err(_) => (Device::ndarray(), BurnRmsProp::new(config)?, "cpu"),
         },
-        other => return Err(format!("unknown --backend {other}: auto, cpu or gpu").into()),
+        other => return Err(format!("unknown --backend {other}: auto, cpu, flex or gpu").into()),
     };
     let device = device.autodiff();
-    let data = batches(&args, &device);
-    let model = Model::new(&args, &device);
-    let params = model.parameters();
+    match args.model.as_str() {
+        "mlp" => {
+            if args.tensors < 4 || args.hidden < args.tensors - 3 {
+                return Err("--tensors must be at least 4 and at most --hidden + 3".into());
+            }
+            let model = Model::new(&args, &device);
+            run(&args, &device, backend, fused, model, args.tensors)
+        }
+        "conv" => {
+            let side = args.inputs.isqrt();
+            if side * side != args.inputs || side < 5 || args.channels == 0 {
+                return Err(
+                    "--model conv needs --inputs a square of at least 25, and --channels".into(),
+                );
+            }
+            let model = ConvNet::new(side, args.channels, &device);
+            run(&args, &device, backend, fused, model, 6)
+        }
+        other => Err(format!("unknown --model {other}: mlp or conv").into()),
+    }
+}
+
+/// Trains `model` with `fused` and with Burn's `RmsProp`, reports, and says whether the
+/// curves agree.
+fn run<M: Net>(
+    args: &Args,
+    device: &Device,
+    backend: &str,
+    mut fused: BurnRmsProp,
+    model: M,
+    tensors: usize,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let data = batches(args, device);
+    let params = model.num_params();
     let reference = model.clone();
 
-    let ours = train(&args, &device, model, &data, |m, g| {
+    let ours = train(args, device, model, &data, |m, g| {
         fused.step(args.lr, m, g).expect("the fused step")
     });
     let mut burn_optim = BurnConfig::new().init();
-    let theirs = train(&args, &device, reference, &data, |m, g| {
+    let theirs = train(args, device, reference, &data, |m, g| {
         burn_optim.step(args.lr, m, g)
     });
 
@@ -263,8 +339,9 @@ fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
             "{}",
             json!({
                 "backend": backend,
+                "model": args.model,
                 "params": params,
-                "tensors": args.tensors,
+                "tensors": tensors,
                 "steps": args.steps,
                 "fused_first_loss": first,
                 "fused_final_loss": fused_final,
@@ -277,8 +354,8 @@ fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         );
     } else {
         println!(
-            "{backend}: {params} parameters in {} tensors, {} steps",
-            args.tensors, args.steps
+            "{backend}, {}: {params} parameters in {tensors} tensors, {} steps",
+            args.model, args.steps
         );
         println!(
             "BurnRmsProp: loss {first:.5} -> {fused_final:.5}, optimizer step {fused_ms:.3} ms, {:.1} steps/s",
