@@ -58,6 +58,14 @@ macro_rules! kernel_words {
 /// scheduling, small enough to balance across threads.
 pub(crate) const CPU_CHUNK_LEN: usize = 1 << 15;
 
+/// True when a model of `elements` is stepped on the calling thread: waking rayon's
+/// threads from outside its pool (tens of microseconds, the caller blocked meanwhile)
+/// costs more than one chunk's work, so a model of at most one chunk runs alone (a Burn
+/// model of 10,000 parameters took 80 to 110 us a step in rayon, 10 to 20 without it).
+fn runs_alone(elements: usize) -> bool {
+    elements <= CPU_CHUNK_LEN
+}
+
 /// Parameters, slots and counters of a model in host memory.
 #[derive(Debug, Clone)]
 pub(crate) struct CpuEngine {
@@ -198,30 +206,36 @@ impl CpuEngine {
         let accumulate = self.variant.accumulate;
         let isa = self.isa;
         let state = &self.state;
-        let partials: Vec<f64> = self
-            .layout
-            .chunks()
-            .par_iter()
-            .enumerate()
-            .map_init(
-                || (Vec::new(), Vec::new()),
-                |(buffer, acc_buffer), (k, c)| {
-                    let t = &tensors[c.tensor];
-                    let Some(g) = grads[c.tensor] else { return 0.0 };
-                    let start = c.offset - t.offset;
-                    g.range(start..start + c.len).with_f32(buffer, |g| {
-                        if accumulate {
-                            let (place, block) = (state.place(k), state.block_size());
-                            acc.with_f32(Slot::Accumulator, place, c.len, block, acc_buffer, |a| {
-                                isa::sum_of_squares::<true>(isa, g, a, s)
-                            })
-                        } else {
-                            isa::sum_of_squares::<false>(isa, g, &[], s)
-                        }
+        let partial = |(buffer, acc_buffer): &mut (Vec<f32>, Vec<f32>), (k, c): (usize, &Chunk)| {
+            let t = &tensors[c.tensor];
+            let Some(g) = grads[c.tensor] else { return 0.0 };
+            let start = c.offset - t.offset;
+            g.range(start..start + c.len).with_f32(buffer, |g| {
+                if accumulate {
+                    let (place, block) = (state.place(k), state.block_size());
+                    acc.with_f32(Slot::Accumulator, place, c.len, block, acc_buffer, |a| {
+                        isa::sum_of_squares::<true>(isa, g, a, s)
                     })
-                },
-            )
-            .collect();
+                } else {
+                    isa::sum_of_squares::<false>(isa, g, &[], s)
+                }
+            })
+        };
+        let chunks = self.layout.chunks();
+        let partials: Vec<f64> = if runs_alone(self.layout.total()) {
+            let mut buffers = Default::default();
+            chunks
+                .iter()
+                .enumerate()
+                .map(|kc| partial(&mut buffers, kc))
+                .collect()
+        } else {
+            chunks
+                .par_iter()
+                .enumerate()
+                .map_init(Default::default, partial)
+                .collect()
+        };
         Some(
             tensors
                 .iter()
@@ -267,7 +281,8 @@ impl CpuEngine {
             let proven_finite = sums
                 .as_ref()
                 .is_some_and(|sums| sums.iter().all(|x| x.is_finite()));
-            if !proven_finite && has_non_finite(self.isa, grads, check) {
+            let alone = runs_alone(self.layout.total());
+            if !proven_finite && has_non_finite(self.isa, grads, check, alone) {
                 return false;
             }
         }
@@ -341,6 +356,7 @@ impl CpuEngine {
         }
         let v = self.variant;
         let isa = self.isa;
+        let alone = runs_alone(self.layout.total());
         let coding = SlotCoding {
             block,
             stochastic: v.state_stochastic,
@@ -349,12 +365,19 @@ impl CpuEngine {
         macro_rules! go {
             ($($k:literal),*) => {
                 match v.checked_kernel() {
-                    $($k => jobs.into_par_iter().for_each(|job| {
-                        let s = &plans[job.group as usize];
-                        kernels::with_task_buffers(|buffers| {
-                            job.run(buffers, s, coding, |job| isa::run_chunk::<$k>(isa, job, s))
-                        })
-                    }),)*
+                    $($k => {
+                        let run = |job: PendingJob<'_>| {
+                            let s = &plans[job.group as usize];
+                            kernels::with_task_buffers(|buffers| {
+                                job.run(buffers, s, coding, |job| isa::run_chunk::<$k>(isa, job, s))
+                            })
+                        };
+                        if alone {
+                            jobs.into_iter().for_each(run)
+                        } else {
+                            jobs.into_par_iter().for_each(run)
+                        }
+                    })*
                     // `Variant::kernel` makes only valid words (`kernel::is_valid`), and
                     // a test checks `kernel_words!` against them
                     other => unreachable!("no CPU loops for kernel flags {other:#x}"),
@@ -538,14 +561,18 @@ impl Engine for CpuEngine {
     }
 }
 
-/// True when any present gradient, divided by the loss scale, is NaN or infinite.
-fn has_non_finite(isa: Isa, grads: &[Option<GradSlice<'_>>], s: &StepScalars) -> bool {
+/// True when any present gradient, divided by the loss scale, is NaN or infinite
+/// (`alone`: on the calling thread, see [`runs_alone`]).
+fn has_non_finite(isa: Isa, grads: &[Option<GradSlice<'_>>], s: &StepScalars, alone: bool) -> bool {
+    let bad = |g: &GradSlice<'_>| g.with_f32(&mut Vec::new(), |g| isa::any_non_finite(isa, g, s));
+    if alone {
+        return grads.iter().flatten().any(bad);
+    }
     grads.par_iter().flatten().any(|g| {
         let pieces = g.len().div_ceil(CPU_CHUNK_LEN);
-        (0..pieces).into_par_iter().any(|k| {
-            let piece = g.range(k * CPU_CHUNK_LEN..((k + 1) * CPU_CHUNK_LEN).min(g.len()));
-            piece.with_f32(&mut Vec::new(), |chunk| isa::any_non_finite(isa, chunk, s))
-        })
+        (0..pieces)
+            .into_par_iter()
+            .any(|k| bad(&g.range(k * CPU_CHUNK_LEN..((k + 1) * CPU_CHUNK_LEN).min(g.len()))))
     })
 }
 
@@ -557,9 +584,12 @@ mod tests {
     fn detects_nan_and_infinity_after_unscaling() {
         let s = plan_step(&RmsPropConfig::default(), 0);
         let isa = Isa::process_default();
+        // both ways: on the calling thread and in parallel
         let has_non_finite = |g: &[Option<&[f32]>], s: &StepScalars| {
             let g: Vec<_> = g.iter().map(|g| g.map(GradSlice::F32)).collect();
-            has_non_finite(isa, &g, s)
+            let alone = has_non_finite(isa, &g, s, true);
+            assert_eq!(alone, has_non_finite(isa, &g, s, false));
+            alone
         };
         let fine = vec![1.0f32; 100_000];
         let mut bad = fine.clone();
