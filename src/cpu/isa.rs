@@ -23,7 +23,7 @@
 
 use std::sync::OnceLock;
 
-use super::kernels::{self, ChunkJob};
+use super::kernels::{self, ChunkJob, SlotElement};
 use super::slots::{SlotKeys, SlotPiece};
 use crate::cpu_level::CpuLevel;
 use crate::math::StepScalars;
@@ -74,15 +74,19 @@ impl Isa {
 }
 
 /// [`kernels::run_chunk`] at `isa`'s level.
-pub(crate) fn run_chunk<const K: u32>(isa: Isa, job: ChunkJob<'_>, s: &StepScalars) {
+pub(crate) fn run_chunk<const K: u32, E: SlotElement>(
+    isa: Isa,
+    job: ChunkJob<'_, E>,
+    s: &StepScalars,
+) {
     match isa.0 {
         // SAFETY: an `Isa` holds only a level whose features were detected (`Isa::new`).
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx512 => unsafe { x86::run_chunk_avx512::<K>(job, s) },
+        CpuLevel::Avx512 => unsafe { x86::run_chunk_avx512::<K, E>(job, s) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx2 => unsafe { x86::run_chunk_avx2::<K>(job, s) },
-        _ => kernels::run_chunk::<K>(job, s),
+        CpuLevel::Avx2 => unsafe { x86::run_chunk_avx2::<K, E>(job, s) },
+        _ => kernels::run_chunk::<K, E>(job, s),
     }
 }
 
@@ -160,7 +164,7 @@ pub(crate) fn any_non_finite(isa: Isa, chunk: &[f32], s: &StepScalars) -> bool {
 /// The x86-64 clones: the kernels compiled with AVX2 + FMA, and with AVX-512.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::kernels::{self, ChunkJob};
+    use super::kernels::{self, ChunkJob, SlotElement};
     use crate::cpu::slots::{SlotKeys, SlotPiece};
     use crate::math::StepScalars;
     use crate::quant::{
@@ -453,13 +457,19 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn run_chunk_avx2<const K: u32>(job: ChunkJob<'_>, s: &StepScalars) {
-        kernels::run_chunk::<K>(job, s)
+    pub(super) fn run_chunk_avx2<const K: u32, E: SlotElement>(
+        job: ChunkJob<'_, E>,
+        s: &StepScalars,
+    ) {
+        kernels::run_chunk::<K, E>(job, s)
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-    pub(super) fn run_chunk_avx512<const K: u32>(job: ChunkJob<'_>, s: &StepScalars) {
-        kernels::run_chunk::<K>(job, s)
+    pub(super) fn run_chunk_avx512<const K: u32, E: SlotElement>(
+        job: ChunkJob<'_, E>,
+        s: &StepScalars,
+    ) {
+        kernels::run_chunk::<K, E>(job, s)
     }
 
     #[target_feature(enable = "avx2,fma")]

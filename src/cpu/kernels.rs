@@ -4,17 +4,59 @@
 
 use crate::cpu::isa::{self, Isa};
 use crate::cpu::slots::{SlotKeys, SlotPiece};
-use crate::dtype::{GradSlice, HalfSliceMut};
+use crate::dtype::{Dtype, GradSlice, HalfSliceMut};
 use crate::math::{
     effective_gradient, element_key, kernel, unscale_gradient, update_element, ElementState, Phase,
     StepScalars, TensorStep, STORE_BF16, STORE_BF16_STOCHASTIC, STORE_F16, STORE_F16_STOCHASTIC,
     STORE_F32,
 };
+use crate::quant::store_bf16_slot;
 use crate::slot::Slot;
 
-/// One chunk's work: its arrays and what the step does to its tensor.
-pub(crate) struct ChunkJob<'a> {
-    pub arrays: ChunkArrays<'a>,
+/// How the fused loop holds a slot's elements: f32, or bf16 bits coded in the loop
+/// itself ([`Bf16Bits`]), with no pass of their own.
+pub(crate) trait SlotElement: Copy + Send + Sync {
+    /// The value.
+    fn load(self) -> f32;
+    /// `x` as stored.
+    fn store(x: f32) -> Self;
+}
+
+impl SlotElement for f32 {
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn store(x: f32) -> Self {
+        x
+    }
+}
+
+/// A bf16 slot element's bits: upcast as every decoder of the format
+/// ([`crate::state_layout::SlotRef::decode_into`]), rounded to nearest (ties to even) as
+/// every encoder ([`store_bf16_slot`]), so the bytes are those of the decode-run-encode
+/// passes. Slots rounded stochastically take those passes (their keys need the
+/// element's index and slot).
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(transparent)]
+pub(crate) struct Bf16Bits(u16);
+
+impl SlotElement for Bf16Bits {
+    #[inline(always)]
+    fn load(self) -> f32 {
+        Dtype::Bf16.upcast_bits(self.0)
+    }
+    #[inline(always)]
+    fn store(x: f32) -> Self {
+        Bf16Bits(store_bf16_slot::<false>(x, 0))
+    }
+}
+
+/// One chunk's work: its arrays (slots held as `E`) and what the step does to its
+/// tensor.
+pub(crate) struct ChunkJob<'a, E: SlotElement = f32> {
+    pub arrays: ChunkArrays<'a, E>,
     pub step: TensorStep,
     /// The chunk's tensor, and the index in it of the chunk's first element (the keys
     /// of stochastic rounding).
@@ -84,17 +126,18 @@ fn touches(slot: Slot, phase: Phase) -> bool {
 }
 
 impl PendingJob<'_> {
-    /// Runs `f` on the job with its gradient, parameters and slots as f32 (upcast or
-    /// decoded into the task's `buffers` when stored otherwise), then stores 16-bit
-    /// parameters and compact slots back and rounds the chunk's parameters into its
-    /// piece of the copy, while they are in cache.
+    /// Runs the fused loop of kernel flags `K` on the job, at `coding.isa`'s level, with
+    /// its gradient and parameters as f32 (upcast into the task's `buffers` when stored
+    /// otherwise) and its slots as the loop holds them: f32, bf16 bits coded in the loop
+    /// (rounded to nearest), or decoded into `buffers` (int8, stochastically rounded
+    /// bf16) and stored back after it; then stores 16-bit parameters back and rounds the
+    /// chunk's parameters into its piece of the copy, while they are in cache.
     #[inline]
-    pub(crate) fn run(
+    pub(crate) fn run<const K: u32>(
         self,
         buffers: &mut TaskBuffers,
         s: &StepScalars,
         coding: SlotCoding,
-        f: impl FnOnce(ChunkJob<'_>),
     ) {
         let PendingJob {
             arrays,
@@ -120,7 +163,22 @@ impl PendingJob<'_> {
             None => arrays.param,
         };
         let n = param.len();
-        {
+        let in_loop = !coding.stochastic
+            && !bf16_in_passes()
+            && slots.iter().any(|p| matches!(p, SlotPiece::Bf16(_)));
+        if in_loop {
+            let views: Vec<&mut [Bf16Bits]> = slots
+                .iter_mut()
+                .zip(Slot::ALL)
+                .map(|(piece, slot)| match piece {
+                    SlotPiece::Bf16(bits) if touches(slot, step.phase) => {
+                        bytemuck::cast_slice_mut(bits)
+                    }
+                    _ => &mut [],
+                })
+                .collect();
+            run_with::<K, _>(views, param, grad, buffer, step, tensor, first, coding, s);
+        } else {
             let views: Vec<&mut [f32]> = slots
                 .iter_mut()
                 .zip(slot_buffers.iter_mut())
@@ -134,32 +192,12 @@ impl PendingJob<'_> {
                     _ => &mut [],
                 })
                 .collect();
-            let Ok([velocity, momentum, average_gradient, ema, accumulator]) =
-                <[&mut [f32]; 5]>::try_from(views)
-            else {
-                return;
-            };
-            grad.with_f32(buffer, |grad| {
-                f(ChunkJob {
-                    arrays: ChunkArrays {
-                        param: &mut *param,
-                        grad,
-                        velocity,
-                        momentum,
-                        average_gradient,
-                        ema,
-                        accumulator,
-                    },
-                    step,
-                    tensor,
-                    first,
-                })
-            });
-        }
-        let keys = coding.stochastic.then_some(SlotKeys { s, tensor, first });
-        for ((piece, buf), slot) in slots.into_iter().zip(slot_buffers.iter()).zip(Slot::ALL) {
-            if piece.is_compact() && touches(slot, step.phase) {
-                isa::store_piece(coding.isa, piece, slot, &buf[..n], coding.block, keys);
+            run_with::<K, _>(views, param, grad, buffer, step, tensor, first, coding, s);
+            let keys = coding.stochastic.then_some(SlotKeys { s, tensor, first });
+            for ((piece, buf), slot) in slots.into_iter().zip(slot_buffers.iter()).zip(Slot::ALL) {
+                if piece.is_compact() && touches(slot, step.phase) {
+                    isa::store_piece(coding.isa, piece, slot, &buf[..n], coding.block, keys);
+                }
             }
         }
         if let Some(copy) = param_copy {
@@ -171,16 +209,71 @@ impl PendingJob<'_> {
     }
 }
 
-/// One chunk's slice of every array; unused slots, and the gradient of a tensor without
-/// one this step, are empty.
-pub(crate) struct ChunkArrays<'a> {
+#[cfg(test)]
+thread_local! {
+    /// Tests: this thread codes bf16 slots in passes of their own, as int8 slots are
+    /// (the reference the loop's own coding must equal, bit for bit).
+    pub(crate) static BF16_IN_PASSES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether bf16 slots are coded in passes of their own (only ever in tests).
+#[inline(always)]
+fn bf16_in_passes() -> bool {
+    #[cfg(test)]
+    return BF16_IN_PASSES.get();
+    #[cfg(not(test))]
+    false
+}
+
+/// The fused loop of kernel flags `K` over one chunk whose slots (in [`Slot::ALL`]
+/// order) are `views`, its gradient upcast into `buffer` when it is not f32.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn run_with<const K: u32, E: SlotElement>(
+    views: Vec<&mut [E]>,
+    param: &mut [f32],
+    grad: GradSlice<'_>,
+    buffer: &mut Vec<f32>,
+    step: TensorStep,
+    tensor: u32,
+    first: u32,
+    coding: SlotCoding,
+    s: &StepScalars,
+) {
+    let Ok([velocity, momentum, average_gradient, ema, accumulator]) =
+        <[&mut [E]; 5]>::try_from(views)
+    else {
+        return;
+    };
+    grad.with_f32(buffer, |grad| {
+        let job = ChunkJob {
+            arrays: ChunkArrays {
+                param,
+                grad,
+                velocity,
+                momentum,
+                average_gradient,
+                ema,
+                accumulator,
+            },
+            step,
+            tensor,
+            first,
+        };
+        isa::run_chunk::<K, E>(coding.isa, job, s)
+    });
+}
+
+/// One chunk's slice of every array, its slots held as `E`; unused slots, and the
+/// gradient of a tensor without one this step, are empty.
+pub(crate) struct ChunkArrays<'a, E: SlotElement = f32> {
     pub param: &'a mut [f32],
     pub grad: &'a [f32],
-    pub velocity: &'a mut [f32],
-    pub momentum: &'a mut [f32],
-    pub average_gradient: &'a mut [f32],
-    pub ema: &'a mut [f32],
-    pub accumulator: &'a mut [f32],
+    pub velocity: &'a mut [E],
+    pub momentum: &'a mut [E],
+    pub average_gradient: &'a mut [E],
+    pub ema: &'a mut [E],
+    pub accumulator: &'a mut [E],
 }
 
 /// Sum of squared [`effective_gradient`]s (`A`: averaged with the accumulator `acc`):
@@ -220,23 +313,23 @@ pub(crate) fn sum_of_squares<const A: bool>(g: &[f32], acc: &[f32], s: &StepScal
 /// [`kernel`] flags. A phase without an update reads only the EMA and accumulation
 /// flags, so its loops are instantiated for those alone (shared by every `K`).
 #[inline(always)]
-pub(crate) fn run_chunk<const K: u32>(job: ChunkJob<'_>, s: &StepScalars) {
-    const E: u32 = kernel::EMA;
-    const A: u32 = kernel::ACCUMULATE;
+pub(crate) fn run_chunk<const K: u32, E: SlotElement>(job: ChunkJob<'_, E>, s: &StepScalars) {
+    const EMA: u32 = kernel::EMA;
+    const ACC: u32 = kernel::ACCUMULATE;
     macro_rules! no_update {
         ($p:expr) => {
-            match (kernel::has(K, E), kernel::has(K, A)) {
-                (false, false) => sweep::<0, { $p }>(job, s),
-                (false, true) => sweep::<A, { $p }>(job, s),
-                (true, false) => sweep::<E, { $p }>(job, s),
-                (true, true) => sweep::<{ E | A }, { $p }>(job, s),
+            match (kernel::has(K, EMA), kernel::has(K, ACC)) {
+                (false, false) => sweep::<0, { $p }, _>(job, s),
+                (false, true) => sweep::<ACC, { $p }, _>(job, s),
+                (true, false) => sweep::<EMA, { $p }, _>(job, s),
+                (true, true) => sweep::<{ EMA | ACC }, { $p }, _>(job, s),
             }
         };
     }
     match job.step.phase {
         Phase::NoGradient => no_update!(NO_GRADIENT),
         Phase::Accumulate => no_update!(ACCUMULATE),
-        Phase::Update => sweep::<K, UPDATE>(job, s),
+        Phase::Update => sweep::<K, UPDATE, _>(job, s),
         // nothing moves (the driver makes no job for a frozen chunk)
         Phase::Frozen => {}
     }
@@ -262,7 +355,7 @@ const fn slots_kept(k: u32) -> [bool; 4] {
 /// Every element of a chunk through [`update_element`] in phase `P`: loads what the
 /// phase reads, stores what it writes.
 #[inline(always)]
-fn sweep<const K: u32, const P: u8>(job: ChunkJob<'_>, s: &StepScalars) {
+fn sweep<const K: u32, const P: u8, E: SlotElement>(job: ChunkJob<'_, E>, s: &StepScalars) {
     let [c, m, e, a] = slots_kept(K);
     let t = TensorStep {
         phase: match P {
@@ -316,7 +409,7 @@ fn sweep<const K: u32, const P: u8>(job: ChunkJob<'_>, s: &StepScalars) {
     let key_of = (job.tensor, job.first);
     macro_rules! storage {
         ($s:expr) => {
-            by_flags::<K, P, { $s }>(&mut arrays, t_with, s_with, decay, overwrite, key_of)
+            by_flags::<K, P, { $s }, _>(&mut arrays, t_with, s_with, decay, overwrite, key_of)
         };
     }
     match s.param_storage as u8 {
@@ -330,8 +423,8 @@ fn sweep<const K: u32, const P: u8>(job: ChunkJob<'_>, s: &StepScalars) {
 
 /// [`each_element`] with the decay and overwrite flags as constants.
 #[inline(always)]
-fn by_flags<const K: u32, const P: u8, const S: u8>(
-    arrays: &mut ChunkArrays<'_>,
+fn by_flags<const K: u32, const P: u8, const S: u8, E: SlotElement>(
+    arrays: &mut ChunkArrays<'_, E>,
     t_with: impl Fn(bool) -> TensorStep,
     s_with: impl Fn(bool) -> StepScalars,
     decay: bool,
@@ -340,10 +433,10 @@ fn by_flags<const K: u32, const P: u8, const S: u8>(
 ) {
     // one call per arm, so that inside each the flags are constants
     match (decay, overwrite) {
-        (false, false) => each_element::<K, P, S>(arrays, t_with(false), &s_with(false), key_of),
-        (false, true) => each_element::<K, P, S>(arrays, t_with(false), &s_with(true), key_of),
-        (true, false) => each_element::<K, P, S>(arrays, t_with(true), &s_with(false), key_of),
-        (true, true) => each_element::<K, P, S>(arrays, t_with(true), &s_with(true), key_of),
+        (false, false) => each_element::<K, P, S, _>(arrays, t_with(false), &s_with(false), key_of),
+        (false, true) => each_element::<K, P, S, _>(arrays, t_with(false), &s_with(true), key_of),
+        (true, false) => each_element::<K, P, S, _>(arrays, t_with(true), &s_with(false), key_of),
+        (true, true) => each_element::<K, P, S, _>(arrays, t_with(true), &s_with(true), key_of),
     }
 }
 
@@ -351,8 +444,8 @@ fn by_flags<const K: u32, const P: u8, const S: u8>(
 /// empty): load, [`update_element`], store. `(tensor, first)`: the chunk's tensor and
 /// the index in it of its first element, for stochastic rounding's keys.
 #[inline(always)]
-fn each_element<const K: u32, const P: u8, const S: u8>(
-    arrays: &mut ChunkArrays<'_>,
+fn each_element<const K: u32, const P: u8, const S: u8, E: SlotElement>(
+    arrays: &mut ChunkArrays<'_, E>,
     t: TensorStep,
     s: &StepScalars,
     (tensor, first): (u32, u32),
@@ -372,11 +465,15 @@ fn each_element<const K: u32, const P: u8, const S: u8>(
     for i in 0..param.len() {
         let before = ElementState {
             param: param[i],
-            velocity: if update { vel[i] } else { 0.0 },
-            momentum: if update && m { mom[i] } else { 0.0 },
-            average_gradient: if update && c { avg[i] } else { 0.0 },
-            ema: if e { ema[i] } else { 0.0 },
-            accumulator: if a && has_gradient { acc[i] } else { 0.0 },
+            velocity: if update { vel[i].load() } else { 0.0 },
+            momentum: if update && m { mom[i].load() } else { 0.0 },
+            average_gradient: if update && c { avg[i].load() } else { 0.0 },
+            ema: if e { ema[i].load() } else { 0.0 },
+            accumulator: if a && has_gradient {
+                acc[i].load()
+            } else {
+                0.0
+            },
         };
         let raw = if has_gradient { grad[i] } else { 0.0 };
         let key = if S >= STORE_BF16_STOCHASTIC {
@@ -389,19 +486,19 @@ fn each_element<const K: u32, const P: u8, const S: u8>(
             param[i] = after.param;
         }
         if update {
-            vel[i] = after.velocity;
+            vel[i] = E::store(after.velocity);
         }
         if update && m {
-            mom[i] = after.momentum;
+            mom[i] = E::store(after.momentum);
         }
         if update && c {
-            avg[i] = after.average_gradient;
+            avg[i] = E::store(after.average_gradient);
         }
         if e {
-            ema[i] = after.ema;
+            ema[i] = E::store(after.ema);
         }
         if a && has_gradient {
-            acc[i] = after.accumulator;
+            acc[i] = E::store(after.accumulator);
         }
     }
 }

@@ -368,9 +368,7 @@ impl CpuEngine {
                     $($k => {
                         let run = |job: PendingJob<'_>| {
                             let s = &plans[job.group as usize];
-                            kernels::with_task_buffers(|buffers| {
-                                job.run(buffers, s, coding, |job| isa::run_chunk::<$k>(isa, job, s))
-                            })
+                            kernels::with_task_buffers(|buffers| job.run::<$k>(buffers, s, coding))
                         };
                         if alone {
                             jobs.into_iter().for_each(run)
@@ -579,6 +577,84 @@ fn has_non_finite(isa: Isa, grads: &[Option<GradSlice<'_>>], s: &StepScalars, al
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// bf16 slots coded inside the fused loop give the bits of the decode, run, encode
+    /// passes (int8's route), for every slot, phase and parameter: several variants,
+    /// missing gradients, a NaN and an infinity, EMA, accumulation, another dialect.
+    /// The model is one chunk, which runs on the calling thread, the one whose
+    /// [`kernels::BF16_IN_PASSES`] is set.
+    #[test]
+    fn bf16_slots_coded_in_the_loop_are_the_passes_bits() {
+        use crate::{Backend, RmsProp, StateDtype, StateStorage, Variable};
+        let run = |config: &RmsPropConfig, passes: bool| {
+            kernels::BF16_IN_PASSES.set(passes);
+            let mut seed = 7u32;
+            let mut next = move || {
+                seed = crate::math::hash32(seed);
+                seed as f32 / u32::MAX as f32 - 0.5
+            };
+            let vars: Vec<Variable> = [20_000usize, 5, 1000, 9000]
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    Variable::new(format!("v{i}"), &[n], (0..n).map(|_| next()).collect()).unwrap()
+                })
+                .collect();
+            let mut opt =
+                RmsProp::with_backend(config.clone(), vars.clone(), Backend::Cpu).unwrap();
+            for step in 0..7 {
+                let mut grads: Vec<Vec<f32>> = vars
+                    .iter()
+                    .map(|v| (0..v.values.len()).map(|_| 3.0 * next()).collect())
+                    .collect();
+                if step == 3 {
+                    grads[0][5] = f32::NAN;
+                    grads[3][7] = f32::INFINITY;
+                }
+                let refs: Vec<Option<&[f32]>> = grads
+                    .iter()
+                    .enumerate()
+                    .map(|(i, g)| ((i + step) % 4 != 3).then_some(&g[..]))
+                    .collect();
+                opt.apply_gradients(&refs).unwrap();
+            }
+            kernels::BF16_IN_PASSES.set(false);
+            let mut bits: Vec<u32> = opt
+                .variables()
+                .unwrap()
+                .concat()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            for slot in Slot::ALL {
+                for v in opt.slot(slot).unwrap().unwrap_or_default() {
+                    bits.extend(v.iter().map(|x| x.to_bits()));
+                }
+            }
+            bits
+        };
+        for config in [
+            RmsPropConfig::default()
+                .with_momentum(0.9)
+                .with_centered(true),
+            RmsPropConfig::default(),
+            RmsPropConfig::default()
+                .with_use_ema(true)
+                .with_weight_decay(0.01),
+            RmsPropConfig::default()
+                .with_gradient_accumulation_steps(2)
+                .with_momentum(0.5),
+            RmsPropConfig::torch()
+                .with_momentum(0.9)
+                .with_centered(true),
+        ] {
+            let config = config.with_state(StateStorage::new(StateDtype::Bf16).with_min_size(16));
+            let (in_loop, passes) = (run(&config, false), run(&config, true));
+            assert_eq!(in_loop.len(), passes.len());
+            let first = in_loop.iter().zip(&passes).position(|(a, b)| a != b);
+            assert_eq!(first, None, "{config:?}: first differing element");
+        }
+    }
 
     #[test]
     fn detects_nan_and_infinity_after_unscaling() {
