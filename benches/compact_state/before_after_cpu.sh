@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Compact state on the CPU before and after its slots were coded at the loops' level with
-# per-thread buffers (issue 26, first part): the `throughput` example of commit 71b81d6
-# (OLD, built elsewhere) and of this tree, interleaved, 16M parameters in one tensor,
-# f32 / bf16 / int8 state. One JSON object per run. LEVEL=avx2 holds both builds at AVX2
-# (`--cpu-level`, bf16 left out): the AVX2 int8 encoder, for processors without AVX-512.
+# Compact state on the CPU before and after a change: the `throughput` example of an
+# earlier commit (OLD, built elsewhere) and of this tree, interleaved, 16M parameters in
+# one tensor, f32 / bf16 / int8 state. One JSON object per run. LEVEL=avx2 holds both
+# builds at AVX2 (`--cpu-level`, bf16 left out): the AVX2 int8 encoder, for processors
+# without AVX-512. Issue 26: 71b81d6 before the slots were coded at the loops' level
+# (first part); 2d9bd76 before bf16 slots were coded inside the fused loop.
 #
 #   git worktree add /tmp/before26 71b81d6
 #   (cd /tmp/before26 && CARGO_TARGET_DIR=/tmp/before26-target cargo build --release --example throughput)
