@@ -1,7 +1,8 @@
 //! The CPU's slot arrays, in the places of the [`StateLayout`]: f32, or compact (bf16
-//! bits, or int8 codes with one f32 scale per block). A chunk's compact slots are
-//! decoded into per-task f32 buffers before the fused loop and encoded after it, while
-//! the chunk is in cache ([`crate::cpu::kernels::PendingJob::run`]).
+//! bits, or int8 codes with one f32 scale per block). A chunk's bf16 slots rounded to
+//! nearest are coded inside the fused loop; its other compact slots are decoded into
+//! per-task f32 buffers before the loop and encoded after it, while the chunk is in
+//! cache ([`crate::cpu::kernels::PendingJob::run`]).
 
 use std::ops::Range;
 
