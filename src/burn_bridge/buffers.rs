@@ -169,10 +169,10 @@ pub(crate) fn fusion_id(tensor: &ErasedTensor) -> Option<TensorId> {
 }
 
 /// Tensors of Burn's wgpu backend viewing `parts` of `flat` (contiguous, of any element
-/// type): `(start, shape)` in elements, each start a multiple of Burn's memory alignment. One operation
-/// on Burn's fusion stream makes them all, each a view of `flat`'s memory (which lives
-/// as long as one of them does). Burn's own `slice` would copy a part whose end is not
-/// aligned too.
+/// type): `(start, shape)` in elements, each start a multiple of Burn's memory
+/// alignment. One operation on Burn's fusion stream makes them all, each a view of
+/// `flat`'s memory (which lives as long as one of them does). Burn's own `slice` would
+/// copy a part whose end is not aligned too.
 pub(crate) fn views(
     flat: ErasedTensor,
     parts: Vec<(usize, Vec<usize>)>,

@@ -28,13 +28,16 @@ pub(crate) enum RateRule {
 
 /// Each parameter's (named `names`) [`RateRule`] under `config`'s param groups.
 pub(crate) fn rules(config: &RmsPropConfig, names: &[String]) -> Vec<RateRule> {
+    let group_of: std::collections::HashMap<&str, usize> = config
+        .param_groups
+        .iter()
+        .enumerate()
+        .flat_map(|(k, g)| g.variables.iter().map(move |v| (v.as_str(), k)))
+        .collect();
     names
         .iter()
         .map(|name| {
-            let group = config
-                .param_groups
-                .iter()
-                .position(|g| g.variables.iter().any(|v| v == name));
+            let group = group_of.get(name.as_str()).copied();
             match group.map(|k| (k, &config.param_groups[k])) {
                 Some((_, g)) if g.frozen => RateRule::Frozen,
                 Some((k, g))
@@ -80,7 +83,8 @@ pub(crate) fn this_step(
             "Burn's ModuleLearningRate has no rate for every parameter (no base group)".into(),
         ),
     })?;
-    let mut groups: Vec<(usize, f64, &str)> = Vec::new();
+    // each following group's rate, and the parameter that gave it first
+    let mut shared: std::collections::BTreeMap<usize, (f64, &str)> = Default::default();
     for ((t, &rate), &rule) in taken.iter().zip(&each).zip(rules) {
         let refuse = |why: String| Error::BurnParam {
             name: t.name.clone(),
@@ -93,20 +97,22 @@ pub(crate) fn this_step(
                 )))
             }
             RateRule::Base | RateRule::Frozen => {}
-            RateRule::Group(k) => match groups.iter().find(|(g, _, _)| *g == k) {
-                Some(&(_, shared, first)) if shared != rate => {
+            RateRule::Group(k) => match shared.get(&k) {
+                Some(&(theirs, first)) if theirs != rate => {
                     return Err(refuse(format!(
-                        "Burn gives it {rate} and `{first}`, of the same param group, {shared}: a param group steps with one rate"
+                        "Burn gives it {rate} and `{first}`, of the same param group, {theirs}: a param group steps with one rate"
                     )))
                 }
                 Some(_) => {}
-                None => groups.push((k, rate, &t.name)),
+                None => {
+                    shared.insert(k, (rate, &t.name));
+                }
             },
         }
     }
-    let groups = groups
+    let groups = shared
         .into_iter()
-        .map(|(k, rate, _)| (k, (rate != base).then_some(LearningRate::from(rate))))
+        .map(|(k, (rate, _))| (k, (rate != base).then_some(LearningRate::from(rate))))
         .collect();
     Ok(StepRates { base, groups })
 }
