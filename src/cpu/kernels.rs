@@ -20,9 +20,13 @@ pub(crate) trait SlotElement: Copy + Send + Sync {
     fn load(self) -> f32;
     /// `x` as stored.
     fn store(x: f32) -> Self;
+    /// Whether the loop holds slots so beside parameters stored in 16 bits too (else
+    /// only beside f32 parameters, and its loops for the other storages are not built).
+    const BESIDE_16_BIT_PARAMS: bool;
 }
 
 impl SlotElement for f32 {
+    const BESIDE_16_BIT_PARAMS: bool = true;
     #[inline(always)]
     fn load(self) -> f32 {
         self
@@ -37,12 +41,14 @@ impl SlotElement for f32 {
 /// ([`crate::state_layout::SlotRef::decode_into`]), rounded to nearest (ties to even) as
 /// every encoder ([`store_bf16_slot`]), so the bytes are those of the decode-run-encode
 /// passes. Slots rounded stochastically take those passes (their keys need the
-/// element's index and slot).
+/// element's index and slot), and so do slots beside 16-bit parameters (rarer: the
+/// loops are not built twice for each parameter storage).
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(transparent)]
 pub(crate) struct Bf16Bits(u16);
 
 impl SlotElement for Bf16Bits {
+    const BESIDE_16_BIT_PARAMS: bool = false;
     #[inline(always)]
     fn load(self) -> f32 {
         Dtype::Bf16.upcast_bits(self.0)
@@ -164,6 +170,7 @@ impl PendingJob<'_> {
         };
         let n = param.len();
         let in_loop = !coding.stochastic
+            && s.param_storage as u8 == STORE_F32
             && !bf16_in_passes()
             && slots.iter().any(|p| matches!(p, SlotPiece::Bf16(_)));
         if in_loop {
@@ -411,6 +418,10 @@ fn sweep<const K: u32, const P: u8, E: SlotElement>(job: ChunkJob<'_, E>, s: &St
         ($s:expr) => {
             by_flags::<K, P, { $s }, _>(&mut arrays, t_with, s_with, decay, overwrite, key_of)
         };
+    }
+    if !E::BESIDE_16_BIT_PARAMS {
+        // `PendingJob::run` holds such slots only beside f32 parameters
+        return storage!(STORE_F32);
     }
     match s.param_storage as u8 {
         STORE_BF16 => storage!(STORE_BF16),
