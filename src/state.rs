@@ -7,6 +7,13 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 use crate::json::Fields;
 
+/// The smallest int8 block size the kernels take (block sizes are powers of two from
+/// this to [`MAX_BLOCK_SIZE`]; the WGSL's `BLOCK_SIZE` override takes the same, which
+/// `gpu::contract::BLOCK_SIZE` lists and a test holds to these).
+pub(crate) const MIN_BLOCK_SIZE: usize = 32;
+/// The largest int8 block size, and the default.
+pub(crate) const MAX_BLOCK_SIZE: usize = 256;
+
 /// The element type of the slots of tensors at or over the size threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum StateDtype {
@@ -100,7 +107,7 @@ impl Default for StateStorage {
         StateStorage {
             dtype: StateDtype::F32,
             min_size: 4096,
-            block_size: 256,
+            block_size: MAX_BLOCK_SIZE,
             stochastic_rounding: None,
         }
     }
@@ -148,11 +155,13 @@ impl StateStorage {
     /// Refuses a block size the kernels do not take, and stochastic rounding of slots
     /// that are not bf16.
     pub fn validate(&self) -> Result<()> {
-        if !(32..=256).contains(&self.block_size) || !self.block_size.is_power_of_two() {
+        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&self.block_size)
+            || !self.block_size.is_power_of_two()
+        {
             return Err(Error::invalid(
                 "fused_rmsprop_state.block_size",
                 format!(
-                    "must be a power of two from 32 to 256, got {}",
+                    "must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}, got {}",
                     self.block_size
                 ),
             ));

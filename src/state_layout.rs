@@ -58,7 +58,7 @@ impl StateLayout {
         }
         let unit = match storage.dtype {
             StateDtype::Int8 => storage.block_size,
-            _ => 4,
+            StateDtype::F32 | StateDtype::Bf16 => 4,
         };
         let mut sizes = vec![(0usize, 0usize); segments.len()];
         let mut places = Vec::with_capacity(chunks.len());
@@ -251,7 +251,7 @@ pub(crate) fn check_raw(
 ) -> crate::error::Result<()> {
     let scales_ok = match raw {
         RawSlot::Int8 { absmax, .. } => absmax.len() == len.div_ceil(block),
-        _ => true,
+        RawSlot::F32(_) | RawSlot::Bf16(_) => true,
     };
     if raw.dtype() != dtype || raw.len() != len || !scales_ok {
         return Err(crate::error::Error::StateMismatch(format!(

@@ -428,7 +428,9 @@ fn sweep<const K: u32, const P: u8, E: SlotElement>(job: ChunkJob<'_, E>, s: &St
         STORE_F16 => storage!(STORE_F16),
         STORE_BF16_STOCHASTIC => storage!(STORE_BF16_STOCHASTIC),
         STORE_F16_STOCHASTIC => storage!(STORE_F16_STOCHASTIC),
-        _ => storage!(STORE_F32),
+        STORE_F32 => storage!(STORE_F32),
+        // `Variant::param_storage` gives one of the five
+        other => unreachable!("no parameter storage has code {other}"),
     }
 }
 

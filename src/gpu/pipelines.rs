@@ -180,6 +180,25 @@ mod tests {
     use crate::dtype::Dtype;
     use crate::state::{StateDtype, StateStorage};
 
+    /// The block sizes the WGSL's `BLOCK_SIZE` override takes are exactly those
+    /// `StateStorage::validate` accepts (`state::MIN_BLOCK_SIZE` to `MAX_BLOCK_SIZE`).
+    #[test]
+    fn the_shader_takes_the_block_sizes_the_config_accepts() {
+        use crate::state::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+        let accepted: Vec<f64> = (1..=4096usize)
+            .filter(|&b| {
+                StateStorage::new(StateDtype::Int8)
+                    .with_block_size(b)
+                    .validate()
+                    .is_ok()
+            })
+            .map(|b| b as f64)
+            .collect();
+        assert_eq!(accepted, contract::BLOCK_SIZE.values);
+        assert_eq!(accepted.first(), Some(&(MIN_BLOCK_SIZE as f64)));
+        assert_eq!(accepted.last(), Some(&(MAX_BLOCK_SIZE as f64)));
+    }
+
     /// The host gives every override of the contract, in its order, with one of the
     /// values the contract lists (which build.rs and the Tint check compile), for the
     /// variants of many configs.
