@@ -260,13 +260,13 @@ impl BurnRmsProp {
         for t in taken {
             check_taken(t, dtype, &self.target)?;
         }
+        if let Some(bound) = &self.bound {
+            return check_same_params(&bound.params, taken);
+        }
         let params: Vec<(ParamId, String, Vec<usize>)> = taken
             .iter()
             .map(|t| (t.id, t.name.clone(), t.shape.clone()))
             .collect();
-        if let Some(bound) = &self.bound {
-            return check_same_params(&bound.params, &params);
-        }
         let specs: Vec<VariableSpec> = params
             .iter()
             .map(|(_, name, shape)| VariableSpec::new(name.clone(), shape))
@@ -435,11 +435,9 @@ fn shortest_f32_decimals(json: &mut serde_json::Value) {
     }
 }
 
-/// The parameters the optimizer was built for against those of the module now.
-fn check_same_params(
-    built: &[(ParamId, String, Vec<usize>)],
-    now: &[(ParamId, String, Vec<usize>)],
-) -> Result<()> {
+/// The parameters the optimizer was built for against those of the module now (each
+/// step: nothing of theirs is copied).
+fn check_same_params(built: &[(ParamId, String, Vec<usize>)], now: &[Taken]) -> Result<()> {
     let changed = |name: &str, what: String| Error::BurnParam {
         name: name.to_string(),
         problem: BurnProblem::ModuleChanged(what),
@@ -454,7 +452,8 @@ fn check_same_params(
             ),
         ));
     }
-    for ((id, name, shape), (id_now, name_now, shape_now)) in built.iter().zip(now) {
+    for ((id, name, shape), t) in built.iter().zip(now) {
+        let (id_now, name_now, shape_now) = (&t.id, &t.name, &t.shape);
         if name != name_now || id != id_now {
             return Err(changed(
                 name,
