@@ -11,9 +11,7 @@ use crate::config::RmsPropConfig;
 use crate::counters::SkippedSteps;
 use crate::cpu::CpuEngine;
 use crate::cpu_level::CpuLevel;
-#[cfg(feature = "burn")]
-use crate::dtype::GradSlice;
-use crate::dtype::{GradientElement, Precision};
+use crate::dtype::{GradSlice, GradientElement, Precision};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuEngine, GpuOptions};
 use crate::groups::{check_names, TensorTable};
@@ -423,13 +421,17 @@ impl RmsProp {
     /// Checks a step's gradients: one per variable, of the optimizer's gradient dtype,
     /// right lengths, at least one present.
     fn check_gradients<T: GradientElement>(&self, grads: &[Option<&[T]>]) -> Result<()> {
-        if T::DTYPE != self.precision.gradients {
-            return Err(Error::GradientDtype {
-                expected: self.precision.gradients,
-                found: T::DTYPE,
-            });
-        }
+        self.check_gradient_dtype(T::DTYPE)?;
         check_gradients(&self.specs, grads)
+    }
+
+    /// Refuses gradients of another dtype than [`Precision::gradients`].
+    fn check_gradient_dtype(&self, found: crate::dtype::Dtype) -> Result<()> {
+        let expected = self.precision.gradients;
+        if found != expected {
+            return Err(Error::GradientDtype { expected, found });
+        }
+        Ok(())
     }
 
     /// One step of Keras' `apply_gradients`: `grads[i]` is variable `i`'s gradient, or
@@ -448,28 +450,23 @@ impl RmsProp {
         &mut self,
         grads: &[Option<&[T]>],
     ) -> Result<()> {
-        self.check_gradients(grads)?;
-        let slices = self.table.unfrozen(grads.iter().map(|g| g.map(T::slice)));
-        self.engine
-            .step(&self.config, Gradients::Host(&slices), &self.table)
+        // refused in this type even when no gradient is present
+        self.check_gradient_dtype(T::DTYPE)?;
+        let slices: Vec<Option<GradSlice<'_>>> = grads.iter().map(|g| g.map(T::slice)).collect();
+        self.apply_grad_slices(&slices)
     }
 
     /// [`apply_typed_gradients`](RmsProp::apply_typed_gradients) with each gradient's
     /// element type known at run time (a Burn tensor's): each must be the optimizer's
     /// [`Precision::gradients`].
-    #[cfg(feature = "burn")]
     pub(crate) fn apply_grad_slices(&mut self, grads: &[Option<GradSlice<'_>>]) -> Result<()> {
-        let expected = self.precision.gradients;
-        if let Some(found) = grads
-            .iter()
-            .flatten()
-            .map(GradSlice::dtype)
-            .find(|&d| d != expected)
-        {
-            return Err(Error::GradientDtype { expected, found });
+        for g in grads.iter().flatten() {
+            self.check_gradient_dtype(g.dtype())?;
         }
-        let lens: Vec<Option<usize>> = grads.iter().map(|g| g.map(|g| g.len())).collect();
-        crate::variable::check_gradient_lens(&self.specs, &lens)?;
+        crate::variable::check_gradient_lens(
+            &self.specs,
+            grads.iter().map(|g| g.map(|g| g.len())),
+        )?;
         let slices = self.table.unfrozen(grads.iter().copied());
         self.engine
             .step(&self.config, Gradients::Host(&slices), &self.table)

@@ -71,12 +71,14 @@ impl Variable {
 /// ([`Error::CountMismatch`]), each of its variable's length ([`Error::GradientLength`]),
 /// at least one present ([`Error::NoGradients`]).
 pub(crate) fn check_gradients<T>(specs: &[VariableSpec], grads: &[Option<&[T]>]) -> Result<()> {
-    let lens: Vec<Option<usize>> = grads.iter().map(|g| g.map(<[T]>::len)).collect();
-    check_gradient_lens(specs, &lens)
+    check_gradient_lens(specs, grads.iter().map(|g| g.map(<[T]>::len)))
 }
 
 /// [`check_gradients`] on the gradients' lengths (`None`: no gradient).
-pub(crate) fn check_gradient_lens(specs: &[VariableSpec], lens: &[Option<usize>]) -> Result<()> {
+pub(crate) fn check_gradient_lens(
+    specs: &[VariableSpec],
+    lens: impl ExactSizeIterator<Item = Option<usize>> + Clone,
+) -> Result<()> {
     if lens.len() != specs.len() {
         return Err(Error::CountMismatch {
             what: "gradients",
@@ -84,7 +86,7 @@ pub(crate) fn check_gradient_lens(specs: &[VariableSpec], lens: &[Option<usize>]
             found: lens.len(),
         });
     }
-    for (&len, spec) in lens.iter().zip(specs) {
+    for (len, spec) in lens.clone().zip(specs) {
         if let Some(len) = len {
             if len != spec.len() {
                 return Err(Error::GradientLength {
@@ -95,7 +97,7 @@ pub(crate) fn check_gradient_lens(specs: &[VariableSpec], lens: &[Option<usize>]
             }
         }
     }
-    if lens.iter().all(Option::is_none) {
+    if lens.into_iter().all(|len| len.is_none()) {
         return Err(Error::NoGradients);
     }
     Ok(())
