@@ -1,8 +1,10 @@
 //! Compact slot storage, element by element: 8-bit block-wise quantization with
 //! dynamic code maps (after bitsandbytes, Dettmers et al. 2022), and the rounding of
-//! bf16 slots. `shaders/rmsprop.wgsl` mirrors every function here name for name, and
-//! reads the same tables ([`CodeMap::gpu_table`]), so both backends store the same bits
-//! for the same f32 values.
+//! bf16 slots. `shaders/rmsprop.wgsl` mirrors the reference coders here
+//! ([`encode_int8`], [`decode_int8`], the bf16 rounding) name for name, and reads the
+//! same tables ([`CodeMap::gpu_table`]), so both backends store the same bits for the
+//! same f32 values. The fast encoders (the shader's table guess, the CPU's
+//! [`encode_linear`]) write the reference's bytes, and tests hold them to it.
 //!
 //! A block of `block_size` elements keeps one f32 `absmax` (the largest finite
 //! magnitude in it) and one byte per element: the index of the nearest value of a
@@ -40,18 +42,17 @@ pub struct CodeMap {
     pub inf_index: u32,
     /// Sorted index of NaN.
     pub nan_index: u32,
-    /// For [`encode_int8_fast`]: the sorted index of each magnitude `y` from 2^-27 to
-    /// 1, keyed by its top 20 bits (buckets narrower than any gap between thresholds);
-    /// then 3 zero bytes, so that a 4-byte load at any key stays inside.
+    /// The shader's first guess (`encode_int8_fast` in `shaders/rmsprop.wgsl`): the sorted
+    /// index of each magnitude `y` from 2^-27 to 1, keyed by its top 20 bits (buckets
+    /// narrower than any gap between thresholds); then 3 zero bytes.
     guesses: Vec<u8>,
+    /// The CPU encoders' first guess ([`encode_linear`]: no table lookup).
+    linear: LinearGuess,
 }
 
 /// The keys of [`CodeMap::guesses`]: the top 20 bits of 2^-27 and of 1.0.
 pub(crate) const GUESS_LOW: u32 = 0x3200_0000 >> 12;
 pub(crate) const GUESS_HIGH: u32 = 0x3f80_0000 >> 12;
-/// Keys of the guess table (read by the x86-64 vectorized encoder).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(crate) const GUESS_KEYS: usize = (GUESS_HIGH - GUESS_LOW) as usize + 1;
 /// Words of one map's guesses in [`CodeMap::gpu_table`].
 pub const GUESS_WORDS: usize = (GUESS_HIGH - GUESS_LOW) as usize / 4 + 1;
 
@@ -89,18 +90,19 @@ impl CodeMap {
             inf_index: if has_inf { max_finite + 1 } else { 255 },
             nan_index: 255,
             guesses: Vec::new(),
+            linear: LinearGuess::default(),
         };
         map.guesses = (GUESS_LOW..=GUESS_HIGH)
             .map(|b| (u32::from(encode_int8(f32::from_bits(b << 12), 1.0, &map)) ^ flip) as u8)
             .chain([0; 3])
             .collect();
+        map.linear = LinearGuess::build(&map);
         map
     }
 
-    /// The guess table: [`GUESS_KEYS`] sorted indices, then 3 zero bytes.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub(crate) fn guess_table(&self) -> &[u8] {
-        &self.guesses
+    /// The arithmetic first guess ([`LinearGuess`]).
+    pub(crate) fn linear_guess(&self) -> &LinearGuess {
+        &self.linear
     }
 
     /// The map of never-negative slots (the velocity).
@@ -165,6 +167,142 @@ impl CodeMap {
     }
 }
 
+/// Regions of [`LinearGuess`] per map (a table of this many entries is one register of
+/// AVX2's `vpermps`).
+pub(crate) const REGIONS: usize = 8;
+/// Binade keys of [`LinearGuess`]: the exponent field of `y`, at least
+/// [`BINADE_LOW`], modulo 32 (as AVX-512's two-register permutes read it).
+pub(crate) const BINADES: usize = 32;
+/// The smallest exponent field a binade key tells apart: every `y` below 2^-31 has key 0.
+pub(crate) const BINADE_LOW: u32 = 96;
+/// A guess is trusted only this far (in steps of its region) from every threshold.
+pub(crate) const STEP_MARGIN: f32 = 1.0 / 4096.0;
+/// ... and this far (relative) from its binade's region boundary.
+pub(crate) const BOUNDARY_MARGIN: f32 = 1.0 / 262_144.0;
+
+/// The arithmetic first guess of the 8-bit encoder, with no table lookup per element: the
+/// sorted index of the map's nearest value to `y = |x| / absmax`.
+///
+/// The map's non-negative values fall into at most [`REGIONS`] runs of equally spaced
+/// values (0; each decade; 1): in a run, `y * slope + offset` is `j` at its `j`-th
+/// threshold, so its integer part counts the thresholds below `y`. Which run holds `y`
+/// is read from `y`'s binade (its exponent), which holds at most one run boundary.
+/// A guess within [`STEP_MARGIN`] of a threshold, or [`BOUNDARY_MARGIN`] of a boundary,
+/// is not trusted (the caller encodes that element with [`encode_scaled`]); every other
+/// one is [`encode_int8`]'s index, whatever the rounding of `y`, of the products
+/// `absmax * thresholds[c]` and of `y * slope + offset` (their errors are under 2^-13
+/// steps; a test checks the model against every threshold).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct LinearGuess {
+    /// Steps per unit of `y` in each region (0 in a region of one value).
+    pub slope: [f32; REGIONS],
+    /// `y * slope + offset` is `j` at the region's `j`-th threshold.
+    pub offset: [f32; REGIONS],
+    /// The sorted index of the region's first value.
+    pub first: [u32; REGIONS],
+    /// The region's values, less one.
+    pub span: [u32; REGIONS],
+    /// For each binade key: the region of the binade's smallest values.
+    pub binade_region: [u32; BINADES],
+    /// For each binade key: the threshold where the next region starts, inside the
+    /// binade (+inf where none does).
+    pub binade_boundary: [f32; BINADES],
+}
+
+impl LinearGuess {
+    /// The binade key of a non-negative `y`.
+    #[inline(always)]
+    pub(crate) fn binade(y: f32) -> usize {
+        (y.to_bits().max(BINADE_LOW << 23) >> 23) as usize % BINADES
+    }
+
+    /// The sorted index of the value of `map` nearest to a finite `y >= 0`, or `None`
+    /// when `y` is too near a threshold to be sure.
+    #[inline(always)]
+    pub(crate) fn guess(&self, y: f32) -> Option<u32> {
+        let key = Self::binade(y);
+        let boundary = self.binade_boundary[key];
+        if (y - boundary).abs() < boundary * BOUNDARY_MARGIN {
+            return None;
+        }
+        let region = self.binade_region[key] as usize + usize::from(y >= boundary);
+        let p = y.mul_add(self.slope[region], self.offset[region]);
+        if (p - p.round_ties_even()).abs() < STEP_MARGIN {
+            return None;
+        }
+        Some(self.first[region] + (p.max(0.0) as u32).min(self.span[region]))
+    }
+
+    /// The regions and binades of `map`'s non-negative finite values.
+    fn build(map: &CodeMap) -> LinearGuess {
+        let zero = map.values.iter().position(|&v| v == 0.0).unwrap_or(0);
+        let top = map.max_finite as usize;
+        let v = |k: usize| f64::from(map.values[k]);
+        let equally_spaced = |a: usize, b: usize| {
+            let step = (v(b) - v(a)) / (b - a) as f64;
+            (a..b).all(|k| ((v(k + 1) - v(k)) - step).abs() <= step * 1e-3)
+        };
+        // the fewest runs of equally spaced values (one or two values always are)
+        let mut fewest = vec![(usize::MAX, 0usize); top + 2];
+        fewest[zero] = (0, zero);
+        for end in zero + 1..=top + 1 {
+            for start in zero..end {
+                let runs = fewest[start].0;
+                if runs != usize::MAX
+                    && runs + 1 < fewest[end].0
+                    && (end - start <= 2 || equally_spaced(start, end - 1))
+                {
+                    fewest[end] = (runs + 1, start);
+                }
+            }
+        }
+        let mut starts = Vec::new();
+        let mut end = top + 1;
+        while end > zero {
+            end = fewest[end].1;
+            starts.push(end);
+        }
+        starts.reverse();
+        assert!(
+            starts.len() <= REGIONS,
+            "{} runs in a code map",
+            starts.len()
+        );
+        let mut guess = LinearGuess::default();
+        for r in 0..REGIONS {
+            let a = starts[r.min(starts.len() - 1)];
+            let b = starts.get(r + 1).map_or(top, |next| next - 1);
+            guess.first[r] = a as u32;
+            guess.span[r] = (b - a) as u32;
+            if b > a {
+                let step = (v(b) - v(a)) / (b - a) as f64;
+                guess.slope[r] = (1.0 / step) as f32;
+                guess.offset[r] = (1.0 - f64::from(map.thresholds[a]) / step) as f32;
+            } else {
+                guess.offset[r] = 0.5;
+            }
+        }
+        let boundaries: Vec<f32> = starts[1..].iter().map(|&a| map.thresholds[a - 1]).collect();
+        for key in 0..BINADES {
+            let low = if key == 0 {
+                0.0
+            } else {
+                f32::from_bits(((BINADE_LOW + key as u32) << 23) as u32)
+            };
+            let high = f32::from_bits((BINADE_LOW + key as u32 + 1) << 23);
+            guess.binade_region[key] = boundaries.iter().filter(|&&b| b <= low).count() as u32;
+            let inside: Vec<f32> = boundaries
+                .iter()
+                .copied()
+                .filter(|&b| b > low && b < high)
+                .collect();
+            assert!(inside.len() <= 1, "two run boundaries in one binade");
+            guess.binade_boundary[key] = inside.first().copied().unwrap_or(f32::INFINITY);
+        }
+        guess
+    }
+}
+
 /// The largest finite magnitude of `values` (0 when none): a block's scale.
 #[inline(always)]
 pub fn block_absmax(values: &[f32]) -> f32 {
@@ -206,39 +344,31 @@ pub fn encode_int8(x: f32, absmax: f32, map: &CodeMap) -> u8 {
     (index ^ map.flip) as u8
 }
 
-/// [`encode_int8`] of a finite `x` in a block whose scale `m` is not 0, faster and
-/// the same byte: `scaled` holds the block's products `m * thresholds[c]`, the ones
-/// `encode_int8` compares with. The sorted index of `|x| / m` (`inverse` is `1 / m`)
-/// is guessed from a table keyed by its top 20 bits (at most one threshold per key),
-/// two independent comparisons around the guess settle it, and a check that the
-/// comparisons hold there falls back to walking when they do not.
+/// The block scales [`encode_linear`] takes: within them the reciprocal of the scale,
+/// and every product of the scale and a threshold, are normal f32s.
+pub(crate) const SCALE_LIMITS: (f32, f32) = (1.0 / (1u128 << 100) as f32, (1u128 << 100) as f32);
+
+/// [`encode_int8`] of `x` in a block whose scale `absmax` is within [`SCALE_LIMITS`]
+/// (`inverse` is its reciprocal), faster and the same byte: the [`LinearGuess`] of
+/// `|x| * inverse`, with `x`'s sign; `encode_int8` itself where the guess is not
+/// trusted or `x` is not finite.
 #[inline(always)]
-pub(crate) fn encode_scaled(x: f32, inverse: f32, scaled: &[f32; 256], map: &CodeMap) -> u8 {
-    if !x.is_finite() {
-        return encode_int8(x, 1.0, map);
-    }
-    let key = ((x.abs() * inverse).to_bits() >> 12).clamp(GUESS_LOW, GUESS_HIGH) - GUESS_LOW;
-    let guess = u32::from(map.guesses[key as usize]);
-    let around = match (x < 0.0, map.flip != 0) {
+pub(crate) fn encode_linear(x: f32, absmax: f32, inverse: f32, map: &CodeMap) -> u8 {
+    let guess = if x.is_finite() {
+        map.linear.guess(x.abs() * inverse)
+    } else {
+        None
+    };
+    let Some(guess) = guess else {
+        return encode_int8(x, absmax, map);
+    };
+    let index = match (x < 0.0, map.flip != 0) {
         (false, _) => guess,
         // the signed map is symmetric
         (true, true) => map.max_finite - guess,
         // nothing negative in the unsigned map: its nearest value is 0
         (true, false) => 0,
     };
-    // the thresholds past the last finite value are infinite: no step passes it
-    let base = around.saturating_sub(1) as u8;
-    let mut index = u32::from(base)
-        + u32::from(x >= scaled[usize::from(base)])
-        + u32::from(x >= scaled[usize::from(base) + 1]);
-    if x >= scaled[index as usize] || (index > 0 && x < scaled[index as usize - 1]) {
-        while x >= scaled[index as usize] {
-            index += 1;
-        }
-        while index > 0 && x < scaled[index as usize - 1] {
-            index -= 1;
-        }
-    }
     (index ^ map.flip) as u8
 }
 
@@ -264,13 +394,25 @@ pub fn encode_blocks(
     block: usize,
     map: &CodeMap,
 ) {
-    encode_blocks_with(values, codes, absmax, block, map, |_, _, _, _| false)
+    encode_blocks_with(
+        values,
+        codes,
+        absmax,
+        block,
+        map,
+        block_absmax,
+        |v, c, m, inverse| {
+            for (x, code) in v.iter().zip(c.iter_mut()) {
+                *code = encode_linear(*x, m, inverse, map);
+            }
+        },
+    )
 }
 
-/// [`encode_blocks`], with `guessed` trying each block of nonzero scale first: it gets
-/// the block's values, its codes, `1 / absmax` and the scaled thresholds, writes the
-/// bytes [`encode_scaled`] would and returns true, or returns false (then the block is
-/// encoded element by element). `cpu::isa` passes a vectorized one.
+/// [`encode_blocks`] with a block's scale from `scale` (what [`block_absmax`] gives)
+/// and its bytes from `linear` (what [`encode_linear`] gives each of its elements:
+/// it gets the block's values, its codes, its scale and the reciprocal) where the scale
+/// is within [`SCALE_LIMITS`]. `cpu::isa` passes vectorized ones.
 #[inline(always)]
 pub(crate) fn encode_blocks_with(
     values: &[f32],
@@ -278,30 +420,24 @@ pub(crate) fn encode_blocks_with(
     absmax: &mut [f32],
     block: usize,
     map: &CodeMap,
-    mut guessed: impl FnMut(&[f32], &mut [u8], f32, &[f32; 256]) -> bool,
+    scale: impl Fn(&[f32]) -> f32,
+    mut linear: impl FnMut(&[f32], &mut [u8], f32, f32),
 ) {
     for ((v, c), a) in values
         .chunks(block)
         .zip(codes.chunks_mut(block))
         .zip(absmax.iter_mut())
     {
-        let m = block_absmax(v);
+        let m = scale(v);
         *a = m;
-        if m == 0.0 {
-            // no finite value but 0: zeros, and the specials as they are
+        if (SCALE_LIMITS.0..=SCALE_LIMITS.1).contains(&m) {
+            linear(v, c, m, 1.0 / m);
+        } else {
+            // no finite value but 0 (zeros, and the specials as they are), or a scale
+            // too small or too large for the linear guess
             for (x, code) in v.iter().zip(c.iter_mut()) {
                 *code = encode_int8(*x, m, map);
             }
-            continue;
-        }
-        // the block's thresholds, the same products encode_int8 compares with
-        let scaled: [f32; 256] = std::array::from_fn(|k| m * map.thresholds[k]);
-        let inverse = 1.0 / m;
-        if guessed(v, c, inverse, &scaled) {
-            continue;
-        }
-        for (x, code) in v.iter().zip(c.iter_mut()) {
-            *code = encode_scaled(*x, inverse, &scaled, map);
         }
     }
 }
@@ -449,6 +585,83 @@ mod tests {
                         assert_eq!(fast(x, absmax, map), encode_int8(x, absmax, map));
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn the_linear_model_puts_every_threshold_on_its_step() {
+        for map in [CodeMap::unsigned(), CodeMap::signed()] {
+            let g = map.linear_guess();
+            let zero = map.values.iter().position(|&v| v == 0.0).unwrap() as u32;
+            assert_eq!(g.first[0], zero);
+            let last = REGIONS - 1;
+            assert_eq!(
+                g.first[last] + g.span[last],
+                map.max_finite,
+                "the runs reach 1.0"
+            );
+            for r in 0..REGIONS {
+                let (a, span) = (g.first[r] as usize, g.span[r] as usize);
+                for j in 1..=span {
+                    let p = f64::from(map.thresholds[a + j - 1]) * f64::from(g.slope[r])
+                        + f64::from(g.offset[r]);
+                    assert!(
+                        (p - j as f64).abs() < 1.0 / 32768.0,
+                        "region {r}, step {j}: {p}"
+                    );
+                }
+            }
+            // a run boundary is never near its binade's edges (only the binade's own
+            // boundary is checked for closeness)
+            for &b in g.binade_boundary.iter().filter(|b| b.is_finite()) {
+                let low = f32::from_bits(b.to_bits() & 0xff80_0000);
+                assert!(b / low - 1.0 > 1.0 / 65536.0 && 2.0 - b / low > 1.0 / 65536.0);
+            }
+        }
+    }
+
+    #[test]
+    fn a_trusted_linear_guess_is_the_encoding() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for map in [CodeMap::unsigned(), CodeMap::signed()] {
+            let g = map.linear_guess();
+            let index = |y: f32| u32::from(encode_int8(y, 1.0, map)) ^ map.flip;
+            // true when the guess is trusted (and then it is the encoding)
+            let check = |y: f32| match g.guess(y) {
+                Some(i) => {
+                    assert_eq!(i, index(y), "y = {y:e}");
+                    true
+                }
+                None => false,
+            };
+            let tried = 1_000_000;
+            let untrusted = (0..tried)
+                .filter(|_| {
+                    let r = next();
+                    let unit = (r >> 40) as f32 / (1u64 << 24) as f32;
+                    !check(unit * 10f32.powi(-((r % 9) as i32)))
+                })
+                .count();
+            assert!(
+                untrusted < tried / 500,
+                "{untrusted} of {tried} guesses untrusted"
+            );
+            for &t in &map.thresholds[..map.max_finite as usize] {
+                for y in [t, t.next_up(), t.next_down(), t.abs(), t.abs().next_up()] {
+                    if y >= 0.0 {
+                        check(y);
+                    }
+                }
+            }
+            for y in [0.0, f32::MIN_POSITIVE, 1e-30, 1.0, 1.0f32.next_up()] {
+                assert!(check(y), "{y:e} is no threshold's neighbour");
             }
         }
     }

@@ -10,11 +10,13 @@
 //! only with an [`Isa`], whose one constructor ([`Isa::new`]) checks at run time, with
 //! `is_x86_feature_detected!`, every feature the clone enables. Nothing else about the
 //! clones is unsafe: they are the same safe Rust as the kernels, except one measured
-//! win: the int8 encoder at AVX-512 and AVX2 (`x86::encode_guessed_avx512`,
-//! `encode_guessed_avx2`: 2.2x and 1.8x on an int8 step, BENCHMARKS.md), written with
-//! intrinsics because LLVM does not vectorize its table lookups; their loads, stores
+//! win: the int8 coders at AVX-512 and AVX2 (`x86::encode_linear_avx512` and
+//! `encode_linear_avx2` with the block scales and decoders beside them: 1.9x on an
+//! int8 step over the gather-based encoders before them, themselves 2.2x over scalar
+//! code, BENCHMARKS.md), written with intrinsics because LLVM turns their table reads
+//! into neither permutes of registers nor 32-bit gathers; their loads, stores, permutes
 //! and gathers stay inside the slices and tables they are given (their SAFETY comments
-//! say how), and a test holds their bytes to `quant::encode_scaled`'s.
+//! say how), and a test holds their bytes to `quant::encode_int8`'s and `decode_int8`'s.
 //!
 //! The levels and their detection are in [`crate::cpu_level`]; hand-written rather than
 //! the `multiversion` crate because a user must be able to force a lower level
@@ -168,7 +170,8 @@ mod x86 {
     use crate::cpu::slots::{SlotKeys, SlotPiece};
     use crate::math::StepScalars;
     use crate::quant::{
-        encode_blocks_with, encode_scaled, CodeMap, GUESS_HIGH, GUESS_KEYS, GUESS_LOW,
+        block_absmax, decode_int8, encode_blocks_with, encode_int8, encode_linear, CodeMap,
+        LinearGuess, BINADES, BINADE_LOW, BOUNDARY_MARGIN, REGIONS, STEP_MARGIN,
     };
     use crate::slot::Slot;
 
@@ -179,7 +182,21 @@ mod x86 {
         block: usize,
         out: &mut Vec<f32>,
     ) {
-        piece.decode(slot, block, out)
+        match piece {
+            SlotPiece::Int8 { codes, absmax } => {
+                let map = CodeMap::for_slot(slot);
+                out.clear();
+                out.resize(codes.len(), 0.0);
+                for ((o, c), &a) in out
+                    .chunks_mut(block)
+                    .zip(codes.chunks(block))
+                    .zip(absmax.iter())
+                {
+                    decode_block_avx2(c, a, o, map);
+                }
+            }
+            other => other.decode(slot, block, out),
+        }
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
@@ -189,7 +206,83 @@ mod x86 {
         block: usize,
         out: &mut Vec<f32>,
     ) {
-        piece.decode(slot, block, out)
+        match piece {
+            SlotPiece::Int8 { codes, absmax } => {
+                let map = CodeMap::for_slot(slot);
+                out.clear();
+                out.resize(codes.len(), 0.0);
+                for ((o, c), &a) in out
+                    .chunks_mut(block)
+                    .zip(codes.chunks(block))
+                    .zip(absmax.iter())
+                {
+                    decode_block_avx512(c, a, o, map);
+                }
+            }
+            other => other.decode(slot, block, out),
+        }
+    }
+
+    /// `quant::decode_int8` of a block's codes at AVX2: 8 at a time, one gather from
+    /// the map's values each.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn decode_block_avx2(codes: &[u8], absmax: f32, out: &mut [f32], map: &CodeMap) {
+        use std::arch::x86_64::*;
+        let n = codes.len().min(out.len());
+        let whole = n / 8 * 8;
+        // SAFETY: the loads and stores are inside `codes[..whole]` and `out[..whole]`;
+        // the gathers read `map.values` (256 lanes) at a byte XOR a byte, at most 255.
+        // The features are this function's own.
+        unsafe {
+            let scale = _mm256_set1_ps(absmax);
+            let flip = _mm256_set1_epi32(map.flip as i32);
+            let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+            let infinity = _mm256_set1_ps(f32::INFINITY);
+            for i in (0..whole).step_by(8) {
+                let code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.as_ptr().add(i).cast()));
+                let v = _mm256_i32gather_ps::<4>(map.values.as_ptr(), _mm256_xor_si256(code, flip));
+                let finite = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_and_ps(v, magnitude), infinity);
+                let x = _mm256_blendv_ps(v, _mm256_mul_ps(v, scale), finite);
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), x);
+            }
+        }
+        for i in whole..n {
+            out[i] = decode_int8(codes[i], absmax, map);
+        }
+    }
+
+    /// `quant::decode_int8` of a block's codes at AVX-512: 16 at a time, one gather
+    /// from the map's values each.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    #[inline]
+    fn decode_block_avx512(codes: &[u8], absmax: f32, out: &mut [f32], map: &CodeMap) {
+        use std::arch::x86_64::*;
+        let n = codes.len().min(out.len());
+        let whole = n / 16 * 16;
+        // SAFETY: the loads and stores are inside `codes[..whole]` and `out[..whole]`;
+        // the gathers read `map.values` (256 lanes) at a byte XOR a byte, at most 255.
+        // The features are this function's own.
+        unsafe {
+            let scale = _mm512_set1_ps(absmax);
+            let flip = _mm512_set1_epi32(map.flip as i32);
+            let magnitude = _mm512_set1_epi32(0x7fff_ffff);
+            let infinity = _mm512_set1_ps(f32::INFINITY);
+            for i in (0..whole).step_by(16) {
+                let code = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(i).cast()));
+                let v = _mm512_i32gather_ps::<4>(_mm512_xor_si512(code, flip), map.values.as_ptr());
+                let magnitude_of_v =
+                    _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), magnitude));
+                let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(magnitude_of_v, infinity);
+                _mm512_storeu_ps(
+                    out.as_mut_ptr().add(i),
+                    _mm512_mask_mul_ps(v, finite, v, scale),
+                );
+            }
+        }
+        for i in whole..n {
+            out[i] = decode_int8(codes[i], absmax, map);
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -200,144 +293,22 @@ mod x86 {
         block: usize,
         keys: Option<SlotKeys<'_>>,
     ) {
-        store_int8_with(
-            piece,
-            slot,
-            values,
-            block,
-            keys,
-            |v, c, inverse, scaled, map| encode_guessed_avx2(v, c, inverse, scaled, map),
-        )
-    }
-
-    /// Stores `piece` as `SlotPiece::store` does, an 8-bit one through `encode` (one
-    /// level's vectorized first guess): the body both levels' `#[target_feature]`
-    /// functions share, inlined into each so that `encode` runs at that level.
-    #[inline(always)]
-    fn store_int8_with(
-        piece: SlotPiece<'_>,
-        slot: Slot,
-        values: &[f32],
-        block: usize,
-        keys: Option<SlotKeys<'_>>,
-        encode: impl Fn(&[f32], &mut [u8], f32, &[f32; 256], &CodeMap) -> bool,
-    ) {
         match piece {
             SlotPiece::Int8 { codes, absmax } => {
                 let map = CodeMap::for_slot(slot);
+                let tables = Tables::new(map.linear_guess());
                 encode_blocks_with(
                     values,
                     codes,
                     absmax,
                     block,
                     map,
-                    |v, c, inverse, scaled| encode(v, c, inverse, scaled, map),
+                    |v| absmax_avx2(v),
+                    |v, c, m, inverse| encode_linear_avx2(v, c, m, inverse, map, &tables),
                 )
             }
             other => other.store(slot, values, block, keys),
         }
-    }
-
-    /// [`encode_guessed_avx512`] for 8 elements at a time with AVX2's gathers.
-    #[target_feature(enable = "avx2,fma")]
-    fn encode_guessed_avx2(
-        values: &[f32],
-        codes: &mut [u8],
-        inverse: f32,
-        scaled: &[f32; 256],
-        map: &CodeMap,
-    ) -> bool {
-        use std::arch::x86_64::*;
-        let guesses = map.guess_table();
-        let n = values.len().min(codes.len());
-        if guesses.len() < GUESS_KEYS + 3 {
-            return false;
-        }
-        let whole = n / 8 * 8;
-        // SAFETY: as in `encode_guessed_avx512`: loads and stores inside
-        // `values[..whole]` and `codes[..whole]` (the codes through a local array), the
-        // guess gathers at keys clamped to `0 ..= GUESS_KEYS - 1` (4 bytes each, inside
-        // the table's padding), the threshold gathers at indices clamped to `0 ..= 255`.
-        // The features are this function's own.
-        let settled = unsafe {
-            let inv = _mm256_set1_ps(inverse);
-            let zero = _mm256_setzero_ps();
-            let infinity = _mm256_set1_ps(f32::INFINITY);
-            let magnitude = _mm256_set1_epi32(0x7fff_ffff);
-            let low = _mm256_set1_epi32(GUESS_LOW as i32);
-            let high = _mm256_set1_epi32(GUESS_HIGH as i32);
-            let one = _mm256_set1_epi32(1);
-            let byte = _mm256_set1_epi32(0xff);
-            let last = _mm256_set1_epi32(255);
-            let none = _mm256_setzero_si256();
-            let flip = _mm256_set1_epi32(map.flip as i32);
-            let max_finite = _mm256_set1_epi32(map.max_finite as i32);
-            let mut bad = _mm256_setzero_si256();
-            let mut stored = [0u32; 8];
-            for i in (0..whole).step_by(8) {
-                let x = _mm256_loadu_ps(values.as_ptr().add(i));
-                let ax = _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(x), magnitude));
-                let y = _mm256_castps_si256(_mm256_mul_ps(ax, inv));
-                let key = _mm256_sub_epi32(
-                    _mm256_min_epu32(_mm256_max_epu32(_mm256_srli_epi32::<12>(y), low), high),
-                    low,
-                );
-                let guess = _mm256_and_si256(
-                    _mm256_i32gather_epi32::<1>(guesses.as_ptr().cast(), key),
-                    byte,
-                );
-                let mirrored = if map.flip != 0 {
-                    _mm256_sub_epi32(max_finite, guess)
-                } else {
-                    none
-                };
-                let negative = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(x, zero));
-                let around = _mm256_blendv_epi8(guess, mirrored, negative);
-                let base =
-                    _mm256_and_si256(_mm256_sub_epi32(_mm256_max_epu32(around, one), one), byte);
-                let next = _mm256_add_epi32(base, one);
-                let s0 = _mm256_i32gather_ps::<4>(scaled.as_ptr(), base);
-                let s1 = _mm256_i32gather_ps::<4>(scaled.as_ptr(), _mm256_min_epu32(next, last));
-                // a true comparison is all ones (-1): subtracting it adds 1
-                let ge0 = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, s0));
-                let ge1 = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, s1));
-                let index = _mm256_sub_epi32(_mm256_sub_epi32(base, ge0), ge1);
-                let at = _mm256_i32gather_ps::<4>(scaled.as_ptr(), _mm256_min_epu32(index, last));
-                let before = _mm256_i32gather_ps::<4>(
-                    scaled.as_ptr(),
-                    _mm256_sub_epi32(_mm256_max_epu32(index, one), one),
-                );
-                let above = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, at));
-                let below = _mm256_and_si256(
-                    _mm256_cmpgt_epi32(index, none),
-                    _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(x, before)),
-                );
-                let finite = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(ax, infinity));
-                let out_of_range = _mm256_or_si256(
-                    _mm256_cmpgt_epi32(next, last),
-                    _mm256_cmpgt_epi32(index, last),
-                );
-                bad = _mm256_or_si256(
-                    bad,
-                    _mm256_or_si256(
-                        _mm256_or_si256(above, below),
-                        _mm256_or_si256(
-                            out_of_range,
-                            _mm256_andnot_si256(finite, _mm256_set1_epi32(-1)),
-                        ),
-                    ),
-                );
-                _mm256_storeu_si256(stored.as_mut_ptr().cast(), _mm256_xor_si256(index, flip));
-                for (code, &word) in codes[i..i + 8].iter_mut().zip(&stored) {
-                    *code = word as u8;
-                }
-            }
-            _mm256_testz_si256(bad, bad) == 1
-        };
-        for i in whole..n {
-            codes[i] = encode_scaled(values[i], inverse, scaled, map);
-        }
-        settled
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
@@ -348,112 +319,303 @@ mod x86 {
         block: usize,
         keys: Option<SlotKeys<'_>>,
     ) {
-        store_int8_with(
-            piece,
-            slot,
-            values,
-            block,
-            keys,
-            |v, c, inverse, scaled, map| encode_guessed_avx512(v, c, inverse, scaled, map),
-        )
+        match piece {
+            SlotPiece::Int8 { codes, absmax } => {
+                let map = CodeMap::for_slot(slot);
+                let tables = Tables::new(map.linear_guess());
+                encode_blocks_with(
+                    values,
+                    codes,
+                    absmax,
+                    block,
+                    map,
+                    |v| absmax_avx512(v),
+                    |v, c, m, inverse| encode_linear_avx512(v, c, m, inverse, map, &tables),
+                )
+            }
+            other => other.store(slot, values, block, keys),
+        }
     }
 
-    /// `quant::encode_scaled`'s first answer for 16 elements at a time: the guess
-    /// table's index (a gather), the two comparisons around it (two gathers of the
-    /// scaled thresholds), and the check `encode_scaled` makes before it trusts them.
-    /// Writes every byte of `codes` and returns true when every element is finite and
-    /// passes the check (then the bytes are `encode_scaled`'s); false otherwise (the
-    /// caller encodes the block element by element).
+    /// A [`LinearGuess`]'s tables as the permutes read them: the binade tables as they
+    /// are (32 lanes), the region tables repeated to 16 lanes (a region index never
+    /// exceeds `REGIONS - 1`).
+    struct Tables {
+        boundary: [f32; BINADES],
+        region: [u32; BINADES],
+        slope: [f32; 16],
+        offset: [f32; 16],
+        first: [u32; 16],
+        span: [u32; 16],
+    }
+
+    impl Tables {
+        fn new(g: &LinearGuess) -> Tables {
+            Tables {
+                boundary: g.binade_boundary,
+                region: g.binade_region,
+                slope: std::array::from_fn(|k| g.slope[k % REGIONS]),
+                offset: std::array::from_fn(|k| g.offset[k % REGIONS]),
+                first: std::array::from_fn(|k| g.first[k % REGIONS]),
+                span: std::array::from_fn(|k| g.span[k % REGIONS]),
+            }
+        }
+    }
+
+    /// `quant::block_absmax` at AVX2: the largest finite magnitude, 8 lanes at a time.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn absmax_avx2(values: &[f32]) -> f32 {
+        use std::arch::x86_64::*;
+        let whole = values.len() / 8 * 8;
+        // SAFETY: the loads are inside `values[..whole]`; the features are this
+        // function's own.
+        let lanes = unsafe {
+            let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+            let infinity = _mm256_set1_ps(f32::INFINITY);
+            let mut max = _mm256_setzero_ps();
+            for i in (0..whole).step_by(8) {
+                let ax = _mm256_and_ps(_mm256_loadu_ps(values.as_ptr().add(i)), magnitude);
+                let finite = _mm256_cmp_ps::<_CMP_LT_OQ>(ax, infinity);
+                max = _mm256_max_ps(max, _mm256_and_ps(ax, finite));
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), max);
+            lanes
+        };
+        lanes
+            .iter()
+            .copied()
+            .fold(block_absmax(&values[whole..]), f32::max)
+    }
+
+    /// `quant::block_absmax` at AVX-512: the largest finite magnitude, 16 lanes at a time.
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-    fn encode_guessed_avx512(
+    #[inline]
+    fn absmax_avx512(values: &[f32]) -> f32 {
+        use std::arch::x86_64::*;
+        let whole = values.len() / 16 * 16;
+        // SAFETY: the loads are inside `values[..whole]`; the features are this
+        // function's own.
+        let max = unsafe {
+            let magnitude = _mm512_set1_epi32(0x7fff_ffff);
+            let infinity = _mm512_set1_ps(f32::INFINITY);
+            let mut max = _mm512_setzero_ps();
+            for i in (0..whole).step_by(16) {
+                let x = _mm512_castps_si512(_mm512_loadu_ps(values.as_ptr().add(i)));
+                let ax = _mm512_castsi512_ps(_mm512_and_si512(x, magnitude));
+                let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(ax, infinity);
+                max = _mm512_mask_max_ps(max, finite, max, ax);
+            }
+            _mm512_reduce_max_ps(max)
+        };
+        max.max(block_absmax(&values[whole..]))
+    }
+
+    /// `quant::encode_linear` for 8 elements at a time with AVX2: [`encode_linear_avx512`]
+    /// with each 32-lane binade table read as four 8-lane permutes and two blends.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn encode_linear_avx2(
         values: &[f32],
         codes: &mut [u8],
+        absmax: f32,
         inverse: f32,
-        scaled: &[f32; 256],
         map: &CodeMap,
-    ) -> bool {
+        t: &Tables,
+    ) {
         use std::arch::x86_64::*;
-        let guesses = map.guess_table();
         let n = values.len().min(codes.len());
-        if guesses.len() < GUESS_KEYS + 3 {
-            return false;
+        let whole = n / 8 * 8;
+        // SAFETY: every load and store is inside `values[..whole]`, `codes[..whole]` or
+        // the tables (`t`'s arrays of 16 or 32 lanes, read 8 at a time at offsets 0, 8,
+        // 16 and 24 at most); the codes go through a local array. The features are this
+        // function's own.
+        unsafe {
+            let inv = _mm256_set1_ps(inverse);
+            let zero = _mm256_setzero_ps();
+            let infinity = _mm256_set1_ps(f32::INFINITY);
+            let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+            let exponent_low = _mm256_set1_epi32((BINADE_LOW << 23) as i32);
+            let none = _mm256_setzero_si256();
+            let step_margin = _mm256_set1_ps(STEP_MARGIN);
+            let boundary_margin = _mm256_set1_ps(BOUNDARY_MARGIN);
+            let flip = _mm256_set1_epi32(map.flip as i32);
+            let max_finite = _mm256_set1_epi32(map.max_finite as i32);
+            let quarter = |table: *const f32, q: usize| _mm256_loadu_ps(table.add(8 * q));
+            let boundaries = [0, 1, 2, 3].map(|q| quarter(t.boundary.as_ptr(), q));
+            let regions = [0, 1, 2, 3].map(|q| quarter(t.region.as_ptr().cast(), q));
+            let slope = _mm256_loadu_ps(t.slope.as_ptr());
+            let offset = _mm256_loadu_ps(t.offset.as_ptr());
+            let first = _mm256_loadu_si256(t.first.as_ptr().cast());
+            let span = _mm256_loadu_si256(t.span.as_ptr().cast());
+            // lane k of a 32-lane table (k modulo 32): the blends read bits 3 and 4 of k
+            // as the sign bits of k shifted left
+            let lookup = |table: &[__m256; 4], key: __m256i| {
+                let bit3 = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(key));
+                let bit4 = _mm256_castsi256_ps(_mm256_slli_epi32::<27>(key));
+                let [a, b, c, d] = table.map(|q| _mm256_permutevar8x32_ps(q, key));
+                _mm256_blendv_ps(
+                    _mm256_blendv_ps(a, b, bit3),
+                    _mm256_blendv_ps(c, d, bit3),
+                    bit4,
+                )
+            };
+            let mut stored = [0u32; 8];
+            for i in (0..whole).step_by(8) {
+                let x = _mm256_loadu_ps(values.as_ptr().add(i));
+                let ax = _mm256_and_ps(x, magnitude);
+                let y = _mm256_mul_ps(ax, inv);
+                let key =
+                    _mm256_srli_epi32::<23>(_mm256_max_epi32(_mm256_castps_si256(y), exponent_low));
+                let boundary = lookup(&boundaries, key);
+                let distance = _mm256_and_ps(_mm256_sub_ps(y, boundary), magnitude);
+                let near_boundary =
+                    _mm256_cmp_ps::<_CMP_LT_OQ>(distance, _mm256_mul_ps(boundary, boundary_margin));
+                let below = _mm256_castps_si256(lookup(&regions, key));
+                // a true comparison is all ones (-1): subtracting it adds 1
+                let above = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(y, boundary));
+                let region = _mm256_sub_epi32(below, above);
+                let p = _mm256_fmadd_ps(
+                    y,
+                    _mm256_permutevar8x32_ps(slope, region),
+                    _mm256_permutevar8x32_ps(offset, region),
+                );
+                let nearest =
+                    _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(p);
+                let fraction = _mm256_and_ps(_mm256_sub_ps(p, nearest), magnitude);
+                let near_step = _mm256_cmp_ps::<_CMP_LT_OQ>(fraction, step_margin);
+                let local = _mm256_min_epi32(
+                    _mm256_max_epi32(_mm256_cvttps_epi32(p), none),
+                    _mm256_permutevar8x32_epi32(span, region),
+                );
+                let guess = _mm256_add_epi32(_mm256_permutevar8x32_epi32(first, region), local);
+                // below 0: the guess mirrored in the signed map, 0 in the unsigned one
+                let negative = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(x, zero));
+                let mirrored = if map.flip != 0 {
+                    _mm256_sub_epi32(max_finite, guess)
+                } else {
+                    none
+                };
+                let index = _mm256_blendv_epi8(guess, mirrored, negative);
+                _mm256_storeu_si256(stored.as_mut_ptr().cast(), _mm256_xor_si256(index, flip));
+                for (code, &word) in codes[i..i + 8].iter_mut().zip(&stored) {
+                    *code = word as u8;
+                }
+                let finite = _mm256_cmp_ps::<_CMP_LT_OQ>(ax, infinity);
+                let untrusted = _mm256_or_ps(
+                    _mm256_or_ps(near_boundary, near_step),
+                    _mm256_xor_ps(finite, _mm256_castsi256_ps(_mm256_set1_epi32(-1))),
+                );
+                let mut untrusted = _mm256_movemask_ps(untrusted) as u32;
+                while untrusted != 0 {
+                    let at = i + untrusted.trailing_zeros() as usize;
+                    codes[at] = encode_int8(values[at], absmax, map);
+                    untrusted &= untrusted - 1;
+                }
+            }
         }
+        for i in whole..n {
+            codes[i] = encode_linear(values[i], absmax, inverse, map);
+        }
+    }
+
+    /// `quant::encode_linear` for 16 elements at a time: `LinearGuess::guess` mirrored
+    /// in intrinsics (no gather: the binade and region tables are permutes of
+    /// registers), with the sign as `encode_linear` applies it. Elements whose guess is
+    /// not trusted, and non-finite ones, are encoded by `encode_int8` one by one.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    #[inline]
+    fn encode_linear_avx512(
+        values: &[f32],
+        codes: &mut [u8],
+        absmax: f32,
+        inverse: f32,
+        map: &CodeMap,
+        t: &Tables,
+    ) {
+        use std::arch::x86_64::*;
+        let n = values.len().min(codes.len());
         let whole = n / 16 * 16;
-        let mut settled = true;
-        // SAFETY: every load and store is inside `values[..whole]` and
-        // `codes[..whole]`; the guess gathers read 4 bytes at keys clamped to
-        // `0 ..= GUESS_KEYS - 1`, inside the table and its 3 padding bytes (checked
-        // above); the threshold gathers read at indices clamped to `0 ..= 255`, inside
-        // `scaled`. The features are this function's own.
+        // SAFETY: every load and store is inside `values[..whole]`, `codes[..whole]` or
+        // the tables (`t`'s arrays of 16 or 32 lanes, read 16 at a time at offsets 0
+        // and 16 at most). The features are this function's own.
         unsafe {
             let inv = _mm512_set1_ps(inverse);
             let zero = _mm512_setzero_ps();
             let infinity = _mm512_set1_ps(f32::INFINITY);
             let magnitude = _mm512_set1_epi32(0x7fff_ffff);
-            let low = _mm512_set1_epi32(GUESS_LOW as i32);
-            let high = _mm512_set1_epi32(GUESS_HIGH as i32);
+            let exponent_low = _mm512_set1_epi32((BINADE_LOW << 23) as i32);
             let one = _mm512_set1_epi32(1);
-            let byte = _mm512_set1_epi32(0xff);
-            let last = _mm512_set1_epi32(255);
             let none = _mm512_setzero_si512();
+            let step_margin = _mm512_set1_ps(STEP_MARGIN);
+            let boundary_margin = _mm512_set1_ps(BOUNDARY_MARGIN);
             let flip = _mm512_set1_epi32(map.flip as i32);
             let max_finite = _mm512_set1_epi32(map.max_finite as i32);
-            let mut bad: __mmask16 = 0;
+            let boundary_low = _mm512_loadu_ps(t.boundary.as_ptr());
+            let boundary_high = _mm512_loadu_ps(t.boundary.as_ptr().add(16));
+            let region_low = _mm512_loadu_si512(t.region.as_ptr().cast());
+            let region_high = _mm512_loadu_si512(t.region.as_ptr().add(16).cast());
+            let slope = _mm512_loadu_ps(t.slope.as_ptr());
+            let offset = _mm512_loadu_ps(t.offset.as_ptr());
+            let first = _mm512_loadu_si512(t.first.as_ptr().cast());
+            let span = _mm512_loadu_si512(t.span.as_ptr().cast());
             for i in (0..whole).step_by(16) {
                 let x = _mm512_loadu_ps(values.as_ptr().add(i));
                 let ax = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude));
-                let y = _mm512_castps_si512(_mm512_mul_ps(ax, inv));
-                let key = _mm512_sub_epi32(
-                    _mm512_min_epu32(_mm512_max_epu32(_mm512_srli_epi32::<12>(y), low), high),
-                    low,
+                let y = _mm512_mul_ps(ax, inv);
+                // LinearGuess::binade: the permutes read the key modulo 32
+                let key =
+                    _mm512_srli_epi32::<23>(_mm512_max_epi32(_mm512_castps_si512(y), exponent_low));
+                let boundary = _mm512_permutex2var_ps(boundary_low, key, boundary_high);
+                let distance = _mm512_castsi512_ps(_mm512_and_si512(
+                    _mm512_castps_si512(_mm512_sub_ps(y, boundary)),
+                    magnitude,
+                ));
+                let near_boundary = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(
+                    distance,
+                    _mm512_mul_ps(boundary, boundary_margin),
                 );
-                let guess = _mm512_and_si512(
-                    _mm512_i32gather_epi32::<1>(key, guesses.as_ptr().cast()),
-                    byte,
+                let below = _mm512_permutex2var_epi32(region_low, key, region_high);
+                let above = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(y, boundary);
+                let region = _mm512_mask_add_epi32(below, above, below, one);
+                let p = _mm512_fmadd_ps(
+                    y,
+                    _mm512_permutexvar_ps(region, slope),
+                    _mm512_permutexvar_ps(region, offset),
                 );
+                // p less p rounded to the nearest integer (ties to even)
+                let fraction = _mm512_castsi512_ps(_mm512_and_si512(
+                    _mm512_castps_si512(_mm512_reduce_ps::<0x08>(p)),
+                    magnitude,
+                ));
+                let near_step = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(fraction, step_margin);
+                let local = _mm512_min_epi32(
+                    _mm512_max_epi32(_mm512_cvttps_epi32(p), none),
+                    _mm512_permutexvar_epi32(region, span),
+                );
+                let guess = _mm512_add_epi32(_mm512_permutexvar_epi32(region, first), local);
                 // below 0: the guess mirrored in the signed map, 0 in the unsigned one
-                let mirrored = if map.flip != 0 {
-                    _mm512_sub_epi32(max_finite, guess)
-                } else {
-                    none
-                };
                 let negative = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, zero);
-                let around = _mm512_mask_blend_epi32(negative, guess, mirrored);
-                let base =
-                    _mm512_and_si512(_mm512_sub_epi32(_mm512_max_epu32(around, one), one), byte);
-                let next = _mm512_add_epi32(base, one);
-                let s0 = _mm512_i32gather_ps::<4>(base, scaled.as_ptr());
-                let s1 = _mm512_i32gather_ps::<4>(_mm512_min_epu32(next, last), scaled.as_ptr());
-                let index =
-                    _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, s0), base, one);
-                let index = _mm512_mask_add_epi32(
-                    index,
-                    _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, s1),
-                    index,
-                    one,
-                );
-                // encode_scaled's check: x >= scaled[index], or index > 0 and x < scaled[index - 1]
-                let at = _mm512_i32gather_ps::<4>(_mm512_min_epu32(index, last), scaled.as_ptr());
-                let before = _mm512_i32gather_ps::<4>(
-                    _mm512_sub_epi32(_mm512_max_epu32(index, one), one),
-                    scaled.as_ptr(),
-                );
-                let above = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, at);
-                let below = _mm512_cmpgt_epu32_mask(index, none)
-                    & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, before);
-                let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(ax, infinity);
-                let out_of_range =
-                    _mm512_cmpgt_epu32_mask(next, last) | _mm512_cmpgt_epu32_mask(index, last);
-                bad |= above | below | out_of_range | !finite;
+                let index = if map.flip != 0 {
+                    _mm512_mask_sub_epi32(guess, negative, max_finite, guess)
+                } else {
+                    _mm512_mask_mov_epi32(guess, negative, none)
+                };
                 let stored = _mm512_cvtepi32_epi8(_mm512_xor_si512(index, flip));
                 _mm_storeu_si128(codes.as_mut_ptr().add(i).cast(), stored);
+                let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(ax, infinity);
+                let mut untrusted = near_boundary | near_step | !finite;
+                while untrusted != 0 {
+                    let at = i + untrusted.trailing_zeros() as usize;
+                    codes[at] = encode_int8(values[at], absmax, map);
+                    untrusted &= untrusted - 1;
+                }
             }
-            settled &= bad == 0;
         }
         for i in whole..n {
-            codes[i] = encode_scaled(values[i], inverse, scaled, map);
+            codes[i] = encode_linear(values[i], absmax, inverse, map);
         }
-        settled
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -504,7 +666,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{encode_blocks, CodeMap};
+    use crate::quant::{block_absmax, decode_blocks, encode_int8, CodeMap};
 
     /// Values that exercise every branch of the 8-bit encoder: each code's value and
     /// each threshold's product (and their neighbouring floats) at a block's scale, both
@@ -555,7 +717,17 @@ mod tests {
         for isa in isas {
             for slot in [Slot::Velocity, Slot::Momentum] {
                 let map = CodeMap::for_slot(slot);
-                for (seed, scale) in [(1u64, 1.0f32), (2, 3.7e-3), (3, 6.1e4)] {
+                // the last three: scales the linear guess leaves to the reference (beyond
+                // SCALE_LIMITS), and the smallest it takes
+                for (seed, scale) in [
+                    (1u64, 1.0f32),
+                    (2, 3.7e-3),
+                    (3, 6.1e4),
+                    (4, 1e-35),
+                    (5, 3e35),
+                    (6, 1e-40),
+                    (7, 1.0 / (1u128 << 100) as f32),
+                ] {
                     let mut values = hard_values(map, scale, seed);
                     if slot == Slot::Velocity {
                         values.iter_mut().for_each(|x| *x = x.abs());
@@ -577,10 +749,14 @@ mod tests {
                                     values[at] = *s;
                                 }
                             }
-                            let blocks = values.len().div_ceil(block);
-                            let (mut codes, mut absmax) =
-                                (vec![0u8; values.len()], vec![0f32; blocks]);
-                            encode_blocks(&values, &mut codes, &mut absmax, block, map);
+                            // the reference: each block's scale, each element's byte
+                            let absmax: Vec<f32> = values.chunks(block).map(block_absmax).collect();
+                            let codes: Vec<u8> = values
+                                .iter()
+                                .enumerate()
+                                .map(|(i, &x)| encode_int8(x, absmax[i / block], map))
+                                .collect();
+                            let blocks = absmax.len();
                             let (mut fast, mut fast_absmax) =
                                 (vec![0u8; values.len()], vec![0f32; blocks]);
                             let piece = SlotPiece::Int8 {
@@ -598,6 +774,20 @@ mod tests {
                                 values[i], fast[i], codes[i]
                             );
                             }
+                            // and the decoder reads them back as the reference decoder
+                            let piece = SlotPiece::Int8 {
+                                codes: &mut fast,
+                                absmax: &mut fast_absmax,
+                            };
+                            let mut decoded = Vec::new();
+                            decode_piece(isa, &piece, slot, block, &mut decoded);
+                            let mut reference = vec![0f32; values.len()];
+                            decode_blocks(&codes, &absmax, &mut reference, block, map);
+                            assert_eq!(
+                                decoded.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                                reference.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                                "{isa:?}: {slot:?}, block {block}, scale {scale}"
+                            );
                         }
                     }
                 }
