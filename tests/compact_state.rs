@@ -540,6 +540,41 @@ fn stochastic_bf16_slots_keep_small_updates() {
     }
 }
 
+/// Both backends draw an element's stochastic rounding bits from its own index: one
+/// step whose f32 velocity is exact on both (small integer gradients), so every bf16
+/// slot must be the same bits, over a tensor the CPU codes in several passes.
+#[test]
+fn stochastic_bf16_slots_draw_the_same_bits_on_both_backends() {
+    let Some(ctx) = common::gpu() else { return };
+    let n = 5000;
+    let config = RmsPropConfig::default()
+        .with_state(StateStorage::new(StateDtype::Bf16).with_stochastic_rounding(7));
+    let g: Vec<f32> = (0..n).map(|i| (i % 7 + 1) as f32).collect();
+    let velocity = |backend: Backend, gpu: &GpuOptions| {
+        let vars = vec![
+            Variable::new("a", &[3], vec![0.0; 3]).unwrap(),
+            Variable::new("w", &[n], vec![0.0; n]).unwrap(),
+        ];
+        let mut opt = RmsProp::with_options(config.clone(), vars, backend, gpu).unwrap();
+        opt.apply_gradients(&[Some(&[1.0; 3]), Some(&g)]).unwrap();
+        opt.slot(Slot::Velocity).unwrap().unwrap().remove(1)
+    };
+    let cpu = velocity(Backend::Cpu, &GpuOptions::default());
+    let gpu = velocity(Backend::Gpu, &common::on(&ctx));
+    let differ: Vec<usize> = (0..n)
+        .filter(|&i| cpu[i].to_bits() != gpu[i].to_bits())
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{} elements differ, the first at {:?}",
+        differ.len(),
+        differ.first()
+    );
+    // the rounding is stochastic: equal f32 values do not all round the same way
+    let sevens: Vec<u32> = (6..n).step_by(7).map(|i| cpu[i].to_bits()).collect();
+    assert!(sevens.iter().any(|&b| b != sevens[0]));
+}
+
 /// The GPU's int8 encoding (a guess and two comparisons) gives the CPU's bytes on the
 /// hardest values: every threshold of the map times the block's scale, one unit of f32
 /// either side, zeros, NaN and infinities, at scales from tiny to huge. (The first

@@ -112,6 +112,12 @@ pub(crate) fn with_task_buffers<R>(f: impl FnOnce(&mut TaskBuffers) -> R) -> R {
     TASK_BUFFERS.with(|b| f(&mut b.borrow_mut()))
 }
 
+/// Elements of a chunk coded, run and coded back at a time when its slots take passes
+/// of their own: their f32 slots stay in L1 (a multiple of every int8 block size, so
+/// a pass starts at a block). 16M parameters with int8 state at 2 threads: 37 ms a step
+/// in passes of a whole chunk (32,768 elements), 33 ms in passes of 2,048 (BENCHMARKS.md).
+const PASS_LEN: usize = 2048;
+
 /// What compact slots need besides the step: int8 block size, and whether bf16 slots
 /// round stochastically.
 #[derive(Clone, Copy)]
@@ -186,25 +192,50 @@ impl PendingJob<'_> {
                 .collect();
             run_with::<K, _>(views, param, grad, buffer, step, tensor, first, coding, s);
         } else {
-            let views: Vec<&mut [f32]> = slots
-                .iter_mut()
-                .zip(slot_buffers.iter_mut())
-                .zip(Slot::ALL)
-                .map(|((piece, buf), slot)| match piece {
-                    SlotPiece::F32(values) => &mut **values,
-                    compact if compact.is_compact() && touches(slot, step.phase) => {
-                        isa::decode_piece(coding.isa, compact, slot, coding.block, buf);
-                        &mut buf[..n]
-                    }
-                    _ => &mut [],
-                })
-                .collect();
-            run_with::<K, _>(views, param, grad, buffer, step, tensor, first, coding, s);
+            // a pass of PASS_LEN elements at a time: their decoded slots stay in L1 from
+            // their decoding through the loop to their encoding
             let keys = coding.stochastic.then_some(SlotKeys { s, tensor, first });
-            for ((piece, buf), slot) in slots.into_iter().zip(slot_buffers.iter()).zip(Slot::ALL) {
-                if piece.is_compact() && touches(slot, step.phase) {
-                    isa::store_piece(coding.isa, piece, slot, &buf[..n], coding.block, keys);
+            let mut rest = (slots, &mut *param);
+            let mut start = 0;
+            while start < n {
+                let len = PASS_LEN.min(n - start);
+                let (slots, tail) = rest;
+                let mut pieces: [SlotPiece<'_>; 5] = Default::default();
+                let mut later: [SlotPiece<'_>; 5] = Default::default();
+                for ((piece, head), rest) in slots.into_iter().zip(&mut pieces).zip(&mut later) {
+                    (*head, *rest) = piece.split_at(len, coding.block);
                 }
+                let (param, tail) = tail.split_at_mut(len);
+                rest = (later, tail);
+                let grad = if grad.len() == 0 {
+                    grad
+                } else {
+                    grad.range(start..start + len)
+                };
+                let views: Vec<&mut [f32]> = pieces
+                    .iter_mut()
+                    .zip(slot_buffers.iter_mut())
+                    .zip(Slot::ALL)
+                    .map(|((piece, buf), slot)| match piece {
+                        SlotPiece::F32(values) => &mut **values,
+                        compact if compact.is_compact() && touches(slot, step.phase) => {
+                            isa::decode_piece(coding.isa, compact, slot, coding.block, buf);
+                            &mut buf[..len]
+                        }
+                        _ => &mut [],
+                    })
+                    .collect();
+                let at = first + start as u32;
+                run_with::<K, _>(views, param, grad, buffer, step, tensor, at, coding, s);
+                let keys = keys.map(|k| SlotKeys { first: at, ..k });
+                for ((piece, buf), slot) in
+                    pieces.into_iter().zip(slot_buffers.iter()).zip(Slot::ALL)
+                {
+                    if piece.is_compact() && touches(slot, step.phase) {
+                        isa::store_piece(coding.isa, piece, slot, &buf[..len], coding.block, keys);
+                    }
+                }
+                start += len;
             }
         }
         if let Some(copy) = param_copy {

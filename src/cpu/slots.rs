@@ -180,7 +180,38 @@ pub(crate) struct SlotKeys<'s> {
     pub first: u32,
 }
 
-impl SlotPiece<'_> {
+impl<'a> SlotPiece<'a> {
+    /// The piece's first `mid` elements, and the rest (`mid` a multiple of `block`,
+    /// or past the end: then the rest is empty).
+    pub(crate) fn split_at(self, mid: usize, block: usize) -> (Self, Self) {
+        match self {
+            SlotPiece::Unused => (SlotPiece::Unused, SlotPiece::Unused),
+            SlotPiece::F32(v) => {
+                let (a, b) = v.split_at_mut(mid.min(v.len()));
+                (SlotPiece::F32(a), SlotPiece::F32(b))
+            }
+            SlotPiece::Bf16(h) => {
+                let (a, b) = h.split_at_mut(mid.min(h.len()));
+                (SlotPiece::Bf16(a), SlotPiece::Bf16(b))
+            }
+            SlotPiece::Int8 { codes, absmax } => {
+                debug_assert!(mid % block == 0 || mid >= codes.len());
+                let (c, d) = codes.split_at_mut(mid.min(codes.len()));
+                let (a, b) = absmax.split_at_mut(mid.div_ceil(block).min(absmax.len()));
+                (
+                    SlotPiece::Int8 {
+                        codes: c,
+                        absmax: a,
+                    },
+                    SlotPiece::Int8 {
+                        codes: d,
+                        absmax: b,
+                    },
+                )
+            }
+        }
+    }
+
     /// True for bf16 or int8.
     pub(crate) fn is_compact(&self) -> bool {
         matches!(self, SlotPiece::Bf16(_) | SlotPiece::Int8 { .. })
