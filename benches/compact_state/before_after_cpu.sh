@@ -4,7 +4,8 @@
 # one tensor, f32 / bf16 / int8 state. One JSON object per run. LEVEL=avx2 holds both
 # builds at AVX2 (`--cpu-level`, bf16 left out): the AVX2 int8 encoder, for processors
 # without AVX-512. Issue 26: 71b81d6 before the slots were coded at the loops' level
-# (first part); 2d9bd76 before bf16 slots were coded inside the fused loop.
+# (first part); 2d9bd76 before bf16 slots were coded inside the fused loop; 4280811
+# before the arithmetic int8 guess and the passes in L1.
 #
 #   git worktree add /tmp/before26 71b81d6
 #   (cd /tmp/before26 && CARGO_TARGET_DIR=/tmp/before26-target cargo build --release --example throughput)
