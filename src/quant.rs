@@ -100,7 +100,8 @@ impl CodeMap {
         map
     }
 
-    /// The arithmetic first guess ([`LinearGuess`]).
+    /// The arithmetic first guess ([`LinearGuess`]), as the vectorized encoders read it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn linear_guess(&self) -> &LinearGuess {
         &self.linear
     }
@@ -287,7 +288,7 @@ impl LinearGuess {
             let low = if key == 0 {
                 0.0
             } else {
-                f32::from_bits(((BINADE_LOW + key as u32) << 23) as u32)
+                f32::from_bits((BINADE_LOW + key as u32) << 23)
             };
             let high = f32::from_bits((BINADE_LOW + key as u32 + 1) << 23);
             guess.binade_region[key] = boundaries.iter().filter(|&&b| b <= low).count() as u32;

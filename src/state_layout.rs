@@ -136,13 +136,118 @@ impl StateLayout {
     }
 }
 
-/// One tensor's slot as it is stored: f32 values, bf16 bits, or int8 codes with one
-/// scale per block (the last block may be short).
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum RawSlot {
-    F32(Vec<f32>),
-    Bf16(Vec<u16>),
-    Int8 { codes: Vec<u8>, absmax: Vec<f32> },
+/// How [`Coded`] holds a slot's arrays: owned ([`Owned`]), borrowed ([`Shared`]) or
+/// borrowed to be written ([`Exclusive`]).
+pub(crate) trait Holding {
+    /// f32 values.
+    type Values;
+    /// bf16 bits.
+    type Halves;
+    /// 8-bit codes.
+    type Codes;
+    /// One f32 scale per block of codes.
+    type Scales;
+}
+
+/// [`Coded`]'s arrays as `Vec`s.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Owned;
+
+/// [`Coded`]'s arrays as shared slices.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Shared<'a>(std::marker::PhantomData<&'a ()>);
+
+/// [`Coded`]'s arrays as exclusive slices.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Exclusive<'a>(std::marker::PhantomData<&'a mut ()>);
+
+impl Holding for Owned {
+    type Values = Vec<f32>;
+    type Halves = Vec<u16>;
+    type Codes = Vec<u8>;
+    type Scales = Vec<f32>;
+}
+
+impl<'a> Holding for Shared<'a> {
+    type Values = &'a [f32];
+    type Halves = &'a [u16];
+    type Codes = &'a [u8];
+    type Scales = &'a [f32];
+}
+
+impl<'a> Holding for Exclusive<'a> {
+    type Values = &'a mut [f32];
+    type Halves = &'a mut [u16];
+    type Codes = &'a mut [u8];
+    type Scales = &'a mut [f32];
+}
+
+/// Elements of one slot in the format they are stored in, however they are held: the
+/// one description of what each [`StateDtype`] stores. f32 values, bf16 bits, or
+/// block-scaled 8-bit codes of the slot's [`CodeMap`] with one f32 scale per block of
+/// `block_size` (the last block may be short). A new format is a variant here, its
+/// `StateDtype`, its coders (`quant.rs`) and their WGSL mirror; every match over it is
+/// exhaustive.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Coded<H: Holding> {
+    F32(H::Values),
+    Bf16(H::Halves),
+    Int8 { codes: H::Codes, absmax: H::Scales },
+}
+
+/// One tensor's slot as it is stored, owned (what readbacks and checkpoints hold).
+pub(crate) type RawSlot = Coded<Owned>;
+
+/// Some elements of one slot as they are stored (borrowed): [`SlotRef::decode_into`] is
+/// the one decoder of every format on the host.
+pub(crate) type SlotRef<'a> = Coded<Shared<'a>>;
+
+/// Some elements of one slot as they are stored, to be written (a CPU chunk's).
+pub(crate) type SlotMut<'a> = Coded<Exclusive<'a>>;
+
+impl<H: Holding> Coded<H>
+where
+    H::Values: AsRef<[f32]>,
+    H::Halves: AsRef<[u16]>,
+    H::Codes: AsRef<[u8]>,
+    H::Scales: AsRef<[f32]>,
+{
+    /// The same elements, borrowed.
+    pub(crate) fn view(&self) -> SlotRef<'_> {
+        match self {
+            Coded::F32(v) => Coded::F32(v.as_ref()),
+            Coded::Bf16(h) => Coded::Bf16(h.as_ref()),
+            Coded::Int8 { codes, absmax } => Coded::Int8 {
+                codes: codes.as_ref(),
+                absmax: absmax.as_ref(),
+            },
+        }
+    }
+
+    /// Its format.
+    pub(crate) fn dtype(&self) -> StateDtype {
+        match self {
+            Coded::F32(_) => StateDtype::F32,
+            Coded::Bf16(_) => StateDtype::Bf16,
+            Coded::Int8 { .. } => StateDtype::Int8,
+        }
+    }
+
+    /// Elements.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Coded::F32(v) => v.as_ref().len(),
+            Coded::Bf16(h) => h.as_ref().len(),
+            Coded::Int8 { codes, .. } => codes.as_ref().len(),
+        }
+    }
+
+    /// The f32 values (exactly what the kernels decode).
+    pub(crate) fn decode(&self, slot: Slot, block: usize) -> Vec<f32> {
+        let mut out = Vec::new();
+        self.view().decode_into(slot, block, &mut out);
+        out
+    }
 }
 
 impl RawSlot {
@@ -171,49 +276,41 @@ impl RawSlot {
             }
         }
     }
+}
 
-    /// The f32 values (exactly what the kernels decode).
-    pub(crate) fn decode(&self, slot: Slot, block: usize) -> Vec<f32> {
-        let view = match self {
-            RawSlot::F32(v) => SlotRef::F32(v),
-            RawSlot::Bf16(bits) => SlotRef::Bf16(bits),
-            RawSlot::Int8 { codes, absmax } => SlotRef::Int8 { codes, absmax },
-        };
-        let mut out = Vec::new();
-        view.decode_into(slot, block, &mut out);
-        out
-    }
-
-    /// Its format.
-    pub(crate) fn dtype(&self) -> StateDtype {
+impl SlotRef<'_> {
+    /// The elements, owned.
+    pub(crate) fn to_raw(self) -> RawSlot {
         match self {
-            RawSlot::F32(_) => StateDtype::F32,
-            RawSlot::Bf16(_) => StateDtype::Bf16,
-            RawSlot::Int8 { .. } => StateDtype::Int8,
-        }
-    }
-
-    /// Elements.
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            RawSlot::F32(v) => v.len(),
-            RawSlot::Bf16(v) => v.len(),
-            RawSlot::Int8 { codes, .. } => codes.len(),
+            Coded::F32(v) => Coded::F32(v.to_vec()),
+            Coded::Bf16(h) => Coded::Bf16(h.to_vec()),
+            Coded::Int8 { codes, absmax } => Coded::Int8 {
+                codes: codes.to_vec(),
+                absmax: absmax.to_vec(),
+            },
         }
     }
 }
 
-/// Some elements of one slot as they are stored (borrowed): the one decoder of every
-/// format on the host.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum SlotRef<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [u16]),
-    /// Whole blocks' codes (the last may be short) and their scales.
-    Int8 {
-        codes: &'a [u8],
-        absmax: &'a [f32],
-    },
+impl SlotMut<'_> {
+    /// Stores `raw` here (of this format and length, checked by the caller).
+    pub(crate) fn copy_from(self, raw: SlotRef<'_>) {
+        match (self, raw) {
+            (Coded::F32(to), Coded::F32(from)) => to.copy_from_slice(from),
+            (Coded::Bf16(to), Coded::Bf16(from)) => to.copy_from_slice(from),
+            (
+                Coded::Int8 { codes, absmax },
+                Coded::Int8 {
+                    codes: from_codes,
+                    absmax: from_absmax,
+                },
+            ) => {
+                codes.copy_from_slice(from_codes);
+                absmax.copy_from_slice(from_absmax);
+            }
+            (to, from) => unreachable!("a {} slot stored into a {} one", from.dtype(), to.dtype()),
+        }
+    }
 }
 
 impl SlotRef<'_> {

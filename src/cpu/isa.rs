@@ -174,6 +174,7 @@ mod x86 {
         LinearGuess, BINADES, BINADE_LOW, BOUNDARY_MARGIN, REGIONS, STEP_MARGIN,
     };
     use crate::slot::Slot;
+    use crate::state_layout::Coded;
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn decode_piece_avx2(
@@ -183,7 +184,7 @@ mod x86 {
         out: &mut Vec<f32>,
     ) {
         match piece {
-            SlotPiece::Int8 { codes, absmax } => {
+            SlotPiece::Kept(Coded::Int8 { codes, absmax }) => {
                 let map = CodeMap::for_slot(slot);
                 out.clear();
                 out.resize(codes.len(), 0.0);
@@ -207,7 +208,7 @@ mod x86 {
         out: &mut Vec<f32>,
     ) {
         match piece {
-            SlotPiece::Int8 { codes, absmax } => {
+            SlotPiece::Kept(Coded::Int8 { codes, absmax }) => {
                 let map = CodeMap::for_slot(slot);
                 out.clear();
                 out.resize(codes.len(), 0.0);
@@ -294,7 +295,7 @@ mod x86 {
         keys: Option<SlotKeys<'_>>,
     ) {
         match piece {
-            SlotPiece::Int8 { codes, absmax } => {
+            SlotPiece::Kept(Coded::Int8 { codes, absmax }) => {
                 let map = CodeMap::for_slot(slot);
                 let tables = Tables::new(map.linear_guess());
                 encode_blocks_with(
@@ -320,7 +321,7 @@ mod x86 {
         keys: Option<SlotKeys<'_>>,
     ) {
         match piece {
-            SlotPiece::Int8 { codes, absmax } => {
+            SlotPiece::Kept(Coded::Int8 { codes, absmax }) => {
                 let map = CodeMap::for_slot(slot);
                 let tables = Tables::new(map.linear_guess());
                 encode_blocks_with(
@@ -667,6 +668,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::quant::{block_absmax, decode_blocks, encode_int8, CodeMap};
+    use crate::state_layout::Coded;
 
     /// Values that exercise every branch of the 8-bit encoder: each code's value and
     /// each threshold's product (and their neighbouring floats) at a block's scale, both
@@ -759,10 +761,10 @@ mod tests {
                             let blocks = absmax.len();
                             let (mut fast, mut fast_absmax) =
                                 (vec![0u8; values.len()], vec![0f32; blocks]);
-                            let piece = SlotPiece::Int8 {
+                            let piece = SlotPiece::Kept(Coded::Int8 {
                                 codes: &mut fast,
                                 absmax: &mut fast_absmax,
-                            };
+                            });
                             store_piece(isa, piece, slot, &values, block, None);
                             assert_eq!(
                                 absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
@@ -775,10 +777,10 @@ mod tests {
                             );
                             }
                             // and the decoder reads them back as the reference decoder
-                            let piece = SlotPiece::Int8 {
+                            let piece = SlotPiece::Kept(Coded::Int8 {
                                 codes: &mut fast,
                                 absmax: &mut fast_absmax,
-                            };
+                            });
                             let mut decoded = Vec::new();
                             decode_piece(isa, &piece, slot, block, &mut decoded);
                             let mut reference = vec![0f32; values.len()];

@@ -12,6 +12,7 @@ use crate::math::{
 };
 use crate::quant::store_bf16_slot;
 use crate::slot::Slot;
+use crate::state_layout::Coded;
 
 /// How the fused loop holds a slot's elements: f32, or bf16 bits coded in the loop
 /// itself ([`Bf16Bits`]), with no pass of their own.
@@ -178,13 +179,15 @@ impl PendingJob<'_> {
         let in_loop = !coding.stochastic
             && s.param_storage as u8 == STORE_F32
             && !bf16_in_passes()
-            && slots.iter().any(|p| matches!(p, SlotPiece::Bf16(_)));
+            && slots
+                .iter()
+                .any(|p| matches!(p, SlotPiece::Kept(Coded::Bf16(_))));
         if in_loop {
             let views: Vec<&mut [Bf16Bits]> = slots
                 .iter_mut()
                 .zip(Slot::ALL)
                 .map(|(piece, slot)| match piece {
-                    SlotPiece::Bf16(bits) if touches(slot, step.phase) => {
+                    SlotPiece::Kept(Coded::Bf16(bits)) if touches(slot, step.phase) => {
                         bytemuck::cast_slice_mut(bits)
                     }
                     _ => &mut [],
@@ -217,7 +220,7 @@ impl PendingJob<'_> {
                     .zip(slot_buffers.iter_mut())
                     .zip(Slot::ALL)
                     .map(|((piece, buf), slot)| match piece {
-                        SlotPiece::F32(values) => &mut **values,
+                        SlotPiece::Kept(Coded::F32(values)) => &mut **values,
                         compact if compact.is_compact() && touches(slot, step.phase) => {
                             isa::decode_piece(coding.isa, compact, slot, coding.block, buf);
                             &mut buf[..len]

@@ -10,7 +10,7 @@ use crate::math::StepScalars;
 use crate::quant::{encode_blocks, slot_bits, state_key, store_bf16_slot, CodeMap};
 use crate::slot::Slot;
 use crate::state::StateDtype;
-use crate::state_layout::{RawSlot, SlotRef, StatePlace};
+use crate::state_layout::{Coded, RawSlot, SlotMut, SlotRef, StatePlace};
 
 /// One slot's arrays (all empty for a slot the variant does not keep).
 #[derive(Debug, Clone, Default)]
@@ -24,18 +24,13 @@ pub(crate) struct SlotStore {
     pub absmax: Vec<f32>,
 }
 
-/// One chunk's piece of a slot.
+/// One chunk's piece of a slot: unused, or its elements as stored.
 #[derive(Debug, Default)]
 pub(crate) enum SlotPiece<'a> {
     /// The slot is not kept.
     #[default]
     Unused,
-    F32(&'a mut [f32]),
-    Bf16(&'a mut [u16]),
-    Int8 {
-        codes: &'a mut [u8],
-        absmax: &'a mut [f32],
-    },
+    Kept(SlotMut<'a>),
 }
 
 /// Cuts `ranges` (increasing, disjoint; `None`: an empty piece) out of `buf`.
@@ -109,16 +104,42 @@ impl SlotStore {
             .iter()
             .map(|(p, _)| {
                 let (f, h, c, a) = (f32s.next(), half.next(), codes.next(), absmax.next());
-                match p.dtype {
-                    StateDtype::F32 => SlotPiece::F32(f.unwrap_or_default()),
-                    StateDtype::Bf16 => SlotPiece::Bf16(h.unwrap_or_default()),
-                    StateDtype::Int8 => SlotPiece::Int8 {
+                SlotPiece::Kept(match p.dtype {
+                    StateDtype::F32 => Coded::F32(f.unwrap_or_default()),
+                    StateDtype::Bf16 => Coded::Bf16(h.unwrap_or_default()),
+                    StateDtype::Int8 => Coded::Int8 {
                         codes: c.unwrap_or_default(),
                         absmax: a.unwrap_or_default(),
                     },
-                }
+                })
             })
             .collect()
+    }
+
+    /// `len` elements at `place`, as stored.
+    pub(crate) fn view(&self, place: StatePlace, len: usize, block: usize) -> SlotRef<'_> {
+        let r = place.at..place.at + len;
+        match place.dtype {
+            StateDtype::F32 => Coded::F32(&self.f32s[r]),
+            StateDtype::Bf16 => Coded::Bf16(&self.half[r]),
+            StateDtype::Int8 => Coded::Int8 {
+                codes: &self.codes[r],
+                absmax: &self.absmax[place.at / block..(place.at + len).div_ceil(block)],
+            },
+        }
+    }
+
+    /// `len` elements at `place`, as stored, to be written.
+    fn view_mut(&mut self, place: StatePlace, len: usize, block: usize) -> SlotMut<'_> {
+        let r = place.at..place.at + len;
+        match place.dtype {
+            StateDtype::F32 => Coded::F32(&mut self.f32s[r]),
+            StateDtype::Bf16 => Coded::Bf16(&mut self.half[r]),
+            StateDtype::Int8 => Coded::Int8 {
+                codes: &mut self.codes[r],
+                absmax: &mut self.absmax[place.at / block..(place.at + len).div_ceil(block)],
+            },
+        }
     }
 
     /// `len` elements from `place`, as f32, to `f` (decoded into `buffer` when compact).
@@ -131,43 +152,23 @@ impl SlotStore {
         buffer: &mut Vec<f32>,
         f: impl FnOnce(&[f32]) -> R,
     ) -> R {
-        let r = place.at..place.at + len;
-        let view = match place.dtype {
-            StateDtype::F32 => return f(&self.f32s[r]),
-            StateDtype::Bf16 => SlotRef::Bf16(&self.half[r]),
-            StateDtype::Int8 => SlotRef::Int8 {
-                codes: &self.codes[r],
-                absmax: &self.absmax[place.at / block..(place.at + len).div_ceil(block)],
-            },
-        };
-        view.decode_into(slot, block, buffer);
-        f(buffer)
+        match self.view(place, len, block) {
+            Coded::F32(values) => f(values),
+            compact => {
+                compact.decode_into(slot, block, buffer);
+                f(buffer)
+            }
+        }
     }
 
     /// `len` elements at `place`, as stored.
     pub(crate) fn read_raw(&self, place: StatePlace, len: usize, block: usize) -> RawSlot {
-        let r = place.at..place.at + len;
-        match place.dtype {
-            StateDtype::F32 => RawSlot::F32(self.f32s[r].to_vec()),
-            StateDtype::Bf16 => RawSlot::Bf16(self.half[r].to_vec()),
-            StateDtype::Int8 => RawSlot::Int8 {
-                codes: self.codes[r].to_vec(),
-                absmax: self.absmax[place.at / block..(place.at + len).div_ceil(block)].to_vec(),
-            },
-        }
+        self.view(place, len, block).to_raw()
     }
 
     /// Stores `raw` (in `place`'s format and length, checked by the caller) at `place`.
     pub(crate) fn write_raw(&mut self, place: StatePlace, raw: &RawSlot, block: usize) {
-        let at = place.at;
-        match raw {
-            RawSlot::F32(v) => self.f32s[at..at + v.len()].copy_from_slice(v),
-            RawSlot::Bf16(v) => self.half[at..at + v.len()].copy_from_slice(v),
-            RawSlot::Int8 { codes, absmax } => {
-                self.codes[at..at + codes.len()].copy_from_slice(codes);
-                self.absmax[at / block..at / block + absmax.len()].copy_from_slice(absmax);
-            }
-        }
+        self.view_mut(place, raw.len(), block).copy_from(raw.view());
     }
 }
 
@@ -184,50 +185,53 @@ impl<'a> SlotPiece<'a> {
     /// The piece's first `mid` elements, and the rest (`mid` a multiple of `block`,
     /// or past the end: then the rest is empty).
     pub(crate) fn split_at(self, mid: usize, block: usize) -> (Self, Self) {
-        match self {
-            SlotPiece::Unused => (SlotPiece::Unused, SlotPiece::Unused),
-            SlotPiece::F32(v) => {
+        let SlotPiece::Kept(piece) = self else {
+            return (SlotPiece::Unused, SlotPiece::Unused);
+        };
+        let (head, rest) = match piece {
+            Coded::F32(v) => {
                 let (a, b) = v.split_at_mut(mid.min(v.len()));
-                (SlotPiece::F32(a), SlotPiece::F32(b))
+                (Coded::F32(a), Coded::F32(b))
             }
-            SlotPiece::Bf16(h) => {
+            Coded::Bf16(h) => {
                 let (a, b) = h.split_at_mut(mid.min(h.len()));
-                (SlotPiece::Bf16(a), SlotPiece::Bf16(b))
+                (Coded::Bf16(a), Coded::Bf16(b))
             }
-            SlotPiece::Int8 { codes, absmax } => {
-                debug_assert!(mid % block == 0 || mid >= codes.len());
+            Coded::Int8 { codes, absmax } => {
+                debug_assert!(mid.is_multiple_of(block) || mid >= codes.len());
                 let (c, d) = codes.split_at_mut(mid.min(codes.len()));
                 let (a, b) = absmax.split_at_mut(mid.div_ceil(block).min(absmax.len()));
                 (
-                    SlotPiece::Int8 {
+                    Coded::Int8 {
                         codes: c,
                         absmax: a,
                     },
-                    SlotPiece::Int8 {
+                    Coded::Int8 {
                         codes: d,
                         absmax: b,
                     },
                 )
             }
-        }
+        };
+        (SlotPiece::Kept(head), SlotPiece::Kept(rest))
     }
 
-    /// True for bf16 or int8.
+    /// True for a kept piece stored in another format than f32.
     pub(crate) fn is_compact(&self) -> bool {
-        matches!(self, SlotPiece::Bf16(_) | SlotPiece::Int8 { .. })
+        match self {
+            SlotPiece::Unused => false,
+            SlotPiece::Kept(piece) => piece.dtype() != StateDtype::F32,
+        }
     }
 
     /// Decodes the piece into `out` (its elements; nothing for an unused slot).
     /// Inlined, so that `isa::decode_piece` compiles it at each level.
     #[inline(always)]
     pub(crate) fn decode(&self, slot: Slot, block: usize, out: &mut Vec<f32>) {
-        let view = match self {
-            SlotPiece::Unused => SlotRef::F32(&[]),
-            SlotPiece::F32(v) => SlotRef::F32(v),
-            SlotPiece::Bf16(h) => SlotRef::Bf16(h),
-            SlotPiece::Int8 { codes, absmax } => SlotRef::Int8 { codes, absmax },
-        };
-        view.decode_into(slot, block, out);
+        match self {
+            SlotPiece::Unused => out.clear(),
+            SlotPiece::Kept(piece) => piece.view().decode_into(slot, block, out),
+        }
     }
 
     /// Stores `values` into the piece: f32 as they are, bf16 rounded (stochastically
@@ -241,10 +245,12 @@ impl<'a> SlotPiece<'a> {
         block: usize,
         keys: Option<SlotKeys<'_>>,
     ) {
-        match self {
-            SlotPiece::Unused => {}
-            SlotPiece::F32(f) => f.copy_from_slice(values),
-            SlotPiece::Bf16(h) => match keys {
+        let SlotPiece::Kept(piece) = self else {
+            return;
+        };
+        match piece {
+            Coded::F32(f) => f.copy_from_slice(values),
+            Coded::Bf16(h) => match keys {
                 None => {
                     for (b, &x) in h.iter_mut().zip(values) {
                         *b = store_bf16_slot::<false>(x, 0);
@@ -257,7 +263,7 @@ impl<'a> SlotPiece<'a> {
                     }
                 }
             },
-            SlotPiece::Int8 { codes, absmax } => {
+            Coded::Int8 { codes, absmax } => {
                 encode_blocks(values, codes, absmax, block, CodeMap::for_slot(slot))
             }
         }
