@@ -540,6 +540,56 @@ fn stochastic_bf16_slots_keep_small_updates() {
     }
 }
 
+/// Weight decay is applied with 8-bit state as with f32 state (bitsandbytes' 8-bit
+/// RMSprop leaves it out of its update): with zero gradients the slots stay zero, so
+/// every step is the decay alone, the same bits as with f32 state, and not a no-op.
+#[test]
+fn int8_state_keeps_weight_decay() {
+    let ctx = common::gpu();
+    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
+    if let Some(ctx) = &ctx {
+        backends.push((Backend::Gpu, common::on(ctx)));
+    }
+    for (backend, gpu) in &backends {
+        let params = |state: StateDtype, decay: f64| {
+            let config = RmsPropConfig::default()
+                .with_weight_decay(decay)
+                .with_state(StateStorage::new(state).with_min_size(16));
+            let vars = model();
+            let mut opt = RmsProp::with_options(config, vars.clone(), *backend, gpu).unwrap();
+            let zeros: Vec<Vec<f32>> = vars.iter().map(|v| vec![0.0; v.values.len()]).collect();
+            let refs: Vec<Option<&[f32]>> = zeros.iter().map(|g| Some(&g[..])).collect();
+            for _ in 0..3 {
+                opt.apply_gradients(&refs).unwrap();
+            }
+            (
+                opt.variables().unwrap().concat(),
+                vars.iter()
+                    .flat_map(|v| v.values.clone())
+                    .collect::<Vec<f32>>(),
+            )
+        };
+        let (int8, start) = params(StateDtype::Int8, 0.1);
+        let (f32s, _) = params(StateDtype::F32, 0.1);
+        let (undecayed, _) = params(StateDtype::Int8, 0.0);
+        assert_eq!(
+            undecayed, start,
+            "{backend:?}: zero gradients, no decay: nothing moves"
+        );
+        let moved = int8.iter().zip(&start).filter(|(a, b)| a != b).count();
+        assert!(
+            moved > start.len() / 2,
+            "{backend:?}: the decay moved {moved} parameters"
+        );
+        for (k, (a, b)) in int8.iter().zip(&f32s).enumerate() {
+            assert!(
+                common::trace::values_match(*a, *b),
+                "{backend:?}: parameter {k}: {a} with int8 state, {b} with f32"
+            );
+        }
+    }
+}
+
 /// Both backends draw an element's stochastic rounding bits from its own index: one
 /// step whose f32 velocity is exact on both (small integer gradients), so every bf16
 /// slot must be the same bits, over a tensor the CPU codes in several passes.
