@@ -195,13 +195,19 @@ impl PendingJob<'_> {
                 .collect();
             run_with::<K, _>(views, param, grad, buffer, step, tensor, first, coding, s);
         } else {
-            // a pass of PASS_LEN elements at a time: their decoded slots stay in L1 from
-            // their decoding through the loop to their encoding
+            // compact slots: a pass of PASS_LEN elements at a time, so that their decoded
+            // values stay in L1 from their decoding through the loop to their encoding
+            // (f32 slots: one pass)
+            let pass_len = if slots.iter().any(SlotPiece::is_compact) {
+                PASS_LEN
+            } else {
+                n.max(1)
+            };
             let keys = coding.stochastic.then_some(SlotKeys { s, tensor, first });
             let mut rest = (slots, &mut *param);
             let mut start = 0;
             while start < n {
-                let len = PASS_LEN.min(n - start);
+                let len = pass_len.min(n - start);
                 let (slots, tail) = rest;
                 let mut pieces: [SlotPiece<'_>; 5] = Default::default();
                 let mut later: [SlotPiece<'_>; 5] = Default::default();
