@@ -430,8 +430,8 @@ mod x86 {
         let whole = n / 8 * 8;
         // SAFETY: every load and store is inside `values[..whole]`, `codes[..whole]` or
         // the tables (`t`'s arrays of 16 or 32 lanes, read 8 at a time at offsets 0, 8,
-        // 16 and 24 at most); the codes go through a local array. The features are this
-        // function's own.
+        // 16 and 24 at most); each store of codes writes 8 bytes at `codes[i..i + 8]`.
+        // The features are this function's own.
         unsafe {
             let inv = _mm256_set1_ps(inverse);
             let zero = _mm256_setzero_ps();
@@ -462,7 +462,11 @@ mod x86 {
                     bit4,
                 )
             };
-            let mut stored = [0u32; 8];
+            #[rustfmt::skip]
+            let low_bytes = _mm256_setr_epi8(
+                0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+            );
             for i in (0..whole).step_by(8) {
                 let x = _mm256_loadu_ps(values.as_ptr().add(i));
                 let ax = _mm256_and_ps(x, magnitude);
@@ -499,10 +503,10 @@ mod x86 {
                     none
                 };
                 let index = _mm256_blendv_epi8(guess, mirrored, negative);
-                _mm256_storeu_si256(stored.as_mut_ptr().cast(), _mm256_xor_si256(index, flip));
-                for (code, &word) in codes[i..i + 8].iter_mut().zip(&stored) {
-                    *code = word as u8;
-                }
+                // each word's low byte: four per 128-bit lane, then the two lanes' four
+                let bytes = _mm256_shuffle_epi8(_mm256_xor_si256(index, flip), low_bytes);
+                let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
+                _mm_storel_epi64(codes.as_mut_ptr().add(i).cast(), _mm256_castsi256_si128(bytes));
                 let finite = _mm256_cmp_ps::<_CMP_LT_OQ>(ax, infinity);
                 let untrusted = _mm256_or_ps(
                     _mm256_or_ps(near_boundary, near_step),
