@@ -189,7 +189,7 @@ pub(crate) const BOUNDARY_MARGIN: f32 = 1.0 / 262_144.0;
 /// threshold, so its integer part counts the thresholds below `y`. Which run holds `y`
 /// is read from `y`'s binade (its exponent), which holds at most one run boundary.
 /// A guess within [`STEP_MARGIN`] of a threshold, or [`BOUNDARY_MARGIN`] of a boundary,
-/// is not trusted (the caller encodes that element with [`encode_scaled`]); every other
+/// is not trusted (the caller encodes that element with [`encode_int8`]); every other
 /// one is [`encode_int8`]'s index, whatever the rounding of `y`, of the products
 /// `absmax * thresholds[c]` and of `y * slope + offset` (their errors are under 2^-13
 /// steps; a test checks the model against every threshold).

@@ -505,8 +505,12 @@ mod x86 {
                 let index = _mm256_blendv_epi8(guess, mirrored, negative);
                 // each word's low byte: four per 128-bit lane, then the two lanes' four
                 let bytes = _mm256_shuffle_epi8(_mm256_xor_si256(index, flip), low_bytes);
-                let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
-                _mm_storel_epi64(codes.as_mut_ptr().add(i).cast(), _mm256_castsi256_si128(bytes));
+                let bytes =
+                    _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
+                _mm_storel_epi64(
+                    codes.as_mut_ptr().add(i).cast(),
+                    _mm256_castsi256_si128(bytes),
+                );
                 let finite = _mm256_cmp_ps::<_CMP_LT_OQ>(ax, infinity);
                 let untrusted = _mm256_or_ps(
                     _mm256_or_ps(near_boundary, near_step),

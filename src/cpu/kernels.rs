@@ -12,6 +12,7 @@ use crate::math::{
 };
 use crate::quant::store_bf16_slot;
 use crate::slot::Slot;
+use crate::state::MAX_BLOCK_SIZE;
 use crate::state_layout::Coded;
 
 /// How the fused loop holds a slot's elements: f32, or bf16 bits coded in the loop
@@ -118,6 +119,7 @@ pub(crate) fn with_task_buffers<R>(f: impl FnOnce(&mut TaskBuffers) -> R) -> R {
 /// a pass starts at a block). 16M parameters with int8 state at 2 threads: 37 ms a step
 /// in passes of a whole chunk (32,768 elements), 33 ms in passes of 2,048 (BENCHMARKS.md).
 const PASS_LEN: usize = 2048;
+const _: () = assert!(PASS_LEN.is_multiple_of(MAX_BLOCK_SIZE));
 
 /// What compact slots need besides the step: int8 block size, and whether bf16 slots
 /// round stochastically.
