@@ -183,21 +183,9 @@ mod x86 {
         block: usize,
         out: &mut Vec<f32>,
     ) {
-        match piece {
-            SlotPiece::Kept(Coded::Int8 { codes, absmax }) => {
-                let map = CodeMap::for_slot(slot);
-                out.clear();
-                out.resize(codes.len(), 0.0);
-                for ((o, c), &a) in out
-                    .chunks_mut(block)
-                    .zip(codes.chunks(block))
-                    .zip(absmax.iter())
-                {
-                    decode_block_avx2(c, a, o, map);
-                }
-            }
-            other => other.decode(slot, block, out),
-        }
+        decode_int8_with(piece, slot, block, out, |c, a, o, map| {
+            decode_block_avx2(c, a, o, map)
+        })
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
@@ -206,6 +194,22 @@ mod x86 {
         slot: Slot,
         block: usize,
         out: &mut Vec<f32>,
+    ) {
+        decode_int8_with(piece, slot, block, out, |c, a, o, map| {
+            decode_block_avx512(c, a, o, map)
+        })
+    }
+
+    /// Decodes `piece` as `SlotPiece::decode` does, an 8-bit one block by block through
+    /// `decode_block` (one level's): the body both levels' `#[target_feature]` functions
+    /// share, inlined into each.
+    #[inline(always)]
+    fn decode_int8_with(
+        piece: &SlotPiece<'_>,
+        slot: Slot,
+        block: usize,
+        out: &mut Vec<f32>,
+        decode_block: impl Fn(&[u8], f32, &mut [f32], &CodeMap),
     ) {
         match piece {
             SlotPiece::Kept(Coded::Int8 { codes, absmax }) => {
@@ -217,7 +221,7 @@ mod x86 {
                     .zip(codes.chunks(block))
                     .zip(absmax.iter())
                 {
-                    decode_block_avx512(c, a, o, map);
+                    decode_block(c, a, o, map);
                 }
             }
             other => other.decode(slot, block, out),
@@ -294,22 +298,15 @@ mod x86 {
         block: usize,
         keys: Option<SlotKeys<'_>>,
     ) {
-        match piece {
-            SlotPiece::Kept(Coded::Int8 { codes, absmax }) => {
-                let map = CodeMap::for_slot(slot);
-                let tables = Tables::new(map.linear_guess());
-                encode_blocks_with(
-                    values,
-                    codes,
-                    absmax,
-                    block,
-                    map,
-                    |v| absmax_avx2(v),
-                    |v, c, m, inverse| encode_linear_avx2(v, c, m, inverse, map, &tables),
-                )
-            }
-            other => other.store(slot, values, block, keys),
-        }
+        store_int8_with(
+            piece,
+            slot,
+            values,
+            block,
+            keys,
+            |v| absmax_avx2(v),
+            |v, c, m, inverse, map, t| encode_linear_avx2(v, c, m, inverse, map, t),
+        )
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
@@ -319,6 +316,30 @@ mod x86 {
         values: &[f32],
         block: usize,
         keys: Option<SlotKeys<'_>>,
+    ) {
+        store_int8_with(
+            piece,
+            slot,
+            values,
+            block,
+            keys,
+            |v| absmax_avx512(v),
+            |v, c, m, inverse, map, t| encode_linear_avx512(v, c, m, inverse, map, t),
+        )
+    }
+
+    /// Stores `piece` as `SlotPiece::store` does, an 8-bit one with one level's block
+    /// scale (`scale`) and vectorized `encode_linear` (`linear`): the body both levels'
+    /// `#[target_feature]` functions share, inlined into each.
+    #[inline(always)]
+    fn store_int8_with(
+        piece: SlotPiece<'_>,
+        slot: Slot,
+        values: &[f32],
+        block: usize,
+        keys: Option<SlotKeys<'_>>,
+        scale: impl Fn(&[f32]) -> f32,
+        linear: impl Fn(&[f32], &mut [u8], f32, f32, &CodeMap, &Tables),
     ) {
         match piece {
             SlotPiece::Kept(Coded::Int8 { codes, absmax }) => {
@@ -330,8 +351,8 @@ mod x86 {
                     absmax,
                     block,
                     map,
-                    |v| absmax_avx512(v),
-                    |v, c, m, inverse| encode_linear_avx512(v, c, m, inverse, map, &tables),
+                    scale,
+                    |v, c, m, inverse| linear(v, c, m, inverse, map, &tables),
                 )
             }
             other => other.store(slot, values, block, keys),
