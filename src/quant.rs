@@ -535,6 +535,16 @@ mod tests {
         }
     }
 
+    /// A xorshift generator of 64-bit words from `state`.
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
     /// `x` encoded by `encode_blocks` in a block whose largest magnitude is `absmax`.
     fn fast(x: f32, absmax: f32, map: &CodeMap) -> u8 {
         let mut codes = [0u8; 2];
@@ -544,13 +554,7 @@ mod tests {
 
     #[test]
     fn the_fast_encoding_is_the_encoding() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
         for map in [CodeMap::unsigned(), CodeMap::signed()] {
             for _ in 0..400_000 {
                 let r = next();
@@ -624,13 +628,7 @@ mod tests {
 
     #[test]
     fn a_trusted_linear_guess_is_the_encoding() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         for map in [CodeMap::unsigned(), CodeMap::signed()] {
             let g = map.linear_guess();
             let index = |y: f32| u32::from(encode_int8(y, 1.0, map)) ^ map.flip;
