@@ -542,7 +542,8 @@ fn stochastic_bf16_slots_keep_small_updates() {
 
 /// Weight decay is applied with 8-bit state as with f32 state (bitsandbytes' 8-bit
 /// RMSprop leaves it out of its update): with zero gradients the slots stay zero, so
-/// every step is the decay alone, the same bits as with f32 state, and not a no-op.
+/// every step is the decay alone: the same bits as with f32 state on the same backend,
+/// and not a no-op.
 #[test]
 fn int8_state_keeps_weight_decay() {
     let ctx = common::gpu();
@@ -582,8 +583,10 @@ fn int8_state_keeps_weight_decay() {
             "{backend:?}: the decay moved {moved} parameters"
         );
         for (k, (a, b)) in int8.iter().zip(&f32s).enumerate() {
-            assert!(
-                common::trace::values_match(*a, *b),
+            // on one backend, the decay is the same arithmetic whatever the slots' format
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
                 "{backend:?}: parameter {k}: {a} with int8 state, {b} with f32"
             );
         }
