@@ -171,6 +171,9 @@ impl CodeMap {
 /// Regions of [`LinearGuess`] per map (a table of this many entries is one register of
 /// AVX2's `vpermps`).
 pub(crate) const REGIONS: usize = 8;
+/// Entries of each region table of [`LinearGuess`]: the [`REGIONS`] repeated to fill
+/// one register of AVX-512's `vpermps` (which reads all 16).
+pub(crate) const REGION_LANES: usize = 2 * REGIONS;
 /// Binade keys of [`LinearGuess`]: the exponent field of `y`, at least
 /// [`BINADE_LOW`], modulo 32 (as AVX-512's two-register permutes read it).
 pub(crate) const BINADES: usize = 32;
@@ -196,13 +199,13 @@ pub(crate) const BOUNDARY_MARGIN: f32 = 1.0 / 262_144.0;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct LinearGuess {
     /// Steps per unit of `y` in each region (0 in a region of one value).
-    pub slope: [f32; REGIONS],
+    pub slope: [f32; REGION_LANES],
     /// `y * slope + offset` is `j` at the region's `j`-th threshold.
-    pub offset: [f32; REGIONS],
+    pub offset: [f32; REGION_LANES],
     /// The sorted index of the region's first value.
-    pub first: [u32; REGIONS],
+    pub first: [u32; REGION_LANES],
     /// The region's values, less one.
-    pub span: [u32; REGIONS],
+    pub span: [u32; REGION_LANES],
     /// For each binade key: the region of the binade's smallest values.
     pub binade_region: [u32; BINADES],
     /// For each binade key: the threshold where the next region starts, inside the
@@ -270,17 +273,18 @@ impl LinearGuess {
             starts.len()
         );
         let mut guess = LinearGuess::default();
-        for r in 0..REGIONS {
+        for lane in 0..REGION_LANES {
+            let r = lane % REGIONS;
             let a = starts[r.min(starts.len() - 1)];
             let b = starts.get(r + 1).map_or(top, |next| next - 1);
-            guess.first[r] = a as u32;
-            guess.span[r] = (b - a) as u32;
+            guess.first[lane] = a as u32;
+            guess.span[lane] = (b - a) as u32;
             if b > a {
                 let step = (v(b) - v(a)) / (b - a) as f64;
-                guess.slope[r] = (1.0 / step) as f32;
-                guess.offset[r] = (1.0 - f64::from(map.thresholds[a]) / step) as f32;
+                guess.slope[lane] = (1.0 / step) as f32;
+                guess.offset[lane] = (1.0 - f64::from(map.thresholds[a]) / step) as f32;
             } else {
-                guess.offset[r] = 0.5;
+                guess.offset[lane] = 0.5;
             }
         }
         let boundaries: Vec<f32> = starts[1..].iter().map(|&a| map.thresholds[a - 1]).collect();

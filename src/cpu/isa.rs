@@ -171,7 +171,7 @@ mod x86 {
     use crate::math::StepScalars;
     use crate::quant::{
         block_absmax, decode_int8, encode_blocks_with, encode_int8, encode_linear, CodeMap,
-        LinearGuess, BINADES, BINADE_LOW, BOUNDARY_MARGIN, REGIONS, STEP_MARGIN,
+        LinearGuess, BINADE_LOW, BOUNDARY_MARGIN, STEP_MARGIN,
     };
     use crate::slot::Slot;
     use crate::state_layout::Coded;
@@ -339,12 +339,12 @@ mod x86 {
         block: usize,
         keys: Option<SlotKeys<'_>>,
         scale: impl Fn(&[f32]) -> f32,
-        linear: impl Fn(&[f32], &mut [u8], f32, f32, &CodeMap, &Tables),
+        linear: impl Fn(&[f32], &mut [u8], f32, f32, &CodeMap, &LinearGuess),
     ) {
         match piece {
             SlotPiece::Kept(Coded::Int8 { codes, absmax }) => {
                 let map = CodeMap::for_slot(slot);
-                let tables = Tables::new(map.linear_guess());
+                let guess = map.linear_guess();
                 encode_blocks_with(
                     values,
                     codes,
@@ -352,35 +352,10 @@ mod x86 {
                     block,
                     map,
                     scale,
-                    |v, c, m, inverse| linear(v, c, m, inverse, map, &tables),
+                    |v, c, m, inverse| linear(v, c, m, inverse, map, guess),
                 )
             }
             other => other.store(slot, values, block, keys),
-        }
-    }
-
-    /// A [`LinearGuess`]'s tables as the permutes read them: the binade tables as they
-    /// are (32 lanes), the region tables repeated to 16 lanes (a region index never
-    /// exceeds `REGIONS - 1`).
-    struct Tables {
-        boundary: [f32; BINADES],
-        region: [u32; BINADES],
-        slope: [f32; 16],
-        offset: [f32; 16],
-        first: [u32; 16],
-        span: [u32; 16],
-    }
-
-    impl Tables {
-        fn new(g: &LinearGuess) -> Tables {
-            Tables {
-                boundary: g.binade_boundary,
-                region: g.binade_region,
-                slope: std::array::from_fn(|k| g.slope[k % REGIONS]),
-                offset: std::array::from_fn(|k| g.offset[k % REGIONS]),
-                first: std::array::from_fn(|k| g.first[k % REGIONS]),
-                span: std::array::from_fn(|k| g.span[k % REGIONS]),
-            }
         }
     }
 
@@ -444,7 +419,7 @@ mod x86 {
         absmax: f32,
         inverse: f32,
         map: &CodeMap,
-        t: &Tables,
+        t: &LinearGuess,
     ) {
         use std::arch::x86_64::*;
         let n = values.len().min(codes.len());
@@ -465,8 +440,8 @@ mod x86 {
             let flip = _mm256_set1_epi32(map.flip as i32);
             let max_finite = _mm256_set1_epi32(map.max_finite as i32);
             let quarter = |table: *const f32, q: usize| _mm256_loadu_ps(table.add(8 * q));
-            let boundaries = [0, 1, 2, 3].map(|q| quarter(t.boundary.as_ptr(), q));
-            let regions = [0, 1, 2, 3].map(|q| quarter(t.region.as_ptr().cast(), q));
+            let boundaries = [0, 1, 2, 3].map(|q| quarter(t.binade_boundary.as_ptr(), q));
+            let regions = [0, 1, 2, 3].map(|q| quarter(t.binade_region.as_ptr().cast(), q));
             let slope = _mm256_loadu_ps(t.slope.as_ptr());
             let offset = _mm256_loadu_ps(t.offset.as_ptr());
             let first = _mm256_loadu_si256(t.first.as_ptr().cast());
@@ -562,7 +537,7 @@ mod x86 {
         absmax: f32,
         inverse: f32,
         map: &CodeMap,
-        t: &Tables,
+        t: &LinearGuess,
     ) {
         use std::arch::x86_64::*;
         let n = values.len().min(codes.len());
@@ -582,10 +557,10 @@ mod x86 {
             let boundary_margin = _mm512_set1_ps(BOUNDARY_MARGIN);
             let flip = _mm512_set1_epi32(map.flip as i32);
             let max_finite = _mm512_set1_epi32(map.max_finite as i32);
-            let boundary_low = _mm512_loadu_ps(t.boundary.as_ptr());
-            let boundary_high = _mm512_loadu_ps(t.boundary.as_ptr().add(16));
-            let region_low = _mm512_loadu_si512(t.region.as_ptr().cast());
-            let region_high = _mm512_loadu_si512(t.region.as_ptr().add(16).cast());
+            let boundary_low = _mm512_loadu_ps(t.binade_boundary.as_ptr());
+            let boundary_high = _mm512_loadu_ps(t.binade_boundary.as_ptr().add(16));
+            let region_low = _mm512_loadu_si512(t.binade_region.as_ptr().cast());
+            let region_high = _mm512_loadu_si512(t.binade_region.as_ptr().add(16).cast());
             let slope = _mm512_loadu_ps(t.slope.as_ptr());
             let offset = _mm512_loadu_ps(t.offset.as_ptr());
             let first = _mm512_loadu_si512(t.first.as_ptr().cast());
