@@ -334,10 +334,7 @@ fn small_tensors_keep_f32_and_memory_is_as_promised() {
         .with_momentum(0.9)
         .with_centered(true);
     let ctx = common::gpu();
-    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
-    if let Some(ctx) = &ctx {
-        backends.push((Backend::Gpu, common::on(ctx)));
-    }
+    let backends = common::backends(ctx.as_ref());
     for (backend, gpu) in backends {
         let bytes = |dtype| {
             let c = config.clone().with_state(StateStorage::new(dtype));
@@ -427,10 +424,7 @@ fn checkpoints_keep_compact_state_exactly() {
     let dir = std::env::temp_dir().join(format!("compact-ckpt-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ctx = common::gpu();
-    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
-    if let Some(ctx) = &ctx {
-        backends.push((Backend::Gpu, common::on(ctx)));
-    }
+    let backends = common::backends(ctx.as_ref());
     for dtype in [StateDtype::Int8, StateDtype::Bf16] {
         let config = with_state(combo(3 + 16), dtype, 64);
         for (from, from_gpu) in &backends {
@@ -499,10 +493,7 @@ fn stochastic_bf16_slots_keep_small_updates() {
     let steps = 1500;
     let exact = 1.0 - 0.999f64.powi(steps);
     let ctx = common::gpu();
-    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
-    if let Some(ctx) = &ctx {
-        backends.push((Backend::Gpu, common::on(ctx)));
-    }
+    let backends = common::backends(ctx.as_ref());
     let mut runs = Vec::new();
     for (backend, gpu) in &backends {
         let velocity = |storage: StateStorage| {
@@ -547,10 +538,7 @@ fn stochastic_bf16_slots_keep_small_updates() {
 #[test]
 fn int8_state_keeps_weight_decay() {
     let ctx = common::gpu();
-    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
-    if let Some(ctx) = &ctx {
-        backends.push((Backend::Gpu, common::on(ctx)));
-    }
+    let backends = common::backends(ctx.as_ref());
     for (backend, gpu) in &backends {
         let params = |state: StateDtype, decay: f64| {
             let config = RmsPropConfig::default()
@@ -757,10 +745,7 @@ fn compact_state_with_device_decided_steps() {
 fn finalize_assigns_the_decoded_ema_and_refreshes_the_copy() {
     use fused_rmsprop::{Dtype, Precision};
     let ctx = common::gpu();
-    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
-    if let Some(ctx) = &ctx {
-        backends.push((Backend::Gpu, common::on(ctx)));
-    }
+    let backends = common::backends(ctx.as_ref());
     let config = with_state(
         RmsPropConfig::default()
             .with_use_ema(true)

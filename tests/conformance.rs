@@ -75,10 +75,7 @@ fn every_trace_replays_in_16_bit_gradients_on_both_backends() {
     for (file, trace) in &common::traces() {
         for dtype in [Dtype::Bf16, Dtype::F16] {
             let reference = trace.rounded(dtype);
-            let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
-            if let Some(ctx) = &ctx {
-                backends.push((Backend::Gpu, common::on(ctx)));
-            }
+            let backends = common::backends(ctx.as_ref());
             let mut outcomes = Vec::new();
             for (backend, gpu) in &backends {
                 let (_, got) = trace.replay_in(*backend, gpu, dtype).unwrap();
@@ -112,10 +109,7 @@ fn every_trace_replays_with_a_parameter_copy_on_both_backends() {
     use fused_rmsprop::half::{bf16, f16};
     use fused_rmsprop::Precision;
     let ctx = common::gpu();
-    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
-    if let Some(ctx) = &ctx {
-        backends.push((Backend::Gpu, common::on(ctx)));
-    }
+    let backends = common::backends(ctx.as_ref());
     for (file, trace) in &common::traces() {
         for (backend, gpu) in &backends {
             let (_, plain) = trace.replay(*backend, gpu).unwrap();

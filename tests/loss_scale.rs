@@ -28,10 +28,7 @@ fn loss_scale_traces_match_keras_on_both_backends_in_every_gradient_dtype() {
             expected.loss_scale.is_some(),
             "{file}: no expected loss scale"
         );
-        let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
-        if let Some(ctx) = &ctx {
-            backends.push((Backend::Gpu, common::on(ctx)));
-        }
+        let backends = common::backends(ctx.as_ref());
         for (backend, gpu) in &backends {
             let (_, got) = trace.replay(*backend, gpu).unwrap();
             if let Some(m) = first_mismatch(&got, expected) {

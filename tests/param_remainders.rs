@@ -18,9 +18,8 @@ fn bits(v: &[Vec<f32>]) -> Vec<u32> {
 #[test]
 fn every_trace_is_the_f32_run_bit_for_bit_on_both_backends() {
     let ctx = common::gpu();
-    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
+    let mut backends = common::backends(ctx.as_ref());
     if let Some(ctx) = &ctx {
-        backends.push((Backend::Gpu, common::on(ctx)));
         backends.push((
             Backend::Gpu,
             GpuOptions {
@@ -141,11 +140,8 @@ fn remainders_need_bf16_parameters_and_checkpoints_keep_them() {
             "{bad:?}"
         );
     }
-    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
     let ctx = common::gpu();
-    if let Some(ctx) = &ctx {
-        backends.push((Backend::Gpu, common::on(ctx)));
-    }
+    let backends = common::backends(ctx.as_ref());
     for (backend, gpu) in backends {
         let precision = Precision::default().with_param_remainders();
         let mut opt =

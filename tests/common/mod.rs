@@ -5,7 +5,7 @@ pub mod trace;
 
 use std::path::PathBuf;
 
-use fused_rmsprop::{GpuContext, GpuOptions, RmsPropConfig};
+use fused_rmsprop::{Backend, GpuContext, GpuOptions, RmsPropConfig};
 use trace::Trace;
 
 /// `tests/keras/traces`: the Keras traces recorded by `tests/keras/record_traces.py`.
@@ -84,6 +84,13 @@ pub fn gpu() -> Option<GpuContext> {
             None
         }
     }
+}
+
+/// The backends a test runs on both: the CPU, and the GPU on `ctx` when there is one.
+pub fn backends(ctx: Option<&GpuContext>) -> Vec<(Backend, GpuOptions)> {
+    let mut backends = vec![(Backend::Cpu, GpuOptions::default())];
+    backends.extend(ctx.map(|ctx| (Backend::Gpu, on(ctx))));
+    backends
 }
 
 /// Options that run on `ctx`.
