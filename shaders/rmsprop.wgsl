@@ -92,6 +92,11 @@ override SLOT_COUNT: u32 = 1u;
 override STATE_DTYPE: u32 = 0u;
 override STATE_ROUNDING: u32 = 0u;
 override BLOCK_SIZE: u32 = 256u;
+// Who finds an int8 block's new scale: false, the BLOCK_SIZE / 4 invocations that step
+// it, through workgroup memory and barriers; true, the one invocation that steps the
+// whole block, in two passes and no barrier (software adapters, where a barrier costs
+// more than stepping the block twice).
+override BLOCK_PER_INVOCATION: bool = false;
 // 1 when every code above is one this shader handles; otherwise its initializer divides
 // by zero, which fails pipeline creation on every WGSL compiler: a new code must be
 // handled here (and added to src/gpu/contract.rs) before it can run. Read by every
@@ -1054,10 +1059,11 @@ fn store_slot(run: u32, id: u32, row: Chunk, k: u32, x: Lanes, key: vec4<u32>) {
 }
 
 // Stores slot `id` of the chunk's vec4 k as int8 codes of its block's new `absmax`;
-// the block's first invocation stores the scale.
+// the block's first invocation stores the scale (with BLOCK_PER_INVOCATION,
+// update_int8_blocks stores it after the block's last load).
 fn store_slot_int8(run: u32, id: u32, row: Chunk, k: u32, x: Lanes, absmax: f32) {
     set_state_word(code_run_at(run, row) + row.state_at / 4u + k, pack_bytes(encode_int8_fast(x, absmax, id)));
-    if ((row.state_at + 4u * k) % BLOCK_SIZE) == 0u {
+    if !BLOCK_PER_INVOCATION && ((row.state_at + 4u * k) % BLOCK_SIZE) == 0u {
         set_state_word(scale_word(run, row, k), bitcast<u32>(absmax));
     }
 }
@@ -1159,19 +1165,23 @@ struct BlockScales {
     accumulator: f32,
 }
 
+// The largest finite magnitudes of each slot of `e`, and of `scales` before.
+fn max_scales(scales: BlockScales, e: ElementState) -> BlockScales {
+    let m = vec4(block_absmax(e.velocity), block_absmax(e.momentum), block_absmax(e.average_gradient), block_absmax(e.ema));
+    return BlockScales(max(scales.slots, m), max(scales.accumulator, block_absmax(e.accumulator)));
+}
+
 // Each invocation's largest finite magnitudes (none when `live` is false), maxed over
 // its block's BLOCK_SIZE / 4 invocations by a tree in workgroup memory. Call from
 // uniform control flow only.
 fn block_scales_of(lid: u32, e: ElementState, live: bool) -> BlockScales {
-    var m = vec4(0.0);
-    var a = 0.0;
+    var own = BlockScales(vec4(0.0), 0.0);
     if live {
-        m = vec4(block_absmax(e.velocity), block_absmax(e.momentum), block_absmax(e.average_gradient), block_absmax(e.ema));
-        a = block_absmax(e.accumulator);
+        own = max_scales(own, e);
     }
     workgroupBarrier();
-    block_scales[lid] = m;
-    scratch[lid] = a;
+    block_scales[lid] = own.slots;
+    scratch[lid] = own.accumulator;
     workgroupBarrier();
     // two levels of eight: blocks of at most 64 invocations, three barriers (what a
     // reduction costs on software adapters)
@@ -1427,26 +1437,35 @@ fn update(
     }
     let t = tensor_step(chunk.tensor);
     let first = chunk.start / 4u;
-    if STATE_DTYPE == 2u {
+    if STATE_DTYPE == 2u && BLOCK_PER_INVOCATION {
+        // int8 slots, each block in one invocation: no barrier, so each invocation
+        // reads what it branches on
+        let word = branch_word(t, chunk);
+        if (word & 8u) != 0u {
+            if steps_chunk(word) {
+                update_int8_blocks(chunk, t, word & 3u, word >> 4u, lid);
+            }
+            return;
+        }
+    }
+    if STATE_DTYPE == 2u && !BLOCK_PER_INVOCATION {
         // int8 slots: the passes below hold barriers, so what the workgroup branches on
         // (the phase, the device's skip, whether the chunk's slots are int8, its
         // length) must be uniform, and values read from a read_write buffer are not:
         // one invocation packs them into one word, shared through
         // workgroupUniformLoad (one word, because a struct through it costs software
-        // adapters dearly). Only this variant has a barrier: software adapters (
-        // SwiftShader in Chrome) run a shader with barriers far slower per workgroup.
+        // adapters dearly). Only this path has barriers; software adapters (lavapipe,
+        // SwiftShader in Chrome), which run a shader with barriers far slower per
+        // workgroup, take BLOCK_PER_INVOCATION instead.
         if lid == 0u {
             uniform_word = branch_word(t, chunk);
         }
         let word = workgroupUniformLoad(&uniform_word);
         if (word & 8u) != 0u {
-            if (GUARD || LOSS_SCALING) && (word & 4u) != 0u {
+            if !steps_chunk(word) {
                 return;
             }
             let phase = word & 3u;
-            if (PARAM_GROUPS && phase == PHASE_FROZEN) || (phase == PHASE_NO_GRADIENT && !USE_EMA) {
-                return;
-            }
             let len = word >> 4u;
             // every invocation runs every pass (the blocks' scales reduce across
             // invocations), those past the chunk's end with nothing to store
@@ -1467,14 +1486,11 @@ fn update(
     }
     // every other chunk: no barrier, so each invocation reads what it branches on
     let word = branch_word(t, chunk);
-    if (GUARD || LOSS_SCALING) && (word & 4u) != 0u {
+    if !steps_chunk(word) {
         return;
     }
     let phase = word & 3u;
     let len = word >> 4u;
-    if (PARAM_GROUPS && phase == PHASE_FROZEN) || (phase == PHASE_NO_GRADIENT && !USE_EMA) {
-        return;
-    }
     if PARAM_DTYPE != 0u || PARAM_COPY != 0u {
         // 16-bit parameter arrays: two Lanes groups per invocation, so that their
         // stores are whole vec4s (first is even: chunks start at multiples of 8)
@@ -1496,6 +1512,57 @@ fn update(
     }
     for (var k = lid; 4u * k < len; k += WORKGROUP_SIZE) {
         store_element(first + k, phase, step_lanes(chunk, t, phase, k), chunk, k, slot_key(chunk, k));
+    }
+}
+
+// Whether a chunk of branch word `word` steps: not when the device skips the step, nor
+// for a frozen tensor, nor without a gradient unless an EMA moves.
+fn steps_chunk(word: u32) -> bool {
+    if (GUARD || LOSS_SCALING) && (word & 4u) != 0u {
+        return false;
+    }
+    let phase = word & 3u;
+    return !((PARAM_GROUPS && phase == PHASE_FROZEN) || (phase == PHASE_NO_GRADIENT && !USE_EMA));
+}
+
+// An int8 chunk of `len` elements with each block in one invocation
+// (BLOCK_PER_INVOCATION): a first pass steps the block for its new scales, a second
+// steps it again (its inputs now in cache) and stores it. Stepping is deterministic,
+// so both passes see the same values.
+fn update_int8_blocks(chunk: Chunk, t: TensorStep, phase: u32, len: u32, lid: u32) {
+    let first = chunk.start / 4u;
+    let width = BLOCK_SIZE / 4u;
+    let groups = (len + 3u) / 4u;
+    for (var b = lid * width; b < groups; b += WORKGROUP_SIZE * width) {
+        let end = min(b + width, groups);
+        var scales = BlockScales(vec4(0.0), 0.0);
+        for (var k = b; k < end; k++) {
+            scales = max_scales(scales, step_lanes(chunk, t, phase, k));
+        }
+        for (var k = b; k < end; k++) {
+            store_element_int8(first + k, phase, step_lanes(chunk, t, phase, k), chunk, k, scales);
+        }
+        // the scales last: the block's loads above decode with the old ones
+        store_scales(phase, chunk, b, scales);
+    }
+}
+
+// The scales of the int8 block at the chunk's vec4 k, for the slots `phase` stores.
+fn store_scales(phase: u32, row: Chunk, k: u32, scales: BlockScales) {
+    if phase == PHASE_UPDATE {
+        set_state_word(scale_word(0u, row, k), bitcast<u32>(scales.slots.x));
+        if USE_MOMENTUM {
+            set_state_word(scale_word(MOMENTUM_SLOT, row, k), bitcast<u32>(scales.slots.y));
+        }
+        if CENTERED {
+            set_state_word(scale_word(AVERAGE_GRADIENT_SLOT, row, k), bitcast<u32>(scales.slots.z));
+        }
+    }
+    if ACCUMULATE && phase != PHASE_NO_GRADIENT {
+        set_state_word(scale_word(ACCUMULATOR_SLOT, row, k), bitcast<u32>(scales.accumulator));
+    }
+    if USE_EMA {
+        set_state_word(scale_word(EMA_SLOT, row, k), bitcast<u32>(scales.slots.w));
     }
 }
 

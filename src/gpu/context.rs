@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::gpu::limits;
-use crate::gpu::pipelines::PipelineCache;
+use crate::gpu::pipelines::{BlockReduction, PipelineCache};
 
 /// Environment variable that lets [`crate::Backend::Auto`] pick a software adapter
 /// (lavapipe, llvmpipe, WARP): `1`, `true` or `yes`. CI sets it so the GPU path runs
@@ -191,12 +191,13 @@ impl GpuContext {
                 l.get_or_insert(format!("the device was lost ({reason:?}): {message}"));
             }
         });
+        let blocks = BlockReduction::for_adapter(&device.adapter_info());
         Ok(GpuContext {
             device,
             queue,
             info,
             instance: None,
-            pipelines: Arc::default(),
+            pipelines: Arc::new(Mutex::new(PipelineCache::new(blocks))),
             errors,
             lost,
         })

@@ -190,9 +190,16 @@ pub(crate) const BLOCK_SIZE: Override = Override {
     name: "BLOCK_SIZE",
     values: &[32.0, 64.0, 128.0, 256.0],
 };
+/// Who finds an int8 block's new scale: the invocations that step it, through
+/// workgroup memory and barriers (0), or the one invocation that steps the whole block
+/// twice, with no barrier (1: `BlockReduction::Invocation`).
+pub(crate) const BLOCK_PER_INVOCATION: Override = Override {
+    name: "BLOCK_PER_INVOCATION",
+    values: BOOL,
+};
 
 /// Every override the host sets, in the order `pipelines.rs` gives them.
-pub(crate) const OVERRIDES: [Override; 23] = [
+pub(crate) const OVERRIDES: [Override; 24] = [
     CENTERED,
     USE_MOMENTUM,
     NESTEROV,
@@ -216,6 +223,7 @@ pub(crate) const OVERRIDES: [Override; 23] = [
     STATE_ROUNDING,
     BLOCK_SIZE,
     PARAM_GROUPS,
+    BLOCK_PER_INVOCATION,
 ];
 
 /// Overrides the shader derives from the others (the host never sets them).
@@ -239,7 +247,8 @@ pub(crate) const ENTRY_POINTS: [&str; 5] = [
 /// - every combination of the dtype overrides (gradients, copy, parameters, rounding),
 ///   with the options all off and all on;
 /// - compact state (bf16, bf16 rounded stochastically, int8, int8 with the smallest
-///   block, int8 with bf16 parameters rounded stochastically), options off and on;
+///   block, both with each block in one invocation, int8 with bf16 parameters rounded
+///   stochastically), options off and on;
 /// - the other dialects' structure (nesterov, weight decay in the gradient) and param
 ///   groups, options off and on;
 /// - every value of every override alone (the slot runs and counts included).
@@ -295,11 +304,17 @@ pub(crate) fn specializations() -> Vec<Vec<(&'static str, f64)>> {
             (COUPLED_DECAY.name, 1.0),
         ],
     ];
-    let state: [&[(&'static str, f64)]; 5] = [
+    let state: [&[(&'static str, f64)]; 7] = [
         &[(STATE_DTYPE.name, 1.0)],
         &[(STATE_DTYPE.name, 1.0), (STATE_ROUNDING.name, 1.0)],
         &[(STATE_DTYPE.name, 2.0)],
         &[(STATE_DTYPE.name, 2.0), (BLOCK_SIZE.name, 32.0)],
+        &[(STATE_DTYPE.name, 2.0), (BLOCK_PER_INVOCATION.name, 1.0)],
+        &[
+            (STATE_DTYPE.name, 2.0),
+            (BLOCK_SIZE.name, 32.0),
+            (BLOCK_PER_INVOCATION.name, 1.0),
+        ],
         &[
             (STATE_DTYPE.name, 2.0),
             (PARAM_DTYPE.name, 1.0),

@@ -717,6 +717,113 @@ mod tests {
         }
     }
 
+    /// Both int8 block reductions (the workgroup's barriers, for hardware GPUs; one
+    /// invocation per block, for software adapters) store the same state and
+    /// parameters, bit for bit: every structural option, the smallest and largest
+    /// blocks, chunks that end inside a block, a step without gradients.
+    #[test]
+    fn both_int8_block_reductions_store_the_same_bytes() {
+        use crate::gpu::pipelines::BlockReduction;
+        use crate::{Slot, StateDtype, StateStorage};
+        let Some(probe) = context() else { return };
+        drop(probe);
+        let lens = [20_000usize, 5003, 300];
+        let start = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7 + seed) as f32 * 0.013).sin())
+                .collect()
+        };
+        let everything = RmsPropConfig::default()
+            .with_centered(true)
+            .with_momentum(0.9)
+            .with_use_ema(true)
+            .with_gradient_accumulation_steps(2)
+            .with_weight_decay(0.01);
+        for (config, block) in [
+            (RmsPropConfig::default(), 256),
+            (everything.clone(), 256),
+            (everything, 32),
+        ] {
+            let config =
+                config.with_state(StateStorage::new(StateDtype::Int8).with_block_size(block));
+            let run = |blocks: BlockReduction| {
+                let ctx = context().expect("an adapter, as above");
+                ctx.pipelines.lock().unwrap().blocks = blocks;
+                let options = GpuOptions {
+                    context: Some(ctx),
+                    ..GpuOptions::default()
+                };
+                let vars: Vec<Variable> = lens
+                    .iter()
+                    .enumerate()
+                    .map(|(t, &n)| Variable::new(&format!("v{t}"), &[n], start(n, t)).unwrap())
+                    .collect();
+                let mut opt =
+                    RmsProp::with_options(config.clone(), vars, Backend::Gpu, &options).unwrap();
+                for step in 0..5 {
+                    let grads: Vec<Vec<f32>> = lens
+                        .iter()
+                        .map(|&n| {
+                            start(n, 100 + step)
+                                .iter()
+                                .map(|g| 3.0 * g * g * g)
+                                .collect()
+                        })
+                        .collect();
+                    let mut refs: Vec<Option<&[f32]>> =
+                        grads.iter().map(|g| Some(&g[..])).collect();
+                    if step == 3 {
+                        refs[0] = None;
+                    }
+                    opt.apply_gradients(&refs).unwrap();
+                }
+                let bits = |v: Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+                    v.iter()
+                        .map(|t| t.iter().map(|x| x.to_bits()).collect())
+                        .collect()
+                };
+                let slots: Vec<Option<Vec<Vec<u32>>>> = Slot::ALL
+                    .iter()
+                    .map(|&s| opt.slot(s).unwrap().map(bits))
+                    .collect();
+                (bits(opt.variables().unwrap()), slots)
+            };
+            let (workgroup, invocation) = (
+                run(BlockReduction::Workgroup),
+                run(BlockReduction::Invocation),
+            );
+            assert!(workgroup.1.iter().flatten().count() >= 1, "slots kept");
+            assert!(
+                workgroup
+                    .1
+                    .iter()
+                    .flatten()
+                    .flatten()
+                    .flatten()
+                    .any(|&b| b != 0),
+                "the slots moved"
+            );
+            let first_gap = |a: &[Vec<u32>], b: &[Vec<u32>]| {
+                a.iter().zip(b).enumerate().find_map(|(t, (x, y))| {
+                    let j = x.iter().zip(y).position(|(p, q)| p != q)?;
+                    let (p, q) = (f32::from_bits(x[j]), f32::from_bits(y[j]));
+                    Some(format!(
+                        "tensor {t}[{j}]: {p} (workgroup) vs {q} (invocation)"
+                    ))
+                })
+            };
+            let gap = first_gap(&workgroup.0, &invocation.0);
+            assert!(gap.is_none(), "parameters, block {block}: {gap:?}");
+            for (slot, (a, b)) in Slot::ALL.iter().zip(workgroup.1.iter().zip(&invocation.1)) {
+                let gap = match (a, b) {
+                    (Some(a), Some(b)) => first_gap(a, b),
+                    (a, b) => (a.is_some() != b.is_some()).then(|| "kept on one only".into()),
+                };
+                assert!(gap.is_none(), "{slot}, block {block}: {gap:?}");
+            }
+        }
+    }
+
     #[derive(Debug)]
     struct Sawtooth;
 

@@ -29,9 +29,35 @@ pub(crate) struct Pipelines {
     pub(crate) finalize_params: wgpu::ComputePipeline,
 }
 
-/// The override values of `variant`, named through the contract (every override of
-/// [`contract::OVERRIDES`], in its order; a unit test checks both).
-pub(crate) fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
+/// Who finds an int8 block's new scale (the shader's `BLOCK_PER_INVOCATION`), chosen
+/// per device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum BlockReduction {
+    /// The `block_size / 4` invocations that step the block, through workgroup memory
+    /// and barriers: hardware GPUs.
+    #[default]
+    Workgroup,
+    /// The one invocation that steps the whole block, once for the scale and once to
+    /// store it, with no barrier: software adapters, where barriers cost more than the
+    /// second pass (BENCHMARKS.md, issue 26).
+    Invocation,
+}
+
+impl BlockReduction {
+    /// The reduction for a device on the adapter `info` describes.
+    pub(crate) fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
+        if info.device_type == wgpu::DeviceType::Cpu {
+            BlockReduction::Invocation
+        } else {
+            BlockReduction::Workgroup
+        }
+    }
+}
+
+/// The override values of `variant` with int8 blocks reduced by `blocks`, named
+/// through the contract (every override of [`contract::OVERRIDES`], in its order; a
+/// unit test checks both).
+pub(crate) fn constants(variant: &Variant, blocks: BlockReduction) -> Vec<(&'static str, f64)> {
     let b = |x: bool| if x { 1.0 } else { 0.0 };
     let slot = |s: Slot| variant.slot_index(s).unwrap_or(0) as f64;
     let kernel = variant.kernel();
@@ -73,6 +99,10 @@ pub(crate) fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
             (contract::STATE_ROUNDING.name, b(variant.state_stochastic)),
             (contract::BLOCK_SIZE.name, f64::from(variant.block_size)),
             (contract::PARAM_GROUPS.name, b(variant.param_groups)),
+            (
+                contract::BLOCK_PER_INVOCATION.name,
+                b(blocks == BlockReduction::Invocation),
+            ),
         ])
         .collect()
 }
@@ -80,9 +110,21 @@ pub(crate) fn constants(variant: &Variant) -> Vec<(&'static str, f64)> {
 /// Shader module, layouts and pipelines of one device.
 #[derive(Default)]
 pub(crate) struct PipelineCache {
+    /// The device's int8 block reduction, which every pipeline is built with.
+    pub(crate) blocks: BlockReduction,
     module: Option<wgpu::ShaderModule>,
     layouts: Option<(wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     by_variant: HashMap<Variant, Arc<Pipelines>>,
+}
+
+impl PipelineCache {
+    /// An empty cache for a device whose int8 blocks `blocks` reduces.
+    pub(crate) fn new(blocks: BlockReduction) -> Self {
+        PipelineCache {
+            blocks,
+            ..PipelineCache::default()
+        }
+    }
 }
 
 /// The layout entry of one contract binding.
@@ -145,7 +187,7 @@ pub(crate) fn pipelines_for(ctx: &GpuContext, variant: &Variant) -> Result<Arc<P
         return Err(Error::Gpu("pipeline layout missing".into()));
     };
     let p = ctx.scoped("building pipelines", || {
-        let constants = constants(variant);
+        let constants = constants(variant, cache.blocks);
         let make = |entry: &str| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
@@ -248,8 +290,12 @@ mod tests {
                 ..v
             });
         }
-        for v in variants {
-            let given = constants(&v);
+        let reductions = [BlockReduction::Workgroup, BlockReduction::Invocation];
+        for (v, blocks) in variants
+            .into_iter()
+            .flat_map(|v| reductions.map(|r| (v, r)))
+        {
+            let given = constants(&v, blocks);
             let names: Vec<&str> = given.iter().map(|(n, _)| *n).collect();
             let expected: Vec<&str> = contract::OVERRIDES.iter().map(|o| o.name).collect();
             assert_eq!(names, expected);
