@@ -1447,16 +1447,17 @@ fn update(
             }
             return;
         }
-    }
-    if STATE_DTYPE == 2u && !BLOCK_PER_INVOCATION {
-        // int8 slots: the passes below hold barriers, so what the workgroup branches on
-        // (the phase, the device's skip, whether the chunk's slots are int8, its
-        // length) must be uniform, and values read from a read_write buffer are not:
-        // one invocation packs them into one word, shared through
-        // workgroupUniformLoad (one word, because a struct through it costs software
-        // adapters dearly). Only this path has barriers; software adapters (lavapipe,
-        // SwiftShader in Chrome), which run a shader with barriers far slower per
-        // workgroup, take BLOCK_PER_INVOCATION instead.
+    } else if STATE_DTYPE == 2u {
+        // int8 slots, each block's scales reduced by its invocations (an else branch:
+        // in Tint's uniformity analysis the returns above, which are not uniform, must
+        // not precede these barriers): the passes below hold barriers, so what the
+        // workgroup branches on (the phase, the device's skip, whether the chunk's
+        // slots are int8, its length) must be uniform, and values read from a
+        // read_write buffer are not: one invocation packs them into one word, shared
+        // through workgroupUniformLoad (one word, because a struct through it costs
+        // software adapters dearly). Only this path has barriers; software adapters
+        // (lavapipe, SwiftShader in Chrome), which run a shader with barriers far
+        // slower per workgroup, take BLOCK_PER_INVOCATION instead.
         if lid == 0u {
             uniform_word = branch_word(t, chunk);
         }
