@@ -756,7 +756,7 @@ mod tests {
                 let vars: Vec<Variable> = lens
                     .iter()
                     .enumerate()
-                    .map(|(t, &n)| Variable::new(&format!("v{t}"), &[n], start(n, t)).unwrap())
+                    .map(|(t, &n)| Variable::new(format!("v{t}"), &[n], start(n, t)).unwrap())
                     .collect();
                 let mut opt =
                     RmsProp::with_options(config.clone(), vars, Backend::Gpu, &options).unwrap();
