@@ -900,16 +900,20 @@ const FORMAT_F32: u32 = 0u;
 const FORMAT_INT8: u32 = 2u;
 
 // quant::CodeMap::gpu_table: values at 0 (unsigned) and 256 (signed), thresholds 512
-// further (f32 bits), then the guesses (four per word) at GUESSES, the signed map's
+// further (f32 bits), then the guesses (two per word) at GUESSES, the signed map's
 // GUESS_WORDS further; the unsigned map has 254 finite values then +inf and NaN, the
 // signed one 255 then NaN, its bytes flipped by 127 (0 is byte 0 in both).
 const MAP_SIGNED: u32 = 256u;
 const MAP_THRESHOLDS: u32 = 512u;
 const NAN_INDEX: u32 = 255u;
 const GUESSES: u32 = 1024u;
-const GUESS_WORDS: u32 = 13825u;
+const GUESS_WORDS: u32 = 27649u;
 const GUESS_LOW: u32 = 0x32000u;
 const GUESS_HIGH: u32 = 0x3f800u;
+const GUESS_CLEAN: u32 = 0x100u;
+// quant::SCALE_LIMITS
+const SCALE_LOW: f32 = 0x1p-100f;
+const SCALE_HIGH: f32 = 0x1p100f;
 
 fn map_base(id: u32) -> u32 {
     return select(MAP_SIGNED, 0u, id == SLOT_VELOCITY);
@@ -963,23 +967,31 @@ fn stored_code(index: vec4<u32>, x: Lanes, absmax: f32, id: u32) -> vec4<u32> {
 }
 
 // quant::encode_int8_fast: the sorted index of |x| / absmax guessed from its top 20
-// bits (a threshold at most one guess away), settled by two threshold comparisons and
-// checked against the two around the result; a lane that fails the check (none has
-// been seen) takes encode_int8's search. The same byte as encode_int8.
+// bits (a threshold at most one guess away). Where every lane's bucket is clean (no
+// threshold near it: quant::GUESS_CLEAN) and the scale is within quant::SCALE_LIMITS,
+// the guess is the index; otherwise it is settled by two threshold comparisons and
+// checked against the two around the result, and a lane that fails the check (none
+// has been seen) takes encode_int8's search. The same byte as encode_int8.
 fn encode_int8_fast(x: Lanes, absmax: f32, id: u32) -> vec4<u32> {
     let base = map_base(id);
     let max_finite = vec4(map_max_finite(id));
     let thresholds = vec4(MAP_THRESHOLDS + base);
     let y = bitcast<vec4<u32>>(abs(x) * (1.0 / absmax)) >> vec4(12u);
     let key = clamp(y, vec4(GUESS_LOW), vec4(GUESS_HIGH)) - vec4(GUESS_LOW);
-    let words = vec4(GUESSES + select(GUESS_WORDS, 0u, id == SLOT_VELOCITY)) + key / vec4(4u);
+    let words = vec4(GUESSES + select(GUESS_WORDS, 0u, id == SLOT_VELOCITY)) + key / vec4(2u);
     let packed = vec4(code_map(words.x), code_map(words.y), code_map(words.z), code_map(words.w));
-    let guess = (packed >> ((key % vec4(4u)) * vec4(8u))) & vec4(0xffu);
+    let entry = packed >> ((key % vec4(2u)) * vec4(16u));
+    let guess = entry & vec4(0xffu);
     var around = guess;
     if id != SLOT_VELOCITY {
         around = select(guess, max_finite - guess, x < Lanes(0.0));
     } else {
         around = select(guess, vec4(0u), x < Lanes(0.0));
+    }
+    // (non-finite lanes take their special codes whatever the guess)
+    let clean = ((entry & vec4(GUESS_CLEAN)) != vec4(0u)) | lanes_non_finite(x);
+    if all(clean) && absmax >= SCALE_LOW && absmax <= SCALE_HIGH {
+        return stored_code(around, x, absmax, id);
     }
     // thresholds lo - 1 .. lo + 2 (past the last finite value they are infinite)
     let lo = max(around, vec4(1u)) - vec4(1u);

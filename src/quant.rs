@@ -42,10 +42,12 @@ pub struct CodeMap {
     pub inf_index: u32,
     /// Sorted index of NaN.
     pub nan_index: u32,
-    /// The shader's first guess (`encode_int8_fast` in `shaders/rmsprop.wgsl`): the sorted
-    /// index of each magnitude `y` from 2^-27 to 1, keyed by its top 20 bits (buckets
-    /// narrower than any gap between thresholds); then 3 zero bytes.
-    guesses: Vec<u8>,
+    /// The shader's first guess (`encode_int8_fast` in `shaders/rmsprop.wgsl`): for
+    /// each magnitude `y` from 2^-27 to 1, keyed by its top 20 bits (buckets narrower
+    /// than any gap between thresholds), the sorted index of the bucket's least `y`,
+    /// plus [`GUESS_CLEAN`] where no threshold lies in the bucket or within
+    /// [`CLEAN_MARGIN`] of it; then one zero entry.
+    guesses: Vec<u16>,
     /// The CPU encoders' first guess ([`encode_linear`]: no table lookup).
     linear: LinearGuess,
 }
@@ -53,8 +55,16 @@ pub struct CodeMap {
 /// The keys of [`CodeMap::guesses`]: the top 20 bits of 2^-27 and of 1.0.
 pub(crate) const GUESS_LOW: u32 = 0x3200_0000 >> 12;
 pub(crate) const GUESS_HIGH: u32 = 0x3f80_0000 >> 12;
-/// Words of one map's guesses in [`CodeMap::gpu_table`].
-pub const GUESS_WORDS: usize = (GUESS_HIGH - GUESS_LOW) as usize / 4 + 1;
+/// Words of one map's guesses in [`CodeMap::gpu_table`] (two per word).
+pub(crate) const GUESS_WORDS: usize = (GUESS_HIGH - GUESS_LOW) as usize / 2 + 1;
+/// The bit of a guess whose bucket is clean: every `y` in it (and within a relative
+/// [`CLEAN_MARGIN`] of it) has the guess's index, so the shader takes it with no
+/// threshold compared (where the block's scale is within [`SCALE_LIMITS`]).
+pub(crate) const GUESS_CLEAN: u16 = 0x100;
+/// How far (relative) every threshold stays from a clean bucket: far more than the
+/// shader's error in `y = |x| * (1 / absmax)` (division within 2.5 ulp, WGSL's bound,
+/// and one rounding) and in `absmax * threshold` (one rounding), both under 2^-21.
+pub(crate) const CLEAN_MARGIN: f64 = 1.0 / 262_144.0;
 
 /// Means of `items` equal steps between 0.1 and 1 (bitsandbytes' `create_dynamic_map`:
 /// the midpoints of `linspace(0.1, 1, items + 1)`), times `scale`.
@@ -93,11 +103,40 @@ impl CodeMap {
             linear: LinearGuess::default(),
         };
         map.guesses = (GUESS_LOW..=GUESS_HIGH)
-            .map(|b| (u32::from(encode_int8(f32::from_bits(b << 12), 1.0, &map)) ^ flip) as u8)
-            .chain([0; 3])
+            .map(|b| map.guess_entry(b))
+            .chain([0])
             .collect();
         map.linear = LinearGuess::build(&map);
         map
+    }
+
+    /// The shader's guess for key `b` (`y`'s top 20 bits; the first key also stands for
+    /// every smaller `y`, the last for every larger one): the sorted index of the
+    /// bucket's least `y`, and [`GUESS_CLEAN`] when no finite threshold lies within
+    /// [`CLEAN_MARGIN`] of the bucket.
+    fn guess_entry(&self, b: u32) -> u16 {
+        let index = (u32::from(encode_int8(f32::from_bits(b << 12), 1.0, self)) ^ self.flip) as u16;
+        let lo = if b == GUESS_LOW {
+            0.0
+        } else {
+            f64::from(f32::from_bits(b << 12))
+        };
+        let hi = if b == GUESS_HIGH {
+            f64::INFINITY
+        } else {
+            f64::from(f32::from_bits((b + 1) << 12))
+        };
+        let near = self.thresholds[..self.max_finite as usize]
+            .iter()
+            .any(|&t| {
+                let t = f64::from(t);
+                t >= lo * (1.0 - CLEAN_MARGIN) && t <= hi * (1.0 + CLEAN_MARGIN)
+            });
+        if near {
+            index
+        } else {
+            index | GUESS_CLEAN
+        }
     }
 
     /// The arithmetic first guess ([`LinearGuess`]), as the vectorized encoders read it.
@@ -149,19 +188,19 @@ impl CodeMap {
 
     /// The tables the shader reads, as words in one array: the unsigned values, the
     /// signed values, the unsigned thresholds, the signed thresholds (256 f32 each, as
-    /// bits), then the unsigned and the signed guesses ([`GUESS_WORDS`] each, four per
-    /// word, little end first).
+    /// bits), then the unsigned and the signed guesses ([`GUESS_WORDS`] each, two per
+    /// word, low half first).
     pub(crate) fn gpu_table() -> Vec<u32> {
         let (u, s) = (CodeMap::unsigned(), CodeMap::signed());
         let floats = [u.values, s.values, u.thresholds, s.thresholds].concat();
         let mut words: Vec<u32> = floats.iter().map(|x| x.to_bits()).collect();
         for map in [u, s] {
             let mut guesses = map.guesses.clone();
-            guesses.resize(4 * GUESS_WORDS, 0);
+            guesses.resize(2 * GUESS_WORDS, 0);
             words.extend(
                 guesses
-                    .chunks(4)
-                    .map(|g| u32::from_le_bytes([g[0], g[1], g[2], g[3]])),
+                    .chunks(2)
+                    .map(|g| u32::from(g[0]) | u32::from(g[1]) << 16),
             );
         }
         words
@@ -540,6 +579,49 @@ mod tests {
     }
 
     /// A xorshift generator of 64-bit words from `state`.
+    /// A clean guess, which the shader takes with no threshold compared, is
+    /// `encode_int8`'s index for every `y` in its bucket and near it (the bucket's ends
+    /// moved out by 2^-20, where the shader's `y` errs under 2^-21; random `y` inside;
+    /// blocks scaled by 1, 3e-7 and 2.5e5; negative `x` mirrored as the shader mirrors
+    /// it), for every key of both maps; and most buckets are clean.
+    #[test]
+    fn a_clean_guess_is_the_encoding_of_its_whole_bucket() {
+        let mut next = xorshift(0x5eed_1234);
+        let keys = GUESS_HIGH - GUESS_LOW + 1;
+        for map in [CodeMap::unsigned(), CodeMap::signed()] {
+            let mut clean = 0;
+            for b in GUESS_LOW..=GUESS_HIGH {
+                let entry = map.guesses[(b - GUESS_LOW) as usize];
+                if entry & GUESS_CLEAN == 0 {
+                    continue;
+                }
+                clean += 1;
+                let index = u32::from(entry & 0xff);
+                let (lo, hi) = (f32::from_bits(b << 12), f32::from_bits(((b + 1) << 12) - 1));
+                let out = 1.0 - 1.0 / 1_048_576.0;
+                let mut ys = vec![lo * out, lo, hi, hi / out];
+                ys.extend((0..4).map(|_| f32::from_bits((b << 12) | (next() as u32 & 0xfff))));
+                if b == GUESS_LOW {
+                    ys.extend([0.0, 1e-30, lo / 2.0]);
+                }
+                for y in ys {
+                    for absmax in [1.0f32, 3.0e-7, 2.5e5] {
+                        let x = y * absmax;
+                        let sorted = |x: f32| u32::from(encode_int8(x, absmax, map)) ^ map.flip;
+                        assert_eq!(sorted(x), index, "key {b:#x}, y {y:e}, absmax {absmax:e}");
+                        let mirrored = if map.flip == 0 {
+                            0
+                        } else {
+                            map.max_finite - index
+                        };
+                        assert_eq!(sorted(-x), mirrored, "key {b:#x}, y {y:e}, -x");
+                    }
+                }
+            }
+            assert!(clean * 100 >= keys * 95, "{clean} of {keys} keys clean");
+        }
+    }
+
     fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
         move || {
             state ^= state << 13;

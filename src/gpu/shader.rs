@@ -445,6 +445,32 @@ mod tests {
         ] {
             assert_eq!(constant(name), host, "{name}");
         }
+        // quant::CodeMap::gpu_table's layout and guesses
+        use crate::quant::{GUESS_CLEAN, GUESS_HIGH, GUESS_LOW, GUESS_WORDS};
+        for (name, host) in [
+            ("MAP_SIGNED", 256),
+            ("MAP_THRESHOLDS", 512),
+            ("GUESSES", 1024),
+            ("GUESS_WORDS", GUESS_WORDS as u32),
+            ("GUESS_LOW", GUESS_LOW),
+            ("GUESS_HIGH", GUESS_HIGH),
+            ("GUESS_CLEAN", u32::from(GUESS_CLEAN)),
+        ] {
+            assert_eq!(constant(name), host, "{name}");
+        }
+        let float = |name: &str| -> f32 {
+            let (_, c) = m
+                .constants
+                .iter()
+                .find(|(_, c)| c.name.as_deref() == Some(name))
+                .unwrap_or_else(|| panic!("no const {name}"));
+            match m.global_expressions[c.init] {
+                naga::Expression::Literal(naga::Literal::F32(v)) => v,
+                ref e => panic!("{name} = {e:?}"),
+            }
+        };
+        let (low, high) = crate::quant::SCALE_LIMITS;
+        assert_eq!((float("SCALE_LOW"), float("SCALE_HIGH")), (low, high));
         use crate::math::Phase;
         for (name, phase) in [
             ("PHASE_NO_GRADIENT", Phase::NoGradient),
