@@ -179,7 +179,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let slot_traffic = match args.state_dtype {
         StateDtype::F32 => 8.0,
         StateDtype::Bf16 => 4.0,
-        StateDtype::Int8 => 2.0 + 8.0 / 256.0,
+        StateDtype::Dynamic8 { block_size } => 2.0 + 8.0 / block_size as f64,
     };
     let per_param = (variant.bytes_per_param_with(gradient_bytes) + copy_bytes
         - param_saving

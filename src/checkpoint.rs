@@ -240,12 +240,13 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
                         .map(|b| u16::from_le_bytes([b[0], b[1]]))
                         .collect(),
                 ),
-                StateDtype::Int8 => {
+                StateDtype::Dynamic8 { block_size } => {
                     names += 1;
-                    let blocks = spec.len().div_ceil(config.state.block_size);
-                    RawSlot::Int8 {
+                    let blocks = spec.len().div_ceil(block_size);
+                    RawSlot::Dynamic8 {
                         codes: read(&key, Dtype::U8, &spec.shape)?,
                         absmax: f32s(read(&format!("{key}/absmax"), Dtype::F32, &[blocks])?),
+                        block_size,
                     }
                 }
             };
@@ -419,7 +420,7 @@ impl RmsProp {
                         let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
                         data.push(tensor(key, Dtype::BF16, bytes, shape));
                     }
-                    RawSlot::Int8 { codes, absmax } => {
+                    RawSlot::Dynamic8 { codes, absmax, .. } => {
                         let blocks = vec![absmax.len()];
                         data.push(tensor(
                             format!("{key}/absmax"),
@@ -582,8 +583,8 @@ impl RmsProp {
         if theirs != ours {
             let describe = |s: StateStorage| {
                 format!(
-                    "{} (min_size {}, block_size {}, stochastic rounding {:?})",
-                    s.dtype, s.min_size, s.block_size, s.stochastic_rounding
+                    "{} (min_size {}, stochastic rounding {:?})",
+                    s.dtype, s.min_size, s.stochastic_rounding
                 )
             };
             return Err(Error::StateMismatch(format!(

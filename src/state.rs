@@ -14,7 +14,20 @@ pub(crate) const MIN_BLOCK_SIZE: usize = 32;
 /// The largest int8 block size, and the default.
 pub(crate) const MAX_BLOCK_SIZE: usize = 256;
 
-/// The element type of the slots of tensors at or over the size threshold.
+/// How the slots of tensors at or over the size threshold are stored: the one
+/// description of a slot format. The host's stores, readbacks and checkpoints
+/// (`state_layout::Coded`), the arena, and the WGSL's `STATE_DTYPE` codes all follow
+/// it, and every match over it is exhaustive: a new format (fp8 e4m3 with block
+/// scales, say) is a variant here, its coders in `quant.rs` and their WGSL mirror.
+///
+/// ```
+/// use fused_rmsprop::StateDtype;
+/// let q: StateDtype = "int8".parse().unwrap();
+/// assert_eq!(q, StateDtype::DYNAMIC8);
+/// assert_eq!(q.block_size(), Some(256));
+/// assert_eq!(StateDtype::Dynamic8 { block_size: 64 }.to_string(), "int8 (blocks of 64)");
+/// assert_eq!(StateDtype::Bf16.block_size(), None);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum StateDtype {
     /// f32 (Keras-exact).
@@ -23,18 +36,39 @@ pub enum StateDtype {
     /// bfloat16: each slot value rounded (to nearest even, or stochastically) as it is
     /// stored; 2 bytes per slot element.
     Bf16,
-    /// 8-bit codes of dynamic maps, block-wise with one f32 scale per block
-    /// (bitsandbytes' 8-bit state): about 1 + 4 / `block_size` bytes per slot element.
-    Int8,
+    /// bitsandbytes' block-wise dynamic 8-bit state: one code per element into a
+    /// dynamic map (signed, or unsigned for the velocity: `quant::CodeMap`), one f32
+    /// scale (the largest finite magnitude) per block of `block_size` elements; about
+    /// 1 + 4 / `block_size` bytes per slot element. Written `"int8"` in JSON, on the
+    /// command line and in checkpoints.
+    Dynamic8 {
+        /// Elements per scale: a power of two from 32 to 256 (256 in
+        /// [`StateDtype::DYNAMIC8`]).
+        block_size: usize,
+    },
 }
 
 impl StateDtype {
-    /// `"f32"`, `"bf16"` or `"int8"`.
+    /// Dynamic 8-bit state in blocks of 256 (bitsandbytes' block size), what `"int8"`
+    /// means where no block size is given.
+    pub const DYNAMIC8: StateDtype = StateDtype::Dynamic8 {
+        block_size: MAX_BLOCK_SIZE,
+    };
+
+    /// `"f32"`, `"bf16"` or `"int8"` (the block size is not in the name).
     pub fn as_str(self) -> &'static str {
         match self {
             StateDtype::F32 => "f32",
             StateDtype::Bf16 => "bf16",
-            StateDtype::Int8 => "int8",
+            StateDtype::Dynamic8 { .. } => "int8",
+        }
+    }
+
+    /// Elements per scale of a block-scaled format; `None` for the others.
+    pub fn block_size(self) -> Option<usize> {
+        match self {
+            StateDtype::F32 | StateDtype::Bf16 => None,
+            StateDtype::Dynamic8 { block_size } => Some(block_size),
         }
     }
 
@@ -43,24 +77,60 @@ impl StateDtype {
         match self {
             StateDtype::F32 => 0,
             StateDtype::Bf16 => 1,
-            StateDtype::Int8 => 2,
+            StateDtype::Dynamic8 { .. } => 2,
+        }
+    }
+
+    /// The same format with `block_size` elements per scale (no change to formats
+    /// without blocks).
+    pub(crate) fn with_block_size(self, block_size: usize) -> StateDtype {
+        match self {
+            StateDtype::F32 | StateDtype::Bf16 => self,
+            StateDtype::Dynamic8 { .. } => StateDtype::Dynamic8 { block_size },
+        }
+    }
+
+    /// Refuses a block size the kernels do not take.
+    pub(crate) fn validate(self) -> Result<()> {
+        match self {
+            StateDtype::F32 | StateDtype::Bf16 => Ok(()),
+            StateDtype::Dynamic8 { block_size } => check_block_size(block_size),
         }
     }
 }
 
+fn check_block_size(block_size: usize) -> Result<()> {
+    if (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) && block_size.is_power_of_two() {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "fused_rmsprop_state.block_size",
+        format!(
+            "must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}, got {block_size}"
+        ),
+    ))
+}
+
 impl std::fmt::Display for StateDtype {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        match self {
+            StateDtype::F32 | StateDtype::Bf16 => f.write_str(self.as_str()),
+            StateDtype::Dynamic8 { block_size } => {
+                write!(f, "{} (blocks of {block_size})", self.as_str())
+            }
+        }
     }
 }
 
 impl std::str::FromStr for StateDtype {
     type Err = String;
+    /// `f32`, `bf16`, or `int8` (blocks of 256), also as `float32`, `bfloat16`, `8bit`
+    /// and `dynamic8`.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "f32" | "float32" => Ok(StateDtype::F32),
             "bf16" | "bfloat16" => Ok(StateDtype::Bf16),
-            "int8" | "8bit" => Ok(StateDtype::Int8),
+            "int8" | "8bit" | "dynamic8" => Ok(StateDtype::DYNAMIC8),
             other => Err(format!("unknown state dtype `{other}` (f32, bf16 or int8)")),
         }
     }
@@ -79,7 +149,7 @@ impl std::str::FromStr for StateDtype {
 /// use fused_rmsprop::{RmsPropConfig, StateDtype, StateStorage};
 /// let config = RmsPropConfig::default()
 ///     .with_momentum(0.9)
-///     .with_state(StateStorage::new(StateDtype::Int8));
+///     .with_state(StateStorage::new(StateDtype::DYNAMIC8));
 /// let json = config.to_keras_json().unwrap();
 /// assert_eq!(json["fused_rmsprop_state"]["dtype"], "int8");
 /// let back = RmsPropConfig::from_keras_json(&json).unwrap();
@@ -94,9 +164,6 @@ pub struct StateStorage {
     /// Tensors with fewer elements keep f32 slots. Default 4096 (bitsandbytes'
     /// `min_8bit_size`).
     pub min_size: usize,
-    /// Elements per block of `Int8` state (one f32 scale each): a power of two from 32
-    /// to 256. Default 256.
-    pub block_size: usize,
     /// `Bf16` state rounded stochastically from this seed (unbiased: small updates to
     /// the velocity are not lost), instead of to nearest.
     pub stochastic_rounding: Option<u64>,
@@ -107,7 +174,6 @@ impl Default for StateStorage {
         StateStorage {
             dtype: StateDtype::F32,
             min_size: 4096,
-            block_size: MAX_BLOCK_SIZE,
             stochastic_rounding: None,
         }
     }
@@ -117,7 +183,7 @@ impl StateStorage {
     /// The config JSON key holding this (not a Keras key).
     pub const JSON_KEY: &'static str = "fused_rmsprop_state";
 
-    /// Slots in `dtype`, with the default threshold and block size.
+    /// Slots in `dtype`, with the default threshold.
     pub fn new(dtype: StateDtype) -> Self {
         StateStorage {
             dtype,
@@ -128,11 +194,6 @@ impl StateStorage {
     /// With tensors under `min_size` elements keeping f32 slots.
     pub fn with_min_size(self, min_size: usize) -> Self {
         StateStorage { min_size, ..self }
-    }
-
-    /// With `block_size` elements per 8-bit block.
-    pub fn with_block_size(self, block_size: usize) -> Self {
-        StateStorage { block_size, ..self }
     }
 
     /// With bf16 slots rounded stochastically from `seed`.
@@ -155,17 +216,7 @@ impl StateStorage {
     /// Refuses a block size the kernels do not take, and stochastic rounding of slots
     /// that are not bf16.
     pub fn validate(&self) -> Result<()> {
-        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&self.block_size)
-            || !self.block_size.is_power_of_two()
-        {
-            return Err(Error::invalid(
-                "fused_rmsprop_state.block_size",
-                format!(
-                    "must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}, got {}",
-                    self.block_size
-                ),
-            ));
-        }
+        self.dtype.validate()?;
         if self.stochastic_rounding.is_some() && self.dtype != StateDtype::Bf16 {
             return Err(Error::invalid(
                 "fused_rmsprop_state.stochastic_rounding",
@@ -186,7 +237,9 @@ impl StateStorage {
         let mut m = Map::new();
         m.insert("dtype".into(), Value::from(self.dtype.as_str()));
         m.insert("min_size".into(), Value::from(self.min_size as u64));
-        m.insert("block_size".into(), Value::from(self.block_size as u64));
+        if let Some(block_size) = self.dtype.block_size() {
+            m.insert("block_size".into(), Value::from(block_size as u64));
+        }
         m.insert(
             "stochastic_rounding".into(),
             self.stochastic_rounding.map_or(Value::Null, Value::from),
@@ -236,10 +289,19 @@ impl StateStorage {
                 ))
             }
         };
+        // a block size belongs to a block-scaled format; any other takes none, but one
+        // that is written (earlier versions wrote 256 for every format) must be valid
+        let dtype = match f.value("block_size") {
+            None => dtype,
+            Some(_) => {
+                let block_size = count("block_size", MAX_BLOCK_SIZE)?;
+                check_block_size(block_size)?;
+                dtype.with_block_size(block_size)
+            }
+        };
         let s = StateStorage {
             dtype,
             min_size: count("min_size", d.min_size)?,
-            block_size: count("block_size", d.block_size)?,
             stochastic_rounding: seed,
         };
         s.validate()?;
@@ -263,6 +325,15 @@ mod tests {
         assert!(bad(json!({"block_size": 512})).contains("power of two"));
         assert!(bad(json!({"dtype": "int4"})).contains("int4"));
         assert!(bad(json!({"dtype": "int8", "stochastic_rounding": 3})).contains("bf16"));
+        assert!(bad(json!({"dtype": "int8", "block_size": 48})).contains("power of two"));
+        let q = StateStorage::from_json(&json!({"dtype": "int8", "block_size": 64})).unwrap();
+        assert_eq!(q.dtype, StateDtype::Dynamic8 { block_size: 64 });
+        assert_eq!(q.to_json()["block_size"], 64);
+        assert_eq!(StateStorage::from_json(&q.to_json()).unwrap(), q);
+        // a block size with another format (written by earlier versions) is checked, then unused
+        let b = StateStorage::from_json(&json!({"dtype": "bf16", "block_size": 256})).unwrap();
+        assert_eq!(b.dtype, StateDtype::Bf16);
+        assert!(b.to_json().get("block_size").is_none());
         assert!(bad(json!({"min_size": -1})).contains("min_size"));
         assert!(bad(json!({"blocks": 1})).contains("blocks"));
         assert_eq!(

@@ -30,7 +30,6 @@ pub(crate) struct StateLayout {
     places: Vec<StatePlace>,
     /// Per segment: elements of the f32 store, of the compact store.
     sizes: Vec<(usize, usize)>,
-    block_size: usize,
 }
 
 fn round_up(n: usize, to: usize) -> usize {
@@ -53,13 +52,9 @@ impl StateLayout {
             return StateLayout {
                 places,
                 sizes: segments.iter().map(|s| (s.len(), 0)).collect(),
-                block_size: storage.block_size,
             };
         }
-        let unit = match storage.dtype {
-            StateDtype::Int8 => storage.block_size,
-            StateDtype::F32 | StateDtype::Bf16 => 4,
-        };
+        let unit = storage.dtype.block_size().unwrap_or(4);
         let mut sizes = vec![(0usize, 0usize); segments.len()];
         let mut places = Vec::with_capacity(chunks.len());
         // the current piece: (tensor, segment, its first arena element, its place)
@@ -94,11 +89,7 @@ impl StateLayout {
         for (f, _) in &mut sizes {
             *f = round_up(*f, align);
         }
-        StateLayout {
-            places,
-            sizes,
-            block_size: storage.block_size,
-        }
+        StateLayout { places, sizes }
     }
 
     /// Chunk `k`'s place.
@@ -109,11 +100,6 @@ impl StateLayout {
     /// Elements of segment `s`'s f32 store and of its compact store (per slot).
     pub(crate) fn sizes(&self, s: usize) -> (usize, usize) {
         self.sizes[s]
-    }
-
-    /// Elements per int8 block.
-    pub(crate) fn block_size(&self) -> usize {
-        self.block_size
     }
 
     /// Tensor `t`'s pieces: runs of its chunks in one segment, as (segment, place of
@@ -182,17 +168,19 @@ impl<'a> Holding for Exclusive<'a> {
     type Scales = &'a mut [f32];
 }
 
-/// Elements of one slot in the format they are stored in, however they are held: the
-/// one description of what each [`StateDtype`] stores. f32 values, bf16 bits, or
-/// block-scaled 8-bit codes of the slot's [`CodeMap`] with one f32 scale per block of
-/// `block_size` (the last block may be short). A new format is a variant here, its
-/// `StateDtype`, its coders (`quant.rs`) and their WGSL mirror; every match over it is
-/// exhaustive.
+/// Elements of one slot in the format they are stored in, however they are held: what
+/// each [`StateDtype`] stores, one variant each. f32 values, bf16 bits, or dynamic
+/// 8-bit codes of the slot's [`CodeMap`] with one f32 scale per block of `block_size`
+/// (the last block may be short). Every match over it is exhaustive.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Coded<H: Holding> {
     F32(H::Values),
     Bf16(H::Halves),
-    Int8 { codes: H::Codes, absmax: H::Scales },
+    Dynamic8 {
+        codes: H::Codes,
+        absmax: H::Scales,
+        block_size: usize,
+    },
 }
 
 /// One tensor's slot as it is stored, owned (what readbacks and checkpoints hold).
@@ -217,9 +205,14 @@ where
         match self {
             Coded::F32(v) => Coded::F32(v.as_ref()),
             Coded::Bf16(h) => Coded::Bf16(h.as_ref()),
-            Coded::Int8 { codes, absmax } => Coded::Int8 {
+            Coded::Dynamic8 {
+                codes,
+                absmax,
+                block_size,
+            } => Coded::Dynamic8 {
                 codes: codes.as_ref(),
                 absmax: absmax.as_ref(),
+                block_size: *block_size,
             },
         }
     }
@@ -229,7 +222,9 @@ where
         match self {
             Coded::F32(_) => StateDtype::F32,
             Coded::Bf16(_) => StateDtype::Bf16,
-            Coded::Int8 { .. } => StateDtype::Int8,
+            Coded::Dynamic8 { block_size, .. } => StateDtype::Dynamic8 {
+                block_size: *block_size,
+            },
         }
     }
 
@@ -238,22 +233,22 @@ where
         match self {
             Coded::F32(v) => v.as_ref().len(),
             Coded::Bf16(h) => h.as_ref().len(),
-            Coded::Int8 { codes, .. } => codes.as_ref().len(),
+            Coded::Dynamic8 { codes, .. } => codes.as_ref().len(),
         }
     }
 
     /// The f32 values (exactly what the kernels decode).
-    pub(crate) fn decode(&self, slot: Slot, block: usize) -> Vec<f32> {
+    pub(crate) fn decode(&self, slot: Slot) -> Vec<f32> {
         let mut out = Vec::new();
-        self.view().decode_into(slot, block, &mut out);
+        self.view().decode_into(slot, &mut out);
         out
     }
 }
 
 impl RawSlot {
-    /// `values` stored as `dtype`: bf16 rounded to nearest (ties to even), int8 in
-    /// blocks of `block` with their scales.
-    pub(crate) fn encode(dtype: StateDtype, slot: Slot, values: &[f32], block: usize) -> RawSlot {
+    /// `values` stored as `dtype`: bf16 rounded to nearest (ties to even), dynamic 8-bit
+    /// in blocks with their scales.
+    pub(crate) fn encode(dtype: StateDtype, slot: Slot, values: &[f32]) -> RawSlot {
         match dtype {
             StateDtype::F32 => RawSlot::F32(values.to_vec()),
             StateDtype::Bf16 => RawSlot::Bf16(
@@ -262,17 +257,21 @@ impl RawSlot {
                     .map(|&x| store_bf16_slot::<false>(x, 0))
                     .collect(),
             ),
-            StateDtype::Int8 => {
+            StateDtype::Dynamic8 { block_size } => {
                 let mut codes = vec![0u8; values.len()];
-                let mut absmax = vec![0.0f32; values.len().div_ceil(block)];
+                let mut absmax = vec![0.0f32; values.len().div_ceil(block_size)];
                 encode_blocks(
                     values,
                     &mut codes,
                     &mut absmax,
-                    block,
+                    block_size,
                     CodeMap::for_slot(slot),
                 );
-                RawSlot::Int8 { codes, absmax }
+                RawSlot::Dynamic8 {
+                    codes,
+                    absmax,
+                    block_size,
+                }
             }
         }
     }
@@ -284,9 +283,14 @@ impl SlotRef<'_> {
         match self {
             Coded::F32(v) => Coded::F32(v.to_vec()),
             Coded::Bf16(h) => Coded::Bf16(h.to_vec()),
-            Coded::Int8 { codes, absmax } => Coded::Int8 {
+            Coded::Dynamic8 {
+                codes,
+                absmax,
+                block_size,
+            } => Coded::Dynamic8 {
                 codes: codes.to_vec(),
                 absmax: absmax.to_vec(),
+                block_size,
             },
         }
     }
@@ -299,10 +303,11 @@ impl SlotMut<'_> {
             (Coded::F32(to), Coded::F32(from)) => to.copy_from_slice(from),
             (Coded::Bf16(to), Coded::Bf16(from)) => to.copy_from_slice(from),
             (
-                Coded::Int8 { codes, absmax },
-                Coded::Int8 {
+                Coded::Dynamic8 { codes, absmax, .. },
+                Coded::Dynamic8 {
                     codes: from_codes,
                     absmax: from_absmax,
+                    ..
                 },
             ) => {
                 codes.copy_from_slice(from_codes);
@@ -315,9 +320,9 @@ impl SlotMut<'_> {
 
 impl SlotRef<'_> {
     /// The values as f32 into `out` (resized to them): bf16 upcast as the kernels do
-    /// (`Dtype::upcast_bits`), int8 blocks of `block` through `slot`'s code map.
+    /// (`Dtype::upcast_bits`), dynamic 8-bit blocks through `slot`'s code map.
     #[inline(always)]
-    pub(crate) fn decode_into(self, slot: Slot, block: usize, out: &mut Vec<f32>) {
+    pub(crate) fn decode_into(self, slot: Slot, out: &mut Vec<f32>) {
         out.clear();
         match self {
             SlotRef::F32(v) => out.extend_from_slice(v),
@@ -328,26 +333,31 @@ impl SlotRef<'_> {
                     *x = Dtype::Bf16.upcast_bits(b);
                 }
             }
-            SlotRef::Int8 { codes, absmax } => {
+            SlotRef::Dynamic8 {
+                codes,
+                absmax,
+                block_size,
+            } => {
                 out.resize(codes.len(), 0.0);
-                decode_blocks(codes, absmax, out, block, CodeMap::for_slot(slot));
+                decode_blocks(codes, absmax, out, block_size, CodeMap::for_slot(slot));
             }
         }
     }
 }
 
-/// Refuses a stored slot in another format or of another length than `dtype` and
-/// `len` elements (`block`: elements per int8 scale).
+/// Refuses a stored slot in another format (block size included) or of another length
+/// than `dtype` and `len` elements.
 pub(crate) fn check_raw(
     slot: Slot,
     tensor: usize,
     dtype: StateDtype,
     len: usize,
     raw: &RawSlot,
-    block: usize,
 ) -> crate::error::Result<()> {
     let scales_ok = match raw {
-        RawSlot::Int8 { absmax, .. } => absmax.len() == len.div_ceil(block),
+        RawSlot::Dynamic8 {
+            absmax, block_size, ..
+        } => absmax.len() == len.div_ceil(*block_size),
         RawSlot::F32(_) | RawSlot::Bf16(_) => true,
     };
     if raw.dtype() != dtype || raw.len() != len || !scales_ok {
@@ -375,9 +385,7 @@ mod tests {
     #[test]
     fn small_tensors_pack_f32_and_large_ones_start_on_blocks() {
         let layout = Layout::new(&specs(&[10, 300, 5, 1000]), 256, usize::MAX, 8).unwrap();
-        let storage = StateStorage::new(StateDtype::Int8)
-            .with_min_size(100)
-            .with_block_size(64);
+        let storage = StateStorage::new(StateDtype::Dynamic8 { block_size: 64 }).with_min_size(100);
         let s = StateLayout::new(&layout, &storage, 8);
         let first = |t: usize| s.place(layout.tensors()[t].first_chunk);
         assert_eq!(
@@ -390,7 +398,7 @@ mod tests {
         assert_eq!(
             first(1),
             StatePlace {
-                dtype: StateDtype::Int8,
+                dtype: StateDtype::Dynamic8 { block_size: 64 },
                 at: 0
             }
         );
@@ -405,7 +413,7 @@ mod tests {
         assert_eq!(
             first(3),
             StatePlace {
-                dtype: StateDtype::Int8,
+                dtype: StateDtype::Dynamic8 { block_size: 64 },
                 at: 320
             }
         );

@@ -75,12 +75,11 @@ pub(crate) struct Variant {
     /// Keras' dynamic loss scaling (`LossScaleOptimizer`): set by
     /// [`crate::LossScaleOptimizer`], never by a config.
     pub loss_scaling: bool,
-    /// The compact slot dtype of tensors over the size threshold (`config.state`).
+    /// The slot format of tensors over the size threshold (`config.state`), block size
+    /// included.
     pub state: StateDtype,
     /// bf16 slots rounded stochastically.
     pub state_stochastic: bool,
-    /// Elements per int8 block.
-    pub block_size: u32,
     /// Param groups: the GPU reads each tensor's group (without, it never does).
     pub param_groups: bool,
 }
@@ -112,7 +111,6 @@ impl Variant {
             state: config.state.dtype,
             param_groups: !config.param_groups.is_empty(),
             state_stochastic: config.state.stochastic_rounding.is_some(),
-            block_size: config.state.block_size as u32,
         }
     }
 

@@ -79,7 +79,7 @@ fn backends() -> Vec<(&'static str, Backend, GpuOptions)> {
 #[test]
 fn async_readbacks_equal_the_blocking_ones() {
     for (name, backend, gpu) in backends() {
-        for state in [StateDtype::F32, StateDtype::Int8] {
+        for state in [StateDtype::F32, StateDtype::DYNAMIC8] {
             let mut rng = Rng(11);
             let config = config().with_state(StateStorage::new(state).with_min_size(64));
             let mut opt = RmsProp::with_options(config, variables(&mut rng), backend, &gpu)

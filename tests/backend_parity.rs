@@ -232,7 +232,7 @@ fn every_dialect_with_the_shared_options_matches_cpu() {
             c.with_gradient_accumulation_steps(2)
                 .with_loss_scale_factor(4.0)
         },
-        |c| c.with_state(StateStorage::new(StateDtype::Int8).with_min_size(64)),
+        |c| c.with_state(StateStorage::new(StateDtype::DYNAMIC8).with_min_size(64)),
         |c| c.with_state(StateStorage::new(StateDtype::Bf16).with_min_size(64)),
     ];
     let mut rng = Rng(17);

@@ -199,7 +199,7 @@ fn configs() -> Vec<(&'static str, RmsPropConfig, f64)> {
             "torch, momentum, int8 state",
             RmsPropConfig::torch()
                 .with_momentum(0.9)
-                .with_state(StateStorage::new(StateDtype::Int8).with_min_size(64)),
+                .with_state(StateStorage::new(StateDtype::DYNAMIC8).with_min_size(64)),
             0.002,
         ),
         (

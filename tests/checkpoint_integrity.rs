@@ -20,12 +20,11 @@ fn config(state: StateDtype) -> RmsPropConfig {
         .with_centered(true)
         .with_use_ema(true)
         .with_clipnorm(1.0)
-        .with_state(
-            StateStorage::new(state)
-                .with_min_size(16)
-                .with_block_size(64),
-        )
+        .with_state(StateStorage::new(state).with_min_size(16))
 }
+
+/// Dynamic 8-bit slots in blocks of 64.
+const INT8: StateDtype = StateDtype::Dynamic8 { block_size: 64 };
 
 /// An optimizer of `model()` on the CPU path with `state` slots.
 fn cpu(state: StateDtype) -> RmsProp {
@@ -147,7 +146,7 @@ fn backends() -> Vec<(&'static str, Backend, GpuOptions)> {
 #[test]
 fn every_flipped_bit_is_refused_and_changes_nothing() {
     for (backend_name, backend, gpu) in backends() {
-        for state_dtype in [StateDtype::F32, StateDtype::Int8] {
+        for state_dtype in [StateDtype::F32, INT8] {
             let name = format!("{backend_name}, {state_dtype} state");
             let mut saved =
                 RmsProp::with_options(config(state_dtype), model(), backend, &gpu).unwrap();
@@ -196,24 +195,22 @@ fn a_loss_scaled_checkpoint_refuses_every_flipped_bit() {
 fn random_mutations_are_refused_and_change_nothing() {
     for (name, backend, gpu) in backends() {
         let count = if backend == Backend::Cpu { 4000 } else { 1000 };
-        let mut saved =
-            RmsProp::with_options(config(StateDtype::Int8), model(), backend, &gpu).unwrap();
+        let mut saved = RmsProp::with_options(config(INT8), model(), backend, &gpu).unwrap();
         train(&mut saved, 3, 5);
         let bytes = block_on(saved.checkpoint_bytes_async()).unwrap();
-        let mut live =
-            RmsProp::with_options(config(StateDtype::Int8), model(), backend, &gpu).unwrap();
+        let mut live = RmsProp::with_options(config(INT8), model(), backend, &gpu).unwrap();
         random_mutations_are_refused(name, &mut live, &bytes, count);
     }
 }
 
 #[test]
 fn the_same_state_saves_to_the_same_bytes_on_both_paths() {
-    let mut saved = cpu(StateDtype::Int8);
+    let mut saved = cpu(INT8);
     train(&mut saved, 4, 9);
     let first = block_on(saved.checkpoint_bytes_async()).unwrap();
     assert_eq!(block_on(saved.checkpoint_bytes_async()).unwrap(), first);
     // another optimizer restored to that state
-    let mut other = cpu(StateDtype::Int8);
+    let mut other = cpu(INT8);
     other.restore_checkpoint_bytes(&first).unwrap();
     assert_eq!(block_on(other.checkpoint_bytes_async()).unwrap(), first);
     // a file on disk holds the same bytes
@@ -224,13 +221,8 @@ fn the_same_state_saves_to_the_same_bytes_on_both_paths() {
     assert_eq!(std::fs::read(&path).unwrap(), first);
     std::fs::remove_dir_all(&dir).unwrap();
     if let Some(ctx) = common::gpu() {
-        let mut gpu = RmsProp::with_options(
-            config(StateDtype::Int8),
-            model(),
-            Backend::Gpu,
-            &common::on(&ctx),
-        )
-        .unwrap();
+        let mut gpu =
+            RmsProp::with_options(config(INT8), model(), Backend::Gpu, &common::on(&ctx)).unwrap();
         gpu.restore_checkpoint_bytes(&first).unwrap();
         assert_eq!(block_on(gpu.checkpoint_bytes_async()).unwrap(), first);
     }
@@ -305,7 +297,7 @@ fn concurrent_saves_to_one_path_leave_one_complete_file() {
 #[test]
 fn checkpoints_from_before_the_digests_still_restore() {
     use safetensors::tensor::SafeTensors;
-    let mut saved = cpu(StateDtype::Int8);
+    let mut saved = cpu(INT8);
     train(&mut saved, 3, 6);
     let bytes = block_on(saved.checkpoint_bytes_async()).unwrap();
     // the same content written as the crate wrote it before: safetensors' own header
@@ -316,7 +308,7 @@ fn checkpoints_from_before_the_digests_still_restore() {
     metadata.remove("digest");
     metadata.insert("format".into(), "fused-rmsprop-checkpoint/1".into());
     let old = safetensors::serialize(st.tensors(), Some(metadata)).unwrap();
-    let mut live = cpu(StateDtype::Int8);
+    let mut live = cpu(INT8);
     live.restore_checkpoint_bytes(&old).unwrap();
     assert_eq!(state(&live), state(&saved));
     // a file claiming the new format without its digests is refused

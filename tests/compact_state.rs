@@ -78,8 +78,13 @@ fn within_codes(
     Ok(())
 }
 
-fn with_state(config: RmsPropConfig, dtype: StateDtype, block: usize) -> RmsPropConfig {
-    config.with_state(StateStorage::new(dtype).with_block_size(block))
+fn with_state(config: RmsPropConfig, dtype: StateDtype) -> RmsPropConfig {
+    config.with_state(StateStorage::new(dtype))
+}
+
+/// Dynamic 8-bit state in blocks of `block_size`.
+fn int8(block_size: usize) -> StateDtype {
+    StateDtype::Dynamic8 { block_size }
 }
 
 #[test]
@@ -89,18 +94,19 @@ fn cpu_and_gpu_agree_on_every_option() {
     let mut failures = Vec::new();
     // every structural option appears: centered, momentum, the clips, EMA with
     // overwrite, accumulation, weight decay with loss scale
-    for (k, dtype, block) in [
-        (0, StateDtype::Int8, 256),
-        (3, StateDtype::Int8, 64),
-        (7, StateDtype::Int8, 256),
-        (19, StateDtype::Bf16, 256),
-        (43, StateDtype::Int8, 32),
-        (83, StateDtype::Int8, 128),
-        (127, StateDtype::Int8, 256),
-        (127, StateDtype::Bf16, 256),
-        (54, StateDtype::Bf16, 256),
+    for (k, dtype) in [
+        (0, int8(256)),
+        (3, int8(64)),
+        (7, int8(256)),
+        (19, StateDtype::Bf16),
+        (43, int8(32)),
+        (83, int8(128)),
+        (127, int8(256)),
+        (127, StateDtype::Bf16),
+        (54, StateDtype::Bf16),
     ] {
-        let config = with_state(combo(k), dtype, block);
+        let config = with_state(combo(k), dtype);
+        let block = dtype.block_size().unwrap_or(256);
         let cpu = run(&config, Backend::Cpu, &GpuOptions::default(), 7);
         let gpu = run(&config, Backend::Gpu, &gpu, 7);
         let (a, b) = (cpu.variables().unwrap(), gpu.variables().unwrap());
@@ -145,10 +151,10 @@ fn cpu_and_gpu_agree_on_every_option() {
 fn same_f32_values_store_the_same_bytes() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = common::on(&ctx);
-    let config = with_state(RmsPropConfig::default(), StateDtype::Int8, 256)
-        .with_gradient_accumulation_steps(4);
+    let config =
+        with_state(RmsPropConfig::default(), int8(256)).with_gradient_accumulation_steps(4);
     // three accumulation steps, then the velocity of plain RMSprop's first step
-    let plain = with_state(RmsPropConfig::default(), StateDtype::Int8, 64);
+    let plain = with_state(RmsPropConfig::default(), int8(64));
     for (config, steps, slot) in [(config, 3, Slot::Accumulator), (plain, 1, Slot::Velocity)] {
         let cpu = run(&config, Backend::Cpu, &GpuOptions::default(), steps);
         let gpu = run(&config, Backend::Gpu, &gpu, steps);
@@ -199,7 +205,7 @@ fn one_step_matches_f32(
                 .map(|&x| {
                     if x.is_infinite()
                         && slot != Slot::Velocity
-                        && storage.dtype == StateDtype::Int8
+                        && matches!(storage.dtype, StateDtype::Dynamic8 { .. })
                     {
                         f32::NAN
                     } else {
@@ -208,7 +214,7 @@ fn one_step_matches_f32(
                 })
                 .collect();
             let r = match storage.dtype {
-                StateDtype::Int8 => within_codes(q, &f, storage.block_size, map, 0.5),
+                StateDtype::Dynamic8 { block_size } => within_codes(q, &f, block_size, map, 0.5),
                 _ => q.iter().zip(&f).try_for_each(|(&a, &b)| {
                     let ok =
                         (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= b.abs() / 256.0;
@@ -250,8 +256,8 @@ proptest! {
         bf16 in any::<bool>(),
         k in 0usize..128,
     ) {
-        let dtype = if bf16 { StateDtype::Bf16 } else { StateDtype::Int8 };
-        let config = combo(k).with_state(StateStorage::new(dtype).with_block_size(block).with_min_size(500));
+        let dtype = if bf16 { StateDtype::Bf16 } else { int8(block) };
+        let config = combo(k).with_state(StateStorage::new(dtype).with_min_size(500));
         let vars = vec![
             Variable::new("w", &[600], Rng(5).vec(600)).unwrap(),
             Variable::new("b", &[7], vec![0.5; 7]).unwrap(),
@@ -273,7 +279,7 @@ fn non_finite_elements_stay_in_their_element() {
     let config = RmsPropConfig::default()
         .with_momentum(0.9)
         .with_centered(true)
-        .with_state(StateStorage::new(StateDtype::Int8));
+        .with_state(StateStorage::new(StateDtype::DYNAMIC8));
     let n = 4096;
     let var = || vec![Variable::new("w", &[n], vec![1.0; n]).unwrap()];
     let mut compact = RmsProp::with_backend(config.clone(), var(), Backend::Cpu).unwrap();
@@ -355,7 +361,7 @@ fn small_tensors_keep_f32_and_memory_is_as_promised() {
         let (f32s, bf16s, int8s) = (
             per_param(StateDtype::F32),
             per_param(StateDtype::Bf16),
-            per_param(StateDtype::Int8),
+            per_param(StateDtype::DYNAMIC8),
         );
         let overhead = 3.0 * 4.0 * 256.0 / n as f64 + 0.01;
         assert!((f32s - 12.0).abs() < overhead, "{backend:?} f32 {f32s}");
@@ -371,18 +377,14 @@ fn small_tensors_keep_f32_and_memory_is_as_promised() {
 fn views_of_compact_slots_are_refused_and_runs_repeat() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = common::on(&ctx);
-    let config = with_state(
-        RmsPropConfig::default().with_momentum(0.5),
-        StateDtype::Int8,
-        256,
-    );
+    let config = with_state(RmsPropConfig::default().with_momentum(0.5), int8(256));
     let a = run(&config, Backend::Gpu, &gpu, 5);
     let g = a.gpu().unwrap();
     assert!(matches!(
         g.slot_view(Slot::Momentum, 0),
         Err(Error::CompactSlot {
             index: 0,
-            dtype: StateDtype::Int8,
+            dtype: StateDtype::Dynamic8 { block_size: 256 },
             ..
         })
     ));
@@ -401,9 +403,10 @@ fn views_of_compact_slots_are_refused_and_runs_repeat() {
 fn invalid_storage_is_a_typed_error() {
     let var = || vec![Variable::new("w", &[3], vec![1.0; 3]).unwrap()];
     for bad in [
-        StateStorage::new(StateDtype::Int8).with_block_size(48),
-        StateStorage::new(StateDtype::Int8).with_block_size(1024),
-        StateStorage::new(StateDtype::Int8).with_stochastic_rounding(1),
+        StateStorage::new(int8(48)),
+        StateStorage::new(int8(1024)),
+        StateStorage::new(int8(0)),
+        StateStorage::new(StateDtype::DYNAMIC8).with_stochastic_rounding(1),
     ] {
         let e = RmsProp::with_backend(
             RmsPropConfig::default().with_state(bad),
@@ -425,11 +428,11 @@ fn checkpoints_keep_compact_state_exactly() {
     std::fs::create_dir_all(&dir).unwrap();
     let ctx = common::gpu();
     let backends = common::backends(ctx.as_ref());
-    for dtype in [StateDtype::Int8, StateDtype::Bf16] {
-        let config = with_state(combo(3 + 16), dtype, 64);
+    for dtype in [int8(64), StateDtype::Bf16] {
+        let config = with_state(combo(3 + 16), dtype);
         for (from, from_gpu) in &backends {
             let saved = run(&config, *from, from_gpu, 5);
-            let path = dir.join(format!("{dtype}.safetensors"));
+            let path = dir.join(format!("{}.safetensors", dtype.as_str()));
             saved.save_checkpoint(&path).unwrap();
             for (to, to_gpu) in &backends {
                 let mut restored = RmsProp::load_checkpoint(&path, *to, to_gpu).unwrap();
@@ -463,7 +466,12 @@ fn checkpoints_keep_compact_state_exactly() {
             // other slot storage: refused, nothing changed
             for other in [
                 StateStorage::default(),
-                StateStorage::new(dtype).with_block_size(128),
+                match dtype {
+                    StateDtype::Dynamic8 { .. } => StateStorage::new(int8(128)),
+                    StateDtype::F32 | StateDtype::Bf16 => {
+                        StateStorage::new(dtype).with_stochastic_rounding(3)
+                    }
+                },
             ] {
                 let mut opt = RmsProp::with_options(
                     combo(3 + 16).with_state(other),
@@ -558,9 +566,9 @@ fn int8_state_keeps_weight_decay() {
                     .collect::<Vec<f32>>(),
             )
         };
-        let (int8, start) = params(StateDtype::Int8, 0.1);
+        let (int8, start) = params(StateDtype::DYNAMIC8, 0.1);
         let (f32s, _) = params(StateDtype::F32, 0.1);
-        let (undecayed, _) = params(StateDtype::Int8, 0.0);
+        let (undecayed, _) = params(StateDtype::DYNAMIC8, 0.0);
         assert_eq!(
             undecayed, start,
             "{backend:?}: zero gradients, no decay: nothing moves"
@@ -657,7 +665,7 @@ fn the_gpu_encodes_boundary_values_as_the_cpu_does() {
     let n = values.len();
     let config = RmsPropConfig::default()
         .with_gradient_accumulation_steps(2)
-        .with_state(StateStorage::new(StateDtype::Int8).with_min_size(256));
+        .with_state(StateStorage::new(StateDtype::DYNAMIC8).with_min_size(256));
     let accumulated = |backend, gpu: &GpuOptions| {
         let var = Variable::new("w", &[n], vec![0.0; n]).unwrap();
         let mut opt = RmsProp::with_options(config.clone(), vec![var], backend, gpu).unwrap();
@@ -685,8 +693,8 @@ fn the_gpu_encodes_boundary_values_as_the_cpu_does() {
 fn compact_state_with_device_decided_steps() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = common::on(&ctx);
-    for dtype in [StateDtype::Int8, StateDtype::Bf16] {
-        let config = with_state(combo(3), dtype, 256);
+    for dtype in [int8(256), StateDtype::Bf16] {
+        let config = with_state(combo(3), dtype);
         let outcomes: Vec<(Vec<Vec<f32>>, f32, u64)> = [
             (Backend::Cpu, GpuOptions::default()),
             (Backend::Gpu, gpu.clone()),
@@ -750,8 +758,7 @@ fn finalize_assigns_the_decoded_ema_and_refreshes_the_copy() {
         RmsPropConfig::default()
             .with_use_ema(true)
             .with_ema_momentum(0.5),
-        StateDtype::Int8,
-        256,
+        int8(256),
     );
     for (backend, gpu) in backends {
         let precision = Precision::default().with_param_copy(Dtype::Bf16);

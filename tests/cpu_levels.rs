@@ -155,10 +155,8 @@ fn compact_state_gives_the_same_bits_at_every_level() {
         StateStorage::new(StateDtype::Bf16)
             .with_min_size(16)
             .with_stochastic_rounding(7),
-        StateStorage::new(StateDtype::Int8).with_min_size(16),
-        StateStorage::new(StateDtype::Int8)
-            .with_min_size(16)
-            .with_block_size(32),
+        StateStorage::new(StateDtype::DYNAMIC8).with_min_size(16),
+        StateStorage::new(StateDtype::Dynamic8 { block_size: 32 }).with_min_size(16),
     ];
     let mut compared = 0;
     for (n, storage) in storages.into_iter().enumerate() {

@@ -285,7 +285,7 @@ fn grouped_configs() -> Vec<(&'static str, RmsPropConfig)> {
                 .with_centered(true)
                 .with_gradient_accumulation_steps(2)
                 .with_loss_scale_factor(4.0)
-                .with_state(StateStorage::new(StateDtype::Int8).with_min_size(64))
+                .with_state(StateStorage::new(StateDtype::DYNAMIC8).with_min_size(64))
                 .with_param_group(ParamGroup::new(names(&[4, 2])).with_rho(0.5))
                 .with_param_group(
                     ParamGroup::new(names(&[6, 8]))

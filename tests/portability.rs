@@ -120,7 +120,7 @@ fn every_mode_runs_under_webgpu_default_limits() {
         (
             "int8 state".into(),
             Precision::default(),
-            StateStorage::new(StateDtype::Int8).with_min_size(64),
+            StateStorage::new(StateDtype::DYNAMIC8).with_min_size(64),
         ),
         (
             "bf16 state".into(),

@@ -488,7 +488,7 @@ fn compact<C: Communicator>(comm: &C, backend: Backend, gpu: &GpuOptions) -> Res
         .with_learning_rate(0.01)
         .with_momentum(0.9)
         .with_centered(true)
-        .with_state(StateStorage::new(StateDtype::Int8));
+        .with_state(StateStorage::new(StateDtype::DYNAMIC8));
     let vars = vec![Variable::new(
         "w",
         &[16384],

@@ -81,7 +81,7 @@ fn compact_state_trains_within_ten_percent_of_f32_state() {
     }
     for backend in backends {
         let exact = run_with(backend, Dtype::F32, StateDtype::F32);
-        for state in [StateDtype::Bf16, StateDtype::Int8] {
+        for state in [StateDtype::Bf16, StateDtype::DYNAMIC8] {
             let compact = run_with(backend, Dtype::F32, state);
             assert_eq!(compact.state, state.as_str());
             let gap = (compact.final_loss - exact.final_loss).abs() / exact.final_loss;

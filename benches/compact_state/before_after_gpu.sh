@@ -16,7 +16,7 @@ NEW=target/release/examples/throughput
 export FUSED_RMSPROP_ALLOW_SOFTWARE_ADAPTER=1
 for round in $(seq "${ROUNDS:-2}"); do
   for variant in plain momentum centered-momentum centered-momentum+ema; do
-    for state in f32 bf16 int8; do
+    for state in ${STATES:-f32 bf16 int8}; do
       for which in OLD NEW; do
         bin=${!which}
         "$bin" --backend gpu --variant "$variant" --params 4194304 --tensors 1 \

@@ -94,21 +94,15 @@ pub(crate) fn run_chunk<const K: u32, E: SlotElement>(
 
 /// [`SlotPiece::decode`] at `isa`'s level: the 8-bit and bf16 decoders vectorize there
 /// as the loops do (the same values at every level).
-pub(crate) fn decode_piece(
-    isa: Isa,
-    piece: &SlotPiece<'_>,
-    slot: Slot,
-    block: usize,
-    out: &mut Vec<f32>,
-) {
+pub(crate) fn decode_piece(isa: Isa, piece: &SlotPiece<'_>, slot: Slot, out: &mut Vec<f32>) {
     match isa.0 {
         // SAFETY: an `Isa` holds only a level whose features were detected (`Isa::new`).
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx512 => unsafe { x86::decode_piece_avx512(piece, slot, block, out) },
+        CpuLevel::Avx512 => unsafe { x86::decode_piece_avx512(piece, slot, out) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx2 => unsafe { x86::decode_piece_avx2(piece, slot, block, out) },
-        _ => piece.decode(slot, block, out),
+        CpuLevel::Avx2 => unsafe { x86::decode_piece_avx2(piece, slot, out) },
+        _ => piece.decode(slot, out),
     }
 }
 
@@ -118,17 +112,16 @@ pub(crate) fn store_piece(
     piece: SlotPiece<'_>,
     slot: Slot,
     values: &[f32],
-    block: usize,
     keys: Option<SlotKeys<'_>>,
 ) {
     match isa.0 {
         // SAFETY: an `Isa` holds only a level whose features were detected (`Isa::new`).
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx512 => unsafe { x86::store_piece_avx512(piece, slot, values, block, keys) },
+        CpuLevel::Avx512 => unsafe { x86::store_piece_avx512(piece, slot, values, keys) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx2 => unsafe { x86::store_piece_avx2(piece, slot, values, block, keys) },
-        _ => piece.store(slot, values, block, keys),
+        CpuLevel::Avx2 => unsafe { x86::store_piece_avx2(piece, slot, values, keys) },
+        _ => piece.store(slot, values, keys),
     }
 }
 
@@ -177,25 +170,15 @@ mod x86 {
     use crate::state_layout::Coded;
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn decode_piece_avx2(
-        piece: &SlotPiece<'_>,
-        slot: Slot,
-        block: usize,
-        out: &mut Vec<f32>,
-    ) {
-        decode_int8_with(piece, slot, block, out, |c, a, o, map| {
+    pub(super) fn decode_piece_avx2(piece: &SlotPiece<'_>, slot: Slot, out: &mut Vec<f32>) {
+        decode_int8_with(piece, slot, out, |c, a, o, map| {
             decode_block_avx2(c, a, o, map)
         })
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-    pub(super) fn decode_piece_avx512(
-        piece: &SlotPiece<'_>,
-        slot: Slot,
-        block: usize,
-        out: &mut Vec<f32>,
-    ) {
-        decode_int8_with(piece, slot, block, out, |c, a, o, map| {
+    pub(super) fn decode_piece_avx512(piece: &SlotPiece<'_>, slot: Slot, out: &mut Vec<f32>) {
+        decode_int8_with(piece, slot, out, |c, a, o, map| {
             decode_block_avx512(c, a, o, map)
         })
     }
@@ -207,12 +190,15 @@ mod x86 {
     fn decode_int8_with(
         piece: &SlotPiece<'_>,
         slot: Slot,
-        block: usize,
         out: &mut Vec<f32>,
         decode_block: impl Fn(&[u8], f32, &mut [f32], &CodeMap),
     ) {
         match piece {
-            SlotPiece::Kept(Coded::Int8 { codes, absmax }) => {
+            &SlotPiece::Kept(Coded::Dynamic8 {
+                ref codes,
+                ref absmax,
+                block_size: block,
+            }) => {
                 let map = CodeMap::for_slot(slot);
                 out.clear();
                 out.resize(codes.len(), 0.0);
@@ -224,7 +210,7 @@ mod x86 {
                     decode_block(c, a, o, map);
                 }
             }
-            other => other.decode(slot, block, out),
+            other => other.decode(slot, out),
         }
     }
 
@@ -295,14 +281,12 @@ mod x86 {
         piece: SlotPiece<'_>,
         slot: Slot,
         values: &[f32],
-        block: usize,
         keys: Option<SlotKeys<'_>>,
     ) {
         store_int8_with(
             piece,
             slot,
             values,
-            block,
             keys,
             |v| absmax_avx2(v),
             |v, c, m, inverse, map, t| encode_linear_avx2(v, c, m, inverse, map, t),
@@ -314,14 +298,12 @@ mod x86 {
         piece: SlotPiece<'_>,
         slot: Slot,
         values: &[f32],
-        block: usize,
         keys: Option<SlotKeys<'_>>,
     ) {
         store_int8_with(
             piece,
             slot,
             values,
-            block,
             keys,
             |v| absmax_avx512(v),
             |v, c, m, inverse, map, t| encode_linear_avx512(v, c, m, inverse, map, t),
@@ -336,13 +318,16 @@ mod x86 {
         piece: SlotPiece<'_>,
         slot: Slot,
         values: &[f32],
-        block: usize,
         keys: Option<SlotKeys<'_>>,
         scale: impl Fn(&[f32]) -> f32,
         linear: impl Fn(&[f32], &mut [u8], f32, f32, &CodeMap, &LinearGuess),
     ) {
         match piece {
-            SlotPiece::Kept(Coded::Int8 { codes, absmax }) => {
+            SlotPiece::Kept(Coded::Dynamic8 {
+                codes,
+                absmax,
+                block_size: block,
+            }) => {
                 let map = CodeMap::for_slot(slot);
                 let guess = map.linear_guess();
                 encode_blocks_with(
@@ -355,7 +340,7 @@ mod x86 {
                     |v, c, m, inverse| linear(v, c, m, inverse, map, guess),
                 )
             }
-            other => other.store(slot, values, block, keys),
+            other => other.store(slot, values, keys),
         }
     }
 
@@ -765,11 +750,12 @@ mod tests {
                             let blocks = absmax.len();
                             let (mut fast, mut fast_absmax) =
                                 (vec![0u8; values.len()], vec![0f32; blocks]);
-                            let piece = SlotPiece::Kept(Coded::Int8 {
+                            let piece = SlotPiece::Kept(Coded::Dynamic8 {
                                 codes: &mut fast,
                                 absmax: &mut fast_absmax,
+                                block_size: block,
                             });
-                            store_piece(isa, piece, slot, &values, block, None);
+                            store_piece(isa, piece, slot, &values, None);
                             assert_eq!(
                                 absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                                 fast_absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
@@ -781,12 +767,13 @@ mod tests {
                             );
                             }
                             // and the decoder reads them back as the reference decoder
-                            let piece = SlotPiece::Kept(Coded::Int8 {
+                            let piece = SlotPiece::Kept(Coded::Dynamic8 {
                                 codes: &mut fast,
                                 absmax: &mut fast_absmax,
+                                block_size: block,
                             });
                             let mut decoded = Vec::new();
-                            decode_piece(isa, &piece, slot, block, &mut decoded);
+                            decode_piece(isa, &piece, slot, &mut decoded);
                             let mut reference = vec![0f32; values.len()];
                             decode_blocks(&codes, &absmax, &mut reference, block, map);
                             assert_eq!(

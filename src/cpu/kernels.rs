@@ -121,11 +121,10 @@ pub(crate) fn with_task_buffers<R>(f: impl FnOnce(&mut TaskBuffers) -> R) -> R {
 const PASS_LEN: usize = 2048;
 const _: () = assert!(PASS_LEN.is_multiple_of(MAX_BLOCK_SIZE));
 
-/// What compact slots need besides the step: int8 block size, and whether bf16 slots
+/// What compact slots need besides the step and their format: whether bf16 slots
 /// round stochastically.
 #[derive(Clone, Copy)]
 pub(crate) struct SlotCoding {
-    pub block: usize,
     pub stochastic: bool,
     /// The level the decoders and encoders run at (the loops' own).
     pub isa: Isa,
@@ -214,7 +213,7 @@ impl PendingJob<'_> {
                 let mut pieces: [SlotPiece<'_>; 5] = Default::default();
                 let mut later: [SlotPiece<'_>; 5] = Default::default();
                 for ((piece, head), rest) in slots.into_iter().zip(&mut pieces).zip(&mut later) {
-                    (*head, *rest) = piece.split_at(len, coding.block);
+                    (*head, *rest) = piece.split_at(len);
                 }
                 let (param, tail) = tail.split_at_mut(len);
                 rest = (later, tail);
@@ -230,7 +229,7 @@ impl PendingJob<'_> {
                     .map(|((piece, buf), slot)| match piece {
                         SlotPiece::Kept(Coded::F32(values)) => &mut **values,
                         compact if compact.is_compact() && touches(slot, step.phase) => {
-                            isa::decode_piece(coding.isa, compact, slot, coding.block, buf);
+                            isa::decode_piece(coding.isa, compact, slot, buf);
                             &mut buf[..len]
                         }
                         _ => &mut [],
@@ -243,7 +242,7 @@ impl PendingJob<'_> {
                     pieces.into_iter().zip(slot_buffers.iter()).zip(Slot::ALL)
                 {
                     if piece.is_compact() && touches(slot, step.phase) {
-                        isa::store_piece(coding.isa, piece, slot, &buf[..len], coding.block, keys);
+                        isa::store_piece(coding.isa, piece, slot, &buf[..len], keys);
                     }
                 }
                 start += len;

@@ -126,7 +126,7 @@ impl CpuEngine {
         let state = StateLayout::new(&layout, storage, 1);
         let slots = Slot::ALL.map(|s| {
             if variant.keeps(s) {
-                SlotStore::zeroed(state.sizes(0), storage.dtype, storage.block_size)
+                SlotStore::zeroed(state.sizes(0), storage.dtype)
             } else {
                 SlotStore::default()
             }
@@ -163,10 +163,7 @@ impl CpuEngine {
             (Role::Params, None) => Ok(self.params[range].to_vec()),
             (Role::Slot(s), _) => {
                 let (place, len) = self.slot_place(s, t)?;
-                let block = self.state.block_size();
-                Ok(self.slots[s as usize]
-                    .read_raw(place, len, block)
-                    .decode(s, block))
+                Ok(self.slots[s as usize].read_raw(place, len).decode(s))
             }
         }
     }
@@ -212,8 +209,8 @@ impl CpuEngine {
             let start = c.offset - t.offset;
             g.range(start..start + c.len).with_f32(buffer, |g| {
                 if accumulate {
-                    let (place, block) = (state.place(k), state.block_size());
-                    acc.with_f32(Slot::Accumulator, place, c.len, block, acc_buffer, |a| {
+                    let place = state.place(k);
+                    acc.with_f32(Slot::Accumulator, place, c.len, acc_buffer, |a| {
                         isa::sum_of_squares::<true>(isa, g, a, s)
                     })
                 } else {
@@ -292,16 +289,11 @@ impl CpuEngine {
         let places: Vec<_> = (0..chunks.len())
             .map(|k| (self.state.place(k), chunks[k].len))
             .collect();
-        let block = self.state.block_size();
         let mut pieces: Vec<_> = self
             .slots
             .iter_mut()
             .zip(Slot::ALL)
-            .map(|(store, slot)| {
-                store
-                    .pieces(self.variant.keeps(slot), &places, block)
-                    .into_iter()
-            })
+            .map(|(store, slot)| store.pieces(self.variant.keeps(slot), &places).into_iter())
             .collect();
         let mut params = split_chunks(&mut self.params, chunks).into_iter();
         let mut params_16 = self
@@ -358,7 +350,6 @@ impl CpuEngine {
         let isa = self.isa;
         let alone = runs_alone(self.layout.total());
         let coding = SlotCoding {
-            block,
             stochastic: v.state_stochastic,
             isa,
         };
@@ -461,7 +452,7 @@ impl Engine for CpuEngine {
             (Role::Params, None) => self.params[t.range()].copy_from_slice(values),
             (Role::Slot(s), _) => {
                 let (place, _) = self.slot_place(s, tensor)?;
-                let raw = RawSlot::encode(place.dtype, s, values, self.state.block_size());
+                let raw = RawSlot::encode(place.dtype, s, values);
                 self.write_slot_raw(s, tensor, &raw)?;
             }
         }
@@ -483,7 +474,7 @@ impl Engine for CpuEngine {
         let raws = (0..self.layout.tensors().len())
             .map(|t| {
                 let (place, len) = self.slot_place(slot, t)?;
-                Ok(self.slots[slot as usize].read_raw(place, len, self.state.block_size()))
+                Ok(self.slots[slot as usize].read_raw(place, len))
             })
             .collect::<Result<_>>()?;
         Ok(Staged::ready(raws))
@@ -491,8 +482,8 @@ impl Engine for CpuEngine {
 
     fn write_slot_raw(&mut self, slot: Slot, tensor: usize, raw: &RawSlot) -> Result<()> {
         let (place, len) = self.slot_place(slot, tensor)?;
-        check_raw(slot, tensor, place.dtype, len, raw, self.state.block_size())?;
-        self.slots[slot as usize].write_raw(place, raw, self.state.block_size());
+        check_raw(slot, tensor, place.dtype, len, raw)?;
+        self.slots[slot as usize].write_raw(place, raw);
         Ok(())
     }
 

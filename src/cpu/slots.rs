@@ -1,5 +1,5 @@
 //! The CPU's slot arrays, in the places of the [`StateLayout`]: f32, or compact (bf16
-//! bits, or int8 codes with one f32 scale per block). A chunk's bf16 slots rounded to
+//! bits, or dynamic 8-bit codes with one f32 scale per block). A chunk's bf16 slots rounded to
 //! nearest are coded inside the fused loop; its other compact slots are decoded into
 //! per-task f32 buffers before the loop and encoded after it, while the chunk is in
 //! cache ([`crate::cpu::kernels::PendingJob::run`]).
@@ -19,7 +19,7 @@ pub(crate) struct SlotStore {
     pub f32s: Vec<f32>,
     /// bf16 slots, as bits.
     pub half: Vec<u16>,
-    /// int8 slots: one code per element, one scale per block.
+    /// Dynamic 8-bit slots: one code per element, one scale per block.
     pub codes: Vec<u8>,
     pub absmax: Vec<f32>,
 }
@@ -53,24 +53,24 @@ fn cut<T>(buf: &mut [T], ranges: impl Iterator<Item = Option<Range<usize>>>) -> 
 
 impl SlotStore {
     /// A zeroed store for one segment's sizes (`(f32, compact)` elements).
-    pub(crate) fn zeroed(sizes: (usize, usize), dtype: StateDtype, block: usize) -> Self {
+    pub(crate) fn zeroed(sizes: (usize, usize), dtype: StateDtype) -> Self {
         let (f, c) = sizes;
-        SlotStore {
-            f32s: vec![0.0; f],
-            half: if dtype == StateDtype::Bf16 {
-                vec![0; c]
-            } else {
-                Vec::new()
+        let f32s = vec![0.0; f];
+        match dtype {
+            StateDtype::F32 => SlotStore {
+                f32s,
+                ..SlotStore::default()
             },
-            codes: if dtype == StateDtype::Int8 {
-                vec![0; c]
-            } else {
-                Vec::new()
+            StateDtype::Bf16 => SlotStore {
+                f32s,
+                half: vec![0; c],
+                ..SlotStore::default()
             },
-            absmax: if dtype == StateDtype::Int8 {
-                vec![0.0; c / block]
-            } else {
-                Vec::new()
+            StateDtype::Dynamic8 { block_size } => SlotStore {
+                f32s,
+                codes: vec![0; c],
+                absmax: vec![0.0; c / block_size],
+                ..SlotStore::default()
             },
         }
     }
@@ -85,19 +85,35 @@ impl SlotStore {
         &mut self,
         kept: bool,
         chunks: &[(StatePlace, usize)],
-        block: usize,
     ) -> Vec<SlotPiece<'_>> {
         if !kept {
             return chunks.iter().map(|_| SlotPiece::Unused).collect();
         }
-        let of = |d: StateDtype| {
-            move |&(p, len): &(StatePlace, usize)| (p.dtype == d).then(|| p.at..p.at + len)
+        // each array's ranges, in chunk order (a chunk has one in its format's arrays)
+        let of = |code: u32| {
+            move |&(p, len): &(StatePlace, usize)| {
+                (p.dtype.code() == code).then(|| p.at..p.at + len)
+            }
         };
-        let mut f32s = cut(&mut self.f32s, chunks.iter().map(of(StateDtype::F32))).into_iter();
-        let mut half = cut(&mut self.half, chunks.iter().map(of(StateDtype::Bf16))).into_iter();
-        let mut codes = cut(&mut self.codes, chunks.iter().map(of(StateDtype::Int8))).into_iter();
+        let mut f32s = cut(
+            &mut self.f32s,
+            chunks.iter().map(of(StateDtype::F32.code())),
+        )
+        .into_iter();
+        let mut half = cut(
+            &mut self.half,
+            chunks.iter().map(of(StateDtype::Bf16.code())),
+        )
+        .into_iter();
+        let mut codes = cut(
+            &mut self.codes,
+            chunks.iter().map(of(StateDtype::DYNAMIC8.code())),
+        )
+        .into_iter();
         let blocks = chunks.iter().map(|&(p, len)| {
-            (p.dtype == StateDtype::Int8).then(|| p.at / block..(p.at + len).div_ceil(block))
+            p.dtype
+                .block_size()
+                .map(|block| p.at / block..(p.at + len).div_ceil(block))
         });
         let mut absmax = cut(&mut self.absmax, blocks).into_iter();
         chunks
@@ -107,9 +123,10 @@ impl SlotStore {
                 SlotPiece::Kept(match p.dtype {
                     StateDtype::F32 => Coded::F32(f.unwrap_or_default()),
                     StateDtype::Bf16 => Coded::Bf16(h.unwrap_or_default()),
-                    StateDtype::Int8 => Coded::Int8 {
+                    StateDtype::Dynamic8 { block_size } => Coded::Dynamic8 {
                         codes: c.unwrap_or_default(),
                         absmax: a.unwrap_or_default(),
+                        block_size,
                     },
                 })
             })
@@ -117,27 +134,30 @@ impl SlotStore {
     }
 
     /// `len` elements at `place`, as stored.
-    pub(crate) fn view(&self, place: StatePlace, len: usize, block: usize) -> SlotRef<'_> {
+    pub(crate) fn view(&self, place: StatePlace, len: usize) -> SlotRef<'_> {
         let r = place.at..place.at + len;
         match place.dtype {
             StateDtype::F32 => Coded::F32(&self.f32s[r]),
             StateDtype::Bf16 => Coded::Bf16(&self.half[r]),
-            StateDtype::Int8 => Coded::Int8 {
+            StateDtype::Dynamic8 { block_size } => Coded::Dynamic8 {
                 codes: &self.codes[r],
-                absmax: &self.absmax[place.at / block..(place.at + len).div_ceil(block)],
+                absmax: &self.absmax[place.at / block_size..(place.at + len).div_ceil(block_size)],
+                block_size,
             },
         }
     }
 
     /// `len` elements at `place`, as stored, to be written.
-    fn view_mut(&mut self, place: StatePlace, len: usize, block: usize) -> SlotMut<'_> {
+    fn view_mut(&mut self, place: StatePlace, len: usize) -> SlotMut<'_> {
         let r = place.at..place.at + len;
         match place.dtype {
             StateDtype::F32 => Coded::F32(&mut self.f32s[r]),
             StateDtype::Bf16 => Coded::Bf16(&mut self.half[r]),
-            StateDtype::Int8 => Coded::Int8 {
+            StateDtype::Dynamic8 { block_size } => Coded::Dynamic8 {
                 codes: &mut self.codes[r],
-                absmax: &mut self.absmax[place.at / block..(place.at + len).div_ceil(block)],
+                absmax: &mut self.absmax
+                    [place.at / block_size..(place.at + len).div_ceil(block_size)],
+                block_size,
             },
         }
     }
@@ -148,27 +168,26 @@ impl SlotStore {
         slot: Slot,
         place: StatePlace,
         len: usize,
-        block: usize,
         buffer: &mut Vec<f32>,
         f: impl FnOnce(&[f32]) -> R,
     ) -> R {
-        match self.view(place, len, block) {
+        match self.view(place, len) {
             Coded::F32(values) => f(values),
             compact => {
-                compact.decode_into(slot, block, buffer);
+                compact.decode_into(slot, buffer);
                 f(buffer)
             }
         }
     }
 
     /// `len` elements at `place`, as stored.
-    pub(crate) fn read_raw(&self, place: StatePlace, len: usize, block: usize) -> RawSlot {
-        self.view(place, len, block).to_raw()
+    pub(crate) fn read_raw(&self, place: StatePlace, len: usize) -> RawSlot {
+        self.view(place, len).to_raw()
     }
 
     /// Stores `raw` (in `place`'s format and length, checked by the caller) at `place`.
-    pub(crate) fn write_raw(&mut self, place: StatePlace, raw: &RawSlot, block: usize) {
-        self.view_mut(place, raw.len(), block).copy_from(raw.view());
+    pub(crate) fn write_raw(&mut self, place: StatePlace, raw: &RawSlot) {
+        self.view_mut(place, raw.len()).copy_from(raw.view());
     }
 }
 
@@ -182,9 +201,9 @@ pub(crate) struct SlotKeys<'s> {
 }
 
 impl<'a> SlotPiece<'a> {
-    /// The piece's first `mid` elements, and the rest (`mid` a multiple of `block`,
-    /// or past the end: then the rest is empty).
-    pub(crate) fn split_at(self, mid: usize, block: usize) -> (Self, Self) {
+    /// The piece's first `mid` elements, and the rest (`mid` a multiple of the block
+    /// size, or past the end: then the rest is empty).
+    pub(crate) fn split_at(self, mid: usize) -> (Self, Self) {
         let SlotPiece::Kept(piece) = self else {
             return (SlotPiece::Unused, SlotPiece::Unused);
         };
@@ -197,18 +216,24 @@ impl<'a> SlotPiece<'a> {
                 let (a, b) = h.split_at_mut(mid.min(h.len()));
                 (Coded::Bf16(a), Coded::Bf16(b))
             }
-            Coded::Int8 { codes, absmax } => {
-                debug_assert!(mid.is_multiple_of(block) || mid >= codes.len());
+            Coded::Dynamic8 {
+                codes,
+                absmax,
+                block_size,
+            } => {
+                debug_assert!(mid.is_multiple_of(block_size) || mid >= codes.len());
                 let (c, d) = codes.split_at_mut(mid.min(codes.len()));
-                let (a, b) = absmax.split_at_mut(mid.div_ceil(block).min(absmax.len()));
+                let (a, b) = absmax.split_at_mut(mid.div_ceil(block_size).min(absmax.len()));
                 (
-                    Coded::Int8 {
+                    Coded::Dynamic8 {
                         codes: c,
                         absmax: a,
+                        block_size,
                     },
-                    Coded::Int8 {
+                    Coded::Dynamic8 {
                         codes: d,
                         absmax: b,
+                        block_size,
                     },
                 )
             }
@@ -227,10 +252,10 @@ impl<'a> SlotPiece<'a> {
     /// Decodes the piece into `out` (its elements; nothing for an unused slot).
     /// Inlined, so that `isa::decode_piece` compiles it at each level.
     #[inline(always)]
-    pub(crate) fn decode(&self, slot: Slot, block: usize, out: &mut Vec<f32>) {
+    pub(crate) fn decode(&self, slot: Slot, out: &mut Vec<f32>) {
         match self {
             SlotPiece::Unused => out.clear(),
-            SlotPiece::Kept(piece) => piece.view().decode_into(slot, block, out),
+            SlotPiece::Kept(piece) => piece.view().decode_into(slot, out),
         }
     }
 
@@ -238,13 +263,7 @@ impl<'a> SlotPiece<'a> {
     /// with `keys`), int8 as blocks with their new scales. Inlined, so that
     /// `isa::store_piece` compiles it at each level.
     #[inline(always)]
-    pub(crate) fn store(
-        self,
-        slot: Slot,
-        values: &[f32],
-        block: usize,
-        keys: Option<SlotKeys<'_>>,
-    ) {
+    pub(crate) fn store(self, slot: Slot, values: &[f32], keys: Option<SlotKeys<'_>>) {
         let SlotPiece::Kept(piece) = self else {
             return;
         };
@@ -263,9 +282,11 @@ impl<'a> SlotPiece<'a> {
                     }
                 }
             },
-            Coded::Int8 { codes, absmax } => {
-                encode_blocks(values, codes, absmax, block, CodeMap::for_slot(slot))
-            }
+            Coded::Dynamic8 {
+                codes,
+                absmax,
+                block_size,
+            } => encode_blocks(values, codes, absmax, block_size, CodeMap::for_slot(slot)),
         }
     }
 }

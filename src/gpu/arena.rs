@@ -72,9 +72,9 @@ impl Regions {
         let (code_run, absmax_run) = match variant.state {
             StateDtype::F32 => (0, 0),
             StateDtype::Bf16 => (up(compact_len / 2, 4), 0),
-            StateDtype::Int8 => (
+            StateDtype::Dynamic8 { block_size } => (
                 up(compact_len / 4, 4),
-                up(compact_len.div_ceil(variant.block_size as usize), 4),
+                up(compact_len.div_ceil(block_size), 4),
             ),
         };
         // 16-bit arrays: two per word, whole vec4s
@@ -394,7 +394,7 @@ impl GpuArena {
         }
         let n_tensors = layout.tensors().len();
         let n_chunks = layout.chunks().len();
-        let maps = if variant.state == StateDtype::Int8 {
+        let maps = if variant.state.code() == StateDtype::DYNAMIC8.code() {
             CodeMap::gpu_table()
         } else {
             Vec::new()
@@ -895,7 +895,6 @@ impl GpuArena {
             .variant
             .slot_index(slot)
             .ok_or(Error::SlotNotKept(slot))?;
-        let block = self.state.block_size();
         let pieces = self.state.pieces(&self.layout, t);
         let dtype = pieces.first().map_or(StateDtype::F32, |p| p.1.dtype);
         // per piece: its values, bits or codes, then (int8) its scales
@@ -916,7 +915,7 @@ impl GpuArena {
                         2 * len,
                     ));
                 }
-                StateDtype::Int8 => {
+                StateDtype::Dynamic8 { block_size: block } => {
                     reads.push(Reads::copy(&seg.state, words + place.at as u64, len));
                     let offset = r.absmax_word(k, place.at / block) as u64 * F32;
                     reads.push(Reads::copy(&seg.state, offset, 4 * len.div_ceil(block)));
@@ -927,13 +926,17 @@ impl GpuArena {
             Ok(match dtype {
                 StateDtype::F32 => RawSlot::F32(bytemuck::pod_collect_to_vec(&parts.concat())),
                 StateDtype::Bf16 => RawSlot::Bf16(bytemuck::pod_collect_to_vec(&parts.concat())),
-                StateDtype::Int8 => {
+                StateDtype::Dynamic8 { block_size } => {
                     let (mut codes, mut absmax) = (Vec::new(), Vec::new());
                     for pair in parts.chunks(2) {
                         codes.extend_from_slice(&pair[0]);
                         absmax.extend(bytemuck::pod_collect_to_vec::<u8, f32>(&pair[1]));
                     }
-                    RawSlot::Int8 { codes, absmax }
+                    RawSlot::Dynamic8 {
+                        codes,
+                        absmax,
+                        block_size,
+                    }
                 }
             })
         }))
@@ -959,9 +962,8 @@ impl GpuArena {
             .variant
             .slot_index(slot)
             .ok_or(Error::SlotNotKept(slot))?;
-        let block = self.state.block_size();
         let len = self.layout.tensor(t)?.len;
-        check_raw(slot, t, self.slot_dtype(t), len, raw, block)?;
+        check_raw(slot, t, self.slot_dtype(t), len, raw)?;
         for (segment, place, len, at) in self.state.pieces(&self.layout, t) {
             let seg = &self.segments[segment];
             let r = &seg.regions;
@@ -983,7 +985,12 @@ impl GpuArena {
                     ctx.queue
                         .write_buffer(&seg.state, offset, bytemuck::cast_slice(&bits));
                 }
-                RawSlot::Int8 { codes, absmax } => {
+                RawSlot::Dynamic8 {
+                    codes,
+                    absmax,
+                    block_size: block,
+                } => {
+                    let block = *block;
                     let mut piece = codes[at..at + len].to_vec();
                     piece.resize(len.next_multiple_of(4), 0);
                     ctx.queue

@@ -529,13 +529,12 @@ impl Engine for GpuEngine {
         let layout = &self.arena.layout;
         let reads = if let (Role::Slot(slot), false) = (role, self.variant.state == StateDtype::F32)
         {
-            let block = self.arena.state.block_size();
             let tensors = (0..layout.tensors().len())
                 .map(|t| {
                     Ok(self
                         .arena
                         .read_slot_raw(slot, t)?
-                        .map(move |raw| Ok(raw.decode(slot, block))))
+                        .map(move |raw| Ok(raw.decode(slot))))
                 })
                 .collect::<Result<Vec<_>>>()?;
             Reads::all(tensors)
@@ -551,11 +550,8 @@ impl Engine for GpuEngine {
     fn read_tensor(&self, role: Role, tensor: usize) -> Result<Staged<Vec<f32>>> {
         let t = self.arena.layout.tensor(tensor)?;
         if let (Role::Slot(slot), false) = (role, self.variant.state == StateDtype::F32) {
-            let block = self.arena.state.block_size();
             let raw = self.arena.read_slot_raw(slot, tensor)?;
-            return raw
-                .map(move |raw| Ok(raw.decode(slot, block)))
-                .start(&self.ctx);
+            return raw.map(move |raw| Ok(raw.decode(slot))).start(&self.ctx);
         }
         self.arena
             .read(role.into(), t.offset, t.len)?
@@ -566,8 +562,7 @@ impl Engine for GpuEngine {
         let t = self.arena.layout.tensor(tensor)?;
         match role {
             Role::Slot(slot) if self.variant.state != StateDtype::F32 => {
-                let (dtype, block) = (self.arena.slot_dtype(tensor), self.arena.state.block_size());
-                let raw = RawSlot::encode(dtype, slot, values, block);
+                let raw = RawSlot::encode(self.arena.slot_dtype(tensor), slot, values);
                 self.arena.write_slot_raw(&self.ctx, slot, tensor, &raw)?
             }
             _ => self.arena.write(&self.ctx, role.into(), t.offset, values)?,
@@ -744,8 +739,9 @@ mod tests {
             (everything.clone(), 256),
             (everything, 32),
         ] {
-            let config =
-                config.with_state(StateStorage::new(StateDtype::Int8).with_block_size(block));
+            let config = config.with_state(StateStorage::new(StateDtype::Dynamic8 {
+                block_size: block,
+            }));
             let run = |blocks: BlockReduction| {
                 let ctx = context().expect("an adapter, as above");
                 ctx.pipelines.lock().unwrap().blocks = blocks;

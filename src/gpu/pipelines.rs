@@ -9,6 +9,7 @@ use crate::gpu::context::GpuContext;
 use crate::gpu::contract::{self, BindingKind};
 use crate::gpu::shader::SHADER_SOURCE;
 use crate::math::KERNEL_FLAGS;
+use crate::state::{StateDtype, MAX_BLOCK_SIZE};
 use crate::variant::{Slot, Variant};
 
 /// The three pipelines of one variant, and the bind group layout that every variant on
@@ -57,6 +58,12 @@ impl BlockReduction {
 /// The override values of `variant` with int8 blocks reduced by `blocks`, named
 /// through the contract (every override of [`contract::OVERRIDES`], in its order; a
 /// unit test checks both).
+/// The `BLOCK_SIZE` override of a slot format: its block size, or the largest (which
+/// no code reads) for formats without blocks.
+fn block_size(state: StateDtype) -> f64 {
+    state.block_size().unwrap_or(MAX_BLOCK_SIZE) as f64
+}
+
 pub(crate) fn constants(variant: &Variant, blocks: BlockReduction) -> Vec<(&'static str, f64)> {
     let b = |x: bool| if x { 1.0 } else { 0.0 };
     let slot = |s: Slot| variant.slot_index(s).unwrap_or(0) as f64;
@@ -97,7 +104,7 @@ pub(crate) fn constants(variant: &Variant, blocks: BlockReduction) -> Vec<(&'sta
             (contract::SLOT_COUNT.name, variant.slots().len() as f64),
             (contract::STATE_DTYPE.name, f64::from(variant.state.code())),
             (contract::STATE_ROUNDING.name, b(variant.state_stochastic)),
-            (contract::BLOCK_SIZE.name, f64::from(variant.block_size)),
+            (contract::BLOCK_SIZE.name, block_size(variant.state)),
             (contract::PARAM_GROUPS.name, b(variant.param_groups)),
             (
                 contract::BLOCK_PER_INVOCATION.name,
@@ -229,8 +236,7 @@ mod tests {
         use crate::state::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
         let accepted: Vec<f64> = (1..=4096usize)
             .filter(|&b| {
-                StateStorage::new(StateDtype::Int8)
-                    .with_block_size(b)
+                StateStorage::new(StateDtype::Dynamic8 { block_size: b })
                     .validate()
                     .is_ok()
             })
@@ -266,7 +272,7 @@ mod tests {
             }
             if k & 64 != 0 {
                 c = c.with_weight_decay(0.1);
-                c.state = StateStorage::new(StateDtype::Int8).with_block_size(32);
+                c.state = StateStorage::new(StateDtype::Dynamic8 { block_size: 32 });
             }
             let v = Variant::of(&c);
             if c.momentum > 0.0 && c.weight_decay.is_some() {
