@@ -37,7 +37,7 @@ pub(crate) fn step(
     context: &GpuContext,
     installed: &[Option<TensorId>],
     written: &[bool],
-    taken: Vec<Taken>,
+    mut taken: Vec<Taken>,
 ) -> Result<Vec<Option<NewValue>>> {
     let present: Vec<bool> = taken.iter().map(|t| t.grad.is_some()).collect();
     let mut encoder = context
@@ -64,23 +64,23 @@ pub(crate) fn step(
         }
     }
     let flat = ErasedTensor::of(Tensor::<1>::empty([total.max(align)], (device, dtype)));
-    // The tensors to read or write: the output, the gradients, and the parameters Burn's
-    // code replaced since the last step.
-    let mut wanted: Vec<buffers::ToHold<'_>> = vec![(&flat, "(the step's output)", "new values")];
+    // The tensors to read or write: the output, the gradients (given up: Burn frees them
+    // in the same operation), and the parameters Burn's code replaced since the last step.
+    let mut wanted: Vec<buffers::ToHold<'_>> =
+        vec![(flat.clone(), "(the step's output)", "new values")];
     let mut copies = Vec::new();
-    for (i, t) in taken.iter().enumerate() {
+    for (i, t) in taken.iter_mut().enumerate() {
         let id = buffers::fusion_id(&t.value);
         if id.is_none() || id != installed.get(i).copied().flatten() {
-            wanted.push((&t.value, &t.name, "parameter"));
+            wanted.push((t.value.clone(), &t.name, "parameter"));
             copies.push((i, false));
         }
-        if let Some(g) = &t.grad {
+        if let Some(g) = t.grad.take() {
             wanted.push((g, &t.name, "gradient"));
             copies.push((i, true));
         }
     }
-    let mut held = buffers::hold_all(&wanted, device)?.into_iter();
-    drop(wanted);
+    let mut held = buffers::hold_all(wanted, device)?.into_iter();
     let out = held.next().expect("the output is held first");
     let held: Vec<HeldBuffer> = held.collect();
     {

@@ -242,8 +242,10 @@ impl BurnRmsProp {
             Ok(new) => new,
             Err(error) => return Err(Refused { error, module }),
         };
-        let (module, installed) = module::install(module, new);
-        if let (Target::Wgpu { .. }, Some(bound)) = (&self.target, &mut self.bound) {
+        let on_wgpu = matches!(self.target, Target::Wgpu { .. });
+        let (module, installed, old) = module::install(module, new, on_wgpu);
+        buffers::release(old);
+        if let (true, Some(bound)) = (on_wgpu, &mut self.bound) {
             for (slot, new) in bound.installed.iter_mut().zip(installed) {
                 if let Some(tensor) = new {
                     *slot = buffers::fusion_id(&tensor);

@@ -31,6 +31,7 @@ pub(crate) enum NewValue {
 }
 
 /// A tensor whose rank lives in a field rather than in its type.
+#[derive(Clone)]
 pub(crate) struct ErasedTensor {
     pub(crate) dispatch: burn::backend::DispatchTensor,
     pub(crate) shape: Vec<usize>,
@@ -106,20 +107,27 @@ impl ModuleVisitor for Gatherer<'_> {
 /// `Some`; the others are left as they are. Each new value keeps the autodiff state
 /// its parameter had (gradient required, checkpointing strategy, distributed), as
 /// Burn's own optimizers keep it. Also gives each new value (on the inner backend) for
-/// the caller to recognize it at the next step.
+/// the caller to recognize it at the next step, and, with `keep_old`, the replaced
+/// values (on the inner backend) for the caller to release at once (else each is
+/// dropped as it is replaced).
 pub(crate) fn install<M: Module>(
     module: M,
     new: Vec<Option<NewValue>>,
-) -> (M, Vec<Option<ErasedTensor>>) {
+    keep_old: bool,
+) -> (M, Vec<Option<ErasedTensor>>, Vec<ErasedTensor>) {
     let mut mapper = Installer {
+        keep_old,
+        old: Vec::new(),
         new: new.into_iter(),
         installed: Vec::new(),
     };
     let module = module.map(&mut mapper);
-    (module, mapper.installed)
+    (module, mapper.installed, mapper.old)
 }
 
 struct Installer {
+    keep_old: bool,
+    old: Vec<ErasedTensor>,
     new: std::vec::IntoIter<Option<NewValue>>,
     installed: Vec<Option<ErasedTensor>>,
 }
@@ -135,7 +143,11 @@ impl ModuleMapper for Installer {
         let distributed = tensor.is_distributed();
         let checkpointing: Option<GradientCheckpointingStrategy> =
             tensor.gradient_checkpointing_strategy();
-        drop(tensor);
+        if self.keep_old {
+            self.old.push(ErasedTensor::of(tensor.inner()));
+        } else {
+            drop(tensor);
+        }
         let new: Tensor<D> = match new {
             NewValue::Data(data, device) => {
                 // in the data's own type (without one, Burn takes the device's default)
