@@ -394,7 +394,7 @@ impl GpuArena {
         }
         let n_tensors = layout.tensors().len();
         let n_chunks = layout.chunks().len();
-        let maps = if variant.state.code() == StateDtype::DYNAMIC8.code() {
+        let maps = if matches!(variant.state, StateDtype::Dynamic8 { .. }) {
             CodeMap::gpu_table()
         } else {
             Vec::new()
