@@ -410,15 +410,21 @@ mod tests {
             .map(|(_, g)| u64::from(layouter[g.ty].size))
             .sum();
         assert_eq!(workgroup, WORKGROUP_MEMORY_BYTES);
-        let constant = |name: &str| -> u32 {
+        let literal = |name: &str| -> naga::Literal {
             let (_, c) = m
                 .constants
                 .iter()
                 .find(|(_, c)| c.name.as_deref() == Some(name))
                 .unwrap_or_else(|| panic!("no const {name}"));
             match m.global_expressions[c.init] {
-                naga::Expression::Literal(naga::Literal::U32(v)) => v,
+                naga::Expression::Literal(l) => l,
                 ref e => panic!("{name} = {e:?}"),
+            }
+        };
+        let constant = |name: &str| -> u32 {
+            match literal(name) {
+                naga::Literal::U32(v) => v,
+                l => panic!("{name} = {l:?}"),
             }
         };
         assert_eq!(
@@ -459,14 +465,9 @@ mod tests {
             assert_eq!(constant(name), host, "{name}");
         }
         let float = |name: &str| -> f32 {
-            let (_, c) = m
-                .constants
-                .iter()
-                .find(|(_, c)| c.name.as_deref() == Some(name))
-                .unwrap_or_else(|| panic!("no const {name}"));
-            match m.global_expressions[c.init] {
-                naga::Expression::Literal(naga::Literal::F32(v)) => v,
-                ref e => panic!("{name} = {e:?}"),
+            match literal(name) {
+                naga::Literal::F32(v) => v,
+                l => panic!("{name} = {l:?}"),
             }
         };
         let (low, high) = crate::quant::SCALE_LIMITS;
