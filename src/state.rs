@@ -99,6 +99,7 @@ impl StateDtype {
     }
 }
 
+/// Refuses a block size the kernels do not take (`gpu::contract::BLOCK_SIZE` lists them).
 fn check_block_size(block_size: usize) -> Result<()> {
     if (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) && block_size.is_power_of_two() {
         return Ok(());

@@ -185,7 +185,7 @@ pub(crate) const STATE_ROUNDING: Override = Override {
     name: "STATE_ROUNDING",
     values: BOOL,
 };
-/// Elements per int8 block (`StateStorage::block_size`).
+/// Elements per scale of dynamic 8-bit state (`StateDtype::Dynamic8`'s `block_size`).
 pub(crate) const BLOCK_SIZE: Override = Override {
     name: "BLOCK_SIZE",
     values: &[32.0, 64.0, 128.0, 256.0],
