@@ -578,7 +578,6 @@ mod tests {
         }
     }
 
-    /// A xorshift generator of 64-bit words from `state`.
     /// A clean guess, which the shader takes with no threshold compared, is
     /// `encode_int8`'s index for every `y` in its bucket and near it (the bucket's ends
     /// moved out by 2^-20, where the shader's `y` errs under 2^-21; random `y` inside;
@@ -622,6 +621,7 @@ mod tests {
         }
     }
 
+    /// A xorshift generator of 64-bit words from `state`.
     fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
         move || {
             state ^= state << 13;

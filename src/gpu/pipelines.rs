@@ -55,15 +55,15 @@ impl BlockReduction {
     }
 }
 
-/// The override values of `variant` with int8 blocks reduced by `blocks`, named
-/// through the contract (every override of [`contract::OVERRIDES`], in its order; a
-/// unit test checks both).
 /// The `BLOCK_SIZE` override of a slot format: its block size, or the largest (which
 /// no code reads) for formats without blocks.
 fn block_size(state: StateDtype) -> f64 {
     state.block_size().unwrap_or(MAX_BLOCK_SIZE) as f64
 }
 
+/// The override values of `variant` with int8 blocks reduced by `blocks`, named
+/// through the contract (every override of [`contract::OVERRIDES`], in its order; a
+/// unit test checks both).
 pub(crate) fn constants(variant: &Variant, blocks: BlockReduction) -> Vec<(&'static str, f64)> {
     let b = |x: bool| if x { 1.0 } else { 0.0 };
     let slot = |s: Slot| variant.slot_index(s).unwrap_or(0) as f64;
