@@ -54,15 +54,19 @@ pub(crate) fn step(
         .max(limits.min_storage_buffer_offset_alignment) as usize
         / element)
         .max(4 / element);
-    let mut parts = Vec::with_capacity(taken.len());
-    let mut total = 0usize;
-    for (t, &w) in taken.iter().zip(written) {
-        let len: usize = t.shape.iter().product();
-        parts.push(w.then_some((total, t.shape.clone())));
-        if w {
-            total += len.next_multiple_of(align);
-        }
-    }
+    let engine = optimizer
+        .gpu()
+        .ok_or(Error::NeedsGpuBackend("BurnRmsProp::wgpu"))?;
+    let arena: Vec<Option<(wgpu::Buffer, u64)>> = written
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| {
+            w.then(|| engine.param_view(i).map(|v| (v.buffer.clone(), v.offset)))
+                .transpose()
+        })
+        .collect::<Result<_>>()?;
+    let (parts, runs) = output_layout(&taken, &arena, element, align);
+    let total = runs.last().map_or(0, |r| r.flat + (r.end - r.start)) as usize / element;
     let flat = ErasedTensor::of(Tensor::<1>::empty([total.max(align)], (device, dtype)));
     // The tensors to read or write: the output, the gradients (given up: Burn frees them
     // in the same operation), and the parameters Burn's code replaced since the last step.
@@ -137,21 +141,14 @@ pub(crate) fn step(
     } else {
         optimizer.record_device_step(&present, &mut encoder)?;
     }
-    let engine = optimizer
-        .gpu()
-        .ok_or(Error::NeedsGpuBackend("BurnRmsProp::wgpu"))?;
-    for (i, part) in parts.iter().enumerate() {
-        if let Some((start, shape)) = part {
-            let view = engine.param_view(i)?;
-            let len: usize = shape.iter().product();
-            encoder.copy_buffer_to_buffer(
-                view.buffer,
-                view.offset,
-                &out.buffer,
-                out.offset + (start * element) as u64,
-                ((len * element) as u64).next_multiple_of(4),
-            );
-        }
+    for run in &runs {
+        encoder.copy_buffer_to_buffer(
+            &run.buffer,
+            run.start,
+            &out.buffer,
+            out.offset + run.flat,
+            run.end - run.start,
+        );
     }
     context.queue.submit([encoder.finish()]);
     drop((held, out));
@@ -166,4 +163,70 @@ pub(crate) fn step(
         .into_iter()
         .map(|part| part.and_then(|_| views.next().map(NewValue::Tensor)))
         .collect())
+}
+
+/// A range of one arena parameter buffer copied whole into the step's output: parameters
+/// next to each other in the arena (the padding between them comes along, unread).
+#[derive(Debug)]
+struct OutputRun {
+    buffer: wgpu::Buffer,
+    /// Bytes of the arena buffer: from the run's first parameter to the end of its last
+    /// (rounded up to 4-byte words).
+    start: u64,
+    end: u64,
+    /// Byte offset of `start` in the output.
+    flat: u64,
+}
+
+/// Where each written parameter's new value lies in the step's flat output (its first
+/// element and shape, `None` for one not written), and the runs of the arena that the
+/// output copies: a parameter joins the run before it when it is the next parameter, in
+/// the same arena buffer, after it, and keeps its place on Burn's memory alignment
+/// (`align` elements), so that one copy moves a whole run (one per arena segment, where
+/// every parameter is written: a copy per parameter costs lavapipe about 3 us each).
+fn output_layout(
+    taken: &[Taken],
+    arena: &[Option<(wgpu::Buffer, u64)>],
+    element: usize,
+    align: usize,
+) -> (Vec<Option<(usize, Vec<usize>)>>, Vec<OutputRun>) {
+    let align_bytes = (align * element) as u64;
+    let mut parts = Vec::with_capacity(taken.len());
+    let mut runs: Vec<OutputRun> = Vec::new();
+    let mut last = None;
+    for (i, (t, place)) in taken.iter().zip(arena).enumerate() {
+        let Some((buffer, offset)) = place else {
+            parts.push(None);
+            continue;
+        };
+        let bytes = ((t.shape.iter().product::<usize>() * element) as u64).next_multiple_of(4);
+        let joins = match runs.last() {
+            Some(run) => {
+                last == Some(i.wrapping_sub(1))
+                    && run.buffer == *buffer
+                    && *offset >= run.end
+                    && (offset - run.start) % align_bytes == 0
+            }
+            None => false,
+        };
+        if !joins {
+            let flat = runs.last().map_or(0, |r| {
+                (r.flat + (r.end - r.start)).next_multiple_of(align_bytes)
+            });
+            runs.push(OutputRun {
+                buffer: buffer.clone(),
+                start: *offset,
+                end: *offset,
+                flat,
+            });
+        }
+        let run = runs.last_mut().expect("pushed above");
+        run.end = offset + bytes;
+        parts.push(Some((
+            (run.flat + (offset - run.start)) as usize / element,
+            t.shape.clone(),
+        )));
+        last = Some(i);
+    }
+    (parts, runs)
 }
