@@ -165,6 +165,9 @@ pub(crate) fn step(
         .collect())
 }
 
+/// A new value's place in the step's output: its first element and its shape.
+type Part = (usize, Vec<usize>);
+
 /// A range of one arena parameter buffer copied whole into the step's output: parameters
 /// next to each other in the arena (the padding between them comes along, unread).
 #[derive(Debug)]
@@ -189,7 +192,7 @@ fn output_layout(
     arena: &[Option<(wgpu::Buffer, u64)>],
     element: usize,
     align: usize,
-) -> (Vec<Option<(usize, Vec<usize>)>>, Vec<OutputRun>) {
+) -> (Vec<Option<Part>>, Vec<OutputRun>) {
     let align_bytes = (align * element) as u64;
     let mut parts = Vec::with_capacity(taken.len());
     let mut runs: Vec<OutputRun> = Vec::new();
