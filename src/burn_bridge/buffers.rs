@@ -230,13 +230,13 @@ pub(crate) fn fusion_id(tensor: &ErasedTensor) -> Option<TensorId> {
 /// Tensors of Burn's wgpu backend viewing `parts` of `flat` (contiguous, of any element
 /// type): `(start, shape)` in elements, each start a multiple of Burn's memory
 /// alignment. One operation on Burn's fusion stream makes them all, each a view of
-/// `flat`'s memory (which lives as long as one of them does). Burn's own `slice` would
-/// copy a part whose end is not aligned too.
+/// `flat`'s memory (which lives as long as one of them does), given with its fusion
+/// handle's id. Burn's own `slice` would copy a part whose end is not aligned too.
 pub(crate) fn views(
     flat: ErasedTensor,
     parts: Vec<(usize, Vec<usize>)>,
     name: &str,
-) -> Result<Vec<ErasedTensor>> {
+) -> Result<Vec<(ErasedTensor, TensorId)>> {
     let (device, dtype) = (flat.device.clone(), flat.dtype);
     let element = dtype.size() as u64;
     let total: usize = flat.shape.iter().product();
@@ -285,11 +285,15 @@ pub(crate) fn views(
     Ok(tensors
         .into_iter()
         .zip(outputs)
-        .map(|(tensor, ir)| ErasedTensor {
-            dispatch: Tensor::<1>::from_primitive::<BurnWgpu>(tensor).into_dispatch(),
-            shape: ir.shape.to_vec(),
-            dtype,
-            device: device.clone(),
+        .map(|(tensor, ir)| {
+            let id = tensor.id;
+            let view = ErasedTensor {
+                dispatch: Tensor::<1>::from_primitive::<BurnWgpu>(tensor).into_dispatch(),
+                shape: ir.shape.to_vec(),
+                dtype,
+                device: device.clone(),
+            };
+            (view, id)
         })
         .collect())
 }

@@ -161,7 +161,7 @@ pub(crate) fn step(
     .into_iter();
     Ok(parts
         .into_iter()
-        .map(|part| part.and_then(|_| views.next().map(NewValue::Tensor)))
+        .map(|part| part.and_then(|_| views.next().map(|(view, id)| NewValue::Tensor(view, id))))
         .collect())
 }
 

@@ -243,15 +243,15 @@ impl BurnRmsProp {
             Err(error) => return Err(Refused { error, module }),
         };
         let on_wgpu = matches!(self.target, Target::Wgpu { .. });
-        let (module, installed, old) = module::install(module, new, on_wgpu);
-        buffers::release(old);
         if let (true, Some(bound)) = (on_wgpu, &mut self.bound) {
-            for (slot, new) in bound.installed.iter_mut().zip(installed) {
-                if let Some(tensor) = new {
-                    *slot = buffers::fusion_id(&tensor);
+            for (slot, new) in bound.installed.iter_mut().zip(&new) {
+                if let Some(NewValue::Tensor(_, id)) = new {
+                    *slot = Some(*id);
                 }
             }
         }
+        let (module, old) = module::install(module, new, on_wgpu);
+        buffers::release(old);
         Ok(module)
     }
 

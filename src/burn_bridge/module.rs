@@ -5,6 +5,7 @@
 //! in the same order, and name each parameter by its module path joined with `.`
 //! (`layers.0.weight`), as Burn's param groups do.
 
+use ::burn::backend::ir::TensorId;
 use ::burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use ::burn::optim::GradientsParams;
 use ::burn::tensor::{DType, Device, GradientCheckpointingStrategy, Tensor, TensorData};
@@ -21,13 +22,14 @@ pub(crate) struct Taken {
     pub(crate) grad: Option<ErasedTensor>,
 }
 
-/// A parameter's new value: tensor data for Burn to upload, or a tensor holding it.
+/// A parameter's new value: tensor data for Burn to upload, or a tensor holding it (on
+/// Burn's wgpu backend, with its fusion handle's id, for the next step to recognize).
 // One per parameter per step, moved once into its place: boxing would cost an
 // allocation each.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum NewValue {
     Data(TensorData, Device),
-    Tensor(ErasedTensor),
+    Tensor(ErasedTensor, TensorId),
 }
 
 /// A tensor whose rank lives in a field rather than in its type.
@@ -106,36 +108,32 @@ impl ModuleVisitor for Gatherer<'_> {
 /// `module` with parameter `i` (in [`gather`]'s order) set to `new[i]` where it is
 /// `Some`; the others are left as they are. Each new value keeps the autodiff state
 /// its parameter had (gradient required, checkpointing strategy, distributed), as
-/// Burn's own optimizers keep it. Also gives each new value (on the inner backend) for
-/// the caller to recognize it at the next step, and, with `keep_old`, the replaced
-/// values (on the inner backend) for the caller to release at once (else each is
-/// dropped as it is replaced).
+/// Burn's own optimizers keep it. With `keep_old`, also gives the replaced values (on
+/// the inner backend) for the caller to release at once (else each is dropped as it is
+/// replaced).
 pub(crate) fn install<M: Module>(
     module: M,
     new: Vec<Option<NewValue>>,
     keep_old: bool,
-) -> (M, Vec<Option<ErasedTensor>>, Vec<ErasedTensor>) {
+) -> (M, Vec<ErasedTensor>) {
     let mut mapper = Installer {
         keep_old,
         old: Vec::new(),
         new: new.into_iter(),
-        installed: Vec::new(),
     };
     let module = module.map(&mut mapper);
-    (module, mapper.installed, mapper.old)
+    (module, mapper.old)
 }
 
 struct Installer {
     keep_old: bool,
     old: Vec<ErasedTensor>,
     new: std::vec::IntoIter<Option<NewValue>>,
-    installed: Vec<Option<ErasedTensor>>,
 }
 
 impl ModuleMapper for Installer {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let Some(Some(new)) = self.new.next() else {
-            self.installed.push(None);
             return param;
         };
         let (id, tensor, mapper) = param.consume();
@@ -154,9 +152,8 @@ impl ModuleMapper for Installer {
                 let dtype = data.dtype();
                 Tensor::from_data(data, (&device, dtype))
             }
-            NewValue::Tensor(tensor) => tensor.into_tensor(),
+            NewValue::Tensor(tensor, _) => tensor.into_tensor(),
         };
-        self.installed.push(Some(ErasedTensor::of(new.clone())));
         let mut value = Tensor::from_inner(new);
         if let Some(strategy) = checkpointing {
             value = value.with_gradient_checkpointing_strategy(strategy);
