@@ -41,9 +41,10 @@ pub(crate) struct HeldBuffer {
 pub(crate) type ToHold<'a> = (ErasedTensor, &'a str, &'static str);
 
 /// The buffers holding `tensors`, all on `device`, resolved in one operation on Burn's
-/// fusion stream (on Burn's own thread, with none of the two round trips per tensor
-/// that [`hold`] costs), after everything Burn queued before; everything Burn queued is
-/// on the wgpu queue when this returns.
+/// fusion stream (on Burn's own thread, with none of the two blocking round trips per
+/// tensor that resolving each through Burn's fusion client would cost), after
+/// everything Burn queued before; everything Burn queued is on the wgpu queue when this
+/// returns.
 ///
 /// The tensors are given up: one nobody else holds (a gradient) is Burn's to free
 /// inside that operation, its memory held only by the returned [`HeldBuffer`]. Dropped
