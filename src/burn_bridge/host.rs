@@ -50,9 +50,17 @@ impl HostValues {
             }
         }
         if let Ok(NdArrayTensor::F32(storage)) = as_tensor().try_into_primitive::<NdArray>() {
-            if storage.view().is_standard_layout() {
+            let view = storage.view();
+            if view.is_standard_layout() {
                 return Ok(HostValues::Ndarray(NdArrayTensor::F32(storage)));
             }
+            // Burn's backward leaves some gradients in another layout (a convolution's
+            // weight, permuted): copied in order by ndarray's `assign`, a strided loop per
+            // row, where Burn's `into_data` steps element by element through dynamic
+            // indices (200 us for a 3x3 convolution's 9,216 weights).
+            let mut standard = ndarray::ArrayD::<f32>::zeros(view.raw_dim());
+            standard.assign(&view);
+            return Ok(HostValues::F32(standard.into_raw_vec_and_offset().0));
         }
         let data: TensorData = tensor
             .into_tensor::<1>()
