@@ -186,7 +186,8 @@ struct OutputRun {
 /// output copies: a parameter joins the run before it when it is the next parameter, in
 /// the same arena buffer, after it, and keeps its place on Burn's memory alignment
 /// (`align` elements), so that one copy moves a whole run (one per arena segment, where
-/// every parameter is written: a copy per parameter costs lavapipe about 3 us each).
+/// every parameter is written: a copy command per parameter cost lavapipe about 1 us
+/// each, host and device together).
 fn output_layout(
     taken: &[Taken],
     arena: &[Option<(wgpu::Buffer, u64)>],
