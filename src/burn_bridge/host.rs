@@ -1,6 +1,7 @@
 //! One step through the host, on this crate's CPU path: for Burn's CPU backends. On
 //! flex and ndarray the values and gradients are read in place (no copy but into the
-//! optimizer); other backends give their tensor data.
+//! optimizer), an ndarray tensor in another layout copied in order first; other
+//! backends give their tensor data.
 
 // Burn 0.22 deprecates its ndarray backend (for flex); the issue this answers names it,
 // and it is the CPU backend Burn's users have today.
