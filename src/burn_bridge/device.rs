@@ -4,8 +4,9 @@
 //! - each gradient, and each parameter whose value is not the one the last step
 //!   installed, is copied into the optimizer's arena;
 //! - the fused step;
-//! - the new values are copied into one flat tensor of Burn's memory pool, and each
-//!   parameter becomes a view of its part of it.
+//! - the new values are copied into one flat tensor of Burn's memory pool laid out as
+//!   the arena is (one copy per run of neighbouring parameters), and each parameter
+//!   becomes a view of its part of it.
 //!
 //! Finding a tensor's buffer takes Burn's threads (resolving the fusion handle, claiming
 //! the memory), so all of a step's tensors are found in one operation on Burn's fusion
