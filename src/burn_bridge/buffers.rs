@@ -67,13 +67,7 @@ pub(crate) fn hold_all(tensors: Vec<ToHold<'_>>, device: &Device) -> Result<Vec<
         inputs.push((fusion.into_ir(), size));
         names.push(name);
     }
-    // The operation must write an output: a view of its first input, dropped at once.
-    let output = TensorIr {
-        id: client.create_empty_handle(),
-        shape: inputs[0].0.shape.clone(),
-        status: TensorStatus::NotInit,
-        dtype: inputs[0].0.dtype,
-    };
+    let output = placeholder_output(client.create_empty_handle(), &inputs[0].0);
     let irs: Vec<TensorIr> = inputs.iter().map(|(ir, _)| ir.clone()).collect();
     let desc = CustomOpIr::new("fused_rmsprop_hold", &irs, std::slice::from_ref(&output));
     let (sender, receiver) = std::sync::mpsc::channel();
@@ -123,6 +117,18 @@ pub(crate) fn hold_all(tensors: Vec<ToHold<'_>>, device: &Device) -> Result<Vec<
             })
         })
         .collect()
+}
+
+/// The output an operation of ours that makes no tensor must still declare: handle `id`,
+/// shaped as its `first` input, of which the operation registers a view (dropped at
+/// once by the caller).
+fn placeholder_output(id: TensorId, first: &TensorIr) -> TensorIr {
+    TensorIr {
+        id,
+        shape: first.shape.clone(),
+        status: TensorStatus::NotInit,
+        dtype: first.dtype,
+    }
 }
 
 /// A fusion handle of Burn's wgpu backend.
@@ -194,13 +200,7 @@ pub(crate) fn release(tensors: Vec<ErasedTensor>) {
     let Some(client) = client else {
         return;
     };
-    // The operation must write an output: a view of its first input, dropped at once.
-    let output = TensorIr {
-        id: client.create_empty_handle(),
-        shape: inputs[0].shape.clone(),
-        status: TensorStatus::NotInit,
-        dtype: inputs[0].dtype,
-    };
+    let output = placeholder_output(client.create_empty_handle(), &inputs[0]);
     let desc = CustomOpIr::new(
         "fused_rmsprop_release",
         &inputs,

@@ -88,46 +88,41 @@ pub(crate) fn step(
     let mut held = buffers::hold_all(wanted, device)?.into_iter();
     let out = held.next().expect("the output is held first");
     let held: Vec<HeldBuffer> = held.collect();
-    {
-        let engine = optimizer
-            .gpu()
-            .ok_or(Error::NeedsGpuBackend("BurnRmsProp::wgpu"))?;
-        // Every copy is checked before anything is recorded or written.
-        for (&(i, gradient), source) in copies.iter().zip(&held) {
-            let words = source.size.next_multiple_of(4);
-            if source.offset % 4 != 0 || source.offset + words > source.buffer.size() {
-                return Err(Error::BurnParam {
-                    name: taken[i].name.clone(),
-                    problem: BurnProblem::Backend(format!(
-                        "its {} ({} bytes at byte {} of a buffer of {}) cannot be copied in 4-byte words",
-                        if gradient { "gradient" } else { "value" },
-                        source.size,
-                        source.offset,
-                        source.buffer.size()
-                    )),
-                });
-            }
+    // Every copy is checked before anything is recorded or written.
+    for (&(i, gradient), source) in copies.iter().zip(&held) {
+        let words = source.size.next_multiple_of(4);
+        if source.offset % 4 != 0 || source.offset + words > source.buffer.size() {
+            return Err(Error::BurnParam {
+                name: taken[i].name.clone(),
+                problem: BurnProblem::Backend(format!(
+                    "its {} ({} bytes at byte {} of a buffer of {}) cannot be copied in 4-byte words",
+                    if gradient { "gradient" } else { "value" },
+                    source.size,
+                    source.offset,
+                    source.buffer.size()
+                )),
+            });
         }
-        let remainders = optimizer.precision().param_remainders;
-        for (&(i, gradient), source) in copies.iter().zip(&held) {
-            let view = if gradient {
-                engine.gradient_view(i)?
-            } else {
-                engine.param_view(i)?
-            };
-            encoder.copy_buffer_to_buffer(
-                &source.buffer,
-                source.offset,
-                view.buffer,
-                view.offset,
-                source.size.next_multiple_of(4),
-            );
-            if remainders && !gradient {
-                // a new bf16 value is its own master: remainder 0x7fff (dtype::split_master)
-                let rem = engine.param_remainders_view(i)?;
-                let fill: Vec<u8> = [0xff, 0x7f].repeat(rem.size as usize / 2);
-                context.queue.write_buffer(rem.buffer, rem.offset, &fill);
-            }
+    }
+    let remainders = optimizer.precision().param_remainders;
+    for (&(i, gradient), source) in copies.iter().zip(&held) {
+        let view = if gradient {
+            engine.gradient_view(i)?
+        } else {
+            engine.param_view(i)?
+        };
+        encoder.copy_buffer_to_buffer(
+            &source.buffer,
+            source.offset,
+            view.buffer,
+            view.offset,
+            source.size.next_multiple_of(4),
+        );
+        if remainders && !gradient {
+            // a new bf16 value is its own master: remainder 0x7fff (dtype::split_master)
+            let rem = engine.param_remainders_view(i)?;
+            let fill: Vec<u8> = [0xff, 0x7f].repeat(rem.size as usize / 2);
+            context.queue.write_buffer(rem.buffer, rem.offset, &fill);
         }
     }
     if optimizer.non_finite_guard() {
